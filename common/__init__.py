@@ -1,0 +1,1 @@
+"""Shared vocabulary of fedcare: specs, errors, keys and small helpers used by every package."""

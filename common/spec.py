@@ -1,0 +1,328 @@
+"""The dataset spec: what a site holds, and the feature schema every site shares.
+
+A site's data folder carries a ``site.toml`` that names its files (EHR table, optional
+longitudinal events, imaging folder and labels table, genomics matrix), the patient-id
+column, label definitions, tasks, and the feature schema. The schema is shared by every
+site of a federation: it fixes the encoded feature vector (its width and order), so two
+sites that agree on :func:`FeatureSchema.fingerprint` encode patients identically.
+
+Paths in a spec are relative to the folder that holds ``site.toml``.
+
+Example ``site.toml``::
+
+    spec_version = 1
+    site_id = "site-0"
+    patient_id = "patient_id"
+
+    [ehr]
+    table = "ehr.csv"
+    events = "events.csv"
+
+    [[labels]]
+    name = "readmission"
+    table = "ehr.csv"
+    column = "readmission_30d"
+    positive = 1
+
+    [[tasks]]
+    name = "readmission"
+    label = "readmission"
+    modalities = ["ehr"]
+
+    [[schema.ehr]]
+    name = "age"
+    kind = "numeric"
+    unit = "years"
+    min = 0
+    max = 120
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "MODALITIES",
+    "Modality",
+    "Feature",
+    "EventFeature",
+    "GenomicsSchema",
+    "ImagingSchema",
+    "FeatureSchema",
+    "EHRFiles",
+    "ImagingFiles",
+    "GenomicsFiles",
+    "LabelSpec",
+    "TaskSpec",
+    "SiteSpec",
+    "SPEC_FILENAME",
+    "load_site_spec",
+    "format_validation_error",
+]
+
+SPEC_FILENAME = "site.toml"
+MODALITIES: tuple[str, ...] = ("ehr", "imaging", "genomics")
+Modality = Literal["ehr", "imaging", "genomics"]
+
+
+class _Frozen(BaseModel):
+    """Immutable, strict about unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Feature(_Frozen):
+    """One column of the per-patient EHR table.
+
+    ``numeric`` features may carry an allowed ``[min, max]`` range; ``categorical`` ones
+    list their ``categories`` (one-hot in this order); ``binary`` ones take 0 or 1.
+    """
+
+    name: str = Field(min_length=1)
+    kind: Literal["numeric", "categorical", "binary"]
+    unit: str | None = None
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[str, ...] | None = None
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> Feature:
+        if self.kind == "categorical":
+            if not self.categories:
+                raise ValueError(
+                    f"categorical feature {self.name!r} needs a non-empty 'categories' list"
+                )
+            if len(set(self.categories)) != len(self.categories):
+                raise ValueError(f"feature {self.name!r} lists a category twice")
+        elif self.categories is not None:
+            raise ValueError(
+                f"feature {self.name!r} is {self.kind}; only categorical features take "
+                "'categories'"
+            )
+        if self.kind != "numeric" and (self.min is not None or self.max is not None):
+            raise ValueError(f"feature {self.name!r}: only numeric features take 'min'/'max'")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"feature {self.name!r}: min {self.min} is above max {self.max}")
+        return self
+
+
+class EventFeature(_Frozen):
+    """A per-patient feature aggregated from longitudinal events with one ``code``."""
+
+    name: str = Field(min_length=1)
+    code: str = Field(min_length=1)
+    agg: Literal["mean", "min", "max", "last", "count"]
+    unit: str | None = None
+    min: float | None = None
+    max: float | None = None
+    description: str | None = None
+
+
+class GenomicsSchema(_Frozen):
+    """Columns of the patients x genes (or variants) matrix, in encoding order."""
+
+    kind: Literal["expression", "dosage"]
+    features: tuple[str, ...] = Field(min_length=1)
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> GenomicsSchema:
+        if len(set(self.features)) != len(self.features):
+            raise ValueError("genomics features list a gene/variant twice")
+        return self
+
+
+class ImagingSchema(_Frozen):
+    """Every image is one 2-D grey-level array of ``shape`` (height, width)."""
+
+    shape: tuple[int, int]
+
+    @model_validator(mode="after")
+    def _check(self) -> ImagingSchema:
+        if min(self.shape) < 4:
+            raise ValueError(f"imaging shape {self.shape} is too small; use at least 4x4")
+        return self
+
+
+class FeatureSchema(_Frozen):
+    """The federation-wide feature schema; fixes every encoded vector's width and order."""
+
+    ehr: tuple[Feature, ...] = ()
+    events: tuple[EventFeature, ...] = ()
+    genomics: GenomicsSchema | None = None
+    imaging: ImagingSchema | None = None
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FeatureSchema:
+        names = [f.name for f in self.ehr] + [f.name for f in self.events]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"schema names a feature more than once: {', '.join(dupes)}")
+        return self
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical schema: equal fingerprints encode identically."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class EHRFiles(_Frozen):
+    table: str
+    events: str | None = None
+    max_missing_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class ImagingFiles(_Frozen):
+    folder: str
+    labels: str
+    file_column: str = "file"
+    max_missing_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class GenomicsFiles(_Frozen):
+    matrix: str
+    max_missing_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class LabelSpec(_Frozen):
+    """A binary label: ``column`` of ``table``; a row is positive when it equals ``positive``."""
+
+    name: str = Field(min_length=1)
+    table: str
+    column: str
+    positive: int | str = 1
+    description: str | None = None
+
+
+class TaskSpec(_Frozen):
+    """A supervised task: a label and the modalities (and optionally EHR features) it reads."""
+
+    name: str = Field(min_length=1)
+    label: str
+    modalities: tuple[Modality, ...] = Field(min_length=1)
+    features: tuple[str, ...] | None = None
+    description: str | None = None
+
+
+class SiteSpec(_Frozen):
+    """The contents of a site's ``site.toml``."""
+
+    spec_version: Literal[1] = 1
+    site_id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    patient_id: str = "patient_id"
+    ehr: EHRFiles | None = None
+    imaging: ImagingFiles | None = None
+    genomics: GenomicsFiles | None = None
+    labels: tuple[LabelSpec, ...] = ()
+    tasks: tuple[TaskSpec, ...] = ()
+    feature_schema: FeatureSchema = Field(alias="schema")
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities this site holds, in canonical order."""
+        return tuple(m for m in MODALITIES if getattr(self, m) is not None)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SiteSpec:
+        if not self.modalities:
+            raise ValueError("the site declares no modality; add an [ehr], [imaging] or [genomics] table")
+        if self.ehr is not None and not self.feature_schema.ehr and not self.feature_schema.events:
+            raise ValueError("[ehr] is declared but [[schema.ehr]] lists no feature")
+        if self.ehr is not None and self.feature_schema.events and self.ehr.events is None:
+            raise ValueError("[[schema.events]] features need an events file: set ehr.events")
+        if self.imaging is not None and self.feature_schema.imaging is None:
+            raise ValueError("[imaging] is declared but [schema.imaging] (shape) is missing")
+        if self.genomics is not None and self.feature_schema.genomics is None:
+            raise ValueError("[genomics] is declared but [schema.genomics] is missing")
+        label_names = [label.name for label in self.labels]
+        if len(set(label_names)) != len(label_names):
+            raise ValueError("two [[labels]] share a name")
+        task_names = [t.name for t in self.tasks]
+        if len(set(task_names)) != len(task_names):
+            raise ValueError("two [[tasks]] share a name")
+        feature_names = {f.name for f in self.feature_schema.ehr} | {f.name for f in self.feature_schema.events}
+        for task in self.tasks:
+            if task.label not in label_names:
+                raise ValueError(
+                    f"task {task.name!r} uses label {task.label!r}, which no [[labels]] "
+                    f"defines (defined: {', '.join(label_names) or 'none'})"
+                )
+            unknown = [f for f in task.features or () if f not in feature_names]
+            if unknown:
+                raise ValueError(
+                    f"task {task.name!r} names features not in the schema: {', '.join(unknown)}"
+                )
+        return self
+
+    def task(self, name: str) -> TaskSpec:
+        """The task called ``name``; a :class:`ConfigError` lists the known ones."""
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        known = ", ".join(t.name for t in self.tasks) or "none"
+        raise ConfigError(
+            f"site {self.site_id!r} defines no task {name!r} (defined: {known}); "
+            f"add a [[tasks]] entry to its {SPEC_FILENAME}"
+        )
+
+    def label(self, name: str) -> LabelSpec:
+        for label in self.labels:
+            if label.name == name:
+                return label
+        raise ConfigError(f"site {self.site_id!r} defines no label {name!r}")
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    """One readable message per pydantic error: ``source: field a.b: reason``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        lines.append(f"{source}: field {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_site_spec(path: str | Path) -> SiteSpec:
+    """Read and validate a ``site.toml`` (or the one inside a site folder).
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, is not TOML, or does not match the spec; the message
+        names the file and every offending field.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / SPEC_FILENAME
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: no such file; a site folder needs a {SPEC_FILENAME} "
+            "(write one by hand or with `fedcare data synth`)"
+        )
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({e}); fix the syntax") from e
+    try:
+        return SiteSpec.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(str(path), e)) from e
