@@ -1,1 +1,92 @@
-"""fedcare package."""
+"""Models and tasks: Opacus-valid ``nn.Module``s per modality, a registry, binary metrics.
+
+Importing the package registers every model (``ehr_mlp``, ``imaging_cnn``,
+``genomics_mlp``, ``fusion``). Build one with :func:`build_model`; see
+:mod:`models.registry` for the input convention.
+"""
+
+from __future__ import annotations
+
+from models.ehr_mlp import EHRMLP, EHRMLPConfig
+from models.fusion import FusionConfig, FusionModel
+from models.genomics_mlp import GenomicsMLP, GenomicsMLPConfig
+from models.imaging_cnn import ImagingCNN, ImagingCNNConfig
+from models.metrics import (
+    BINARY_METRICS,
+    MetricInputError,
+    UndefinedMetricError,
+    accuracy,
+    auprc,
+    auroc,
+    balanced_accuracy,
+    binary_metrics,
+    brier,
+    ece,
+    log_loss,
+)
+from models.registry import (
+    DEFAULT_SEED,
+    HParams,
+    ModelInfo,
+    ModelRegistry,
+    available_models,
+    build_model,
+    default_registry,
+    model_info,
+    register_model,
+)
+from models.tasks import (
+    BinaryClassification,
+    TaskDefinition,
+    TaskKind,
+    available_task_kinds,
+    canonical_modalities,
+    default_model_for,
+    register_task_kind,
+    task_definition,
+    task_kind,
+)
+
+__all__ = [
+    # registry
+    "DEFAULT_SEED",
+    "HParams",
+    "ModelInfo",
+    "ModelRegistry",
+    "available_models",
+    "build_model",
+    "default_registry",
+    "model_info",
+    "register_model",
+    # models
+    "EHRMLP",
+    "EHRMLPConfig",
+    "ImagingCNN",
+    "ImagingCNNConfig",
+    "GenomicsMLP",
+    "GenomicsMLPConfig",
+    "FusionModel",
+    "FusionConfig",
+    # metrics
+    "BINARY_METRICS",
+    "MetricInputError",
+    "UndefinedMetricError",
+    "accuracy",
+    "auprc",
+    "auroc",
+    "balanced_accuracy",
+    "binary_metrics",
+    "brier",
+    "ece",
+    "log_loss",
+    # tasks
+    "BinaryClassification",
+    "TaskDefinition",
+    "TaskKind",
+    "available_task_kinds",
+    "canonical_modalities",
+    "default_model_for",
+    "register_task_kind",
+    "task_definition",
+    "task_kind",
+]

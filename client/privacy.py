@@ -1,0 +1,154 @@
+"""DP-SGD at a site with Opacus: the plan (noise for the whole run) and the wrapping.
+
+The noise multiplier is calibrated once for the *whole planned run* (rounds x local steps)
+against the site's durable history in the privacy ledger, never per round: a fresh
+``PrivacyEngine`` each round would forget the earlier rounds. Opacus's own accountant is
+therefore not consulted; the ledger (``client.ledger``) is the accountant of record.
+
+Sampling is Poisson with rate ``q = 1 / ceil(n / batch_size)``, exactly the rate Opacus derives
+from the wrapped loader, and one epoch is ``ceil(n / batch_size)`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from opacus import PrivacyEngine
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from common.errors import ConfigError
+
+__all__ = [
+    "DPConfig",
+    "DPPlan",
+    "PrivateTraining",
+    "sampling",
+    "make_private",
+]
+
+GradSampleMode = Literal["auto", "ghost", "hooks", "functorch"]
+
+
+class DPConfig(BaseModel):
+    """How a site applies DP-SGD. Frozen; unknown keys are errors.
+
+    ``target_epsilon`` is the cumulative ε the dataset may reach at the end of this run,
+    history included (the site's own budget caps it); give ``noise_multiplier`` instead to
+    fix the noise and let the ledger report the resulting ε.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    target_epsilon: float | None = Field(default=8.0, gt=0)
+    noise_multiplier: float | None = Field(default=None, gt=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    accountant: Literal["prv", "rdp"] = "prv"
+    secure_mode: bool = False
+    grad_sample_mode: GradSampleMode = "auto"
+
+    @model_validator(mode="after")
+    def _one_noise_source(self) -> DPConfig:
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError(
+                "set exactly one of target_epsilon and noise_multiplier when DP is enabled"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """The mechanism one round applies: Gaussian noise ``sigma`` on Poisson(q) batches."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+
+
+def sampling(n_train: int, *, batch_size: int, epochs: int) -> tuple[float, int]:
+    """Poisson rate and step count of ``epochs`` local epochs, as Opacus will run them.
+
+    >>> sampling(1000, batch_size=256, epochs=2)
+    (0.25, 8)
+    """
+    if n_train < 1:
+        raise ConfigError("cannot plan DP-SGD on an empty training split")
+    if batch_size < 1 or epochs < 1:
+        raise ConfigError(f"batch_size ({batch_size}) and epochs ({epochs}) must be >= 1")
+    batches = math.ceil(n_train / batch_size)
+    return 1.0 / batches, epochs * batches
+
+
+@dataclass
+class PrivateTraining:
+    """What :func:`make_private` hands back to the training loop."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: Any
+    loader: DataLoader
+    grad_sample_mode: str
+
+    def unwrapped(self) -> nn.Module:
+        """The user's module (Opacus wraps it; weights go out without ``_module.``)."""
+        return getattr(self.model, "_module", self.model)
+
+
+def make_private(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    plan: DPPlan,
+    grad_sample_mode: str,
+    secure_mode: bool,
+    sampling_generator: torch.Generator | None,
+    noise_generator: torch.Generator | None,
+) -> PrivateTraining:
+    """Wrap model, optimizer and loader for DP-SGD with Poisson sampling.
+
+    ``grad_sample_mode`` must already be resolved (``"ghost"``, ``"hooks"`` or
+    ``"functorch"``). ``sampling_generator`` (CPU) draws the Poisson batches and
+    ``noise_generator`` (on the model's device) the Gaussian noise. In secure mode Opacus
+    draws both from a CSPRNG and the generators are ignored, since a seeded generator would
+    void the guarantee.
+    """
+    engine = PrivacyEngine(accountant="prv", secure_mode=secure_mode)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        generator=None if secure_mode else sampling_generator,
+    )
+    wrapped = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        criterion=criterion,
+        data_loader=loader,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=plan.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=None if secure_mode else noise_generator,
+        grad_sample_mode=grad_sample_mode,
+    )
+    if grad_sample_mode == "ghost":
+        dp_model, dp_optimizer, dp_criterion, dp_loader = wrapped
+    else:
+        dp_model, dp_optimizer, dp_loader = wrapped
+        dp_criterion = criterion
+    expected_q = 1.0 / len(loader)
+    if not math.isclose(expected_q, plan.sample_rate, rel_tol=1e-9):
+        raise ConfigError(
+            f"DP plan sample rate {plan.sample_rate} differs from the loader's {expected_q}; "
+            "plan with client.privacy.sampling() using the same batch size"
+        )
+    return PrivateTraining(dp_model, dp_optimizer, dp_criterion, dp_loader, grad_sample_mode)

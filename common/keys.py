@@ -1,0 +1,116 @@
+"""Wire keys: every name that crosses between server and sites, in one place.
+
+Run-config keys (``[tool.flwr.app.config]`` / ``flwr run --run-config``), node-config keys
+(``flower-supernode --node-config`` or the simulation's partition id), the record names of a
+message, and the metric names a site may send. The server accepts from a site *only* the
+metric names in :data:`ALLOWED_REPLY_METRICS` (plus task metrics with the ``val.`` / ``test.``
+prefixes), which is how "aggregate metrics only" is enforced.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RC_TASK",
+    "RC_ROUNDS",
+    "RC_LOCAL_EPOCHS",
+    "RC_BATCH_SIZE",
+    "RC_LR",
+    "RC_MODEL",
+    "RC_STRATEGY",
+    "RC_TARGET_EPSILON",
+    "RC_NOISE_MULTIPLIER",
+    "RC_DELTA",
+    "RC_MAX_GRAD_NORM",
+    "RC_DP",
+    "RC_PROXIMAL_MU",
+    "RC_SEED",
+    "RC_DATA_ROOT",
+    "RC_RUN_ID",
+    "RC_RUN_DIR",
+    "RC_ROUND_TIMEOUT",
+    "NC_PARTITION_ID",
+    "NC_NUM_PARTITIONS",
+    "NC_DATA_PATH",
+    "NC_SITE_CONFIG",
+    "REC_ARRAYS",
+    "REC_CONFIG",
+    "REC_METRICS",
+    "CFG_ROUND",
+    "M_NUM_EXAMPLES",
+    "M_EPSILON",
+    "M_DELTA",
+    "M_NOISE_MULTIPLIER",
+    "M_SAMPLE_RATE",
+    "M_STEPS",
+    "M_TRAIN_LOSS",
+    "M_REFUSED",
+    "M_SITE_INDEX",
+    "METRIC_PREFIXES",
+    "ALLOWED_REPLY_METRICS",
+    "is_allowed_metric",
+]
+
+# Run config (server side, identical for every site of a run).
+RC_TASK = "task"
+RC_ROUNDS = "num-server-rounds"
+RC_LOCAL_EPOCHS = "local-epochs"
+RC_BATCH_SIZE = "batch-size"
+RC_LR = "learning-rate"
+RC_MODEL = "model"
+RC_STRATEGY = "strategy"
+RC_TARGET_EPSILON = "target-epsilon"
+RC_NOISE_MULTIPLIER = "noise-multiplier"
+RC_DELTA = "target-delta"
+RC_MAX_GRAD_NORM = "max-grad-norm"
+RC_DP = "dp"
+RC_PROXIMAL_MU = "proximal-mu"
+RC_SEED = "seed"
+RC_DATA_ROOT = "data-root"
+RC_RUN_ID = "run-id"
+RC_RUN_DIR = "run-dir"
+RC_ROUND_TIMEOUT = "round-timeout"
+
+# Node config (per site).
+NC_PARTITION_ID = "partition-id"
+NC_NUM_PARTITIONS = "num-partitions"
+NC_DATA_PATH = "data-path"
+NC_SITE_CONFIG = "site-config"
+
+# Record names inside a Message's content.
+REC_ARRAYS = "arrays"
+REC_CONFIG = "config"
+REC_METRICS = "metrics"
+CFG_ROUND = "server-round"
+
+# Metrics a site may send (aggregate numbers only; never a patient-level value).
+M_NUM_EXAMPLES = "num-examples"
+M_EPSILON = "epsilon"
+M_DELTA = "delta"
+M_NOISE_MULTIPLIER = "noise-multiplier"
+M_SAMPLE_RATE = "sample-rate"
+M_STEPS = "steps"
+M_TRAIN_LOSS = "train-loss"
+M_REFUSED = "refused"
+M_SITE_INDEX = "site-index"
+
+METRIC_PREFIXES = ("val.", "test.")
+TASK_METRICS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "brier", "ece", "loss", "n")
+ALLOWED_REPLY_METRICS = frozenset(
+    {
+        M_NUM_EXAMPLES,
+        M_EPSILON,
+        M_DELTA,
+        M_NOISE_MULTIPLIER,
+        M_SAMPLE_RATE,
+        M_STEPS,
+        M_TRAIN_LOSS,
+        M_REFUSED,
+        M_SITE_INDEX,
+    }
+    | {f"{p}{m}" for p in METRIC_PREFIXES for m in TASK_METRICS}
+)
+
+
+def is_allowed_metric(name: str) -> bool:
+    """Whether a site may send a metric called ``name``."""
+    return name in ALLOWED_REPLY_METRICS
