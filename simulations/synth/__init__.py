@@ -1,0 +1,24 @@
+"""Synthetic hospitals: EHR, imaging and genomics in the formats real sites hold.
+
+``synthesize(out, n_sites=4)`` writes ``out/site-<i>/`` folders (each with a valid
+``site.toml``), ``out/synth.json`` (manifest with the Bayes-optimal AUROC per task) and
+``out/synth_truth.csv`` (true probabilities; never read by a site). The generative model is
+documented in :mod:`simulations.synth.latent` and :mod:`simulations.synth.tasks`.
+"""
+
+from simulations.synth.config import IMAGE_FORMATS, TABLE_FORMATS, SynthConfig
+from simulations.synth.generator import build_schema, synthesize
+from simulations.synth.manifest import MANIFEST_FILENAME, TRUTH_FILENAME, rank_auroc
+from simulations.synth.tasks import TASKS
+
+__all__ = [
+    "SynthConfig",
+    "IMAGE_FORMATS",
+    "TABLE_FORMATS",
+    "synthesize",
+    "build_schema",
+    "rank_auroc",
+    "TASKS",
+    "MANIFEST_FILENAME",
+    "TRUTH_FILENAME",
+]
