@@ -110,8 +110,7 @@ class Feature(_Frozen):
                 raise ValueError(f"feature {self.name!r} lists a category twice")
         elif self.categories is not None:
             raise ValueError(
-                f"feature {self.name!r} is {self.kind}; only categorical features take "
-                "'categories'"
+                f"feature {self.name!r} is {self.kind}; only categorical features take 'categories'"
             )
         if self.kind != "numeric" and (self.min is not None or self.max is not None):
             raise ValueError(f"feature {self.name!r}: only numeric features take 'min'/'max'")
@@ -242,7 +241,9 @@ class SiteSpec(_Frozen):
     @model_validator(mode="after")
     def _consistent(self) -> SiteSpec:
         if not self.modalities:
-            raise ValueError("the site declares no modality; add an [ehr], [imaging] or [genomics] table")
+            raise ValueError(
+                "the site declares no modality; add an [ehr], [imaging] or [genomics] table"
+            )
         if self.ehr is not None and not self.feature_schema.ehr and not self.feature_schema.events:
             raise ValueError("[ehr] is declared but [[schema.ehr]] lists no feature")
         if self.ehr is not None and self.feature_schema.events and self.ehr.events is None:
@@ -257,7 +258,9 @@ class SiteSpec(_Frozen):
         task_names = [t.name for t in self.tasks]
         if len(set(task_names)) != len(task_names):
             raise ValueError("two [[tasks]] share a name")
-        feature_names = {f.name for f in self.feature_schema.ehr} | {f.name for f in self.feature_schema.events}
+        feature_names = {f.name for f in self.feature_schema.ehr} | {
+            f.name for f in self.feature_schema.events
+        }
         for task in self.tasks:
             if task.label not in label_names:
                 raise ValueError(

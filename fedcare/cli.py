@@ -24,17 +24,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Site data: synthesize hospitals, check a site's files.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Site data: synthesize hospitals, check a site's files.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
+budget_app = typer.Typer(help="A site's privacy-budget ledger.", no_args_is_help=True)
+app.add_typer(budget_app, name="budget")
 
 
 def _mount() -> None:
     """Register every package's commands (imported here so `fedcare --help` stays cheap)."""
+    from client import budget_cli
     from client import cli as client_cli
     from simulations import cli as sim_cli
 
     data_app.command("check")(client_cli.data_check)
     data_app.command("synth")(sim_cli.data_synth)
+    budget_app.command("show")(budget_cli.budget_show)
 
 
 def main(argv: list[str] | None = None) -> None:

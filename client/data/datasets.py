@@ -33,8 +33,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from common.encoding import task_ehr_features
 from common.errors import ConfigError, DataError
-from common.spec import MODALITIES, EventFeature, Feature, TaskSpec
+from common.spec import MODALITIES, TaskSpec
 
 from .preprocess import GenomicsEncoder, ImageNormalizer, TabularEncoder
 from .site import SiteData
@@ -241,15 +242,7 @@ class _EHRInput(_ModalityInput):
 
     def __init__(self, site: SiteData, task: TaskSpec) -> None:
         super().__init__(site, task)
-        schema = site.spec.feature_schema
-        features: list[Feature | EventFeature] = [*schema.ehr, *schema.events]
-        if task.features is not None:
-            if not task.features:
-                raise ConfigError(
-                    f"task {task.name!r} lists an empty 'features'; name at least one "
-                    "feature, or remove the key to use every schema feature"
-                )
-            features = [f for f in features if f.name in set(task.features)]
+        features = task_ehr_features(site.spec.feature_schema, task)
         if not features:
             raise ConfigError(
                 f"task {task.name!r} reads ehr, but the schema lists no [[schema.ehr]] or "

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
+from common.encoding import MISSING_CATEGORY, MISSING_SUFFIX, encoded_names
 from common.errors import ConfigError, DataError
 from common.spec import EventFeature, Feature, GenomicsSchema
 
@@ -45,11 +46,6 @@ __all__ = [
 DEFAULT_CLIP = 10.0
 """Standardised values are clipped to ``[-DEFAULT_CLIP, DEFAULT_CLIP]``."""
 
-MISSING_SUFFIX = "__missing"
-"""Name suffix of a numeric/binary feature's missing-indicator column."""
-
-MISSING_CATEGORY = "__missing__"
-"""Pseudo-category of a categorical feature's missing column: ``f"{name}={MISSING_CATEGORY}"``."""
 
 _STATE_VERSION = 1
 
@@ -178,7 +174,7 @@ class _NumericCodec(_ColumnCodec):
     kind = "numeric"
 
     def names(self) -> tuple[str, ...]:
-        return (self.feature.name, self.feature.name + MISSING_SUFFIX)
+        return encoded_names(self.feature)
 
     def fit(self, values: pd.Series) -> dict[str, float]:
         x = _as_float(values, f"feature {self.feature.name!r}")
@@ -200,7 +196,7 @@ class _BinaryCodec(_ColumnCodec):
     kind = "binary"
 
     def names(self) -> tuple[str, ...]:
-        return (self.feature.name, self.feature.name + MISSING_SUFFIX)
+        return encoded_names(self.feature)
 
     def _values(self, values: pd.Series) -> np.ndarray:
         x = _as_float(values, f"binary feature {self.feature.name!r}")
@@ -246,8 +242,7 @@ class _CategoricalCodec(_ColumnCodec):
         self.categories = categories
 
     def names(self) -> tuple[str, ...]:
-        name = self.feature.name
-        return tuple(f"{name}={c}" for c in self.categories) + (f"{name}={MISSING_CATEGORY}",)
+        return encoded_names(self.feature)
 
     def fit(self, values: pd.Series) -> dict[str, float]:
         return {}

@@ -1,0 +1,354 @@
+"""client.accounting against independent references.
+
+References, none of them the code under test:
+
+* Google's ``dp_accounting`` PLD accountant (:func:`independent_epsilon`, pessimistic
+  connect-the-dots discretisation at interval ``PLD_DISCRETIZATION = 1e-3``): an upper bound
+  on the true ε that exceeds it by at most about one grid step.
+* ``dp_accounting``'s own RDP accountant at Opacus's orders (a second RDP implementation).
+* The closed form of the Gaussian mechanism (Balle & Wang 2018) when ``q = 1``: ``k``
+  full-batch steps of noise ``σ`` are one Gaussian mechanism of noise ``σ / sqrt(k)``.
+
+Tolerances. Opacus's PRV accountant returns the upper end of its error interval: the true ε
+lies in ``[prv - 2 e, prv]`` with ``e = prv_eps_error(...)`` (0.01 here; the δ/1000 slack
+adds well under 1e-3). The PLD reference lies in ``[true, true + g]`` with ``g = 1e-3``.
+Hence ``pld - g <= prv <= pld + 2 e + g``. The lower side is the safety property (the
+ledger never under-reports ε by more than the reference's own grid step); the upper side
+keeps the check sharp: every mechanism in the cases below moves ε by far more than
+``2 e + g`` (asserted in ``test_tolerance_is_sharp_enough_to_catch_a_dropped_mechanism``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+from client.accounting import (
+    MIN_NOISE_MULTIPLIER,
+    PLD_DISCRETIZATION,
+    PRV_EPS_ERROR,
+    PRV_MAX_GRID,
+    Mechanism,
+    calibrate_noise,
+    epsilon,
+    independent_epsilon,
+    merge_mechanisms,
+    prv_eps_error,
+)
+from common.errors import ConfigError, PrivacyBudgetExceeded
+
+DELTA = 1e-5
+M = Mechanism
+
+CASES = {
+    "one-run": [M(1.1, 0.02, 200)],
+    "weak-noise": [M(0.8, 0.1, 50)],
+    "three-runs": [M(1.0, 0.01, 100), M(1.5, 0.05, 200), M(0.9, 0.02, 60)],
+    "same-sigma-two-q": [M(1.2, 0.05, 100), M(1.2, 0.02, 300), M(1.2, 0.05, 100)],
+}
+
+
+def prv_band(mechanisms: list[Mechanism], pld: float) -> tuple[float, float]:
+    """``(low, high)``: where the PRV value must lie given the PLD reference (see module)."""
+    e = prv_eps_error(mechanisms, delta=DELTA)
+    return pld - PLD_DISCRETIZATION, pld + 2 * e + PLD_DISCRETIZATION
+
+
+def gaussian_epsilon(sigma: float, delta: float) -> float:
+    """Exact ε of one Gaussian mechanism (sensitivity 1, noise ``sigma``) at ``delta``."""
+
+    def delta_of(eps: float) -> float:
+        a = 1 / (2 * sigma)
+        return norm.cdf(a - eps * sigma) - math.exp(eps) * norm.cdf(-a - eps * sigma) - delta
+
+    return float(brentq(delta_of, 0.0, 500.0, xtol=1e-12))
+
+
+# --------------------------------------------------------------------------- epsilon
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_prv_epsilon_matches_dp_accounting_pld(name: str) -> None:
+    mechanisms = CASES[name]
+    prv = epsilon(mechanisms, delta=DELTA)
+    pld = independent_epsilon(mechanisms, delta=DELTA)
+    low, high = prv_band(mechanisms, pld)
+    assert low <= prv <= high, (name, prv, pld)
+
+
+def test_tolerance_is_sharp_enough_to_catch_a_dropped_mechanism() -> None:
+    mechanisms = CASES["three-runs"]
+    pld = independent_epsilon(mechanisms, delta=DELTA)
+    for i in range(len(mechanisms)):
+        fewer = mechanisms[:i] + mechanisms[i + 1 :]
+        low, _ = prv_band(mechanisms, pld)
+        assert epsilon(fewer, delta=DELTA) < low, f"dropping mechanism {i} went unnoticed"
+
+
+@pytest.mark.parametrize(("sigma", "steps"), [(1.0, 1), (2.0, 10), (8.0, 50)])
+def test_full_batch_epsilon_matches_the_gaussian_closed_form(sigma: float, steps: int) -> None:
+    exact = gaussian_epsilon(sigma / math.sqrt(steps), DELTA)
+    mechanisms = [M(sigma, 1.0, steps)]
+    pld = independent_epsilon(mechanisms, delta=DELTA)
+    assert exact - 1e-9 <= pld <= exact + PLD_DISCRETIZATION
+    prv = epsilon(mechanisms, delta=DELTA)
+    assert exact - 1e-6 <= prv <= exact + 2 * PRV_EPS_ERROR + 1e-3
+    rdp = epsilon(mechanisms, delta=DELTA, accountant="rdp")
+    assert rdp >= exact - 1e-9  # RDP is a (looser) upper bound
+
+
+@pytest.mark.parametrize("name", ["one-run", "three-runs"])
+def test_rdp_epsilon_matches_dp_accounting_rdp(name: str) -> None:
+    import dp_accounting
+
+    mechanisms = CASES[name]
+    reference = dp_accounting.rdp.RdpAccountant(orders=RDPAccountant.DEFAULT_ALPHAS)
+    reference.compose(
+        dp_accounting.ComposedDpEvent(
+            [
+                dp_accounting.SelfComposedDpEvent(
+                    dp_accounting.PoissonSampledDpEvent(
+                        m.sample_rate, dp_accounting.GaussianDpEvent(m.noise_multiplier)
+                    ),
+                    m.steps,
+                )
+                for m in mechanisms
+            ]
+        )
+    )
+    rdp = epsilon(mechanisms, delta=DELTA, accountant="rdp")
+    assert rdp == pytest.approx(reference.get_epsilon(DELTA), rel=1e-4)
+    assert rdp >= independent_epsilon(mechanisms, delta=DELTA) - PLD_DISCRETIZATION
+
+
+def test_empty_history_spends_nothing() -> None:
+    assert epsilon([], delta=DELTA) == 0.0
+    assert epsilon([], delta=DELTA, accountant="rdp") == 0.0
+    assert independent_epsilon([], delta=DELTA) == 0.0
+
+
+def test_order_and_splitting_of_blocks_do_not_change_epsilon() -> None:
+    a, b = M(1.0, 0.02, 60), M(1.4, 0.05, 40)
+    split = [M(1.0, 0.02, 20), b, M(1.0, 0.02, 40)]
+    assert merge_mechanisms(split) == [a, b]
+    assert epsilon(split, delta=DELTA) == pytest.approx(epsilon([b, a], delta=DELTA), abs=1e-9)
+
+
+def test_more_steps_never_lower_epsilon() -> None:
+    values = [epsilon([M(1.0, 0.02, n)], delta=DELTA) for n in (10, 50, 200)]
+    assert values == sorted(values) and values[0] < values[-1]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"noise_multiplier": 0.0, "sample_rate": 0.1, "steps": 1},
+        {"noise_multiplier": -1.0, "sample_rate": 0.1, "steps": 1},
+        {"noise_multiplier": float("nan"), "sample_rate": 0.1, "steps": 1},
+        {"noise_multiplier": 1.0, "sample_rate": 0.0, "steps": 1},
+        {"noise_multiplier": 1.0, "sample_rate": 1.5, "steps": 1},
+        {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 0},
+        {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 2.5},
+        {"noise_multiplier": True, "sample_rate": 0.1, "steps": 1},
+    ],
+)
+def test_mechanism_rejects_invalid_parameters(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        Mechanism(**kwargs)
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0, -1e-5, 2.0])
+def test_epsilon_rejects_invalid_delta(delta: float) -> None:
+    with pytest.raises(ConfigError, match="delta"):
+        epsilon([M(1.0, 0.1, 1)], delta=delta)
+
+
+def test_epsilon_rejects_unknown_accountant() -> None:
+    with pytest.raises(ConfigError, match="'gdp'.*prv"):
+        epsilon([M(1.0, 0.1, 1)], delta=DELTA, accountant="gdp")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------- the PRV grid guard
+
+
+def _opacus_grid_size(mechanisms: list[Mechanism], eps_error: float) -> int:
+    """The grid Opacus's PRV accountant builds for ``mechanisms`` at ``eps_error``."""
+    merged = merge_mechanisms(mechanisms)
+    accountant = PRVAccountant()
+    domain = accountant._get_domain(
+        prvs=[PoissonSubsampledGaussianPRV(m.sample_rate, m.noise_multiplier) for m in merged],
+        num_self_compositions=[m.steps for m in merged],
+        eps_error=eps_error,
+        delta_error=DELTA / 1000,
+    )
+    return domain.size
+
+
+@pytest.mark.parametrize(
+    "mechanisms",
+    [
+        CASES["one-run"],
+        [M(0.3, 0.5, 1000)],
+        pytest.param(CASES["three-runs"], marks=pytest.mark.slow),
+        pytest.param([M(1.0, 0.1, 5000)], marks=pytest.mark.slow),
+        pytest.param([M(0.5, 0.25, 300)], marks=pytest.mark.slow),
+    ],
+)
+def test_prv_grid_never_exceeds_the_cap(mechanisms: list[Mechanism]) -> None:
+    eps_error = prv_eps_error(mechanisms, delta=DELTA)
+    assert eps_error >= PRV_EPS_ERROR
+    size = _opacus_grid_size(mechanisms, eps_error)
+    assert size <= PRV_MAX_GRID
+    if eps_error > PRV_EPS_ERROR:
+        # Raised only when Opacus's default error would really exceed the cap.
+        assert _opacus_grid_size(mechanisms, PRV_EPS_ERROR) > PRV_MAX_GRID
+
+
+def test_usual_histories_keep_opacus_default_error() -> None:
+    for mechanisms in CASES.values():
+        assert prv_eps_error(mechanisms, delta=DELTA) == PRV_EPS_ERROR
+
+
+def test_very_weak_mechanism_is_bounded_not_out_of_memory() -> None:
+    # Opacus alone would build a ~6e7-point grid here (~0.5 GB per array).
+    eps = epsilon([M(0.3, 0.5, 1000)], delta=DELTA)
+    assert eps > 100  # no meaningful guarantee (inf is a valid upper bound)
+
+
+# ------------------------------------------------------------------- calibration
+
+
+def test_calibrated_noise_meets_target_per_both_accountants() -> None:
+    target, q, steps = 2.0, 0.02, 200
+    sigma = calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps)
+    plan = [M(sigma, q, steps)]
+    prv = epsilon(plan, delta=DELTA)
+    assert 0.98 * target <= prv <= target
+    pld = independent_epsilon(plan, delta=DELTA)
+    assert pld - PLD_DISCRETIZATION <= target  # the guarantee holds per the reference too
+    assert pld >= 0.98 * target - 2 * PRV_EPS_ERROR - PLD_DISCRETIZATION  # and is not wasteful
+    # Smallest: 1% less noise no longer fits.
+    assert epsilon([M(sigma * 0.99, q, steps)], delta=DELTA) > target
+
+
+def test_calibration_accounts_for_history() -> None:
+    # RDP here (cheap); the PRV variant below is marked slow.
+    target, q, steps = 4.0, 0.05, 200
+    small = [M(2.0, 0.05, 100)]
+    large = [*small, M(1.5, 0.02, 300)]
+    sigmas = []
+    for history in ([], small, large):
+        sigma = calibrate_noise(
+            target_epsilon=target,
+            delta=DELTA,
+            sample_rate=q,
+            steps=steps,
+            history=history,
+            accountant="rdp",
+        )
+        total = [*history, M(sigma, q, steps)]
+        assert 0.98 * target <= epsilon(total, delta=DELTA, accountant="rdp") <= target
+        sigmas.append(sigma)
+    assert sigmas[0] < sigmas[1] < sigmas[2]
+
+
+@pytest.mark.slow
+def test_prv_calibration_with_history_meets_target_per_pld() -> None:
+    target, q, steps = 4.0, 0.05, 200
+    small = [M(2.0, 0.05, 100)]
+    large = [*small, M(1.5, 0.02, 300)]
+    sigmas = []
+    for history in ([], small, large):
+        sigma = calibrate_noise(
+            target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, history=history
+        )
+        total = [*history, M(sigma, q, steps)]
+        assert 0.98 * target <= epsilon(total, delta=DELTA) <= target
+        assert independent_epsilon(total, delta=DELTA) - PLD_DISCRETIZATION <= target
+        sigmas.append(sigma)
+    assert sigmas[0] < sigmas[1] < sigmas[2]
+
+
+def test_rdp_calibration_needs_more_noise_than_prv() -> None:
+    target, q, steps = 2.0, 0.02, 200
+    sigma = calibrate_noise(
+        target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, accountant="rdp"
+    )
+    eps = epsilon([M(sigma, q, steps)], delta=DELTA, accountant="rdp")
+    assert 0.98 * target <= eps <= target
+    # RDP is looser than PRV, so the PRV epsilon of the RDP-calibrated run is lower.
+    assert epsilon([M(sigma, q, steps)], delta=DELTA) < 0.98 * target
+
+
+@pytest.mark.slow
+def test_calibration_agrees_with_opacus_on_empty_history() -> None:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    for target, q, steps in [(1.0, 0.01, 300), (8.0, 0.05, 600)]:
+        ours = calibrate_noise(target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps)
+        theirs = get_noise_multiplier(
+            target_epsilon=target,
+            target_delta=DELTA,
+            sample_rate=q,
+            steps=steps,
+            accountant="prv",
+        )
+        assert ours == pytest.approx(theirs, rel=0.02)
+
+
+def test_history_over_target_is_refused_with_the_spent_epsilon() -> None:
+    history = [M(0.8, 0.1, 50)]
+    spent = epsilon(history, delta=DELTA)
+    with pytest.raises(PrivacyBudgetExceeded) as info:
+        calibrate_noise(
+            target_epsilon=spent - 0.5, delta=DELTA, sample_rate=0.1, steps=10, history=history
+        )
+    message = str(info.value)
+    assert f"{spent:.4g}" in message and "budget" in message and "new dataset" in message
+    assert "\n" not in message
+
+
+def test_generous_target_returns_the_noise_floor() -> None:
+    sigma = calibrate_noise(
+        target_epsilon=1e4, delta=DELTA, sample_rate=0.001, steps=2, accountant="rdp"
+    )
+    assert sigma == MIN_NOISE_MULTIPLIER
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"target_epsilon": 0.0}, "target epsilon"),
+        ({"target_epsilon": -1.0}, "target epsilon"),
+        ({"target_epsilon": float("inf")}, "target epsilon"),
+        ({"delta": 0.0}, "delta"),
+        ({"delta": 1.0}, "delta"),
+        ({"sample_rate": 0.0}, "sample rate"),
+        ({"sample_rate": 1.01}, "sample rate"),
+        ({"steps": 0}, "steps"),
+        ({"accountant": "moments"}, "accountant"),
+    ],
+)
+def test_calibration_validates_inputs(kwargs: dict, word: str) -> None:
+    arguments = {"target_epsilon": 2.0, "delta": DELTA, "sample_rate": 0.01, "steps": 100}
+    arguments.update(kwargs)
+    with pytest.raises(ConfigError, match=word):
+        calibrate_noise(**arguments)
+
+
+def test_prv_is_fast_enough_for_a_few_hundred_steps() -> None:
+    import time
+
+    start = time.perf_counter()
+    epsilon([M(1.0, 0.01, 300), M(1.3, 0.02, 300)], delta=DELTA)
+    assert time.perf_counter() - start < 2.0  # measured ~0.2 s on 2 shared cores
+
+
+def test_numpy_integer_steps_are_accepted() -> None:
+    assert Mechanism(1.0, 0.1, np.int64(3)).steps == 3
