@@ -465,6 +465,12 @@ class PrivacyLedger:
         with self._transaction("DEFERRED") as conn:
             return [c.mechanism for c in self._charges(conn, fingerprint)]
 
+    def charges(self, fingerprint: str) -> list[ChargeReceipt]:
+        """Every charge of ``fingerprint`` with its run and round, oldest first."""
+        fingerprint = _check_fingerprint(fingerprint)
+        with self._transaction("DEFERRED") as conn:
+            return self._charges(conn, fingerprint)
+
     def spent(self, fingerprint: str, *, delta: float, accountant: AccountantName = "prv") -> float:
         """ε of the dataset's whole history (0.0 for an unknown dataset).
 
