@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -63,37 +65,31 @@ def _problems_table(report: ValidationReport) -> Table:
 
 
 def _summary_table(reports: list[ValidationReport]) -> Table:
-    table = Table(title="summary", title_justify="left")
-    for name in (
-        "site",
-        "status",
-        "patients",
-        "ehr",
-        "imaging",
-        "genomics",
-        "labels (positive %)",
-        "errors",
-        "warnings",
-    ):
+    table = Table(
+        title="summary (patients per modality; % positive per label)", title_justify="left"
+    )
+    label_names = list(dict.fromkeys(n for r in reports for n in r.summary.labels))
+    columns = ["site", "status", "patients", "ehr", "imaging", "genomics", *label_names]
+    for name in (*columns, "errors", "warnings"):
         table.add_column(name, overflow="fold")
     for r in reports:
         s = r.summary
-        labels = ", ".join(
-            f"{name} {100 * pos / n:.0f}% ({pos}/{n})" if n else f"{name} -"
-            for name, (pos, n) in s.labels.items()
-        )
         declared = r.spec.modalities if r.spec is not None else ()
         cells = [
             str(s.modalities.get(m, "?")) if m in declared else "-"
             for m in ("ehr", "imaging", "genomics")
         ]
+        labels = []
+        for name in label_names:
+            pos, n = s.labels.get(name, (0, 0))
+            labels.append(f"{100 * pos / n:.0f}%" if n else "-")
         status = Text("ok", style="green") if r.ok else Text("ERRORS", style="red")
         table.add_row(
             Text(s.site_id or r.path.name),
             status,
             Text(str(s.patients)),
             *map(Text, cells),
-            Text(labels),
+            *map(Text, labels),
             Text(str(len(r.errors))),
             Text(str(len(r.warnings))),
         )
@@ -121,7 +117,11 @@ def data_check(
             json.dumps({"ok": not failed, "sites": [r.to_dict() for r in reports]}, indent=2)
         )
     else:
-        console = Console(highlight=False, soft_wrap=False)
+        console = Console(
+            highlight=False,
+            soft_wrap=False,
+            width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 140,
+        )
         for r in reports:
             if r.problems:
                 console.print(_problems_table(r))

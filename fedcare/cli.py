@@ -32,15 +32,24 @@ budget_app = typer.Typer(help="A site's privacy-budget ledger.", no_args_is_help
 app.add_typer(budget_app, name="budget")
 
 
+_mounted = False
+
+
 def _mount() -> None:
-    """Register every package's commands (imported here so `fedcare --help` stays cheap)."""
+    """Register every package's commands once (imported late so `--help` stays cheap)."""
+    global _mounted
+    if _mounted:
+        return
+    _mounted = True
     from client import budget_cli
     from client import cli as client_cli
+    from fedcare import demo as demo_cmd
     from simulations import cli as sim_cli
 
     data_app.command("check")(client_cli.data_check)
     data_app.command("synth")(sim_cli.data_synth)
     budget_app.command("show")(budget_cli.budget_show)
+    app.command("demo")(demo_cmd.demo)
 
 
 def main(argv: list[str] | None = None) -> None:

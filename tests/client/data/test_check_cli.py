@@ -34,7 +34,11 @@ def test_valid_site_exits_0_with_a_summary(
     code, out, _ = _run(["data", "check", str(written_site.root)], capsys)
     assert code == 0
     assert "site-0" in out and "1 site(s) ok: 0 error(s), 0 warning(s)" in out
-    assert "readmission 33% (4/12)" in out  # prevalence: 4 of 12 positive
+    header = next(line for line in out.splitlines() if "readmission" in line)
+    row = next(line for line in out.splitlines() if "site-0" in line and "ok" in line)
+    cells = [c.strip() for c in row.split("│")]
+    names = [c.strip() for c in header.split("┃")]
+    assert cells[names.index("readmission")] == "33%"  # prevalence: 4 of 12 positive
 
 
 def test_errors_exit_1_and_are_listed_with_their_fix(
