@@ -3,8 +3,9 @@
 Run-config keys (``[tool.flwr.app.config]`` / ``flwr run --run-config``), node-config keys
 (``flower-supernode --node-config`` or the simulation's partition id), the record names of a
 message, and the metric names a site may send. The server accepts from a site *only* the
-metric names in :data:`ALLOWED_REPLY_METRICS` (plus task metrics with the ``val.`` / ``test.``
-prefixes), which is how "aggregate metrics only" is enforced.
+metric names in :data:`ALLOWED_REPLY_METRICS` (train numbers, and task metrics with the
+``val.`` / ``test.`` prefixes) and the site-info keys in :data:`SITE_INFO_KEYS`, which is how
+"aggregate metrics only" is enforced.
 """
 
 from __future__ import annotations
@@ -36,15 +37,27 @@ __all__ = [
     "REC_CONFIG",
     "REC_METRICS",
     "CFG_ROUND",
+    "CFG_FEDCARE_ROUND",
+    "CFG_SCHEMA_FINGERPRINT",
+    "REC_SITE",
+    "S_SITE_ID",
+    "S_DP",
+    "S_EPSILON",
+    "S_DELTA",
+    "S_ACCOUNTANT",
+    "S_NOISE_MULTIPLIER",
+    "S_SAMPLE_RATE",
+    "S_STEPS",
+    "S_REPLAYED",
+    "SITE_INFO_KEYS",
+    "ERR_BUDGET",
+    "ERR_POLICY",
+    "ERR_DATA",
+    "ERR_CONFIG",
+    "TASK_METRICS",
     "M_NUM_EXAMPLES",
-    "M_EPSILON",
-    "M_DELTA",
-    "M_NOISE_MULTIPLIER",
-    "M_SAMPLE_RATE",
     "M_STEPS",
     "M_TRAIN_LOSS",
-    "M_REFUSED",
-    "M_SITE_INDEX",
     "METRIC_PREFIXES",
     "ALLOWED_REPLY_METRICS",
     "is_allowed_metric",
@@ -80,33 +93,50 @@ NC_SITE_CONFIG = "site-config"
 REC_ARRAYS = "arrays"
 REC_CONFIG = "config"
 REC_METRICS = "metrics"
+REC_SITE = "site"
 CFG_ROUND = "server-round"
+CFG_FEDCARE_ROUND = "fedcare-round"
+CFG_SCHEMA_FINGERPRINT = "schema-fingerprint"
+
+# The "site" ConfigRecord of a reply: who answered, and the privacy state of its dataset.
+S_SITE_ID = "site-id"
+S_DP = "dp"
+S_EPSILON = "epsilon"
+S_DELTA = "delta"
+S_ACCOUNTANT = "accountant"
+S_NOISE_MULTIPLIER = "noise-multiplier"
+S_SAMPLE_RATE = "sample-rate"
+S_STEPS = "steps"
+S_REPLAYED = "replayed"
+SITE_INFO_KEYS = frozenset(
+    {
+        S_SITE_ID,
+        S_DP,
+        S_EPSILON,
+        S_DELTA,
+        S_ACCOUNTANT,
+        S_NOISE_MULTIPLIER,
+        S_SAMPLE_RATE,
+        S_STEPS,
+        S_REPLAYED,
+    }
+)
+
+# Error codes of a site's error reply (the reason starts with "<site-id>: ").
+ERR_BUDGET = 4001
+ERR_POLICY = 4002
+ERR_DATA = 4003
+ERR_CONFIG = 4004
 
 # Metrics a site may send (aggregate numbers only; never a patient-level value).
 M_NUM_EXAMPLES = "num-examples"
-M_EPSILON = "epsilon"
-M_DELTA = "delta"
-M_NOISE_MULTIPLIER = "noise-multiplier"
-M_SAMPLE_RATE = "sample-rate"
 M_STEPS = "steps"
 M_TRAIN_LOSS = "train-loss"
-M_REFUSED = "refused"
-M_SITE_INDEX = "site-index"
 
 METRIC_PREFIXES = ("val.", "test.")
 TASK_METRICS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "brier", "ece", "loss", "n")
 ALLOWED_REPLY_METRICS = frozenset(
-    {
-        M_NUM_EXAMPLES,
-        M_EPSILON,
-        M_DELTA,
-        M_NOISE_MULTIPLIER,
-        M_SAMPLE_RATE,
-        M_STEPS,
-        M_TRAIN_LOSS,
-        M_REFUSED,
-        M_SITE_INDEX,
-    }
+    {M_NUM_EXAMPLES, M_TRAIN_LOSS, M_STEPS}
     | {f"{p}{m}" for p in METRIC_PREFIXES for m in TASK_METRICS}
 )
 

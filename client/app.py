@@ -1,0 +1,221 @@
+"""The site's Flower ClientApp (Message API): train and evaluate at a hospital.
+
+Which folder is this site's? In a deployment, the SuperNode's node config names it
+(``data-path``); in simulation, the run config's ``sites-manifest`` (a JSON list of site
+folders) or ``data-root/site-<partition-id>`` does. The site's durable state (privacy ledger
+and stored releases) lives in ``state-root/<site-id>/`` when the run config sets
+``state-root``, else in ``<site folder>/.fedcare/``.
+
+A reply carries the model arrays, aggregate numbers (``num-examples``, ``train-loss``,
+``steps``; task metrics on evaluation) and a ``site`` record (site id and the dataset's
+privacy state). A refusal (budget spent, task not allowed, schema mismatch, broken data) is
+an error reply whose reason starts with the site id, never a crash of the run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.data.loaders import load_site
+from client.ledger import PrivacyLedger
+from client.local import RoundRequest, SiteTrainer
+from client.policy import SitePolicy
+from client.privacy import DPConfig
+from client.training import TrainConfig
+from common import keys
+from common.errors import (
+    ConfigError,
+    DataError,
+    FedcareError,
+    PolicyViolation,
+    PrivacyBudgetExceeded,
+)
+from common.federation import FederationConfig
+
+__all__ = ["app", "handle_train", "handle_evaluate", "resolve_site"]
+
+
+def resolve_site(context: Context, cfg: FederationConfig) -> Path:
+    """The site's data folder, from node config (deployment) or partition id (simulation)."""
+    node = context.node_config
+    if keys.NC_DATA_PATH in node:
+        return Path(str(node[keys.NC_DATA_PATH]))
+    if keys.NC_PARTITION_ID not in node:
+        raise ConfigError(
+            "this SuperNode has neither a 'data-path' nor a 'partition-id' node config; start "
+            "it with --node-config \"data-path='/path/to/site'\""
+        )
+    pid = int(node[keys.NC_PARTITION_ID])
+    if cfg.sites_manifest:
+        sites = json.loads(Path(cfg.sites_manifest).read_text(encoding="utf-8"))
+        if not 0 <= pid < len(sites):
+            raise ConfigError(
+                f"partition {pid} has no site in {cfg.sites_manifest} ({len(sites)} listed); "
+                "run as many simulated sites as the manifest lists"
+            )
+        return Path(sites[pid])
+    return Path(cfg.data_root) / f"site-{pid}"
+
+
+def _trainer(context: Context, cfg: FederationConfig) -> SiteTrainer:
+    site = load_site(resolve_site(context, cfg))
+    if cfg.state_root:
+        state_dir = Path(cfg.state_root) / site.spec.site_id
+    else:
+        state_dir = site.root / ".fedcare"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    policy = SitePolicy(
+        epsilon_budget=cfg.site_epsilon_budget,
+        delta=cfg.target_delta,
+        accountant=cfg.accountant,
+        require_dp=cfg.dp,
+        min_count=cfg.site_min_count,
+    )
+    ledger = PrivacyLedger(state_dir / "ledger.sqlite") if cfg.dp else None
+    return SiteTrainer(site=site, policy=policy, ledger=ledger, seed=cfg.seed)
+
+
+def _request(cfg: FederationConfig, msg: Message) -> RoundRequest:
+    config = msg.content[keys.REC_CONFIG]
+    train = TrainConfig(
+        model=cfg.model or None,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.learning_rate,
+        optimizer=cfg.optimizer,
+        proximal_mu=float(config.get("proximal-mu", cfg.proximal_mu)),
+        device=cfg.device,
+        seed=cfg.seed,
+    )
+    dp = DPConfig(
+        enabled=cfg.dp,
+        target_epsilon=None if cfg.noise_multiplier > 0 else cfg.target_epsilon,
+        noise_multiplier=cfg.noise_multiplier if cfg.noise_multiplier > 0 else None,
+        delta=cfg.target_delta,
+        max_grad_norm=cfg.max_grad_norm,
+        accountant=cfg.accountant,
+        secure_mode=cfg.secure_mode,
+    )
+    return RoundRequest(
+        run_id=str(config[keys.RC_RUN_ID]),
+        round=int(config[keys.CFG_FEDCARE_ROUND]),
+        rounds_planned=cfg.num_server_rounds,
+        task=cfg.task,
+        train=train,
+        dp=dp,
+    )
+
+
+def _check_schema(trainer: SiteTrainer, msg: Message) -> None:
+    expected = str(msg.content[keys.REC_CONFIG].get(keys.CFG_SCHEMA_FINGERPRINT, ""))
+    mine = trainer.site.spec.feature_schema.fingerprint()
+    if expected and expected != mine:
+        raise ConfigError(
+            f"this site's feature schema (fingerprint {mine[:12]}) differs from the "
+            f"federation's ({expected[:12]}); every site must use the federation's shared "
+            "schema in its site.toml"
+        )
+
+
+_ERROR_CODES: tuple[tuple[type[FedcareError], int], ...] = (
+    (PrivacyBudgetExceeded, keys.ERR_BUDGET),
+    (PolicyViolation, keys.ERR_POLICY),
+    (DataError, keys.ERR_DATA),
+    (FedcareError, keys.ERR_CONFIG),
+)
+
+
+def _refusal(msg: Message, site_id: str, error: FedcareError) -> Message:
+    code = next(c for cls, c in _ERROR_CODES if isinstance(error, cls))
+    reason = " ".join(str(error).split())
+    return Message(Error(code=code, reason=f"{site_id}: {reason}"), reply_to=msg)
+
+
+def _site_id_guess(context: Context) -> str:
+    node = context.node_config
+    if keys.NC_PARTITION_ID in node:
+        return f"partition-{node[keys.NC_PARTITION_ID]}"
+    return f"node-{context.node_id}"
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """One round of private local training; see the module docstring."""
+    site_id = _site_id_guess(context)
+    try:
+        cfg = FederationConfig.from_run_config(context.run_config)
+        trainer = _trainer(context, cfg)
+        site_id = trainer.site_id
+        _check_schema(trainer, msg)
+        request = _request(cfg, msg)
+        state = msg.content[keys.REC_ARRAYS].to_torch_state_dict()
+        result = trainer.train_round(request, state)
+    except FedcareError as e:
+        return _refusal(msg, site_id, e)
+    metrics = MetricRecord(
+        {
+            keys.M_NUM_EXAMPLES: result.n_train,
+            keys.M_TRAIN_LOSS: float(result.train_loss),
+            keys.M_STEPS: result.steps,
+        }
+    )
+    info: dict[str, str | float | int | bool] = {
+        keys.S_SITE_ID: site_id,
+        keys.S_DP: result.mechanism is not None,
+        keys.S_REPLAYED: result.replayed,
+    }
+    if result.mechanism is not None:
+        info.update(
+            {
+                keys.S_EPSILON: float(result.epsilon or 0.0),
+                keys.S_DELTA: float(result.delta or 0.0),
+                keys.S_ACCOUNTANT: cfg.accountant,
+                keys.S_NOISE_MULTIPLIER: result.mechanism.noise_multiplier,
+                keys.S_SAMPLE_RATE: result.mechanism.sample_rate,
+                keys.S_STEPS: result.mechanism.steps,
+            }
+        )
+    content = RecordDict(
+        {
+            keys.REC_ARRAYS: ArrayRecord(result.state),
+            keys.REC_METRICS: metrics,
+            keys.REC_SITE: ConfigRecord(info),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this site's validation and test splits."""
+    site_id = _site_id_guess(context)
+    try:
+        cfg = FederationConfig.from_run_config(context.run_config)
+        trainer = _trainer(context, cfg)
+        site_id = trainer.site_id
+        _check_schema(trainer, msg)
+        state = msg.content[keys.REC_ARRAYS].to_torch_state_dict()
+        values = trainer.evaluate(cfg.task, state, model=cfg.model or None, device=cfg.device)
+    except FedcareError as e:
+        return _refusal(msg, site_id, e)
+    n_test = int(values.get("test.n", 0))
+    metrics = MetricRecord({keys.M_NUM_EXAMPLES: n_test, **values})
+    content = RecordDict(
+        {keys.REC_METRICS: metrics, keys.REC_SITE: ConfigRecord({keys.S_SITE_ID: site_id})}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+app = ClientApp()
+
+
+@app.train()
+def _train(msg: Message, context: Context) -> Message:
+    return handle_train(msg, context)
+
+
+@app.evaluate()
+def _evaluate(msg: Message, context: Context) -> Message:
+    return handle_evaluate(msg, context)

@@ -1,0 +1,100 @@
+"""A federated run's configuration, read from Flower's run config by server and sites alike.
+
+Flower's run config is flat (``[tool.flwr.app.config]`` merged with ``flwr run --run-config``)
+and holds only bool/int/float/str. :class:`FederationConfig` is its validated, typed form: an
+unknown key, a wrong type or an impossible value is one :class:`~common.errors.ConfigError`
+naming the key and the fix, before anything runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import ConfigError
+
+__all__ = ["FederationConfig", "STRATEGIES", "RUN_CONFIG_DEFAULTS"]
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+
+
+class FederationConfig(BaseModel):
+    """Typed run config. Field names are the run-config keys with ``-`` as ``_``.
+
+    ``noise_multiplier`` 0 means "calibrate from ``target_epsilon``"; ``target_epsilon`` is
+    the cumulative ε each site's dataset may reach by the end of the run (each site's own
+    budget caps it). ``hospital_dp_noise`` > 0 adds site-level DP on top (Flower's server-side
+    fixed-clipping wrapper, clipping norm ``hospital_dp_clip``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    task: str = "multimodal_outcome"
+    num_server_rounds: int = Field(default=3, ge=1)
+    local_epochs: int = Field(default=2, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    learning_rate: float = Field(default=3e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    model: str = ""
+    strategy: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
+    proximal_mu: float = Field(default=0.0, ge=0)
+    server_learning_rate: float = Field(default=0.01, gt=0)
+    trim_beta: float = Field(default=0.2, gt=0, lt=0.5)
+    krum_malicious: int = Field(default=0, ge=0)
+    dp: bool = True
+    target_epsilon: float = Field(default=8.0, gt=0)
+    noise_multiplier: float = Field(default=0.0, ge=0)
+    target_delta: float = Field(default=1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    accountant: Literal["prv", "rdp"] = "prv"
+    secure_mode: bool = False
+    hospital_dp_noise: float = Field(default=0.0, ge=0)
+    hospital_dp_clip: float = Field(default=10.0, gt=0)
+    max_update_norm: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data_root: str = "runs/sites"
+    sites_manifest: str = ""
+    state_root: str = ""
+    spec_path: str = ""
+    run_id: str = ""
+    run_dir: str = ""
+    round_timeout: float = Field(default=600.0, gt=0)
+    min_sites: int = Field(default=2, ge=1)
+    num_sites: int = Field(default=0, ge=0)
+    connect_timeout: float = Field(default=120.0, gt=0)
+    site_epsilon_budget: float = Field(default=10.0, gt=0)
+    site_min_count: int = Field(default=10, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FederationConfig:
+        if self.strategy == "fedprox" and self.proximal_mu == 0:
+            raise ValueError("strategy 'fedprox' needs proximal-mu > 0 (e.g. 0.01)")
+        return self
+
+    @classmethod
+    def from_run_config(
+        cls, run_config: Mapping[str, Any], *, source: str = "run config"
+    ) -> FederationConfig:
+        """Validate Flower's flat run config (``-`` in keys) into a config object."""
+        data = {str(k).replace("-", "_"): v for k, v in run_config.items()}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            lines = []
+            for err in e.errors():
+                key = ".".join(str(p) for p in err["loc"]).replace("_", "-") or "(top level)"
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "extra_forbidden":
+                    msg = "unknown key; remove it or check its spelling"
+                lines.append(f"{source}: {key}: {msg}")
+            raise ConfigError("\n".join(lines)) from e
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """The flat form Flower's run config takes (``-`` in keys)."""
+        return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
+
+
+RUN_CONFIG_DEFAULTS: dict[str, bool | int | float | str] = FederationConfig().to_run_config()

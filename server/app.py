@@ -1,0 +1,149 @@
+"""The coordinating server's Flower ServerApp (Message API).
+
+``run_federation`` sizes the initial model from the federation's shared schema (it never
+sees patient data), waits for the sites, resumes from the last completed round when the run
+directory holds a checkpoint of the same run, drives the strategy inside a
+:class:`~server.guard.GuardedStrategy`, and writes the final model and ``server_record.json``
+(everything ``summary.json`` is built from) into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.encoding import input_dims
+from common.errors import ConfigError
+from common.federation import FederationConfig
+from common.spec import SiteSpec, load_site_spec
+from models import build_model, default_model_for
+from models.tasks import task_definition
+from server.checkpoint import load_checkpoint
+from server.guard import GuardedStrategy, new_record
+from server.strategies import build_strategy
+
+__all__ = ["app", "run_federation", "federation_spec", "RECORD_NAME", "FINAL_MODEL_NAME"]
+
+log = logging.getLogger(__name__)
+
+RECORD_NAME = "server_record.json"
+FINAL_MODEL_NAME = "final_model.pt"
+
+
+def federation_spec(cfg: FederationConfig) -> SiteSpec:
+    """The spec holding the shared schema and tasks (a site.toml; only its schema is read)."""
+    if cfg.spec_path:
+        return load_site_spec(cfg.spec_path)
+    if cfg.sites_manifest:
+        sites = json.loads(Path(cfg.sites_manifest).read_text(encoding="utf-8"))
+        if not sites:
+            raise ConfigError(f"{cfg.sites_manifest} lists no site")
+        return load_site_spec(sites[0])
+    return load_site_spec(Path(cfg.data_root) / "site-0")
+
+
+def initial_state(cfg: FederationConfig, spec: SiteSpec) -> tuple[str, dict[str, torch.Tensor]]:
+    """The model name and its seeded initial weights, from the schema alone."""
+    task = spec.task(cfg.task)
+    name = cfg.model or default_model_for(task.modalities)
+    task_definition(task, model=name)
+    dims = input_dims(spec.feature_schema, task)
+    model = build_model(name, input_dims=dims, generator=torch.Generator().manual_seed(cfg.seed))
+    return name, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _wait_for_sites(grid: Grid, cfg: FederationConfig) -> int:
+    """Number of sites taking part: ``num-sites``, or all connected once ``min-sites`` are."""
+    wanted = cfg.num_sites or cfg.min_sites
+    deadline = time.monotonic() + cfg.connect_timeout
+    while True:
+        n = len(list(grid.get_node_ids()))
+        if n >= wanted:
+            return cfg.num_sites or n
+        if time.monotonic() > deadline:
+            raise ConfigError(
+                f"only {n} site(s) connected within connect-timeout={cfg.connect_timeout:g} s; "
+                f"the run needs {wanted} (start the missing SuperNodes or lower num-sites)"
+            )
+        time.sleep(0.5)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
+    """Run (or resume) the federation described by ``cfg``; returns the run record."""
+    run_id = cfg.run_id or uuid.uuid4().hex[:12]
+    run_dir = Path(cfg.run_dir or f"runs/{run_id}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = federation_spec(cfg)
+    model_name, state = initial_state(cfg, spec)
+    record = new_record()
+    offset = 0
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is not None and checkpoint.run_id == run_id:
+        offset, record = checkpoint.round, checkpoint.record
+        state = {k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()}
+        log.warning("resuming run %s after round %d", run_id, offset)
+    record.update(
+        {
+            "run_id": run_id,
+            "task": cfg.task,
+            "model": model_name,
+            "strategy": cfg.strategy,
+            "rounds_planned": cfg.num_server_rounds,
+            "config": cfg.to_run_config(),
+            "resumed_from": offset if offset else record.get("resumed_from"),
+        }
+    )
+    remaining = cfg.num_server_rounds - offset
+    if remaining > 0:
+        n_sites = _wait_for_sites(grid, cfg)
+        guard = GuardedStrategy(
+            build_strategy(cfg, n_sites=n_sites),
+            cfg=cfg,
+            run_dir=run_dir,
+            run_id=run_id,
+            round_offset=offset,
+            record=record,
+            schema_fingerprint=spec.feature_schema.fingerprint(),
+        )
+        result = guard.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(state),
+            num_rounds=remaining,
+            timeout=cfg.round_timeout,
+            train_config=ConfigRecord({}),
+            evaluate_config=ConfigRecord({}),
+            evaluate_fn=guard.after_round,
+        )
+        if len(result.arrays) > 0:
+            state = result.arrays.to_torch_state_dict()
+    record["rounds_completed"] = max((e["round"] for e in record["rounds"]), default=0)
+    torch.save(
+        {"model": model_name, "task": cfg.task, "state_dict": state}, run_dir / FINAL_MODEL_NAME
+    )
+    _atomic_write(run_dir / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True))
+    return record
+
+
+app = ServerApp()
+
+
+@app.main()
+def _main(grid: Grid, context: Context) -> None:
+    run_federation(grid, FederationConfig.from_run_config(context.run_config))

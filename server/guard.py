@@ -1,0 +1,356 @@
+"""The guard around any aggregation strategy: validate, record, checkpoint.
+
+:class:`GuardedStrategy` wraps a Flower strategy (as Flower's own DP wrappers do) and adds
+what a hospital federation needs on every round:
+
+* the absolute round number goes to every site (a resumed run continues its numbering, so a
+  site's ledger never charges a round twice);
+* each reply is checked before aggregation: a refusal (an error reply: budget spent, task not
+  allowed) is recorded with its reason; an update with wrong names, shapes or dtypes, a NaN,
+  or a norm over the bound is rejected and recorded; the round goes on with the rest;
+* a site that does not answer within the round timeout is recorded as dropped;
+* federated evaluation keeps each site's metrics and a patient-weighted global mean;
+* after every round the global model and the run record are checkpointed atomically and a
+  progress line is appended to ``progress.jsonl``.
+
+The run record is plain JSON-ready data (see :func:`new_record`), the source of the run's
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common import keys
+from common.errors import UpdateRejected
+from common.federation import FederationConfig
+from server.checkpoint import Checkpoint, save_checkpoint
+from server.validation import validate_update
+
+__all__ = ["GuardedStrategy", "new_record", "arrays_to_numpy"]
+
+log = logging.getLogger(__name__)
+
+
+def new_record() -> dict[str, Any]:
+    """An empty run record: sites, rounds, events."""
+    return {"sites": {}, "rounds": [], "events": [], "nodes": {}}
+
+
+def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """Named numpy arrays of an ArrayRecord (copies)."""
+    return {name: np.array(arr.numpy()) for name, arr in arrays.items()}
+
+
+class GuardedStrategy(Strategy):
+    """Wraps ``strategy``; see the module docstring.
+
+    Parameters
+    ----------
+    strategy:
+        The aggregation strategy (FedAvg, FedProx, ..., possibly DP-wrapped).
+    cfg:
+        The run's configuration.
+    run_dir:
+        Where checkpoints and progress go.
+    run_id:
+        The run's id (sites key their ledger charges on it).
+    round_offset:
+        Rounds completed before this start (resume); round ``r`` of Flower's loop is round
+        ``round_offset + r`` of the run.
+    record:
+        The run record to extend (a checkpoint's, when resuming).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        cfg: FederationConfig,
+        run_dir: Path,
+        run_id: str,
+        round_offset: int = 0,
+        record: dict[str, Any] | None = None,
+        schema_fingerprint: str = "",
+    ) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.run_id = run_id
+        self.round_offset = round_offset
+        self.record = record if record is not None else new_record()
+        self.schema_fingerprint = schema_fingerprint
+        self._reference: dict[str, np.ndarray] = {}
+        self._expected: set[int] = set()
+        self._t0 = time.monotonic()
+
+    # ------------------------------------------------------------------ helpers
+
+    def absolute(self, server_round: int) -> int:
+        return self.round_offset + server_round
+
+    def _site_of(self, node_id: int) -> str:
+        return self.record["nodes"].get(str(node_id), f"node-{node_id}")
+
+    def _event(self, server_round: int, site_id: str, kind: str, detail: str) -> None:
+        event = {
+            "round": self.absolute(server_round),
+            "site_id": site_id,
+            "kind": kind,
+            "detail": detail,
+        }
+        self.record["events"].append(event)
+        log.warning("round %s: site %s %s: %s", event["round"], site_id, kind, detail)
+
+    def _site(self, site_id: str) -> dict[str, Any]:
+        return self.record["sites"].setdefault(
+            site_id,
+            {
+                "site_id": site_id,
+                "n_train": 0,
+                "n_test": 0,
+                "status": "completed",
+                "reason": None,
+                "rounds_participated": [],
+                "privacy": {
+                    "enabled": self.cfg.dp,
+                    "epsilon": None,
+                    "delta": None,
+                    "accountant": self.cfg.accountant if self.cfg.dp else None,
+                    "mechanisms": [],
+                },
+                "metrics": {},
+            },
+        )
+
+    def _with_round(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
+        out = ConfigRecord(dict(config))
+        out[keys.CFG_FEDCARE_ROUND] = self.absolute(server_round)
+        out[keys.CFG_SCHEMA_FINGERPRINT] = self.schema_fingerprint
+        out[keys.RC_RUN_ID] = self.run_id
+        return out
+
+    # ------------------------------------------------------------------ train
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._reference = arrays_to_numpy(arrays)
+        messages = list(
+            self.strategy.configure_train(
+                server_round, arrays, self._with_round(config, server_round), grid
+            )
+        )
+        self._expected = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        answered = {r.metadata.src_node_id for r in replies}
+        kept: list[Message] = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                site_id, reason = _split_reason(reply.error.reason, self._site_of(node))
+                self.record["nodes"][str(node)] = site_id
+                site = self._site(site_id)
+                site["status"], site["reason"] = "refused", reason
+                self._event(server_round, site_id, "refused", reason)
+                continue
+            info = reply.content.config_records.get(keys.REC_SITE)
+            site_id = str(info[keys.S_SITE_ID]) if info is not None else self._site_of(node)
+            self.record["nodes"][str(node)] = site_id
+            site = self._site(site_id)
+            try:
+                norm = validate_update(
+                    arrays_to_numpy(reply.content[keys.REC_ARRAYS]),
+                    self._reference,
+                    max_norm=self.cfg.max_update_norm,
+                )
+            except UpdateRejected as e:
+                site["status"], site["reason"] = "rejected", str(e)
+                self._event(server_round, site_id, "rejected", str(e))
+                continue
+            except (KeyError, TypeError, ValueError) as e:
+                detail = f"malformed reply ({type(e).__name__}: {e})"
+                site["status"], site["reason"] = "rejected", detail
+                self._event(server_round, site_id, "rejected", detail)
+                continue
+            kept.append(reply)
+            self._record_train(server_round, site, reply, info, norm)
+        for node in sorted(self._expected - answered):
+            site_id = self._site_of(node)
+            site = self._site(site_id)
+            site["status"], site["reason"] = (
+                "dropped",
+                f"no reply within {self.cfg.round_timeout:g} s",
+            )
+            self._event(server_round, site_id, "dropped", site["reason"])
+        if len(kept) < self.cfg.min_sites:
+            self._event(
+                server_round,
+                "*",
+                "round-skipped",
+                f"only {len(kept)} valid update(s), fewer than min-sites={self.cfg.min_sites}; "
+                "the global model is unchanged",
+            )
+            return None, None
+        return self.strategy.aggregate_train(server_round, kept)
+
+    def _record_train(
+        self,
+        server_round: int,
+        site: dict[str, Any],
+        reply: Message,
+        info: ConfigRecord | None,
+        norm: float,
+    ) -> None:
+        metrics = reply.content[keys.REC_METRICS]
+        rnd = self.absolute(server_round)
+        site["n_train"] = int(metrics[keys.M_NUM_EXAMPLES])
+        if rnd not in site["rounds_participated"]:
+            site["rounds_participated"].append(rnd)
+        if site["status"] != "refused":
+            site["status"], site["reason"] = "completed", None
+        entry = self._round_entry(rnd)
+        entry["sites"].setdefault(site["site_id"], {}).update(
+            {
+                "train-loss": float(metrics[keys.M_TRAIN_LOSS]),
+                "update-norm": norm,
+                "num-examples": int(metrics[keys.M_NUM_EXAMPLES]),
+            }
+        )
+        if info is not None and bool(info[keys.S_DP]):
+            privacy = site["privacy"]
+            privacy["enabled"] = True
+            privacy["epsilon"] = float(info[keys.S_EPSILON])
+            privacy["delta"] = float(info[keys.S_DELTA])
+            privacy["accountant"] = str(info[keys.S_ACCOUNTANT])
+            mechanism = {
+                "round": rnd,
+                "noise_multiplier": float(info[keys.S_NOISE_MULTIPLIER]),
+                "sample_rate": float(info[keys.S_SAMPLE_RATE]),
+                "steps": int(info[keys.S_STEPS]),
+            }
+            if all(m["round"] != rnd for m in privacy["mechanisms"]):
+                privacy["mechanisms"].append(mechanism)
+            entry["sites"][site["site_id"]]["epsilon"] = privacy["epsilon"]
+
+    def _round_entry(self, rnd: int) -> dict[str, Any]:
+        for entry in self.record["rounds"]:
+            if entry["round"] == rnd:
+                return entry
+        entry = {"round": rnd, "metrics": {}, "sites": {}}
+        self.record["rounds"].append(entry)
+        return entry
+
+    # ------------------------------------------------------------------ evaluate
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(
+            server_round, arrays, self._with_round(config, server_round), grid
+        )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        rnd = self.absolute(server_round)
+        entry = self._round_entry(rnd)
+        per_site: dict[str, dict[str, float]] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                site_id, reason = _split_reason(reply.error.reason, self._site_of(node))
+                self._event(server_round, site_id, "evaluate-failed", reason)
+                continue
+            info = reply.content.config_records.get(keys.REC_SITE)
+            site_id = str(info[keys.S_SITE_ID]) if info is not None else self._site_of(node)
+            values = {
+                k: float(v)
+                for k, v in reply.content[keys.REC_METRICS].items()
+                if keys.is_allowed_metric(k) and k != keys.M_NUM_EXAMPLES
+            }
+            per_site[site_id] = values
+            site = self._site(site_id)
+            site["metrics"] = values
+            if "test.n" in values:
+                site["n_test"] = int(values["test.n"])
+            entry["sites"].setdefault(site_id, {}).update(values)
+        global_metrics = weighted_global_metrics(per_site)
+        entry["metrics"] = global_metrics
+        return MetricRecord(global_metrics) if global_metrics else None
+
+    # ------------------------------------------------------------------ after each round
+
+    def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """``evaluate_fn`` hook: checkpoint and report progress (round 0 = start)."""
+        rnd = self.absolute(server_round)
+        if server_round == 0 and self.round_offset > 0:
+            return None
+        save_checkpoint(
+            self.run_dir,
+            Checkpoint(
+                run_id=self.run_id, round=rnd, arrays=arrays_to_numpy(arrays), record=self.record
+            ),
+        )
+        progress = {
+            "round": rnd,
+            "of": self.cfg.num_server_rounds,
+            "elapsed_s": round(time.monotonic() - self._t0, 2),
+            "metrics": next((e["metrics"] for e in self.record["rounds"] if e["round"] == rnd), {}),
+            "events": [e for e in self.record["events"] if e["round"] == rnd],
+        }
+        with open(self.run_dir / "progress.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(progress) + "\n")
+        return None
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+
+def weighted_global_metrics(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Patient-weighted mean of each metric over the sites that report it.
+
+    A metric ``<split>.<name>`` is weighted by that site's ``<split>.n``; the global
+    ``<split>.n`` is the sum. Sites that withheld a split (small counts) do not take part.
+    """
+    out: dict[str, float] = {}
+    names = sorted({k for values in per_site.values() for k in values})
+    for name in names:
+        split = name.split(".", 1)[0]
+        pairs = [
+            (values[name], values.get(f"{split}.n", 0.0))
+            for values in per_site.values()
+            if name in values
+        ]
+        if name.endswith(".n"):
+            out[name] = float(sum(v for v, _ in pairs))
+            continue
+        weights = np.array([w for _, w in pairs], dtype=float)
+        if weights.sum() <= 0:
+            continue
+        out[name] = float(np.average([v for v, _ in pairs], weights=weights))
+    return out
+
+
+def _split_reason(reason: str, fallback: str) -> tuple[str, str]:
+    """Sites prefix an error reason with ``<site-id>: ``."""
+    head, sep, rest = reason.partition(": ")
+    if sep and head and " " not in head:
+        return head, rest
+    return fallback, reason
