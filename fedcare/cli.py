@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import typer
 
@@ -45,11 +46,13 @@ def _mount() -> None:
     from client import cli as client_cli
     from fedcare import demo as demo_cmd
     from simulations import cli as sim_cli
+    from simulations import simulate_cli
 
     data_app.command("check")(client_cli.data_check)
     data_app.command("synth")(sim_cli.data_synth)
     budget_app.command("show")(budget_cli.budget_show)
     app.command("demo")(demo_cmd.demo)
+    app.command("simulate")(simulate_cli.simulate)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,6 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Opacus repeats these on every round; the CLI documents secure_mode instead.
+    warnings.filterwarnings("ignore", message="Secure RNG turned off")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
     _mount()
     try:
         rc = app(args=argv, standalone_mode=False)

@@ -1,0 +1,251 @@
+"""Run a simulated multi-hospital federation end to end, the way Flower supports it.
+
+``run_experiment`` prepares the sites (synthesized, or existing folders), checks every site's
+data and that all share one schema, writes the resolved config, then runs fedcare's own
+ServerApp and ClientApp with ``flwr run`` against a local simulation SuperLink that it starts
+and stops (:mod:`simulations.flower_driver`). While the run goes it shows a progress bar fed
+by the server's ``progress.jsonl``. Afterwards it computes the baselines (each site alone;
+all data pooled, non-private) and writes the run directory:
+
+``config.toml`` (resolved), ``summary.json`` (schema: ``common/summary.py``),
+``metrics.csv`` (round, site, split, metric, value), ``final_model.pt``, ``plots/*.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flwr
+import tomli_w
+
+from client.data.loaders import load_site
+from client.data.site import SiteData
+from client.privacy import DPConfig
+from client.training import TrainConfig
+from common.errors import ConfigError, DataError
+from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
+from common.spec import SPEC_FILENAME
+from common.summary import RunSummary, write_summary
+from simulations.baselines import local_only, pooled
+from simulations.flower_driver import local_superlink, write_app_dir
+from simulations.reports import MetricRow, write_metrics_csv, write_run_plots
+from simulations.scenario import Scenario
+from simulations.synth import synthesize
+
+__all__ = ["run_experiment", "prepare_sites", "build_summary", "RunOutcome"]
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def prepare_sites(scenario: Scenario, out: Path) -> list[Path]:
+    """The site folders of the experiment: existing ones, or freshly synthesized."""
+    if scenario.data_root:
+        root = Path(scenario.data_root)
+        if not root.is_dir():
+            raise ConfigError(f"--data-root {root}: no such folder")
+        sites = sorted(p for p in root.iterdir() if (p / SPEC_FILENAME).is_file())
+        if not sites:
+            raise ConfigError(
+                f"--data-root {root}: no folder inside holds a {SPEC_FILENAME}; each site "
+                "needs its own folder with a site.toml (see `fedcare data synth`)"
+            )
+        return sites
+    return synthesize(
+        out / "sites", n_sites=scenario.sites, seed=scenario.seed, config=scenario.synth, force=True
+    )
+
+
+def load_sites(folders: list[Path]) -> list[SiteData]:
+    """Load and validate every site; all must share one schema and distinct site ids."""
+    sites = [load_site(f) for f in folders]
+    fingerprints = {s.spec.feature_schema.fingerprint() for s in sites}
+    if len(fingerprints) > 1:
+        raise DataError(
+            "the sites do not share one feature schema ("
+            + ", ".join(
+                f"{s.spec.site_id}: {s.spec.feature_schema.fingerprint()[:12]}" for s in sites
+            )
+            + "); give every site.toml the federation's schema"
+        )
+    ids = [s.spec.site_id for s in sites]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"two site folders declare the same site_id: {ids}; make them unique")
+    return sites
+
+
+class RunOutcome:
+    """What a finished experiment left: its folder and summary."""
+
+    def __init__(self, run_dir: Path, summary: RunSummary) -> None:
+        self.run_dir = run_dir
+        self.summary = summary
+
+
+def run_experiment(
+    scenario: Scenario,
+    out: Path,
+    *,
+    overrides: dict[str, Any] | None = None,
+    on_progress: ProgressFn | None = None,
+    timeout_s: float = 3600.0,
+) -> RunOutcome:
+    """Run one federated experiment into ``out`` (see the module docstring)."""
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    folders = prepare_sites(scenario, out)
+    sites = load_sites(folders)
+    run_dir = out
+    cfg = scenario.federation_config(**(overrides or {}))
+    cfg = FederationConfig.from_run_config(
+        {
+            **cfg.to_run_config(),
+            "run-id": cfg.run_id or f"{scenario.name}-{scenario.seed}",
+            "run-dir": str(run_dir),
+            "sites-manifest": str(out / "sites.json"),
+            "num-sites": len(sites),
+            "min-sites": min(cfg.min_sites, len(sites)),
+        }
+    )
+    for stale in ("checkpoint.pt", "progress.jsonl", "server_record.json"):
+        (run_dir / stale).unlink(missing_ok=True)
+    (out / "sites.json").write_text(json.dumps([str(f.resolve()) for f in folders], indent=1))
+    resolved = {
+        "scenario": scenario.model_dump(mode="json", exclude_none=True),
+        "federation": cfg.to_run_config(),
+    }
+    (out / "config.toml").write_text(tomli_w.dumps(resolved), encoding="utf-8")
+
+    app_dir = write_app_dir(
+        out / ".flower" / "app",
+        config_defaults=RUN_CONFIG_DEFAULTS,
+        serverapp="server.app:app",
+        clientapp="client.app:app",
+    )
+    gpus = scenario.gpus_per_site if _cuda_available() else 0.0
+    seen = 0
+    with local_superlink(work_dir=out / ".flower") as link:
+        run_id = link.submit(
+            app_dir,
+            run_config=cfg.to_run_config(),
+            num_supernodes=len(sites),
+            cpus_per_client=scenario.cpus_per_site,
+            gpus_per_client=gpus,
+        )
+
+        def poll() -> None:
+            nonlocal seen
+            progress = run_dir / "progress.jsonl"
+            if on_progress is None or not progress.is_file():
+                return
+            lines = progress.read_text(encoding="utf-8").splitlines()
+            for line in lines[seen:]:
+                if line.strip():
+                    on_progress(json.loads(line))
+            seen = len(lines)
+
+        link.wait(run_id, timeout_s=timeout_s, on_poll=poll)
+        poll()
+    shutil.rmtree(out / ".flower" / "home", ignore_errors=True)
+
+    record = json.loads((run_dir / "server_record.json").read_text(encoding="utf-8"))
+    baselines: dict[str, Any] = {"local_only": {}, "pooled": {}}
+    if scenario.baselines:
+        train = TrainConfig(
+            model=cfg.model or None,
+            epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.learning_rate,
+            optimizer=cfg.optimizer,
+            device=cfg.device,
+            seed=cfg.seed,
+        )
+        dp = DPConfig(
+            enabled=cfg.dp,
+            target_epsilon=None if cfg.noise_multiplier > 0 else cfg.target_epsilon,
+            noise_multiplier=cfg.noise_multiplier or None,
+            delta=cfg.target_delta,
+            max_grad_norm=cfg.max_grad_norm,
+            accountant=cfg.accountant,
+        )
+        baselines["local_only"] = local_only(
+            sites,
+            task=cfg.task,
+            train=train,
+            dp=dp,
+            rounds=cfg.num_server_rounds,
+            seed=cfg.seed,
+            ledger_dir=out / "baseline-ledgers",
+        )
+        baselines["pooled"] = pooled(
+            sites, task=cfg.task, train=train, rounds=cfg.num_server_rounds, seed=cfg.seed
+        )
+    summary = build_summary(record, cfg, baselines)
+    write_summary(summary, run_dir / "summary.json")
+    write_metrics_csv(_metric_rows(record, baselines), run_dir / "metrics.csv")
+    write_run_plots(run_dir)
+    return RunOutcome(run_dir, summary)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def build_summary(
+    record: dict[str, Any], cfg: FederationConfig, baselines: dict[str, Any]
+) -> RunSummary:
+    """The validated ``summary.json`` of a run, from the server's record and the baselines."""
+    from fedcare import __version__
+
+    rounds = sorted(record["rounds"], key=lambda e: e["round"])
+    sites = []
+    for site_id in sorted(record["sites"]):
+        site = record["sites"][site_id]
+        privacy = dict(site["privacy"])
+        privacy["mechanisms"] = [
+            {k: m[k] for k in ("noise_multiplier", "sample_rate", "steps")}
+            for m in sorted(privacy["mechanisms"], key=lambda m: m["round"])
+        ]
+        sites.append({**site, "privacy": privacy})
+    final = rounds[-1]["metrics"] if rounds else {}
+    data = {
+        "run_id": record["run_id"],
+        "fedcare_version": __version__,
+        "flwr_version": flwr.__version__,
+        "task": record["task"],
+        "strategy": record["strategy"],
+        "rounds_planned": record["rounds_planned"],
+        "rounds_completed": record["rounds_completed"],
+        "sites": sites,
+        "global": {
+            "rounds": [{"round": e["round"], "metrics": e["metrics"]} for e in rounds],
+            "final": final,
+        },
+        "baselines": baselines,
+        "events": record["events"],
+    }
+    return RunSummary.model_validate(data)
+
+
+def _metric_rows(record: dict[str, Any], baselines: dict[str, Any]) -> list[MetricRow]:
+    rows: list[MetricRow] = []
+    for entry in sorted(record["rounds"], key=lambda e: e["round"]):
+        rnd = entry["round"]
+        for name, value in entry["metrics"].items():
+            split, _, metric = name.partition(".")
+            rows.append(MetricRow(rnd, "global", split, metric, float(value)))
+        for site_id, values in sorted(entry["sites"].items()):
+            for name, value in values.items():
+                if "." in name:
+                    split, _, metric = name.partition(".")
+                else:
+                    split, metric = "train", name
+                if isinstance(value, (int, float)) and math.isfinite(float(value)):
+                    rows.append(MetricRow(rnd, site_id, split, metric, float(value)))
+    return rows
