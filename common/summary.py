@@ -80,7 +80,9 @@ class SiteResult(_Strict):
 
 
 class RoundMetrics(_Strict):
-    round: int = Field(ge=1)
+    """Global metrics after ``round`` (round 0: the initial model, before any training)."""
+
+    round: int = Field(ge=0)
     metrics: Metrics
 
 

@@ -122,6 +122,8 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
             record=record,
             schema_fingerprint=spec.feature_schema.fingerprint(),
         )
+        if offset == 0:
+            guard.evaluate_initial(grid, ArrayRecord(state))
         result = guard.start(
             grid=grid,
             initial_arrays=ArrayRecord(state),
@@ -134,6 +136,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         if len(result.arrays) > 0:
             state = result.arrays.to_torch_state_dict()
     record["rounds_completed"] = max((e["round"] for e in record["rounds"]), default=0)
+    record["rounds"] = sorted(record["rounds"], key=lambda e: e["round"])
     torch.save(
         {"model": model_name, "task": cfg.task, "state_dict": state}, run_dir / FINAL_MODEL_NAME
     )

@@ -295,6 +295,14 @@ class GuardedStrategy(Strategy):
         entry["metrics"] = global_metrics
         return MetricRecord(global_metrics) if global_metrics else None
 
+    def evaluate_initial(self, grid: Grid, arrays: ArrayRecord) -> None:
+        """Federated evaluation of the starting model, recorded as round 0."""
+        messages = self.strategy.configure_evaluate(
+            0, arrays, self._with_round(ConfigRecord(), 0), grid
+        )
+        replies = grid.send_and_receive(messages=messages, timeout=self.cfg.round_timeout)
+        self.aggregate_evaluate(0, replies)
+
     # ------------------------------------------------------------------ after each round
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

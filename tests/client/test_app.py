@@ -1,0 +1,144 @@
+"""The ClientApp's handlers, called with real Flower messages: what leaves a site.
+
+Every message a site sends is inspected: only model arrays, whitelisted aggregate metrics and
+the site record cross the wire; refusals are error replies naming the site.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import handle_evaluate, handle_train
+from common import keys
+from common.encoding import input_dims
+from common.federation import FederationConfig
+from common.spec import load_site_spec
+from models import build_model, default_model_for
+from simulations.synth import SynthConfig, synthesize
+
+ROOT_SITES = 2
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sites")
+    synthesize(root, n_sites=ROOT_SITES, seed=5, config=SynthConfig(patients_per_site=120))
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _identity() -> Iterator[None]:
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 3, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _context(sites: Path, state: Path, pid: int = 0, **run_config: object) -> Context:
+    cfg = {
+        "data-root": str(sites),
+        "state-root": str(state),
+        "task": "readmission",
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        **run_config,
+    }
+    rc = FederationConfig.from_run_config(cfg).to_run_config()
+    return Context(
+        run_id=3,
+        node_id=100 + pid,
+        node_config={"partition-id": pid, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=rc,
+    )
+
+
+def _message(sites: Path, kind: str, rnd: int = 1, task: str = "readmission") -> Message:
+    spec = load_site_spec(sites / "site-0")
+    t = spec.task(task)
+    model = build_model(
+        default_model_for(t.modalities), input_dims=input_dims(spec.feature_schema, t)
+    )
+    config = ConfigRecord(
+        {
+            keys.CFG_FEDCARE_ROUND: rnd,
+            keys.RC_RUN_ID: "run-a",
+            keys.CFG_SCHEMA_FINGERPRINT: spec.feature_schema.fingerprint(),
+        }
+    )
+    TaskIdentity.node_id = 1
+    msg = Message(
+        RecordDict({keys.REC_ARRAYS: ArrayRecord(model.state_dict()), keys.REC_CONFIG: config}),
+        dst_node_id=100,
+        message_type=kind,
+    )
+    TaskIdentity.node_id = 100
+    return msg
+
+
+def _assert_only_aggregates(reply: Message) -> None:
+    content = reply.content
+    assert set(content.keys()) <= {keys.REC_ARRAYS, keys.REC_METRICS, keys.REC_SITE}
+    for name in content.metric_records[keys.REC_METRICS]:
+        assert keys.is_allowed_metric(name), f"metric {name!r} is not whitelisted"
+    assert set(content.config_records[keys.REC_SITE]) <= keys.SITE_INFO_KEYS
+
+
+def test_train_reply_holds_only_arrays_aggregates_and_site_record(
+    sites: Path, tmp_path: Path
+) -> None:
+    msg = _message(sites, "train")
+    sent = msg.content[keys.REC_ARRAYS].to_torch_state_dict()
+    reply = handle_train(msg, _context(sites, tmp_path))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    _assert_only_aggregates(reply)
+    arrays = reply.content[keys.REC_ARRAYS].to_torch_state_dict()
+    assert set(arrays) == set(sent)  # the model's own parameter names, no "_module." prefix
+    assert all(arrays[k].shape == sent[k].shape for k in sent)
+    assert any(not torch.equal(arrays[k], sent[k]) for k in sent)
+    site = reply.content[keys.REC_SITE]
+    assert site[keys.S_SITE_ID] == "site-0" and site[keys.S_DP] is True
+    assert 0 < site[keys.S_EPSILON] <= 8.0
+    assert reply.content[keys.REC_METRICS][keys.M_NUM_EXAMPLES] > 0
+    assert (tmp_path / "site-0" / "ledger.sqlite").is_file()
+
+
+def test_evaluate_reply_holds_only_whitelisted_metrics(sites: Path, tmp_path: Path) -> None:
+    reply = handle_evaluate(_message(sites, "evaluate"), _context(sites, tmp_path))
+    assert not reply.has_error()
+    _assert_only_aggregates(reply)
+    metrics = reply.content[keys.REC_METRICS]
+    assert keys.REC_ARRAYS not in reply.content
+    assert "test.auroc" in metrics and metrics["test.n"] >= 10
+
+
+def test_small_splits_are_withheld(sites: Path, tmp_path: Path) -> None:
+    reply = handle_evaluate(
+        _message(sites, "evaluate"), _context(sites, tmp_path, **{"site-min-count": 10_000})
+    )
+    names = set(reply.content[keys.REC_METRICS])
+    assert names == {keys.M_NUM_EXAMPLES}
+
+
+def test_spent_budget_is_a_refusal_naming_the_site(sites: Path, tmp_path: Path) -> None:
+    ctx = _context(sites, tmp_path, **{"site-epsilon-budget": 0.5, "noise-multiplier": 0.6})
+    reply = handle_train(_message(sites, "train"), ctx)
+    assert reply.has_error()
+    assert reply.error.code == keys.ERR_BUDGET, reply.error.reason
+    assert not (tmp_path / "site-0" / "releases").exists()  # nothing trained, nothing released
+    assert reply.error.reason.startswith("site-0: ")
+
+
+def test_schema_mismatch_and_unknown_task_are_refusals(sites: Path, tmp_path: Path) -> None:
+    msg = _message(sites, "train")
+    msg.content[keys.REC_CONFIG][keys.CFG_SCHEMA_FINGERPRINT] = "0" * 64
+    reply = handle_train(msg, _context(sites, tmp_path))
+    assert reply.has_error() and "schema" in reply.error.reason
+    reply = handle_train(_message(sites, "train"), _context(sites, tmp_path, task="no-such-task"))
+    assert reply.has_error() and "no-such-task" in reply.error.reason

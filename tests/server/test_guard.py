@@ -1,0 +1,123 @@
+"""The guard around a strategy, driven with real Flower messages (no network)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from common import keys
+from common.federation import FederationConfig
+from server.checkpoint import load_checkpoint
+from server.guard import GuardedStrategy, weighted_global_metrics
+
+REF = {"w": np.zeros((2, 2), dtype=np.float32)}
+
+
+@pytest.fixture(autouse=True)
+def _identity() -> Iterator[None]:
+    """Flower stamps messages with the running task's identity; play the server's."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _instruction(node: int) -> Message:
+    TaskIdentity.node_id = 1
+    return Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train")
+
+
+def _reply(node: int, site: str, w: np.ndarray, n: int = 10) -> Message:
+    ins = _instruction(node)
+    TaskIdentity.node_id = node
+    content = RecordDict(
+        {
+            keys.REC_ARRAYS: ArrayRecord({"w": Array(w)}),
+            keys.REC_METRICS: MetricRecord(
+                {keys.M_NUM_EXAMPLES: n, keys.M_TRAIN_LOSS: 0.5, keys.M_STEPS: 4}
+            ),
+            keys.REC_SITE: ConfigRecord(
+                {keys.S_SITE_ID: site, keys.S_DP: False, keys.S_REPLAYED: False}
+            ),
+        }
+    )
+    return Message(content, reply_to=ins)
+
+
+def _guard(tmp_path: Path, **cfg: object) -> GuardedStrategy:
+    config = FederationConfig.from_run_config({"min-sites": 1, **cfg})
+    guard = GuardedStrategy(
+        FedAvg(min_train_nodes=1, min_available_nodes=1, min_evaluate_nodes=1),
+        cfg=config,
+        run_dir=tmp_path,
+        run_id="r1",
+    )
+    guard._reference = {k: v.copy() for k, v in REF.items()}
+    guard._expected = {11, 12, 13, 14}
+    return guard
+
+
+def test_bad_updates_rejected_refusals_and_dropouts_recorded_round_goes_on(tmp_path: Path) -> None:
+    guard = _guard(tmp_path)
+    nan = np.zeros((2, 2), np.float32)
+    nan[0, 0] = np.nan
+    TaskIdentity.node_id = 13
+    refusal = Message(
+        Error(code=keys.ERR_BUDGET, reason="site-c: budget spent"), reply_to=_instruction(13)
+    )
+    replies = [
+        _reply(11, "site-a", np.ones((2, 2), np.float32), n=10),
+        _reply(12, "site-b", nan),
+        refusal,
+        # node 14 never answers
+    ]
+    arrays, metrics = guard.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), np.ones((2, 2)))  # only site-a aggregated
+    sites = guard.record["sites"]
+    assert sites["site-a"]["status"] == "completed"
+    assert sites["site-b"]["status"] == "rejected" and "NaN" in sites["site-b"]["reason"]
+    assert sites["site-c"]["status"] == "refused" and sites["site-c"]["reason"] == "budget spent"
+    assert sites["node-14"]["status"] == "dropped"
+    kinds = sorted(e["kind"] for e in guard.record["events"])
+    assert kinds == ["dropped", "refused", "rejected"]
+
+
+def test_wrong_shape_rejected_and_too_few_sites_keep_the_model(tmp_path: Path) -> None:
+    guard = _guard(tmp_path, **{"min-sites": 2})
+    guard._expected = {11, 12}
+    replies = [
+        _reply(11, "a", np.ones((2, 2), np.float32)),
+        _reply(12, "b", np.ones((3, 2), np.float32)),
+    ]
+    assert guard.aggregate_train(1, replies) == (None, None)
+    assert any(e["kind"] == "round-skipped" for e in guard.record["events"])
+    assert guard.record["sites"]["b"]["reason"].startswith("array 'w' has shape (3, 2)")
+
+
+def test_after_round_checkpoints_atomically_with_absolute_rounds(tmp_path: Path) -> None:
+    guard = _guard(tmp_path)
+    guard.round_offset = 2
+    guard.after_round(1, ArrayRecord({"w": Array(np.full((2, 2), 3.0, np.float32))}))
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.round == 3 and ckpt.run_id == "r1"
+    np.testing.assert_array_equal(ckpt.arrays["w"], np.full((2, 2), 3.0))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_global_metrics_are_patient_weighted_over_reporting_sites() -> None:
+    per_site = {
+        "a": {"test.auroc": 0.9, "test.n": 30.0},
+        "b": {"test.auroc": 0.6, "test.n": 10.0},
+        "c": {"val.auroc": 0.7, "val.n": 12.0},  # test split withheld (small counts)
+    }
+    out = weighted_global_metrics(per_site)
+    assert out["test.auroc"] == pytest.approx(np.average([0.9, 0.6], weights=[30, 10]))
+    assert out["test.n"] == 40.0
+    assert out["val.auroc"] == pytest.approx(0.7)
