@@ -1,6 +1,6 @@
 """``summary.json``: the versioned, validated record of one federated run.
 
-Field by field (version 1; see ``docs/summary-schema.md``)::
+Field by field (version 1; the full reference with an example is ``docs/summary-schema.md``)::
 
     schema_version, run_id, fedcare_version, flwr_version, task, strategy,
     rounds_planned, rounds_completed,
@@ -14,9 +14,25 @@ Field by field (version 1; see ``docs/summary-schema.md``)::
 
 A site's ``privacy.epsilon`` is the ε of its dataset's whole ledger history at the end of
 the run (δ = ``privacy.delta``); ``mechanisms`` lists the DP-SGD mechanisms this run applied,
-one per round, so an auditor can recompute ε independently. ``status`` is ``completed``,
-``refused`` (the site declined: budget or policy, with ``reason``), ``dropped`` (no reply
-within the round timeout) or ``rejected`` (the server rejected its update as malformed).
+one per round, so an auditor can recompute ε independently. ``status`` is one of
+:data:`SITE_STATUSES`. Metric names are ``<split>.<metric>`` (``test.auroc``); values are
+finite floats, because JSON has no NaN or infinity.
+
+The JSON key of the global results is ``global``, a Python keyword: the attribute is
+``RunSummary.global_`` and every dump uses the alias (``serialize_by_alias``), so
+``summary.model_dump()["global"]`` exists and :func:`load_summary` reads it back.
+
+Examples
+--------
+>>> s = RunSummary.model_validate(
+...     {"run_id": "r1", "fedcare_version": "0.1.0", "flwr_version": "1.42.0",
+...      "task": "readmission", "strategy": "fedavg", "rounds_planned": 1,
+...      "rounds_completed": 1, "sites": [], "global": {"final": {"test.auroc": 0.8}}}
+... )
+>>> s.global_.final["test.auroc"]
+0.8
+>>> "global" in s.model_dump()
+True
 """
 
 from __future__ import annotations
@@ -25,15 +41,21 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Final, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import ConfigError
 from common.spec import format_validation_error
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SITE_STATUSES",
+    "EVENT_KINDS",
+    "ALL_SITES",
+    "SiteStatus",
+    "EventKind",
+    "Metrics",
     "Mechanism",
     "Privacy",
     "SiteResult",
@@ -46,99 +68,273 @@ __all__ = [
     "write_summary",
 ]
 
-SCHEMA_VERSION = 1
+#: The version of the schema this module writes and reads.
+SCHEMA_VERSION: Final = 1
+
+SiteStatus = Literal["completed", "refused", "dropped", "rejected"]
+#: ``completed``: the site's last round went through. ``refused``: the site declined
+#: (privacy budget or its policy) and said why in ``reason``. ``dropped``: no reply within the
+#: round timeout. ``rejected``: the server rejected its update as malformed (shape, dtype,
+#: non-finite values, norm bound).
+SITE_STATUSES: tuple[str, ...] = get_args(SiteStatus)
+
+EventKind = Literal["refused", "dropped", "rejected", "evaluate-failed", "round-skipped"]
+#: What an :class:`Event` records: the three non-completed site statuses, a site's failed
+#: evaluation, and a round the server skipped (too few valid updates; ``site_id`` is ``*``).
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
+
+#: ``Event.site_id`` of an event about the whole federation rather than one site.
+ALL_SITES = "*"
+
+#: Metric name (``<split>.<metric>``, e.g. ``test.auroc``) -> finite value.
 Metrics = dict[str, float]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    """Frozen, unknown keys rejected, finite floats only, dumps by alias."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        allow_inf_nan=False,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        use_attribute_docstrings=True,
+    )
 
 
 class Mechanism(_Strict):
+    """One DP-SGD mechanism applied by a site in one round (Poisson-sampled Gaussian)."""
+
     noise_multiplier: float = Field(gt=0)
+    """σ: the noise standard deviation divided by the clipping norm."""
     sample_rate: float = Field(gt=0, le=1)
+    """q: the Poisson sampling probability of one record per step."""
     steps: int = Field(ge=1)
+    """Number of noisy gradient steps taken with this σ and q."""
 
 
 class Privacy(_Strict):
+    """A site's record-level differential privacy at the end of the run."""
+
     enabled: bool
-    epsilon: float | None = None
-    delta: float | None = None
-    accountant: str | None = None
+    """Whether the site trained with DP-SGD."""
+    epsilon: float | None = Field(default=None, ge=0)
+    """ε of the site's whole ledger history (all runs) at δ; ``None`` if it never trained."""
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    """δ of ``epsilon``."""
+    accountant: str | None = Field(default=None, min_length=1)
+    """Accountant that computed ε (``prv`` or ``rdp``)."""
     mechanisms: tuple[Mechanism, ...] = ()
+    """The mechanisms this run applied, in round order."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Privacy:
+        if not self.enabled and (self.epsilon is not None or self.mechanisms):
+            raise ValueError(
+                "privacy.enabled is false but epsilon or mechanisms are set; "
+                "set enabled = true or drop them"
+            )
+        if self.epsilon is not None and self.delta is None:
+            raise ValueError("epsilon is set without delta; ε means nothing without its δ")
+        return self
 
 
 class SiteResult(_Strict):
-    site_id: str
+    """One site's part in the run."""
+
+    site_id: str = Field(min_length=1)
+    """The site's id (``site.toml``)."""
     n_train: int = Field(ge=0)
+    """Training examples the site used in its last round."""
     n_test: int = Field(ge=0)
-    status: Literal["completed", "refused", "dropped", "rejected"]
+    """Test examples the site evaluated on."""
+    status: SiteStatus
+    """``completed``, ``refused``, ``dropped`` or ``rejected`` (see :data:`SITE_STATUSES`)."""
     reason: str | None = None
+    """Why the site is not ``completed``; required for every other status."""
     rounds_participated: tuple[int, ...] = ()
+    """Rounds whose aggregate included this site's update, increasing."""
     privacy: Privacy
+    """The site's differential privacy."""
     metrics: Metrics = Field(default_factory=dict)
+    """The site's last evaluation of the global model on its own splits."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SiteResult:
+        if self.status != "completed" and not (self.reason and self.reason.strip()):
+            raise ValueError(f"status {self.status!r} needs a reason saying why")
+        rounds = self.rounds_participated
+        if any(r < 1 for r in rounds) or list(rounds) != sorted(set(rounds)):
+            raise ValueError(
+                f"rounds_participated must be distinct rounds >= 1, increasing; got {list(rounds)}"
+            )
+        return self
 
 
 class RoundMetrics(_Strict):
     """Global metrics after ``round`` (round 0: the initial model, before any training)."""
 
     round: int = Field(ge=0)
+    """The round number."""
     metrics: Metrics
+    """Patient-weighted mean over the sites of each metric."""
 
 
 class GlobalResult(_Strict):
+    """The federation's global model, round by round and at the end."""
+
     rounds: tuple[RoundMetrics, ...] = ()
+    """One entry per evaluated round, increasing."""
     final: Metrics = Field(default_factory=dict)
+    """Metrics of the final global model (those of the last round)."""
+
+    @model_validator(mode="after")
+    def _increasing(self) -> GlobalResult:
+        numbers = [r.round for r in self.rounds]
+        if numbers != sorted(set(numbers)):
+            raise ValueError(f"rounds must be distinct and increasing; got {numbers}")
+        return self
 
 
 class Baselines(_Strict):
+    """Reference points: each site alone, and all data pooled (non-private)."""
+
     local_only: dict[str, Metrics] = Field(default_factory=dict)
+    """Site id -> metrics of a model trained on that site alone."""
     pooled: Metrics = Field(default_factory=dict)
+    """Metrics of one model trained on the union of all sites' data."""
 
 
 class Event(_Strict):
-    round: int
-    site_id: str
-    kind: str
+    """Something that went wrong with a site (or a round) during the run."""
+
+    round: int = Field(ge=0)
+    """The round it happened in."""
+    site_id: str = Field(min_length=1)
+    """The site concerned, or ``*`` (:data:`ALL_SITES`) for the whole federation."""
+    kind: EventKind
+    """What happened (see :data:`EVENT_KINDS`)."""
     detail: str
+    """The human-readable cause."""
 
 
 class RunSummary(_Strict):
+    """The whole ``summary.json`` of one run (schema :data:`SCHEMA_VERSION`)."""
+
     schema_version: Literal[1] = SCHEMA_VERSION
-    run_id: str
+    """Version of this schema; a reader refuses a version it does not know."""
+    run_id: str = Field(min_length=1)
+    """The run's id."""
     fedcare_version: str
+    """fedcare's version that ran the federation."""
     flwr_version: str
-    task: str
-    strategy: str
+    """Flower's version that ran the federation."""
+    task: str = Field(min_length=1)
+    """The task trained (``models.tasks``)."""
+    strategy: str = Field(min_length=1)
+    """The aggregation strategy (``fedavg``, ``fedprox``, ...)."""
     rounds_planned: int = Field(ge=1)
+    """Rounds the run was configured for."""
     rounds_completed: int = Field(ge=0)
+    """The last round the run reached."""
     sites: tuple[SiteResult, ...]
+    """Every site that took part, by site id."""
     global_: GlobalResult = Field(alias="global")
+    """The global model's results (JSON key ``global``)."""
     baselines: Baselines = Field(default_factory=Baselines)
+    """Local-only and pooled reference results."""
     events: tuple[Event, ...] = ()
+    """Refusals, drop-outs, rejections and skipped rounds, in order."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunSummary:
+        if self.rounds_completed > self.rounds_planned:
+            raise ValueError(
+                f"rounds_completed ({self.rounds_completed}) exceeds rounds_planned "
+                f"({self.rounds_planned})"
+            )
+        ids = [s.site_id for s in self.sites]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            raise ValueError(f"site_id {', '.join(duplicated)} appears more than once in sites")
+        beyond = [r.round for r in self.global_.rounds if r.round > self.rounds_planned]
+        if beyond:
+            raise ValueError(
+                f"global.rounds has round(s) {beyond} beyond rounds_planned={self.rounds_planned}"
+            )
+        return self
 
     def to_json(self) -> str:
+        """The summary as indented JSON, keyed by alias (``global``)."""
         return json.dumps(self.model_dump(mode="json", by_alias=True), indent=2)
 
 
 def write_summary(summary: RunSummary, path: Path) -> None:
-    """Write ``summary.json`` atomically (a reader never sees half a file)."""
+    """Write ``summary.json`` atomically: a reader sees the old file or the new, never half.
+
+    Parameters
+    ----------
+    summary:
+        The validated summary.
+    path:
+        Destination; its folder is created if missing.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".summary-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(summary.to_json())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(summary.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_summary(path: Path) -> RunSummary:
-    """Read and validate a ``summary.json``; errors name the file and field."""
+    """Read and validate a ``summary.json``.
+
+    Parameters
+    ----------
+    path:
+        The file.
+
+    Returns
+    -------
+    RunSummary
+        The validated summary.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, is not JSON, has another schema version, or does not match the
+        schema; the message names the file and every offending field.
+    """
+    path = Path(path)
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw: Any = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
-        raise ConfigError(f"{path}: no such file; a finished run writes summary.json") from e
+        raise ConfigError(
+            f"{path}: no such file; a finished run writes summary.json into its run directory"
+        ) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e}); check the path and permissions") from e
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        raise ConfigError(
+            f"{path}: not valid JSON ({e}); rewrite it with write_summary or rerun"
+        ) from e
+    if isinstance(raw, dict) and "schema_version" in raw:
+        version = raw["schema_version"]
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"{path}: field schema_version: version {version!r} is not the one this "
+                f"fedcare reads ({SCHEMA_VERSION}); open it with the fedcare that wrote it"
+            )
     try:
-        return RunSummary.model_validate(raw)
+        return RunSummary.model_validate(raw, by_alias=True, by_name=False)
     except ValidationError as e:
         raise ConfigError(format_validation_error(str(path), e)) from e

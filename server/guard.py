@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -283,7 +284,10 @@ class GuardedStrategy(Strategy):
             values = {
                 k: float(v)
                 for k, v in reply.content[keys.REC_METRICS].items()
-                if keys.is_allowed_metric(k) and k != keys.M_NUM_EXAMPLES
+                if keys.is_allowed_metric(k)
+                and k != keys.M_NUM_EXAMPLES
+                and isinstance(v, (int, float))
+                and math.isfinite(float(v))
             }
             per_site[site_id] = values
             site = self._site(site_id)

@@ -1,128 +1,474 @@
 """A run's ``metrics.csv`` and its plots.
 
-``metrics.csv`` is long format, one value a row: ``round, site, split, metric, value`` (site
-``global`` is the federation's patient-weighted aggregate; split ``val``, ``test`` or
-``train``). Plots use matplotlib's object API (no pyplot global state) and are written as PNG.
+``metrics.csv`` is long format, one value a row, with exactly the columns of
+:data:`COLUMNS`::
+
+    round,site,split,metric,value
+    1,global,test,auroc,0.81
+    1,site-0,test,auroc,0.78
+    1,site-0,train,train-loss,0.52
+
+``round`` is an integer >= 0 (0: the initial model); ``site`` is a site id, or ``global``
+(:data:`GLOBAL_SITE`) for the federation's patient-weighted aggregate; ``split`` is one of
+:data:`SPLITS`; ``metric`` a bare metric name (``auroc``, not ``test.auroc``); ``value`` a
+float (an empty cell reads back as NaN). Rows are written sorted by round, site, split,
+metric.
+
+Plots use matplotlib's object API (:class:`matplotlib.figure.Figure` with an Agg canvas): no
+pyplot, no backend switch, no global state. Each plotting function saves a PNG and returns its
+``Figure`` so callers and tests can inspect the axes.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Any, Literal, get_args
 
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullLocator
 
+from common import keys
 from common.errors import DataError
 
 __all__ = [
-    "MetricRow",
     "COLUMNS",
+    "SPLITS",
+    "GLOBAL_SITE",
+    "Split",
+    "MetricRow",
+    "SweepPoint",
     "write_metrics_csv",
     "read_metrics_csv",
     "plot_metric_per_round",
     "plot_privacy_utility",
     "write_run_plots",
+    "run_plot_specs",
 ]
 
+#: The columns of ``metrics.csv``, in order.
 COLUMNS = ("round", "site", "split", "metric", "value")
-PLOTTED = ("auroc", "auprc", "brier", "loss", "ece")
+Split = Literal["train", "val", "test"]
+#: The splits a row may belong to.
+SPLITS: tuple[str, ...] = get_args(Split)
+#: The ``site`` of the federation's aggregate rows.
+GLOBAL_SITE = "global"
+#: Metrics of the ``train`` split that :func:`write_run_plots` draws when present.
+TRAIN_PLOTTED = (keys.M_TRAIN_LOSS, keys.S_EPSILON)
+#: Label of an ε = inf sweep point.
+NON_PRIVATE = "non-private"
+
+_DPI = 110
+_STRING_COLUMNS = ("site", "split", "metric")
 
 
 @dataclass(frozen=True)
 class MetricRow:
+    """One row of ``metrics.csv``.
+
+    Parameters
+    ----------
+    round:
+        Round number, >= 0 (0: the initial model).
+    site:
+        Site id, or :data:`GLOBAL_SITE` for the federation's aggregate.
+    split:
+        ``train``, ``val`` or ``test``.
+    metric:
+        Bare metric name (``auroc``, ``train-loss``).
+    value:
+        The value.
+
+    Raises
+    ------
+    ValueError
+        A field is out of its domain (a programming error in the caller).
+    """
+
     round: int
     site: str
-    split: str
+    split: Split
     metric: str
     value: float
 
+    def __post_init__(self) -> None:
+        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 0:
+            raise ValueError(f"MetricRow.round must be an int >= 0, got {self.round!r}")
+        if not isinstance(self.site, str) or not self.site:
+            raise ValueError(f"MetricRow.site must be a non-empty str, got {self.site!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"MetricRow.split must be one of {SPLITS}, got {self.split!r}")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ValueError(f"MetricRow.metric must be a non-empty str, got {self.metric!r}")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
+            raise ValueError(f"MetricRow.value must be a number, got {self.value!r}")
+
 
 def write_metrics_csv(rows: Iterable[MetricRow], path: Path) -> None:
+    """Write ``metrics.csv`` atomically, rows sorted by round, site, split, metric.
+
+    Parameters
+    ----------
+    rows:
+        The rows; floats are written at full precision, so they read back exactly.
+    path:
+        Destination; its folder is created if missing.
+    """
+    path = Path(path)
     frame = pd.DataFrame([astuple(r) for r in rows], columns=list(COLUMNS))
+    frame = frame.astype({"round": "int64", "value": "float64"})
     frame = frame.sort_values(["round", "site", "split", "metric"], kind="stable")
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            frame.to_csv(f, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def read_metrics_csv(path: Path) -> pd.DataFrame:
+    """Read and validate a ``metrics.csv``.
+
+    Parameters
+    ----------
+    path:
+        The file.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`COLUMNS`; ``round`` int64, ``value`` float64, the others str.
+
+    Raises
+    ------
+    DataError
+        The file is missing or unreadable, a column is missing or unknown, or a cell is not
+        of its column's type; the message names the file, the column and the first bad line.
+    """
+    path = Path(path)
     try:
-        frame = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise DataError(f"{path}: cannot read metrics ({e})") from e
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: no such file; a finished run writes metrics.csv") from e
+    except pd.errors.EmptyDataError as e:
+        raise DataError(
+            f"{path}: the file is empty; it needs the header {','.join(COLUMNS)}"
+        ) from e
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise DataError(f"{path}: cannot read it as CSV ({e}); rewrite it or rerun") from e
+    return _validated(raw, source=str(path))
+
+
+def _bad_line(mask: pd.Series) -> int:
+    """The file line (header = 1) of the first row where ``mask`` holds."""
+    return int(mask.to_numpy().nonzero()[0][0]) + 2
+
+
+def _validated(raw: pd.DataFrame, *, source: str) -> pd.DataFrame:
+    missing = [c for c in COLUMNS if c not in raw.columns]
+    if missing:
+        raise DataError(
+            f"{source}: missing column(s) {', '.join(missing)}; the header must be "
+            f"{','.join(COLUMNS)}"
+        )
+    unknown = [str(c) for c in raw.columns if c not in COLUMNS]
+    if unknown:
+        raise DataError(
+            f"{source}: unknown column(s) {', '.join(unknown)}; the header must be "
+            f"{','.join(COLUMNS)}"
+        )
+    frame = raw.loc[:, list(COLUMNS)].copy()
+    for column in _STRING_COLUMNS:
+        empty = frame[column].str.strip() == ""
+        if empty.any():
+            raise DataError(f"{source}: column {column}: empty cell on line {_bad_line(empty)}")
+    bad_split = ~frame["split"].isin(SPLITS)
+    if bad_split.any():
+        value = frame["split"][bad_split].iloc[0]
+        raise DataError(
+            f"{source}: column split: {value!r} on line {_bad_line(bad_split)} is not one of "
+            f"{', '.join(SPLITS)}"
+        )
+    rounds = pd.to_numeric(frame["round"], errors="coerce")
+    bad_round = rounds.isna() | (rounds < 0) | (rounds != rounds.round())
+    if bad_round.any():
+        value = frame["round"][bad_round].iloc[0]
+        raise DataError(
+            f"{source}: column round: {value!r} on line {_bad_line(bad_round)} is not a "
+            "whole number >= 0"
+        )
+    text = frame["value"].str.strip()
+    blank = text.isin(["", "nan", "NaN"])
+    values = pd.to_numeric(text.where(~blank, "nan"), errors="coerce")
+    bad_value = values.isna() & ~blank
+    if bad_value.any():
+        value = frame["value"][bad_value].iloc[0]
+        raise DataError(
+            f"{source}: column value: {value!r} on line {_bad_line(bad_value)} is not a number"
+        )
+    frame["round"] = rounds.astype("int64")
+    frame["value"] = values.astype("float64")
+    return frame
+
+
+def _check_frame(frame: pd.DataFrame) -> None:
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {COLUMNS}")
-    return frame
+        raise DataError(
+            f"metrics frame: missing column(s) {', '.join(missing)}; build it with "
+            "read_metrics_csv or with the columns of reports.COLUMNS"
+        )
 
 
 def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, format="png", dpi=_DPI)
 
 
 def plot_metric_per_round(
-    frame: pd.DataFrame, metric: str, path: Path, *, split: str = "test"
+    frame: pd.DataFrame, metric: str, path: Path, *, split: Split = "test"
 ) -> Figure:
-    """One line per site (and a bold one for the global model) of ``split.metric`` per round."""
+    """Draw ``split``/``metric`` per round: one line per site, a bold one for ``global``.
+
+    Parameters
+    ----------
+    frame:
+        Long-format metrics (:func:`read_metrics_csv`).
+    metric:
+        Bare metric name (``auroc``).
+    path:
+        The PNG to write; its folder is created if missing.
+    split:
+        Which split's values to draw.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure, one axes, one line per site present plus one for ``global`` if present.
+
+    Raises
+    ------
+    DataError
+        ``frame`` lacks a column, or has no row for this split and metric.
+    """
+    _check_frame(frame)
     rows = frame[(frame["metric"] == metric) & (frame["split"] == split)]
+    if rows.empty:
+        present = sorted(
+            f"{s}/{m}" for s, m in frame[["split", "metric"]].drop_duplicates().itertuples(False)
+        )
+        raise DataError(
+            f"no {split}/{metric} rows to plot; the metrics present are: "
+            f"{', '.join(present) or 'none'}"
+        )
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    for site, group in rows.groupby("site", sort=True):
-        group = group.sort_values("round")
-        bold = site == "global"
-        ax.plot(
-            group["round"],
-            group["value"],
-            marker="o",
-            label=str(site),
-            linewidth=2.5 if bold else 1.0,
-            color="black" if bold else None,
+    sites = sorted(s for s in rows["site"].unique() if s != GLOBAL_SITE)
+    for site in sites:
+        _plot_series(ax, rows[rows["site"] == site], label=str(site), linewidth=1.0)
+    if (rows["site"] == GLOBAL_SITE).any():
+        _plot_series(
+            ax,
+            rows[rows["site"] == GLOBAL_SITE],
+            label="global (weighted)",
+            linewidth=2.5,
+            color="black",
+            zorder=3,
         )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(f"{split} {metric}")
     ax.set_title(f"{split} {metric} per round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    _save(fig, path)
+    _save(fig, Path(path))
     return fig
+
+
+def _plot_series(ax: Axes, rows: pd.DataFrame, *, label: str, **style: Any) -> None:
+    rows = rows.sort_values("round")
+    ax.plot(rows["round"], rows["value"], marker="o", markersize=4, label=label, **style)
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One value of a privacy sweep: the utility reached at a privacy level.
+
+    Parameters
+    ----------
+    epsilon:
+        ε, > 0; ``math.inf`` for the non-private run.
+    value:
+        The utility metric (mean over repeats, if any).
+    error:
+        Optional half-width of an error bar (a standard deviation or CI half-width), >= 0.
+
+    Raises
+    ------
+    ValueError
+        A field is out of its domain.
+    """
+
+    epsilon: float
+    value: float
+    error: float | None = None
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.epsilon) or self.epsilon <= 0:
+            raise ValueError(
+                f"SweepPoint.epsilon must be > 0 (inf: non-private), got {self.epsilon}"
+            )
+        if not math.isfinite(self.value):
+            raise ValueError(f"SweepPoint.value must be finite, got {self.value}")
+        if self.error is not None and not (math.isfinite(self.error) and self.error >= 0):
+            raise ValueError(f"SweepPoint.error must be finite and >= 0, got {self.error}")
+
+
+def _as_point(p: SweepPoint | tuple[float, ...]) -> SweepPoint:
+    return p if isinstance(p, SweepPoint) else SweepPoint(*(float(x) for x in p))
 
 
 def plot_privacy_utility(
-    points: Sequence[tuple[float, float]], path: Path, *, metric: str = "test AUROC"
+    points: Sequence[SweepPoint | tuple[float, ...]],
+    path: Path,
+    *,
+    metric: str = "test AUROC",
+    x_label: str = "ε per site (δ fixed)",
 ) -> Figure:
-    """Utility against ε; a non-private point (ε = inf) sits at the right, labelled."""
+    """Draw utility against ε for a sweep; the non-private point (ε = inf) sits at the right.
+
+    Finite ε lie on a log axis, ticked at each sweep value; every ε = inf point is drawn at
+    one extra tick labelled ``non-private`` to the right of them, with a dotted reference
+    line at its value.
+
+    Parameters
+    ----------
+    points:
+        One per sweep value: :class:`SweepPoint`, or a tuple ``(epsilon, value[, error])``.
+    path:
+        The PNG to write; its folder is created if missing.
+    metric:
+        The y-axis label.
+    x_label:
+        The x-axis label.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure (one axes). With no point at all it still writes a PNG saying so.
+
+    Raises
+    ------
+    ValueError
+        A point is out of its domain (see :class:`SweepPoint`).
+    """
+    pts = [_as_point(p) for p in points]
+    finite = sorted((p for p in pts if math.isfinite(p.epsilon)), key=lambda p: p.epsilon)
+    private = [p for p in pts if not math.isfinite(p.epsilon)]
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
-    finite = sorted((e, v) for e, v in points if math.isfinite(e))
+    ticks: list[float] = []
+    labels: list[str] = []
     if finite:
-        ax.plot([e for e, _ in finite], [v for _, v in finite], marker="o", label="DP-SGD")
+        xs = [p.epsilon for p in finite]
+        ax.errorbar(
+            xs,
+            [p.value for p in finite],
+            yerr=[p.error or 0.0 for p in finite] if any(p.error for p in finite) else None,
+            marker="o",
+            capsize=3,
+            label="DP-SGD",
+        )
         ax.set_xscale("log")
-    for e, v in points:
-        if not math.isfinite(e):
-            x = max((p for p, _ in finite), default=1.0) * 2
-            ax.scatter([x], [v], marker="*", s=120, color="black", label="non-private")
-            ax.annotate("non-private", (x, v), textcoords="offset points", xytext=(-20, 8))
-    ax.set_xlabel("ε per site (δ fixed)")
+        ticks += xs
+        labels += [f"{x:g}" for x in xs]
+    if private:
+        x_inf = max(ticks) * 4 if ticks else 1.0
+        ax.errorbar(
+            [x_inf] * len(private),
+            [p.value for p in private],
+            yerr=[p.error or 0.0 for p in private] if any(p.error for p in private) else None,
+            marker="*",
+            markersize=12,
+            linestyle="none",
+            color="black",
+            capsize=3,
+            label=NON_PRIVATE,
+        )
+        ax.axhline(private[0].value, linestyle=":", color="grey", linewidth=1.0)
+        ticks.append(x_inf)
+        labels.append(NON_PRIVATE)
+    if ticks:
+        ax.set_xticks(ticks, labels=labels)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.legend(fontsize="small")
+    else:
+        ax.text(
+            0.5, 0.5, "no sweep point reported this metric", ha="center", transform=ax.transAxes
+        )
+    ax.set_xlabel(x_label)
     ax.set_ylabel(metric)
     ax.set_title("privacy-utility trade-off")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    _save(fig, path)
+    _save(fig, Path(path))
     return fig
 
 
-def write_run_plots(run_dir: Path) -> list[Path]:
-    """Plots of every task metric present in ``run_dir/metrics.csv`` into ``run_dir/plots``."""
+def run_plot_specs(
+    frame: pd.DataFrame, *, splits: Sequence[Split] = ("test",)
+) -> list[tuple[Split, str]]:
+    """The ``(split, metric)`` pairs :func:`write_run_plots` draws for this frame.
+
+    Every task metric of :data:`common.keys.TASK_METRICS` (but the count ``n``) present in
+    one of ``splits``, then the training metrics of :data:`TRAIN_PLOTTED` that are present.
+    """
+    present = set(frame[["split", "metric"]].drop_duplicates().itertuples(index=False, name=None))
+    specs: list[tuple[Split, str]] = [
+        (split, metric)
+        for split in splits
+        for metric in keys.TASK_METRICS
+        if metric != "n" and (split, metric) in present
+    ]
+    specs += [("train", m) for m in TRAIN_PLOTTED if ("train", m) in present]
+    return specs
+
+
+def write_run_plots(run_dir: Path, *, splits: Sequence[Split] = ("test",)) -> list[Path]:
+    """Plot every metric present in ``run_dir/metrics.csv`` into ``run_dir/plots``.
+
+    Parameters
+    ----------
+    run_dir:
+        A run directory holding ``metrics.csv``.
+    splits:
+        Which evaluation splits to draw the task metrics of.
+
+    Returns
+    -------
+    list[pathlib.Path]
+        The PNGs written, ``plots/<split>_<metric>.png``, in :func:`run_plot_specs` order.
+
+    Raises
+    ------
+    DataError
+        ``metrics.csv`` is missing or invalid.
+    """
+    run_dir = Path(run_dir)
     frame = read_metrics_csv(run_dir / "metrics.csv")
     written = []
-    for metric in PLOTTED:
-        if ((frame["metric"] == metric) & (frame["split"] == "test")).any():
-            path = run_dir / "plots" / f"test_{metric}.png"
-            plot_metric_per_round(frame, metric, path)
-            written.append(path)
+    for split, metric in run_plot_specs(frame, splits=splits):
+        path = run_dir / "plots" / f"{split}_{metric}.png"
+        plot_metric_per_round(frame, metric, path, split=split)
+        written.append(path)
     return written

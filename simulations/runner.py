@@ -42,8 +42,15 @@ __all__ = ["run_experiment", "prepare_sites", "build_summary", "RunOutcome"]
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
-def prepare_sites(scenario: Scenario, out: Path) -> list[Path]:
-    """The site folders of the experiment: existing ones, or freshly synthesized."""
+def prepare_sites(scenario: Scenario, out: Path, *, reuse: bool = False) -> list[Path]:
+    """The site folders of the experiment: existing ones, or freshly synthesized.
+
+    With ``reuse`` (resuming), the folders an earlier start listed in ``sites.json`` are kept
+    as they are, ledgers included.
+    """
+    manifest = out / "sites.json"
+    if reuse and manifest.is_file():
+        return [Path(p) for p in json.loads(manifest.read_text(encoding="utf-8"))]
     if scenario.data_root:
         root = Path(scenario.data_root)
         if not root.is_dir():
@@ -93,11 +100,16 @@ def run_experiment(
     overrides: dict[str, Any] | None = None,
     on_progress: ProgressFn | None = None,
     timeout_s: float = 3600.0,
+    resume: bool = False,
 ) -> RunOutcome:
-    """Run one federated experiment into ``out`` (see the module docstring)."""
+    """Run one federated experiment into ``out`` (see the module docstring).
+
+    With ``resume``, a checkpoint left in ``out`` by an interrupted run of the same run id is
+    continued from its last completed round; otherwise any earlier run state there is cleared.
+    """
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    folders = prepare_sites(scenario, out)
+    folders = prepare_sites(scenario, out, reuse=resume)
     sites = load_sites(folders)
     run_dir = out
     cfg = scenario.federation_config(**(overrides or {}))
@@ -111,8 +123,13 @@ def run_experiment(
             "min-sites": min(cfg.min_sites, len(sites)),
         }
     )
-    for stale in ("checkpoint.pt", "progress.jsonl", "server_record.json"):
-        (run_dir / stale).unlink(missing_ok=True)
+    stale = (
+        ("server_record.json",)
+        if resume
+        else ("checkpoint.pt", "progress.jsonl", "server_record.json")
+    )
+    for name in stale:
+        (run_dir / name).unlink(missing_ok=True)
     (out / "sites.json").write_text(json.dumps([str(f.resolve()) for f in folders], indent=1))
     resolved = {
         "scenario": scenario.model_dump(mode="json", exclude_none=True),
@@ -127,7 +144,12 @@ def run_experiment(
         clientapp="client.app:app",
     )
     gpus = scenario.gpus_per_site if _cuda_available() else 0.0
-    seen = 0
+    progress_file = run_dir / "progress.jsonl"
+    seen = (
+        len(progress_file.read_text(encoding="utf-8").splitlines())
+        if progress_file.is_file()
+        else 0
+    )
     with local_superlink(work_dir=out / ".flower") as link:
         run_id = link.submit(
             app_dir,

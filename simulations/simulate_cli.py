@@ -65,7 +65,12 @@ def results_table(outcome: RunOutcome) -> Table:
 
 
 def run_with_progress(
-    scenario: Scenario, out: Path, *, overrides: dict[str, Any] | None = None, console: Console
+    scenario: Scenario,
+    out: Path,
+    *,
+    overrides: dict[str, Any] | None = None,
+    console: Console,
+    resume: bool = False,
 ) -> RunOutcome:
     """Run one experiment with a progress bar per round."""
     rounds = scenario.federation_config(**(overrides or {})).num_server_rounds
@@ -92,7 +97,9 @@ def run_with_progress(
                 status += f", {len(events)} event(s)"
             progress.update(bar, completed=event["round"], status=status)
 
-        outcome = run_experiment(scenario, out, overrides=overrides, on_progress=on_progress)
+        outcome = run_experiment(
+            scenario, out, overrides=overrides, on_progress=on_progress, resume=resume
+        )
         progress.update(bar, completed=rounds, status="baselines done")
     return outcome
 
@@ -160,7 +167,7 @@ def simulate(
         scenario = scenario.model_copy(update={"sweep": _parse_sweep(sweep)})
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
     if scenario.sweep is None:
-        outcome = run_with_progress(scenario, out, console=console)
+        outcome = run_with_progress(scenario, out, console=console, resume=resume)
         console.print(results_table(outcome))
         console.print(f"run directory: {outcome.run_dir}")
         return
@@ -187,6 +194,6 @@ def simulate(
         if "test.auroc" in final:
             points.append((x, final["test.auroc"]))
     out.mkdir(parents=True, exist_ok=True)
-    plot_privacy_utility(points, out / "privacy_utility.png")
+    plot_privacy_utility(points, out / "privacy_utility.png", x_label=scenario.sweep.key)
     console.print(table)
     console.print(f"privacy-utility plot: {out / 'privacy_utility.png'}")

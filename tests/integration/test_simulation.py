@@ -1,0 +1,118 @@
+"""Real simulations: fedcare's ServerApp and ClientApp under `flwr run` on a local SuperLink.
+
+Slow (each run starts Flower and Ray): CI runs them too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from client.accounting import Mechanism, independent_epsilon
+from client.data.loaders import load_site
+from client.ledger import PrivacyLedger
+from common.summary import load_summary
+from simulations.reports import COLUMNS, read_metrics_csv
+from simulations.runner import run_experiment
+from simulations.scenario import Scenario
+from simulations.synth import SynthConfig, synthesize
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+FLOWER_PROCESSES = (
+    "flower-superlink",
+    "flwr-simulation",
+    "flower-superexec",
+    "raylet",
+    "gcs_server",
+)
+
+
+def _flower_processes() -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(name in cmd for name in FLOWER_PROCESSES):
+            found.append(f"{entry.name}: {cmd[:120]}")
+    return found
+
+
+def _scenario(sites: Path, **federation: object) -> Scenario:
+    return Scenario(
+        name="it",
+        sites=3,
+        data_root=str(sites),
+        federation={"task": "readmission", "local-epochs": 2, "learning-rate": 0.01, **federation},
+    )
+
+
+@pytest.fixture()
+def sites(tmp_path: Path) -> Path:
+    root = tmp_path / "sites"
+    config = SynthConfig(patients_per_site=220, image_format="npy")
+    synthesize(root, n_sites=3, seed=11, config=config)
+    return root
+
+
+def test_three_sites_two_rounds_end_to_end(sites: Path, tmp_path: Path) -> None:
+    before = _flower_processes()
+    out = tmp_path / "run"
+    outcome = run_experiment(_scenario(sites, **{"num-server-rounds": 2}), out)
+    summary = load_summary(out / "summary.json")
+    assert summary == outcome.summary
+    assert summary.rounds_completed == 2
+    assert [s.status for s in summary.sites] == ["completed"] * 3
+    rounds = {r.round: r.metrics for r in summary.global_.rounds}
+    assert set(rounds) == {0, 1, 2}
+    assert rounds[2]["test.auroc"] > rounds[0]["test.auroc"] + 0.05
+    # Each site's ε, recomputed independently (dp-accounting PLD) from the mechanisms listed.
+    for site in summary.sites:
+        p = site.privacy
+        assert p.enabled and p.epsilon is not None and p.delta is not None
+        assert len(p.mechanisms) == 2
+        mechs = [Mechanism(m.noise_multiplier, m.sample_rate, m.steps) for m in p.mechanisms]
+        pld = independent_epsilon(mechs, delta=p.delta)
+        assert pld - 1e-3 <= p.epsilon <= pld + 0.02 + 1e-3, (site.site_id, p.epsilon, pld)
+        assert p.epsilon <= 8.0 + 1e-9
+    assert set(summary.baselines.local_only) == {"site-0", "site-1", "site-2"}
+    assert summary.baselines.pooled["test.auroc"] > 0.6
+    frame = read_metrics_csv(out / "metrics.csv")
+    assert tuple(frame.columns) == COLUMNS and (frame["site"] == "global").any()
+    assert (out / "final_model.pt").is_file() and list((out / "plots").glob("*.png"))
+    assert _flower_processes() == before
+
+
+def test_killed_server_resumes_without_repeating_or_charging_twice(
+    sites: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    scenario = _scenario(sites, **{"num-server-rounds": 3})
+
+    class Interrupt(Exception):
+        pass
+
+    def kill_after_round_1(event: dict) -> None:
+        if event["round"] >= 1:
+            raise Interrupt  # leaves the SuperLink context: server and sites are killed
+
+    with pytest.raises(Interrupt):
+        run_experiment(scenario, out, on_progress=kill_after_round_1)
+    assert not (out / "summary.json").exists()
+    outcome = run_experiment(scenario, out, resume=True)
+    summary = outcome.summary
+    assert summary.rounds_completed == 3
+    assert sorted(r.round for r in summary.global_.rounds if r.round > 0) == [1, 2, 3]
+    for folder in sorted(p for p in sites.iterdir() if (p / "site.toml").is_file()):
+        site = load_site(folder)
+        ledger = PrivacyLedger(folder / ".fedcare" / "ledger.sqlite", create=False)
+        charges = [c for c in ledger.charges(site.fingerprint) if c.run_id == "it-0"]
+        assert sorted(c.round for c in charges) == [1, 2, 3], folder.name
+    assert _flower_processes() == []
+    assert os.environ.get("FLWR_TELEMETRY_ENABLED") == "0"
