@@ -141,6 +141,7 @@ def simulate(
     baselines: bool = typer.Option(
         True, "--baselines/--no-baselines", help="Local-only and pooled."
     ),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
 ) -> None:
     """Run a simulated federation of hospitals with Flower's simulation engine."""
     scenario = load_scenario(config) if config is not None else Scenario()
