@@ -25,6 +25,7 @@ import tomli_w
 
 from client.data.loaders import load_site
 from client.data.site import SiteData
+from client.policy import SitePolicy
 from client.privacy import DPConfig
 from client.training import TrainConfig
 from common.errors import ConfigError, DataError
@@ -202,6 +203,14 @@ def run_experiment(
             rounds=cfg.num_server_rounds,
             seed=cfg.seed,
             ledger_dir=out / "baseline-ledgers",
+            policy=SitePolicy(
+                epsilon_budget=cfg.site_epsilon_budget,
+                delta=cfg.target_delta,
+                accountant=cfg.accountant,
+                require_dp=cfg.dp,
+                min_count=cfg.site_min_count,
+                max_local_epochs=max(cfg.local_epochs, SitePolicy().max_local_epochs),
+            ),
         )
         baselines["pooled"] = pooled(
             sites, task=cfg.task, train=train, rounds=cfg.num_server_rounds, seed=cfg.seed
