@@ -1,23 +1,41 @@
 """Run a Flower app with ``flwr run`` on a local simulation SuperLink that fedcare owns.
 
-Flower 1.42's supported way to simulate is a SuperLink started with ``--simulation`` and a run
-submitted with ``flwr run``. Its default ``local`` connection starts a detached SuperLink that
-nothing stops, so fedcare starts its own instead: on a free loopback port, with a private
-``FLWR_HOME``, telemetry and run-time dependency installation off, and on exit stops it *and*
-every process it spawned (the SuperExec's process group holds ``flwr-simulation`` and the Ray
-cluster, which outlive the SuperLink when a run is still going).
+Flower 1.42 simulates with a SuperLink started with ``--simulation``; ``flwr run`` submits a
+run to it. Flower's default ``local`` connection starts a detached SuperLink that no command
+stops, so fedcare starts its own (:func:`local_superlink`): on a free port on 127.0.0.1, with
+a private ``FLWR_HOME``, telemetry and run-time dependency installation off. On exit it stops
+the SuperLink *and* everything it spawned. The SuperLink's SuperExec has its own session,
+and ``flwr-simulation`` and the Ray cluster (``gcs_server``, ``raylet``, actors) live in it.
+They outlive the SuperLink when a run is still going, so they are stopped by session.
 
-The SuperLink runs ``--insecure`` (plain text) because it listens on 127.0.0.1 only, for a
-simulation on this machine; deployments use TLS (see ``deploy/``).
+``flwr run --format json`` exits 0 even when it rejects a run, and a run's outcome is only
+known from ``flwr ls``. So :meth:`SuperLinkHandle.submit` reads the JSON ``success`` field,
+and :meth:`SuperLinkHandle.wait` polls the run's status.
 
-``flwr run`` returns 0 even for a failed run, so success is read from its JSON and the run's
-final status from ``flwr ls``.
+An app can be *thin* (:func:`write_app_dir`): a folder that holds only ``pyproject.toml``.
+Its components name installed modules (``server.app:app``), so the FAB ships no code and the
+simulation imports the installed packages. Components that are not installed (a test's
+helper app) need their import root on ``pythonpath`` of :func:`local_superlink`.
+
+Examples
+--------
+>>> from pathlib import Path
+>>> import tempfile
+>>> app = write_app_dir(
+...     Path(tempfile.mkdtemp()) / "app",
+...     config_defaults={"num-server-rounds": 3},
+...     serverapp="server.app:app",
+...     clientapp="client.app:app",
+... )
+>>> sorted(p.name for p in app.iterdir())
+['pyproject.toml']
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -25,13 +43,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
 from common.errors import ConfigError, FedcareError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 __all__ = [
     "FlowerRunError",
@@ -39,250 +63,378 @@ __all__ = [
     "SuperLinkHandle",
     "local_superlink",
     "write_app_dir",
-    "flower_env",
 ]
 
+#: Name of the SuperLink connection written to the private ``FLWR_HOME/config.toml``.
 CONNECTION = "fedcare-sim"
 
+#: Values ``[tool.flwr.app.config]`` and ``--run-config`` accept (Flower's ``UserConfigValue``).
+ConfigValue = bool | int | float | str
 
-class FlowerRunError(FedcareError):
-    """A Flower run failed, was stopped, or did not finish in time."""
+#: Lines of the run's log quoted in the error of a failed run.
+_LOG_TAIL_LINES = 40
+#: Seconds each process of the SuperLink's family gets to exit after SIGTERM.
+_STOP_GRACE_S = 5.0
+#: Seconds a single ``flwr`` command may take.
+_FLWR_TIMEOUT_S = 120.0
+
+
+class FlowerRunError(FedcareError, RuntimeError):
+    """A Flower run or the local SuperLink failed, was stopped, or did not finish in time."""
 
 
 @dataclass(frozen=True)
 class RunStatus:
+    """The final state of a finished run, as ``flwr ls`` reports it.
+
+    Attributes
+    ----------
+    run_id : int
+        The run's id on the SuperLink.
+    status : str
+        ``"finished:completed"`` (a failed or stopped run raises instead).
+    details : str
+        Flower's ``status-details`` (``"N/A"`` for a completed run in 1.42).
+    elapsed : float
+        Seconds the run took on the SuperLink, from start to finish.
+    """
+
     run_id: int
     status: str
     details: str
     elapsed: float
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
-def flower_env(home: Path) -> dict[str, str]:
-    """Environment for Flower processes: private home, no telemetry, no run-time installs."""
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env.update(
-        {
-            "FLWR_HOME": str(home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        }
-    )
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc; psutil is not a dependency)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out.append(int(entry.name))
-    return out
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
 class SuperLinkHandle:
-    """A running local SuperLink: submit runs, wait for them."""
+    """A running local simulation SuperLink: submit runs and wait for them.
 
-    def __init__(self, *, env: dict[str, str], work_dir: Path, port: int) -> None:
-        self.env = env
+    Made by :func:`local_superlink`; valid only inside its ``with`` block.
+
+    Parameters
+    ----------
+    env : dict of str to str
+        The environment of every Flower process (private ``FLWR_HOME`` and the rest).
+    work_dir : pathlib.Path
+        Folder for run-config files and logs; ``flwr`` runs with it as working directory.
+    port : int
+        The SuperLink's port on 127.0.0.1.
+    pid : int
+        The SuperLink's process id (it leads its own session).
+    """
+
+    def __init__(self, *, env: Mapping[str, str], work_dir: Path, port: int, pid: int) -> None:
+        self._env = dict(env)
         self.work_dir = work_dir
         self.port = port
+        self.pid = pid
+        self._submitted = 0
 
-    def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [_bin("flwr"), *args],
-            cwd=self.work_dir,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+    @property
+    def flwr_home(self) -> Path:
+        """The private ``FLWR_HOME`` (config.toml, installed FABs)."""
+        return Path(self._env["FLWR_HOME"])
 
     def submit(
         self,
         app_dir: Path,
         *,
-        run_config: Mapping[str, bool | int | float | str],
+        run_config: Mapping[str, ConfigValue],
         num_supernodes: int,
-        cpus_per_client: float = 1.0,
-        gpus_per_client: float = 0.0,
+        cpus_per_client: float = 1,
+        gpus_per_client: float = 0,
     ) -> int:
-        """Submit a run; returns its id. A rejected run raises with Flower's message."""
-        overrides = self.work_dir / "run-config.toml"
+        """Submit a run of the app in ``app_dir``; returns at once with the run's id.
+
+        Parameters
+        ----------
+        app_dir : pathlib.Path
+            A Flower app folder (``pyproject.toml`` with ``[tool.flwr.app]``). Every file
+            Flower ships (``*.py``, ``*.toml``, ...) goes into the run's FAB.
+        run_config : mapping of str to bool, int, float or str
+            Overrides of the app's ``[tool.flwr.app.config]``. Every key must already be
+            there (Flower rejects others); nested keys are dotted (``"sites.p0"``).
+        num_supernodes : int
+            Number of simulated SuperNodes (sites).
+        cpus_per_client : float, default 1
+            CPUs Ray reserves for each ClientApp. Flower 1.42 takes a whole number
+            (its ``client_resources_num_cpus`` is an unsigned integer).
+        gpus_per_client : float, default 0
+            GPUs Ray reserves for each ClientApp; fractions (``0.25``) share a GPU.
+
+        Returns
+        -------
+        int
+            The run id, for :meth:`wait`.
+
+        Raises
+        ------
+        ConfigError
+            A key of ``run_config`` is not in the app's config, a value or resource is
+            invalid, or Flower rejected the run configuration.
+        FlowerRunError
+            ``flwr run`` failed for another reason (Flower's message is quoted).
+        """
+        app_dir = Path(app_dir).resolve()
+        _check_outside(self.flwr_home, app_dir)
+        _check_run_config(app_dir, run_config)
+        federation = _federation_config(num_supernodes, cpus_per_client, gpus_per_client)
+        self._submitted += 1
+        overrides = self.work_dir / f"run-config-{self._submitted}.toml"
         overrides.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
-        federation = (
-            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client:g}"
-        )
-        if gpus_per_client > 0:
-            federation += f" client-resources-num-gpus={gpus_per_client:g}"
-        result = self._flwr(
-            "run",
-            str(app_dir),
-            CONNECTION,
-            "--format",
-            "json",
-            "--federation-config",
-            federation,
-            "--run-config",
-            str(overrides),
-        )
-        try:
-            reply = json.loads(result.stdout)
-        except json.JSONDecodeError as e:
-            raise FlowerRunError(
-                f"flwr run gave no JSON (exit {result.returncode}): {result.stderr.strip()[-2000:]}"
-            ) from e
+        args = ["run", str(app_dir), CONNECTION, "--format", "json"]
+        args += ["--federation-config", federation, "--run-config", str(overrides)]
+        reply = self._flwr_json(*args)
         if not reply.get("success"):
-            message = reply.get("error-message", "no reason given")
+            message = str(reply.get("error-message") or "no reason given")
             if "Invalid run configuration" in message:
                 raise ConfigError(
-                    f"Flower rejected the run config ({message}); every key must be one of "
-                    "[tool.flwr.app.config] (see common/federation.py)"
+                    f"Flower rejected the run config of {app_dir} ({message.strip()}): "
+                    "every --run-config key must be one of its [tool.flwr.app.config] keys; "
+                    f"the overrides are in {overrides}"
                 )
-            raise FlowerRunError(f"flwr run failed: {message}")
+            raise FlowerRunError(f"flwr run {app_dir} failed: {message.strip()}")
         return int(reply["run-id"])
 
-    def status(self, run_id: int) -> dict[str, object]:
-        result = self._flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
-        try:
-            return dict(json.loads(result.stdout)["runs"][0])
-        except (json.JSONDecodeError, KeyError, IndexError) as e:
-            raise FlowerRunError(f"flwr ls gave no status for run {run_id}: {result.stderr}") from e
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        """The run's row of ``flwr ls --run-id RUN_ID --format json``.
+
+        Keys include ``status`` (``pending``, ``starting``, ``running``,
+        ``finished:completed|failed|stopped``), ``status-details`` and ``elapsed``.
+        """
+        reply = self._flwr_json("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
+        runs = reply.get("runs")
+        if not reply.get("success", True) or not runs:
+            raise FlowerRunError(
+                f"flwr ls has no run {run_id} on 127.0.0.1:{self.port}: "
+                f"{reply.get('error-message', reply)}"
+            )
+        return dict(runs[0])
 
     def logs(self, run_id: int) -> str:
-        return self._flwr("log", str(run_id), CONNECTION, "--show").stdout
+        """The run's whole log so far (``flwr log RUN_ID --show``)."""
+        result = self._flwr("log", str(run_id), CONNECTION, "--show")
+        return result.stdout + result.stderr
+
+    def stop(self, run_id: int) -> None:
+        """Ask the SuperLink to stop the run (``flwr stop``); does not wait for it."""
+        self._flwr("stop", str(run_id), CONNECTION)
 
     def wait(
         self,
         run_id: int,
         *,
         timeout_s: float,
-        poll_s: float = 1.0,
+        poll_s: float = 0.5,
         on_poll: Callable[[], None] | None = None,
     ) -> RunStatus:
-        """Poll until the run finishes; a failed, stopped or timed-out run raises."""
+        """Poll ``flwr ls`` until the run finishes.
+
+        Parameters
+        ----------
+        run_id : int
+            From :meth:`submit`.
+        timeout_s : float
+            Seconds to wait; then the run is stopped and :class:`FlowerRunError` raised.
+        poll_s : float, default 0.5
+            Seconds between polls.
+        on_poll : callable, optional
+            Called once per poll (e.g. to advance a progress bar from files the run writes).
+
+        Returns
+        -------
+        RunStatus
+            For a run that finished with ``finished:completed``.
+
+        Raises
+        ------
+        FlowerRunError
+            The run failed (with Flower's status details and the tail of the run's log),
+            was stopped, or did not finish within ``timeout_s``.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
-            row = self.status(run_id)
+            row = self.run_info(run_id)
             status = str(row.get("status", ""))
             if on_poll is not None:
                 on_poll()
             if status.startswith("finished"):
                 break
             if time.monotonic() > deadline:
-                self._flwr("stop", str(run_id), CONNECTION)
-                raise FlowerRunError(f"run {run_id} did not finish within {timeout_s:g} s; stopped")
+                self.stop(run_id)
+                raise FlowerRunError(
+                    f"run {run_id} did not finish within {timeout_s:g} s (last status "
+                    f"{status!r}) and was stopped; raise the timeout or shrink the run"
+                )
             time.sleep(poll_s)
-        details = str(row.get("status-details", ""))
+        details = str(row.get("status-details") or "")
         if status != "finished:completed":
-            tail = "\n".join(self.logs(run_id).splitlines()[-40:])
-            raise FlowerRunError(f"run {run_id} {status}: {details}\n{tail}")
-        return RunStatus(run_id, status, details, float(row.get("elapsed", 0) or 0))
+            tail = "\n".join(self.logs(run_id).splitlines()[-_LOG_TAIL_LINES:])
+            raise FlowerRunError(
+                f"run {run_id} ended {status}: {details or 'no details'}\n"
+                f"--- last lines of `flwr log {run_id} --show` ---\n{tail}"
+            )
+        return RunStatus(run_id, status, details, float(row.get("elapsed") or 0.0))
+
+    def _flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [_venv_bin("flwr"), *args],
+            cwd=self.work_dir,
+            env=self._env,
+            capture_output=True,
+            text=True,
+            timeout=_FLWR_TIMEOUT_S,
+            check=False,
+        )
+
+    def _flwr_json(self, *args: str) -> dict[str, Any]:
+        result = self._flwr(*args)
+        try:
+            reply = json.loads(result.stdout)
+        except json.JSONDecodeError as e:
+            out = (result.stdout + result.stderr).strip()[-2000:]
+            raise FlowerRunError(
+                f"`flwr {args[0]}` gave no JSON (exit {result.returncode}): {out}"
+            ) from e
+        if not isinstance(reply, dict):
+            raise FlowerRunError(f"`flwr {args[0]}` gave unexpected JSON: {reply!r}")
+        return reply
 
 
 @contextlib.contextmanager
-def local_superlink(*, work_dir: Path, startup_timeout: float = 60.0) -> Iterator[SuperLinkHandle]:
-    """A simulation SuperLink on a free 127.0.0.1 port, stopped with all it spawned on exit."""
-    work_dir.mkdir(parents=True, exist_ok=True)
+def local_superlink(
+    *,
+    work_dir: Path,
+    startup_timeout: float = 60,
+    pythonpath: Sequence[Path] = (),
+) -> Iterator[SuperLinkHandle]:
+    """Start a simulation SuperLink on a free 127.0.0.1 port; stop it and its family on exit.
+
+    The SuperLink runs ``--insecure`` (plain text, no TLS): it listens on the loopback
+    interface only and serves a simulation on this machine. Real deployments use TLS
+    (see ``deploy/``).
+
+    Parameters
+    ----------
+    work_dir : pathlib.Path
+        Created if missing. Holds ``home/`` (the private ``FLWR_HOME``: connection config and
+        installed FABs), ``superlink.log`` (the log of the SuperLink and its simulations)
+        and the run-config files. The SuperLink runs with it as its working directory. Keep
+        app folders outside ``work_dir/home``.
+    startup_timeout : float, default 60
+        Seconds to wait for the SuperLink's ``/health`` endpoint.
+    pythonpath : sequence of pathlib.Path, default ()
+        Folders put in front of ``PYTHONPATH`` of the SuperLink and so of the simulation and
+        Ray workers, for app components that are not installed (a test helper module).
+        fedcare's own packages are installed and need none.
+
+    Yields
+    ------
+    SuperLinkHandle
+        To submit runs and wait for them.
+
+    Raises
+    ------
+    FlowerRunError
+        The SuperLink exited or was not healthy within ``startup_timeout``.
+
+    Notes
+    -----
+    The environment of the SuperLink is this process's, with ``FLWR_HOME`` private,
+    ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, no
+    ``RAY_ADDRESS`` (Ray would join that cluster) and 127.0.0.1 in ``NO_PROXY``.
+    Only the SuperLink is bound to 127.0.0.1: Ray, inside each simulation, starts its own
+    services (GCS, raylet) on the machine's address, as ``ray.init()`` always does.
+    The SuperLink leads a new session, so Ctrl-C in a terminal reaches only this process.
+    On exit (normal, exception or ``KeyboardInterrupt``) the SuperLink gets SIGTERM; then
+    every process in its session or in the session of anything it spawned gets SIGTERM and,
+    after a grace period, SIGKILL. A SIGKILL of *this* process skips that cleanup.
+    """
+    work_dir = Path(work_dir).resolve()
     home = work_dir / "home"
-    home.mkdir(exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
+    connection = {"address": f"127.0.0.1:{port}", "insecure": True}
     (home / "config.toml").write_text(
-        tomli_w.dumps(
-            {
-                "superlink": {
-                    "default": CONNECTION,
-                    CONNECTION: {"address": f"127.0.0.1:{port}", "insecure": True},
-                }
-            }
-        ),
+        tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}),
         encoding="utf-8",
     )
-    env = flower_env(home)
-    log = open(work_dir / "superlink.log", "w", encoding="utf-8")  # noqa: SIM115
-    link = subprocess.Popen(
-        [
-            _bin("flower-superlink"),
-            "--insecure",
-            "--simulation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if link.poll() is not None:
-                raise FlowerRunError(
-                    f"flower-superlink exited with {link.returncode}; see {work_dir}/superlink.log"
-                )
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise FlowerRunError(f"flower-superlink not ready after {startup_timeout:g} s")
-            time.sleep(0.2)
-        yield SuperLinkHandle(env=env, work_dir=work_dir, port=port)
-    finally:
-        spawned = _children(link.pid)
-        link.terminate()
+    env = _flower_env(home, pythonpath)
+    with open(work_dir / "superlink.log", "ab") as log:
+        link = subprocess.Popen(
+            [_venv_bin("flower-superlink"), "--insecure", "--simulation"]
+            + ["--host", "127.0.0.1", "--port", str(port)],
+            cwd=work_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            link.wait(10)
-        except subprocess.TimeoutExpired:
-            _killpg(link.pid, signal.SIGKILL)
-            link.wait()
-        for group in spawned:
-            _killpg(group, signal.SIGTERM)
-        if spawned:
-            time.sleep(2)
-        for group in spawned:
-            _killpg(group, signal.SIGKILL)
-        log.close()
+            _wait_healthy(link, port, startup_timeout, work_dir / "superlink.log")
+            yield SuperLinkHandle(env=env, work_dir=work_dir, port=port, pid=link.pid)
+        finally:
+            sessions = {link.pid}
+            try:
+                _stop_family(link, sessions, grace_s=_STOP_GRACE_S)
+            except KeyboardInterrupt:  # a second Ctrl-C during the cleanup: kill at once
+                _stop_family(link, sessions, grace_s=0)
+                raise
 
 
 def write_app_dir(
     dest: Path,
     *,
-    config_defaults: Mapping[str, bool | int | float | str],
+    config_defaults: Mapping[str, ConfigValue],
     serverapp: str,
     clientapp: str,
     publisher: str = "fedcare",
     name: str = "fedcare-run",
 ) -> Path:
-    """A code-free Flower app (only ``pyproject.toml``): the installed packages are the app."""
+    """Write a thin Flower app: a folder with only ``pyproject.toml``.
+
+    The FAB built from it ships no code, so the simulation imports the installed (editable)
+    packages; a copy in the FAB would shadow them.
+
+    Parameters
+    ----------
+    dest : pathlib.Path
+        The app folder; created if missing. Anything but ``pyproject.toml`` in it is an error
+        (Flower would ship it).
+    config_defaults : mapping of str to bool, int, float or str
+        ``[tool.flwr.app.config]``: every key a run may override, with its default.
+    serverapp, clientapp : str
+        Component references ``"module:attribute"``. Flower checks them without importing:
+        the attribute must be a module-level assignment (``app = ServerApp()``) or be
+        listed in ``__all__``; a bare ``from x import app`` fails.
+    publisher, name : str
+        The app's publisher and project name (the FAB is ``publisher/name``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``dest``.
+
+    Raises
+    ------
+    ConfigError
+        A component reference or a config value is malformed, or ``dest`` holds other files.
+    """
+    for role, ref in (("serverapp", serverapp), ("clientapp", clientapp)):
+        module, _, attribute = ref.partition(":")
+        if not module or not attribute:
+            raise ConfigError(
+                f"{role} component {ref!r} is not 'module:attribute' (e.g. 'server.app:app')"
+            )
+    _check_values(config_defaults, what="config_defaults")
+    dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    others = sorted(p.name for p in dest.iterdir() if p.name != "pyproject.toml")
+    if others:
+        raise ConfigError(
+            f"{dest} holds {', '.join(others)}: a thin app folder must hold only "
+            "pyproject.toml, else Flower ships those files in the FAB; use an empty folder"
+        )
     doc = {
         "project": {"name": name, "version": "1.0.0"},
         "tool": {
@@ -297,3 +449,222 @@ def write_app_dir(
     }
     (dest / "pyproject.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
     return dest
+
+
+# --- submission checks -----------------------------------------------------------------------
+
+
+def _federation_config(num_supernodes: int, cpus: float, gpus: float) -> str:
+    """The ``--federation-config`` string; Flower's proto has uint32 CPUs and float GPUs."""
+    if isinstance(num_supernodes, bool) or not isinstance(num_supernodes, int):
+        raise ConfigError(f"num_supernodes must be an integer, got {num_supernodes!r}")
+    if num_supernodes < 1:
+        raise ConfigError(f"num_supernodes must be at least 1, got {num_supernodes}")
+    if not (math.isfinite(cpus) and cpus >= 1 and float(cpus).is_integer()):
+        raise ConfigError(
+            f"cpus_per_client={cpus!r}: Flower 1.42 reserves a whole number of CPUs (>= 1) "
+            "per simulated client; use 1, 2, ..."
+        )
+    if not (math.isfinite(gpus) and gpus >= 0):
+        raise ConfigError(f"gpus_per_client={gpus!r}: must be a number >= 0 (e.g. 0.25)")
+    return (
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={int(cpus)} "
+        f"client-resources-num-gpus={float(gpus)!r}"
+    )
+
+
+def _check_values(config: Mapping[str, object], *, what: str) -> None:
+    bad = [k for k, v in config.items() if not isinstance(v, (bool, int, float, str))]
+    if bad:
+        raise ConfigError(
+            f"{what}: values of {', '.join(map(repr, bad))} are not bool, int, float or str, "
+            "the only types a Flower run config holds; encode them (e.g. as a JSON string)"
+        )
+
+
+def _check_run_config(app_dir: Path, run_config: Mapping[str, object]) -> None:
+    """Reject what Flower would reject, but name the offending keys."""
+    _check_values(run_config, what="run_config")
+    pyproject = app_dir / "pyproject.toml"
+    try:
+        doc = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{app_dir} is not a Flower app: cannot read {pyproject}: {e}") from e
+    known = set(_flatten(doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})))
+    unknown = sorted(set(run_config) - known)
+    if unknown:
+        raise ConfigError(
+            f"run config key(s) {', '.join(unknown)} are not in [tool.flwr.app.config] of "
+            f"{pyproject}, and Flower rejects overrides of keys the app does not declare; "
+            "add them there with a default (for fedcare: common/federation.py) or drop them"
+        )
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_outside(home: Path, app_dir: Path) -> None:
+    if home.resolve().is_relative_to(app_dir):
+        raise ConfigError(
+            f"the app folder {app_dir} contains the SuperLink's FLWR_HOME {home}; Flower would "
+            "ship its files in every FAB. Put the app folder beside work_dir/home, not above it"
+        )
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def _venv_bin(name: str) -> str:
+    """A console script of this interpreter's environment (not whatever PATH finds)."""
+    return str(Path(sys.executable).parent / name)
+
+
+def _flower_env(home: Path, pythonpath: Sequence[Path]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    no_proxy = ",".join(filter(None, [env.get("NO_PROXY"), env.get("no_proxy"), "127.0.0.1"]))
+    path = [str(Path(p).resolve()) for p in pythonpath]
+    if env.get("PYTHONPATH"):
+        path.append(env["PYTHONPATH"])
+    env.update(
+        {
+            "FLWR_HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+            "NO_PROXY": no_proxy,
+            "no_proxy": no_proxy,
+        }
+    )
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(path)
+    # Each simulated site is one Ray actor holding one CPU: one math thread per actor avoids
+    # oversubscribing the cores with many small models training at once.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(link: subprocess.Popen[bytes], port: int, timeout: float, log: Path) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while True:
+        if link.poll() is not None:
+            raise FlowerRunError(
+                f"flower-superlink exited with code {link.returncode} at start; see {log}"
+            )
+        url = f"http://127.0.0.1:{port}/health"
+        with contextlib.suppress(OSError), opener.open(url, timeout=1) as reply:
+            if reply.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise FlowerRunError(
+                f"flower-superlink was not healthy on 127.0.0.1:{port} after {timeout:g} s; "
+                f"see {log}, or raise startup_timeout on a loaded machine"
+            )
+        time.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class _Proc:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+
+
+def _processes() -> list[_Proc]:
+    """Live processes from /proc (psutil is not a dependency); zombies are left out."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 2 (comm) may hold spaces and parentheses: split after the last ')'.
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):
+            continue
+        found.append(_Proc(int(entry.name), int(fields[1]), int(fields[2]), int(fields[3])))
+    return found
+
+
+def _family(sessions: set[int], root: int | None = None) -> tuple[list[_Proc], set[int]]:
+    """Members of ``sessions``, ``root`` and all their descendants, and all their sessions.
+
+    Sessions tie the family together once the SuperLink is gone: orphans are re-parented,
+    but keep their session. ``root`` is only for a process not yet reaped (its pid is not
+    reused while it lives).
+    """
+    sessions = set(sessions)
+    own = os.getsid(0)
+    while True:
+        procs = _processes()
+        members = {p.pid: p for p in procs if p.sid in sessions or p.pid == root}
+        grew = True
+        while grew:
+            grew = False
+            for p in procs:
+                if p.pid not in members and p.ppid in members:
+                    members[p.pid] = p
+                    grew = True
+        found = {p.sid for p in members.values()} - {own}  # never our own session
+        if found <= sessions:
+            return [p for p in members.values() if p.sid != own], sessions
+        sessions |= found
+
+
+def _signal_family(members: Sequence[_Proc], sig: int) -> None:
+    own = os.getpgrp()
+    for pgid in sorted({p.pgid for p in members} - {own}):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+    for p in members:  # a member in a foreign process group
+        if p.pgid == own:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p.pid, sig)
+
+
+def _stop_family(link: subprocess.Popen[bytes], sessions: set[int], *, grace_s: float) -> None:
+    """Stop the SuperLink, then every process in its sessions (SuperExec, simulation, Ray).
+
+    Each step waits up to ``grace_s`` before the next, harder one (SIGTERM, then SIGKILL).
+    ``sessions`` (the SuperLink's pid at first) grows in place with every session found, so
+    a second call after an interrupted first one still knows them.
+    """
+    if link.poll() is None:  # while it lives, its pid names it and its children
+        sessions |= _family(sessions, root=link.pid)[1]
+    link.terminate()
+    try:
+        link.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        link.kill()
+        link.wait()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        members, found = _family(sessions)
+        sessions |= found
+        if not members:
+            return
+        _signal_family(members, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            members, found = _family(sessions)
+            sessions |= found
+            if not members:
+                return

@@ -65,7 +65,7 @@ class Scenario(BaseModel):
     synth: SynthConfig = SynthConfig()
     federation: dict[str, Any] = Field(default_factory=dict)
     baselines: bool = True
-    cpus_per_site: float = Field(default=1.0, gt=0)
+    cpus_per_site: int = Field(default=1, ge=1)
     gpus_per_site: float = Field(default=0.0, ge=0)
     sweep: Sweep | None = None
 

@@ -21,26 +21,25 @@ from simulations.synth import SynthConfig, synthesize
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-FLOWER_PROCESSES = (
-    "flower-superlink",
-    "flwr-simulation",
-    "flower-superexec",
-    "raylet",
-    "gcs_server",
-)
 
-
-def _flower_processes() -> list[str]:
+def _processes_of(run_dir: Path) -> list[str]:
+    """Live processes started for this run: their environment names its private FLWR_HOME."""
+    marker = str(run_dir.resolve() / ".flower").encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie: already dead, waiting for a parent to reap it
+            if marker in (entry / "environ").read_bytes():
+                found.append(
+                    entry.name
+                    + ": "
+                    + (entry / "cmdline").read_bytes()[:100].decode(errors="replace")
+                )
         except OSError:
             continue
-        if any(name in cmd for name in FLOWER_PROCESSES):
-            found.append(f"{entry.name}: {cmd[:120]}")
     return found
 
 
@@ -62,7 +61,6 @@ def sites(tmp_path: Path) -> Path:
 
 
 def test_three_sites_two_rounds_end_to_end(sites: Path, tmp_path: Path) -> None:
-    before = _flower_processes()
     out = tmp_path / "run"
     outcome = run_experiment(_scenario(sites, **{"num-server-rounds": 2}), out)
     summary = load_summary(out / "summary.json")
@@ -86,7 +84,7 @@ def test_three_sites_two_rounds_end_to_end(sites: Path, tmp_path: Path) -> None:
     frame = read_metrics_csv(out / "metrics.csv")
     assert tuple(frame.columns) == COLUMNS and (frame["site"] == "global").any()
     assert (out / "final_model.pt").is_file() and list((out / "plots").glob("*.png"))
-    assert _flower_processes() == before
+    assert _processes_of(out) == []
 
 
 def test_killed_server_resumes_without_repeating_or_charging_twice(
@@ -114,5 +112,5 @@ def test_killed_server_resumes_without_repeating_or_charging_twice(
         ledger = PrivacyLedger(folder / ".fedcare" / "ledger.sqlite", create=False)
         charges = [c for c in ledger.charges(site.fingerprint) if c.run_id == "it-0"]
         assert sorted(c.round for c in charges) == [1, 2, 3], folder.name
-    assert _flower_processes() == []
+    assert _processes_of(out) == []
     assert os.environ.get("FLWR_TELEMETRY_ENABLED") == "0"
