@@ -701,7 +701,8 @@ class PrivacyLedger:
             current = self._receipt(row)
             if current.status == status:
                 return current
-            if current.status != "charged":
+            retried = current.status == "failed" and status == "completed"
+            if current.status != "charged" and not retried:
                 raise ConfigError(
                     f"charge #{charge_id} is already {current.status!r}; it cannot become "
                     f"{status!r}"

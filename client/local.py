@@ -155,6 +155,11 @@ class SiteTrainer:
                     f"{self.policy.accountant} accountant; the run asked for delta={dp.delta:g} "
                     f"with {dp.accountant} (set the run's target-delta to match)"
                 )
+            if self.ledger is None:
+                raise ConfigError(
+                    f"site {self.site_id}: DP training needs a privacy ledger; give the site "
+                    "a ledger path"
+                )
             replay = self._replay(request)
             if replay is not None:
                 return replay
@@ -189,8 +194,7 @@ class SiteTrainer:
             state = _cpu_state(model)
             return RoundResult(state, n_train, stats.steps, stats.mean_loss, None, None, None, None)
 
-        if self.ledger is None:
-            raise ConfigError(f"site {self.site_id}: DP training needs a privacy ledger path")
+        assert self.ledger is not None  # checked above, before any replay
         plan = self._plan(request, n_train)
         self.policy.check_noise(site_id=self.site_id, noise_multiplier=plan.noise_multiplier)
         mechanism = Mechanism(plan.noise_multiplier, plan.sample_rate, plan.steps)

@@ -66,8 +66,8 @@ class StepHook(Protocol):
 class ProximalTerm:
     """FedProx's proximal term ``mu/2 ||w - w_global||^2`` as a decoupled update.
 
-    The term's gradient ``mu (w - w_global)`` does not depend on any patient, so it is applied
-    after the (clipped, noised) step rather than inside the per-sample loss: DP guarantees
+    The term does not depend on any patient, so it is applied as an exact proximal step after
+    the (clipped, noised) optimizer step rather than inside the per-sample loss: DP guarantees
     are untouched and every grad-sample mode (ghost clipping included) stays valid.
     """
 
@@ -76,10 +76,14 @@ class ProximalTerm:
         self.global_params = {k: v.detach().clone() for k, v in global_params.items()}
 
     def after_step(self, model: nn.Module, *, lr: float) -> None:
+        # The exact proximal step w <- argmin_v ||v - w||^2 / (2 lr) + mu/2 ||v - w_global||^2,
+        # i.e. (w + lr mu w_global) / (1 + lr mu): stable for any lr * mu (a plain gradient
+        # step on the term diverges once lr * mu > 2).
+        shrink = lr * self.mu
         with torch.no_grad():
             for name, param in model.named_parameters():
                 anchor = self.global_params[name].to(param.device)
-                param.sub_(lr * self.mu * (param - anchor))
+                param.add_(anchor, alpha=shrink).div_(1.0 + shrink)
 
 
 def resolve_device(name: str) -> torch.device:

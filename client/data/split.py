@@ -106,9 +106,7 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
             "e.g. (0.7, 0.15, 0.15)"
         )
     if not math.isclose(sum(values), 1.0, rel_tol=0.0, abs_tol=1e-6):
-        raise ConfigError(
-            f"split fractions {values} sum to {sum(values):.6g}, not 1; rescale them"
-        )
+        raise ConfigError(f"split fractions {values} sum to {sum(values):.6g}, not 1; rescale them")
     return values[0], values[1], values[2]
 
 

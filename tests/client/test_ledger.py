@@ -216,8 +216,11 @@ def test_failed_round_still_counts_and_may_be_retried(ledger: PrivacyLedger) -> 
     assert failed.status == "failed"
     assert charge(ledger, m).charge_id == receipt.charge_id
     assert ledger.history(FP) == [m]
-    with pytest.raises(ConfigError, match="already 'failed'"):
-        ledger.mark_completed(receipt.charge_id)
+    # The retry trains and releases under the same, single charge.
+    assert ledger.mark_completed(receipt.charge_id).status == "completed"
+    assert ledger.history(FP) == [m]
+    with pytest.raises(ConfigError, match="already 'completed'"):
+        ledger.mark_failed(receipt.charge_id)
 
 
 def test_unknown_charge_id_is_a_clear_error(ledger: PrivacyLedger) -> None:
