@@ -439,7 +439,7 @@ def test_evaluate_suppresses_small_splits_and_sends_only_allowed_metrics(
     assert SiteTrainer(site=site, policy=strict, ledger=None).evaluate(TASK, None) == {}
 
 
-# ------------------------------------------------------------------ regressions (bugs found in review)
+# ------------------------------------------ regressions (bugs found in review)
 
 
 def test_a_failed_round_can_be_retried_without_paying_twice(

@@ -30,8 +30,12 @@ SCHEMA: dict[str, Any] = {
 
 TASKS: list[dict[str, Any]] = [
     {"name": "readmission", "label": "outcome", "modalities": ["ehr"]},
-    {"name": "restricted", "label": "outcome", "modalities": ["ehr"],
-     "features": ["hr_mean", "age"]},
+    {
+        "name": "restricted",
+        "label": "outcome",
+        "modalities": ["ehr"],
+        "features": ["hr_mean", "age"],
+    },
     {"name": "imaging_only", "label": "outcome", "modalities": ["imaging"]},
     {"name": "genomics_only", "label": "outcome", "modalities": ["genomics"]},
     {"name": "multimodal", "label": "outcome", "modalities": ["genomics", "ehr", "imaging"]},
@@ -113,7 +117,8 @@ def make_site(
         if has_img[i]
     }
     genomics = pd.DataFrame(
-        rng.normal(5 + shift, 2, (n, len(GENES))), columns=list(GENES),
+        rng.normal(5 + shift, 2, (n, len(GENES))),
+        columns=list(GENES),
         index=pd.Index(ids, name="patient_id"),
     )
     genomics.iloc[~has_gen] = np.nan

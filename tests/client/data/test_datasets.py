@@ -207,8 +207,11 @@ def test_dataset_constructors_validate_and_mask() -> None:
     with pytest.raises(ValueError, match="one channel"):
         ImageDataset(np.zeros((2, 3, 4, 4)), np.zeros(2))
     ds = MultimodalDataset(
-        np.ones((2, 3)), np.ones((2, 1, 4, 4)), np.zeros((2, 0)),
-        np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), np.array([0.0, 1.0]),
+        np.ones((2, 3)),
+        np.ones((2, 1, 4, 4)),
+        np.zeros((2, 0)),
+        np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+        np.array([0.0, 1.0]),
     )
     x_ehr, x_img, x_gen, mask, y = ds[0]
     assert x_ehr.tolist() == [1.0, 1.0, 1.0] and not x_img.any() and x_gen.shape == (0,)

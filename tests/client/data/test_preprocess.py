@@ -25,10 +25,16 @@ SMOKER = Feature(name="smoker", kind="binary")
 HR = EventFeature(name="hr_mean", code="HR", agg="mean")
 FEATURES = (AGE, COLOUR, SMOKER, HR)
 NAMES = (
-    "age", "age__missing",
-    "colour=red", "colour=blue", "colour=green", "colour=__missing__",
-    "smoker", "smoker__missing",
-    "hr_mean", "hr_mean__missing",
+    "age",
+    "age__missing",
+    "colour=red",
+    "colour=blue",
+    "colour=green",
+    "colour=__missing__",
+    "smoker",
+    "smoker__missing",
+    "hr_mean",
+    "hr_mean__missing",
 )
 nan = float("nan")
 
@@ -40,7 +46,9 @@ def frame(**cols: list) -> pd.DataFrame:
 def test_names_and_width_are_a_function_of_the_schema_only() -> None:
     site_a = frame(age=[30.0, 50.0], colour=["red", "red"], smoker=[1.0, 0.0], hr_mean=[70.0, 90.0])
     site_b = frame(  # other values, an all-missing column, an unseen category level
-        age=[nan, nan, nan], colour=[None, "green", "green"], smoker=[nan, 1.0, 1.0],
+        age=[nan, nan, nan],
+        colour=[None, "green", "green"],
+        smoker=[nan, 1.0, 1.0],
         hr_mean=[200.0, 0.0, nan],
     )
     a = TabularEncoder(FEATURES).fit(site_a)
@@ -129,8 +137,12 @@ def test_transform_is_row_wise_and_keeps_row_order() -> None:
 
 
 def test_tabular_state_round_trips_through_json() -> None:
-    train = frame(age=[20.0, nan, 70.0], colour=["red", None, "blue"], smoker=[1.0, 1.0, 0.0],
-                  hr_mean=[60.0, 80.0, nan])
+    train = frame(
+        age=[20.0, nan, 70.0],
+        colour=["red", None, "blue"],
+        smoker=[1.0, 1.0, 0.0],
+        hr_mean=[60.0, 80.0, nan],
+    )
     enc = TabularEncoder(FEATURES).fit(train)
     state = json.loads(json.dumps(enc.state_dict()))
     again = TabularEncoder.from_state(state)
@@ -199,8 +211,14 @@ def test_fitted_state_comes_from_the_rows_given_only(x: list[float], extra: list
 
 def test_genomics_standardises_per_gene_with_train_stats() -> None:
     schema = GenomicsSchema(kind="expression", features=("b", "a", "c"))
-    train = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": [10.0, nan, 30.0], "c": [nan, nan, nan],
-                          "ignored": [0.0, 0.0, 0.0]})
+    train = pd.DataFrame(
+        {
+            "a": [1.0, 2.0, 3.0],
+            "b": [10.0, nan, 30.0],
+            "c": [nan, nan, nan],
+            "ignored": [0.0, 0.0, 0.0],
+        }
+    )
     enc = GenomicsEncoder(schema).fit(train)
     assert enc.feature_names == ("b", "a", "c")
     probe = pd.DataFrame({"c": [4.0, nan], "a": [4.0, nan], "b": [nan, 20.0]})

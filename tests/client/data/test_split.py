@@ -100,8 +100,14 @@ def test_fewer_than_three_patients_are_not_padded() -> None:
 
 @pytest.mark.parametrize(
     "fractions",
-    [(0.7, 0.2, 0.2), (0.7, 0.3, 0.0), (1.2, -0.1, -0.1), (0.5, 0.5), (0.4, 0.2, 0.2, 0.2),
-     (float("nan"), 0.5, 0.5)],
+    [
+        (0.7, 0.2, 0.2),
+        (0.7, 0.3, 0.0),
+        (1.2, -0.1, -0.1),
+        (0.5, 0.5),
+        (0.4, 0.2, 0.2, 0.2),
+        (float("nan"), 0.5, 0.5),
+    ],
 )
 def test_bad_fractions_are_config_errors(fractions: tuple[float, ...]) -> None:
     with pytest.raises(ConfigError, match="fractions"):
