@@ -452,9 +452,12 @@ def test_a_failed_round_can_be_retried_without_paying_twice(
     spent = ledger.spent(site.fingerprint, delta=DELTA, accountant="rdp")
     fit_spy.error = None
     result = trainer.train_round(_request())
-    assert not result.replayed
-    assert len(ledger.charges(site.fingerprint)) == 1
+    assert not result.replayed and fit_spy.calls == 2
+    (charge,) = ledger.charges(site.fingerprint)
+    assert charge.status == "completed"
     assert ledger.spent(site.fingerprint, delta=DELTA, accountant="rdp") == spent
+    # Now released: asking again replays it rather than training a third time.
+    assert trainer.train_round(_request()).replayed and fit_spy.calls == 2
 
 
 def test_dp_without_a_ledger_is_a_config_error(site: SiteData) -> None:

@@ -48,11 +48,46 @@ DELTA = 1e-5
 PATIENTS = 1000
 SYNTH_SEED = 2  # not one of the seeds the settings were tuned on
 
-#: task -> (local training, rounds). Tuned at ε = 8 on 1,000-patient synthetic sites.
-SETTINGS: dict[str, tuple[TrainConfig, int]] = {}
 
-#: task -> k, the fraction of (Bayes AUROC - 0.5) the DP model must recover.
-MIN_FRACTION: dict[str, float] = {}
+def _adam(lr: float) -> TrainConfig:
+    return TrainConfig(epochs=5, batch_size=256, lr=lr, optimizer="adam", device="cpu")
+
+
+#: task -> (local training, rounds): Adam, 5 local epochs of Poisson batches of expected size
+#: 256 (q = 1/3 at ~700 train patients), 2 rounds, the noise calibrated once for all 30 steps
+#: (σ ≈ 1.36, C = 1). Tuned at ε = 8 on 1,000-patient sites of synthetic seeds 3-5 from the
+#: models' default hyper-parameters; only the learning rate differs by task (the fusion model
+#: needs a larger one: at 0.01-0.02 it stalls at AUROC 0.65).
+SETTINGS: dict[str, tuple[TrainConfig, int]] = {
+    "readmission": (_adam(0.02), 2),
+    "malignancy": (_adam(0.02), 2),
+    "drug_response": (_adam(0.01), 2),
+    "multimodal_outcome": (_adam(0.05), 2),
+}
+
+#: task -> k, the fraction of (Bayes AUROC - 0.5) the DP model must recover. Measured k with
+#: exactly this test's procedure on synthetic seeds 2 and 6-10 (this file uses seed 2), and
+#: the worst of seeds 3-5 (tuning seeds):
+#:
+#: ==================  ===========  =========  ==========  ===================
+#: task                k mean       k range    k, seed 2   k threshold (margin
+#:                     (6 seeds)    (9 seeds)              at seed 2, AUROC)
+#: ==================  ===========  =========  ==========  ===================
+#: readmission         0.98         0.89-1.04  0.97        0.75 (0.08)
+#: malignancy          0.97         0.86-1.02  1.00        0.75 (0.08)
+#: drug_response       0.81         0.60-0.90  0.81        0.50 (0.13)
+#: multimodal_outcome  0.68         0.45-0.74  0.55        0.40 (0.06)
+#: ==================  ===========  =========  ==========  ===================
+#:
+#: Each threshold sits below the worst seed measured, so a different platform's arithmetic
+#: (or a harmless change of random draws) does not flip the test, while a regression to the
+#: old multimodal settings (k 0.24-0.46) or an untrained model (k ~ 0) fails it.
+MIN_FRACTION: dict[str, float] = {
+    "readmission": 0.75,
+    "malignancy": 0.75,
+    "drug_response": 0.50,
+    "multimodal_outcome": 0.40,
+}
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +129,8 @@ def test_dp_training_at_epsilon_8_recovers_most_of_the_signal(
         )
         result = trainer.train_round(request, state)
         state = result.state
-    assert result.epsilon is not None and result.epsilon <= EPSILON
+    assert state is not None and result.epsilon is not None
+    assert (1 - 0.01) * EPSILON <= result.epsilon <= EPSILON
 
     data = trainer.task_data(task)
     model = trainer.build_model(task)

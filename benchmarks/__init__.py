@@ -1,0 +1,1 @@
+"""Performance measurements of fedcare (not tests); run each as ``python -m benchmarks.<name>``."""
