@@ -56,6 +56,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from client.data.datasets import ImageDataset, MultimodalDataset, TabularDataset
+from client.local import resolve_grad_sample_mode
 from client.privacy import DPPlan, make_private, sampling
 from client.training import TrainConfig, fit, make_optimizer, resolve_device
 from common.errors import ConfigError
@@ -250,10 +251,8 @@ class Run:
 
 
 def resolve_mode(mode: str, model: str) -> str:
-    """``auto`` -> what fedcare picks (``ghost`` where the registry allows it, else hooks)."""
-    if mode != "auto":
-        return mode
-    return "ghost" if model_info(model).ghost_clipping else "hooks"
+    """``auto`` -> what fedcare picks (:func:`client.local.resolve_grad_sample_mode`)."""
+    return resolve_grad_sample_mode(mode, model)
 
 
 def build_run(

@@ -45,7 +45,7 @@ from common.errors import ConfigError, PolicyViolation
 from models import binary_metrics, build_model, default_model_for, model_info
 from models.tasks import task_definition
 
-__all__ = ["RoundRequest", "RoundResult", "SiteTrainer"]
+__all__ = ["RoundRequest", "RoundResult", "SiteTrainer", "resolve_grad_sample_mode"]
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ class SiteTrainer:
         noise_gen = torch.Generator(device=device).manual_seed(
             _round_seed(self.seed, request, "noise")
         )
-        mode = _grad_sample_mode(dp.grad_sample_mode, model_name)
+        mode = resolve_grad_sample_mode(dp.grad_sample_mode, model_name)
         private = make_private(
             model=model,
             optimizer=optimizer,
@@ -383,7 +383,7 @@ def _round_seed(seed: int, request: RoundRequest, purpose: str) -> int:
     return int.from_bytes(digest.digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _grad_sample_mode(requested: str, model_name: str) -> str:
+def resolve_grad_sample_mode(requested: str, model_name: str) -> str:
     """``auto``: ghost clipping where every layer has a ghost-norm sampler, else hooks.
 
     Measured on this CPU at batch 256 (benchmarks/dp_overhead.py): ghost halves or better
