@@ -171,7 +171,8 @@ def run_experiment(
                     on_progress(json.loads(line))
             seen = len(lines)
 
-        link.wait(run_id, timeout_s=timeout_s, on_poll=poll)
+        # Each poll runs the flwr CLI in a fresh process; every 2 s keeps that cost small.
+        link.wait(run_id, timeout_s=timeout_s, on_poll=poll, poll_s=2.0)
         poll()
     shutil.rmtree(out / ".flower" / "home", ignore_errors=True)
 

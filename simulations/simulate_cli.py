@@ -81,6 +81,8 @@ def run_with_progress(
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
+        refresh_per_second=2,
+        disable=not console.is_terminal,
     ) as progress:
         bar = progress.add_task("federated rounds", total=rounds, status="starting Flower ...")
 
@@ -96,6 +98,8 @@ def run_with_progress(
             if events:
                 status += f", {len(events)} event(s)"
             progress.update(bar, completed=event["round"], status=status)
+            if not console.is_terminal:  # a log: one line per round instead of a live bar
+                console.print(f"federated round {event['round']}/{rounds}: {status}")
 
         outcome = run_experiment(
             scenario, out, overrides=overrides, on_progress=on_progress, resume=resume
