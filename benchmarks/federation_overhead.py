@@ -77,10 +77,8 @@ from benchmarks.scale import ProcessTreeSampler, TreeStats, machine_info
 from client.data.datasets import build_task_data
 from client.data.loaders import load_site
 from client.ledger import PrivacyLedger
-from client.local import RoundRequest, SiteTrainer
+from client.local import RoundRequest, SiteTrainer, settings_from_run
 from client.policy import SitePolicy
-from client.privacy import DPConfig
-from client.training import TrainConfig
 from common.federation import FederationConfig
 from server.app import federation_spec, initial_state
 from server.guard import weighted_global_metrics
@@ -351,25 +349,7 @@ class ComputeMeasurement:
 
 def _round_request(cfg: FederationConfig, run_id: str, rnd: int) -> RoundRequest:
     """The request ``client.app`` builds from the run config and the server's message."""
-    train = TrainConfig(
-        model=cfg.model or None,
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.learning_rate,
-        optimizer=cfg.optimizer,
-        proximal_mu=cfg.proximal_mu,
-        device=cfg.device,
-        seed=cfg.seed,
-    )
-    dp = DPConfig(
-        enabled=cfg.dp,
-        target_epsilon=None if cfg.noise_multiplier > 0 else cfg.target_epsilon,
-        noise_multiplier=cfg.noise_multiplier if cfg.noise_multiplier > 0 else None,
-        delta=cfg.target_delta,
-        max_grad_norm=cfg.max_grad_norm,
-        accountant=cfg.accountant,
-        secure_mode=cfg.secure_mode,
-    )
+    train, dp = settings_from_run(cfg)
     return RoundRequest(
         run_id=run_id,
         round=rnd,

@@ -22,10 +22,8 @@ from flwr.clientapp import ClientApp
 
 from client.data.loaders import load_site
 from client.ledger import PrivacyLedger
-from client.local import RoundRequest, SiteTrainer
+from client.local import RoundRequest, SiteTrainer, settings_from_run
 from client.policy import SitePolicy
-from client.privacy import DPConfig
-from client.training import TrainConfig
 from common import keys
 from common.errors import (
     ConfigError,
@@ -81,24 +79,8 @@ def _trainer(context: Context, cfg: FederationConfig) -> SiteTrainer:
 
 def _request(cfg: FederationConfig, msg: Message) -> RoundRequest:
     config = msg.content[keys.REC_CONFIG]
-    train = TrainConfig(
-        model=cfg.model or None,
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.learning_rate,
-        optimizer=cfg.optimizer,
-        proximal_mu=float(config.get("proximal-mu", cfg.proximal_mu)),
-        device=cfg.device,
-        seed=cfg.seed,
-    )
-    dp = DPConfig(
-        enabled=cfg.dp,
-        target_epsilon=None if cfg.noise_multiplier > 0 else cfg.target_epsilon,
-        noise_multiplier=cfg.noise_multiplier if cfg.noise_multiplier > 0 else None,
-        delta=cfg.target_delta,
-        max_grad_norm=cfg.max_grad_norm,
-        accountant=cfg.accountant,
-        secure_mode=cfg.secure_mode,
+    train, dp = settings_from_run(
+        cfg, proximal_mu=float(config.get("proximal-mu", cfg.proximal_mu))
     )
     return RoundRequest(
         run_id=str(config[keys.RC_RUN_ID]),

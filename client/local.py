@@ -42,10 +42,17 @@ from client.training import (
     resolve_device,
 )
 from common.errors import ConfigError, PolicyViolation
+from common.federation import FederationConfig
 from models import binary_metrics, build_model, default_model_for, model_info
 from models.tasks import task_definition
 
-__all__ = ["RoundRequest", "RoundResult", "SiteTrainer", "resolve_grad_sample_mode"]
+__all__ = [
+    "RoundRequest",
+    "RoundResult",
+    "SiteTrainer",
+    "resolve_grad_sample_mode",
+    "settings_from_run",
+]
 
 
 @dataclass(frozen=True)
@@ -372,6 +379,35 @@ class SiteTrainer:
             for name, value in binary_metrics(y, p).items():
                 out[f"{split}.{name}"] = float(value)
         return out
+
+
+def settings_from_run(
+    cfg: FederationConfig, *, proximal_mu: float | None = None
+) -> tuple[TrainConfig, DPConfig]:
+    """A site's local-training and DP settings for a federated run's config.
+
+    ``proximal_mu`` overrides the run's (FedProx sends it in each round's config).
+    """
+    train = TrainConfig(
+        model=cfg.model or None,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.learning_rate,
+        optimizer=cfg.optimizer,
+        proximal_mu=cfg.proximal_mu if proximal_mu is None else proximal_mu,
+        device=cfg.device,
+        seed=cfg.seed,
+    )
+    dp = DPConfig(
+        enabled=cfg.dp,
+        target_epsilon=None if cfg.noise_multiplier > 0 else cfg.target_epsilon,
+        noise_multiplier=cfg.noise_multiplier if cfg.noise_multiplier > 0 else None,
+        delta=cfg.target_delta,
+        max_grad_norm=cfg.max_grad_norm,
+        accountant=cfg.accountant,
+        secure_mode=cfg.secure_mode,
+    )
+    return train, dp
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:

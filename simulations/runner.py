@@ -25,9 +25,8 @@ import tomli_w
 
 from client.data.loaders import load_site
 from client.data.site import SiteData
+from client.local import settings_from_run
 from client.policy import SitePolicy
-from client.privacy import DPConfig
-from client.training import TrainConfig
 from common.errors import ConfigError, DataError
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.spec import SPEC_FILENAME
@@ -179,23 +178,7 @@ def run_experiment(
     record = json.loads((run_dir / "server_record.json").read_text(encoding="utf-8"))
     baselines: dict[str, Any] = {"local_only": {}, "pooled": {}}
     if scenario.baselines:
-        train = TrainConfig(
-            model=cfg.model or None,
-            epochs=cfg.local_epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.learning_rate,
-            optimizer=cfg.optimizer,
-            device=cfg.device,
-            seed=cfg.seed,
-        )
-        dp = DPConfig(
-            enabled=cfg.dp,
-            target_epsilon=None if cfg.noise_multiplier > 0 else cfg.target_epsilon,
-            noise_multiplier=cfg.noise_multiplier or None,
-            delta=cfg.target_delta,
-            max_grad_norm=cfg.max_grad_norm,
-            accountant=cfg.accountant,
-        )
+        train, dp = settings_from_run(cfg, proximal_mu=0.0)  # baselines train plainly
         baselines["local_only"] = local_only(
             sites,
             task=cfg.task,
