@@ -56,3 +56,16 @@ def test_config_errors_exit_2_with_the_cause(
     code, err = _run(["simulate", "--out", str(tmp_path / "run"), *args], capsys)
     assert code == 2
     assert needle in err
+
+
+def test_sweep_values_become_run_config_overrides() -> None:
+    from simulations.scenario import Sweep
+    from simulations.simulate_cli import _sweep_overrides
+
+    eps = Sweep(key="target-epsilon", values=("0.5", "inf"))
+    assert _sweep_overrides(eps, "0.5") == {"target-epsilon": 0.5}
+    assert _sweep_overrides(eps, "inf") == {"dp": False}  # infinite ε means no DP at all
+    rounds = Sweep(key="num-server-rounds", values=("2",))
+    assert _sweep_overrides(rounds, "2") == {"num-server-rounds": 2}
+    strategy = Sweep(key="strategy", values=("fedprox",))
+    assert _sweep_overrides(strategy, "fedprox") == {"strategy": "fedprox"}
