@@ -8,7 +8,7 @@ documented in :mod:`simulations.synth.latent` and :mod:`simulations.synth.tasks`
 
 from simulations.synth.config import IMAGE_FORMATS, TABLE_FORMATS, SynthConfig
 from simulations.synth.generator import build_schema, synthesize
-from simulations.synth.manifest import MANIFEST_FILENAME, TRUTH_FILENAME, rank_auroc
+from simulations.synth.manifest import MANIFEST_FILENAME, TRUTH_FILENAME
 from simulations.synth.tasks import TASKS
 
 __all__ = [
@@ -17,7 +17,6 @@ __all__ = [
     "TABLE_FORMATS",
     "synthesize",
     "build_schema",
-    "rank_auroc",
     "TASKS",
     "MANIFEST_FILENAME",
     "TRUTH_FILENAME",

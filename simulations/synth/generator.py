@@ -13,6 +13,7 @@ import pandas as pd
 
 from common.errors import ConfigError
 from common.spec import FeatureSchema, ImagingSchema
+from models.metrics import auroc
 from simulations.synth.cohort import SyntheticSite, simulate_site, site_sizes
 from simulations.synth.config import SynthConfig
 from simulations.synth.ehr import MISSABLE, ehr_features, event_features
@@ -21,7 +22,6 @@ from simulations.synth.latent import rng_for
 from simulations.synth.manifest import (
     MANIFEST_FILENAME,
     TRUTH_FILENAME,
-    rank_auroc,
     write_manifest,
 )
 from simulations.synth.tasks import TASKS
@@ -104,7 +104,7 @@ def _task_summary(truth: pd.DataFrame) -> dict[str, Any]:
             "label_table": task.table,
             "modalities": list(task.modalities),
             "prevalence": float(y.mean()),
-            "bayes_auroc": rank_auroc(p, y) if both else None,
+            "bayes_auroc": auroc(y, p) if both else None,
             "signal": task.signal,
         }
     return tasks

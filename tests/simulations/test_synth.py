@@ -19,8 +19,6 @@ import pandas as pd
 import pytest
 import tomli_w
 import typer
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from common.errors import ConfigError
@@ -32,8 +30,9 @@ from common.spec import (
     SiteSpec,
     load_site_spec,
 )
+from models.metrics import auroc
 from simulations.cli import data_synth
-from simulations.synth import SynthConfig, rank_auroc, synthesize
+from simulations.synth import SynthConfig, synthesize
 
 TASK_NAMES = ("readmission", "malignancy", "drug_response", "multimodal_outcome")
 # The documented contract (see simulations/synth/ehr.py): only these EHR columns miss values.
@@ -177,7 +176,7 @@ def held_out_auroc(x: np.ndarray, y: np.ndarray, ridge: float = 5.0) -> float:
     order = np.random.default_rng(0).permutation(len(y))
     train, test = order[: len(y) // 2], order[len(y) // 2 :]
     w = fit_logistic(x[train], y[train], ridge)
-    return rank_auroc(np.c_[np.ones(len(test)), x[test]] @ w, y[test])
+    return auroc(y[test], np.c_[np.ones(len(test)), x[test]] @ w)
 
 
 # ----------------------------------------------------------------------- spec + schema
@@ -573,18 +572,6 @@ def test_signal_is_learnable_by_a_small_model(default_run: Path) -> None:
         ),
     }
     assert min(aurocs.values()) >= 0.75, aurocs
-
-
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 6), st.booleans()), min_size=2, max_size=60))
-def test_rank_auroc_equals_pairwise_with_ties(pairs: list[tuple[int, bool]]) -> None:
-    scores = np.array([s for s, _ in pairs], dtype=float)
-    labels = np.array([int(b) for _, b in pairs])
-    if labels.min() == labels.max():
-        with pytest.raises(ValueError, match="both a positive and a negative"):
-            rank_auroc(scores, labels)
-        return
-    assert rank_auroc(scores, labels) == pytest.approx(pairwise_auroc(scores, labels))
 
 
 # ------------------------------------------------------- safety: overwrite, failures
