@@ -80,7 +80,7 @@ def _trainer(context: Context, cfg: FederationConfig) -> SiteTrainer:
 def _request(cfg: FederationConfig, msg: Message) -> RoundRequest:
     config = msg.content[keys.REC_CONFIG]
     train, dp = settings_from_run(
-        cfg, proximal_mu=float(config.get("proximal-mu", cfg.proximal_mu))
+        cfg, proximal_mu=float(config.get(keys.CFG_PROXIMAL_MU, cfg.proximal_mu))
     )
     return RoundRequest(
         run_id=str(config[keys.RC_RUN_ID]),

@@ -1,6 +1,6 @@
 """Wire keys: every name that crosses between server and sites, in one place.
 
-Run-config keys (``[tool.flwr.app.config]`` / ``flwr run --run-config``), node-config keys
+The run id a message carries, node-config keys
 (``flower-supernode --node-config`` or the simulation's partition id), the record names of a
 message, and the metric names a site may send. The server accepts from a site *only* the
 metric names in :data:`ALLOWED_REPLY_METRICS` (train numbers, and task metrics with the
@@ -11,33 +11,14 @@ metric names in :data:`ALLOWED_REPLY_METRICS` (train numbers, and task metrics w
 from __future__ import annotations
 
 __all__ = [
-    "RC_TASK",
-    "RC_ROUNDS",
-    "RC_LOCAL_EPOCHS",
-    "RC_BATCH_SIZE",
-    "RC_LR",
-    "RC_MODEL",
-    "RC_STRATEGY",
-    "RC_TARGET_EPSILON",
-    "RC_NOISE_MULTIPLIER",
-    "RC_DELTA",
-    "RC_MAX_GRAD_NORM",
-    "RC_DP",
-    "RC_PROXIMAL_MU",
-    "RC_SEED",
-    "RC_DATA_ROOT",
     "RC_RUN_ID",
-    "RC_RUN_DIR",
-    "RC_ROUND_TIMEOUT",
     "NC_PARTITION_ID",
-    "NC_NUM_PARTITIONS",
     "NC_DATA_PATH",
-    "NC_SITE_CONFIG",
     "REC_ARRAYS",
     "REC_CONFIG",
     "REC_METRICS",
-    "CFG_ROUND",
     "CFG_FEDCARE_ROUND",
+    "CFG_PROXIMAL_MU",
     "CFG_SCHEMA_FINGERPRINT",
     "REC_SITE",
     "S_SITE_ID",
@@ -63,39 +44,21 @@ __all__ = [
     "is_allowed_metric",
 ]
 
-# Run config (server side, identical for every site of a run).
-RC_TASK = "task"
-RC_ROUNDS = "num-server-rounds"
-RC_LOCAL_EPOCHS = "local-epochs"
-RC_BATCH_SIZE = "batch-size"
-RC_LR = "learning-rate"
-RC_MODEL = "model"
-RC_STRATEGY = "strategy"
-RC_TARGET_EPSILON = "target-epsilon"
-RC_NOISE_MULTIPLIER = "noise-multiplier"
-RC_DELTA = "target-delta"
-RC_MAX_GRAD_NORM = "max-grad-norm"
-RC_DP = "dp"
-RC_PROXIMAL_MU = "proximal-mu"
-RC_SEED = "seed"
-RC_DATA_ROOT = "data-root"
+# Run-config keys live in common/federation.py (FederationConfig); the run id also travels
+# in every message's config so a site keys its ledger charges on it.
 RC_RUN_ID = "run-id"
-RC_RUN_DIR = "run-dir"
-RC_ROUND_TIMEOUT = "round-timeout"
 
 # Node config (per site).
 NC_PARTITION_ID = "partition-id"
-NC_NUM_PARTITIONS = "num-partitions"
 NC_DATA_PATH = "data-path"
-NC_SITE_CONFIG = "site-config"
 
 # Record names inside a Message's content.
 REC_ARRAYS = "arrays"
 REC_CONFIG = "config"
 REC_METRICS = "metrics"
 REC_SITE = "site"
-CFG_ROUND = "server-round"
 CFG_FEDCARE_ROUND = "fedcare-round"
+CFG_PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx in each round's config
 CFG_SCHEMA_FINGERPRINT = "schema-fingerprint"
 
 # The "site" ConfigRecord of a reply: who answered, and the privacy state of its dataset.
