@@ -46,6 +46,20 @@ def _site_folder(i: int) -> str:
     return f"site-{i}"
 
 
+def _stale_sites(out: Path, n_sites: int) -> list[Path]:
+    """Generated site folders numbered ``n_sites`` or above (left by a larger earlier run)."""
+    if not out.is_dir():
+        return []
+    return sorted(
+        p
+        for p in out.glob("site-*")
+        if p.is_dir()
+        and p.name.removeprefix("site-").isdigit()
+        and int(p.name.removeprefix("site-")) >= n_sites
+        and (p / "site.toml").is_file()
+    )
+
+
 def _check_args(out: Path, n_sites: int, seed: int, force: bool) -> None:
     if not 1 <= n_sites <= MAX_SITES:
         raise ConfigError(
@@ -61,7 +75,7 @@ def _check_args(out: Path, n_sites: int, seed: int, force: bool) -> None:
         out / name
         for name in [*(_site_folder(i) for i in range(n_sites)), MANIFEST_FILENAME, TRUTH_FILENAME]
         if (out / name).is_file() or ((out / name).is_dir() and any((out / name).iterdir()))
-    ]
+    ] + _stale_sites(out, n_sites)
     if taken:
         shown = ", ".join(str(p) for p in taken[:3]) + (" ..." if len(taken) > 3 else "")
         raise ConfigError(
@@ -215,6 +229,10 @@ def synthesize(
             _move_into(staged / _site_folder(i), out / _site_folder(i), trash)
         _move_into(staged / TRUTH_FILENAME, out / TRUTH_FILENAME, trash)
         _move_into(staged / MANIFEST_FILENAME, out / MANIFEST_FILENAME, trash)
+        # A smaller run replacing a larger one must not leave the old sites behind: a later
+        # --data-root run would take them for part of this federation.
+        for stale in _stale_sites(out, n_sites):
+            stale.rename(trash / stale.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [out / _site_folder(i) for i in range(n_sites)]

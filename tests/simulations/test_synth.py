@@ -731,3 +731,12 @@ def test_four_sites_of_300_take_under_five_seconds(tmp_path: Path) -> None:
     start = time.perf_counter()
     synthesize(tmp_path / "t", n_sites=4, seed=9, config=SynthConfig(size_skew=0.0))
     assert time.perf_counter() - start < 5.0
+
+
+def test_force_with_fewer_sites_removes_the_old_higher_numbered_sites(tmp_path: Path) -> None:
+    out = tmp_path / "sites"
+    synthesize(out, n_sites=3, seed=0, config=SynthConfig(patients_per_site=40))
+    with pytest.raises(ConfigError, match="refusing to overwrite"):
+        synthesize(out, n_sites=2, seed=0, config=SynthConfig(patients_per_site=40))
+    synthesize(out, n_sites=2, seed=0, config=SynthConfig(patients_per_site=40), force=True)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["site-0", "site-1"]
