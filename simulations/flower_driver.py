@@ -36,9 +36,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,6 +48,8 @@ from typing import Any
 import tomli_w
 
 from common.errors import ConfigError, FedcareError
+from common.flower_app import ConfigValue, check_values, write_app_dir
+from common.processes import flower_env, free_port, stop_family, venv_bin
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,8 +67,6 @@ __all__ = [
 #: Name of the SuperLink connection written to the private ``FLWR_HOME/config.toml``.
 CONNECTION = "fedcare-sim"
 
-#: Values ``[tool.flwr.app.config]`` and ``--run-config`` accept (Flower's ``UserConfigValue``).
-ConfigValue = bool | int | float | str
 
 #: Lines of the run's log quoted in the error of a failed run.
 _LOG_TAIL_LINES = 40
@@ -277,7 +274,7 @@ class SuperLinkHandle:
 
     def _flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [_venv_bin("flwr"), *args],
+            [venv_bin("flwr"), *args],
             cwd=self.work_dir,
             env=self._env,
             capture_output=True,
@@ -352,16 +349,16 @@ def local_superlink(
     work_dir = Path(work_dir).resolve()
     home = work_dir / "home"
     home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     connection = {"address": f"127.0.0.1:{port}", "insecure": True}
     (home / "config.toml").write_text(
         tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}}),
         encoding="utf-8",
     )
-    env = _flower_env(home, pythonpath)
+    env = flower_env(home=home, pythonpath=pythonpath)
     with open(work_dir / "superlink.log", "ab") as log:
         link = subprocess.Popen(
-            [_venv_bin("flower-superlink"), "--insecure", "--simulation"]
+            [venv_bin("flower-superlink"), "--insecure", "--simulation"]
             + ["--host", "127.0.0.1", "--port", str(port)],
             cwd=work_dir,
             env=env,
@@ -376,79 +373,10 @@ def local_superlink(
         finally:
             sessions = {link.pid}
             try:
-                _stop_family(link, sessions, grace_s=_STOP_GRACE_S)
+                stop_family(link, sessions, grace_s=_STOP_GRACE_S)
             except KeyboardInterrupt:  # a second Ctrl-C during the cleanup: kill at once
-                _stop_family(link, sessions, grace_s=0)
+                stop_family(link, sessions, grace_s=0)
                 raise
-
-
-def write_app_dir(
-    dest: Path,
-    *,
-    config_defaults: Mapping[str, ConfigValue],
-    serverapp: str,
-    clientapp: str,
-    publisher: str = "fedcare",
-    name: str = "fedcare-run",
-) -> Path:
-    """Write a thin Flower app: a folder with only ``pyproject.toml``.
-
-    The FAB built from it ships no code, so the simulation imports the installed (editable)
-    packages; a copy in the FAB would shadow them.
-
-    Parameters
-    ----------
-    dest : pathlib.Path
-        The app folder; created if missing. Anything but ``pyproject.toml`` in it is an error
-        (Flower would ship it).
-    config_defaults : mapping of str to bool, int, float or str
-        ``[tool.flwr.app.config]``: every key a run may override, with its default.
-    serverapp, clientapp : str
-        Component references ``"module:attribute"``. Flower checks them without importing:
-        the attribute must be a module-level assignment (``app = ServerApp()``) or be
-        listed in ``__all__``; a bare ``from x import app`` fails.
-    publisher, name : str
-        The app's publisher and project name (the FAB is ``publisher/name``).
-
-    Returns
-    -------
-    pathlib.Path
-        ``dest``.
-
-    Raises
-    ------
-    ConfigError
-        A component reference or a config value is malformed, or ``dest`` holds other files.
-    """
-    for role, ref in (("serverapp", serverapp), ("clientapp", clientapp)):
-        module, _, attribute = ref.partition(":")
-        if not module or not attribute:
-            raise ConfigError(
-                f"{role} component {ref!r} is not 'module:attribute' (e.g. 'server.app:app')"
-            )
-    _check_values(config_defaults, what="config_defaults")
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    others = sorted(p.name for p in dest.iterdir() if p.name != "pyproject.toml")
-    if others:
-        raise ConfigError(
-            f"{dest} holds {', '.join(others)}: a thin app folder must hold only "
-            "pyproject.toml, else Flower ships those files in the FAB; use an empty folder"
-        )
-    doc = {
-        "project": {"name": name, "version": "1.0.0"},
-        "tool": {
-            "flwr": {
-                "app": {
-                    "publisher": publisher,
-                    "components": {"serverapp": serverapp, "clientapp": clientapp},
-                    "config": dict(config_defaults),
-                }
-            }
-        },
-    }
-    (dest / "pyproject.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
-    return dest
 
 
 # --- submission checks -----------------------------------------------------------------------
@@ -473,18 +401,9 @@ def _federation_config(num_supernodes: int, cpus: float, gpus: float) -> str:
     )
 
 
-def _check_values(config: Mapping[str, object], *, what: str) -> None:
-    bad = [k for k, v in config.items() if not isinstance(v, (bool, int, float, str))]
-    if bad:
-        raise ConfigError(
-            f"{what}: values of {', '.join(map(repr, bad))} are not bool, int, float or str, "
-            "the only types a Flower run config holds; encode them (e.g. as a JSON string)"
-        )
-
-
 def _check_run_config(app_dir: Path, run_config: Mapping[str, object]) -> None:
     """Reject what Flower would reject, but name the offending keys."""
-    _check_values(run_config, what="run_config")
+    check_values(run_config, what="run_config")
     pyproject = app_dir / "pyproject.toml"
     try:
         doc = tomllib.loads(pyproject.read_text(encoding="utf-8"))
@@ -518,45 +437,6 @@ def _check_outside(home: Path, app_dir: Path) -> None:
         )
 
 
-# --- processes -------------------------------------------------------------------------------
-
-
-def _venv_bin(name: str) -> str:
-    """A console script of this interpreter's environment (not whatever PATH finds)."""
-    return str(Path(sys.executable).parent / name)
-
-
-def _flower_env(home: Path, pythonpath: Sequence[Path]) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    no_proxy = ",".join(filter(None, [env.get("NO_PROXY"), env.get("no_proxy"), "127.0.0.1"]))
-    path = [str(Path(p).resolve()) for p in pythonpath]
-    if env.get("PYTHONPATH"):
-        path.append(env["PYTHONPATH"])
-    env.update(
-        {
-            "FLWR_HOME": str(home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-            "NO_PROXY": no_proxy,
-            "no_proxy": no_proxy,
-        }
-    )
-    if path:
-        env["PYTHONPATH"] = os.pathsep.join(path)
-    # Each simulated site is one Ray actor holding one CPU: one math thread per actor avoids
-    # oversubscribing the cores with many small models training at once.
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_healthy(link: subprocess.Popen[bytes], port: int, timeout: float, log: Path) -> None:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + timeout
@@ -575,96 +455,3 @@ def _wait_healthy(link: subprocess.Popen[bytes], port: int, timeout: float, log:
                 f"see {log}, or raise startup_timeout on a loaded machine"
             )
         time.sleep(0.2)
-
-
-@dataclass(frozen=True)
-class _Proc:
-    pid: int
-    ppid: int
-    pgid: int
-    sid: int
-
-
-def _processes() -> list[_Proc]:
-    """Live processes from /proc (psutil is not a dependency); zombies are left out."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Field 2 (comm) may hold spaces and parentheses: split after the last ')'.
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] in ("Z", "X"):
-            continue
-        found.append(_Proc(int(entry.name), int(fields[1]), int(fields[2]), int(fields[3])))
-    return found
-
-
-def _family(sessions: set[int], root: int | None = None) -> tuple[list[_Proc], set[int]]:
-    """Members of ``sessions``, ``root`` and all their descendants, and all their sessions.
-
-    Sessions tie the family together once the SuperLink is gone: orphans are re-parented,
-    but keep their session. ``root`` is only for a process not yet reaped (its pid is not
-    reused while it lives).
-    """
-    sessions = set(sessions)
-    own = os.getsid(0)
-    while True:
-        procs = _processes()
-        members = {p.pid: p for p in procs if p.sid in sessions or p.pid == root}
-        grew = True
-        while grew:
-            grew = False
-            for p in procs:
-                if p.pid not in members and p.ppid in members:
-                    members[p.pid] = p
-                    grew = True
-        found = {p.sid for p in members.values()} - {own}  # never our own session
-        if found <= sessions:
-            return [p for p in members.values() if p.sid != own], sessions
-        sessions |= found
-
-
-def _signal_family(members: Sequence[_Proc], sig: int) -> None:
-    own = os.getpgrp()
-    for pgid in sorted({p.pgid for p in members} - {own}):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, sig)
-    for p in members:  # a member in a foreign process group
-        if p.pgid == own:
-            continue
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p.pid, sig)
-
-
-def _stop_family(link: subprocess.Popen[bytes], sessions: set[int], *, grace_s: float) -> None:
-    """Stop the SuperLink, then every process in its sessions (SuperExec, simulation, Ray).
-
-    Each step waits up to ``grace_s`` before the next, harder one (SIGTERM, then SIGKILL).
-    ``sessions`` (the SuperLink's pid at first) grows in place with every session found, so
-    a second call after an interrupted first one still knows them.
-    """
-    if link.poll() is None:  # while it lives, its pid names it and its children
-        sessions |= _family(sessions, root=link.pid)[1]
-    link.terminate()
-    try:
-        link.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        link.kill()
-        link.wait()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        members, found = _family(sessions)
-        sessions |= found
-        if not members:
-            return
-        _signal_family(members, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            time.sleep(0.1)
-            members, found = _family(sessions)
-            sessions |= found
-            if not members:
-                return

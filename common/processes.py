@@ -1,0 +1,249 @@
+"""Start and stop Flower's processes: their environment, free ports, and whole-family stops.
+
+Flower's SuperLink and SuperNode spawn processes of their own (a SuperExec, and under it a
+ServerApp, ClientApp or simulation process, possibly a Ray cluster). Some of them start new
+sessions, and they outlive their parent when it dies mid-run. :func:`stop_family` stops a
+process and every process it spawned, found by session and parentage in ``/proc`` (psutil is
+not a dependency), first with SIGTERM and, after a grace period, SIGKILL.
+
+Every Flower process fedcare starts gets :func:`flower_env`: telemetry off, run-time
+dependency installation off, and this interpreter's ``bin/`` first on ``PATH`` (the
+SuperLink and SuperNode start ``flower-superexec`` by name).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "venv_bin",
+    "flower_env",
+    "free_port",
+    "stop_family",
+    "family_pids",
+    "family_sessions",
+    "supervise",
+]
+
+
+def venv_bin(name: str) -> str:
+    """A console script of this interpreter's environment (not whatever PATH finds)."""
+    return str(Path(sys.executable).parent / name)
+
+
+def flower_env(
+    *,
+    home: Path | None = None,
+    pythonpath: Sequence[Path] = (),
+    base: Mapping[str, str] | None = None,
+    one_thread: bool = True,
+) -> dict[str, str]:
+    """The environment of a Flower process fedcare starts.
+
+    Parameters
+    ----------
+    home : pathlib.Path, optional
+        A private ``FLWR_HOME`` (connection config, installed FABs).
+    pythonpath : sequence of pathlib.Path, default ()
+        Folders put in front of ``PYTHONPATH``.
+    base : mapping, optional
+        The environment to start from (default: this process's).
+    one_thread : bool, default True
+        Set ``OMP_NUM_THREADS=1`` unless already set (many small trainings side by side).
+    """
+    env = dict(os.environ if base is None else base)
+    env.pop("RAY_ADDRESS", None)
+    no_proxy = ",".join(
+        filter(None, [env.get("NO_PROXY"), env.get("no_proxy"), "127.0.0.1,localhost"])
+    )
+    path = [str(Path(p).resolve()) for p in pythonpath]
+    if env.get("PYTHONPATH"):
+        path.append(env["PYTHONPATH"])
+    env.update(
+        {
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+            "NO_PROXY": no_proxy,
+            "no_proxy": no_proxy,
+        }
+    )
+    if home is not None:
+        env["FLWR_HOME"] = str(home)
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(path)
+    if one_thread:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class _Proc:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+
+
+def _processes() -> list[_Proc]:
+    """Live processes from /proc; zombies are left out."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 2 (comm) may hold spaces and parentheses: split after the last ')'.
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):
+            continue
+        found.append(_Proc(int(entry.name), int(fields[1]), int(fields[2]), int(fields[3])))
+    return found
+
+
+def _family(sessions: set[int], root: int | None = None) -> tuple[list[_Proc], set[int]]:
+    """Members of ``sessions``, ``root`` and all their descendants, and all their sessions.
+
+    Sessions tie the family together once the parent is gone: orphans are re-parented, but
+    keep their session. ``root`` is only for a process not yet reaped (its pid is not reused
+    while it lives).
+    """
+    sessions = set(sessions)
+    own = os.getsid(0)
+    while True:
+        procs = _processes()
+        members = {p.pid: p for p in procs if p.sid in sessions or p.pid == root}
+        grew = True
+        while grew:
+            grew = False
+            for p in procs:
+                if p.pid not in members and p.ppid in members:
+                    members[p.pid] = p
+                    grew = True
+        found = {p.sid for p in members.values()} - {own}  # never our own session
+        if found <= sessions:
+            return [p for p in members.values() if p.sid != own], sessions
+        sessions |= found
+
+
+def family_pids(root: int) -> set[int]:
+    """The pids of ``root`` (a session leader) and of everything it spawned, alive now."""
+    members, _ = _family({root}, root=root)
+    return {p.pid for p in members}
+
+
+def family_sessions(root: int) -> set[int]:
+    """The sessions of ``root`` (a session leader) and of everything it spawned, alive now.
+
+    Known before a stop, they find the family even after ``root`` is gone.
+    """
+    return _family({root}, root=root)[1]
+
+
+def _signal_family(members: Sequence[_Proc], sig: int) -> None:
+    own = os.getpgrp()
+    for pgid in sorted({p.pgid for p in members} - {own}):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+    for p in members:  # a member in a foreign process group
+        if p.pgid == own:
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p.pid, sig)
+
+
+def stop_family(
+    proc: subprocess.Popen[bytes], sessions: set[int] | None = None, *, grace_s: float
+) -> None:
+    """Stop ``proc`` (started with ``start_new_session=True``), then everything it spawned.
+
+    ``proc`` gets SIGTERM (its own clean shutdown) and up to ``grace_s`` to exit, then
+    SIGKILL; then every process in its session, or in the session of anything it spawned,
+    gets SIGTERM and, after ``grace_s``, SIGKILL. ``sessions`` (``{proc.pid}`` by default)
+    grows in place with every session found, so a second call after an interrupted first
+    one still knows them.
+    """
+    if sessions is None:
+        sessions = {proc.pid}
+    if proc.poll() is None:  # while it lives, its pid names it and its children
+        sessions |= _family(sessions, root=proc.pid)[1]
+        proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        members, found = _family(sessions)
+        sessions |= found
+        if not members:
+            return
+        _signal_family(members, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            members, found = _family(sessions)
+            sessions |= found
+            if not members:
+                return
+
+
+def supervise(
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    grace_s: float = 10.0,
+    cwd: Path | None = None,
+) -> int:
+    """Run ``command`` in the foreground until it exits or this process is told to stop.
+
+    SIGTERM, SIGINT and SIGHUP to this process stop the child *and everything it spawned*
+    (SuperExec, ServerApp and ClientApp processes) through :func:`stop_family`, so a
+    ``systemctl stop`` or Ctrl-C leaves nothing behind. Returns the child's exit code
+    (128 + the signal number when this process was told to stop).
+    """
+    stop_signal: list[int] = []
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop_signal.append(signum)
+
+    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, _on_signal) for s in handled}
+    proc = subprocess.Popen(  # noqa: S603 - a fixed Flower executable and our own arguments
+        list(command), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+    sessions = {proc.pid}
+    try:
+        ticks = 0
+        while proc.poll() is None and not stop_signal:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.5)
+            ticks += 1
+            if ticks % 20 == 0 and proc.poll() is None:
+                # Keep the family's sessions known, in case the child dies before them.
+                sessions |= _family(sessions, root=proc.pid)[1]
+    finally:
+        stop_family(proc, sessions, grace_s=grace_s)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stop_signal:
+        return 128 + stop_signal[0]
+    return int(proc.returncode)
