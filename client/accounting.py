@@ -39,8 +39,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.analysis.rdp import compute_rdp
 
 from common.errors import ConfigError, PrivacyBudgetExceeded
 
@@ -182,6 +180,7 @@ def _rdp_epsilon_at_integer_orders(
     history: Sequence[tuple[float, float, int]], delta: float, orders: np.ndarray
 ) -> float:
     """RDP ε of ``history`` at ``delta`` minimised over ``orders`` only (Balle et al. 2020)."""
+    from opacus.accountants.analysis.rdp import compute_rdp  # imported when used: ~2 s
     rdp = np.zeros(len(orders))
     for sigma, q, steps in history:
         rdp += np.asarray(
@@ -200,6 +199,7 @@ def _prv_grid_bound(
     over the *integer* members of Opacus's default orders only (a subset, hence a larger,
     i.e. safe, ``L``) because integer orders are cheap to evaluate.
     """
+    from opacus.accountants import RDPAccountant
     orders = np.array([a for a in RDPAccountant.DEFAULT_ALPHAS if float(a).is_integer()], float)
     total = sum(steps for _, _, steps in history)
     l_max = _rdp_epsilon_at_integer_orders(history, delta_error / 4, orders)
@@ -253,6 +253,7 @@ def prv_eps_error(
 
 def _prv_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
     eps_error = prv_eps_error(mechanisms, delta=delta)
+    from opacus.accountants import PRVAccountant
     accountant = PRVAccountant()
     accountant.history = [m.as_history_entry() for m in mechanisms]
     try:
@@ -272,6 +273,7 @@ def _prv_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
 
 
 def _rdp_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
+    from opacus.accountants import RDPAccountant
     accountant = RDPAccountant()
     accountant.history = [m.as_history_entry() for m in mechanisms]
     return float(accountant.get_epsilon(delta))

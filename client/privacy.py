@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from opacus import PrivacyEngine
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -122,6 +121,7 @@ def make_private(
     draws both from a CSPRNG and the generators are ignored, since a seeded generator would
     void the guarantee.
     """
+    from opacus import PrivacyEngine  # imported when used: an evaluation never needs it
     engine = PrivacyEngine(accountant="prv", secure_mode=secure_mode)
     loader = DataLoader(
         dataset,

@@ -7,6 +7,7 @@ raised by any command becomes one clear line on stderr and exit code 2, never a 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -31,28 +32,61 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 budget_app = typer.Typer(help="A site's privacy-budget ledger.", no_args_is_help=True)
 app.add_typer(budget_app, name="budget")
+certs_app = typer.Typer(help="TLS certificates for a deployment.", no_args_is_help=True)
+app.add_typer(certs_app, name="certs")
+server_app = typer.Typer(help="The coordinating centre's SuperLink.", no_args_is_help=True)
+app.add_typer(server_app, name="server")
+site_app = typer.Typer(help="A hospital site: keys, checks, its SuperNode.", no_args_is_help=True)
+app.add_typer(site_app, name="site")
+audit_app = typer.Typer(
+    help="Privacy audit: verify logs, attack the model, report.", no_args_is_help=True
+)
+app.add_typer(audit_app, name="audit")
 
 
-_mounted = False
+#: Every command: (group or None for a top-level command, name, "module:function").
+COMMANDS: tuple[tuple[str | None, str, str], ...] = (
+    ("data", "check", "client.cli:data_check"),
+    ("data", "synth", "simulations.cli:data_synth"),
+    ("budget", "show", "client.budget_cli:budget_show"),
+    (None, "demo", "fedcare.demo:demo"),
+    (None, "simulate", "simulations.simulate_cli:simulate"),
+    ("certs", "init", "server.certs_cli:certs_init"),
+    ("server", "start", "server.deploy_cli:server_start"),
+    ("server", "submit", "server.deploy_cli:server_submit"),
+    ("site", "keygen", "client.site_cli:site_keygen"),
+    ("site", "check", "client.site_cli:site_check"),
+    ("site", "start", "client.deploy_cli:site_start"),
+    ("audit", "verify", "simulations.audit.verify:audit_verify"),
+    ("audit", "attack", "simulations.audit.attack_cli:audit_attack"),
+    ("audit", "report", "simulations.audit.report_cli:audit_report"),
+)
+_GROUPS = {
+    "data": data_app,
+    "budget": budget_app,
+    "certs": certs_app,
+    "server": server_app,
+    "site": site_app,
+    "audit": audit_app,
+}
+_mounted: set[tuple[str | None, str]] = set()
 
 
-def _mount() -> None:
-    """Register every package's commands once (imported late so `--help` stays cheap)."""
-    global _mounted
-    if _mounted:
-        return
-    _mounted = True
-    from client import budget_cli
-    from client import cli as client_cli
-    from fedcare import demo as demo_cmd
-    from simulations import cli as sim_cli
-    from simulations import simulate_cli
+def _mount(argv: list[str]) -> None:
+    """Register the commands this invocation can reach, importing only their modules.
 
-    data_app.command("check")(client_cli.data_check)
-    data_app.command("synth")(sim_cli.data_synth)
-    budget_app.command("show")(budget_cli.budget_show)
-    app.command("demo")(demo_cmd.demo)
-    app.command("simulate")(simulate_cli.simulate)
+    ``fedcare site keygen`` then never imports torch; a bare ``fedcare`` or ``--help``
+    mounts everything.
+    """
+    first = next((a for a in argv if not a.startswith("-")), None)
+    wanted = {first} if first in _GROUPS else set(_GROUPS) | {None}
+    for group, name, ref in COMMANDS:
+        if group not in wanted or (group, name) in _mounted:
+            continue
+        _mounted.add((group, name))
+        module, _, attribute = ref.partition(":")
+        function = getattr(importlib.import_module(module), attribute)
+        (app if group is None else _GROUPS[group]).command(name)(function)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
-    _mount()
+    _mount(list(sys.argv[1:] if argv is None else argv))
     try:
         rc = app(args=argv, standalone_mode=False)
     except FedcareError as e:

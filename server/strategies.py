@@ -1,8 +1,10 @@
 """Aggregation strategies by name: Flower's own, configured from a run's config.
 
-A new strategy is one entry in :data:`_BUILDERS`. Every strategy waits for all ``n_sites`` (a
-hospital federation is small and every site matters); a site that does not answer within the
-round timeout is recorded as a drop-out by :class:`server.guard.GuardedStrategy`.
+A new strategy is one entry in :data:`_BUILDERS`. Every strategy sends each round to every
+connected site (a hospital federation is small and every site matters) and goes on as long as
+``min-sites`` are connected: the ServerApp waits for all ``num-sites`` before round 1, and a site
+lost later (no reply within the round timeout, or gone offline) is recorded as a drop-out by
+:class:`server.guard.GuardedStrategy` while the others carry on.
 """
 
 from __future__ import annotations
@@ -53,10 +55,13 @@ def build_strategy(cfg: FederationConfig, *, n_sites: int) -> Strategy:
     """
     if n_sites < 1:
         raise ConfigError("a federation needs at least one site")
+    # Flower waits, without a timeout, until ``min_available_nodes`` are connected: with all
+    # n_sites there, one site going offline would stall the whole federation.
+    quorum = max(1, min(cfg.min_sites, n_sites))
     common = {
-        "min_train_nodes": n_sites,
-        "min_evaluate_nodes": n_sites,
-        "min_available_nodes": n_sites,
+        "min_train_nodes": quorum,
+        "min_evaluate_nodes": quorum,
+        "min_available_nodes": quorum,
     }
     strategy = _BUILDERS[cfg.strategy](cfg, common)
     if cfg.hospital_dp_noise > 0:

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import flwr
 import tomli_w
 
 from client.data.loaders import load_site
@@ -31,13 +30,14 @@ from common.errors import ConfigError, DataError
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.spec import SPEC_FILENAME
 from common.summary import RunSummary, write_summary
+from server.summary import build_summary
 from simulations.baselines import local_only, pooled
 from simulations.flower_driver import local_superlink, write_app_dir
 from simulations.reports import MetricRow, write_metrics_csv, write_run_plots
 from simulations.scenario import Scenario
 from simulations.synth import synthesize
 
-__all__ = ["run_experiment", "prepare_sites", "build_summary", "RunOutcome"]
+__all__ = ["run_experiment", "prepare_sites", "RunOutcome"]
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -199,7 +199,7 @@ def run_experiment(
         baselines["pooled"] = pooled(
             sites, task=cfg.task, train=train, rounds=cfg.num_server_rounds, seed=cfg.seed
         )
-    summary = build_summary(record, cfg, baselines)
+    summary = build_summary(record, baselines)
     write_summary(summary, run_dir / "summary.json")
     write_metrics_csv(_metric_rows(record, baselines), run_dir / "metrics.csv")
     write_run_plots(run_dir)
@@ -210,42 +210,6 @@ def _cuda_available() -> bool:
     import torch
 
     return bool(torch.cuda.is_available())
-
-
-def build_summary(
-    record: dict[str, Any], cfg: FederationConfig, baselines: dict[str, Any]
-) -> RunSummary:
-    """The validated ``summary.json`` of a run, from the server's record and the baselines."""
-    from fedcare import __version__
-
-    rounds = sorted(record["rounds"], key=lambda e: e["round"])
-    sites = []
-    for site_id in sorted(record["sites"]):
-        site = record["sites"][site_id]
-        privacy = dict(site["privacy"])
-        privacy["mechanisms"] = [
-            {k: m[k] for k in ("noise_multiplier", "sample_rate", "steps")}
-            for m in sorted(privacy["mechanisms"], key=lambda m: m["round"])
-        ]
-        sites.append({**site, "privacy": privacy})
-    final = rounds[-1]["metrics"] if rounds else {}
-    data = {
-        "run_id": record["run_id"],
-        "fedcare_version": __version__,
-        "flwr_version": flwr.__version__,
-        "task": record["task"],
-        "strategy": record["strategy"],
-        "rounds_planned": record["rounds_planned"],
-        "rounds_completed": record["rounds_completed"],
-        "sites": sites,
-        "global": {
-            "rounds": [{"round": e["round"], "metrics": e["metrics"]} for e in rounds],
-            "final": final,
-        },
-        "baselines": baselines,
-        "events": record["events"],
-    }
-    return RunSummary.model_validate(data)
 
 
 def _metric_rows(record: dict[str, Any], baselines: dict[str, Any]) -> list[MetricRow]:

@@ -1,0 +1,42 @@
+"""``fedcare site start CONFIG``: a hospital's SuperNode, in the foreground.
+
+TLS and node authentication are on unless the config or ``--insecure`` says otherwise
+(which warns loudly). SIGTERM (``systemctl stop``) or Ctrl-C stops the SuperNode and every
+ClientApp process it started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from client.deploy import supernode_command
+from client.site_config import load_site_config
+from common.processes import flower_env, supervise
+
+__all__ = ["site_start"]
+
+_INSECURE_WARNING = (
+    "WARNING: insecure: this SuperNode talks to the SuperLink in PLAIN TEXT and without node "
+    "authentication. Model updates cross the network unencrypted. Use this only for a test "
+    "on one machine, never between hospitals."
+)
+
+
+def site_start(
+    config: Path = typer.Argument(..., help="The site's site-config.toml."),  # noqa: B008
+    insecure: bool = typer.Option(False, "--insecure", help="Plain text, no node auth (tests)."),
+) -> None:
+    """Start this site's SuperNode with TLS and node authentication (foreground)."""
+    site = load_site_config(config)
+    command = supernode_command(site, config_path=config, insecure=insecure)
+    if insecure or site.superlink.insecure:
+        typer.secho(_INSECURE_WARNING, fg=typer.colors.RED, bold=True, err=True)
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    typer.echo(
+        f"site {site.site_id}: SuperNode -> {site.superlink.address}; data {site.data}; "
+        f"state {site.state_dir}; budget epsilon={site.privacy.epsilon:g} "
+        f"(delta={site.privacy.delta:g})"
+    )
+    raise typer.Exit(supervise(command, env=flower_env(one_thread=False)))

@@ -1,0 +1,324 @@
+"""A real deployment on 127.0.0.1 for the integration tests: certificates, a SuperLink and
+SuperNodes started with fedcare's own commands, each in its own process.
+
+Everything is started through the ``fedcare`` console script (``certs init``, ``site keygen``,
+``server start``, ``site start``) and Flower's ``flwr`` CLI (``supernode register``, ``run``,
+``ls``), exactly as a coordinating centre and its hospitals would. Every process started
+here is stopped with its whole family (SuperExec, ServerApp, ClientApp processes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common.federation import RUN_CONFIG_DEFAULTS
+from common.processes import family_pids, family_sessions, flower_env, free_port, stop_family
+from simulations.flower_driver import write_app_dir
+from simulations.synth import SynthConfig, synthesize
+
+BIN = Path(sys.executable).parent
+CONNECTION = "hospitals"
+
+
+def fedcare(
+    *args: str, env: Mapping[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run a short ``fedcare`` command to completion."""
+    return subprocess.run(
+        [str(BIN / "fedcare"), *args],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@dataclass
+class Process:
+    """A long-running command of the deployment, with its log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    sessions: set[int] = field(default_factory=set)
+
+    def stop(self, grace_s: float = 10.0) -> int:
+        """SIGTERM (the fedcare supervisor stops its family), then make sure all is gone."""
+        if self.proc.poll() is None:
+            self.sessions |= family_sessions(self.proc.pid)
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(grace_s)
+        stop_family(self.proc, self.sessions, grace_s=2.0)
+        return int(self.proc.returncode)
+
+    def crash(self) -> None:
+        """SIGKILL the command and everything it started at once: the machine goes dark."""
+        for pid in family_pids(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Deployment:
+    """A coordinating centre and its hospitals, all on this machine."""
+
+    root: Path
+    port: int
+    env: dict[str, str]
+    sites: list[Path]
+    processes: dict[str, Process] = field(default_factory=dict)
+    _earlier: list[Process] = field(default_factory=list)
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "centre" / "certs"
+
+    @property
+    def flwr_home(self) -> Path:
+        return Path(self.env["FLWR_HOME"])
+
+    # --- setup -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: Path, *, n_sites: int = 3, patients: int = 140) -> Deployment:
+        root.mkdir(parents=True, exist_ok=True)
+        home = root / "centre" / "flwr-home"
+        home.mkdir(parents=True)
+        env = flower_env(home=home)
+        env["PYTHONUNBUFFERED"] = "1"
+        synthesize(
+            root / "data",
+            n_sites=n_sites,
+            seed=5,
+            config=SynthConfig(patients_per_site=patients, image_format="npy"),
+        )
+        dep = cls(root=root, port=free_port(), env=env, sites=[])
+        out = fedcare(
+            "certs",
+            "init",
+            "--out",
+            str(dep.certs),
+            "--host",
+            "127.0.0.1",
+            "--host",
+            "localhost",
+            env=env,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        connection = {
+            "address": f"127.0.0.1:{dep.port}",
+            "root-certificates": str(dep.certs / "ca.crt"),
+        }
+        (home / "config.toml").write_text(
+            tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
+        )
+        for i in range(n_sites):
+            dep.sites.append(dep.add_site(i, register=False))
+        return dep
+
+    def add_site(self, i: int, *, register: bool) -> Path:
+        """A hospital folder: its keys, its site-config.toml, and its data (already written)."""
+        site = self.root / f"hospital-{i}"
+        keys = site / "keys"
+        out = fedcare("site", "keygen", "--out", str(keys), env=self.env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        shutil.copy(self.certs / "ca.crt", site / "ca.crt")
+        config = {
+            "site_id": f"site-{i}",
+            "data": str(self.root / "data" / f"site-{i}"),
+            "state_dir": str(site / "state"),
+            "device": "cpu",
+            "privacy": {"epsilon": 20.0, "delta": 1e-5},
+            "policy": {"max_local_epochs": 3},
+            "superlink": {
+                "address": f"127.0.0.1:{self.port}",
+                "root_certificates": str(site / "ca.crt"),
+                "auth_private_key": str(keys / "supernode"),
+            },
+            "supernode": {"port": free_port()},
+        }
+        (site / "site-config.toml").write_text(tomli_w.dumps(config))
+        if register:
+            self.register(i)
+        return site
+
+    def register(self, i: int) -> None:
+        """The coordinating centre registers hospital ``i``'s public key (server running)."""
+        public_key = self.root / f"hospital-{i}" / "keys" / "supernode.pub"
+        out = self.flwr("supernode", "register", str(public_key), CONNECTION)
+        assert out.returncode == 0 and "registered" in out.stdout, out.stdout + out.stderr
+
+    # --- processes -----------------------------------------------------------------------------
+    def _spawn(self, name: str, *args: str) -> Process:
+        """Start ``fedcare ARGS``; ``processes[name]`` is the newest, every one is stopped."""
+        if name in self.processes:
+            self._earlier.append(self.processes[name])
+        log = self.root / "logs" / f"{name}.log"
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "ab") as f:
+            proc = subprocess.Popen(
+                [str(BIN / "fedcare"), *args],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        p = Process(name, proc, log, {proc.pid})
+        self.processes[name] = p
+        return p
+
+    def start_server(self, timeout: float = 60) -> Process:
+        p = self._spawn(
+            "superlink",
+            "server",
+            "start",
+            "--certs",
+            str(self.certs),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.root / "centre" / "superlink.db"),
+        )
+        self.wait_healthy(p, timeout)
+        return p
+
+    def healthy(self) -> bool:
+        """The SuperLink answers its health check over TLS, verified with the CA."""
+        context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
+        try:
+            with opener.open(f"https://127.0.0.1:{self.port}/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def wait_healthy(self, p: Process, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert p.proc.poll() is None, f"SuperLink exited:\n{p.text()[-3000:]}"
+            if self.healthy():
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"SuperLink not healthy after {timeout} s:\n{p.text()[-3000:]}")
+
+    def start_site(self, i: int, *extra: str) -> Process:
+        return self._spawn(
+            f"site-{i}",
+            "site",
+            "start",
+            str(self.root / f"hospital-{i}" / "site-config.toml"),
+            *extra,
+        )
+
+    def stop_all(self) -> None:
+        for p in reversed([*self._earlier, *self.processes.values()]):
+            p.stop()
+
+    # --- runs ----------------------------------------------------------------------------------
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=self.root,
+        )
+
+    def submit(self, run_id: str, **config: Any) -> int:
+        """``flwr run`` the thin fedcare app; returns Flower's run id."""
+        app = write_app_dir(
+            self.root / "centre" / "app",
+            config_defaults=RUN_CONFIG_DEFAULTS,
+            serverapp="server.app:app",
+            clientapp="client.app:app",
+        )
+        run_config = {
+            "run-id": run_id,
+            "run-dir": str(self.run_dir(run_id)),
+            "spec-path": str(self.root / "data" / "site-0" / "site.toml"),
+            "task": "readmission",
+            "local-epochs": 1,
+            "learning-rate": 0.01,
+            **config,
+        }
+        path = self.root / "centre" / f"{run_id}.toml"
+        path.write_text(tomli_w.dumps(run_config))
+        out = self.flwr("run", str(app), CONNECTION, "--format", "json", "--run-config", str(path))
+        reply = json.loads(out.stdout[out.stdout.index("{") :])
+        assert reply.get("success"), out.stdout + out.stderr
+        return int(reply["run-id"])
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "centre" / "runs" / run_id
+
+    def status(self, flwr_run_id: int) -> dict[str, Any]:
+        out = self.flwr("ls", CONNECTION, "--run-id", str(flwr_run_id), "--format", "json")
+        reply = json.loads(out.stdout[out.stdout.index("{") :])
+        assert reply.get("success"), out.stdout + out.stderr
+        return dict(reply["runs"][0])
+
+    def wait(self, flwr_run_id: int, timeout: float = 400) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.status(flwr_run_id)
+            if str(info["status"]).startswith("finished"):
+                return info
+            time.sleep(2)
+        raise AssertionError(f"run {flwr_run_id} not finished after {timeout} s: {info}")
+
+    def wait_for_round(self, run_id: str, rnd: int, timeout: float = 300) -> None:
+        """Until ``progress.jsonl`` of ``run_id`` has an entry for round ``rnd``."""
+        progress = self.run_dir(run_id) / "progress.jsonl"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if progress.is_file():
+                done = [json.loads(x)["round"] for x in progress.read_text().splitlines() if x]
+                if rnd in done:
+                    return
+            time.sleep(0.5)
+        raise AssertionError(f"round {rnd} of {run_id} not reached in {timeout} s")
+
+
+def processes_under(root: Path) -> list[str]:
+    """Live processes whose command line or environment mentions ``root``."""
+    marker = str(root.resolve()).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            cmdline = (entry / "cmdline").read_bytes()
+            if marker in cmdline or marker in (entry / "environ").read_bytes():
+                found.append(f"{entry.name}: {cmdline[:120].decode(errors='replace')}")
+        except OSError:
+            continue
+    return found

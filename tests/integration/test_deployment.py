@@ -1,0 +1,149 @@
+"""A real hospital deployment on 127.0.0.1: one SuperLink and three SuperNodes, each its own
+process started with ``fedcare server start`` / ``fedcare site start``, TLS and node
+authentication on, each site with its own data folder, site-config.toml and privacy ledger.
+
+Runs are submitted with ``flwr run`` and followed with ``flwr ls --format json``. Slow:
+every message starts a fresh ClientApp process. CI runs them too.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from client.ledger import PrivacyLedger
+from common.summary import load_summary
+from tests.integration._deployment import CONNECTION, Deployment, processes_under
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    dep = Deployment.create(tmp_path_factory.mktemp("deployment"))
+    try:
+        dep.start_server()
+        for i in range(len(dep.sites)):
+            dep.register(i)
+            dep.start_site(i)
+        yield dep
+    finally:
+        dep.stop_all()
+        deadline = time.monotonic() + 15
+        while processes_under(dep.root) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not processes_under(dep.root), "processes left behind"
+
+
+def _charges(dep: Deployment, site: int, run_id: str) -> list[int]:
+    ledger = PrivacyLedger(dep.root / f"hospital-{site}" / "state" / "ledger.sqlite")
+    return sorted(
+        c.round
+        for dataset in ledger.summary()
+        for c in ledger.charges(dataset.fingerprint)
+        if c.run_id == run_id
+    )
+
+
+def _online_nodes(dep: Deployment) -> int:
+    out = dep.flwr("supernode", "ls", CONNECTION, "--format", "json")
+    nodes = json.loads(out.stdout[out.stdout.index("{") :])["nodes"]
+    return sum(1 for n in nodes if str(n.get("status", "")).startswith("online"))
+
+
+def test_run_survives_a_server_restart_and_resumes(deployment: Deployment) -> None:
+    """Two rounds over TLS with registered nodes; the SuperLink is restarted after round 1.
+
+    The restarted SuperLink keeps its registered SuperNodes (its SQLite state); they
+    reconnect on their own; the run, submitted again with the same run id, resumes after
+    round 1. Every site is charged exactly once per round.
+    """
+    dep = deployment
+    run = "tls-restart"
+    first = dep.submit(run, **{"num-server-rounds": 2, "num-sites": 3})
+    dep.wait_for_round(run, 1)
+    dep.processes["superlink"].stop()  # SIGTERM: the server and its ServerApp go down
+    assert not dep.healthy(), "the SuperLink still answers after it was stopped"
+    dep.start_server()
+    deadline = time.monotonic() + 120
+    while _online_nodes(dep) < 3 and time.monotonic() < deadline:
+        time.sleep(2)
+    assert _online_nodes(dep) == 3, "the SuperNodes did not reconnect to the restarted SuperLink"
+    second = dep.submit(run, **{"num-server-rounds": 2, "num-sites": 3})
+    info = dep.wait(second)
+    assert info["status"] == "finished:completed", info
+    assert first != second
+
+    summary = load_summary(dep.run_dir(run) / "summary.json")
+    assert summary.rounds_completed == 2
+    assert sorted(s.site_id for s in summary.sites) == ["site-0", "site-1", "site-2"]
+    assert all(s.status == "completed" for s in summary.sites), summary.sites
+    assert all(s.rounds_participated == (1, 2) for s in summary.sites), summary.sites
+    for i in range(3):
+        assert _charges(dep, i, run) == [1, 2]  # round 1 was not charged twice
+    progress = (dep.run_dir(run) / "progress.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in progress] == [0, 1, 2]
+
+
+def test_unregistered_node_is_refused(deployment: Deployment) -> None:
+    dep = deployment
+    dep.add_site(3, register=False)
+    # It has no data of its own: it is refused before any data is read.
+    p = dep.start_site(3)
+    try:
+        p.proc.wait(90)
+    except Exception:  # still running: it was let in
+        pytest.fail(f"an unregistered SuperNode was admitted:\n{p.text()[-2000:]}")
+    assert p.proc.returncode != 0
+    assert "Failed to activate SuperNode" in p.text()
+    assert _online_nodes(dep) == 3
+
+
+def test_plain_text_cannot_connect(deployment: Deployment) -> None:
+    dep = deployment
+    # A plain-HTTP request to the SuperLink's port gets no answer.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
+        opener.open(f"http://127.0.0.1:{dep.port}/health", timeout=5).read()
+    # A TLS client that does not trust the federation's CA is refused too.
+    with pytest.raises(urllib.error.URLError) as e:
+        urllib.request.build_opener(
+            urllib.request.ProxyHandler({}),
+            urllib.request.HTTPSHandler(context=ssl.create_default_context()),
+        ).open(f"https://127.0.0.1:{dep.port}/health", timeout=5)
+    assert "CERTIFICATE_VERIFY_FAILED" in str(e.value)
+    # A SuperNode started --insecure never gets in (it warns loudly, then fails to connect).
+    p = dep.start_site(0, "--insecure")
+    time.sleep(12)
+    text = p.text()
+    p.stop()
+    assert "PLAIN TEXT" in text
+    assert "Connection attempt failed" in text
+    assert _online_nodes(dep) == 3
+
+
+def test_site_killed_mid_run_is_recorded_as_dropped(deployment: Deployment) -> None:
+    dep = deployment
+    run = "drop-out"
+    flwr_run = dep.submit(
+        run, **{"num-server-rounds": 2, "num-sites": 3, "min-sites": 2, "round-timeout": 120.0}
+    )
+    dep.wait_for_round(run, 1)
+    dep.processes["site-2"].crash()  # the whole hospital goes dark at once
+    info = dep.wait(flwr_run)
+    assert info["status"] == "finished:completed", info
+    summary = load_summary(dep.run_dir(run) / "summary.json")
+    assert summary.rounds_completed == 2
+    by_id = {s.site_id: s for s in summary.sites}
+    assert by_id["site-2"].status == "dropped", by_id["site-2"]
+    assert by_id["site-2"].reason
+    assert by_id["site-2"].rounds_participated == (1,)
+    assert by_id["site-0"].rounds_participated == (1, 2)
+    assert by_id["site-1"].rounds_participated == (1, 2)
+    assert any(e.kind == "dropped" and e.site_id == "site-2" for e in summary.events)
