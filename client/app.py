@@ -20,10 +20,12 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.audit import SiteAudit, open_site_audit, record_sha256, site_state_dir
 from client.data.loaders import load_site
 from client.ledger import PrivacyLedger
 from client.local import RoundRequest, SiteTrainer, settings_from_run
 from client.policy import SitePolicy
+from client.site_config import SiteConfig, load_site_config
 from common import keys
 from common.errors import (
     ConfigError,
@@ -59,7 +61,31 @@ def resolve_site(context: Context, cfg: FederationConfig) -> Path:
     return Path(cfg.data_root) / f"site-{pid}"
 
 
-def _trainer(context: Context, cfg: FederationConfig) -> SiteTrainer:
+def _site_config(context: Context) -> SiteConfig | None:
+    """The site's own ``site-config.toml`` when the SuperNode names one (a deployment)."""
+    path = context.node_config.get(keys.NC_SITE_CONFIG)
+    return load_site_config(Path(str(path))) if path else None
+
+
+def _trainer(context: Context, cfg: FederationConfig) -> tuple[SiteTrainer, FederationConfig]:
+    """The site's trainer, and the run config with the site's own settings applied.
+
+    A deployed site (node config ``site-config``) enforces its ``site-config.toml``: its
+    budget, policy, ledger and device, whatever the run asks; a simulated site takes its
+    policy from the run config.
+    """
+    site_cfg = _site_config(context)
+    if site_cfg is not None:
+        site = load_site(site_cfg.data)
+        if site.spec.site_id != site_cfg.site_id:
+            raise ConfigError(
+                f"site-config says site_id {site_cfg.site_id!r} but {site_cfg.data}/site.toml "
+                f"says {site.spec.site_id!r}; make them the same"
+            )
+        site_cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        ledger = PrivacyLedger(site_cfg.ledger_path()) if cfg.dp else None
+        trainer = SiteTrainer(site=site, policy=site_cfg.policy(), ledger=ledger, seed=cfg.seed)
+        return trainer, cfg.model_copy(update={"device": site_cfg.device})
     site = load_site(resolve_site(context, cfg))
     if cfg.state_root:
         state_dir = Path(cfg.state_root) / site.spec.site_id
@@ -74,7 +100,7 @@ def _trainer(context: Context, cfg: FederationConfig) -> SiteTrainer:
         min_count=cfg.site_min_count,
     )
     ledger = PrivacyLedger(state_dir / "ledger.sqlite") if cfg.dp else None
-    return SiteTrainer(site=site, policy=policy, ledger=ledger, seed=cfg.seed)
+    return SiteTrainer(site=site, policy=policy, ledger=ledger, seed=cfg.seed), cfg
 
 
 def _request(cfg: FederationConfig, msg: Message) -> RoundRequest:
@@ -117,6 +143,31 @@ def _refusal(msg: Message, site_id: str, error: FedcareError) -> Message:
     return Message(Error(code=code, reason=f"{site_id}: {reason}"), reply_to=msg)
 
 
+def _refuse(
+    msg: Message, site_id: str, error: FedcareError, audit: SiteAudit | None, phase: str
+) -> Message:
+    """The refusal reply, logged first in the site's audit log when it is open."""
+    if audit is not None:
+        code = next(c for cls, c in _ERROR_CODES if isinstance(error, cls))
+        try:
+            audit.refused(msg, phase=phase, code=code, reason=" ".join(str(error).split()))
+        except FedcareError as audit_error:  # a broken audit trail is the more urgent news
+            error = audit_error
+    return _refusal(msg, site_id, error)
+
+
+def _open_audit(
+    context: Context, cfg: FederationConfig, trainer: SiteTrainer, msg: Message
+) -> SiteAudit:
+    """The site's audit log in its state dir, with this run's ``run-start`` logged.
+
+    ``cfg`` is the run config as the server sent it (its hash is compared with the server's).
+    """
+    site_cfg = _site_config(context)
+    state_dir = site_cfg.state_dir if site_cfg is not None else site_state_dir(cfg, trainer.site)
+    return open_site_audit(trainer, state_dir, msg, run_config=cfg.to_run_config())
+
+
 def _site_id_guess(context: Context) -> str:
     node = context.node_config
     if keys.NC_PARTITION_ID in node:
@@ -127,16 +178,21 @@ def _site_id_guess(context: Context) -> str:
 def handle_train(msg: Message, context: Context) -> Message:
     """One round of private local training; see the module docstring."""
     site_id = _site_id_guess(context)
+    audit: SiteAudit | None = None
     try:
-        cfg = FederationConfig.from_run_config(context.run_config)
-        trainer = _trainer(context, cfg)
+        run_cfg = FederationConfig.from_run_config(context.run_config)
+        trainer, cfg = _trainer(context, run_cfg)
         site_id = trainer.site_id
+        audit = _open_audit(context, run_cfg, trainer, msg)
         _check_schema(trainer, msg)
         request = _request(cfg, msg)
         state = msg.content[keys.REC_ARRAYS].to_torch_state_dict()
         result = trainer.train_round(request, state)
+        arrays = ArrayRecord(result.state)
+        sent = record_sha256(arrays)
+        head = audit.train(msg, result, sent_sha256=sent, accountant=cfg.accountant)
     except FedcareError as e:
-        return _refusal(msg, site_id, e)
+        return _refuse(msg, site_id, e, audit, "train")
     metrics = MetricRecord(
         {
             keys.M_NUM_EXAMPLES: result.n_train,
@@ -148,6 +204,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         keys.S_SITE_ID: site_id,
         keys.S_DP: result.mechanism is not None,
         keys.S_REPLAYED: result.replayed,
+        keys.S_AUDIT_KEY: audit.key_fingerprint,
+        keys.S_AUDIT_HEAD: str(head),
     }
     if result.mechanism is not None:
         info.update(
@@ -162,7 +220,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         )
     content = RecordDict(
         {
-            keys.REC_ARRAYS: ArrayRecord(result.state),
+            keys.REC_ARRAYS: arrays,
             keys.REC_METRICS: metrics,
             keys.REC_SITE: ConfigRecord(info),
         }
@@ -173,20 +231,22 @@ def handle_train(msg: Message, context: Context) -> Message:
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this site's validation and test splits."""
     site_id = _site_id_guess(context)
+    audit: SiteAudit | None = None
     try:
-        cfg = FederationConfig.from_run_config(context.run_config)
-        trainer = _trainer(context, cfg)
+        run_cfg = FederationConfig.from_run_config(context.run_config)
+        trainer, cfg = _trainer(context, run_cfg)
         site_id = trainer.site_id
+        audit = _open_audit(context, run_cfg, trainer, msg)
         _check_schema(trainer, msg)
         state = msg.content[keys.REC_ARRAYS].to_torch_state_dict()
         values = trainer.evaluate(cfg.task, state, model=cfg.model or None, device=cfg.device)
+        audit.evaluate(msg)
     except FedcareError as e:
-        return _refusal(msg, site_id, e)
+        return _refuse(msg, site_id, e, audit, "evaluate")
     n_test = int(values.get("test.n", 0))
     metrics = MetricRecord({keys.M_NUM_EXAMPLES: n_test, **values})
-    content = RecordDict(
-        {keys.REC_METRICS: metrics, keys.REC_SITE: ConfigRecord({keys.S_SITE_ID: site_id})}
-    )
+    site = ConfigRecord({keys.S_SITE_ID: site_id, keys.S_AUDIT_KEY: audit.key_fingerprint})
+    content = RecordDict({keys.REC_METRICS: metrics, keys.REC_SITE: site})
     return Message(content=content, reply_to=msg)
 
 

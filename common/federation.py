@@ -27,6 +27,8 @@ class FederationConfig(BaseModel):
     the cumulative ε each site's dataset may reach by the end of the run (each site's own
     budget caps it). ``hospital_dp_noise`` > 0 adds site-level DP on top (Flower's server-side
     fixed-clipping wrapper, clipping norm ``hospital_dp_clip``).
+    ``audit_key`` is the server's Ed25519 audit signing key (PEM); empty means
+    ``<run-dir>/audit/server-key.pem``, created on first use (see ``server/audit.py``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -61,6 +63,7 @@ class FederationConfig(BaseModel):
     spec_path: str = ""
     run_id: str = ""
     run_dir: str = ""
+    audit_key: str = ""
     round_timeout: float = Field(default=600.0, gt=0)
     min_sites: int = Field(default=2, ge=1)
     num_sites: int = Field(default=0, ge=0)

@@ -14,12 +14,15 @@ __all__ = [
     "RC_RUN_ID",
     "NC_PARTITION_ID",
     "NC_DATA_PATH",
+    "NC_SITE_CONFIG",
     "REC_ARRAYS",
     "REC_CONFIG",
     "REC_METRICS",
     "CFG_FEDCARE_ROUND",
     "CFG_PROXIMAL_MU",
     "CFG_SCHEMA_FINGERPRINT",
+    "CFG_AUDIT_HEAD",
+    "CFG_AUDIT_KEY",
     "REC_SITE",
     "S_SITE_ID",
     "S_DP",
@@ -30,6 +33,8 @@ __all__ = [
     "S_SAMPLE_RATE",
     "S_STEPS",
     "S_REPLAYED",
+    "S_AUDIT_KEY",
+    "S_AUDIT_HEAD",
     "SITE_INFO_KEYS",
     "ERR_BUDGET",
     "ERR_POLICY",
@@ -51,6 +56,7 @@ RC_RUN_ID = "run-id"
 # Node config (per site).
 NC_PARTITION_ID = "partition-id"
 NC_DATA_PATH = "data-path"
+NC_SITE_CONFIG = "site-config"  # a deployed site's site-config.toml (fedcare site start)
 
 # Record names inside a Message's content.
 REC_ARRAYS = "arrays"
@@ -60,6 +66,10 @@ REC_SITE = "site"
 CFG_FEDCARE_ROUND = "fedcare-round"
 CFG_PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx in each round's config
 CFG_SCHEMA_FINGERPRINT = "schema-fingerprint"
+# The head ("<seq>:<sha256>") of the server's audit log when it sent the message; the site
+# logs it, so cutting entries off the server's log shows (common/audit.py).
+CFG_AUDIT_HEAD = "server-audit-head"
+CFG_AUDIT_KEY = "server-audit-key"  # the fingerprint of the key the server's log is signed with
 
 # The "site" ConfigRecord of a reply: who answered, and the privacy state of its dataset.
 S_SITE_ID = "site-id"
@@ -71,6 +81,10 @@ S_NOISE_MULTIPLIER = "noise-multiplier"
 S_SAMPLE_RATE = "sample-rate"
 S_STEPS = "steps"
 S_REPLAYED = "replayed"
+# The site's audit-log key (SHA-256 of its Ed25519 public key) and the head of its audit log
+# after it logged the round; the server logs both (anchoring the site's log).
+S_AUDIT_KEY = "audit-key-fingerprint"
+S_AUDIT_HEAD = "audit-head"
 SITE_INFO_KEYS = frozenset(
     {
         S_SITE_ID,
@@ -82,6 +96,8 @@ SITE_INFO_KEYS = frozenset(
         S_SAMPLE_RATE,
         S_STEPS,
         S_REPLAYED,
+        S_AUDIT_KEY,
+        S_AUDIT_HEAD,
     }
 )
 

@@ -4,7 +4,8 @@
 sees patient data), waits for the sites, resumes from the last completed round when the run
 directory holds a checkpoint of the same run, drives the strategy inside a
 :class:`~server.guard.GuardedStrategy`, and writes the final model and ``server_record.json``
-(everything ``summary.json`` is built from) into the run directory.
+(everything ``summary.json`` is built from) into the run directory. Every step is also
+logged, signed, in the run's audit log ``<run-dir>/audit/server.jsonl`` (``server/audit.py``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ from common.encoding import input_dims
 from common.errors import ConfigError
 from common.federation import FederationConfig
 from common.spec import SiteSpec, load_site_spec
+from common.summary import write_summary
 from models import build_model, default_model_for
 from models.tasks import task_definition
+from server.audit import ServerAudit, record_sha256
 from server.checkpoint import load_checkpoint
 from server.guard import GuardedStrategy, new_record
 from server.strategies import build_strategy
+from server.summary import SUMMARY_NAME, build_summary
 
 __all__ = ["app", "run_federation", "federation_spec", "RECORD_NAME", "FINAL_MODEL_NAME"]
 
@@ -110,6 +114,12 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
             "resumed_from": offset if offset else record.get("resumed_from"),
         }
     )
+    audit = ServerAudit.open(run_dir, cfg, run_id=run_id)
+    start_sha256 = record_sha256(ArrayRecord(state))
+    if offset:
+        audit.run_resume(cfg, model=model_name, model_sha256=start_sha256, after_round=offset)
+    else:
+        audit.run_start(cfg, model=model_name, model_sha256=start_sha256)
     remaining = cfg.num_server_rounds - offset
     if remaining > 0:
         n_sites = _wait_for_sites(grid, cfg)
@@ -121,6 +131,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
             round_offset=offset,
             record=record,
             schema_fingerprint=spec.feature_schema.fingerprint(),
+            audit=audit,
         )
         if offset == 0:
             guard.evaluate_initial(grid, ArrayRecord(state))
@@ -137,10 +148,15 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
             state = result.arrays.to_torch_state_dict()
     record["rounds_completed"] = max((e["round"] for e in record["rounds"]), default=0)
     record["rounds"] = sorted(record["rounds"], key=lambda e: e["round"])
+    audit.run_end(
+        rounds_completed=record["rounds_completed"],
+        model_sha256=record_sha256(ArrayRecord(state)),
+    )
     torch.save(
         {"model": model_name, "task": cfg.task, "state_dict": state}, run_dir / FINAL_MODEL_NAME
     )
     _atomic_write(run_dir / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True))
+    write_summary(build_summary(record), run_dir / SUMMARY_NAME)
     return record
 
 

@@ -11,7 +11,11 @@ what a hospital federation needs on every round:
 * a site that does not answer within the round timeout is recorded as dropped;
 * federated evaluation keeps each site's metrics and a patient-weighted global mean;
 * after every round the global model and the run record are checkpointed atomically and a
-  progress line is appended to ``progress.jsonl``.
+  progress line is appended to ``progress.jsonl``;
+* with a :class:`~server.audit.ServerAudit`, each of these events also becomes a signed
+  entry of the server's audit log (model hashes sent and aggregated, each update's hash,
+  norm and the site's privacy report, refusals, rejections, drop-outs), and every message
+  to the sites carries the log's head.
 
 The run record is plain JSON-ready data (see :func:`new_record`), the source of the run's
 ``summary.json``.
@@ -29,18 +33,33 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common import keys
+from common.audit import hash_arrays
 from common.errors import UpdateRejected
 from common.federation import FederationConfig
+from server.audit import ServerAudit, record_sha256
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.validation import validate_update
 
 __all__ = ["GuardedStrategy", "new_record", "arrays_to_numpy"]
 
 log = logging.getLogger(__name__)
+
+#: Flower's own error replies for a site it could not reach (offline, message expired, the
+#: ClientApp process crashed): the site dropped out; it did not refuse.
+_UNREACHABLE = frozenset(
+    {
+        ErrorCode.MESSAGE_UNAVAILABLE,
+        ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+        ErrorCode.NODE_UNAVAILABLE,
+        ErrorCode.CLIENT_APP_CRASHED,
+    }
+)
+_AUDITED_EVENTS = frozenset({"refused", "dropped", "round-skipped", "evaluate-failed"})
 
 
 def new_record() -> dict[str, Any]:
@@ -71,6 +90,10 @@ class GuardedStrategy(Strategy):
         ``round_offset + r`` of the run.
     record:
         The run record to extend (a checkpoint's, when resuming).
+    schema_fingerprint:
+        The federation's feature-schema fingerprint, sent to every site.
+    audit:
+        The server's audit log for this run (none: no audit entries).
     """
 
     def __init__(
@@ -83,6 +106,7 @@ class GuardedStrategy(Strategy):
         round_offset: int = 0,
         record: dict[str, Any] | None = None,
         schema_fingerprint: str = "",
+        audit: ServerAudit | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -92,6 +116,7 @@ class GuardedStrategy(Strategy):
         self.round_offset = round_offset
         self.record = record if record is not None else new_record()
         self.schema_fingerprint = schema_fingerprint
+        self.audit = audit
         self._reference: dict[str, np.ndarray] = {}
         self._expected: set[int] = set()
         self._t0 = time.monotonic()
@@ -113,6 +138,9 @@ class GuardedStrategy(Strategy):
         }
         self.record["events"].append(event)
         log.warning("round %s: site %s %s: %s", event["round"], site_id, kind, detail)
+        if self.audit is not None and kind in _AUDITED_EVENTS:
+            rnd = self.absolute(server_round)
+            self.audit.event(rnd, kind=kind, site_id=site_id, reason=detail)
 
     def _site(self, site_id: str) -> dict[str, Any]:
         return self.record["sites"].setdefault(
@@ -140,6 +168,9 @@ class GuardedStrategy(Strategy):
         out[keys.CFG_FEDCARE_ROUND] = self.absolute(server_round)
         out[keys.CFG_SCHEMA_FINGERPRINT] = self.schema_fingerprint
         out[keys.RC_RUN_ID] = self.run_id
+        if self.audit is not None:
+            out[keys.CFG_AUDIT_HEAD] = self.audit.head
+            out[keys.CFG_AUDIT_KEY] = self.audit.key_fingerprint
         return out
 
     # ------------------------------------------------------------------ train
@@ -148,6 +179,10 @@ class GuardedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._reference = arrays_to_numpy(arrays)
+        if self.audit is not None:
+            self.audit.round_start(
+                self.absolute(server_round), model_sha256=hash_arrays(self._reference)
+            )
         messages = list(
             self.strategy.configure_train(
                 server_round, arrays, self._with_round(config, server_round), grid
@@ -160,10 +195,17 @@ class GuardedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        answered = {r.metadata.src_node_id for r in replies}
+        lost = {
+            r.metadata.src_node_id: r.error.reason
+            for r in replies
+            if r.has_error() and r.error.code in _UNREACHABLE
+        }
+        answered = {r.metadata.src_node_id for r in replies} - set(lost)
         kept: list[Message] = []
         for reply in replies:
             node = reply.metadata.src_node_id
+            if reply.has_error() and reply.error.code in _UNREACHABLE:
+                continue  # Flower answered for a site that went offline: a drop-out, below
             if reply.has_error():
                 site_id, reason = _split_reason(reply.error.reason, self._site_of(node))
                 self.record["nodes"][str(node)] = site_id
@@ -175,29 +217,39 @@ class GuardedStrategy(Strategy):
             site_id = str(info[keys.S_SITE_ID]) if info is not None else self._site_of(node)
             self.record["nodes"][str(node)] = site_id
             site = self._site(site_id)
+            sha256: str | None = None
             try:
-                norm = validate_update(
-                    arrays_to_numpy(reply.content[keys.REC_ARRAYS]),
-                    self._reference,
-                    max_norm=self.cfg.max_update_norm,
-                )
+                update = arrays_to_numpy(reply.content[keys.REC_ARRAYS])
+                sha256 = hash_arrays(update)
+                norm = validate_update(update, self._reference, max_norm=self.cfg.max_update_norm)
             except UpdateRejected as e:
-                site["status"], site["reason"] = "rejected", str(e)
-                self._event(server_round, site_id, "rejected", str(e))
+                self._reject(server_round, site, node, sha256, str(e), info)
                 continue
             except (KeyError, TypeError, ValueError) as e:
                 detail = f"malformed reply ({type(e).__name__}: {e})"
-                site["status"], site["reason"] = "rejected", detail
-                self._event(server_round, site_id, "rejected", detail)
+                self._reject(server_round, site, node, sha256, detail, info)
                 continue
             kept.append(reply)
             self._record_train(server_round, site, reply, info, norm)
+            if self.audit is not None and sha256 is not None:
+                n_examples: Any = reply.content[keys.REC_METRICS][keys.M_NUM_EXAMPLES]
+                self.audit.update(
+                    self.absolute(server_round),
+                    site_id=site_id,
+                    node_id=node,
+                    sha256=sha256,
+                    norm=norm,
+                    num_examples=int(n_examples),
+                    info=info,
+                )
         for node in sorted(self._expected - answered):
             site_id = self._site_of(node)
             site = self._site(site_id)
             site["status"], site["reason"] = (
                 "dropped",
-                f"no reply within {self.cfg.round_timeout:g} s",
+                f"went offline: {lost[node]}"
+                if node in lost
+                else f"no reply within round-timeout={self.cfg.round_timeout:g} s",
             )
             self._event(server_round, site_id, "dropped", site["reason"])
         if len(kept) < self.cfg.min_sites:
@@ -208,8 +260,39 @@ class GuardedStrategy(Strategy):
                 f"only {len(kept)} valid update(s), fewer than min-sites={self.cfg.min_sites}; "
                 "the global model is unchanged",
             )
+            self._audit_aggregate(server_round, None, 0)
             return None, None
-        return self.strategy.aggregate_train(server_round, kept)
+        arrays, metrics = self.strategy.aggregate_train(server_round, kept)
+        self._audit_aggregate(server_round, arrays, len(kept) if arrays is not None else 0)
+        return arrays, metrics
+
+    def _reject(
+        self,
+        server_round: int,
+        site: dict[str, Any],
+        node: int,
+        sha256: str | None,
+        detail: str,
+        info: ConfigRecord | None,
+    ) -> None:
+        site["status"], site["reason"] = "rejected", detail
+        self._event(server_round, site["site_id"], "rejected", detail)
+        if self.audit is not None:
+            self.audit.rejected(
+                self.absolute(server_round),
+                site_id=site["site_id"],
+                node_id=node,
+                sha256=sha256,
+                reason=detail,
+                info=info,
+            )
+
+    def _audit_aggregate(self, server_round: int, arrays: ArrayRecord | None, n: int) -> None:
+        """Log the global model after this round (unchanged when nothing was aggregated)."""
+        if self.audit is None:
+            return
+        sha256 = record_sha256(arrays) if arrays is not None else hash_arrays(self._reference)
+        self.audit.aggregate(self.absolute(server_round), model_sha256=sha256, updates=n)
 
     def _record_train(
         self,

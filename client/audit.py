@@ -1,0 +1,236 @@
+"""A site's own audit log: what the site did with its data in every round, signed by it.
+
+The log is ``<state dir>/audit.jsonl`` (the state dir holds the privacy ledger: see
+:func:`site_state_dir`), signed with the site's Ed25519 key ``<state dir>/audit-key.pem``
+(created with mode 0600 on first use; its fingerprint goes to the server in every reply,
+which logs it). Entries (format: :mod:`common.audit`), all with the run id:
+
+``run-start`` (once per run id, server key, config and dataset)
+    ``code_sha256``, ``config_sha256`` (the resolved run config), ``dataset_fingerprint``
+    (the privacy ledger's key for the dataset), ``server_key``, ``versions``.
+``train``
+    ``round``, ``dataset_fingerprint``, ``received_sha256`` (the global model that came in),
+    ``sent_sha256`` (the update that leaves), ``num_examples``, ``steps``, ``dp``,
+    ``mechanism`` (``noise_multiplier``, ``sample_rate``, ``steps``, or null), ``epsilon``
+    and ``delta`` (the dataset's cumulative ε after this round, as the ledger charged it),
+    ``accountant``, ``replayed`` (an earlier release sent again, charged nothing), and
+    ``server_head`` / ``server_key`` (the head of the server's audit log and its key
+    fingerprint, as the request carried them: they tie the entry to one server log).
+``evaluate``
+    ``round``, ``dataset_fingerprint``, ``received_sha256``, ``server_head``,
+    ``server_key``.
+``refused``
+    ``round``, ``phase`` (train/evaluate), ``code``, ``reason``, ``received_sha256``,
+    ``server_head``, ``server_key``.
+
+A ``train`` entry is written after training and before the update leaves: an update that
+cannot be logged is withheld (the round becomes a refusal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Message
+
+from client.data.site import SiteData
+from client.local import RoundResult, SiteTrainer
+from common import keys
+from common.audit import (
+    AuditLog,
+    LogHead,
+    code_hash,
+    config_hash,
+    hash_arrays,
+    load_or_create_signing_key,
+    versions,
+)
+from common.federation import FederationConfig
+
+__all__ = [
+    "AUDIT_LOG_NAME",
+    "AUDIT_KEY_NAME",
+    "MAX_REASON",
+    "SiteAudit",
+    "site_state_dir",
+    "open_site_audit",
+    "record_sha256",
+    "state_sha256",
+]
+
+AUDIT_LOG_NAME = "audit.jsonl"
+AUDIT_KEY_NAME = "audit-key.pem"
+MAX_REASON = 1000
+
+
+def site_state_dir(cfg: FederationConfig, site: SiteData) -> Path:
+    """Where a site keeps its durable state (ledger, releases, audit log and key).
+
+    ``<state-root>/<site-id>`` when the run config sets ``state-root``, else
+    ``<site folder>/.fedcare``.
+    """
+    if cfg.state_root:
+        return Path(cfg.state_root) / site.spec.site_id
+    return site.root / ".fedcare"
+
+
+def record_sha256(arrays: ArrayRecord) -> str:
+    """:func:`~common.audit.hash_arrays` of a Flower ``ArrayRecord`` (as sent or received)."""
+    return hash_arrays({name: array.numpy() for name, array in arrays.items()})
+
+
+def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """:func:`~common.audit.hash_arrays` of a torch state dict."""
+    return hash_arrays({name: t.detach().cpu().numpy() for name, t in state.items()})
+
+
+class SiteAudit:
+    """Writes one site's audit entries (see the module docstring).
+
+    Parameters
+    ----------
+    log:
+        The site's audit log (writer = site id).
+    dataset_fingerprint:
+        The fingerprint of the dataset the site trains on.
+    """
+
+    def __init__(self, log: AuditLog, *, dataset_fingerprint: str) -> None:
+        self.log = log
+        self.dataset_fingerprint = dataset_fingerprint
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: Path,
+        *,
+        site_id: str,
+        dataset_fingerprint: str,
+        clock: Callable[[], datetime] | None = None,
+    ) -> SiteAudit:
+        """The audit log in ``state_dir``, its key created there on first use."""
+        key = load_or_create_signing_key(Path(state_dir) / AUDIT_KEY_NAME)
+        extra: dict[str, Any] = {} if clock is None else {"clock": clock}
+        log = AuditLog(Path(state_dir) / AUDIT_LOG_NAME, writer=site_id, key=key, **extra)
+        return cls(log, dataset_fingerprint=dataset_fingerprint)
+
+    @property
+    def key_fingerprint(self) -> str:
+        return self.log.key_fingerprint
+
+    # ------------------------------------------------------------------ entries
+
+    def start_run(self, msg: Message, *, run_config: Mapping[str, Any]) -> None:
+        """Log ``run-start`` unless the log holds one for this run id, server key, config and
+        dataset; checks the log's tail either way."""
+        run_id, _, _, server_key = _tag(msg)
+        data = {
+            "code_sha256": code_hash(),
+            "config_sha256": config_hash(run_config),
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "server_key": server_key,
+            "versions": versions(),
+        }
+        once = ("server_key", "config_sha256", "dataset_fingerprint")
+        self.log.append("run-start", data, run_id=run_id, once_per=once)
+
+    def train(
+        self, msg: Message, result: RoundResult, *, sent_sha256: str, accountant: str
+    ) -> LogHead:
+        """Log a completed (or replayed) training round; returns the log's new head."""
+        run_id, rnd, server_head, server_key = _tag(msg)
+        mechanism = result.mechanism
+        data = {
+            "round": rnd,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "received_sha256": _received(msg),
+            "sent_sha256": sent_sha256,
+            "num_examples": int(result.n_train),
+            "steps": int(result.steps),
+            "dp": mechanism is not None,
+            "mechanism": None
+            if mechanism is None
+            else {
+                "noise_multiplier": float(mechanism.noise_multiplier),
+                "sample_rate": float(mechanism.sample_rate),
+                "steps": int(mechanism.steps),
+            },
+            "epsilon": None if result.epsilon is None else float(result.epsilon),
+            "delta": None if result.delta is None else float(result.delta),
+            "accountant": accountant if mechanism is not None else None,
+            "replayed": bool(result.replayed),
+            "server_head": server_head,
+            "server_key": server_key,
+        }
+        head = self.log.append("train", data, run_id=run_id)
+        assert head is not None
+        return head
+
+    def evaluate(self, msg: Message) -> LogHead:
+        """Log an evaluation of the global model received."""
+        run_id, rnd, server_head, server_key = _tag(msg)
+        data = {
+            "round": rnd,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "received_sha256": _received(msg),
+            "server_head": server_head,
+            "server_key": server_key,
+        }
+        head = self.log.append("evaluate", data, run_id=run_id)
+        assert head is not None
+        return head
+
+    def refused(self, msg: Message, *, phase: str, code: int, reason: str) -> LogHead:
+        """Log a refusal and its reason (cut to :data:`MAX_REASON` characters)."""
+        run_id, rnd, server_head, server_key = _tag(msg)
+        data = {
+            "round": rnd,
+            "phase": phase,
+            "code": int(code),
+            "reason": reason[:MAX_REASON],
+            "received_sha256": _received(msg),
+            "server_head": server_head,
+            "server_key": server_key,
+        }
+        head = self.log.append("refused", data, run_id=run_id)
+        assert head is not None
+        return head
+
+
+def open_site_audit(
+    trainer: SiteTrainer, state_dir: Path, msg: Message, *, run_config: Mapping[str, Any]
+) -> SiteAudit:
+    """The site's audit log in ``state_dir``, with this run's ``run-start`` logged.
+
+    ``state_dir`` is the folder holding the site's ledger (:func:`site_state_dir` in
+    simulation); ``run_config`` the resolved run config as the server sent it.
+    """
+    audit = SiteAudit.open(
+        state_dir, site_id=trainer.site_id, dataset_fingerprint=trainer.site.fingerprint
+    )
+    audit.start_run(msg, run_config=run_config)
+    return audit
+
+
+def _tag(msg: Message) -> tuple[str | None, int | None, str, str]:
+    """(run id, round, server log head, server key fingerprint) a request carries."""
+    config = msg.content.config_records.get(keys.REC_CONFIG)
+    if config is None:
+        return None, None, "", ""
+    run_id = config.get(keys.RC_RUN_ID)
+    rnd = config.get(keys.CFG_FEDCARE_ROUND)
+    return (
+        None if run_id is None else str(run_id),
+        None if rnd is None else int(rnd),  # type: ignore[arg-type]
+        str(config.get(keys.CFG_AUDIT_HEAD, "")),
+        str(config.get(keys.CFG_AUDIT_KEY, "")),
+    )
+
+
+def _received(msg: Message) -> str | None:
+    arrays = msg.content.array_records.get(keys.REC_ARRAYS)
+    return None if arrays is None else record_sha256(arrays)

@@ -1,0 +1,253 @@
+"""The coordinating server's audit log: what it sent, received, rejected and aggregated.
+
+The log is ``<run-dir>/audit/server.jsonl`` (writer ``"server"``; format:
+:mod:`common.audit`), signed with the key the run config's ``audit-key`` names (default
+``<run-dir>/audit/server-key.pem``, created with mode 0600; in a deployment keep it outside
+the run directory, readable only by the server). A resumed run appends to the same log.
+Entries (round numbers are the run's absolute rounds; every entry carries the run id):
+
+``run-start`` / ``run-resume``
+    ``code_sha256``, ``config_sha256`` and ``config`` (the resolved run config),
+    ``versions``, ``model``, ``task``, ``strategy``, ``rounds_planned``; ``model_sha256``
+    (the initial model, or the checkpoint's); ``run-resume`` adds ``after_round``.
+``round-start``
+    ``round``, ``model_sha256`` (the global model sent for training). Every message to the
+    sites carries the log's head and key fingerprint, and the sites log both.
+``update`` / ``rejected``
+    ``round``, ``site_id``, ``node_id``, ``sha256`` (the update as received), ``norm``
+    (its distance from the global model; ``rejected`` has ``reason`` instead, and ``sha256``
+    null when the arrays were unreadable), ``num_examples``, ``site`` (what the site
+    reported: ``dp``, ``epsilon``, ``delta``, ``accountant``, ``noise_multiplier``,
+    ``sample_rate``, ``steps``, ``replayed``, ``key_fingerprint``, ``audit_head``).
+``refused`` / ``dropped`` / ``round-skipped`` / ``evaluate-failed``
+    ``round``, ``site_id`` (``"*"`` for the whole round), ``reason``.
+``aggregate``
+    ``round``, ``model_sha256`` (the new global model; the old one when the round was
+    skipped), ``updates`` (how many were aggregated).
+``run-end``
+    ``rounds_completed``, ``model_sha256`` (the final model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+
+from common import keys
+from common.audit import (
+    AuditLog,
+    LogHead,
+    code_hash,
+    config_hash,
+    hash_arrays,
+    load_or_create_signing_key,
+    versions,
+)
+from common.federation import FederationConfig
+
+__all__ = [
+    "SERVER_WRITER",
+    "SERVER_LOG",
+    "SERVER_KEY",
+    "MAX_REASON",
+    "ServerAudit",
+    "server_log_path",
+    "server_key_path",
+    "record_sha256",
+    "site_report",
+]
+
+SERVER_WRITER = "server"
+SERVER_LOG = "audit/server.jsonl"
+SERVER_KEY = "audit/server-key.pem"
+MAX_REASON = 1000
+
+_REPORT_KEYS: tuple[tuple[str, str, type], ...] = (
+    (keys.S_DP, "dp", bool),
+    (keys.S_EPSILON, "epsilon", float),
+    (keys.S_DELTA, "delta", float),
+    (keys.S_ACCOUNTANT, "accountant", str),
+    (keys.S_NOISE_MULTIPLIER, "noise_multiplier", float),
+    (keys.S_SAMPLE_RATE, "sample_rate", float),
+    (keys.S_STEPS, "steps", int),
+    (keys.S_REPLAYED, "replayed", bool),
+    (keys.S_AUDIT_KEY, "key_fingerprint", str),
+    (keys.S_AUDIT_HEAD, "audit_head", str),
+)
+
+
+def server_log_path(run_dir: Path) -> Path:
+    """``<run_dir>/audit/server.jsonl``."""
+    return Path(run_dir) / SERVER_LOG
+
+
+def server_key_path(run_dir: Path, cfg: FederationConfig) -> Path:
+    """The run config's ``audit-key``, else ``<run_dir>/audit/server-key.pem``."""
+    return Path(cfg.audit_key) if cfg.audit_key else Path(run_dir) / SERVER_KEY
+
+
+def record_sha256(arrays: ArrayRecord) -> str:
+    """:func:`~common.audit.hash_arrays` of a Flower ``ArrayRecord``."""
+    return hash_arrays({name: array.numpy() for name, array in arrays.items()})
+
+
+def site_report(info: ConfigRecord | None) -> dict[str, Any]:
+    """What a site reported about itself in its reply's ``site`` record, typed and renamed.
+
+    Only the known keys are kept; a value of the wrong type is kept as its string.
+    """
+    out: dict[str, Any] = {}
+    if info is None:
+        return out
+    for wire, name, kind in _REPORT_KEYS:
+        if wire not in info:
+            continue
+        value = info[wire]
+        if kind is bool:
+            out[name] = value if isinstance(value, bool) else str(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = kind(value)
+        else:
+            out[name] = str(value)
+    return out
+
+
+class ServerAudit:
+    """Writes the server's audit entries for one run (see the module docstring).
+
+    Parameters
+    ----------
+    log:
+        The server's audit log.
+    run_id:
+        The run every entry belongs to.
+    """
+
+    def __init__(self, log: AuditLog, *, run_id: str) -> None:
+        self.log = log
+        self.run_id = run_id
+        self._head: LogHead | None = log.head()
+
+    @classmethod
+    def open(
+        cls,
+        run_dir: Path,
+        cfg: FederationConfig,
+        *,
+        run_id: str,
+        clock: Callable[[], datetime] | None = None,
+    ) -> ServerAudit:
+        """The run's audit log, its key loaded (or created) from the run config's path."""
+        key = load_or_create_signing_key(server_key_path(run_dir, cfg))
+        extra: dict[str, Any] = {} if clock is None else {"clock": clock}
+        log = AuditLog(server_log_path(run_dir), writer=SERVER_WRITER, key=key, **extra)
+        return cls(log, run_id=run_id)
+
+    @property
+    def key_fingerprint(self) -> str:
+        """SHA-256 of the server's audit public key (sent to the sites, which log it)."""
+        return self.log.key_fingerprint
+
+    @property
+    def head(self) -> str:
+        """``"<seq>:<sha256>"`` of the last entry written ("" before the first)."""
+        return "" if self._head is None else str(self._head)
+
+    def _append(self, kind: str, data: Mapping[str, Any]) -> None:
+        head = self.log.append(kind, data, run_id=self.run_id)
+        if head is not None:
+            self._head = head
+
+    def _start_data(
+        self, cfg: FederationConfig, *, model: str, model_sha256: str
+    ) -> dict[str, Any]:
+        config = cfg.to_run_config()
+        return {
+            "code_sha256": code_hash(),
+            "config_sha256": config_hash(config),
+            "config": config,
+            "versions": versions(),
+            "model": model,
+            "task": cfg.task,
+            "strategy": cfg.strategy,
+            "rounds_planned": cfg.num_server_rounds,
+            "model_sha256": model_sha256,
+        }
+
+    # ------------------------------------------------------------------ entries
+
+    def run_start(self, cfg: FederationConfig, *, model: str, model_sha256: str) -> None:
+        self._append("run-start", self._start_data(cfg, model=model, model_sha256=model_sha256))
+
+    def run_resume(
+        self, cfg: FederationConfig, *, model: str, model_sha256: str, after_round: int
+    ) -> None:
+        data = self._start_data(cfg, model=model, model_sha256=model_sha256)
+        self._append("run-resume", {**data, "after_round": after_round})
+
+    def round_start(self, rnd: int, *, model_sha256: str) -> None:
+        self._append("round-start", {"round": rnd, "model_sha256": model_sha256})
+
+    def update(
+        self,
+        rnd: int,
+        *,
+        site_id: str,
+        node_id: int,
+        sha256: str,
+        norm: float,
+        num_examples: int,
+        info: ConfigRecord | None,
+    ) -> None:
+        """An update that passed validation and goes to aggregation."""
+        self._append(
+            "update",
+            {
+                "round": rnd,
+                "site_id": site_id,
+                "node_id": str(node_id),
+                "sha256": sha256,
+                "norm": float(norm),
+                "num_examples": int(num_examples),
+                "site": site_report(info),
+            },
+        )
+
+    def rejected(
+        self,
+        rnd: int,
+        *,
+        site_id: str,
+        node_id: int,
+        sha256: str | None,
+        reason: str,
+        info: ConfigRecord | None,
+    ) -> None:
+        """An update that failed validation (it is not aggregated)."""
+        self._append(
+            "rejected",
+            {
+                "round": rnd,
+                "site_id": site_id,
+                "node_id": str(node_id),
+                "sha256": sha256,
+                "reason": reason[:MAX_REASON],
+                "site": site_report(info),
+            },
+        )
+
+    def event(self, rnd: int, *, kind: str, site_id: str, reason: str) -> None:
+        """A refusal, drop-out, skipped round or failed evaluation."""
+        self._append(kind, {"round": rnd, "site_id": site_id, "reason": reason[:MAX_REASON]})
+
+    def aggregate(self, rnd: int, *, model_sha256: str, updates: int) -> None:
+        self._append("aggregate", {"round": rnd, "model_sha256": model_sha256, "updates": updates})
+
+    def run_end(self, *, rounds_completed: int, model_sha256: str) -> None:
+        self._append(
+            "run-end", {"rounds_completed": rounds_completed, "model_sha256": model_sha256}
+        )

@@ -1,0 +1,658 @@
+"""``fedcare audit verify``: check a run's audit logs and cross-check server against sites.
+
+Each log is verified on its own (:func:`common.audit.check_log`: every line intact, in
+sequence, chained and signed by the key its log-open entry declares, or by the trusted key
+given for its writer). When the server's log and a site's log are both at hand, they are
+checked against each other. A server log is read as sessions (each ``run-start`` of a run,
+with its ``run-resume`` entries); a site entry belongs to the session of the server-log head
+it recorded. For every session a site's log has entries in:
+
+* the key the site signs its log with is the key the server logged for that site;
+* every update the site logged as sent reached the server's log (as accepted or rejected)
+  with the same hash and the same privacy report, unless the server logged the site as
+  dropped in that round; every update the server logged from the site is in the site's log;
+* every global model the site logged as received is the one the server logged for that
+  round (sent for training, or aggregated before evaluation);
+* a refusal the site logged is in the server's log;
+* the log heads each side recorded from the other exist in that log: a log whose last
+  entries were cut off, or that was rewritten and re-signed, shows here.
+
+In a session a site's log has no entry in (its state was reset since, or the log predates
+it), only updates the server logged with that log's key must be in it. Every site
+``run-start`` must carry a config hash the server logged for the run. For a run directory,
+the server's final model must be its last aggregate, ``server_record.json`` (written after
+``run-end``) needs a matching ``run-end`` entry, and ``final_model.pt`` must be the model
+that entry names.
+
+A path is a ``.jsonl`` log or a run directory: ``<run>/audit/server.jsonl`` plus every site
+log found through ``<run>/sites.json`` (``<site>/.fedcare/audit.jsonl``) and, when the run
+config set ``state-root``, ``<state-root>/<site-id>/audit.jsonl``. A deployment's site logs
+stay at the sites: give them as paths.
+
+Limits: a log alone cannot show that its last whole entries were cut off (the anchors
+above and ``run-end`` do, up to the last head the other side recorded), and a log replaced
+wholesale by one signed with another key is only caught where the other side's log
+covers the same session, or with ``--key``: publish each writer's key fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from common.audit import (
+    LoggedEntry,
+    LogHead,
+    LogVerification,
+    check_log,
+    hash_arrays,
+    load_public_key_file,
+)
+from common.errors import ConfigError, FedcareError
+from common.spec import load_site_spec
+from simulations.audit.findings import LogCheck, VerifyResult
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "SERVER_WRITER",
+    "SERVER_LOG",
+    "SITE_LOG",
+    "RunLogs",
+    "find_run_logs",
+    "run_dir_problems",
+    "run_config",
+    "verify_log",
+    "verify_paths",
+    "cross_check",
+    "audit_verify",
+]
+
+SERVER_WRITER = "server"
+SERVER_LOG = "audit/server.jsonl"
+SITE_LOG = "audit.jsonl"
+_SITE_STATE = ".fedcare"
+
+
+@dataclass(frozen=True)
+class RunLogs:
+    """The audit logs of one run directory."""
+
+    server: Path | None
+    sites: tuple[Path, ...]
+
+
+def _lenient_entries(path: Path) -> list[dict[str, Any]]:
+    """Entries that parse, skipping lines that do not (for locating files only)."""
+    out: list[dict[str, Any]] = []
+    try:
+        content = path.read_bytes()
+    except OSError:
+        return out
+    for line in content.split(b"\n"):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The run config of a run directory: from the server's audit log, else ``config.toml``
+    (``[federation]``), else ``server_record.json``; ``{}`` when none is there."""
+    run_dir = Path(run_dir)
+    server = run_dir / SERVER_LOG
+    if server.is_file():
+        for entry in _lenient_entries(server):
+            data = entry.get("data")
+            if entry.get("kind") in ("run-start", "run-resume") and isinstance(data, dict):
+                config = data.get("config")
+                if isinstance(config, dict):
+                    return config
+    toml = run_dir / "config.toml"
+    if toml.is_file():
+        try:
+            federation = tomllib.loads(toml.read_text(encoding="utf-8")).get("federation")
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            federation = None
+        if isinstance(federation, dict):
+            return federation
+    record = run_dir / "server_record.json"
+    if record.is_file():
+        try:
+            config = json.loads(record.read_text(encoding="utf-8")).get("config")
+        except (ValueError, UnicodeDecodeError):
+            config = None
+        if isinstance(config, dict):
+            return config
+    return {}
+
+
+def find_run_logs(run_dir: Path) -> RunLogs:
+    """The server log and the site logs of a run directory (see the module docstring)."""
+    run_dir = Path(run_dir)
+    server = run_dir / SERVER_LOG
+    state_root = str(run_config(run_dir).get("state-root") or "")
+    folders: list[Path] = []
+    manifest = run_dir / "sites.json"
+    if manifest.is_file():
+        try:
+            folders = [Path(p) for p in json.loads(manifest.read_text(encoding="utf-8"))]
+        except (ValueError, TypeError) as e:
+            raise ConfigError(
+                f"{manifest} is not a JSON list of site folders ({e}); give the site logs "
+                "as paths instead"
+            ) from e
+    sites: list[Path] = []
+    for folder in folders:
+        sites.append(folder / _SITE_STATE / SITE_LOG)
+        if state_root:
+            try:
+                site_id = load_site_spec(folder).site_id
+            except FedcareError:
+                continue
+            sites.append(Path(state_root) / site_id / SITE_LOG)
+    if state_root and not folders:
+        sites.extend(sorted(Path(state_root).glob(f"*/{SITE_LOG}")))
+    found = list(dict.fromkeys(p.resolve() for p in sites if p.is_file()))
+    return RunLogs(server if server.is_file() else None, tuple(found))
+
+
+def _as_check(v: LogVerification) -> LogCheck:
+    return LogCheck(
+        path=v.path,
+        writer=v.writer,
+        key_fingerprint=v.key_fingerprint,
+        entries=v.lines,
+        ok=v.ok,
+        first_bad_line=v.first_bad_line,
+        problem=v.problem,
+    )
+
+
+def verify_log(path: Path, *, trusted_key: bytes | None = None) -> LogCheck:
+    """Verify one log (see :func:`common.audit.check_log`)."""
+    return _as_check(check_log(path, trusted_key=trusted_key))
+
+
+def _declared_writer(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            first = json.loads(f.readline())
+    except (OSError, ValueError):
+        return None
+    writer = first.get("writer") if isinstance(first, dict) else None
+    return writer if isinstance(writer, str) else None
+
+
+def _expand(paths: Iterable[Path]) -> list[Path]:
+    out: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            logs = find_run_logs(path)
+            found = ([logs.server] if logs.server else []) + list(logs.sites)
+            if not found:
+                raise ConfigError(
+                    f"{path}: no audit log found (neither {SERVER_LOG} nor site logs via "
+                    "sites.json); give the .jsonl files themselves"
+                )
+            out.extend(found)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise ConfigError(f"{path}: no such file or folder")
+    return list(dict.fromkeys(p.resolve() for p in out))
+
+
+def verify_paths(
+    paths: Sequence[Path], *, trusted_keys: Mapping[str, bytes] | None = None
+) -> VerifyResult:
+    """Verify every log the paths name, then cross-check the server's against the sites'.
+
+    Parameters
+    ----------
+    paths:
+        ``.jsonl`` logs and/or run directories.
+    trusted_keys:
+        Writer (``"server"`` or a site id) -> its raw Ed25519 public key, obtained out of
+        band; such a writer's log must be signed with exactly that key.
+
+    Raises
+    ------
+    ConfigError
+        If a path does not exist, or a run directory holds no log.
+    """
+    trusted = dict(trusted_keys or {})
+    verifications = []
+    for path in _expand(paths):
+        writer = _declared_writer(path)
+        key = trusted.get(writer) if writer is not None else None
+        verifications.append(check_log(path, trusted_key=key))
+    problems = [
+        f"a trusted key was given for writer {w!r}, but no log of {w!r} was found (or its "
+        "log names another writer): that log is missing or was replaced"
+        for w in sorted(trusted)
+        if not any(v.writer == w for v in verifications)
+    ]
+    problems.extend(cross_check(verifications))
+    for path in paths:
+        if Path(path).is_dir():
+            server = (Path(path) / SERVER_LOG).resolve()
+            found = [v for v in verifications if Path(v.path) == server]
+            problems.extend(run_dir_problems(Path(path), found[0] if found else None))
+    checks = [_as_check(v) for v in verifications]
+    return VerifyResult(
+        ok=all(c.ok for c in checks) and not problems,
+        logs=checks,
+        cross_check_problems=problems,
+    )
+
+
+def run_dir_problems(run_dir: Path, server: LogVerification | None) -> list[str]:
+    """What a run directory's outputs say that its server log must agree with.
+
+    ``server_record.json`` is written after the server logged ``run-end``: its run must
+    have a ``run-end`` entry with the same rounds completed; ``final_model.pt`` must be the
+    model that entry names.
+    """
+    record_path = run_dir / "server_record.json"
+    if server is None or not record_path.is_file():
+        return []
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        run_id, rounds = str(record["run_id"]), int(record["rounds_completed"])
+    except (ValueError, KeyError, TypeError) as e:
+        return [f"{record_path} is unreadable ({e}); it cannot be compared with the audit log"]
+    ends = [e for e in server.entries if e.kind == "run-end" and e.run_id == run_id]
+    if not ends:
+        if not server.ok:
+            return []  # already reported: the log is broken before its end
+        return [
+            f"{record_path.name} says run {run_id} finished, but the server log has no "
+            "run-end entry for it: entries were cut off the server log"
+        ]
+    end = ends[-1]
+    problems = []
+    if end.data.get("rounds_completed") != rounds:
+        problems.append(
+            f"{record_path.name} says {rounds} rounds completed, the server log's run-end "
+            f"(line {end.line}) says {end.data.get('rounds_completed')}"
+        )
+    model_path = run_dir / "final_model.pt"
+    if model_path.is_file():
+        import torch  # heavy; only needed here
+
+        try:
+            state = torch.load(model_path, weights_only=True)["state_dict"]
+            sha256 = hash_arrays({k: v.detach().cpu().numpy() for k, v in state.items()})
+        except (OSError, RuntimeError, KeyError, TypeError, AttributeError) as e:
+            return [*problems, f"{model_path} is unreadable ({e})"]
+        if sha256 != end.data.get("model_sha256"):
+            problems.append(
+                f"{model_path.name} is not the final model the server log's run-end (line "
+                f"{end.line}) names: the model file was replaced"
+            )
+    return problems
+
+
+# --------------------------------------------------------------------------- cross-checks
+
+
+@dataclass
+class _Session:
+    """One start of a run in a server log (``run-start``, with any later ``run-resume``)."""
+
+    run_id: str
+    start_line: int
+    config: set[str] = field(default_factory=set)
+    initial: set[str] = field(default_factory=set)
+    sent: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+    aggregated: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+    updates: dict[tuple[str, int], list[LoggedEntry]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    events: dict[tuple[str, int], set[str]] = field(default_factory=lambda: defaultdict(set))
+    site_keys: dict[str, list[tuple[int, str]]] = field(default_factory=lambda: defaultdict(list))
+    last_aggregate: str | None = None
+
+
+@dataclass
+class _ServerIndex:
+    """What one server log says, session by session."""
+
+    log: LogVerification
+    sessions: list[_Session] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, log: LogVerification) -> _ServerIndex:
+        index = cls(log)
+        current: dict[str, _Session] = {}
+        for e in log.entries:
+            run, d = e.run_id or "", e.data
+            rnd: Any = d.get("round")
+            if e.kind == "run-start" or (e.kind == "run-resume" and run not in current):
+                current[run] = _Session(run, e.line)
+                index.sessions.append(current[run])
+            session = current.get(run)
+            if session is None or (rnd is None and e.kind in _ROUND_KINDS):
+                continue
+            _index_entry(session, e, index.problems)
+        return index
+
+    def session_of(self, e: LoggedEntry) -> _Session | None:
+        """The session a site entry belongs to: same run id and server key, and the last
+        start of that run at or before the server-log line the entry recorded as head."""
+        key = e.data.get("server_key")
+        if key and key != self.log.key_fingerprint:
+            return None
+        candidates = [s for s in self.sessions if s.run_id == (e.run_id or "")]
+        try:
+            seq = LogHead.parse(str(e.data.get("server_head"))).seq
+        except ValueError:
+            return candidates[-1] if candidates else None  # no head recorded: the latest
+        before = [s for s in candidates if s.start_line <= seq]
+        return before[-1] if before else None
+
+
+_ROUND_KINDS = frozenset({"round-start", "aggregate", "update", "rejected"})
+
+
+def _index_entry(session: _Session, e: LoggedEntry, problems: list[str]) -> None:
+    d = e.data
+    rnd: Any = d.get("round")
+    if e.kind in ("run-start", "run-resume"):
+        session.config.add(str(d.get("config_sha256")))
+        if e.kind == "run-start":
+            session.initial.add(str(d.get("model_sha256")))
+        else:
+            session.aggregated[int(d.get("after_round", 0))].add(str(d.get("model_sha256")))
+    elif e.kind == "round-start":
+        session.sent[int(rnd)].add(str(d.get("model_sha256")))
+    elif e.kind == "aggregate":
+        session.aggregated[int(rnd)].add(str(d.get("model_sha256")))
+        session.last_aggregate = str(d.get("model_sha256"))
+    elif e.kind in ("update", "rejected"):
+        site_id = str(d.get("site_id"))
+        session.updates[(site_id, int(rnd))].append(e)
+        fingerprint = (d.get("site") or {}).get("key_fingerprint")
+        if fingerprint:
+            session.site_keys[site_id].append((e.line, str(fingerprint)))
+    elif e.kind in ("refused", "dropped", "evaluate-failed") and rnd is not None:
+        session.events[(str(d.get("site_id")), int(rnd))].add(e.kind)
+    elif (
+        e.kind == "run-end"
+        and session.last_aggregate is not None
+        and d.get("model_sha256") != session.last_aggregate
+    ):
+        problems.append(
+            f"server log line {e.line}: the final model of run {session.run_id} is not the "
+            "last aggregate the log records"
+        )
+
+
+def _anchor(head: Any, target: LogVerification, who: str, where: str) -> str | None:
+    """A problem if ``head`` ("seq:sha256") does not name a line of ``target``."""
+    if not head:
+        return None
+    try:
+        parsed = LogHead.parse(str(head))
+    except ValueError:
+        return f"{where}: recorded a malformed log head {head!r} of the {who} log"
+    if parsed.seq <= len(target.entries):
+        if target.entries[parsed.seq - 1].sha256 != parsed.sha256:
+            return (
+                f"{where}: recorded line {parsed.seq} of the {who} log with a hash that differs "
+                f"from that line now: the {who} log was rewritten"
+            )
+        return None
+    if target.ok:
+        return (
+            f"{where}: recorded line {parsed.seq} of the {who} log, which ends at line "
+            f"{len(target.entries)}: entries were cut off the {who} log"
+        )
+    return None  # the target log is already reported broken before that line
+
+
+_REPORT_FIELDS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps")
+
+
+def _report_differs(site_data: dict[str, Any], server_site: dict[str, Any]) -> list[str]:
+    mechanism = site_data.get("mechanism") or {}
+    mine = {
+        "epsilon": site_data.get("epsilon"),
+        "delta": site_data.get("delta"),
+        **{k: mechanism.get(k) for k in ("noise_multiplier", "sample_rate", "steps")},
+    }
+    if not site_data.get("dp"):
+        return [] if not server_site.get("dp") else ["dp"]
+    return [k for k in _REPORT_FIELDS if server_site.get(k) != mine[k]]
+
+
+def _check_site(server: _ServerIndex, site: LogVerification) -> list[str]:
+    """Cross-check one site's log against one server log, session by session."""
+    problems: list[str] = []
+    w = site.writer
+    by_session: dict[int, list[LoggedEntry]] = defaultdict(list)
+    for e in site.entries:
+        if e.kind == "run-start":
+            configs = [s.config for s in server.sessions if s.run_id == (e.run_id or "")]
+            key = e.data.get("server_key")
+            if (
+                configs
+                and (not key or key == server.log.key_fingerprint)
+                and e.data.get("config_sha256") not in set().union(*configs)
+            ):
+                problems.append(
+                    f"site {w} log line {e.line}: run {e.run_id} ran with a config the "
+                    "server's log does not hold"
+                )
+            continue
+        session = server.session_of(e)
+        if session is not None:
+            by_session[session.start_line].append(e)
+    for session in server.sessions:
+        entries = by_session.get(session.start_line, [])
+        if entries:  # the site's log covers this session: both sides must agree
+            problems.extend(_check_session(server, session, site, entries))
+        else:
+            problems.extend(_unmatched_updates(session, site))
+    return problems
+
+
+def _unmatched_updates(session: _Session, site: LogVerification) -> list[str]:
+    """Updates logged from the site, signed with its key, in a session its log misses."""
+    return [
+        f"server log line {e.line}: an update from site {site.writer} in round "
+        f"{e.data.get('round')}, reported with the key of the site's log, that the site's log "
+        "does not record (a forged update, or the site's log was cut short)"
+        for (site_id, _), updates in sorted(session.updates.items())
+        if site_id == site.writer
+        for e in updates
+        if (e.data.get("site") or {}).get("key_fingerprint") == site.key_fingerprint
+    ]
+
+
+def _check_session(
+    server: _ServerIndex, session: _Session, site: LogVerification, entries: list[LoggedEntry]
+) -> list[str]:
+    problems: list[str] = []
+    w, run = site.writer, session.run_id
+    for line, fingerprint in session.site_keys.get(w, []):
+        if fingerprint != site.key_fingerprint:
+            problems.append(
+                f"server log line {line}: site {w} reported audit key {fingerprint[:16]}..., "
+                f"but its log {site.path} is signed with {site.key_fingerprint[:16]}...: one "
+                "of them is not the site's"
+            )
+            break
+    sent: dict[int, set[str]] = defaultdict(set)
+    refusals: set[tuple[int, str]] = set()
+    for e in entries:
+        d, rnd = e.data, e.data.get("round")
+        where = f"site {w} log line {e.line}"
+        problem = _anchor(d.get("server_head"), server.log, "server", where)
+        if problem:
+            problems.append(problem)
+        if rnd is None:
+            continue
+        if e.kind == "train":
+            sent[int(rnd)].add(str(d.get("sent_sha256")))
+            problems.extend(_check_train(session, w, e, where))
+        elif e.kind == "evaluate":
+            models = session.initial if int(rnd) == 0 else session.aggregated[int(rnd)]
+            if d.get("received_sha256") not in models:
+                problems.append(
+                    f"{where}: evaluated a model (round {rnd}) that is not the global model the "
+                    "server's log records for that round"
+                )
+        elif e.kind == "refused":
+            refusals.add((int(rnd), str(d.get("phase"))))
+    for rnd, phase in sorted(refusals):
+        kinds = session.events.get((w, rnd), set())
+        wanted = {"evaluate-failed", "dropped"} if phase == "evaluate" else {"refused", "dropped"}
+        if not kinds & wanted:
+            problems.append(
+                f"site {w} logged refusing {phase} in round {rnd} of run {run}, but the "
+                "server's log has no refusal from it in that round"
+            )
+    for (site_id, rnd), updates in sorted(session.updates.items()):
+        if site_id != w:
+            continue
+        for e in updates:
+            if e.data.get("sha256") not in sent.get(rnd, set()):
+                problems.append(
+                    f"server log line {e.line}: an update from site {w} in round {rnd} that the "
+                    "site's log does not record sending (a forged update, or the site's log "
+                    "was cut short)"
+                )
+            problem = _anchor(
+                (e.data.get("site") or {}).get("audit_head"),
+                site,
+                f"site {w}",
+                f"server log line {e.line}",
+            )
+            if problem:
+                problems.append(problem)
+    return problems
+
+
+def _check_train(session: _Session, w: str, e: LoggedEntry, where: str) -> list[str]:
+    d, rnd = e.data, int(e.data["round"])
+    problems = []
+    received = session.sent.get(rnd)
+    if not received:
+        problems.append(
+            f"{where}: trained in round {rnd} of run {session.run_id}, which the server's log "
+            "never started: the server's log was cut short or is not this run's"
+        )
+    elif d.get("received_sha256") not in received:
+        problems.append(
+            f"{where}: received a global model in round {rnd} that is not the one the "
+            "server's log says it sent"
+        )
+    matches = [
+        u for u in session.updates.get((w, rnd), []) if u.data.get("sha256") == d.get("sent_sha256")
+    ]
+    if not matches:
+        if "dropped" not in session.events.get((w, rnd), set()):
+            problems.append(
+                f"{where}: sent an update in round {rnd} that the server's log does not "
+                "record receiving (nor a drop-out of the site)"
+            )
+        return problems
+    differs = _report_differs(d, matches[0].data.get("site") or {})
+    if differs:
+        problems.append(
+            f"{where}: the privacy report the server logged (line {matches[0].line}) differs "
+            f"from the site's own in {', '.join(differs)}"
+        )
+    return problems
+
+
+def cross_check(logs: Sequence[LogVerification]) -> list[str]:
+    """Problems found between server and site logs (see the module docstring).
+
+    Only verified entries take part (those before a log's first bad line). A server log is
+    split into sessions (each ``run-start``, with its ``run-resume`` entries); a site
+    entry belongs to the session its recorded server head falls in. Where a site's log has
+    entries in a session, the two logs must agree on it; where it has none (the site's
+    state was reset, or this log predates it), only updates the server logged with this
+    log's key are required to be in it.
+    """
+    servers = [_ServerIndex.build(v) for v in logs if v.writer == SERVER_WRITER]
+    sites = [v for v in logs if v.writer and v.writer != SERVER_WRITER]
+    problems: list[str] = []
+    for server in servers:
+        problems.extend(server.problems)
+        for site in sites:
+            problems.extend(_check_site(server, site))
+    return list(dict.fromkeys(problems))
+
+
+# --------------------------------------------------------------------------- command
+
+
+def _trusted_keys(specs: Sequence[Path]) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for spec in specs:
+        writer, sep, file = str(spec).partition("=")
+        if not sep or not writer or not file:
+            raise ConfigError(
+                f"--key {spec}: give WRITER=KEYFILE, e.g. --key server=/secure/server-key.pub "
+                "or --key site-0=site-0-audit-key.pem"
+            )
+        out[writer] = load_public_key_file(Path(file))
+    return out
+
+
+def audit_verify(
+    paths: list[Path] = typer.Argument(  # noqa: B008
+        ..., help="Audit logs (.jsonl) and/or run directories."
+    ),
+    key: list[Path] = typer.Option(  # noqa: B008
+        [],
+        "--key",
+        help=(
+            "WRITER=KEYFILE: the trusted public key of a writer ('server' or a site id), as a "
+            "PEM public or private key or the raw key in base64/hex. That writer's log must "
+            "be signed with it. Repeatable."
+        ),
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Verify audit logs: each one intact and signed, and server and sites consistent.
+
+    Exits 0 only when every log verifies and no cross-check fails; 1 otherwise.
+
+    Raises
+    ------
+    ConfigError
+        If a path does not exist or a --key is malformed.
+    """
+    result = verify_paths(paths, trusted_keys=_trusted_keys(key))
+    if json_out:
+        typer.echo(result.model_dump_json(indent=2))
+    else:
+        for log in result.logs:
+            status = "OK" if log.ok else f"FIRST BAD LINE {log.first_bad_line}: {log.problem}"
+            writer = log.writer or "?"
+            typer.echo(f"{log.path}: writer {writer}, {log.entries} entries, {status}")
+        for problem in result.cross_check_problems:
+            typer.echo(f"cross-check: {problem}")
+        typer.echo("verified: OK" if result.ok else "verified: FAILED")
+    if not result.ok:
+        raise typer.Exit(1)
