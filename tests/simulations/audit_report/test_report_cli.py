@@ -1,0 +1,210 @@
+"""Loading a run directory and ``fedcare audit report``: files in, page out, clear errors.
+
+The verifier and the ε recomputation are other modules' work: here they are stand-ins
+(injected as ``simulations.audit.verify`` / ``simulations.audit.epsilon``), so these tests
+check only what this module does with a run directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from common.errors import ConfigError
+from simulations.audit.findings import ATTACKS_FILE
+from simulations.audit.report import load_report_inputs, render_run_report
+from simulations.audit.report_cli import audit_report
+from tests.simulations.audit_report import _builders as b
+from tests.simulations.audit_report._dom import section_rows, section_text
+
+SAMPLE = Path(__file__).parent / "data"
+
+
+def _sample_run(tmp_path: Path) -> Path:
+    """summary.json + server_record.json of a real 3-site x 2-round DP run (run id default-0)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("summary.json", "server_record.json"):
+        shutil.copy(SAMPLE / name, run / name)
+    return run
+
+
+@pytest.fixture
+def audit_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Stand-in verify/epsilon modules; set ``*_error`` to an exception to make one fail."""
+    state: dict[str, object] = {"verify_error": None, "epsilon_error": None, "seen": []}
+
+    def verify_paths(paths, *, trusted_keys=None):  # type: ignore[no-untyped-def]
+        state["seen"].append(("verify", list(paths)))  # type: ignore[union-attr]
+        if state["verify_error"] is not None:
+            raise state["verify_error"]  # type: ignore[misc]
+        return b.verify_ok()
+
+    def recompute_epsilon(run_dir):  # type: ignore[no-untyped-def]
+        state["seen"].append(("epsilon", run_dir))  # type: ignore[union-attr]
+        if state["epsilon_error"] is not None:
+            raise state["epsilon_error"]  # type: ignore[misc]
+        return b.epsilon_audit()
+
+    verify = types.ModuleType("simulations.audit.verify")
+    verify.verify_paths = verify_paths  # type: ignore[attr-defined]
+    epsilon = types.ModuleType("simulations.audit.epsilon")
+    epsilon.recompute_epsilon = recompute_epsilon  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "simulations.audit.verify", verify)
+    monkeypatch.setitem(sys.modules, "simulations.audit.epsilon", epsilon)
+    return state
+
+
+def test_render_reads_summary_record_and_calls_the_audit_steps(
+    tmp_path: Path, audit_steps: dict[str, object]
+) -> None:
+    run = _sample_run(tmp_path)
+    page = render_run_report(run)
+    assert audit_steps["seen"] == [("verify", [run]), ("epsilon", run)]
+    facts = section_rows(page, "run-facts")
+    # final ε of summary.json: 7.983397385911686 and 7.999936605554885
+    assert facts[1][:2] == ["site-0", "completed"] and facts[1][6] == "7.983"
+    assert facts[3][0] == "site-2" and facts[3][6] == "8.000"
+    # update norms of server_record.json: 0.680947093795727 (site-0, round 1), 0.8928728 ...
+    assert section_rows(page, "update-norms")[1] == ["1", "0.681", "0.678", "0.893"]
+    # global test AUROC and AUPRC after round 2: 0.6303101483711449, 0.3944786373627674
+    test_rows = section_rows(page, "utility")
+    header = test_rows[0]
+    round2 = dict(zip(header, test_rows[3], strict=True))
+    assert round2["Round"] == "2" and round2["auroc"] == "0.630" and round2["auprc"] == "0.394"
+    assert "no attack run yet: run fedcare audit attack " + str(run) in section_text(
+        page, "attacks"
+    )
+    assert section_text(page, "verdict").startswith("Verdict: ATTENTION")
+
+
+def test_attack_results_are_read_and_validated(
+    tmp_path: Path, audit_steps: dict[str, object]
+) -> None:
+    run = _sample_run(tmp_path)
+    (run / ATTACKS_FILE).parent.mkdir(parents=True)
+    (run / ATTACKS_FILE).write_text(b.attack_report(run_id="default-0").model_dump_json())
+    page = render_run_report(run)
+    assert ["rmia", "site-2", "100", "100", "0.538", "0.003", "0.021"] in section_rows(
+        page, "attacks"
+    )
+    (run / ATTACKS_FILE).write_text('{"run_id": "default-0", "colour": "red"}')
+    with pytest.raises(ConfigError) as info:
+        render_run_report(run)
+    assert str(run / ATTACKS_FILE) in str(info.value)
+    assert "fedcare audit attack" in str(info.value)
+
+
+def test_failed_audit_steps_become_reasons_not_crashes(
+    tmp_path: Path, audit_steps: dict[str, object]
+) -> None:
+    run = _sample_run(tmp_path)
+    audit_steps["verify_error"] = ConfigError(f"{run}/audit/server.jsonl: no such file; rerun")
+    audit_steps["epsilon_error"] = ConfigError("no mechanism logged; rerun with audit on")
+    inputs = load_report_inputs(run)
+    reasons = {c.key: c.detail for c in inputs.verdict().reasons}
+    assert "the logs cannot be verified" in reasons["logs"]
+    assert "audit/server.jsonl: no such file" in reasons["logs"]
+    assert (
+        reasons["epsilon"] == "ε could not be recomputed: no mechanism logged; rerun with audit on"
+    )
+    # the sites' own ε per round still shows, from server_record.json (5.884225257006293)
+    assert ["site-0", "1", "5.884"] in section_rows(inputs.html(), "epsilon")
+
+
+def test_unexpected_errors_are_not_swallowed(
+    tmp_path: Path, audit_steps: dict[str, object]
+) -> None:
+    audit_steps["verify_error"] = RuntimeError("bug")
+    with pytest.raises(RuntimeError, match="bug"):
+        load_report_inputs(_sample_run(tmp_path))
+
+
+def _signed_server_log(run: Path) -> str:
+    """Write the server's audit log of a run start (as a run does); return its code hash."""
+    from common.audit import code_hash
+    from common.federation import FederationConfig
+    from server.audit import ServerAudit
+
+    cfg = FederationConfig()
+    ServerAudit.open(run, cfg, run_id="default-0").run_start(
+        cfg, model="ehr_mlp", model_sha256="0" * 64
+    )
+    return code_hash()
+
+
+def test_code_hash_comes_from_the_signed_server_log(
+    tmp_path: Path, audit_steps: dict[str, object]
+) -> None:
+    run = _sample_run(tmp_path)
+    assert "Code hash not recorded" in section_text(render_run_report(run), "run-facts")
+    expected = _signed_server_log(run)
+    assert f"Code hash {expected}" in section_text(render_run_report(run), "run-facts")
+
+
+def test_a_forged_code_hash_is_not_shown(tmp_path: Path, audit_steps: dict[str, object]) -> None:
+    run = _sample_run(tmp_path)
+    expected = _signed_server_log(run)
+    log = run / "audit" / "server.jsonl"
+    log.write_text(log.read_text().replace(expected, "f" * 64))
+    facts = section_text(render_run_report(run), "run-facts")
+    assert "Code hash not recorded" in facts and "f" * 64 not in facts
+
+
+@pytest.mark.parametrize(
+    ("breakage", "needle"),
+    [
+        ("no-dir", "no such run directory"),
+        ("no-summary", "summary.json: no such file"),
+        ("no-record", "server_record.json: no such file"),
+        ("bad-record", "server_record.json: cannot read it as JSON"),
+    ],
+)
+def test_unreadable_run_names_the_path(
+    tmp_path: Path, audit_steps: dict[str, object], breakage: str, needle: str
+) -> None:
+    run = _sample_run(tmp_path)
+    if breakage == "no-dir":
+        run = tmp_path / "missing"
+    elif breakage == "no-summary":
+        (run / "summary.json").unlink()
+    elif breakage == "no-record":
+        (run / "server_record.json").unlink()
+    else:
+        (run / "server_record.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=needle) as info:
+        load_report_inputs(run)
+    assert str(run) in str(info.value)
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(audit_report)
+    return app
+
+
+def test_cli_writes_the_page_and_prints_the_verdict(
+    tmp_path: Path, audit_steps: dict[str, object]
+) -> None:
+    run = _sample_run(tmp_path)
+    out = tmp_path / "reports" / "report.html"
+    result = CliRunner().invoke(_app(), [str(run), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.output
+    assert "verdict: ATTENTION" in result.output
+    assert "no attack run yet" in result.output
+    assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    assert [p.name for p in out.parent.iterdir()] == ["report.html"]  # no temp file left
+
+
+def test_cli_refuses_a_folder_as_output(tmp_path: Path, audit_steps: dict[str, object]) -> None:
+    run = _sample_run(tmp_path)
+    result = CliRunner().invoke(_app(), [str(run), "--out", str(tmp_path)])
+    assert isinstance(result.exception, ConfigError)
+    assert "is a folder; pass a file name" in str(result.exception)
