@@ -29,6 +29,9 @@ class FederationConfig(BaseModel):
     fixed-clipping wrapper, clipping norm ``hospital_dp_clip``).
     ``audit_key`` is the server's Ed25519 audit signing key (PEM); empty means
     ``<run-dir>/audit/server-key.pem``, created on first use (see ``server/audit.py``).
+    ``evaluate_every`` k runs federated evaluation after every k-th round and the last one
+    (round 0 always): each evaluation is one more message per site, which in a deployment
+    means one more ClientApp process.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -65,6 +68,7 @@ class FederationConfig(BaseModel):
     run_dir: str = ""
     audit_key: str = ""
     round_timeout: float = Field(default=600.0, gt=0)
+    evaluate_every: int = Field(default=1, ge=1)
     min_sites: int = Field(default=2, ge=1)
     num_sites: int = Field(default=0, ge=0)
     connect_timeout: float = Field(default=120.0, gt=0)

@@ -119,6 +119,7 @@ class GuardedStrategy(Strategy):
         self.audit = audit
         self._reference: dict[str, np.ndarray] = {}
         self._expected: set[int] = set()
+        self._skip_evaluation = False
         self._t0 = time.monotonic()
 
     # ------------------------------------------------------------------ helpers
@@ -346,6 +347,11 @@ class GuardedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        rnd = self.absolute(server_round)
+        if rnd % self.cfg.evaluate_every and rnd != self.cfg.num_server_rounds:
+            self._skip_evaluation = True
+            return []  # evaluate-every: no evaluation message this round
+        self._skip_evaluation = False
         return self.strategy.configure_evaluate(
             server_round, arrays, self._with_round(config, server_round), grid
         )
@@ -355,6 +361,9 @@ class GuardedStrategy(Strategy):
     ) -> MetricRecord | None:
         rnd = self.absolute(server_round)
         entry = self._round_entry(rnd)
+        if self._skip_evaluation:
+            self._skip_evaluation = False
+            return None
         per_site: dict[str, dict[str, float]] = {}
         for reply in replies:
             node = reply.metadata.src_node_id

@@ -121,3 +121,43 @@ def test_global_metrics_are_patient_weighted_over_reporting_sites() -> None:
     assert out["test.auroc"] == pytest.approx(np.average([0.9, 0.6], weights=[30, 10]))
     assert out["test.n"] == 40.0
     assert out["val.auroc"] == pytest.approx(0.7)
+
+
+def test_flower_error_for_an_offline_site_is_a_drop_out_not_a_refusal(tmp_path: Path) -> None:
+    """SuperLink answers NODE_UNAVAILABLE for a SuperNode that stopped sending heartbeats."""
+    from flwr.common.constant import ErrorCode
+
+    guard = _guard(tmp_path)
+    guard._expected = {11, 12}
+    TaskIdentity.node_id = 12
+    offline = Message(
+        Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"),
+        reply_to=_instruction(12),
+    )
+    guard.record["nodes"]["12"] = "site-b"
+    arrays, _ = guard.aggregate_train(
+        1, [_reply(11, "site-a", np.ones((2, 2), np.float32)), offline]
+    )
+    assert arrays is not None
+    kinds = {(e["site_id"], e["kind"]) for e in guard.record["events"]}
+    assert ("site-b", "dropped") in kinds
+    assert ("site-b", "refused") not in kinds
+    assert "went offline" in guard.record["sites"]["site-b"]["reason"]
+
+
+class _Grid:
+    """Just enough of a Grid for a strategy to sample nodes."""
+
+    def get_node_ids(self) -> list[int]:
+        return [11, 12]
+
+
+def test_evaluate_every_k_rounds_and_always_the_last(tmp_path: Path) -> None:
+    guard = _guard(tmp_path, **{"evaluate-every": 2, "num-server-rounds": 5})
+    arrays = ArrayRecord({"w": Array(REF["w"])})
+    sent = {
+        rnd: len(list(guard.configure_evaluate(rnd, arrays, ConfigRecord({}), _Grid())))  # type: ignore[arg-type]
+        for rnd in range(1, 6)
+    }
+    assert sent == {1: 0, 2: 2, 3: 0, 4: 2, 5: 2}
+    assert guard.aggregate_evaluate(5, []) is None
