@@ -1,20 +1,24 @@
 """The site's Flower ClientApp (Message API): train and evaluate at a hospital.
 
-Which folder is this site's? In a deployment, the SuperNode's node config names it
-(``data-path``); in simulation, the run config's ``sites-manifest`` (a JSON list of site
-folders) or ``data-root/site-<partition-id>`` does. The site's durable state (privacy ledger
-and stored releases) lives in ``state-root/<site-id>/`` when the run config sets
-``state-root``, else in ``<site folder>/.fedcare/``.
+Which site is this? In a deployment, the SuperNode's node config names the site's own
+``site-config.toml`` (``fedcare site start`` sets it): its data folder, state folder, budget,
+policy and device, which no run config can override. In simulation, the run config's
+``sites-manifest`` (a JSON list of site folders) or ``data-root/site-<partition-id>`` names
+the folder, and the site's durable state (privacy ledger, audit log, stored releases) lives in
+``state-root/<site-id>/`` when the run config sets ``state-root``, else in
+``<site folder>/.fedcare/``.
 
 A reply carries the model arrays, aggregate numbers (``num-examples``, ``train-loss``,
 ``steps``; task metrics on evaluation) and a ``site`` record (site id and the dataset's
 privacy state). A refusal (budget spent, task not allowed, schema mismatch, broken data) is
-an error reply whose reason starts with the site id, never a crash of the run.
+an error reply whose reason starts with the site id, never a crash of the run; a data
+problem's details (which may quote values) never leave the site.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -38,16 +42,24 @@ from common.federation import FederationConfig
 
 __all__ = ["app", "handle_train", "handle_evaluate", "resolve_site"]
 
+log = logging.getLogger(__name__)
+
 
 def resolve_site(context: Context, cfg: FederationConfig) -> Path:
     """The site's data folder, from node config (deployment) or partition id (simulation)."""
     node = context.node_config
     if keys.NC_DATA_PATH in node:
-        return Path(str(node[keys.NC_DATA_PATH]))
+        # A site's budget, policy and ledger must come from the site, never from the run
+        # config the coordinating server sends: a bare data folder would let the server set them.
+        raise ConfigError(
+            "this SuperNode names only a 'data-path'; a deployed site must run with its own "
+            "site-config.toml (its budget, policy and ledger): start it with "
+            "`fedcare site start site-config.toml`"
+        )
     if keys.NC_PARTITION_ID not in node:
         raise ConfigError(
-            "this SuperNode has neither a 'data-path' nor a 'partition-id' node config; start "
-            "it with --node-config \"data-path='/path/to/site'\""
+            "this SuperNode has no 'site-config' node config; start it with "
+            "`fedcare site start site-config.toml`"
         )
     pid = int(node[keys.NC_PARTITION_ID])
     if cfg.sites_manifest:
@@ -137,9 +149,25 @@ _ERROR_CODES: tuple[tuple[type[FedcareError], int], ...] = (
 )
 
 
+def _public_reason(error: FedcareError, site_id: str) -> str:
+    """What may leave the site about ``error``: never a data problem's details.
+
+    A data error's message can quote cell values or patient ids, so the server (and the
+    audit log an auditor receives) gets only its kind; the full text goes to the site's own
+    log (the SuperNode's output).
+    """
+    if isinstance(error, DataError):
+        log.warning("site %s refused the round: %s", site_id, error)
+        return (
+            f"its data failed validation ({type(error).__name__}); the details stay at the "
+            "site: run `fedcare data check` on its data folder there"
+        )
+    return " ".join(str(error).split())
+
+
 def _refusal(msg: Message, site_id: str, error: FedcareError) -> Message:
     code = next(c for cls, c in _ERROR_CODES if isinstance(error, cls))
-    reason = " ".join(str(error).split())
+    reason = _public_reason(error, site_id)
     return Message(Error(code=code, reason=f"{site_id}: {reason}"), reply_to=msg)
 
 
@@ -150,7 +178,7 @@ def _refuse(
     if audit is not None:
         code = next(c for cls, c in _ERROR_CODES if isinstance(error, cls))
         try:
-            audit.refused(msg, phase=phase, code=code, reason=" ".join(str(error).split()))
+            audit.refused(msg, phase=phase, code=code, reason=_public_reason(error, site_id))
         except FedcareError as audit_error:  # a broken audit trail is the more urgent news
             error = audit_error
     return _refusal(msg, site_id, error)

@@ -95,6 +95,10 @@ def record_sha256(arrays: ArrayRecord) -> str:
     return hash_arrays({name: array.numpy() for name, array in arrays.items()})
 
 
+#: Characters kept of any text value a site reports about itself.
+_MAX_REPORTED = 256
+
+
 def site_report(info: ConfigRecord | None) -> dict[str, Any]:
     """What a site reported about itself in its reply's ``site`` record, typed and renamed.
 
@@ -112,7 +116,7 @@ def site_report(info: ConfigRecord | None) -> dict[str, Any]:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[name] = kind(value)
         else:
-            out[name] = str(value)
+            out[name] = str(value)[:_MAX_REPORTED]  # a site's text, bounded before it is logged
     return out
 
 

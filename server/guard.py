@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -215,7 +216,7 @@ class GuardedStrategy(Strategy):
                 self._event(server_round, site_id, "refused", reason)
                 continue
             info = reply.content.config_records.get(keys.REC_SITE)
-            site_id = str(info[keys.S_SITE_ID]) if info is not None else self._site_of(node)
+            site_id = _reported_site_id(info, self._site_of(node))
             self.record["nodes"][str(node)] = site_id
             site = self._site(site_id)
             sha256: str | None = None
@@ -372,7 +373,7 @@ class GuardedStrategy(Strategy):
                 self._event(server_round, site_id, "evaluate-failed", reason)
                 continue
             info = reply.content.config_records.get(keys.REC_SITE)
-            site_id = str(info[keys.S_SITE_ID]) if info is not None else self._site_of(node)
+            site_id = _reported_site_id(info, self._site_of(node))
             values = {
                 k: float(v)
                 for k, v in reply.content[keys.REC_METRICS].items()
@@ -452,9 +453,28 @@ def weighted_global_metrics(per_site: dict[str, dict[str, float]]) -> dict[str, 
     return out
 
 
+#: Characters of a site's refusal reason kept in the run record and summary.
+_MAX_REASON = 1000
+#: A site id as site.toml allows it (bounded: it enters logs and the summary).
+_SITE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
+
+def _reported_site_id(info: ConfigRecord | None, fallback: str) -> str:
+    """The site id a reply reports, or ``fallback`` (``node-<id>``) when it is not a valid one.
+
+    A reply's site record is the site's word; a malformed id must not reach the audit log.
+    """
+    if info is None or keys.S_SITE_ID not in info:
+        return fallback
+    value = info[keys.S_SITE_ID]
+    if isinstance(value, str) and _SITE_ID.fullmatch(value):
+        return value
+    return fallback
+
+
 def _split_reason(reason: str, fallback: str) -> tuple[str, str]:
     """Sites prefix an error reason with ``<site-id>: ``."""
     head, sep, rest = reason.partition(": ")
-    if sep and head and " " not in head:
-        return head, rest
-    return fallback, reason
+    if sep and _SITE_ID.fullmatch(head):
+        return head, rest[:_MAX_REASON]
+    return fallback, reason[:_MAX_REASON]

@@ -447,7 +447,18 @@ def _check_site(server: _ServerIndex, site: LogVerification) -> list[str]:
     problems: list[str] = []
     w = site.writer
     by_session: dict[int, list[LoggedEntry]] = defaultdict(list)
+    server_runs = {s.run_id for s in server.sessions}
+    rekeyed: set[str] = set()
     for e in site.entries:
+        key = e.data.get("server_key")
+        run = e.run_id or ""
+        if key and key != server.log.key_fingerprint and run in server_runs and run not in rekeyed:
+            rekeyed.add(run)
+            problems.append(
+                f"site {w} log line {e.line}: run {run} was served by a server whose audit key "
+                f"is {str(key)[:16]}..., but the server log {server.log.path} is signed with "
+                f"{server.log.key_fingerprint[:16]}...: the server log was replaced or re-keyed"
+            )
         if e.kind == "run-start":
             configs = [s.config for s in server.sessions if s.run_id == (e.run_id or "")]
             key = e.data.get("server_key")
@@ -482,7 +493,8 @@ def _unmatched_updates(session: _Session, site: LogVerification) -> list[str]:
         for (site_id, _), updates in sorted(session.updates.items())
         if site_id == site.writer
         for e in updates
-        if (e.data.get("site") or {}).get("key_fingerprint") == site.key_fingerprint
+        # A site always reports its key; an update without one is as suspect as one with it.
+        if (e.data.get("site") or {}).get("key_fingerprint") in (site.key_fingerprint, None, "")
     ]
 
 
@@ -650,9 +662,17 @@ def audit_verify(
         for log in result.logs:
             status = "OK" if log.ok else f"FIRST BAD LINE {log.first_bad_line}: {log.problem}"
             writer = log.writer or "?"
-            typer.echo(f"{log.path}: writer {writer}, {log.entries} entries, {status}")
+            typer.echo(
+                f"{log.path}: writer {writer}, {log.entries} entries, key "
+                f"{log.key_fingerprint or '?'}, {status}"
+            )
         for problem in result.cross_check_problems:
             typer.echo(f"cross-check: {problem}")
+        if not key:
+            typer.echo(
+                "note: no --key given: each log was checked against the key in its own first "
+                "entry; compare the key fingerprints above with the ones each writer published"
+            )
         typer.echo("verified: OK" if result.ok else "verified: FAILED")
     if not result.ok:
         raise typer.Exit(1)

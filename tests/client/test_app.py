@@ -6,6 +6,7 @@ the site record cross the wire; refusals are error replies naming the site.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,3 +143,34 @@ def test_schema_mismatch_and_unknown_task_are_refusals(sites: Path, tmp_path: Pa
     assert reply.has_error() and "schema" in reply.error.reason
     reply = handle_train(_message(sites, "train"), _context(sites, tmp_path, task="no-such-task"))
     assert reply.has_error() and "no-such-task" in reply.error.reason
+
+
+def test_a_data_error_never_sends_or_logs_patient_values(sites: Path, tmp_path: Path) -> None:
+    """A broken data file is refused, but its details (values, patient ids) stay at the site."""
+    copied = tmp_path / "sites"
+    shutil.copytree(sites, copied)
+    ehr = copied / "site-0" / "ehr.csv"
+    lines = ehr.read_text().splitlines()
+    header = lines[1].split(",")
+    patient = header[0]
+    header[1] = "SECRET-AGE-4711"  # a non-numeric age: validation quotes the bad cell
+    lines[1] = ",".join(header)
+    ehr.write_text("\n".join(lines) + "\n")
+    state = tmp_path / "state"
+    reply = handle_train(_message(copied, "train"), _context(copied, state))
+    assert reply.has_error() and reply.error.code == keys.ERR_DATA, reply.error
+    assert "data failed validation" in reply.error.reason
+    assert "fedcare data check" in reply.error.reason
+    for text in [reply.error.reason, *(p.read_text() for p in state.rglob("*.jsonl"))]:
+        assert "SECRET-AGE-4711" not in text
+        assert patient not in text
+
+
+def test_a_bare_data_path_node_config_is_refused(sites: Path, tmp_path: Path) -> None:
+    """Budget and policy must come from the site's own site-config, never the run config."""
+    ctx = _context(sites, tmp_path)
+    ctx.node_config.clear()
+    ctx.node_config[keys.NC_DATA_PATH] = str(sites / "site-0")
+    reply = handle_train(_message(sites, "train"), ctx)
+    assert reply.has_error() and "site-config.toml" in reply.error.reason
+    assert not any(tmp_path.rglob("ledger.sqlite"))

@@ -161,3 +161,20 @@ def test_evaluate_every_k_rounds_and_always_the_last(tmp_path: Path) -> None:
     }
     assert sent == {1: 0, 2: 2, 3: 0, 4: 2, 5: 2}
     assert guard.aggregate_evaluate(5, []) is None
+
+
+def test_a_hostile_site_record_cannot_reach_the_log_unbounded(tmp_path: Path) -> None:
+    """Over-long or malformed site-supplied text is bounded; the round goes on."""
+    guard = _guard(tmp_path)
+    guard._expected = {11, 12}
+    bad = _reply(11, "site-a", np.ones((2, 2), np.float32))
+    bad.content[keys.REC_SITE][keys.S_SITE_ID] = "x" * 10_000
+    TaskIdentity.node_id = 12
+    refusal = Message(
+        Error(code=keys.ERR_POLICY, reason="y" * 10_000 + ": " + "z" * 10_000),
+        reply_to=_instruction(12),
+    )
+    arrays, _ = guard.aggregate_train(1, [bad, refusal])
+    assert arrays is not None
+    assert all(len(site) <= 128 for site in guard.record["sites"])
+    assert all(len(e["detail"]) <= 1000 for e in guard.record["events"])
