@@ -48,7 +48,12 @@ def supernode_command(site: SiteConfig, *, config_path: Path, insecure: bool = F
                 "coordinating centre register DIR/supernode.pub",
             )
             cmd += ["--auth-supernode-private-key", str(key)]
-    value = str(Path(config_path).resolve()).replace('"', '\\"')
+    value = str(Path(config_path).resolve())
+    if '"' in value or "\\" in value:
+        raise ConfigError(
+            f"{value}: Flower's --node-config cannot carry a path holding '\"' or '\\'; "
+            "move site-config.toml to a folder whose path has neither"
+        )
     cmd += ["--node-config", f'{keys.NC_SITE_CONFIG}="{value}"']
     cmd += ["--port", str(site.supernode.port), "--isolation", site.supernode.isolation]
     return cmd

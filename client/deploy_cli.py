@@ -13,6 +13,7 @@ import typer
 
 from client.deploy import supernode_command
 from client.site_config import load_site_config
+from common.errors import ConfigError
 from common.processes import flower_env, supervise
 
 __all__ = ["site_start"]
@@ -33,7 +34,15 @@ def site_start(
     command = supernode_command(site, config_path=config, insecure=insecure)
     if insecure or site.superlink.insecure:
         typer.secho(_INSECURE_WARNING, fg=typer.colors.RED, bold=True, err=True)
-    site.state_dir.mkdir(parents=True, exist_ok=True)
+    errors = [p for p in site.check_files() if p.severity == "error"]
+    if errors:
+        raise ConfigError(
+            f"{config}: " + "; ".join(f"{p.field}: {p.message} ({p.fix})" for p in errors)
+        )
+    try:
+        site.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{config}: state_dir {site.state_dir}: cannot create it ({e})") from e
     typer.echo(
         f"site {site.site_id}: SuperNode -> {site.superlink.address}; data {site.data}; "
         f"state {site.state_dir}; budget epsilon={site.privacy.epsilon:g} "

@@ -230,9 +230,14 @@ def supervise(
 
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {s: signal.signal(s, _on_signal) for s in handled}
-    proc = subprocess.Popen(  # noqa: S603 - a fixed Flower executable and our own arguments
-        list(command), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True
-    )
+    try:
+        proc = subprocess.Popen(  # noqa: S603 - a fixed Flower executable and our arguments
+            list(command), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+    except OSError:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        raise
     sessions = {proc.pid}
     try:
         ticks = 0

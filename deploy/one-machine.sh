@@ -10,7 +10,11 @@ PORT=${FEDCARE_PORT:-9092}
 export PATH="$ROOT/.venv/bin:$PATH"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_HOME="$W/centre/flwr-home"
-rm -rf "$W"; mkdir -p "$FLWR_HOME" "$W/logs"
+if [ -e "$W" ] && [ ! -e "$W/.fedcare-one-machine" ]; then
+    echo "error: $W exists and was not made by this script; name a new folder" >&2
+    exit 2
+fi
+rm -rf "$W"; mkdir -p "$FLWR_HOME" "$W/logs"; touch "$W/.fedcare-one-machine"
 
 PIDS=()
 cleanup() {
@@ -79,6 +83,7 @@ echo "== 4. centre: submit a run and follow it"
 sed -e "s|^run-dir = .*|run-dir = \"$W/centre/runs/demo\"|" \
     -e "s|^spec-path = .*|spec-path = \"$W/data/site-0/site.toml\"|" \
     -e "s|^run-id = .*|run-id = \"one-machine\"|" \
+    -e "s|^audit-key = .*|audit-key = \"$W/centre/audit-key.pem\"|" \
     -e "s|^num-server-rounds = .*|num-server-rounds = 2|" \
     deploy/run.example.toml > "$W/centre/run.toml"
 fedcare server submit "$W/centre/run.toml" --wait

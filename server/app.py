@@ -32,6 +32,7 @@ from models import build_model, default_model_for
 from models.tasks import task_definition
 from server.audit import ServerAudit, record_sha256
 from server.checkpoint import load_checkpoint
+from server.grid import prompt
 from server.guard import GuardedStrategy, new_record
 from server.strategies import build_strategy
 from server.summary import SUMMARY_NAME, build_summary
@@ -91,6 +92,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     """Run (or resume) the federation described by ``cfg``; returns the run record."""
+    grid = prompt(grid)  # replies collected every 0.25 s, not Flower's deployment 3 s
     run_id = cfg.run_id or uuid.uuid4().hex[:12]
     run_dir = Path(cfg.run_dir or f"runs/{run_id}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

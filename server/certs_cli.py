@@ -61,10 +61,7 @@ def certs_init(
     say(f"  {ca.fingerprint}", style="bold")
     say()
     say("Start the SuperLink with:")
-    say(
-        f"  flower-superlink --ssl-ca-certfile {paths.ca_cert} --ssl-certfile "
-        f"{paths.server_cert} --ssl-keyfile {paths.server_key} --enable-supernode-auth"
-    )
+    say(f"  fedcare server start --certs {paths.ca_cert.parent} --database superlink.db")
     say()
     say(
         f"Keep {paths.ca_key} private and preferably offline: anyone holding it can "

@@ -47,7 +47,9 @@ def server_start(
     certs: Path = typer.Option(  # noqa: B008
         None, "--certs", help="Folder with ca.crt, server.crt, server.key (fedcare certs init)."
     ),
-    host: str = typer.Option("0.0.0.0", help="Address to bind."),
+    host: str = typer.Option(
+        None, help="Address to bind (default 0.0.0.0; 127.0.0.1 with --insecure)."
+    ),
     port: int = typer.Option(9092, help="Port for sites and the flwr CLI."),
     database: Path = typer.Option(  # noqa: B008
         Path("superlink.db"), help="SQLite file of the SuperLink's state (kept across restarts)."
@@ -61,6 +63,8 @@ def server_start(
     ),
 ) -> None:
     """Start the SuperLink with TLS and SuperNode authentication (foreground)."""
+    if host is None:
+        host = "127.0.0.1" if insecure else "0.0.0.0"
     settings = SuperLinkSettings(
         certs=certs,
         host=host,
@@ -84,9 +88,12 @@ def server_start(
         "flwr CLI connection (add to $FLWR_HOME/config.toml, default ~/.flwr/config.toml):\n"
         + tomli_w.dumps({"superlink": {"fedcare": table}})
         + "register a site:  flwr supernode register SITE_KEY.pub fedcare\n"
-        + "start a run:      flwr run <app-dir> fedcare --run-config run.toml\n"
+        + "start a run:      fedcare server submit run.toml --wait\n"
     )
-    database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--database {database}: cannot create its folder ({e})") from e
     raise typer.Exit(supervise(command, env=flower_env(one_thread=False)))
 
 
@@ -126,7 +133,10 @@ def _flwr_json(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     start = out.stdout.find("{")
     if start < 0:
         raise ConfigError(f"`flwr {' '.join(args)}` failed: {(out.stderr or out.stdout).strip()}")
-    reply = json.loads(out.stdout[start:])
+    try:
+        reply = json.loads(out.stdout[start:])
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"`flwr {args[0]}` printed no JSON reply: {out.stdout.strip()}") from e
     if not reply.get("success"):
         raise ConfigError(
             f"`flwr {args[0]}` failed: {reply.get('error-message', reply)}; check the "
