@@ -136,7 +136,7 @@ class Deployment:
             dep.sites.append(dep.add_site(i, register=False))
         return dep
 
-    def add_site(self, i: int, *, register: bool) -> Path:
+    def add_site(self, i: int, *, register: bool, data_of: int | None = None) -> Path:
         """A hospital folder: its keys, its site-config.toml, and its data (already written)."""
         site = self.root / f"hospital-{i}"
         keys = site / "keys"
@@ -144,8 +144,8 @@ class Deployment:
         assert out.returncode == 0, out.stdout + out.stderr
         shutil.copy(self.certs / "ca.crt", site / "ca.crt")
         config = {
-            "site_id": f"site-{i}",
-            "data": str(self.root / "data" / f"site-{i}"),
+            "site_id": f"site-{i if data_of is None else data_of}",
+            "data": str(self.root / "data" / f"site-{i if data_of is None else data_of}"),
             "state_dir": str(site / "state"),
             "device": "cpu",
             "privacy": {"epsilon": 20.0, "delta": 1e-5},

@@ -10,16 +10,18 @@ report's verdict turns to ATTENTION. Slow: CI runs it too.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from client.accounting import Mechanism, independent_epsilon
 from common.summary import load_summary
+from fedcare.cli import main
 from simulations.audit.findings import ATTACKS_FILE, AttackReport
 from simulations.runner import run_experiment
 from simulations.scenario import Scenario
@@ -27,7 +29,6 @@ from simulations.synth import SynthConfig, synthesize
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
-FEDCARE = str(Path(sys.executable).parent / "fedcare")
 _CHROMIUM_FLAGS = (
     "--headless",
     "--no-sandbox",
@@ -41,9 +42,15 @@ _CHROMIUM_FLAGS = (
 
 
 def _fedcare(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [FEDCARE, *args], capture_output=True, text=True, timeout=600, check=False
-    )
+    """Run a ``fedcare`` command in this process (as the console script would)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return subprocess.CompletedProcess(["fedcare", *args], code, out.getvalue(), err.getvalue())
 
 
 def _dom(page: Path, profile: Path) -> str | None:
