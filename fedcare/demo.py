@@ -41,3 +41,10 @@ def demo(
     outcome = run_with_progress(scenario, out, overrides=overrides, console=console)
     console.print(results_table(outcome))
     console.print(f"run directory: {outcome.run_dir} (summary.json, metrics.csv, plots/)")
+    console.print(
+        f"audit it: fedcare audit verify {outcome.run_dir} && fedcare audit attack "
+        f"{outcome.run_dir} && fedcare audit report {outcome.run_dir} --out "
+        f"{outcome.run_dir}/audit.html",
+        markup=False,
+        soft_wrap=True,
+    )
