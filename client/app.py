@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -115,14 +116,29 @@ def _trainer(context: Context, cfg: FederationConfig) -> tuple[SiteTrainer, Fede
     return SiteTrainer(site=site, policy=policy, ledger=ledger, seed=cfg.seed), cfg
 
 
-def _request(cfg: FederationConfig, msg: Message) -> RoundRequest:
-    config = msg.content[keys.REC_CONFIG]
-    train, dp = settings_from_run(
-        cfg, proximal_mu=float(config.get(keys.CFG_PROXIMAL_MU, cfg.proximal_mu))
+def _server_value(config: ConfigRecord, key: str, kind: type[Any], default: Any = None) -> Any:
+    """A value the server's message carries, checked: a malformed one is a refusal."""
+    value = config.get(key, default)
+    ok = (
+        isinstance(value, str)
+        if kind is str
+        else (isinstance(value, (int, float)) and not isinstance(value, bool))
     )
+    if value is None or not ok:
+        raise ConfigError(
+            f"the server's message has {key}={value!r}, not a {kind.__name__}; the server and "
+            "this site run incompatible fedcare versions"
+        )
+    return kind(value)
+
+
+def _request(cfg: FederationConfig, msg: Message) -> RoundRequest:
+    config = msg.content.config_records[keys.REC_CONFIG]
+    mu = _server_value(config, keys.CFG_PROXIMAL_MU, float, cfg.proximal_mu)
+    train, dp = settings_from_run(cfg, proximal_mu=mu)
     return RoundRequest(
-        run_id=str(config[keys.RC_RUN_ID]),
-        round=int(config[keys.CFG_FEDCARE_ROUND]),
+        run_id=_server_value(config, keys.RC_RUN_ID, str),
+        round=_server_value(config, keys.CFG_FEDCARE_ROUND, int),
         rounds_planned=cfg.num_server_rounds,
         task=cfg.task,
         train=train,
@@ -214,7 +230,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         audit = _open_audit(context, run_cfg, trainer, msg)
         _check_schema(trainer, msg)
         request = _request(cfg, msg)
-        state = msg.content[keys.REC_ARRAYS].to_torch_state_dict()
+        state = msg.content.array_records[keys.REC_ARRAYS].to_torch_state_dict()
         result = trainer.train_round(request, state)
         arrays = ArrayRecord(result.state)
         sent = record_sha256(arrays)
@@ -228,7 +244,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             keys.M_STEPS: result.steps,
         }
     )
-    info: dict[str, str | float | int | bool] = {
+    info: dict[str, Any] = {
         keys.S_SITE_ID: site_id,
         keys.S_DP: result.mechanism is not None,
         keys.S_REPLAYED: result.replayed,
@@ -266,7 +282,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         site_id = trainer.site_id
         audit = _open_audit(context, run_cfg, trainer, msg)
         _check_schema(trainer, msg)
-        state = msg.content[keys.REC_ARRAYS].to_torch_state_dict()
+        state = msg.content.array_records[keys.REC_ARRAYS].to_torch_state_dict()
         values = trainer.evaluate(cfg.task, state, model=cfg.model or None, device=cfg.device)
         audit.evaluate(msg)
     except FedcareError as e:

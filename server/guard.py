@@ -209,7 +209,7 @@ class GuardedStrategy(Strategy):
             if reply.has_error() and reply.error.code in _UNREACHABLE:
                 continue  # Flower answered for a site that went offline: a drop-out, below
             if reply.has_error():
-                site_id, reason = _split_reason(reply.error.reason, self._site_of(node))
+                site_id, reason = _split_reason(reply.error.reason or "", self._site_of(node))
                 self.record["nodes"][str(node)] = site_id
                 site = self._site(site_id)
                 site["status"], site["reason"] = "refused", reason
@@ -221,27 +221,27 @@ class GuardedStrategy(Strategy):
             site = self._site(site_id)
             sha256: str | None = None
             try:
-                update = arrays_to_numpy(reply.content[keys.REC_ARRAYS])
+                update = arrays_to_numpy(reply.content.array_records[keys.REC_ARRAYS])
                 sha256 = hash_arrays(update)
                 norm = validate_update(update, self._reference, max_norm=self.cfg.max_update_norm)
+                report = _train_report(reply.content[keys.REC_METRICS], info)
             except UpdateRejected as e:
                 self._reject(server_round, site, node, sha256, str(e), info)
                 continue
             except (KeyError, TypeError, ValueError) as e:
-                detail = f"malformed reply ({type(e).__name__}: {e})"
+                detail = f"malformed reply ({type(e).__name__}: {str(e)[:200]})"
                 self._reject(server_round, site, node, sha256, detail, info)
                 continue
             kept.append(reply)
-            self._record_train(server_round, site, reply, info, norm)
+            self._record_train(server_round, site, report, norm)
             if self.audit is not None and sha256 is not None:
-                n_examples: Any = reply.content[keys.REC_METRICS][keys.M_NUM_EXAMPLES]
                 self.audit.update(
                     self.absolute(server_round),
                     site_id=site_id,
                     node_id=node,
                     sha256=sha256,
                     norm=norm,
-                    num_examples=int(n_examples),
+                    num_examples=report["num_examples"],
                     info=info,
                 )
         for node in sorted(self._expected - answered):
@@ -300,13 +300,11 @@ class GuardedStrategy(Strategy):
         self,
         server_round: int,
         site: dict[str, Any],
-        reply: Message,
-        info: ConfigRecord | None,
+        report: dict[str, Any],
         norm: float,
     ) -> None:
-        metrics = reply.content[keys.REC_METRICS]
         rnd = self.absolute(server_round)
-        site["n_train"] = int(metrics[keys.M_NUM_EXAMPLES])
+        site["n_train"] = report["num_examples"]
         if rnd not in site["rounds_participated"]:
             site["rounds_participated"].append(rnd)
         if site["status"] != "refused":
@@ -314,22 +312,22 @@ class GuardedStrategy(Strategy):
         entry = self._round_entry(rnd)
         entry["sites"].setdefault(site["site_id"], {}).update(
             {
-                "train-loss": float(metrics[keys.M_TRAIN_LOSS]),
+                "train-loss": report["train_loss"],
                 "update-norm": norm,
-                "num-examples": int(metrics[keys.M_NUM_EXAMPLES]),
+                "num-examples": report["num_examples"],
             }
         )
-        if info is not None and bool(info[keys.S_DP]):
+        if report["dp"]:
             privacy = site["privacy"]
             privacy["enabled"] = True
-            privacy["epsilon"] = float(info[keys.S_EPSILON])
-            privacy["delta"] = float(info[keys.S_DELTA])
-            privacy["accountant"] = str(info[keys.S_ACCOUNTANT])
+            privacy["epsilon"] = report["epsilon"]
+            privacy["delta"] = report["delta"]
+            privacy["accountant"] = report["accountant"]
             mechanism = {
                 "round": rnd,
-                "noise_multiplier": float(info[keys.S_NOISE_MULTIPLIER]),
-                "sample_rate": float(info[keys.S_SAMPLE_RATE]),
-                "steps": int(info[keys.S_STEPS]),
+                "noise_multiplier": report["noise_multiplier"],
+                "sample_rate": report["sample_rate"],
+                "steps": report["steps"],
             }
             if all(m["round"] != rnd for m in privacy["mechanisms"]):
                 privacy["mechanisms"].append(mechanism)
@@ -369,7 +367,7 @@ class GuardedStrategy(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                site_id, reason = _split_reason(reply.error.reason, self._site_of(node))
+                site_id, reason = _split_reason(reply.error.reason or "", self._site_of(node))
                 self._event(server_round, site_id, "evaluate-failed", reason)
                 continue
             info = reply.content.config_records.get(keys.REC_SITE)
@@ -390,7 +388,7 @@ class GuardedStrategy(Strategy):
             entry["sites"].setdefault(site_id, {}).update(values)
         global_metrics = weighted_global_metrics(per_site)
         entry["metrics"] = global_metrics
-        return MetricRecord(global_metrics) if global_metrics else None
+        return MetricRecord(dict(global_metrics)) if global_metrics else None
 
     def evaluate_initial(self, grid: Grid, arrays: ArrayRecord) -> None:
         """Federated evaluation of the starting model, recorded as round 0."""
@@ -413,7 +411,7 @@ class GuardedStrategy(Strategy):
                 run_id=self.run_id, round=rnd, arrays=arrays_to_numpy(arrays), record=self.record
             ),
         )
-        progress = {
+        progress: dict[str, Any] = {
             "round": rnd,
             "of": self.cfg.num_server_rounds,
             "elapsed_s": round(time.monotonic() - self._t0, 2),
@@ -451,6 +449,45 @@ def weighted_global_metrics(per_site: dict[str, dict[str, float]]) -> dict[str, 
             continue
         out[name] = float(np.average([v for v, _ in pairs], weights=weights))
     return out
+
+
+def _number(record: MetricRecord | ConfigRecord, key: str, kind: type[int] | type[float]) -> Any:
+    """A finite number a site reported, as ``kind``; TypeError/ValueError otherwise."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key} is {type(value).__name__}, not a number")
+    if not math.isfinite(value):
+        raise ValueError(f"{key} is not finite")
+    if kind is int and value != int(value):
+        raise ValueError(f"{key} = {value} is not a whole number")
+    return kind(value)
+
+
+def _train_report(metrics: Any, info: ConfigRecord | None) -> dict[str, Any]:
+    """The numbers a training reply reports, checked before the update is accepted."""
+    if not isinstance(metrics, MetricRecord):
+        raise TypeError("the reply has no metrics record")
+    report: dict[str, Any] = {
+        "num_examples": _number(metrics, keys.M_NUM_EXAMPLES, int),
+        "train_loss": _number(metrics, keys.M_TRAIN_LOSS, float),
+        "dp": False,
+    }
+    if info is not None and info.get(keys.S_DP) is True:
+        report["dp"] = True
+        accountant = info[keys.S_ACCOUNTANT]
+        if not isinstance(accountant, str) or len(accountant) > 32:
+            raise TypeError("the site's accountant is not a short name")
+        report.update(
+            {
+                "epsilon": _number(info, keys.S_EPSILON, float),
+                "delta": _number(info, keys.S_DELTA, float),
+                "accountant": accountant,
+                "noise_multiplier": _number(info, keys.S_NOISE_MULTIPLIER, float),
+                "sample_rate": _number(info, keys.S_SAMPLE_RATE, float),
+                "steps": _number(info, keys.S_STEPS, int),
+            }
+        )
+    return report
 
 
 #: Characters of a site's refusal reason kept in the run record and summary.

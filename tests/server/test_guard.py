@@ -178,3 +178,17 @@ def test_a_hostile_site_record_cannot_reach_the_log_unbounded(tmp_path: Path) ->
     assert arrays is not None
     assert all(len(site) <= 128 for site in guard.record["sites"])
     assert all(len(e["detail"]) <= 1000 for e in guard.record["events"])
+
+
+def test_wrongly_typed_reported_numbers_reject_the_update_not_the_run(tmp_path: Path) -> None:
+    guard = _guard(tmp_path)
+    guard._expected = {11, 12}
+    good = _reply(11, "site-a", np.ones((2, 2), np.float32))
+    bad = _reply(12, "site-b", np.ones((2, 2), np.float32))
+    bad.content[keys.REC_SITE][keys.S_DP] = True
+    bad.content[keys.REC_SITE][keys.S_EPSILON] = "not a number"
+    arrays, _ = guard.aggregate_train(1, [good, bad])
+    assert arrays is not None
+    assert guard.record["sites"]["site-b"]["status"] == "rejected"
+    assert "malformed reply" in guard.record["sites"]["site-b"]["reason"]
+    assert guard.record["sites"]["site-a"]["status"] == "completed"
