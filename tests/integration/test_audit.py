@@ -26,19 +26,9 @@ from simulations.audit.findings import ATTACKS_FILE, AttackReport
 from simulations.runner import run_experiment
 from simulations.scenario import Scenario
 from simulations.synth import SynthConfig, synthesize
+from tests.simulations.audit_report.test_report_browser import _FLAGS as CHROMIUM_FLAGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-_CHROMIUM_FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-)
 
 
 def _fedcare(*args: str) -> subprocess.CompletedProcess[str]:
@@ -58,7 +48,7 @@ def _dom(page: Path, profile: Path) -> str | None:
     if browser is None:
         return None
     out = subprocess.run(
-        [browser, *_CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+        [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
         capture_output=True,
         text=True,
         timeout=90,
