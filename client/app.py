@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,18 @@ def _site_config(context: Context) -> SiteConfig | None:
     return load_site_config(Path(str(path))) if path else None
 
 
-def _trainer(context: Context, cfg: FederationConfig) -> tuple[SiteTrainer, FederationConfig]:
-    """The site's trainer, and the run config with the site's own settings applied.
+@dataclass(frozen=True)
+class _Site:
+    """This site for one message: its trainer, the run config with the site's own settings
+    applied, and the folder of its durable state (ledger, releases, audit log)."""
+
+    trainer: SiteTrainer
+    cfg: FederationConfig
+    state_dir: Path
+
+
+def _open_site(context: Context, cfg: FederationConfig) -> _Site:
+    """Load this site, its policy and its ledger.
 
     A deployed site (node config ``site-config``) enforces its ``site-config.toml``: its
     budget, policy, ledger and device, whatever the run asks; a simulated site takes its
@@ -98,12 +109,10 @@ def _trainer(context: Context, cfg: FederationConfig) -> tuple[SiteTrainer, Fede
         site_cfg.state_dir.mkdir(parents=True, exist_ok=True)
         ledger = PrivacyLedger(site_cfg.ledger_path()) if cfg.dp else None
         trainer = SiteTrainer(site=site, policy=site_cfg.policy(), ledger=ledger, seed=cfg.seed)
-        return trainer, cfg.model_copy(update={"device": site_cfg.device})
+        own = cfg.model_copy(update={"device": site_cfg.device})
+        return _Site(trainer, own, site_cfg.state_dir)
     site = load_site(resolve_site(context, cfg))
-    if cfg.state_root:
-        state_dir = Path(cfg.state_root) / site.spec.site_id
-    else:
-        state_dir = site.root / ".fedcare"
+    state_dir = site_state_dir(cfg, site)
     state_dir.mkdir(parents=True, exist_ok=True)
     policy = SitePolicy(
         epsilon_budget=cfg.site_epsilon_budget,
@@ -113,7 +122,8 @@ def _trainer(context: Context, cfg: FederationConfig) -> tuple[SiteTrainer, Fede
         min_count=cfg.site_min_count,
     )
     ledger = PrivacyLedger(state_dir / "ledger.sqlite") if cfg.dp else None
-    return SiteTrainer(site=site, policy=policy, ledger=ledger, seed=cfg.seed), cfg
+    trainer = SiteTrainer(site=site, policy=policy, ledger=ledger, seed=cfg.seed)
+    return _Site(trainer, cfg, state_dir)
 
 
 def _server_value(config: ConfigRecord, key: str, kind: type[Any], default: Any = None) -> Any:
@@ -200,16 +210,13 @@ def _refuse(
     return _refusal(msg, site_id, error)
 
 
-def _open_audit(
-    context: Context, cfg: FederationConfig, trainer: SiteTrainer, msg: Message
-) -> SiteAudit:
+def _open_audit(site: _Site, run_cfg: FederationConfig, msg: Message) -> SiteAudit:
     """The site's audit log in its state dir, with this run's ``run-start`` logged.
 
-    ``cfg`` is the run config as the server sent it (its hash is compared with the server's).
+    ``run_cfg`` is the run config as the server sent it (its hash is compared with the
+    server's).
     """
-    site_cfg = _site_config(context)
-    state_dir = site_cfg.state_dir if site_cfg is not None else site_state_dir(cfg, trainer.site)
-    return open_site_audit(trainer, state_dir, msg, run_config=cfg.to_run_config())
+    return open_site_audit(site.trainer, site.state_dir, msg, run_config=run_cfg.to_run_config())
 
 
 def _site_id_guess(context: Context) -> str:
@@ -225,9 +232,10 @@ def handle_train(msg: Message, context: Context) -> Message:
     audit: SiteAudit | None = None
     try:
         run_cfg = FederationConfig.from_run_config(context.run_config)
-        trainer, cfg = _trainer(context, run_cfg)
+        here = _open_site(context, run_cfg)
+        trainer, cfg = here.trainer, here.cfg
         site_id = trainer.site_id
-        audit = _open_audit(context, run_cfg, trainer, msg)
+        audit = _open_audit(here, run_cfg, msg)
         _check_schema(trainer, msg)
         request = _request(cfg, msg)
         state = msg.content.array_records[keys.REC_ARRAYS].to_torch_state_dict()
@@ -278,9 +286,10 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     audit: SiteAudit | None = None
     try:
         run_cfg = FederationConfig.from_run_config(context.run_config)
-        trainer, cfg = _trainer(context, run_cfg)
+        here = _open_site(context, run_cfg)
+        trainer, cfg = here.trainer, here.cfg
         site_id = trainer.site_id
-        audit = _open_audit(context, run_cfg, trainer, msg)
+        audit = _open_audit(here, run_cfg, msg)
         _check_schema(trainer, msg)
         state = msg.content.array_records[keys.REC_ARRAYS].to_torch_state_dict()
         values = trainer.evaluate(cfg.task, state, model=cfg.model or None, device=cfg.device)
