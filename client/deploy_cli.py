@@ -2,7 +2,8 @@
 
 TLS and node authentication are on unless the config or ``--insecure`` says otherwise
 (which warns loudly). SIGTERM (``systemctl stop``) or Ctrl-C stops the SuperNode and every
-ClientApp process it started.
+ClientApp process it started. The site's ``state_dir`` is made private to its user first
+(mode 0700, tightened if it was wider).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import typer
 from client.deploy import supernode_command
 from client.site_config import load_site_config
 from common.errors import ConfigError
+from common.files import private_dir
 from common.processes import flower_env, supervise
 
 __all__ = ["site_start"]
@@ -40,7 +42,7 @@ def site_start(
             f"{config}: " + "; ".join(f"{p.field}: {p.message} ({p.fix})" for p in errors)
         )
     try:
-        site.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(site.state_dir)
     except OSError as e:
         raise ConfigError(f"{config}: state_dir {site.state_dir}: cannot create it ({e})") from e
     typer.echo(

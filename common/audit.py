@@ -26,6 +26,10 @@ patient-level table or array cannot be written into a log by mistake.
 Several processes of one site may append to its log (Flower runs each ClientApp call in
 its own process): appends hold an exclusive ``fcntl.flock`` on the file, check the log's
 first and last entries, write one line and ``fsync`` it.
+
+A log and its signing key are private to their owner: both files are created with mode 0600
+(an existing log this process owns is tightened on its next append), and a missing folder
+with 0700 (:mod:`common.files`), whatever the umask.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from common.errors import FedcareError
+from common.files import open_private, private_dir
 
 __all__ = [
     "AUDIT_FORMAT",
@@ -71,6 +76,7 @@ __all__ = [
     "canonical_json",
     "line_hash",
     "load_or_create_signing_key",
+    "private_audit_dir",
     "public_key_raw",
     "public_key_fingerprint",
     "load_public_key_file",
@@ -170,6 +176,26 @@ def _check_data(value: Any, where: str, depth: int = 0) -> None:
 # --------------------------------------------------------------------------- keys
 
 
+def private_audit_dir(folder: Path) -> Path:
+    """``folder``, created or tightened to mode 0700, for a writer's audit log and key.
+
+    Use it on a folder fedcare owns outright (a site's state folder, a run's ``audit``
+    folder): an existing one this process owns loses its group and other bits.
+
+    Raises
+    ------
+    AuditLogError
+        If the folder cannot be created or is a file.
+    """
+    try:
+        return private_dir(folder)
+    except OSError as e:
+        raise AuditLogError(
+            f"cannot create the audit folder {folder} ({e}); make its parent writable by "
+            "this process, or remove the file in its place"
+        ) from e
+
+
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
     """The Ed25519 signing key at ``path`` (PEM, PKCS8), created first if missing.
 
@@ -212,14 +238,14 @@ def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
 
 
 def _create_key_file(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent, tighten=False)
     pem = Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
@@ -391,7 +417,7 @@ class AuditLog:
     Parameters
     ----------
     path:
-        The log file; created (with its folder) on the first append.
+        The log file; created (mode 0600, with its folder 0700) on the first append.
     writer:
         Who writes it: ``"server"`` or the site id. A log holds one writer's entries only.
     key:
@@ -442,8 +468,8 @@ class AuditLog:
         data = dict(data)
         _check_data(data, "data")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            private_dir(self.path.parent, tighten=False)
+            fd = open_private(self.path, os.O_RDWR | os.O_APPEND)
             with os.fdopen(fd, "r+b") as f:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
                 try:

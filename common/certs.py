@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError
+from common.files import PRIVATE_FILE_MODE, private_dir
 
 __all__ = [
     "CA_CERT",
@@ -82,7 +83,7 @@ NIST_CURVES: tuple[type[ec.EllipticCurve], ...] = (
 )
 
 _CURVE = ec.SECP384R1
-_PRIVATE_MODE = 0o600
+_PRIVATE_MODE = PRIVATE_FILE_MODE
 _PUBLIC_MODE = 0o644
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _KEY_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -263,7 +264,7 @@ def _make_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; --out must be a folder")
     try:
-        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(out, tighten=False)
     except OSError as e:
         raise ConfigError(f"cannot create {out} ({e}); choose a folder you can write") from e
 

@@ -3,7 +3,8 @@
 The log is ``<run-dir>/audit/server.jsonl`` (writer ``"server"``; format:
 :mod:`common.audit`), signed with the key the run config's ``audit-key`` names (default
 ``<run-dir>/audit/server-key.pem``, created with mode 0600; in a deployment keep it outside
-the run directory, readable only by the server). A resumed run appends to the same log.
+the run directory, readable only by the server). The ``audit`` folder is mode 0700 and the
+log 0600, whatever the umask (:mod:`common.files`). A resumed run appends to the same log.
 Entries (round numbers are the run's absolute rounds; every entry carries the run id):
 
 ``run-start`` / ``run-resume``
@@ -45,6 +46,7 @@ from common.audit import (
     config_hash,
     hash_arrays,
     load_or_create_signing_key,
+    private_audit_dir,
     versions,
 )
 from common.federation import FederationConfig
@@ -75,6 +77,9 @@ _REPORT_KEYS: tuple[tuple[str, str, type], ...] = (
     (keys.S_SAMPLE_RATE, "sample_rate", float),
     (keys.S_STEPS, "steps", int),
     (keys.S_REPLAYED, "replayed", bool),
+    (keys.S_RUN_EPSILON, "run_epsilon", float),
+    (keys.S_NOISE, "noise", str),
+    (keys.S_EVALUATION, "evaluation", str),
     (keys.S_AUDIT_KEY, "key_fingerprint", str),
     (keys.S_AUDIT_HEAD, "audit_head", str),
 )
@@ -145,7 +150,11 @@ class ServerAudit:
         run_id: str,
         clock: Callable[[], datetime] | None = None,
     ) -> ServerAudit:
-        """The run's audit log, its key loaded (or created) from the run config's path."""
+        """The run's audit log, its key loaded (or created) from the run config's path.
+
+        The log's folder (``<run_dir>/audit``) is made private (mode 0700) first.
+        """
+        private_audit_dir(server_log_path(run_dir).parent)
         key = load_or_create_signing_key(server_key_path(run_dir, cfg))
         extra: dict[str, Any] = {} if clock is None else {"clock": clock}
         log = AuditLog(server_log_path(run_dir), writer=SERVER_WRITER, key=key, **extra)

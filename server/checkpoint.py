@@ -2,19 +2,20 @@
 
 A checkpoint is one file written to a temporary name and renamed into place, so a crash
 leaves either the previous round's checkpoint or this one, never a torn file. A restarted
-server resumes from the last completed round.
+server resumes from the last completed round. The run folder is private (mode 0700,
+tightened if it was wider) and the checkpoint file mode 0600, whatever the umask.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from common.files import atomic_private, private_dir
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "CHECKPOINT_NAME"]
 
@@ -32,10 +33,8 @@ class Checkpoint:
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / CHECKPOINT_NAME
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".checkpoint-", suffix=".tmp")
-    os.close(fd)
+    """Write ``<run_dir>/checkpoint.pt`` (mode 0600) atomically; return its path."""
+    path = private_dir(run_dir, tighten=False) / CHECKPOINT_NAME
     payload = {
         "run_id": checkpoint.run_id,
         "round": checkpoint.round,
@@ -44,10 +43,8 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
         },
         "record": checkpoint.record,
     }
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_private(path) as f:
+        torch.save(payload, f)
     return path
 
 

@@ -6,6 +6,10 @@ installation off, durable state in a SQLite database (registered SuperNodes and 
 a restart). Plain text needs an explicit ``insecure=True``, and then node authentication is
 off too (Flower requires TLS for it).
 
+:func:`prepare_database` creates that database file with mode 0600 before Flower opens it
+(SQLite gives its ``-wal`` and ``-shm`` files the same mode), in a folder created with mode
+0700: the database holds the registered SuperNodes' keys and every run's messages.
+
 :func:`connection_config` is the ``flwr`` CLI's connection to that SuperLink, for the
 coordinating centre's ``FLWR_HOME/config.toml`` (``flwr run``, ``flwr ls``,
 ``flwr supernode register`` use it).
@@ -13,13 +17,21 @@ coordinating centre's ``FLWR_HOME/config.toml`` (``flwr run``, ``flwr ls``,
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError
+from common.files import open_private, private_dir
 from common.processes import venv_bin
 
-__all__ = ["SuperLinkSettings", "superlink_command", "connection_config", "CERT_FILES"]
+__all__ = [
+    "SuperLinkSettings",
+    "superlink_command",
+    "connection_config",
+    "prepare_database",
+    "CERT_FILES",
+]
 
 #: Files of a certificate folder the SuperLink needs (written by ``fedcare certs init``).
 CERT_FILES = {"ca": "ca.crt", "cert": "server.crt", "key": "server.key"}
@@ -86,6 +98,39 @@ def superlink_command(settings: SuperLinkSettings) -> list[str]:
     cmd += ["--host", settings.host, "--port", str(settings.port)]
     cmd += ["--database", str(Path(settings.database).resolve())]
     return cmd
+
+
+#: Files SQLite keeps beside a database in WAL mode (Flower's), or after a crash.
+_SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def prepare_database(database: Path) -> Path:
+    """Create the SuperLink's SQLite file with mode 0600 (folder 0700 if new); return it.
+
+    Flower would otherwise create the file itself, readable by every local user under the
+    usual umask 022; SQLite opens an existing empty file as a new database and gives the
+    ``-wal``/``-shm`` files it adds the database file's mode. An existing database (and any
+    such file beside it) this process owns loses its group and other bits. An existing
+    folder is left as it is: it may be the folder the command was started in.
+
+    Raises
+    ------
+    ConfigError
+        If the folder or the file cannot be created.
+    """
+    database = Path(database)
+    try:
+        private_dir(database.parent, tighten=False)
+        os.close(open_private(database, os.O_RDWR))
+        for suffix in _SQLITE_SIDE_FILES:
+            side = database.with_name(database.name + suffix)
+            if side.is_file():
+                os.close(open_private(side, os.O_RDONLY))
+    except OSError as e:
+        raise ConfigError(
+            f"--database {database}: cannot create it ({e}); choose a folder this user can write"
+        ) from e
+    return database
 
 
 def connection_config(*, address: str, ca_cert: Path | None, insecure: bool) -> dict[str, object]:

@@ -27,7 +27,12 @@ from common.errors import ConfigError
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.flower_app import ConfigValue, check_values, write_app_dir
 from common.processes import flower_env, supervise, venv_bin
-from server.deploy import SuperLinkSettings, connection_config, superlink_command
+from server.deploy import (
+    SuperLinkSettings,
+    connection_config,
+    prepare_database,
+    superlink_command,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -90,10 +95,7 @@ def server_start(
         + "register a site:  flwr supernode register SITE_KEY.pub fedcare\n"
         + "start a run:      fedcare server submit run.toml --wait\n"
     )
-    try:
-        database.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--database {database}: cannot create its folder ({e})") from e
+    prepare_database(database)
     raise typer.Exit(supervise(command, env=flower_env(one_thread=False)))
 
 

@@ -1,0 +1,159 @@
+"""Private state files: folders 0700, files 0600, whatever the process umask.
+
+A hospital's audit log and signing key, its stored model releases, the server's checkpoints
+and the SuperLink's database say what was trained on whose data: no other local user may
+read them. The modes here are set at creation (``os.open(..., 0o600)``, ``os.mkdir`` then
+``chmod 0700``), so a file is never readable by others, not even for an instant, and an
+umask of 022 (a login shell's) gives the same modes as systemd's ``UMask=0077``.
+
+* :func:`private_dir`: a folder only its owner can enter (an existing one this process
+  owns is tightened, unless ``tighten=False``).
+* :func:`open_private`: ``os.open`` with ``O_CREAT`` and mode 0600; an existing file this
+  process owns loses its group and other bits.
+* :func:`atomic_private` / :func:`write_private_atomic`: a 0600 file written under a
+  temporary name in the same folder (created 0700 if missing), flushed to disk, then renamed
+  into place: a reader sees the old file or the new one, never half of one.
+
+Public material (``ca.crt``, ``*.pub``) is not written here: :mod:`common.certs` writes it
+0644 on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = [
+    "PRIVATE_DIR_MODE",
+    "PRIVATE_FILE_MODE",
+    "private_dir",
+    "open_private",
+    "atomic_private",
+    "write_private_atomic",
+]
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def _tighten(path: Path | int, st: os.stat_result) -> None:
+    """Drop group and other bits from a file or folder this process owns."""
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077 and st.st_uid == os.geteuid():
+        if isinstance(path, int):
+            os.fchmod(path, mode & 0o700)
+        else:
+            os.chmod(path, mode & 0o700)
+
+
+def private_dir(path: Path | str, *, tighten: bool = True) -> Path:
+    """Create the folder ``path`` with mode 0700 if missing; return it.
+
+    Missing parents are created as ``mkdir -p`` would (the umask decides their mode): a
+    parent may be shared, e.g. ``/etc/fedcare``, and the folder's own mode already keeps its
+    contents from other users.
+
+    Parameters
+    ----------
+    path:
+        The folder.
+    tighten:
+        Also drop the group and other bits of an existing folder this process owns. Leave it
+        on for a folder fedcare owns outright (a site's state folder, a run folder); turn it
+        off for one a person may have named (``--out``, the folder of ``--database``).
+
+    Raises
+    ------
+    OSError
+        ``path`` exists and is not a folder (``FileExistsError``), or cannot be created.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     oct(private_dir(Path(tmp) / "a" / "state").stat().st_mode & 0o777)
+    '0o700'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, PRIVATE_DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        if tighten:
+            _tighten(path, path.stat())
+    else:
+        # The umask can only have narrowed 0700; an odd one that took the owner's own bits
+        # would leave a folder its owner cannot use.
+        if stat.S_IMODE(path.stat().st_mode) != PRIVATE_DIR_MODE:
+            os.chmod(path, PRIVATE_DIR_MODE)
+    return path
+
+
+def open_private(path: Path | str, flags: int) -> int:
+    """``os.open(path, flags | O_CREAT, 0o600)``; an existing file this process owns loses
+    its group and other bits. Returns the file descriptor (wrap it with ``os.fdopen``).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     fd = open_private(Path(tmp) / "audit.jsonl", os.O_WRONLY | os.O_APPEND)
+    ...     mode = os.fstat(fd).st_mode & 0o777
+    ...     os.close(fd)
+    >>> oct(mode)
+    '0o600'
+    """
+    fd = os.open(path, flags | os.O_CREAT, PRIVATE_FILE_MODE)
+    try:
+        _tighten(fd, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def atomic_private(path: Path | str) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: mode 0600, renamed into place on success.
+
+    The file is ``.<name>.<random>.tmp`` in the same folder (created with mode 0700 if
+    missing; an existing folder keeps its mode); when the block ends without an exception it
+    is flushed, fsynced and renamed over ``path``; otherwise it is removed and ``path`` is
+    left as it was.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     with atomic_private(Path(tmp) / "checkpoint.pt") as f:
+    ...         _ = f.write(b"weights")
+    ...     (Path(tmp) / "checkpoint.pt").read_bytes()
+    b'weights'
+    """
+    path = Path(path)
+    private_dir(path.parent, tighten=False)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_private_atomic(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_private`; return ``path``."""
+    with atomic_private(path) as f:
+        f.write(data)
+    return Path(path)
