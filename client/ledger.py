@@ -1,46 +1,102 @@
-"""The site's durable privacy-budget ledger: every DP-SGD mechanism a dataset went through.
+"""The site's durable privacy-budget ledger: every DP mechanism its patients went through.
 
 One SQLite file per site (stdlib :mod:`sqlite3`, WAL journal, ``synchronous=FULL``,
-schema versioned with ``PRAGMA user_version``). Datasets are keyed by the fingerprint of
-their files (:attr:`client.data.site.SiteData.fingerprint`); each dataset is accounted at
-one δ with one accountant, and its ε is always the composition of its **whole** history
-(:func:`client.accounting.epsilon`), across runs.
+schema versioned with ``PRAGMA user_version``).
+
+**Datasets are keyed by cohort keys.** ``key = ledger.cohort_key(site.patient_ids)`` is an
+HMAC-SHA256 over the sorted, de-duplicated patient ids, keyed by a random 32-byte salt the
+ledger drew when it was created and keeps inside its own file. The key depends on *who* the
+patients are, not on how their data files are written, so re-exporting the same patients
+(``97.0`` written as ``97.00``, rows reordered) is the same dataset with the same history;
+and it means nothing outside this ledger. ``cohort_key`` also registers the cohort's
+members, each stored as ``HMAC(salt, "member:" + id)``: raw patient ids never reach the file.
+Every other method takes the key as its ``fingerprint`` argument (the name is kept for
+compatibility).
+
+**Overlapping cohorts compose.** A patient's privacy loss is the composition of every
+mechanism applied to any dataset that contains them. For a key ``K`` the ledger therefore
+composes the charges of every dataset that shares at least one member with ``K``, plus every
+dataset whose membership is unknown (below). For each patient of ``K``, the mechanisms that
+touched them are a subset of these, and ε of a composition never decreases when mechanisms
+are added, so the result is an **upper bound for every patient of K**: exact for a patient
+who is in all of those datasets, loose for the others. :meth:`PrivacyLedger.history`,
+:meth:`~PrivacyLedger.spent`, :meth:`~PrivacyLedger.charges_affecting` and the budget check
+of :meth:`~PrivacyLedger.charge` all use this composition; :meth:`~PrivacyLedger.charges`
+lists ``K``'s own charges only. Charging ``K`` adds a mechanism to ``K``'s patients only, and
+each of them is covered by ``K``'s check, so no patient of any other dataset can be pushed
+over the budget either.
+
+**Unknown membership overlaps everything.** A dataset with no registered members (one
+carried over from a v1 ledger, which keyed datasets by a fingerprint of their files, or any
+key not made by :meth:`~PrivacyLedger.cohort_key`) may hold any patient: its charges count
+towards every dataset, and its own history is every charge in the ledger. Migrating a v1
+ledger therefore never loses budget.
+
+**One δ, one accountant.** Each dataset is accounted at one δ with one accountant, fixed by
+its first charge. A charge is refused when any dataset it composes with is accounted
+differently: otherwise re-keying the same patients (add one patient, get a new key) at a
+larger δ would report a smaller ε for them. Reads compose at the dataset's own δ (the stored
+mechanisms do not depend on δ, so that is a sound computation).
 
 The protocol a site follows for one round::
 
-    receipt = ledger.charge(fingerprint=fp, budget_epsilon=budget, delta=delta,
+    key = ledger.cohort_key(site.patient_ids)
+    receipt = ledger.charge(fingerprint=key, budget_epsilon=budget, delta=delta,
                             accountant="prv", mechanism=plan, run_id=run, round=r)
     ...train (DP-SGD with exactly ``plan``)...
     ledger.mark_completed(receipt.charge_id)   # BEFORE the update leaves the site
     ...reply with the update...
 
+A noisy evaluation is charged the same way with ``kind="evaluate"`` and its Gaussian
+mechanism, ``Mechanism(noise_multiplier=σ, sample_rate=1.0, steps=1)``. Both kinds count
+towards ε.
+
 :meth:`PrivacyLedger.charge` is atomic: under ``BEGIN IMMEDIATE`` (one writer at a time,
-across processes; others wait up to ``busy_timeout_s``) it computes ε of history + the
-new mechanism, refuses with :class:`~common.errors.PrivacyBudgetExceeded` (writing nothing)
-if that exceeds the budget, else inserts the charge and **commits before returning**. The
-charge therefore exists before training starts, and a crash can never under-count.
+across processes; others wait up to ``busy_timeout_s``) it computes ε of the composed history
+plus the new mechanism, refuses with :class:`~common.errors.PrivacyBudgetExceeded` (writing
+nothing) if that exceeds the budget, else inserts the charge and **commits before
+returning**. The charge therefore exists before training starts, and a crash can never
+under-count.
 
-Charges are append-only (SQL triggers reject deleting a charge or rewriting its mechanism);
-only the status moves: ``charged`` -> ``completed`` or ``failed``. Neither changes ε.
+Charges, datasets, members and the salt are append-only (SQL triggers reject deleting them
+or rewriting what they say); only a charge's status moves: ``charged`` -> ``completed`` or
+``failed``. Neither changes ε.
 
-Idempotency is per ``(fingerprint, run_id, round)``: charging a key again with the same
-mechanism returns the existing receipt without paying twice, so a run that resumes after a
-crash can retry its round. That is sound only while the earlier attempt released nothing;
-hence a key whose charge is ``completed`` (its update may have left the site) cannot be
-charged again (:class:`~common.errors.PolicyViolation`): retraining it would be a second
-release. Mark a round completed before its update leaves the site.
+Idempotency is per ``(key, run_id, round, kind)``: charging it again with the same mechanism
+returns the existing receipt without paying twice, so a run that resumes after a crash can
+retry its round. That is sound only while the earlier attempt released nothing; hence a
+charge that is ``completed`` (its output may have left the site) cannot be charged again
+(:class:`~common.errors.PolicyViolation`): redoing it would be a second release. Mark a
+round completed before its output leaves the site. A ``failed`` charge is final too: whether
+a round fails can depend on the patients (weights crafted to overflow on one of them), so
+retrying it for free would give the sender an oracle; only a charge left ``charged`` by a
+process that died is retried.
+
+**The file is never silently re-created.** ``PrivacyLedger(path)`` creates a ledger only when
+``path`` does not exist (its folder, if it has to be created, is ``0o700``, the file
+``0o600``, whatever the umask). A file that exists but is empty, is not SQLite, or holds no
+ledger is refused with a :class:`~common.errors.ConfigError`: a fresh ledger would draw a
+new salt and forget every charge, i.e. give every patient a fresh budget. Restore it from
+the site's backup. A ledger that was deleted outright cannot be told from a new site here;
+the site compares :meth:`~PrivacyLedger.count_charges` with its own audit log for that.
+
+A v1 ledger is migrated to v2 in one transaction when it is opened (every charge kept, with
+``kind = 'train'``; its datasets become datasets of unknown membership).
 
 WAL needs a local filesystem (not NFS/SMB): keep the ledger on the site's own disk.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import os
 import re
+import secrets
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -55,21 +111,30 @@ from client.accounting import (
     validate_delta,
 )
 from common.errors import ConfigError, PolicyViolation, PrivacyBudgetExceeded
+from common.files import private_dir
 
 __all__ = [
     "SCHEMA_VERSION",
+    "CHARGE_KINDS",
+    "ChargeKind",
     "ChargeStatus",
     "ChargeReceipt",
     "DatasetSummary",
     "PrivacyLedger",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ChargeStatus = Literal["charged", "completed", "failed"]
+ChargeKind = Literal["train", "evaluate"]
+CHARGE_KINDS: tuple[ChargeKind, ...] = ("train", "evaluate")
 
 _FINGERPRINT = re.compile(r"[0-9a-fA-F]{8,128}")
+_SALT_BYTES = 32
+_SALT_NAME = "salt"
+_COHORT_TAG = b"fedcare-cohort:"
+_MEMBER_TAG = b"member:"
 
-_SCHEMA: tuple[str, ...] = (
+_DATASETS: tuple[str, ...] = (
     """
     CREATE TABLE datasets (
         fingerprint    TEXT PRIMARY KEY,
@@ -80,11 +145,24 @@ _SCHEMA: tuple[str, ...] = (
     )
     """,
     """
+    CREATE TRIGGER datasets_no_delete BEFORE DELETE ON datasets
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger datasets are append-only'); END
+    """,
+    """
+    CREATE TRIGGER datasets_immutable BEFORE UPDATE OF fingerprint, delta, accountant
+    ON datasets
+    BEGIN SELECT RAISE(ABORT, 'a dataset''s delta and accountant are fixed'); END
+    """,
+)
+# v2 charges; also the target of the v1 -> v2 migration.
+_CHARGES: tuple[str, ...] = (
+    """
     CREATE TABLE charges (
         id               INTEGER PRIMARY KEY AUTOINCREMENT,
         fingerprint      TEXT NOT NULL REFERENCES datasets (fingerprint),
         run_id           TEXT NOT NULL,
         round            INTEGER NOT NULL CHECK (round >= 0),
+        kind             TEXT NOT NULL CHECK (kind IN ('train', 'evaluate')),
         noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0),
         sample_rate      REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
         steps            INTEGER NOT NULL CHECK (steps >= 1),
@@ -97,7 +175,7 @@ _SCHEMA: tuple[str, ...] = (
         metrics          TEXT,
         created_at       TEXT NOT NULL,
         completed_at     TEXT,
-        UNIQUE (fingerprint, run_id, round)
+        UNIQUE (fingerprint, run_id, round, kind)
     )
     """,
     "CREATE INDEX charges_by_dataset ON charges (fingerprint, id)",
@@ -107,22 +185,55 @@ _SCHEMA: tuple[str, ...] = (
     """,
     """
     CREATE TRIGGER charges_immutable BEFORE UPDATE OF
-        id, fingerprint, run_id, round, noise_multiplier, sample_rate, steps, delta,
+        id, fingerprint, run_id, round, kind, noise_multiplier, sample_rate, steps, delta,
         accountant, budget_epsilon, epsilon_before, epsilon_after, created_at
     ON charges
     BEGIN SELECT RAISE(ABORT, 'a privacy ledger charge cannot be rewritten'); END
     """,
+)
+# New in v2: the salt (in meta) and the cohorts' members (HMACs of patient ids).
+_META_AND_MEMBERS: tuple[str, ...] = (
+    "CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)",
     """
-    CREATE TRIGGER datasets_no_delete BEFORE DELETE ON datasets
-    BEGIN SELECT RAISE(ABORT, 'privacy ledger datasets are append-only'); END
+    CREATE TRIGGER meta_no_delete BEFORE DELETE ON meta
+    BEGIN SELECT RAISE(ABORT, 'the privacy ledger salt is fixed'); END
     """,
     """
-    CREATE TRIGGER datasets_immutable BEFORE UPDATE OF fingerprint, delta, accountant
-    ON datasets
-    BEGIN SELECT RAISE(ABORT, 'a dataset''s delta and accountant are fixed'); END
+    CREATE TRIGGER meta_immutable BEFORE UPDATE ON meta
+    BEGIN SELECT RAISE(ABORT, 'the privacy ledger salt is fixed'); END
+    """,
+    """
+    CREATE TABLE members (
+        fingerprint TEXT NOT NULL,
+        member      TEXT NOT NULL CHECK (length(member) = 64),
+        PRIMARY KEY (fingerprint, member)
+    ) WITHOUT ROWID
+    """,
+    "CREATE INDEX members_by_member ON members (member, fingerprint)",
+    """
+    CREATE TRIGGER members_no_delete BEFORE DELETE ON members
+    BEGIN SELECT RAISE(ABORT, 'privacy ledger cohort members are append-only'); END
+    """,
+    """
+    CREATE TRIGGER members_immutable BEFORE UPDATE ON members
+    BEGIN SELECT RAISE(ABORT, 'a privacy ledger cohort member cannot be rewritten'); END
     """,
 )
-_TABLES = frozenset({"datasets", "charges"})
+_SCHEMA: tuple[str, ...] = (*_DATASETS, *_CHARGES, *_META_AND_MEMBERS)
+_TABLES = frozenset({"datasets", "charges", "meta", "members"})
+_TABLES_V1 = frozenset({"datasets", "charges"})
+# The columns a v1 charge row has; the migration copies exactly these.
+_V1_CHARGE_COLUMNS = (
+    "id, fingerprint, run_id, round, noise_multiplier, sample_rate, steps, delta, "
+    "accountant, budget_epsilon, epsilon_before, epsilon_after, status, metrics, "
+    "created_at, completed_at"
+)
+
+_RESTORE = (
+    "restore it from the site's backup (with its -wal file, if any); never start a new "
+    "ledger in its place: a new ledger draws a new salt and forgets every charge, which "
+    "would give every patient a fresh privacy budget"
+)
 
 
 def _utc_now() -> datetime:
@@ -137,8 +248,9 @@ class ChargeReceipt:
     ----------
     charge_id:
         Row id; pass it to :meth:`PrivacyLedger.mark_completed`.
-    fingerprint, run_id, round:
-        The idempotency key.
+    fingerprint, run_id, round, kind:
+        The idempotency key (``fingerprint`` is the dataset key, see
+        :meth:`PrivacyLedger.cohort_key`; ``kind`` is ``"train"`` or ``"evaluate"``).
     mechanism:
         What the round applies.
     delta, accountant:
@@ -146,7 +258,8 @@ class ChargeReceipt:
     budget_epsilon:
         The budget the charge was checked against.
     epsilon_before, epsilon_after:
-        ε of the dataset's history just before and just after this charge.
+        ε of the dataset's composed history (its own charges and those of every
+        overlapping dataset) just before and just after this charge.
     status:
         ``"charged"``, ``"completed"`` or ``"failed"`` (all count towards ε).
     created_at, completed_at:
@@ -159,6 +272,7 @@ class ChargeReceipt:
     fingerprint: str
     run_id: str
     round: int
+    kind: ChargeKind
     mechanism: Mechanism
     delta: float
     accountant: str
@@ -174,8 +288,10 @@ class ChargeReceipt:
         """A JSON-ready dict (the mechanism flattened)."""
         return {
             "charge_id": self.charge_id,
+            "fingerprint": self.fingerprint,
             "run_id": self.run_id,
             "round": self.round,
+            "kind": self.kind,
             "noise_multiplier": self.mechanism.noise_multiplier,
             "sample_rate": self.mechanism.sample_rate,
             "steps": self.mechanism.steps,
@@ -191,7 +307,24 @@ class ChargeReceipt:
 
 @dataclass(frozen=True)
 class DatasetSummary:
-    """A dataset's whole account: ε of its history and every charge, oldest first."""
+    """A dataset's whole account.
+
+    Attributes
+    ----------
+    fingerprint:
+        The dataset key.
+    epsilon:
+        ε of :attr:`composed` at this dataset's δ: an upper bound for each of its patients.
+    delta, accountant, budget_epsilon, created_at:
+        How the dataset is accounted, its latest budget, when it was first charged.
+    members:
+        How many members its cohort registered; ``None`` when unknown (a v1 dataset, or a
+        key not made by :meth:`PrivacyLedger.cohort_key`), which overlaps every dataset.
+    charges:
+        Its own charges, oldest first.
+    composed:
+        Every charge its ε composes (its own and every overlapping dataset's), oldest first.
+    """
 
     fingerprint: str
     epsilon: float
@@ -199,12 +332,19 @@ class DatasetSummary:
     accountant: str
     budget_epsilon: float | None
     created_at: str
+    members: int | None
     charges: tuple[ChargeReceipt, ...]
+    composed: tuple[ChargeReceipt, ...]
 
     @property
     def mechanisms(self) -> tuple[Mechanism, ...]:
-        """The history, in charge order."""
-        return tuple(c.mechanism for c in self.charges)
+        """The composed history, in charge order (what :attr:`epsilon` is computed from)."""
+        return tuple(c.mechanism for c in self.composed)
+
+    @property
+    def overlapping(self) -> tuple[str, ...]:
+        """The other datasets whose charges :attr:`epsilon` composes, sorted."""
+        return tuple(sorted({c.fingerprint for c in self.composed} - {self.fingerprint}))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -215,9 +355,45 @@ class DatasetSummary:
             "accountant": self.accountant,
             "budget_epsilon": self.budget_epsilon,
             "created_at": self.created_at,
-            "total_steps": sum(m.steps for m in self.mechanisms),
+            "members": self.members,
+            "overlapping_datasets": list(self.overlapping),
+            "composed_charge_ids": [c.charge_id for c in self.composed],
+            "total_steps": sum(c.mechanism.steps for c in self.charges),
             "charges": [c.to_dict() for c in self.charges],
         }
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    """A ``datasets`` row and how many members its cohort registered (0: unknown)."""
+
+    fingerprint: str
+    delta: float
+    accountant: str
+    budget_epsilon: float | None
+    created_at: str
+    members: int
+
+
+# Every dataset a key's history composes: those sharing a member with it, those of unknown
+# membership (no registered member), and itself. Only for a key with registered members;
+# a key without any composes with every dataset.
+_AFFECTING = """
+    WITH affecting (fingerprint) AS (
+        SELECT other.fingerprint
+        FROM members AS mine JOIN members AS other ON other.member = mine.member
+        WHERE mine.fingerprint = :key
+        UNION
+        SELECT d.fingerprint FROM datasets AS d
+        WHERE NOT EXISTS (SELECT 1 FROM members AS m WHERE m.fingerprint = d.fingerprint)
+        UNION
+        SELECT :key
+    )
+"""
+_DATASET_COLUMNS = (
+    "fingerprint, delta, accountant, budget_epsilon, created_at, "
+    "(SELECT COUNT(*) FROM members AS m WHERE m.fingerprint = datasets.fingerprint)"
+)
 
 
 class PrivacyLedger:
@@ -229,7 +405,10 @@ class PrivacyLedger:
     Parameters
     ----------
     path:
-        The ledger file; created (with its parent folders) when missing and ``create``.
+        The ledger file. Created, with a fresh salt, only when nothing exists at ``path``
+        and ``create``; its folder is created ``0o700`` if missing
+        (:func:`common.files.private_dir`), the file ``0o600``, whatever the umask. A v1
+        ledger is migrated to v2 when opened.
     create:
         When ``False``, a missing file is a :class:`ConfigError` (read-only tools).
     busy_timeout_s:
@@ -241,8 +420,9 @@ class PrivacyLedger:
     Raises
     ------
     ConfigError
-        If the file is missing (``create=False``), is not a SQLite database, is another
-        program's database, or was written by a newer fedcare.
+        If the file is missing (``create=False``); exists but is empty (0 bytes), is not a
+        SQLite database, is an SQLite database without a ledger in it, or was written by a
+        newer fedcare (an existing file is never re-initialised: restore it from backup).
     """
 
     def __init__(
@@ -263,14 +443,14 @@ class PrivacyLedger:
                 f"privacy ledger path {self.path} is a folder; give the ledger file, "
                 "e.g. <site>/privacy-ledger.sqlite"
             )
-        if not self.path.exists():
+        if not (self.path.is_symlink() or self.path.exists()):
             if not create:
                 raise ConfigError(
                     f"no privacy ledger at {self.path}; pass the path of the site's ledger "
                     "file (it is created by the site's first DP training round)"
                 )
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._initialise(create=create)
+            self._create()
+        self._open()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -290,16 +470,17 @@ class PrivacyLedger:
         ):
             return ConfigError(
                 f"{self.path} is not a readable fedcare privacy ledger (SQLite: {text}); "
-                "point the ledger path at the site's ledger file. Never delete a real ledger: "
-                "it is the only record of the privacy already spent"
+                f"if the ledger path is right, the file is damaged: {_RESTORE}"
             )
         return ConfigError(f"privacy ledger {self.path}: SQLite error: {text}")
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, path: Path | None = None) -> Iterator[sqlite3.Connection]:
         try:
             conn = sqlite3.connect(
-                self.path, timeout=self._busy_timeout_ms / 1000, isolation_level=None
+                self.path if path is None else path,
+                timeout=self._busy_timeout_ms / 1000,
+                isolation_level=None,
             )
         except sqlite3.Error as e:
             raise self._error(e) from e
@@ -314,9 +495,11 @@ class PrivacyLedger:
             conn.close()
 
     @contextmanager
-    def _transaction(self, kind: Literal["IMMEDIATE", "DEFERRED"]) -> Iterator[sqlite3.Connection]:
+    def _transaction(
+        self, kind: Literal["IMMEDIATE", "DEFERRED"], path: Path | None = None
+    ) -> Iterator[sqlite3.Connection]:
         """One explicit transaction; committed on normal exit, rolled back on any error."""
-        with self._connect() as conn:
+        with self._connect(path) as conn:
             conn.execute(f"BEGIN {kind}")
             try:
                 yield conn
@@ -326,55 +509,251 @@ class PrivacyLedger:
                 raise
             conn.execute("COMMIT")
 
-    def _initialise(self, *, create: bool) -> None:
-        with self._connect() as conn:
-            if create:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise ConfigError(
-                        f"privacy ledger {self.path} cannot use SQLite's WAL journal "
-                        f"(got {mode!r}); keep the ledger on a local disk, not a network share"
-                    )
-            conn.execute("BEGIN IMMEDIATE" if create else "BEGIN DEFERRED")
+    def _create(self) -> None:
+        """Create a new ledger at ``self.path``, which did not exist a moment ago.
+
+        The ledger is built complete (schema, salt, WAL) in a private temporary file beside
+        it and then hard-linked into place, which fails if ``self.path`` appeared meanwhile:
+        another process then created it first, and its ledger is used. So no process ever
+        sees a half-created ledger, and an empty file at ``self.path`` is always an error.
+        """
+        folder = self.path.parent
+        scratch = folder / f".{self.path.name}.{secrets.token_hex(8)}.creating"
+        try:
+            private_dir(folder, tighten=False)  # 0700 if it has to be created
+            fd = os.open(scratch, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                tables = {
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT name FROM sqlite_master WHERE type = 'table' "
-                        "AND name NOT LIKE 'sqlite_%'"
+                os.fchmod(fd, 0o600)  # the umask may have removed bits; now exactly 0600
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot create the privacy ledger {self.path} ({e}); check that its folder "
+                "exists or can be created, and is writable by this user"
+            ) from e
+        try:
+            with self._transaction("IMMEDIATE", scratch) as conn:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO meta (name, value) VALUES (?, ?)",
+                    (_SALT_NAME, secrets.token_bytes(_SALT_BYTES)),
+                )
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            with self._connect(scratch) as conn:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise ConfigError(
+                    f"privacy ledger {self.path} cannot use SQLite's WAL journal "
+                    f"(got {mode!r}); keep the ledger on a local disk, not a network share"
+                )
+            try:
+                os.link(scratch, self.path)
+            except FileExistsError:
+                return  # another process created the ledger first; ours was never used
+            _fsync_folder(folder)  # the ledger's name survives a power cut
+        except OSError as e:
+            raise ConfigError(
+                f"cannot create the privacy ledger {self.path} ({e}); keep the ledger on a "
+                "local disk that supports hard links, in a folder writable by this user"
+            ) from e
+        finally:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{scratch}{suffix}").unlink(missing_ok=True)
+
+    @staticmethod
+    def _inspect(conn: sqlite3.Connection) -> tuple[int, frozenset[str]]:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = frozenset(
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            )
+        )
+        return version, tables
+
+    def _not_a_ledger(self, version: int, tables: frozenset[str]) -> ConfigError:
+        if version > SCHEMA_VERSION:
+            return ConfigError(
+                f"privacy ledger {self.path} has schema version {version}, newer than "
+                f"this fedcare's {SCHEMA_VERSION}; upgrade fedcare at this site"
+            )
+        if version == 0 and not tables:
+            return ConfigError(
+                f"{self.path} is an empty SQLite database, not a privacy ledger; refusing to "
+                f"initialise it. If it should be the site's ledger, {_RESTORE}"
+            )
+        return ConfigError(
+            f"{self.path} is an SQLite database but not a fedcare privacy ledger "
+            f"(user_version {version}, tables {sorted(tables)}); point the ledger path at the "
+            f"site's ledger file or at a path where none exists yet. If it should be the "
+            f"site's ledger, {_RESTORE}"
+        )
+
+    def _open(self) -> None:
+        """Check that ``self.path`` holds a ledger; migrate it if it is a v1 ledger."""
+        try:
+            size = self.path.stat().st_size
+        except OSError as e:
+            raise ConfigError(
+                f"cannot read the privacy ledger {self.path} ({e}); check the path and its "
+                f"permissions. If the file is lost, {_RESTORE}"
+            ) from e
+        if size == 0:
+            raise ConfigError(
+                f"privacy ledger {self.path} is an empty (0-byte) file; refusing to "
+                f"re-initialise it. Fix: {_RESTORE}. Only if this site never charged any "
+                "privacy budget, delete the empty file and a new ledger is created"
+            )
+        with self._transaction("DEFERRED") as conn:
+            version, tables = self._inspect(conn)
+            if version == SCHEMA_VERSION and tables >= _TABLES:
+                self._salt(conn)  # present and well-formed
+                return
+        if version == 1 and tables >= _TABLES_V1:
+            self._migrate_v1()
+            return
+        raise self._not_a_ledger(version, tables)
+
+    def _migrate_v1(self) -> None:
+        """Migrate a v1 ledger to v2 in one transaction; every charge is kept.
+
+        The charges table is rebuilt with the ``kind`` column (v1 only had training
+        charges) and the ``(fingerprint, run_id, round, kind)`` key, keeping every row, its
+        id and the append-only triggers; the salt and the members table are added. v1
+        datasets get no members: unknown membership, so they compose with every dataset.
+        """
+        with self._transaction("IMMEDIATE") as conn:
+            version, tables = self._inspect(conn)  # another process may have migrated it
+            if version == SCHEMA_VERSION and tables >= _TABLES:
+                return
+            if version != 1 or not tables >= _TABLES_V1:
+                raise self._not_a_ledger(version, tables)
+            count = conn.execute("SELECT COUNT(*) FROM charges").fetchone()[0]
+            seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'charges'").fetchone()
+            conn.execute("DROP TRIGGER charges_no_delete")
+            conn.execute("DROP TRIGGER charges_immutable")
+            conn.execute("DROP INDEX charges_by_dataset")
+            conn.execute("ALTER TABLE charges RENAME TO charges_v1")
+            for statement in _CHARGES:
+                conn.execute(statement)
+            conn.execute(
+                f"INSERT INTO charges ({_V1_CHARGE_COLUMNS}, kind) "
+                f"SELECT {_V1_CHARGE_COLUMNS}, 'train' FROM charges_v1 ORDER BY id"
+            )
+            conn.execute("DROP TABLE charges_v1")
+            if seq is not None:  # ids are never reused, even those of rolled-back charges
+                updated = conn.execute(
+                    "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'charges'",
+                    (seq[0],),
+                ).rowcount
+                if not updated:
+                    conn.execute(
+                        "INSERT INTO sqlite_sequence (name, seq) VALUES ('charges', ?)", (seq[0],)
                     )
-                }
-                if version == 0 and not tables and create:
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                elif version == 0 and not tables:
-                    raise ConfigError(
-                        f"{self.path} is an empty database, not a privacy ledger; pass the "
-                        "path of the site's ledger file"
-                    )
-                elif version > SCHEMA_VERSION:
-                    raise ConfigError(
-                        f"privacy ledger {self.path} has schema version {version}, newer than "
-                        f"this fedcare's {SCHEMA_VERSION}; upgrade fedcare at this site"
-                    )
-                elif version != SCHEMA_VERSION or not tables >= _TABLES:
-                    raise ConfigError(
-                        f"{self.path} is an SQLite database but not a fedcare privacy ledger "
-                        f"(user_version {version}, tables {sorted(tables)}); point the ledger "
-                        "path at the site's ledger file or at a new file"
-                    )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            for statement in _META_AND_MEMBERS:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO meta (name, value) VALUES (?, ?)",
+                (_SALT_NAME, secrets.token_bytes(_SALT_BYTES)),
+            )
+            migrated = conn.execute("SELECT COUNT(*) FROM charges").fetchone()[0]
+            if migrated != count:
+                raise ConfigError(
+                    f"migrating privacy ledger {self.path} to schema v{SCHEMA_VERSION} kept "
+                    f"{migrated} of its {count} charges; nothing was changed. Report this "
+                    "as a fedcare bug and keep using the v1 file with the earlier fedcare"
+                )
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _salt(self, conn: sqlite3.Connection) -> bytes:
+        row = conn.execute("SELECT value FROM meta WHERE name = ?", (_SALT_NAME,)).fetchone()
+        if row is None or not isinstance(row[0], bytes) or len(row[0]) != _SALT_BYTES:
+            raise ConfigError(
+                f"privacy ledger {self.path} has no valid cohort salt (meta table); the file "
+                f"is damaged: {_RESTORE}"
+            )
+        return row[0]
 
     def _now(self) -> str:
         now = self._clock()
         if now.tzinfo is None:
             raise ConfigError("the ledger clock must return timezone-aware datetimes (UTC)")
         return now.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+    # ------------------------------------------------------------------ cohorts
+
+    def cohort_key(self, patient_ids: Iterable[str]) -> str:
+        """The dataset key of a cohort of patients; registers its members.
+
+        The key is the hex HMAC-SHA256, keyed by this ledger's salt, of the sorted,
+        de-duplicated ids (each length-prefixed, so no two id sets encode alike): the same
+        patients give the same key whatever the order, duplicates or file bytes they came
+        from, and the key means nothing without this ledger. Each member is stored as the
+        hex ``HMAC(salt, "member:" + id)``, never the id itself; registering is idempotent
+        and happens in one transaction. Pass the key as ``fingerprint=`` to every other
+        method.
+
+        Parameters
+        ----------
+        patient_ids:
+            The ids of every patient whose data the dataset holds (e.g.
+            :attr:`client.data.site.SiteData.patient_ids`); non-empty strings, at least one.
+
+        Returns
+        -------
+        str
+            64 lowercase hex digits.
+
+        Raises
+        ------
+        ConfigError
+            If ``patient_ids`` is a single string, is empty, or holds something other than
+            non-empty strings.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     ledger = PrivacyLedger(Path(tmp) / "ledger.sqlite")
+        ...     ledger.cohort_key(["p2", "p1"]) == ledger.cohort_key(["p1", "p2", "p1"])
+        True
+        """
+        if isinstance(patient_ids, (str, bytes)):
+            raise ConfigError(
+                "patient_ids must be an iterable of patient id strings, not one string; "
+                "pass e.g. site.patient_ids"
+            )
+        encoded: set[bytes] = set()
+        for pid in patient_ids:
+            # The id itself is never put in a message: it is patient data.
+            if not isinstance(pid, str) or not pid:
+                raise ConfigError(
+                    "every patient id must be a non-empty string, got "
+                    f"{'an empty string' if pid == '' else type(pid).__name__}; convert ids "
+                    "with str() when loading the site's data"
+                )
+            try:
+                encoded.add(pid.encode("utf-8"))
+            except UnicodeEncodeError as e:
+                raise ConfigError(
+                    "a patient id is not valid Unicode text (it holds a lone surrogate); "
+                    "fix the id column of the site's data"
+                ) from e
+        if not encoded:
+            raise ConfigError(
+                "a cohort needs at least one patient id, got none; check that the site's "
+                "data loaded any patients"
+            )
+        ordered = sorted(encoded)
+        with self._transaction("IMMEDIATE") as conn:
+            salt = self._salt(conn)
+            key = _cohort_digest(salt, ordered)
+            conn.executemany(
+                "INSERT OR IGNORE INTO members (fingerprint, member) VALUES (?, ?)",
+                ((key, _member_digest(salt, raw)) for raw in ordered),
+            )
+        return key
 
     # ------------------------------------------------------------------ reading
 
@@ -385,6 +764,7 @@ class PrivacyLedger:
             fingerprint,
             run_id,
             round_,
+            kind,
             sigma,
             q,
             steps,
@@ -403,6 +783,7 @@ class PrivacyLedger:
             fingerprint=fingerprint,
             run_id=run_id,
             round=round_,
+            kind=kind,
             mechanism=Mechanism(noise_multiplier=sigma, sample_rate=q, steps=steps),
             delta=delta,
             accountant=accountant,
@@ -416,7 +797,7 @@ class PrivacyLedger:
         )
 
     _CHARGE_COLUMNS = (
-        "id, fingerprint, run_id, round, noise_multiplier, sample_rate, steps, delta, "
+        "id, fingerprint, run_id, round, kind, noise_multiplier, sample_rate, steps, delta, "
         "accountant, budget_epsilon, epsilon_before, epsilon_after, status, metrics, "
         "created_at, completed_at"
     )
@@ -428,51 +809,157 @@ class PrivacyLedger:
         ).fetchall()
         return [self._receipt(r) for r in rows]
 
+    @staticmethod
+    def _has_members(conn: sqlite3.Connection, fingerprint: str) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM members WHERE fingerprint = ? LIMIT 1", (fingerprint,)
+        ).fetchone()
+        return row is not None
+
+    def _composed(
+        self, conn: sqlite3.Connection, fingerprint: str
+    ) -> tuple[list[_Dataset], list[ChargeReceipt]]:
+        """The datasets ``fingerprint``'s history composes, and all their charges by id."""
+        if self._has_members(conn, fingerprint):
+            prefix, where, params = (
+                _AFFECTING,
+                "WHERE fingerprint IN affecting",
+                {"key": fingerprint},
+            )
+        else:  # unknown membership: any patient may be in it
+            prefix, where, params = "", "", {}
+        datasets = conn.execute(
+            f"{prefix} SELECT {_DATASET_COLUMNS} FROM datasets {where} "
+            "ORDER BY created_at, fingerprint",
+            params,
+        ).fetchall()
+        charges = conn.execute(
+            f"{prefix} SELECT {self._CHARGE_COLUMNS} FROM charges {where} ORDER BY id", params
+        ).fetchall()
+        return [_Dataset(*d) for d in datasets], [self._receipt(r) for r in charges]
+
     def _charge_by_key(
-        self, conn: sqlite3.Connection, fingerprint: str, run_id: str, round_: int
+        self,
+        conn: sqlite3.Connection,
+        fingerprint: str,
+        run_id: str,
+        round_: int,
+        kind: ChargeKind,
     ) -> ChargeReceipt | None:
         row = conn.execute(
             f"SELECT {self._CHARGE_COLUMNS} FROM charges "
-            "WHERE fingerprint = ? AND run_id = ? AND round = ?",
-            (fingerprint, run_id, round_),
+            "WHERE fingerprint = ? AND run_id = ? AND round = ? AND kind = ?",
+            (fingerprint, run_id, round_, kind),
         ).fetchone()
         return None if row is None else self._receipt(row)
 
     @staticmethod
-    def _dataset(conn: sqlite3.Connection, fingerprint: str) -> tuple[Any, ...] | None:
-        return conn.execute(
-            "SELECT fingerprint, delta, accountant, budget_epsilon, created_at "
-            "FROM datasets WHERE fingerprint = ?",
-            (fingerprint,),
+    def _dataset(conn: sqlite3.Connection, fingerprint: str) -> _Dataset | None:
+        row = conn.execute(
+            f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE fingerprint = ?", (fingerprint,)
         ).fetchone()
+        return None if row is None else _Dataset(*row)
 
-    def _check_same_accounting(
-        self, dataset: tuple[Any, ...], delta: float, accountant: str
-    ) -> None:
-        fingerprint, ledger_delta, ledger_accountant = dataset[0], dataset[1], dataset[2]
-        if not math.isclose(ledger_delta, delta, rel_tol=1e-12) or ledger_accountant != accountant:
+    def _check_same_accounting(self, dataset: _Dataset, delta: float, accountant: str) -> None:
+        if not _same_accounting(dataset, delta, accountant):
             raise ConfigError(
-                f"dataset {fingerprint[:16]}... is accounted in {self.path} at "
-                f"delta={ledger_delta:g} with the {ledger_accountant!r} accountant, but this "
+                f"dataset {dataset.fingerprint[:16]}... is accounted in {self.path} at "
+                f"delta={dataset.delta:g} with the {dataset.accountant!r} accountant, but this "
                 f"request uses delta={delta:g} with {accountant!r}; one dataset's history "
                 "must be composed at one delta with one accountant. Fix: set the site's "
-                f"delta to {ledger_delta:g} and accountant to {ledger_accountant!r}"
+                f"delta to {dataset.delta:g} and accountant to {dataset.accountant!r}"
+            )
+
+    def _check_composable(
+        self,
+        fingerprint: str,
+        has_members: bool,
+        datasets: list[_Dataset],
+        delta: float,
+        accountant: str,
+    ) -> None:
+        """Refuse to compose with a dataset accounted at another δ or accountant.
+
+        Charges of overlapping datasets bound the same patients; composing them at a δ of
+        the caller's choosing would let a new key (the same patients plus one) at a larger
+        δ report a smaller ε for them. Refusing is the safe choice.
+        """
+        for other in datasets:
+            if other.fingerprint == fingerprint or _same_accounting(other, delta, accountant):
+                continue
+            if not has_members:
+                why = (
+                    f"has no registered members (a v1 dataset or a key not made by "
+                    f"cohort_key), so it composes with every dataset, including "
+                    f"{other.fingerprint[:16]}..."
+                )
+            elif not other.members:
+                why = (
+                    f"composes with dataset {other.fingerprint[:16]}..., whose membership "
+                    "is unknown (a v1 dataset or a key not made by cohort_key: it may hold "
+                    "any patient)"
+                )
+            else:
+                why = f"shares patients with dataset {other.fingerprint[:16]}..."
+            raise ConfigError(
+                f"dataset {fingerprint[:16]}... {why}, which {self.path} accounts at "
+                f"delta={other.delta:g} with the {other.accountant!r} accountant, but this "
+                f"request uses delta={delta:g} with {accountant!r}; charges that bound the "
+                "same patients must be composed at one delta with one accountant, or a new "
+                "key at a larger delta would report a smaller epsilon for them. Fix: set the "
+                f"site's delta to {other.delta:g} and accountant to {other.accountant!r}"
             )
 
     def history(self, fingerprint: str) -> list[Mechanism]:
-        """Every mechanism charged to ``fingerprint``, oldest first (empty if unknown)."""
-        fingerprint = _check_fingerprint(fingerprint)
-        with self._transaction("DEFERRED") as conn:
-            return [c.mechanism for c in self._charges(conn, fingerprint)]
+        """The composed history of the dataset ``fingerprint``, oldest first.
+
+        Every mechanism charged to it or to any dataset that shares a member with it or
+        has unknown membership (see the module docstring: an upper bound for each of its
+        patients). Every mechanism in the ledger when ``fingerprint`` has no registered
+        members.
+
+        Parameters
+        ----------
+        fingerprint:
+            The dataset key (:meth:`cohort_key`).
+
+        Returns
+        -------
+        list of Mechanism
+            In charge order; empty when nothing it composes with was ever charged.
+        """
+        return [c.mechanism for c in self.charges_affecting(fingerprint)]
 
     def charges(self, fingerprint: str) -> list[ChargeReceipt]:
-        """Every charge of ``fingerprint`` with its run and round, oldest first."""
+        """The dataset's own charges with their run, round and kind, oldest first.
+
+        Only charges made with this key; its ε also counts those of overlapping datasets
+        (:meth:`charges_affecting`).
+        """
         fingerprint = _check_fingerprint(fingerprint)
         with self._transaction("DEFERRED") as conn:
             return self._charges(conn, fingerprint)
 
+    def charges_affecting(self, fingerprint: str) -> list[ChargeReceipt]:
+        """Every charge the dataset's ε composes, oldest first.
+
+        Its own, those of every dataset that shares at least one member with it, and
+        those of every dataset of unknown membership; every charge in the ledger when
+        ``fingerprint`` itself has no registered members.
+
+        Parameters
+        ----------
+        fingerprint:
+            The dataset key (:meth:`cohort_key`).
+        """
+        fingerprint = _check_fingerprint(fingerprint)
+        with self._transaction("DEFERRED") as conn:
+            return self._composed(conn, fingerprint)[1]
+
     def spent(self, fingerprint: str, *, delta: float, accountant: AccountantName = "prv") -> float:
-        """ε of the dataset's whole history (0.0 for an unknown dataset).
+        """ε of the dataset's composed history (:meth:`history`): an upper bound per patient.
+
+        ``0.0`` when nothing it composes with was ever charged.
 
         Raises
         ------
@@ -484,41 +971,81 @@ class PrivacyLedger:
         validate_accountant(accountant)
         with self._transaction("DEFERRED") as conn:
             dataset = self._dataset(conn, fingerprint)
-            if dataset is None:
-                return 0.0
-            self._check_same_accounting(dataset, delta, accountant)
-            mechanisms = [c.mechanism for c in self._charges(conn, fingerprint)]
+            if dataset is not None:
+                self._check_same_accounting(dataset, delta, accountant)
+            mechanisms = [c.mechanism for c in self._composed(conn, fingerprint)[1]]
         return epsilon(mechanisms, delta=delta, accountant=accountant)
 
-    def has_charge(self, fingerprint: str, run_id: str, round: int) -> ChargeReceipt | None:
-        """The charge of ``(fingerprint, run_id, round)``, or ``None`` if never charged."""
+    def has_charge(
+        self, fingerprint: str, run_id: str, round: int, *, kind: ChargeKind = "train"
+    ) -> ChargeReceipt | None:
+        """The charge of ``(fingerprint, run_id, round, kind)``, or ``None`` if never charged."""
         fingerprint = _check_fingerprint(fingerprint)
         run_id, round = _check_key(run_id, round)
+        kind = _check_kind(kind)
         with self._transaction("DEFERRED") as conn:
-            return self._charge_by_key(conn, fingerprint, run_id, round)
+            return self._charge_by_key(conn, fingerprint, run_id, round, kind)
+
+    def count_charges(self, kind: ChargeKind | None = None) -> int:
+        """How many charges the ledger holds, over every dataset (of ``kind``, if given).
+
+        A site compares it with the charges its own audit log recorded: fewer here means
+        the ledger was replaced by an older or new one (restore it from backup).
+        """
+        with self._transaction("DEFERRED") as conn:
+            if kind is None:
+                row = conn.execute("SELECT COUNT(*) FROM charges").fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT COUNT(*) FROM charges WHERE kind = ?", (_check_kind(kind),)
+                ).fetchone()
+        return int(row[0])
 
     def summary(self) -> list[DatasetSummary]:
-        """Every dataset's account (ε of its whole history), oldest dataset first."""
+        """Every dataset's account (ε of its composed history), oldest dataset first."""
         with self._transaction("DEFERRED") as conn:
-            datasets = conn.execute(
-                "SELECT fingerprint, delta, accountant, budget_epsilon, created_at "
-                "FROM datasets ORDER BY created_at, fingerprint"
-            ).fetchall()
-            charges = {d[0]: self._charges(conn, d[0]) for d in datasets}
+            datasets = [
+                _Dataset(*d)
+                for d in conn.execute(
+                    f"SELECT {_DATASET_COLUMNS} FROM datasets ORDER BY created_at, fingerprint"
+                )
+            ]
+            every = [
+                self._receipt(r)
+                for r in conn.execute(f"SELECT {self._CHARGE_COLUMNS} FROM charges ORDER BY id")
+            ]
+            unknown = {d.fingerprint for d in datasets if not d.members}
+            affecting: dict[str, set[str] | None] = {}
+            for d in datasets:
+                if not d.members:
+                    affecting[d.fingerprint] = None
+                    continue
+                rows = conn.execute(
+                    "SELECT DISTINCT other.fingerprint FROM members AS mine "
+                    "JOIN members AS other ON other.member = mine.member "
+                    "WHERE mine.fingerprint = ?",
+                    (d.fingerprint,),
+                )
+                affecting[d.fingerprint] = {r[0] for r in rows} | unknown | {d.fingerprint}
         summaries = []
-        for fingerprint, delta, accountant, budget, created_at in datasets:
-            mine = tuple(charges[fingerprint])
+        for d in datasets:
+            within = affecting[d.fingerprint]
+            composed = tuple(c for c in every if within is None or c.fingerprint in within)
             summaries.append(
                 DatasetSummary(
-                    fingerprint=fingerprint,
+                    fingerprint=d.fingerprint,
                     epsilon=epsilon(
-                        [c.mechanism for c in mine], delta=delta, accountant=accountant
+                        [c.mechanism for c in composed],
+                        delta=d.delta,
+                        accountant=cast(AccountantName, d.accountant),
                     ),
-                    delta=delta,
-                    accountant=accountant,
-                    budget_epsilon=budget,
-                    created_at=created_at,
-                    charges=mine,
+                    delta=d.delta,
+                    accountant=d.accountant,
+                    budget_epsilon=d.budget_epsilon,
+                    created_at=d.created_at,
+                    members=d.members or None,
+                    charges=tuple(c for c in every if c.fingerprint == d.fingerprint),
+                    composed=composed,
                 )
             )
         return summaries
@@ -535,27 +1062,41 @@ class PrivacyLedger:
         mechanism: Mechanism,
         run_id: str,
         round: int,
+        kind: ChargeKind = "train",
+        ceiling_epsilon: float | None = None,
     ) -> ChargeReceipt:
         """Charge ``mechanism`` to the dataset, atomically, if it fits in the budget.
 
         Under ``BEGIN IMMEDIATE`` (writers from every process serialise here): compute ε of
-        the history plus ``mechanism``; over ``budget_epsilon`` -> raise and write nothing;
-        else insert the charge and commit before returning. Idempotent per
-        ``(fingerprint, run_id, round)``: a key already charged (and not completed) with
-        the same mechanism returns its existing receipt and pays nothing.
+        the composed history (:meth:`history`: this dataset's charges and those of every
+        dataset sharing a patient with it or of unknown membership) plus ``mechanism``;
+        over ``budget_epsilon`` -> raise and write nothing; else insert the charge and
+        commit before returning. Idempotent per ``(fingerprint, run_id, round, kind)``: a
+        key already charged (and not completed) with the same mechanism returns its
+        existing receipt and pays nothing.
 
         Parameters
         ----------
         fingerprint:
-            The dataset's fingerprint (hex).
+            The dataset key (:meth:`cohort_key`). A key without registered members is
+            composed with every dataset in the ledger (safe, but loose).
         budget_epsilon:
-            The site's budget for this dataset: the most ε its whole history may reach.
+            The site's budget: the most ε any patient of this dataset may reach.
         delta, accountant:
-            How the dataset is accounted; fixed by its first charge.
+            How the dataset is accounted; fixed by its first charge, and the same as every
+            dataset it composes with.
         mechanism:
-            What this round will apply (σ, q, local steps of the round).
+            What this round will apply: DP-SGD's (σ, q, local steps) for ``"train"``;
+            ``Mechanism(noise_multiplier=σ, sample_rate=1.0, steps=1)`` for one Gaussian
+            evaluation release.
         run_id, round:
             Which run and round this is.
+        kind:
+            ``"train"`` (default) or ``"evaluate"``; both count towards ε.
+        ceiling_epsilon:
+            The most ε this charge may bring the dataset to for the run it belongs to (the
+            ε before the run plus what the run may add); ``None``: only the budget counts.
+            Checked in the same transaction as the budget.
 
         Returns
         -------
@@ -565,15 +1106,17 @@ class PrivacyLedger:
         Raises
         ------
         PrivacyBudgetExceeded
-            If ε(history + mechanism) > ``budget_epsilon``; nothing is written.
+            If ε(composed history + mechanism) > ``budget_epsilon`` or ``ceiling_epsilon``;
+            nothing is written.
         PolicyViolation
             If the key's charge is already completed (a second release of that round).
         ConfigError
-            On a δ/accountant mismatch with the ledger, a different mechanism for an
-            existing key, or invalid arguments.
+            On a δ/accountant mismatch with this dataset or any dataset it composes with,
+            a different mechanism for an existing key, or invalid arguments.
         """
         fingerprint = _check_fingerprint(fingerprint)
         run_id, round = _check_key(run_id, round)
+        kind = _check_kind(kind)
         if (
             isinstance(budget_epsilon, bool)
             or not isinstance(budget_epsilon, (int, float))
@@ -592,39 +1135,55 @@ class PrivacyLedger:
         with self._transaction("IMMEDIATE") as conn:
             now = self._now()
             dataset = self._dataset(conn, fingerprint)
+            if dataset is not None:
+                self._check_same_accounting(dataset, delta, accountant)
+                existing = self._charge_by_key(conn, fingerprint, run_id, round, kind)
+                if existing is not None:
+                    return self._retry(existing, mechanism)
+            datasets, composed = self._composed(conn, fingerprint)
+            self._check_composable(
+                fingerprint, self._has_members(conn, fingerprint), datasets, delta, accountant
+            )
+            history = [c.mechanism for c in composed]
+            before = epsilon(history, delta=delta, accountant=accountant)
+            after = epsilon([*history, mechanism], delta=delta, accountant=accountant)
+            if after > budget_epsilon:
+                others = len({c.fingerprint for c in composed} - {fingerprint})
+                raise PrivacyBudgetExceeded(
+                    f"refusing {kind} charge of run {run_id!r} round {round}: "
+                    f"{mechanism.steps} steps (noise {mechanism.noise_multiplier:.4g}, sample "
+                    f"rate {mechanism.sample_rate:.4g}) would take dataset "
+                    f"{fingerprint[:16]}... from epsilon={before:.4g} to {after:.4g} "
+                    f"(delta={delta:g}, {accountant}; composed with {others} overlapping "
+                    f"dataset(s)), over the site budget epsilon={budget_epsilon:g}; nothing "
+                    "was charged. Fix: plan fewer rounds or steps, or more noise; or raise "
+                    "the site's budget (a policy decision); or use patients no earlier "
+                    "dataset held"
+                )
+            if ceiling_epsilon is not None and after > ceiling_epsilon:
+                raise PrivacyBudgetExceeded(
+                    f"refusing {kind} charge of run {run_id!r} round {round}: it would take "
+                    f"dataset {fingerprint[:16]}... from epsilon={before:.4g} to {after:.4g}, "
+                    f"past the epsilon={ceiling_epsilon:.4g} this run may reach (its start "
+                    "plus the epsilon it asked to add); nothing was charged. Fix: start a new "
+                    "run with a plan that fits"
+                )
             if dataset is None:
                 conn.execute(
                     "INSERT INTO datasets (fingerprint, delta, accountant, budget_epsilon, "
                     "created_at) VALUES (?, ?, ?, ?, ?)",
                     (fingerprint, delta, accountant, budget_epsilon, now),
                 )
-            else:
-                self._check_same_accounting(dataset, delta, accountant)
-                existing = self._charge_by_key(conn, fingerprint, run_id, round)
-                if existing is not None:
-                    return self._retry(existing, mechanism)
-            history = [c.mechanism for c in self._charges(conn, fingerprint)]
-            before = epsilon(history, delta=delta, accountant=accountant)
-            after = epsilon([*history, mechanism], delta=delta, accountant=accountant)
-            if after > budget_epsilon:
-                raise PrivacyBudgetExceeded(
-                    f"refusing run {run_id!r} round {round}: {mechanism.steps} DP-SGD steps "
-                    f"(noise {mechanism.noise_multiplier:.4g}, sample rate "
-                    f"{mechanism.sample_rate:.4g}) would take dataset {fingerprint[:16]}... "
-                    f"from epsilon={before:.4g} to {after:.4g} (delta={delta:g}, {accountant}), "
-                    f"over the site budget epsilon={budget_epsilon:g}; nothing was charged. "
-                    "Fix: plan fewer rounds or steps, or more noise; or raise the site's "
-                    "budget (a policy decision); or use a new dataset"
-                )
             cursor = conn.execute(
-                "INSERT INTO charges (fingerprint, run_id, round, noise_multiplier, "
+                "INSERT INTO charges (fingerprint, run_id, round, kind, noise_multiplier, "
                 "sample_rate, steps, delta, accountant, budget_epsilon, epsilon_before, "
                 "epsilon_after, status, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'charged', ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'charged', ?)",
                 (
                     fingerprint,
                     run_id,
                     round,
+                    kind,
                     mechanism.noise_multiplier,
                     mechanism.sample_rate,
                     mechanism.steps,
@@ -647,6 +1206,7 @@ class PrivacyLedger:
             fingerprint=fingerprint,
             run_id=run_id,
             round=round,
+            kind=kind,
             mechanism=mechanism,
             delta=delta,
             accountant=accountant,
@@ -659,19 +1219,28 @@ class PrivacyLedger:
 
     def _retry(self, existing: ChargeReceipt, mechanism: Mechanism) -> ChargeReceipt:
         """The receipt a retried key gets back, or the reason it cannot be retried."""
-        key = f"run {existing.run_id!r} round {existing.round}"
+        key = f"{existing.kind} charge of run {existing.run_id!r} round {existing.round}"
         if existing.mechanism != mechanism:
             raise ConfigError(
-                f"{key} of dataset {existing.fingerprint[:16]}... was charged as "
+                f"the {key} of dataset {existing.fingerprint[:16]}... was charged as "
                 f"{existing.mechanism} (charge #{existing.charge_id}) but is now requested as "
                 f"{mechanism}; a retried round must apply the same mechanism. Fix: retry "
                 "with the original plan, or start a new run id"
             )
-        if existing.status == "completed":
+        if existing.status == "failed":
             raise PolicyViolation(
-                f"{key} of dataset {existing.fingerprint[:16]}... already completed "
-                f"(charge #{existing.charge_id}) and its update may have left the site; "
-                "training it again would release a second output under the same charge. "
+                f"the {key} of dataset {existing.fingerprint[:16]}... failed after it had "
+                f"touched the data (charge #{existing.charge_id}); whether it failed can "
+                "depend on the patients (weights crafted to overflow on one patient), so the "
+                "key is spent and is not retried under the same charge. Fix: continue with "
+                "the next round, or start a new run id"
+            )
+        if existing.status == "completed":
+            redo = "training" if existing.kind == "train" else "evaluating"
+            raise PolicyViolation(
+                f"the {key} of dataset {existing.fingerprint[:16]}... already completed "
+                f"(charge #{existing.charge_id}) and its output may have left the site; "
+                f"{redo} it again would release a second output under the same charge. "
                 "Fix: continue with the next round, or start a new run id"
             )
         return existing
@@ -701,8 +1270,9 @@ class PrivacyLedger:
             current = self._receipt(row)
             if current.status == status:
                 return current
-            retried = current.status == "failed" and status == "completed"
-            if current.status != "charged" and not retried:
+            # "failed" is final: whether a round failed can depend on the patients, so a
+            # failed key is never retried into a release (see _retry).
+            if current.status != "charged":
                 raise ConfigError(
                     f"charge #{charge_id} is already {current.status!r}; it cannot become "
                     f"{status!r}"
@@ -732,7 +1302,9 @@ class PrivacyLedger:
     ) -> ChargeReceipt:
         """Mark a charge's round as failed before any release (the charge still counts).
 
-        A failed key may be retried with :meth:`charge` without paying again.
+        A failed key is final: :meth:`charge` refuses to retry it (whether a round failed
+        can depend on the patients). A key left ``charged`` by a process that died is
+        retried without paying again.
         """
         return self._set_status(charge_id, "failed", metrics)
 
@@ -740,8 +1312,8 @@ class PrivacyLedger:
 def _check_fingerprint(fingerprint: str) -> str:
     if not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint):
         raise ConfigError(
-            f"dataset fingerprint must be a hex string (8-128 digits), got {fingerprint!r}; "
-            "use SiteData.fingerprint"
+            f"dataset key (fingerprint) must be a hex string (8-128 digits), got "
+            f"{fingerprint!r}; use PrivacyLedger.cohort_key(patient_ids)"
         )
     return fingerprint.lower()
 
@@ -752,3 +1324,38 @@ def _check_key(run_id: str, round_: int) -> tuple[str, int]:
     if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
         raise ConfigError(f"round must be an integer >= 0, got {round_!r}")
     return run_id, round_
+
+
+def _check_kind(kind: str) -> ChargeKind:
+    if kind not in CHARGE_KINDS:
+        raise ConfigError(
+            f"charge kind must be one of {list(CHARGE_KINDS)}, got {kind!r}; use 'train' for "
+            "a DP-SGD round and 'evaluate' for a noisy evaluation release"
+        )
+    return cast(ChargeKind, kind)
+
+
+def _same_accounting(dataset: _Dataset, delta: float, accountant: str) -> bool:
+    return math.isclose(dataset.delta, delta, rel_tol=1e-12) and dataset.accountant == accountant
+
+
+def _cohort_digest(salt: bytes, ordered: list[bytes]) -> str:
+    """HMAC-SHA256 over a count, then each id length-prefixed: an injective encoding."""
+    mac = hmac.new(salt, _COHORT_TAG, hashlib.sha256)
+    mac.update(len(ordered).to_bytes(8, "big"))
+    for raw in ordered:
+        mac.update(len(raw).to_bytes(8, "big"))
+        mac.update(raw)
+    return mac.hexdigest()
+
+
+def _member_digest(salt: bytes, raw_id: bytes) -> str:
+    return hmac.new(salt, _MEMBER_TAG + raw_id, hashlib.sha256).hexdigest()
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
