@@ -3,9 +3,9 @@
 The run id a message carries, node-config keys
 (``flower-supernode --node-config`` or the simulation's partition id), the record names of a
 message, and the metric names a site may send. The server accepts from a site *only* the
-metric names in :data:`ALLOWED_REPLY_METRICS` (train numbers, and task metrics with the
-``val.`` / ``test.`` prefixes) and the site-info keys in :data:`SITE_INFO_KEYS`, which is how
-"aggregate metrics only" is enforced.
+metric names in :data:`ALLOWED_REPLY_METRICS` (train numbers, task metrics with the
+``val.`` / ``test.`` prefixes, and the noisy sums of an evaluation release) and the site-info
+keys in :data:`SITE_INFO_KEYS`, which is how "aggregate metrics only" is enforced.
 """
 
 from __future__ import annotations
@@ -40,11 +40,29 @@ __all__ = [
     "ERR_POLICY",
     "ERR_DATA",
     "ERR_CONFIG",
+    "ERR_FAILED",
     "TASK_METRICS",
+    "S_RUN_EPSILON",
+    "S_NOISE",
+    "NOISE_OS_ENTROPY",
+    "NOISE_REPRODUCIBLE",
+    "S_EVALUATION",
+    "EVAL_DP",
+    "EVAL_EXACT",
     "M_NUM_EXAMPLES",
     "M_STEPS",
     "M_TRAIN_LOSS",
     "METRIC_PREFIXES",
+    "EVAL_SPLITS",
+    "HIST_MAX_BINS",
+    "R_HIST",
+    "R_BIN_OFFSET",
+    "R_LOSS_SUM",
+    "R_BRIER_SUM",
+    "hist_key",
+    "bin_offset_key",
+    "RELEASE_METRICS",
+    "is_release_metric",
     "ALLOWED_REPLY_METRICS",
     "is_allowed_metric",
 ]
@@ -81,6 +99,18 @@ S_NOISE_MULTIPLIER = "noise-multiplier"
 S_SAMPLE_RATE = "sample-rate"
 S_STEPS = "steps"
 S_REPLAYED = "replayed"
+# What this run added to the dataset's ε (S_EPSILON is the lifetime total, history included).
+S_RUN_EPSILON = "run-epsilon"
+# Where the DP randomness came from: NOISE_OS_ENTROPY at a real site; NOISE_REPRODUCIBLE only
+# where a simulated site's own site.toml asks for it ([simulation] noise_seed).
+S_NOISE = "noise"
+NOISE_OS_ENTROPY = "os-entropy"
+NOISE_REPRODUCIBLE = "reproducible"
+# How an evaluation was released: EVAL_DP (noisy histogram, charged to the ledger) or
+# EVAL_EXACT (only where a simulated site's own site.toml asks for it).
+S_EVALUATION = "evaluation"
+EVAL_DP = "dp"
+EVAL_EXACT = "exact"
 # The site's audit-log key (SHA-256 of its Ed25519 public key) and the head of its audit log
 # after it logged the round; the server logs both (anchoring the site's log).
 S_AUDIT_KEY = "audit-key-fingerprint"
@@ -96,6 +126,9 @@ SITE_INFO_KEYS = frozenset(
         S_SAMPLE_RATE,
         S_STEPS,
         S_REPLAYED,
+        S_RUN_EPSILON,
+        S_NOISE,
+        S_EVALUATION,
         S_AUDIT_KEY,
         S_AUDIT_HEAD,
     }
@@ -106,6 +139,7 @@ ERR_BUDGET = 4001
 ERR_POLICY = 4002
 ERR_DATA = 4003
 ERR_CONFIG = 4004
+ERR_FAILED = 4005  # the round failed at the site after its charge (RoundFailed)
 
 # Metrics a site may send (aggregate numbers only; never a patient-level value).
 M_NUM_EXAMPLES = "num-examples"
@@ -113,11 +147,46 @@ M_STEPS = "steps"
 M_TRAIN_LOSS = "train-loss"
 
 METRIC_PREFIXES = ("val.", "test.")
+#: The evaluation splits, ``METRIC_PREFIXES`` without the dot.
+EVAL_SPLITS = tuple(p.rstrip(".") for p in METRIC_PREFIXES)
 TASK_METRICS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "brier", "ece", "loss", "n")
+
+# An evaluation release (models/evaluation.py): per split, the noisy sums the server adds up
+# over sites to compute global metrics. ``<split>.hist.<b>.<y>``: patients in score bin ``b``
+# with label ``y``; ``<split>.bin_offset.<b>``: their scaled positions inside bin ``b``;
+# ``<split>.loss_sum`` and ``<split>.brier_sum``: clipped log-loss / L and Brier terms.
+HIST_MAX_BINS = 100  # the most score bins a release may have (the wire format's bound)
+R_HIST = "hist"
+R_BIN_OFFSET = "bin_offset"
+R_LOSS_SUM = "loss_sum"
+R_BRIER_SUM = "brier_sum"
+
+
+def hist_key(split: str, b: int, y: int) -> str:
+    """``<split>.hist.<b>.<y>``: the release's count of patients in score bin ``b``, label ``y``."""
+    return f"{split}.{R_HIST}.{b}.{y}"
+
+
+def bin_offset_key(split: str, b: int) -> str:
+    """``<split>.bin_offset.<b>``: the release's sum of positions inside score bin ``b``."""
+    return f"{split}.{R_BIN_OFFSET}.{b}"
+
+
+RELEASE_METRICS = frozenset(
+    {f"{s}.{m}" for s in EVAL_SPLITS for m in (R_LOSS_SUM, R_BRIER_SUM)}
+    | {hist_key(s, b, y) for s in EVAL_SPLITS for b in range(HIST_MAX_BINS) for y in (0, 1)}
+    | {bin_offset_key(s, b) for s in EVAL_SPLITS for b in range(HIST_MAX_BINS)}
+)
 ALLOWED_REPLY_METRICS = frozenset(
     {M_NUM_EXAMPLES, M_TRAIN_LOSS, M_STEPS}
     | {f"{p}{m}" for p in METRIC_PREFIXES for m in TASK_METRICS}
+    | RELEASE_METRICS
 )
+
+
+def is_release_metric(name: str) -> bool:
+    """Whether ``name`` is one of an evaluation release's sums (not a derived metric)."""
+    return name in RELEASE_METRICS
 
 
 def is_allowed_metric(name: str) -> bool:

@@ -9,7 +9,9 @@ what a hospital federation needs on every round:
   allowed) is recorded with its reason; an update with wrong names, shapes or dtypes, a NaN,
   or a norm over the bound is rejected and recorded; the round goes on with the rest;
 * a site that does not answer within the round timeout is recorded as dropped;
-* federated evaluation keeps each site's metrics and a patient-weighted global mean;
+* federated evaluation keeps each site's metrics; the global metrics are those of the sum
+  of the sites' (noisy) evaluation releases, validated first (a malformed one is recorded
+  and left out), or a patient-weighted mean where a site sent no release;
 * after every round the global model and the run record are checkpointed atomically and a
   progress line is appended to ``progress.jsonl``;
 * with a :class:`~server.audit.ServerAudit`, each of these events also becomes a signed
@@ -42,6 +44,7 @@ from common import keys
 from common.audit import hash_arrays
 from common.errors import UpdateRejected
 from common.federation import FederationConfig
+from models.evaluation import SplitSums, metrics_from_release, releases_from_wire
 from server.audit import ServerAudit, record_sha256
 from server.checkpoint import Checkpoint, save_checkpoint
 from server.validation import validate_update
@@ -157,8 +160,11 @@ class GuardedStrategy(Strategy):
                 "privacy": {
                     "enabled": self.cfg.dp,
                     "epsilon": None,
+                    "run_epsilon": None,
                     "delta": None,
                     "accountant": self.cfg.accountant if self.cfg.dp else None,
+                    "noise": None,
+                    "evaluation": None,
                     "mechanisms": [],
                 },
                 "metrics": {},
@@ -264,6 +270,7 @@ class GuardedStrategy(Strategy):
             )
             self._audit_aggregate(server_round, None, 0)
             return None, None
+        _drop_partial_metric(kept, keys.M_TRAIN_LOSS)
         arrays, metrics = self.strategy.aggregate_train(server_round, kept)
         self._audit_aggregate(server_round, arrays, len(kept) if arrays is not None else 0)
         return arrays, metrics
@@ -310,19 +317,20 @@ class GuardedStrategy(Strategy):
         if site["status"] != "refused":
             site["status"], site["reason"] = "completed", None
         entry = self._round_entry(rnd)
-        entry["sites"].setdefault(site["site_id"], {}).update(
-            {
-                "train-loss": report["train_loss"],
-                "update-norm": norm,
-                "num-examples": report["num_examples"],
-            }
-        )
+        numbers = {"update-norm": norm, "num-examples": report["num_examples"]}
+        if report["train_loss"] is not None:
+            numbers["train-loss"] = report["train_loss"]
+        entry["sites"].setdefault(site["site_id"], {}).update(numbers)
+        privacy = site["privacy"]
+        if report["evaluation"] is not None:
+            privacy["evaluation"] = report["evaluation"]
         if report["dp"]:
-            privacy = site["privacy"]
             privacy["enabled"] = True
             privacy["epsilon"] = report["epsilon"]
+            privacy["run_epsilon"] = report["run_epsilon"]
             privacy["delta"] = report["delta"]
             privacy["accountant"] = report["accountant"]
+            privacy["noise"] = report["noise"]
             mechanism = {
                 "round": rnd,
                 "noise_multiplier": report["noise_multiplier"],
@@ -332,6 +340,8 @@ class GuardedStrategy(Strategy):
             if all(m["round"] != rnd for m in privacy["mechanisms"]):
                 privacy["mechanisms"].append(mechanism)
             entry["sites"][site["site_id"]]["epsilon"] = privacy["epsilon"]
+            if privacy["run_epsilon"] is not None:
+                entry["sites"][site["site_id"]]["run-epsilon"] = privacy["run_epsilon"]
 
     def _round_entry(self, rnd: int) -> dict[str, Any]:
         for entry in self.record["rounds"]:
@@ -364,6 +374,7 @@ class GuardedStrategy(Strategy):
             self._skip_evaluation = False
             return None
         per_site: dict[str, dict[str, float]] = {}
+        releases: dict[str, dict[str, SplitSums]] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -372,10 +383,20 @@ class GuardedStrategy(Strategy):
                 continue
             info = reply.content.config_records.get(keys.REC_SITE)
             site_id = _reported_site_id(info, self._site_of(node))
-            values = {
+            try:
+                metrics = reply.content[keys.REC_METRICS]
+                if not isinstance(metrics, MetricRecord):
+                    raise TypeError("the reply has no metrics record")
+                releases[site_id] = releases_from_wire(metrics)
+            except (KeyError, TypeError, ValueError) as e:
+                detail = f"malformed reply ({type(e).__name__}: {str(e)[:200]})"
+                self._event(server_round, site_id, "evaluate-failed", detail)
+                continue
+            values = {  # the site's own metrics; its release's sums only feed the global ones
                 k: float(v)
-                for k, v in reply.content[keys.REC_METRICS].items()
+                for k, v in metrics.items()
                 if keys.is_allowed_metric(k)
+                and not keys.is_release_metric(k)
                 and k != keys.M_NUM_EXAMPLES
                 and isinstance(v, (int, float))
                 and math.isfinite(float(v))
@@ -386,7 +407,7 @@ class GuardedStrategy(Strategy):
             if "test.n" in values:
                 site["n_test"] = int(values["test.n"])
             entry["sites"].setdefault(site_id, {}).update(values)
-        global_metrics = weighted_global_metrics(per_site)
+        global_metrics = global_evaluate_metrics(per_site, releases)
         entry["metrics"] = global_metrics
         return MetricRecord(dict(global_metrics)) if global_metrics else None
 
@@ -451,6 +472,38 @@ def weighted_global_metrics(per_site: dict[str, dict[str, float]]) -> dict[str, 
     return out
 
 
+def global_evaluate_metrics(
+    per_site: dict[str, dict[str, float]], releases: dict[str, dict[str, SplitSums]]
+) -> dict[str, float]:
+    """A round's global metrics: pooled from the sites' releases where possible.
+
+    For each split, when every site that reported it sent a release for it (same number of
+    bins), the global metrics are those of the summed release
+    (:func:`models.evaluation.metrics_from_release`: the metrics of the pooled, noisy
+    histogram); otherwise (a site without a release, e.g. an older one) they are
+    :func:`weighted_global_metrics`. ``releases``: site -> split -> validated release.
+    """
+    weighted = weighted_global_metrics(per_site)
+    pooled: dict[str, float] = {}
+    pooled_splits: set[str] = set()
+    for split in keys.EVAL_SPLITS:
+        reporting = [
+            site
+            for site, values in per_site.items()
+            if f"{split}.n" in values or split in releases.get(site, {})
+        ]
+        sums = [releases.get(site, {}).get(split) for site in reporting]
+        present = [s for s in sums if s is not None]
+        if not reporting or len(present) < len(sums) or len({s.bins for s in present}) != 1:
+            continue
+        pooled_splits.add(split)
+        total = sum(present[1:], start=present[0])
+        pooled.update({f"{split}.{k}": v for k, v in metrics_from_release(total).items()})
+    out = {k: v for k, v in weighted.items() if k.split(".", 1)[0] not in pooled_splits}
+    out.update(pooled)
+    return out
+
+
 def _number(record: MetricRecord | ConfigRecord, key: str, kind: type[int] | type[float]) -> Any:
     """A finite number a site reported, as ``kind``; TypeError/ValueError otherwise."""
     value = record[key]
@@ -469,25 +522,60 @@ def _train_report(metrics: Any, info: ConfigRecord | None) -> dict[str, Any]:
         raise TypeError("the reply has no metrics record")
     report: dict[str, Any] = {
         "num_examples": _number(metrics, keys.M_NUM_EXAMPLES, int),
-        "train_loss": _number(metrics, keys.M_TRAIN_LOSS, float),
+        # A site sends its training loss only where its evaluation is exact (a statistic of
+        # its patients under weights the server chose): absent is normal, malformed is not.
+        "train_loss": (
+            _number(metrics, keys.M_TRAIN_LOSS, float) if keys.M_TRAIN_LOSS in metrics else None
+        ),
         "dp": False,
+        "evaluation": _choice(info, keys.S_EVALUATION, (keys.EVAL_DP, keys.EVAL_EXACT)),
     }
     if info is not None and info.get(keys.S_DP) is True:
         report["dp"] = True
         accountant = info[keys.S_ACCOUNTANT]
         if not isinstance(accountant, str) or len(accountant) > 32:
             raise TypeError("the site's accountant is not a short name")
+        delta = _number(info, keys.S_DELTA, float)
+        if not 0 < delta < 1:
+            raise ValueError(f"{keys.S_DELTA} = {delta} is not in (0, 1)")
         report.update(
             {
-                "epsilon": _number(info, keys.S_EPSILON, float),
-                "delta": _number(info, keys.S_DELTA, float),
+                "epsilon": _epsilon(info, keys.S_EPSILON),
+                "run_epsilon": (
+                    _epsilon(info, keys.S_RUN_EPSILON) if keys.S_RUN_EPSILON in info else None
+                ),
+                "delta": delta,
                 "accountant": accountant,
+                "noise": _choice(
+                    info, keys.S_NOISE, (keys.NOISE_OS_ENTROPY, keys.NOISE_REPRODUCIBLE)
+                ),
                 "noise_multiplier": _number(info, keys.S_NOISE_MULTIPLIER, float),
                 "sample_rate": _number(info, keys.S_SAMPLE_RATE, float),
                 "steps": _number(info, keys.S_STEPS, int),
             }
         )
     return report
+
+
+def _epsilon(info: ConfigRecord, key: str) -> float:
+    """An ε a site reported: a finite number >= 0; TypeError/ValueError otherwise."""
+    value = _number(info, key, float)
+    if value < 0:
+        raise ValueError(f"{key} = {value} is negative")
+    return float(value)
+
+
+def _choice(info: ConfigRecord | None, key: str, allowed: tuple[str, ...]) -> str | None:
+    """One of ``allowed`` a site reported under ``key``; ``None`` when it did not report it.
+
+    A value outside ``allowed`` is a ValueError (the update is rejected as malformed).
+    """
+    if info is None or key not in info:
+        return None
+    value = info[key]
+    if value not in allowed:
+        raise ValueError(f"{key} = {str(value)[:40]!r} is not one of {', '.join(allowed)}")
+    return str(value)
 
 
 #: Characters of a site's refusal reason kept in the run record and summary.
@@ -515,3 +603,16 @@ def _split_reason(reason: str, fallback: str) -> tuple[str, str]:
     if sep and _SITE_ID.fullmatch(head):
         return head, rest[:_MAX_REASON]
     return fallback, reason[:_MAX_REASON]
+
+
+def _drop_partial_metric(replies: list[Message], name: str) -> None:
+    """Remove metric ``name`` from every reply when only some carry it.
+
+    A site sends its training loss only where its evaluation is exact (the loss is a
+    statistic of its patients); Flower's strategies refuse replies whose metric records
+    differ, so a mixed federation aggregates without it.
+    """
+    carrying = [r for r in replies if name in r.content[keys.REC_METRICS]]
+    if carrying and len(carrying) < len(replies):
+        for reply in carrying:
+            del reply.content[keys.REC_METRICS][name]
