@@ -1,11 +1,11 @@
 """``summary.json``: the versioned, validated record of one federated run.
 
-Field by field (version 1; the full reference with an example is ``docs/summary-schema.md``)::
+Field by field (version 2; the full reference with an example is ``docs/summary-schema.md``)::
 
     schema_version, run_id, fedcare_version, flwr_version, task, strategy,
     rounds_planned, rounds_completed,
     sites: [{site_id, n_train, n_test, status, reason, rounds_participated,
-             privacy: {enabled, epsilon, delta, accountant,
+             privacy: {enabled, epsilon, run_epsilon, delta, accountant, noise, evaluation,
                        mechanisms: [{noise_multiplier, sample_rate, steps}]},
              metrics: {name: value}}],
     global: {rounds: [{round, metrics}], final: {name: value}},
@@ -13,8 +13,13 @@ Field by field (version 1; the full reference with an example is ``docs/summary-
     events: [{round, site_id, kind, detail}]
 
 A site's ``privacy.epsilon`` is the ε of its dataset's whole ledger history at the end of
-the run (δ = ``privacy.delta``); ``mechanisms`` lists the DP-SGD mechanisms this run applied,
-one per round, so an auditor can recompute ε independently. ``status`` is one of
+the run, earlier runs included (its *lifetime* ε, δ = ``privacy.delta``);
+``privacy.run_epsilon`` is what this run added; ``mechanisms`` lists the DP-SGD mechanisms
+this run applied, one per round, so an auditor can recompute ε independently.
+``privacy.noise`` is ``reproducible`` when the site drew its DP noise from a seed in its own
+``site.toml`` instead of OS entropy, and ``privacy.evaluation`` is ``exact`` when it released
+evaluation metrics without DP noise: both only ever for simulated sites, and both are stated
+wherever the run's results are shown. ``status`` is one of
 :data:`SITE_STATUSES`. Metric names are ``<split>.<metric>`` (``test.auroc``); values are
 finite floats, because JSON has no NaN or infinity.
 
@@ -50,11 +55,16 @@ from common.spec import format_validation_error
 
 __all__ = [
     "SCHEMA_VERSION",
+    "OLDER_READABLE_VERSIONS",
     "SITE_STATUSES",
     "EVENT_KINDS",
     "ALL_SITES",
     "SiteStatus",
     "EventKind",
+    "NOISE_SOURCES",
+    "EVALUATION_MODES",
+    "NoiseSource",
+    "EvaluationMode",
     "Metrics",
     "Mechanism",
     "Privacy",
@@ -68,8 +78,11 @@ __all__ = [
     "write_summary",
 ]
 
-#: The version of the schema this module writes and reads.
-SCHEMA_VERSION: Final = 1
+#: The version of the schema this module writes (and reads).
+SCHEMA_VERSION: Final = 2
+#: Older versions :func:`load_summary` still reads: version 1 lacks ``privacy.run_epsilon``,
+#: ``privacy.noise`` and ``privacy.evaluation``, which read as null (not recorded).
+OLDER_READABLE_VERSIONS: Final = (1,)
 
 SiteStatus = Literal["completed", "refused", "dropped", "rejected"]
 #: ``completed``: the site's last round went through. ``refused``: the site declined
@@ -82,6 +95,16 @@ EventKind = Literal["refused", "dropped", "rejected", "evaluate-failed", "round-
 #: What an :class:`Event` records: the three non-completed site statuses, a site's failed
 #: evaluation, and a round the server skipped (too few valid updates; ``site_id`` is ``*``).
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
+
+NoiseSource = Literal["os-entropy", "reproducible"]
+#: Where a site's DP noise came from (``common.keys.NOISE_*``): ``os-entropy`` (a real site,
+#: always) or ``reproducible`` (a simulated site whose own site.toml seeds its noise).
+NOISE_SOURCES: tuple[str, ...] = get_args(NoiseSource)
+
+EvaluationMode = Literal["dp", "exact"]
+#: How a site released its evaluation metrics (``common.keys.EVAL_*``): ``dp`` (noisy, charged
+#: to its ledger) or ``exact`` (a simulated site whose own site.toml asks for it).
+EVALUATION_MODES: tuple[str, ...] = get_args(EvaluationMode)
 
 #: ``Event.site_id`` of an event about the whole federation rather than one site.
 ALL_SITES = "*"
@@ -121,22 +144,35 @@ class Privacy(_Strict):
     enabled: bool
     """Whether the site trained with DP-SGD."""
     epsilon: float | None = Field(default=None, ge=0)
-    """ε of the site's whole ledger history (all runs) at δ; ``None`` if it never trained."""
+    """Lifetime ε: the site's whole ledger history for this dataset (all runs) at δ, after its
+    last round of this run; ``None`` if it never trained."""
+    run_epsilon: float | None = Field(default=None, ge=0)
+    """ε this run added to the dataset (at δ); ``None`` if it never trained or did not say."""
     delta: float | None = Field(default=None, gt=0, lt=1)
-    """δ of ``epsilon``."""
+    """δ of ``epsilon`` and ``run_epsilon``."""
     accountant: str | None = Field(default=None, min_length=1)
     """Accountant that computed ε (``prv`` or ``rdp``)."""
+    noise: NoiseSource | None = None
+    """Where the DP noise came from (:data:`NOISE_SOURCES`); ``None``: not reported."""
+    evaluation: EvaluationMode | None = None
+    """How evaluation metrics were released (:data:`EVALUATION_MODES`); ``None``: not
+    reported."""
     mechanisms: tuple[Mechanism, ...] = ()
     """The mechanisms this run applied, in round order."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Privacy:
-        if not self.enabled and (self.epsilon is not None or self.mechanisms):
+        if not self.enabled and (
+            self.epsilon is not None
+            or self.run_epsilon is not None
+            or self.noise is not None
+            or self.mechanisms
+        ):
             raise ValueError(
-                "privacy.enabled is false but epsilon or mechanisms are set; "
-                "set enabled = true or drop them"
+                "privacy.enabled is false but epsilon, run_epsilon, noise or mechanisms are "
+                "set; set enabled = true or drop them"
             )
-        if self.epsilon is not None and self.delta is None:
+        if (self.epsilon is not None or self.run_epsilon is not None) and self.delta is None:
             raise ValueError("epsilon is set without delta; ε means nothing without its δ")
         return self
 
@@ -223,7 +259,7 @@ class Event(_Strict):
 class RunSummary(_Strict):
     """The whole ``summary.json`` of one run (schema :data:`SCHEMA_VERSION`)."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     """Version of this schema; a reader refuses a version it does not know."""
     run_id: str = Field(min_length=1)
     """The run's id."""
@@ -311,8 +347,14 @@ def load_summary(path: Path) -> RunSummary:
     Raises
     ------
     ConfigError
-        The file is missing, is not JSON, has another schema version, or does not match the
-        schema; the message names the file and every offending field.
+        The file is missing, is not JSON, has a schema version this fedcare does not read, or
+        does not match the schema; the message names the file and every offending field.
+
+    Notes
+    -----
+    A version-1 file (:data:`OLDER_READABLE_VERSIONS`) reads as the current version with
+    ``privacy.run_epsilon``, ``privacy.noise`` and ``privacy.evaluation`` null: that fedcare
+    did not record them.
     """
     path = Path(path)
     try:
@@ -329,11 +371,13 @@ def load_summary(path: Path) -> RunSummary:
         ) from e
     if isinstance(raw, dict) and "schema_version" in raw:
         version = raw["schema_version"]
-        if version != SCHEMA_VERSION:
+        readable = (*OLDER_READABLE_VERSIONS, SCHEMA_VERSION)
+        if isinstance(version, bool) or version not in readable:
             raise ConfigError(
-                f"{path}: field schema_version: version {version!r} is not the one this "
-                f"fedcare reads ({SCHEMA_VERSION}); open it with the fedcare that wrote it"
+                f"{path}: field schema_version: version {version!r} is not one this fedcare "
+                f"reads ({', '.join(map(str, readable))}); open it with the fedcare that wrote it"
             )
+        raw = {**raw, "schema_version": SCHEMA_VERSION}  # older versions lack only optionals
     try:
         return RunSummary.model_validate(raw, by_alias=True, by_name=False)
     except ValidationError as e:

@@ -2,7 +2,8 @@
 
 Four synthetic hospitals (the bundled ``demo`` scenario), each site's data checked, then a
 federated run of the multimodal task with DP-SGD at every site on Flower's simulation engine,
-ending with per-site and global metrics, ε per site, and the local-only and pooled baselines.
+ending with per-site and global metrics, ε per site (this run's and the dataset's lifetime
+total), and the local-only and pooled baselines. Every demo is a new run with its own run id.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from rich.console import Console
 
 from client.cli import data_check
 from simulations.scenario import load_scenario
-from simulations.simulate_cli import results_table, run_with_progress
+from simulations.simulate_cli import print_results, run_with_progress
 from simulations.synth import synthesize
 
 __all__ = ["demo"]
@@ -39,7 +40,7 @@ def demo(
     scenario = scenario.model_copy(update={"data_root": str(sites)})
     overrides = {"num-server-rounds": rounds} if rounds is not None else None
     outcome = run_with_progress(scenario, out, overrides=overrides, console=console)
-    console.print(results_table(outcome))
+    print_results(console, outcome)
     console.print(f"run directory: {outcome.run_dir} (summary.json, metrics.csv, plots/)")
     console.print(
         f"audit it: fedcare audit verify {outcome.run_dir} && fedcare audit attack "

@@ -8,11 +8,15 @@
     1,site-0,test,auroc,0.78
     1,site-0,train,train-loss,0.52
 
-``round`` is an integer >= 0 (0: the initial model); ``site`` is a site id, or ``global``
-(:data:`GLOBAL_SITE`) for the federation's patient-weighted aggregate; ``split`` is one of
+``round`` is an integer >= 0 (0: the initial model); ``site`` is a site id, ``global``
+(:data:`GLOBAL_SITE`) for the federation's patient-weighted aggregate, or a baseline:
+``baseline:pooled`` (:data:`POOLED_SITE`) and ``baseline:local-only:<site id>``
+(:func:`local_only_site`), whose rows carry the run's last planned round, since a baseline
+trains for the whole run's budget (``:`` never occurs in a site id); ``split`` is one of
 :data:`SPLITS`; ``metric`` a bare metric name (``auroc``, not ``test.auroc``); ``value`` a
 float (an empty cell reads back as NaN). Rows are written sorted by round, site, split,
-metric.
+metric. A site's ``train`` rows include ``epsilon`` (its dataset's lifetime ε after the
+round) and ``run-epsilon`` (what this run added so far).
 
 Plots use matplotlib's object API (:class:`matplotlib.figure.Figure` with an Agg canvas): no
 pyplot, no backend switch, no global state. Each plotting function saves a PNG and returns its
@@ -24,10 +28,10 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import pandas as pd
 from matplotlib.axes import Axes
@@ -42,6 +46,10 @@ __all__ = [
     "COLUMNS",
     "SPLITS",
     "GLOBAL_SITE",
+    "BASELINE_PREFIX",
+    "POOLED_SITE",
+    "local_only_site",
+    "baseline_rows",
     "Split",
     "MetricRow",
     "SweepPoint",
@@ -60,8 +68,13 @@ Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = get_args(Split)
 #: The ``site`` of the federation's aggregate rows.
 GLOBAL_SITE = "global"
+#: The start of every baseline row's ``site`` (``:`` never occurs in a site id).
+BASELINE_PREFIX = "baseline:"
+#: The ``site`` of the pooled, non-private baseline's rows.
+POOLED_SITE = f"{BASELINE_PREFIX}pooled"
+_LOCAL_ONLY = f"{BASELINE_PREFIX}local-only:"
 #: Metrics of the ``train`` split that :func:`write_run_plots` draws when present.
-TRAIN_PLOTTED = (keys.M_TRAIN_LOSS, keys.S_EPSILON)
+TRAIN_PLOTTED = (keys.M_TRAIN_LOSS, keys.S_EPSILON, keys.S_RUN_EPSILON)
 #: Label of an ε = inf sweep point.
 NON_PRIVATE = "non-private"
 
@@ -109,6 +122,53 @@ class MetricRow:
             raise ValueError(f"MetricRow.metric must be a non-empty str, got {self.metric!r}")
         if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
             raise ValueError(f"MetricRow.value must be a number, got {self.value!r}")
+
+
+def local_only_site(site_id: str) -> str:
+    """The ``site`` of the local-only baseline's rows for ``site_id``.
+
+    >>> local_only_site("site-0")
+    'baseline:local-only:site-0'
+    """
+    return f"{_LOCAL_ONLY}{site_id}"
+
+
+def baseline_rows(
+    *,
+    local_only: Mapping[str, Mapping[str, float]],
+    pooled: Mapping[str, float],
+    round: int,
+) -> list[MetricRow]:
+    """The rows of the baselines' metrics (``<split>.<metric>`` names), all at ``round``.
+
+    Parameters
+    ----------
+    local_only:
+        Site id -> metrics of the model trained on that site alone.
+    pooled:
+        Metrics of the pooled, non-private model.
+    round:
+        The run's planned number of rounds: a baseline trains for the whole run's budget.
+
+    Returns
+    -------
+    list[MetricRow]
+        One row per finite value whose split is one of :data:`SPLITS`.
+
+    Examples
+    --------
+    >>> baseline_rows(local_only={"a": {"test.auroc": 0.7}}, pooled={}, round=3)
+    [MetricRow(round=3, site='baseline:local-only:a', split='test', metric='auroc', value=0.7)]
+    """
+    sources = [(local_only_site(s), m) for s, m in sorted(local_only.items())]
+    sources.append((POOLED_SITE, pooled))
+    rows = []
+    for site, metrics in sources:
+        for name, value in sorted(metrics.items()):
+            split, _, metric = name.partition(".")
+            if split in SPLITS and metric and math.isfinite(float(value)):
+                rows.append(MetricRow(round, site, cast(Split, split), metric, float(value)))
+    return rows
 
 
 def write_metrics_csv(rows: Iterable[MetricRow], path: Path) -> None:
@@ -241,6 +301,9 @@ def plot_metric_per_round(
 ) -> Figure:
     """Draw ``split``/``metric`` per round: one line per site, a bold one for ``global``.
 
+    Baseline rows, when present, are references rather than series: the pooled model is a
+    dashed horizontal line, the local-only models one set of ``x`` markers at their round.
+
     Parameters
     ----------
     frame:
@@ -255,7 +318,8 @@ def plot_metric_per_round(
     Returns
     -------
     matplotlib.figure.Figure
-        The figure, one axes, one line per site present plus one for ``global`` if present.
+        The figure, one axes, one line per site present plus one for ``global`` if present
+        (plus the baselines' references, when present).
 
     Raises
     ------
@@ -274,6 +338,8 @@ def plot_metric_per_round(
         )
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
+    baseline = rows["site"].str.startswith(BASELINE_PREFIX)
+    references, rows = rows[baseline], rows[~baseline]
     sites = sorted(s for s in rows["site"].unique() if s != GLOBAL_SITE)
     for site in sites:
         _plot_series(ax, rows[rows["site"] == site], label=str(site), linewidth=1.0)
@@ -286,6 +352,7 @@ def plot_metric_per_round(
             color="black",
             zorder=3,
         )
+    _plot_baselines(ax, references)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(f"{split} {metric}")
@@ -299,6 +366,29 @@ def plot_metric_per_round(
 def _plot_series(ax: Axes, rows: pd.DataFrame, *, label: str, **style: Any) -> None:
     rows = rows.sort_values("round")
     ax.plot(rows["round"], rows["value"], marker="o", markersize=4, label=label, **style)
+
+
+def _plot_baselines(ax: Axes, rows: pd.DataFrame) -> None:
+    """The pooled model as a dashed line; the local-only models as ``x`` markers."""
+    pooled = rows[rows["site"] == POOLED_SITE]
+    if not pooled.empty:
+        ax.axhline(
+            float(pooled["value"].iloc[0]),
+            linestyle="--",
+            color="grey",
+            linewidth=1.0,
+            label="pooled, non-private",
+        )
+    local = rows[rows["site"].str.startswith(_LOCAL_ONLY)]
+    if not local.empty:
+        ax.plot(
+            local["round"],
+            local["value"],
+            marker="x",
+            linestyle="none",
+            color="grey",
+            label="local-only (each site alone)",
+        )
 
 
 @dataclass(frozen=True)

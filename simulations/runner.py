@@ -7,16 +7,26 @@ and stops (:mod:`simulations.flower_driver`). While the run goes it shows a prog
 by the server's ``progress.jsonl``. Afterwards it computes the baselines (each site alone;
 all data pooled, non-private) and writes the run directory:
 
-``config.toml`` (resolved), ``summary.json`` (schema: ``common/summary.py``),
-``metrics.csv`` (round, site, split, metric, value), ``final_model.pt``, ``plots/*.png``.
+``config.toml`` (resolved, the run id included), ``summary.json`` (schema:
+``common/summary.py``), ``metrics.csv`` (round, site, split, metric, value; the baselines
+too), ``final_model.pt``, ``plots/*.png``.
+
+Every run has its own run id (:func:`new_run_id`), unless the scenario names one: sites key
+their ledger charges and stored releases on it, so two runs must never share one. Resuming
+continues the run recorded in the folder (:func:`recorded_run_id`), under its own id.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import pickle
+import re
+import secrets
 import shutil
+import sys
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +35,142 @@ import tomli_w
 from client.data.loaders import load_site
 from client.data.site import SiteData
 from client.local import settings_from_run
-from client.policy import SitePolicy
+from client.policy import simulated_site_policy
 from common.errors import ConfigError, DataError
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.spec import SPEC_FILENAME
 from common.summary import RunSummary, write_summary
-from server.summary import build_summary
+from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from server.summary import SUMMARY_NAME, build_summary
 from simulations.baselines import local_only, pooled
 from simulations.flower_driver import local_superlink, write_app_dir
-from simulations.reports import MetricRow, write_metrics_csv, write_run_plots
+from simulations.reports import MetricRow, baseline_rows, write_metrics_csv, write_run_plots
 from simulations.scenario import Scenario
 from simulations.synth import synthesize
 
-__all__ = ["run_experiment", "prepare_sites", "RunOutcome"]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+STATE_DIR_NAME = "state"
+"""The folder of a run directory that holds its simulated sites' durable state."""
+
+__all__ = [
+    "STATE_DIR_NAME",
+    "run_experiment",
+    "prepare_sites",
+    "RunOutcome",
+    "new_run_id",
+    "recorded_run_id",
+    "metric_rows",
+    "CONFIG_NAME",
+    "METRICS_NAME",
+]
+
+#: The resolved configuration a start writes into the run directory (its run id included).
+CONFIG_NAME = "config.toml"
+#: The run's long-format metrics (:mod:`simulations.reports`).
+METRICS_NAME = "metrics.csv"
+_RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def new_run_id(name: str, *, now: datetime | None = None, token: str | None = None) -> str:
+    """A fresh run id: ``<name>-<UTC time>-<8 random hex digits>``.
+
+    Parameters
+    ----------
+    name:
+        The scenario's name; characters other than letters, digits, ``_``, ``.`` and ``-``
+        become ``-``.
+    now:
+        The start time (default: now); a naive datetime is taken as UTC.
+    token:
+        The random part (default: 4 bytes from :func:`secrets.token_hex`), so two runs
+        started in the same second still differ.
+
+    Examples
+    --------
+    >>> new_run_id("demo", now=datetime(2025, 1, 2, 3, 4, 5), token="0a1b2c3d")
+    'demo-20250102T030405Z-0a1b2c3d'
+    """
+    when = now or datetime.now(timezone.utc)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    stamp = when.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    safe = _RUN_ID_UNSAFE.sub("-", name).strip("-") or "run"
+    return f"{safe}-{stamp}-{token if token is not None else secrets.token_hex(4)}"
+
+
+def recorded_run_id(out: Path) -> str:
+    """The id of the run an earlier start recorded in ``out``: the one a resume continues.
+
+    Read from ``config.toml`` (``[federation] run-id``), else from the checkpoint.
+
+    Raises
+    ------
+    ConfigError
+        ``out`` holds no earlier run, its record is unreadable, or ``config.toml`` and the
+        checkpoint name different runs.
+    """
+    out = Path(out)
+    config = out / CONFIG_NAME
+    from_config: str | None = None
+    if config.is_file():
+        try:
+            federation = tomllib.loads(config.read_text(encoding="utf-8")).get("federation", {})
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(
+                f"{config}: cannot read the earlier run's record ({e}); start a new run "
+                "without --resume"
+            ) from e
+        run_id = federation.get("run-id") if isinstance(federation, dict) else None
+        if not isinstance(run_id, str) or not run_id:
+            raise ConfigError(
+                f"{config}: records no [federation] run-id, so there is no run to resume; "
+                "start a new run without --resume"
+            )
+        from_config = run_id
+    try:
+        checkpoint = load_checkpoint(out)
+    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise ConfigError(
+            f"{out / CHECKPOINT_NAME}: cannot read the earlier run's checkpoint ({e}); start "
+            "a new run without --resume"
+        ) from e
+    if checkpoint is not None and from_config is not None and checkpoint.run_id != from_config:
+        raise ConfigError(
+            f"{out}: {CONFIG_NAME} records run {from_config} but {CHECKPOINT_NAME} holds run "
+            f"{checkpoint.run_id}; the folder mixes two runs, start a new run without --resume"
+        )
+    if from_config is not None:
+        return from_config
+    if checkpoint is not None:
+        return checkpoint.run_id
+    raise ConfigError(
+        f"{out}: no earlier run to resume (no {CONFIG_NAME} or {CHECKPOINT_NAME} there); "
+        "start a new run without --resume, or give the --out of the interrupted run"
+    )
+
+
+def _check_same_run(out: Path, cfg: FederationConfig) -> None:
+    """A resume must ask for exactly the configuration the recorded run started with."""
+    config = out / CONFIG_NAME
+    if not config.is_file():
+        return  # only a checkpoint: nothing recorded to compare with
+    recorded = tomllib.loads(config.read_text(encoding="utf-8")).get("federation", {})
+    now = cfg.to_run_config()
+    changed = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+    if changed:
+        diffs = "; ".join(
+            f"{k} = {recorded.get(k)!r} then, {now.get(k)!r} now" for k in changed[:5]
+        ) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise ConfigError(
+            f"cannot resume run {cfg.run_id} in {out} with another configuration ({diffs}); "
+            "resume with the options it started with, or start a new run without --resume"
+        )
 
 
 def prepare_sites(scenario: Scenario, out: Path, *, reuse: bool = False) -> list[Path]:
@@ -104,30 +235,61 @@ def run_experiment(
 ) -> RunOutcome:
     """Run one federated experiment into ``out`` (see the module docstring).
 
-    With ``resume``, a checkpoint left in ``out`` by an interrupted run of the same run id is
-    continued from its last completed round; otherwise any earlier run state there is cleared.
+    The run gets a fresh id from :func:`new_run_id` unless the scenario (or ``overrides``)
+    sets ``run-id``; any earlier run's state in ``out`` is cleared. With ``resume``, the run
+    recorded in ``out`` (:func:`recorded_run_id`) is continued from its last completed round,
+    under its own id and with the configuration it started with.
+
+    Raises
+    ------
+    ConfigError
+        The configuration is invalid; or, with ``resume``, ``out`` holds no earlier run, or the
+        configuration (or an explicit run id) differs from the recorded run's.
     """
     out = out.resolve()
+    cfg = scenario.federation_config(**(overrides or {}))
+    if resume:
+        run_id = recorded_run_id(out)
+        if cfg.run_id and cfg.run_id != run_id:
+            raise ConfigError(
+                f"{out} holds run {run_id}, not run {cfg.run_id} that the scenario names; "
+                "resume with the --out of that run, or drop its run-id"
+            )
+    else:
+        run_id = cfg.run_id or new_run_id(scenario.name)
     out.mkdir(parents=True, exist_ok=True)
     folders = prepare_sites(scenario, out, reuse=resume)
     sites = load_sites(folders)
     run_dir = out
-    cfg = scenario.federation_config(**(overrides or {}))
+    # Each experiment is its own simulated world: the sites' ledgers, stored releases and
+    # audit logs live in the run's folder (never in a --data-root, which stays read-only),
+    # so a sweep's values or a re-run on the same sites each start from an empty ledger. A
+    # scenario that names a state-root shares it across runs, as a real site's ledger is.
+    state_root = Path(cfg.state_root) if cfg.state_root else out / STATE_DIR_NAME
+    if not cfg.state_root and not resume:
+        shutil.rmtree(state_root, ignore_errors=True)
     cfg = FederationConfig.from_run_config(
         {
             **cfg.to_run_config(),
-            "run-id": cfg.run_id or f"{scenario.name}-{scenario.seed}",
+            "state-root": str(state_root),
+            "run-id": run_id,
             "run-dir": str(run_dir),
             "sites-manifest": str(out / "sites.json"),
             "num-sites": len(sites),
             "min-sites": min(cfg.min_sites, len(sites)),
         }
     )
-    stale = (
-        ("server_record.json",)
-        if resume
-        else ("checkpoint.pt", "progress.jsonl", "server_record.json")
-    )
+    if resume:
+        _check_same_run(out, cfg)
+        stale: tuple[str, ...] = ("server_record.json",)
+    else:  # a new run: nothing of an earlier one may be mistaken for its results
+        stale = (
+            CHECKPOINT_NAME,
+            "progress.jsonl",
+            "server_record.json",
+            SUMMARY_NAME,
+            METRICS_NAME,
+        )
     for name in stale:
         (run_dir / name).unlink(missing_ok=True)
     (out / "sites.json").write_text(json.dumps([str(f.resolve()) for f in folders], indent=1))
@@ -135,7 +297,7 @@ def run_experiment(
         "scenario": scenario.model_dump(mode="json", exclude_none=True),
         "federation": cfg.to_run_config(),
     }
-    (out / "config.toml").write_text(tomli_w.dumps(resolved), encoding="utf-8")
+    (out / CONFIG_NAME).write_text(tomli_w.dumps(resolved), encoding="utf-8")
 
     app_dir = write_app_dir(
         out / ".flower" / "app",
@@ -151,7 +313,7 @@ def run_experiment(
         else 0
     )
     with local_superlink(work_dir=out / ".flower") as link:
-        run_id = link.submit(
+        flower_run = link.submit(  # Flower's own number for the run, not fedcare's run id
             app_dir,
             run_config=cfg.to_run_config(),
             num_supernodes=len(sites),
@@ -171,7 +333,7 @@ def run_experiment(
             seen = len(lines)
 
         # Each poll runs the flwr CLI in a fresh process; every 2 s keeps that cost small.
-        link.wait(run_id, timeout_s=timeout_s, on_poll=poll, poll_s=2.0)
+        link.wait(flower_run, timeout_s=timeout_s, on_poll=poll, poll_s=2.0)
         poll()
     shutil.rmtree(out / ".flower" / "home", ignore_errors=True)
 
@@ -187,21 +349,14 @@ def run_experiment(
             rounds=cfg.num_server_rounds,
             seed=cfg.seed,
             ledger_dir=out / "baseline-ledgers",
-            policy=SitePolicy(
-                epsilon_budget=cfg.site_epsilon_budget,
-                delta=cfg.target_delta,
-                accountant=cfg.accountant,
-                require_dp=cfg.dp,
-                min_count=cfg.site_min_count,
-                max_local_epochs=max(cfg.local_epochs, SitePolicy().max_local_epochs),
-            ),
+            policy=simulated_site_policy(cfg),  # the policy the ClientApp's sites enforce
         )
         baselines["pooled"] = pooled(
             sites, task=cfg.task, train=train, rounds=cfg.num_server_rounds, seed=cfg.seed
         )
     summary = build_summary(record, baselines)
-    write_summary(summary, run_dir / "summary.json")
-    write_metrics_csv(_metric_rows(record, baselines), run_dir / "metrics.csv")
+    write_summary(summary, run_dir / SUMMARY_NAME)
+    write_metrics_csv(metric_rows(record, baselines), run_dir / METRICS_NAME)
     write_run_plots(run_dir)
     return RunOutcome(run_dir, summary)
 
@@ -212,7 +367,17 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _metric_rows(record: dict[str, Any], baselines: dict[str, Any]) -> list[MetricRow]:
+def metric_rows(record: dict[str, Any], baselines: dict[str, Any]) -> list[MetricRow]:
+    """The rows of ``metrics.csv``: every round's global and per-site numbers, then the
+    baselines' metrics at the run's last planned round.
+
+    Parameters
+    ----------
+    record:
+        The server's run record (``server_record.json``).
+    baselines:
+        ``{"local_only": {site_id: metrics}, "pooled": metrics}``, either may be empty.
+    """
     rows: list[MetricRow] = []
     for entry in sorted(record["rounds"], key=lambda e: e["round"]):
         rnd = entry["round"]
@@ -227,4 +392,9 @@ def _metric_rows(record: dict[str, Any], baselines: dict[str, Any]) -> list[Metr
                     split, metric = "train", name
                 if isinstance(value, (int, float)) and math.isfinite(float(value)):
                     rows.append(MetricRow(rnd, site_id, split, metric, float(value)))
+    rows += baseline_rows(
+        local_only=baselines.get("local_only") or {},
+        pooled=baselines.get("pooled") or {},
+        round=int(record["rounds_planned"]),
+    )
     return rows

@@ -19,11 +19,15 @@ Example (``simulations/scenarios/demo.toml``)::
     values = ["0.5", "1", "2", "4", "8", "inf"]
 
 ``data_root`` instead of ``[synth]`` uses existing site folders (each with its ``site.toml``).
+A ``run-id`` in ``[federation]`` names the run; without one every run gets a fresh id. Every
+sweep value is its own run: :meth:`Scenario.sweep_plan` validates each value's run config
+before the first one trains.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Scenario", "Sweep", "load_scenario", "SCENARIO_DIR"]
+__all__ = ["Scenario", "Sweep", "SweepValue", "load_scenario", "SCENARIO_DIR"]
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 
@@ -51,6 +55,38 @@ class Sweep(BaseModel):
 
     key: str
     values: tuple[str, ...] = Field(min_length=1)
+
+    def overrides(self, value: str) -> dict[str, Any]:
+        """The run-config overrides of one sweep value.
+
+        Numbers become ints or floats (ε and δ stay floats); ``target-epsilon`` ``inf``
+        means no DP at all.
+
+        Examples
+        --------
+        >>> Sweep(key="target-epsilon", values=("1",)).overrides("inf")
+        {'dp': False}
+        >>> Sweep(key="num-server-rounds", values=("2",)).overrides("2")
+        {'num-server-rounds': 2}
+        """
+        if self.key == "target-epsilon" and value.lower() in ("inf", "infinity"):
+            return {"dp": False}
+        try:
+            number: Any = float(value)
+            if number.is_integer() and self.key not in ("target-epsilon", "target-delta"):
+                number = int(number)
+        except ValueError:
+            number = value
+        return {self.key: number}
+
+
+@dataclass(frozen=True)
+class SweepValue:
+    """One run of a sweep: its value, its run-config overrides, and the validated config."""
+
+    value: str
+    overrides: dict[str, Any]
+    config: FederationConfig
 
 
 class Scenario(BaseModel):
@@ -76,9 +112,50 @@ class Scenario(BaseModel):
         return value
 
     def federation_config(self, **overrides: Any) -> FederationConfig:
+        """The run config: ``[federation]`` with ``overrides`` on top (seed: the scenario's)."""
+        return self._config(overrides, source=f"scenario {self.name!r}")
+
+    def _config(self, overrides: dict[str, Any], *, source: str) -> FederationConfig:
         merged = {**self.federation, **overrides}
         merged.setdefault("seed", self.seed)
-        return FederationConfig.from_run_config(merged, source=f"scenario {self.name!r}")
+        return FederationConfig.from_run_config(merged, source=source)
+
+    def sweep_plan(self) -> tuple[SweepValue, ...]:
+        """Every value of the sweep as its own run, each one's config validated up front.
+
+        A run id the scenario names gets ``-<key>-<value>`` appended per value, so no two
+        values share a run; without one, every run gets its own fresh id when it starts.
+
+        Raises
+        ------
+        ConfigError
+            The scenario has no sweep, a value repeats, or any value's run config is invalid
+            (every bad value is named, before anything trains).
+        """
+        if self.sweep is None:
+            raise ConfigError(f"scenario {self.name!r} has no [sweep]; add one or use --sweep")
+        sweep = self.sweep
+        repeated = sorted({v for v in sweep.values if sweep.values.count(v) > 1})
+        if repeated:
+            raise ConfigError(
+                f"sweep {sweep.key}: value(s) {', '.join(repeated)} appear more than once; "
+                "list each value once"
+            )
+        named = self.federation.get("run-id")
+        plan, errors = [], []
+        for value in sweep.values:
+            overrides = sweep.overrides(value)
+            if named and "run-id" not in overrides:
+                overrides["run-id"] = f"{named}-{sweep.key}-{value}"
+            try:
+                config = self._config(overrides, source=f"sweep {sweep.key}={value}")
+            except ConfigError as e:
+                errors.append(str(e))
+                continue
+            plan.append(SweepValue(value=value, overrides=overrides, config=config))
+        if errors:
+            raise ConfigError("\n".join(errors))
+        return tuple(plan)
 
 
 def load_scenario(path: str | Path) -> Scenario:

@@ -12,11 +12,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from common import keys
 from common.errors import ConfigError
-from simulations.runner import RunOutcome, run_experiment
+from common.summary import Privacy, RunSummary
+from simulations.runner import RunOutcome, recorded_run_id, run_experiment
 from simulations.scenario import Scenario, Sweep, load_scenario
 
-__all__ = ["simulate", "run_with_progress", "results_table"]
+__all__ = ["simulate", "run_with_progress", "results_table", "privacy_notes", "print_results"]
 
 HEADLINE = ("test.auroc", "test.auprc", "test.brier")
 
@@ -29,8 +31,21 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _epsilons(p: Privacy) -> tuple[str, str]:
+    """The "run ε" and "lifetime ε (δ)" cells of a site ("off" without DP, "-" unknown)."""
+    if not p.enabled:
+        return "off", "off"
+    run = "-" if p.run_epsilon is None else f"{p.run_epsilon:.2f}"
+    life = "-" if p.epsilon is None else f"{p.epsilon:.2f} ({p.delta:g})"
+    return run, life
+
+
 def results_table(outcome: RunOutcome) -> Table:
-    """Per-site and global metrics, ε per site, and the baselines, in one table."""
+    """Per-site and global metrics, ε per site (this run's and lifetime), and the baselines.
+
+    A site whose noise was reproducible or whose evaluation was exact is marked with ``*``
+    in the status column; :func:`privacy_notes` says what that means.
+    """
     s = outcome.summary
     done = f"{s.rounds_completed}/{s.rounds_planned} rounds"
     title = f"run {s.run_id}: {s.task}, {s.strategy}, {done}"
@@ -38,30 +53,79 @@ def results_table(outcome: RunOutcome) -> Table:
         title=title,
         title_justify="left",
     )
-    for col in ("", "status", "n train", "ε (δ)", *HEADLINE, "local-only test.auroc"):
+    columns = ("", "status", "n train", "run ε", "lifetime ε (δ)", *HEADLINE)
+    for col in (*columns, "local-only test.auroc"):
         table.add_column(col)
     local = s.baselines.local_only
     for site in s.sites:
-        p = site.privacy
-        eps = f"{p.epsilon:.2f} ({p.delta:g})" if p.enabled and p.epsilon is not None else "off"
+        flagged = site.site_id in _weakened(s)
         table.add_row(
             site.site_id,
-            site.status,
+            site.status + (" *" if flagged else ""),
             str(site.n_train),
-            eps,
+            *_epsilons(site.privacy),
             *(_fmt(site.metrics.get(m)) for m in HEADLINE),
             _fmt(local.get(site.site_id, {}).get("test.auroc")),
         )
     final = s.global_.final
     table.add_row(
-        "[bold]federated (global)[/bold]", "", "", "", *(_fmt(final.get(m)) for m in HEADLINE), ""
+        "[bold]federated (global)[/bold]",
+        "",
+        "",
+        "",
+        "",
+        *(_fmt(final.get(m)) for m in HEADLINE),
+        "",
     )
     pooled = s.baselines.pooled
     if pooled:
         table.add_row(
-            "pooled, non-private", "", "", "off", *(_fmt(pooled.get(m)) for m in HEADLINE), ""
+            "pooled, non-private",
+            "",
+            "",
+            "off",
+            "off",
+            *(_fmt(pooled.get(m)) for m in HEADLINE),
+            "",
         )
     return table
+
+
+def _weakened(summary: RunSummary) -> set[str]:
+    return {
+        s.site_id
+        for s in summary.sites
+        if s.privacy.noise == keys.NOISE_REPRODUCIBLE or s.privacy.evaluation == keys.EVAL_EXACT
+    }
+
+
+def privacy_notes(summary: RunSummary) -> list[str]:
+    """Sentences a run's output must carry: reproducible noise and exact evaluation.
+
+    Empty when every site drew its noise from OS entropy and released evaluations with DP.
+    """
+    notes = []
+    seeded = [s.site_id for s in summary.sites if s.privacy.noise == keys.NOISE_REPRODUCIBLE]
+    if seeded:
+        notes.append(
+            f"* noise = reproducible at {', '.join(seeded)}: the DP noise came from a seed in "
+            "the site's own site.toml, not OS entropy; the ε shown does not hold against "
+            "anyone who knows that seed (simulation only)"
+        )
+    exact = [s.site_id for s in summary.sites if s.privacy.evaluation == keys.EVAL_EXACT]
+    if exact:
+        notes.append(
+            f"* evaluation = exact at {', '.join(exact)}: the site's own site.toml released its "
+            "evaluation metrics without DP noise, so ε does not cover them (simulation only)"
+        )
+    return notes
+
+
+def print_results(console: Console, outcome: RunOutcome) -> None:
+    """The results table, then the notes of :func:`privacy_notes`."""
+    console.print(results_table(outcome))
+    for note in privacy_notes(outcome.summary):
+        console.print(note, style="bold yellow", markup=False, soft_wrap=True)
 
 
 def run_with_progress(
@@ -110,23 +174,25 @@ def run_with_progress(
 
 def _parse_sweep(text: str) -> Sweep:
     key, sep, values = text.partition("=")
-    if not sep or not values:
+    parsed = tuple(v.strip() for v in values.split(",") if v.strip())
+    if not sep or not parsed:
         raise ConfigError(
             f"--sweep {text!r}: write KEY=V1,V2,... e.g. target-epsilon=0.5,1,2,4,8,inf"
         )
-    return Sweep(key=key.strip(), values=tuple(v.strip() for v in values.split(",") if v.strip()))
+    return Sweep(key=key.strip(), values=parsed)
 
 
-def _sweep_overrides(sweep: Sweep, value: str) -> dict[str, Any]:
-    if sweep.key == "target-epsilon" and value.lower() in ("inf", "infinity"):
-        return {"dp": False}
+def _sweep_x(value: str) -> float | None:
+    """A sweep value as a point on the privacy-utility plot's axis (None: not a number > 0).
+
+    >>> _sweep_x("0.5"), _sweep_x("inf"), _sweep_x("fedprox"), _sweep_x("0")
+    (0.5, inf, None, None)
+    """
     try:
-        number: Any = float(value)
-        if number.is_integer() and sweep.key not in ("target-epsilon", "target-delta"):
-            number = int(number)
+        x = float(value)
     except ValueError:
-        number = value
-    return {sweep.key: number}
+        return None
+    return x if x > 0 else None
 
 
 def simulate(
@@ -139,13 +205,17 @@ def simulate(
     epsilon: float | None = typer.Option(
         None, "--epsilon", help="Target ε per site (inf = no DP)."
     ),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of data, split, model and noise."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seed of data, splits and model (DP noise: each site's own)."
+    ),
     data_root: Path | None = typer.Option(None, "--data-root", help="Existing site folders."),  # noqa: B008
     sweep: str | None = typer.Option(None, "--sweep", help="KEY=V1,V2,... one run per value."),
     baselines: bool = typer.Option(
         True, "--baselines/--no-baselines", help="Local-only and pooled."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the interrupted run recorded in --out (its run id)."
+    ),
 ) -> None:
     """Run a simulated federation of hospitals with Flower's simulation engine."""
     scenario = load_scenario(config) if config is not None else Scenario()
@@ -172,33 +242,53 @@ def simulate(
         scenario = scenario.model_copy(update={"sweep": _parse_sweep(sweep)})
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
     if scenario.sweep is None:
+        if resume:
+            console.print(f"resuming run {recorded_run_id(out.resolve())} in {out}", markup=False)
         outcome = run_with_progress(scenario, out, console=console, resume=resume)
-        console.print(results_table(outcome))
+        print_results(console, outcome)
         console.print(f"run directory: {outcome.run_dir}")
         return
+    if resume:
+        raise ConfigError(
+            "--resume continues one run, not a sweep (--sweep or the scenario's [sweep]); "
+            f"resume one value's run with --out {out}/KEY=VALUE --resume, that value's options "
+            "and a scenario without [sweep]"
+        )
+    plan = scenario.sweep_plan()  # every value validated before the first one trains
     from simulations.reports import plot_privacy_utility
 
-    points = []
-    table = Table(title=f"sweep over {scenario.sweep.key}", title_justify="left")
-    for col in ("value", *HEADLINE, "max ε"):
+    key = scenario.sweep.key
+    points: list[tuple[float | None, float]] = []
+    notes: list[str] = []
+    table = Table(title=f"sweep over {key}", title_justify="left")
+    for col in ("value", "run id", *HEADLINE, "max run ε", "max lifetime ε"):
         table.add_column(col)
-    for value in scenario.sweep.values:
-        console.print(f"[bold]{scenario.sweep.key} = {value}[/bold]")
+    for run in plan:
+        console.print(f"[bold]{key} = {run.value}[/bold]")
         outcome = run_with_progress(
-            scenario,
-            out / f"{scenario.sweep.key}={value}",
-            overrides=_sweep_overrides(scenario.sweep, value),
-            console=console,
+            scenario, out / f"{key}={run.value}", overrides=run.overrides, console=console
         )
-        final = outcome.summary.global_.final
-        eps = [s.privacy.epsilon for s in outcome.summary.sites if s.privacy.epsilon is not None]
+        summary = outcome.summary
+        final = summary.global_.final
+        run_eps = [s.privacy.run_epsilon for s in summary.sites]
+        life_eps = [s.privacy.epsilon for s in summary.sites]
         table.add_row(
-            value, *(_fmt(final.get(m)) for m in HEADLINE), _fmt(max(eps) if eps else None)
+            run.value,
+            summary.run_id,
+            *(_fmt(final.get(m)) for m in HEADLINE),
+            _fmt(max((e for e in run_eps if e is not None), default=None)),
+            _fmt(max((e for e in life_eps if e is not None), default=None)),
         )
-        x = math.inf if value.lower() in ("inf", "infinity") else float(value)
+        notes += [f"{key} = {run.value}: {n.removeprefix('* ')}" for n in privacy_notes(summary)]
         if "test.auroc" in final:
-            points.append((x, final["test.auroc"]))
-    out.mkdir(parents=True, exist_ok=True)
-    plot_privacy_utility(points, out / "privacy_utility.png", x_label=scenario.sweep.key)
+            points.append((_sweep_x(run.value), final["test.auroc"]))
     console.print(table)
+    for note in notes:
+        console.print(note, style="bold yellow", markup=False, soft_wrap=True)
+    plotted = [(x, y) for x, y in points if x is not None]
+    if len(plotted) < len(points):
+        console.print(f"no privacy-utility plot: the values of {key} are not all numbers > 0")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    plot_privacy_utility(plotted, out / "privacy_utility.png", x_label=key)
     console.print(f"privacy-utility plot: {out / 'privacy_utility.png'}")

@@ -13,9 +13,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from common import keys
 from common.errors import ConfigError
 from common.summary import (
+    EVALUATION_MODES,
     EVENT_KINDS,
+    NOISE_SOURCES,
+    OLDER_READABLE_VERSIONS,
     SCHEMA_VERSION,
     SITE_STATUSES,
     RunSummary,
@@ -27,7 +31,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "summary-schema.md"
 
 # A hand-written reference summary: one site completed with DP, one refused its budget.
 VALID: dict[str, Any] = {
-    "schema_version": 1,
+    "schema_version": 2,
     "run_id": "run-7",
     "fedcare_version": "0.1.0",
     "flwr_version": "1.42.0",
@@ -46,8 +50,11 @@ VALID: dict[str, Any] = {
             "privacy": {
                 "enabled": True,
                 "epsilon": 2.5,
+                "run_epsilon": 1.5,
                 "delta": 1e-5,
                 "accountant": "prv",
+                "noise": "os-entropy",
+                "evaluation": "dp",
                 "mechanisms": [
                     {"noise_multiplier": 1.1, "sample_rate": 0.25, "steps": 8},
                     {"noise_multiplier": 1.1, "sample_rate": 0.25, "steps": 8},
@@ -65,8 +72,11 @@ VALID: dict[str, Any] = {
             "privacy": {
                 "enabled": True,
                 "epsilon": None,
+                "run_epsilon": None,
                 "delta": None,
                 "accountant": "prv",
+                "noise": None,
+                "evaluation": None,
                 "mechanisms": [],
             },
             "metrics": {},
@@ -126,7 +136,8 @@ def test_the_fields_are_exactly_those_of_the_schema() -> None:
         "privacy", "metrics",
     }  # fmt: skip
     assert set(dumped["sites"][0]["privacy"]) == {
-        "enabled", "epsilon", "delta", "accountant", "mechanisms",
+        "enabled", "epsilon", "run_epsilon", "delta", "accountant", "noise", "evaluation",
+        "mechanisms",
     }  # fmt: skip
     assert set(dumped["global"]) == {"rounds", "final"}
     assert set(dumped["baselines"]) == {"local_only", "pooled"}
@@ -238,7 +249,20 @@ def test_non_finite_metrics_are_rejected_since_json_has_no_nan(tmp_path: Path) -
         (lambda d: d["global"]["rounds"].reverse(), "distinct and increasing"),
         (lambda d: d["sites"][0].update(rounds_participated=[2, 1]), "rounds_participated"),
         (lambda d: d["sites"][0]["privacy"].update(enabled=False), "enabled is false"),
+        (
+            lambda d: d["sites"][0]["privacy"].update(
+                enabled=False, epsilon=None, mechanisms=[], run_epsilon=None
+            ),
+            "enabled is false",  # noise is still set: no DP noise without DP
+        ),
         (lambda d: d["sites"][0]["privacy"].update(delta=None), "without delta"),
+        (
+            lambda d: d["sites"][0]["privacy"].update(epsilon=None, delta=None),
+            "without delta",  # run_epsilon alone needs its δ as well
+        ),
+        (lambda d: d["sites"][0]["privacy"].update(run_epsilon=-0.1), "run_epsilon"),
+        (lambda d: d["sites"][0]["privacy"].update(noise="seeded"), "privacy.noise"),
+        (lambda d: d["sites"][0]["privacy"].update(evaluation="raw"), "privacy.evaluation"),
         (lambda d: d["events"][0].update(kind="exploded"), "field events.0.kind"),
     ],
 )
@@ -250,14 +274,42 @@ def test_inconsistent_content_is_rejected(tmp_path: Path, mutate: Any, needle: s
 
 
 def test_the_current_version_loads_and_a_missing_one_means_it(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 1
-    assert load_summary(dump(tmp_path, VALID)).schema_version == 1
+    assert SCHEMA_VERSION == 2
+    assert load_summary(dump(tmp_path, VALID)).schema_version == 2
     data = copy.deepcopy(VALID)
     del data["schema_version"]
     assert load_summary(dump(tmp_path, data)).schema_version == SCHEMA_VERSION
 
 
-@pytest.mark.parametrize("version", [2, 0, "1"])
+def test_a_version_1_file_reads_with_the_new_privacy_fields_unknown(tmp_path: Path) -> None:
+    assert OLDER_READABLE_VERSIONS == (1,)
+    data = copy.deepcopy(VALID)
+    data["schema_version"] = 1
+    for site in data["sites"]:
+        for name in ("run_epsilon", "noise", "evaluation"):
+            del site["privacy"][name]
+    summary = load_summary(dump(tmp_path, data))
+    assert summary.schema_version == SCHEMA_VERSION
+    privacy = summary.sites[0].privacy
+    assert privacy.epsilon == 2.5  # the lifetime ε it recorded
+    assert (privacy.run_epsilon, privacy.noise, privacy.evaluation) == (None, None, None)
+
+
+def test_noise_and_evaluation_values_are_the_wire_constants() -> None:
+    assert NOISE_SOURCES == (keys.NOISE_OS_ENTROPY, keys.NOISE_REPRODUCIBLE)
+    assert EVALUATION_MODES == (keys.EVAL_DP, keys.EVAL_EXACT)
+
+
+def test_a_site_without_dp_may_still_say_how_it_evaluated(tmp_path: Path) -> None:
+    data = copy.deepcopy(VALID)
+    data["sites"][0]["privacy"] = {
+        "enabled": False, "epsilon": None, "run_epsilon": None, "delta": None,
+        "accountant": None, "noise": None, "evaluation": "exact", "mechanisms": [],
+    }  # fmt: skip
+    assert load_summary(dump(tmp_path, data)).sites[0].privacy.evaluation == "exact"
+
+
+@pytest.mark.parametrize("version", [3, 0, "1", True])
 def test_another_schema_version_is_refused_with_the_fix(tmp_path: Path, version: Any) -> None:
     path = dump(tmp_path, changed(schema_version=version))
     with pytest.raises(ConfigError) as err:

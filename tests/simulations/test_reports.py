@@ -17,8 +17,11 @@ from PIL import Image
 from common.errors import DataError
 from simulations.reports import (
     COLUMNS,
+    POOLED_SITE,
     MetricRow,
     SweepPoint,
+    baseline_rows,
+    local_only_site,
     plot_metric_per_round,
     plot_privacy_utility,
     read_metrics_csv,
@@ -181,6 +184,38 @@ def test_per_round_plot_has_one_line_per_site_plus_global(tmp_path: Path) -> Non
     np.testing.assert_allclose(ys(glob), [0.49, 0.59, 0.69, 0.79])
     np.testing.assert_allclose(ys(by_label["site-c"]), [0.48, 0.58, 0.68, 0.78])
     assert glob.get_linewidth() > by_label["site-a"].get_linewidth()
+
+
+def test_baseline_rows_carry_the_last_round_and_names_no_site_can_take() -> None:
+    rows = baseline_rows(
+        local_only={"site-b": {"test.auroc": 0.6, "val.n": 12.0}, "site-a": {"test.auroc": 0.7}},
+        pooled={"test.auroc": 0.8, "test.ece": math.nan, "note": 1.0},
+        round=3,
+    )
+    assert rows == [
+        MetricRow(3, "baseline:local-only:site-a", "test", "auroc", 0.7),
+        MetricRow(3, "baseline:local-only:site-b", "test", "auroc", 0.6),
+        MetricRow(3, "baseline:local-only:site-b", "val", "n", 12.0),
+        MetricRow(3, "baseline:pooled", "test", "auroc", 0.8),  # NaN and split-less names left out
+    ]
+    assert ":" in POOLED_SITE and local_only_site("site-a").endswith(":site-a")
+    assert baseline_rows(local_only={}, pooled={}, round=1) == []
+
+
+def test_per_round_plot_draws_baselines_as_references_not_site_lines(tmp_path: Path) -> None:
+    rows = federation_rows() + baseline_rows(
+        local_only={s: {"test.auroc": 0.6 + i / 100} for i, s in enumerate(SITES)},
+        pooled={"test.auroc": 0.85},
+        round=3,
+    )
+    fig = plot_metric_per_round(frame_of(rows), "auroc", tmp_path / "p.png")
+    lines = {str(line.get_label()): line for line in fig.axes[0].get_lines()}
+    references = {"global (weighted)", "pooled, non-private", "local-only (each site alone)"}
+    assert set(lines) == {*SITES, *references}
+    assert list(ys(lines["pooled, non-private"])) == [0.85, 0.85]
+    local = lines["local-only (each site alone)"]
+    assert list(xs(local)) == [3, 3, 3] and local.get_linestyle() == "None"
+    np.testing.assert_allclose(sorted(ys(local)), [0.6, 0.61, 0.62])
 
 
 def test_per_round_plot_draws_rows_in_round_order_whatever_the_input_order(

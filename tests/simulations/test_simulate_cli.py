@@ -1,13 +1,18 @@
-"""`fedcare simulate` rejects bad configuration with one clear line and exit 2, before any run."""
+"""`fedcare simulate` rejects bad configuration with one clear line and exit 2, before any run;
+it shows each run's id, both ε per site, and says when noise or evaluation was weakened."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import simulations.simulate_cli as simulate_cli
+from common.summary import RunSummary
 from fedcare.cli import main
-from simulations.scenario import SCENARIO_DIR, load_scenario
+from simulations.runner import RunOutcome
+from simulations.scenario import SCENARIO_DIR, Scenario, Sweep, load_scenario
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -59,13 +64,164 @@ def test_config_errors_exit_2_with_the_cause(
 
 
 def test_sweep_values_become_run_config_overrides() -> None:
-    from simulations.scenario import Sweep
-    from simulations.simulate_cli import _sweep_overrides
-
     eps = Sweep(key="target-epsilon", values=("0.5", "inf"))
-    assert _sweep_overrides(eps, "0.5") == {"target-epsilon": 0.5}
-    assert _sweep_overrides(eps, "inf") == {"dp": False}  # infinite ε means no DP at all
+    assert eps.overrides("0.5") == {"target-epsilon": 0.5}
+    assert eps.overrides("inf") == {"dp": False}  # infinite ε means no DP at all
     rounds = Sweep(key="num-server-rounds", values=("2",))
-    assert _sweep_overrides(rounds, "2") == {"num-server-rounds": 2}
+    assert rounds.overrides("2") == {"num-server-rounds": 2}
     strategy = Sweep(key="strategy", values=("fedprox",))
-    assert _sweep_overrides(strategy, "fedprox") == {"strategy": "fedprox"}
+    assert strategy.overrides("fedprox") == {"strategy": "fedprox"}
+
+
+# ---------------------------------------------------------------- nothing runs on a bad request
+
+
+@pytest.fixture()
+def runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Every run the command starts (none really starts: each returns a canned outcome)."""
+    started: list[dict[str, Any]] = []
+
+    def fake_run(scenario: Scenario, out: Path, **kwargs: Any) -> RunOutcome:
+        started.append({"out": out, **kwargs})
+        return RunOutcome(out, _summary(run_id=f"run-{len(started)}"))
+
+    monkeypatch.setattr(simulate_cli, "run_with_progress", fake_run)
+    return started
+
+
+@pytest.mark.parametrize(
+    ("sweep", "needles"),
+    [
+        (
+            "target-epsilon=2,-1,0,4",
+            [
+                "sweep target-epsilon=-1: target-epsilon: Input should be greater than 0",
+                "sweep target-epsilon=0: target-epsilon",
+            ],
+        ),
+        ("colour=1,2", ["sweep colour=1: colour: unknown key"]),
+        ("strategy=fedavg,fedsgd", ["sweep strategy=fedsgd: strategy"]),
+        ("target-epsilon=1,2,1", ["value(s) 1 appear more than once"]),
+    ],
+)
+def test_every_sweep_value_is_validated_before_the_first_one_runs(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    runs: list[dict[str, Any]],
+    sweep: str,
+    needles: list[str],
+) -> None:
+    code, err = _run(["simulate", "--out", str(tmp_path), "--sweep", sweep], capsys)
+    assert code == 2
+    for needle in needles:
+        assert needle in err
+    assert runs == []
+
+
+def test_a_valid_sweep_runs_each_value_in_its_own_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], runs: list[dict[str, Any]]
+) -> None:
+    main(["simulate", "--out", str(tmp_path), "--sweep", "target-epsilon=1,inf"])
+    assert [r["out"].name for r in runs] == ["target-epsilon=1", "target-epsilon=inf"]
+    assert all(r["out"].parent == tmp_path for r in runs)
+    assert [r["overrides"] for r in runs] == [{"target-epsilon": 1.0}, {"dp": False}]
+    out = capsys.readouterr().out
+    assert "max run ε" in out and "max lifetime ε" in out
+    assert "run-1" in out and "run-2" in out  # each value's own run id
+    assert "target-epsilon = 1: noise = reproducible at site-a" in out
+
+
+def test_resume_on_a_folder_with_no_earlier_run_fails_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], runs: list[dict[str, Any]]
+) -> None:
+    code, err = _run(["simulate", "--out", str(tmp_path / "empty"), "--resume"], capsys)
+    assert code == 2
+    assert "no earlier run to resume" in err and len(err.strip().splitlines()) == 1
+    assert runs == []
+
+
+def test_resume_says_which_run_it_continues(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], runs: list[dict[str, Any]]
+) -> None:
+    run_id = "default-20250101T000000Z-ab12cd34"
+    (tmp_path / "config.toml").write_text(f'[federation]\nrun-id = "{run_id}"\n')
+    main(["simulate", "--out", str(tmp_path), "--resume"])
+    out = capsys.readouterr().out
+    assert f"resuming run {run_id}" in out
+    assert runs[0]["resume"] is True
+
+
+def test_resume_of_a_sweep_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], runs: list[dict[str, Any]]
+) -> None:
+    code, err = _run(
+        ["simulate", "--out", str(tmp_path), "--sweep", "target-epsilon=1,2", "--resume"], capsys
+    )
+    assert code == 2 and "--resume continues one run, not a sweep" in err
+    assert runs == []
+
+
+def test_the_results_show_both_epsilons_and_say_when_noise_or_evaluation_was_weakened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], runs: list[dict[str, Any]]
+) -> None:
+    main(["simulate", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "run ε" in out and "lifetime ε (δ)" in out
+    assert "noise = reproducible at site-a" in out
+    assert "evaluation = exact at site-a" in out
+    assert "site-b" in out and "reproducible at site-a, site-b" not in out
+
+
+def _summary(run_id: str) -> RunSummary:
+    def privacy(noise: str, evaluation: str) -> dict[str, Any]:
+        return {
+            "enabled": True, "epsilon": 6.5, "run_epsilon": 2.5, "delta": 1e-5,
+            "accountant": "prv", "noise": noise, "evaluation": evaluation,
+            "mechanisms": [{"noise_multiplier": 1.1, "sample_rate": 0.2, "steps": 4}],
+        }  # fmt: skip
+
+    return RunSummary.model_validate(
+        {
+            "run_id": run_id,
+            "fedcare_version": "0",
+            "flwr_version": "1.42.0",
+            "task": "readmission",
+            "strategy": "fedavg",
+            "rounds_planned": 1,
+            "rounds_completed": 1,
+            "sites": [
+                {
+                    "site_id": "site-a",
+                    "n_train": 40,
+                    "n_test": 20,
+                    "status": "completed",
+                    "privacy": privacy("reproducible", "exact"),
+                    "metrics": {"test.auroc": 0.7},
+                },
+                {
+                    "site_id": "site-b",
+                    "n_train": 40,
+                    "n_test": 20,
+                    "status": "completed",
+                    "privacy": privacy("os-entropy", "dp"),
+                },
+            ],
+            "global": {"final": {"test.auroc": 0.7}},
+        }
+    )
+
+
+def test_the_demo_shows_both_epsilons_and_the_notes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedcare.demo as demo
+
+    monkeypatch.setattr(demo, "synthesize", lambda *a, **k: [])
+    monkeypatch.setattr(demo, "data_check", lambda *a, **k: None)
+    monkeypatch.setattr(
+        demo, "run_with_progress", lambda scenario, out, **k: RunOutcome(out, _summary("demo-1"))
+    )
+    main(["demo", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "run demo-1" in out and "run ε" in out and "lifetime ε (δ)" in out
+    assert "noise = reproducible at site-a" in out and "evaluation = exact at site-a" in out
