@@ -274,7 +274,7 @@ def build_run(
     )
     model.to(device)
     params = sum(p.numel() for p in model.parameters())
-    cfg = TrainConfig(model=case.model, batch_size=batch_size, seed=seed)
+    cfg = TrainConfig(model=case.model, batch_size=batch_size)
     optimizer = make_optimizer(model.parameters(), cfg)
     criterion = task_kind("binary").make_loss()
     sampling_gen = torch.Generator().manual_seed(seed + 1)
@@ -293,7 +293,6 @@ def build_run(
         batch_size=batch_size,
         plan=plan,
         grad_sample_mode=mode,
-        secure_mode=False,
         sampling_generator=sampling_gen,
         noise_generator=torch.Generator(device=device).manual_seed(seed + 2),
     )
@@ -393,6 +392,9 @@ class _TimedModel:
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.parameters()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.clock.timed("forward", self.model, *inputs)

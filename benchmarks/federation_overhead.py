@@ -438,7 +438,7 @@ def measure_compute(
     reload = {
         "run config": site_mean(lambda i: lambda: FederationConfig.from_run_config(run_config)),
         "load_site": site_mean(lambda i: lambda: load_site(folders[i])),
-        "encode": site_mean(lambda i: lambda: build_task_data(sites[i], cfg.task, seed=cfg.seed)),
+        "encode": site_mean(lambda i: lambda: build_task_data(sites[i], cfg.task)),
         "ledger open": site_mean(lambda i: lambda: PrivacyLedger(scratch / "ledger.sqlite")),
     }
 

@@ -181,6 +181,7 @@ def _rdp_epsilon_at_integer_orders(
 ) -> float:
     """RDP ε of ``history`` at ``delta`` minimised over ``orders`` only (Balle et al. 2020)."""
     from opacus.accountants.analysis.rdp import compute_rdp  # imported when used: ~2 s
+
     rdp = np.zeros(len(orders))
     for sigma, q, steps in history:
         rdp += np.asarray(
@@ -200,6 +201,7 @@ def _prv_grid_bound(
     i.e. safe, ``L``) because integer orders are cheap to evaluate.
     """
     from opacus.accountants import RDPAccountant
+
     orders = np.array([a for a in RDPAccountant.DEFAULT_ALPHAS if float(a).is_integer()], float)
     total = sum(steps for _, _, steps in history)
     l_max = _rdp_epsilon_at_integer_orders(history, delta_error / 4, orders)
@@ -254,6 +256,7 @@ def prv_eps_error(
 def _prv_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
     eps_error = prv_eps_error(mechanisms, delta=delta)
     from opacus.accountants import PRVAccountant
+
     accountant = PRVAccountant()
     accountant.history = [m.as_history_entry() for m in mechanisms]
     try:
@@ -274,6 +277,7 @@ def _prv_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
 
 def _rdp_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
     from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = [m.as_history_entry() for m in mechanisms]
     return float(accountant.get_epsilon(delta))

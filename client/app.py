@@ -26,21 +26,31 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.audit import SiteAudit, open_site_audit, record_sha256, site_state_dir
+from client.audit import (
+    AUDIT_LOG_NAME,
+    SiteAudit,
+    audited_charges,
+    open_site_audit,
+    record_sha256,
+    site_state_dir,
+)
 from client.data.loaders import load_site
 from client.ledger import PrivacyLedger
 from client.local import RoundRequest, SiteTrainer, settings_from_run
-from client.policy import SitePolicy
+from client.policy import simulated_site_policy
 from client.site_config import SiteConfig, load_site_config
 from common import keys
+from common.audit import config_hash
 from common.errors import (
     ConfigError,
     DataError,
     FedcareError,
     PolicyViolation,
     PrivacyBudgetExceeded,
+    RoundFailed,
 )
 from common.federation import FederationConfig
+from common.files import private_dir
 
 __all__ = ["app", "handle_train", "handle_evaluate", "resolve_site"]
 
@@ -91,12 +101,37 @@ class _Site:
     state_dir: Path
 
 
+def _open_ledger(path: Path, state_dir: Path, site_id: str) -> PrivacyLedger:
+    """The site's ledger, refused when it is missing, emptied or behind the site's own
+    audit log (which proves how many charges were made): a site never starts again from a
+    smaller ε than it has spent."""
+    proven = audited_charges(state_dir)
+    if proven and not path.exists():
+        raise ConfigError(
+            f"site {site_id}: its privacy ledger {path} is missing, but its audit log "
+            f"{state_dir / AUDIT_LOG_NAME} records {proven} charges; the site refuses to "
+            "train on a fresh budget. Fix: restore the ledger from the site's backup"
+        )
+    ledger = PrivacyLedger(path)
+    held = ledger.count_charges()
+    if held < proven:
+        raise ConfigError(
+            f"site {site_id}: its privacy ledger {path} holds {held} charges but its audit "
+            f"log {state_dir / AUDIT_LOG_NAME} records {proven}; the ledger was replaced or "
+            "rolled back, and the site refuses to train on it. Fix: restore the latest "
+            "ledger from the site's backup"
+        )
+    return ledger
+
+
 def _open_site(context: Context, cfg: FederationConfig) -> _Site:
     """Load this site, its policy and its ledger.
 
     A deployed site (node config ``site-config``) enforces its ``site-config.toml``: its
-    budget, policy, ledger and device, whatever the run asks; a simulated site takes its
-    policy from the run config.
+    budget, policy, ledger and device, whatever the run asks, and refuses a ``site.toml``
+    that carries simulation-only settings. A simulated site's policy comes from
+    :func:`client.policy.simulated_site_policy` (the one constructor every simulated site
+    uses).
     """
     site_cfg = _site_config(context)
     if site_cfg is not None:
@@ -106,23 +141,24 @@ def _open_site(context: Context, cfg: FederationConfig) -> _Site:
                 f"site-config says site_id {site_cfg.site_id!r} but {site_cfg.data}/site.toml "
                 f"says {site.spec.site_id!r}; make them the same"
             )
-        site_cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        ledger = PrivacyLedger(site_cfg.ledger_path()) if cfg.dp else None
+        if site.spec.simulation is not None:
+            raise ConfigError(
+                f"site {site_cfg.site_id}: {site_cfg.data}/site.toml has a [simulation] table "
+                "(reproducible noise or exact evaluation), which only a simulated site may "
+                "use; a deployed hospital must not grant it. Fix: remove that table"
+            )
+        private_dir(site_cfg.state_dir)
+        ledger = _open_ledger(site_cfg.ledger_path(), site_cfg.state_dir, site_cfg.site_id)
         trainer = SiteTrainer(site=site, policy=site_cfg.policy(), ledger=ledger, seed=cfg.seed)
         own = cfg.model_copy(update={"device": site_cfg.device})
         return _Site(trainer, own, site_cfg.state_dir)
     site = load_site(resolve_site(context, cfg))
     state_dir = site_state_dir(cfg, site)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    policy = SitePolicy(
-        epsilon_budget=cfg.site_epsilon_budget,
-        delta=cfg.target_delta,
-        accountant=cfg.accountant,
-        require_dp=cfg.dp,
-        min_count=cfg.site_min_count,
+    private_dir(state_dir)
+    ledger = _open_ledger(state_dir / "ledger.sqlite", state_dir, site.spec.site_id)
+    trainer = SiteTrainer(
+        site=site, policy=simulated_site_policy(cfg), ledger=ledger, seed=cfg.seed
     )
-    ledger = PrivacyLedger(state_dir / "ledger.sqlite") if cfg.dp else None
-    trainer = SiteTrainer(site=site, policy=policy, ledger=ledger, seed=cfg.seed)
     return _Site(trainer, cfg, state_dir)
 
 
@@ -142,10 +178,13 @@ def _server_value(config: ConfigRecord, key: str, kind: type[Any], default: Any 
     return kind(value)
 
 
-def _request(cfg: FederationConfig, msg: Message) -> RoundRequest:
+def _request(cfg: FederationConfig, run_cfg: FederationConfig, msg: Message) -> RoundRequest:
+    """The round the message asks for. ``run_cfg`` is the run config as the server sent it
+    (its hash binds a stored release to this run); ``cfg`` the one the site applies."""
     config = msg.content.config_records[keys.REC_CONFIG]
     mu = _server_value(config, keys.CFG_PROXIMAL_MU, float, cfg.proximal_mu)
     train, dp = settings_from_run(cfg, proximal_mu=mu)
+    arrays = msg.content.array_records.get(keys.REC_ARRAYS)
     return RoundRequest(
         run_id=_server_value(config, keys.RC_RUN_ID, str),
         round=_server_value(config, keys.CFG_FEDCARE_ROUND, int),
@@ -153,6 +192,9 @@ def _request(cfg: FederationConfig, msg: Message) -> RoundRequest:
         task=cfg.task,
         train=train,
         dp=dp,
+        evaluation_rounds=cfg.evaluation_rounds,
+        received_sha256="" if arrays is None else record_sha256(arrays),
+        config_sha256=config_hash(run_cfg.to_run_config()),
     )
 
 
@@ -171,6 +213,7 @@ _ERROR_CODES: tuple[tuple[type[FedcareError], int], ...] = (
     (PrivacyBudgetExceeded, keys.ERR_BUDGET),
     (PolicyViolation, keys.ERR_POLICY),
     (DataError, keys.ERR_DATA),
+    (RoundFailed, keys.ERR_FAILED),
     (FedcareError, keys.ERR_CONFIG),
 )
 
@@ -219,6 +262,15 @@ def _open_audit(site: _Site, run_cfg: FederationConfig, msg: Message) -> SiteAud
     return open_site_audit(site.trainer, site.state_dir, msg, run_config=run_cfg.to_run_config())
 
 
+def _privacy_numbers(
+    epsilon: float | None, delta: float | None, run_epsilon: float | None
+) -> tuple[float, float, float] | None:
+    """``(ε, δ, run ε)`` of a DP release, or ``None`` when one is missing."""
+    if epsilon is None or delta is None or run_epsilon is None:
+        return None
+    return float(epsilon), float(delta), float(run_epsilon)
+
+
 def _site_id_guess(context: Context) -> str:
     node = context.node_config
     if keys.NC_PARTITION_ID in node:
@@ -237,33 +289,47 @@ def handle_train(msg: Message, context: Context) -> Message:
         site_id = trainer.site_id
         audit = _open_audit(here, run_cfg, msg)
         _check_schema(trainer, msg)
-        request = _request(cfg, msg)
+        request = _request(cfg, run_cfg, msg)
         state = msg.content.array_records[keys.REC_ARRAYS].to_torch_state_dict()
         result = trainer.train_round(request, state)
+        privacy = _privacy_numbers(result.epsilon, result.delta, result.run_epsilon)
+        if result.mechanism is not None and privacy is None:
+            raise ConfigError(
+                f"site {site_id}: a DP round came back without its epsilon; the update is "
+                "withheld (report this as a fedcare bug)"
+            )
+        evaluation = trainer.evaluation_mode(request.dp)
         arrays = ArrayRecord(result.state)
         sent = record_sha256(arrays)
         head = audit.train(msg, result, sent_sha256=sent, accountant=cfg.accountant)
     except FedcareError as e:
         return _refuse(msg, site_id, e, audit, "train")
-    metrics = MetricRecord(
-        {
-            keys.M_NUM_EXAMPLES: result.n_train,
-            keys.M_TRAIN_LOSS: float(result.train_loss),
-            keys.M_STEPS: result.steps,
-        }
-    )
+    numbers: dict[str, int | float | list[int] | list[float]] = {
+        keys.M_NUM_EXAMPLES: result.n_train,
+        keys.M_STEPS: result.steps,
+    }
+    if evaluation == keys.EVAL_EXACT:
+        # The training loss is a statistic of the patients under whatever weights the server
+        # sent: it leaves the site only where evaluation is exact anyway.
+        numbers[keys.M_TRAIN_LOSS] = float(result.train_loss)
+    metrics = MetricRecord(numbers)
     info: dict[str, Any] = {
         keys.S_SITE_ID: site_id,
         keys.S_DP: result.mechanism is not None,
         keys.S_REPLAYED: result.replayed,
+        keys.S_NOISE: result.noise,
+        keys.S_EVALUATION: evaluation,
         keys.S_AUDIT_KEY: audit.key_fingerprint,
         keys.S_AUDIT_HEAD: str(head),
     }
     if result.mechanism is not None:
+        assert privacy is not None  # checked above
+        epsilon, delta, run_epsilon = privacy
         info.update(
             {
-                keys.S_EPSILON: float(result.epsilon or 0.0),
-                keys.S_DELTA: float(result.delta or 0.0),
+                keys.S_EPSILON: epsilon,
+                keys.S_RUN_EPSILON: run_epsilon,
+                keys.S_DELTA: delta,
                 keys.S_ACCOUNTANT: cfg.accountant,
                 keys.S_NOISE_MULTIPLIER: result.mechanism.noise_multiplier,
                 keys.S_SAMPLE_RATE: result.mechanism.sample_rate,
@@ -291,14 +357,24 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         site_id = trainer.site_id
         audit = _open_audit(here, run_cfg, msg)
         _check_schema(trainer, msg)
+        request = _request(cfg, run_cfg, msg)
         state = msg.content.array_records[keys.REC_ARRAYS].to_torch_state_dict()
-        values = trainer.evaluate(cfg.task, state, model=cfg.model or None, device=cfg.device)
-        audit.evaluate(msg)
+        result = trainer.evaluate_round(request, state)
+        audit.evaluate(msg, result, delta=trainer.policy.delta, accountant=cfg.accountant)
     except FedcareError as e:
         return _refuse(msg, site_id, e, audit, "evaluate")
-    n_test = int(values.get("test.n", 0))
+    values = result.metrics
+    n_test = max(int(round(values.get("test.n", 0))), 0)
     metrics = MetricRecord({keys.M_NUM_EXAMPLES: n_test, **values})
-    site = ConfigRecord({keys.S_SITE_ID: site_id, keys.S_AUDIT_KEY: audit.key_fingerprint})
+    info: dict[str, Any] = {
+        keys.S_SITE_ID: site_id,
+        keys.S_AUDIT_KEY: audit.key_fingerprint,
+        keys.S_EVALUATION: result.mode,
+    }
+    if result.epsilon is not None and result.run_epsilon is not None:
+        info[keys.S_EPSILON] = float(result.epsilon)
+        info[keys.S_RUN_EPSILON] = float(result.run_epsilon)
+    site = ConfigRecord(info)
     content = RecordDict({keys.REC_METRICS: metrics, keys.REC_SITE: site})
     return Message(content=content, reply_to=msg)
 

@@ -2,8 +2,10 @@
 
 The log is ``<state dir>/audit.jsonl`` (the state dir holds the privacy ledger: see
 :func:`site_state_dir`), signed with the site's Ed25519 key ``<state dir>/audit-key.pem``
-(created with mode 0600 on first use; its fingerprint goes to the server in every reply,
-which logs it). Entries (format: :mod:`common.audit`), all with the run id:
+(created on first use; its fingerprint goes to the server in every reply, which logs it).
+The state dir is private to the site's user (mode 0700, tightened if it was wider), the log
+and key files mode 0600, whatever the umask (:mod:`common.files`). Entries (format:
+:mod:`common.audit`), all with the run id:
 
 ``run-start`` (once per run id, server key, config and dataset)
     ``code_sha256``, ``config_sha256`` (the resolved run config), ``dataset_fingerprint``
@@ -17,8 +19,15 @@ which logs it). Entries (format: :mod:`common.audit`), all with the run id:
     ``server_head`` / ``server_key`` (the head of the server's audit log and its key
     fingerprint, as the request carried them: they tie the entry to one server log).
 ``evaluate``
-    ``round``, ``dataset_fingerprint``, ``received_sha256``, ``server_head``,
-    ``server_key``.
+    ``round``, ``dataset_fingerprint``, ``received_sha256``, ``evaluation`` (``dp`` or
+    ``exact``), ``mechanism`` (the Gaussian release charged, or null), ``epsilon`` and
+    ``delta`` (the dataset's cumulative ε after it), ``accountant``, ``replayed``,
+    ``server_head``, ``server_key``.
+
+``dataset_fingerprint`` is the privacy ledger's key for the site's cohort
+(:meth:`client.ledger.PrivacyLedger.cohort_key`). ``train`` entries also carry ``noise``
+(``os-entropy``, or ``reproducible`` where a simulated site's own ``site.toml`` asked for it)
+and ``run_epsilon`` (what this run has added).
 ``refused``
     ``round``, ``phase`` (train/evaluate), ``code``, ``reason``, ``received_sha256``,
     ``server_head``, ``server_key``.
@@ -38,7 +47,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from client.data.site import SiteData
-from client.local import RoundResult, SiteTrainer
+from client.local import EvaluationResult, RoundResult, SiteTrainer
 from common import keys
 from common.audit import (
     AuditLog,
@@ -47,6 +56,8 @@ from common.audit import (
     config_hash,
     hash_arrays,
     load_or_create_signing_key,
+    private_audit_dir,
+    read_entries,
     versions,
 )
 from common.federation import FederationConfig
@@ -58,6 +69,7 @@ __all__ = [
     "SiteAudit",
     "site_state_dir",
     "open_site_audit",
+    "audited_charges",
     "record_sha256",
     "state_sha256",
 ]
@@ -71,7 +83,7 @@ def site_state_dir(cfg: FederationConfig, site: SiteData) -> Path:
     """Where a site keeps its durable state (ledger, releases, audit log and key).
 
     ``<state-root>/<site-id>`` when the run config sets ``state-root``, else
-    ``<site folder>/.fedcare``.
+    ``<site folder>/.fedcare``. Create it with :func:`common.files.private_dir` (mode 0700).
     """
     if cfg.state_root:
         return Path(cfg.state_root) / site.spec.site_id
@@ -112,7 +124,11 @@ class SiteAudit:
         dataset_fingerprint: str,
         clock: Callable[[], datetime] | None = None,
     ) -> SiteAudit:
-        """The audit log in ``state_dir``, its key created there on first use."""
+        """The audit log in ``state_dir``, its key created there on first use.
+
+        ``state_dir`` is made private (mode 0700) first, created if missing.
+        """
+        private_audit_dir(Path(state_dir))
         key = load_or_create_signing_key(Path(state_dir) / AUDIT_KEY_NAME)
         extra: dict[str, Any] = {} if clock is None else {"clock": clock}
         log = AuditLog(Path(state_dir) / AUDIT_LOG_NAME, writer=site_id, key=key, **extra)
@@ -163,6 +179,8 @@ class SiteAudit:
             "delta": None if result.delta is None else float(result.delta),
             "accountant": accountant if mechanism is not None else None,
             "replayed": bool(result.replayed),
+            "noise": result.noise,
+            "run_epsilon": None if result.run_epsilon is None else float(result.run_epsilon),
             "server_head": server_head,
             "server_key": server_key,
         }
@@ -170,13 +188,28 @@ class SiteAudit:
         assert head is not None
         return head
 
-    def evaluate(self, msg: Message) -> LogHead:
-        """Log an evaluation of the global model received."""
+    def evaluate(
+        self, msg: Message, result: EvaluationResult, *, delta: float, accountant: str
+    ) -> LogHead:
+        """Log an evaluation of the global model received and what its release cost."""
         run_id, rnd, server_head, server_key = _tag(msg)
+        mechanism = result.mechanism
         data = {
             "round": rnd,
             "dataset_fingerprint": self.dataset_fingerprint,
             "received_sha256": _received(msg),
+            "evaluation": result.mode,
+            "mechanism": None
+            if mechanism is None
+            else {
+                "noise_multiplier": float(mechanism.noise_multiplier),
+                "sample_rate": float(mechanism.sample_rate),
+                "steps": int(mechanism.steps),
+            },
+            "epsilon": None if result.epsilon is None else float(result.epsilon),
+            "delta": float(delta) if mechanism is not None else None,
+            "accountant": accountant if mechanism is not None else None,
+            "replayed": bool(result.replayed),
             "server_head": server_head,
             "server_key": server_key,
         }
@@ -210,10 +243,30 @@ def open_site_audit(
     simulation); ``run_config`` the resolved run config as the server sent it.
     """
     audit = SiteAudit.open(
-        state_dir, site_id=trainer.site_id, dataset_fingerprint=trainer.site.fingerprint
+        state_dir, site_id=trainer.site_id, dataset_fingerprint=trainer.dataset_key
     )
     audit.start_run(msg, run_config=run_config)
     return audit
+
+
+def audited_charges(state_dir: Path) -> int:
+    """How many ledger charges the site's own audit log proves were made: its DP ``train``
+    and ``evaluate`` entries that were not replays (0 when there is no log yet).
+
+    A ledger holding fewer charges than this was replaced, emptied or rolled back: the
+    site must refuse to train rather than start again from a smaller ε.
+    """
+    path = Path(state_dir) / AUDIT_LOG_NAME
+    if not path.is_file():
+        return 0
+    count = 0
+    for entry in read_entries(path):
+        data = entry["data"]
+        if entry["kind"] not in ("train", "evaluate") or data.get("replayed"):
+            continue
+        if data.get("mechanism") is not None:
+            count += 1
+    return count
 
 
 def _tag(msg: Message) -> tuple[str | None, int | None, str, str]:

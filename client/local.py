@@ -1,37 +1,53 @@
-"""One site's part of a round: policy, privacy ledger, DP-SGD, evaluation.
+"""One site's part of a round: policy, privacy ledger, DP-SGD, private evaluation.
 
-:class:`SiteTrainer` is what the ClientApp (and the local-only baseline) calls. A round goes:
+:class:`SiteTrainer` is what the ClientApp (and the local-only baseline) calls. A training
+round goes:
 
-1. the site's policy vets the request (task, model, epochs, DP required);
-2. the noise for the *whole run* is fixed once, at the run's first round, by calibrating
-   against the dataset's durable history in the ledger; later rounds reuse it;
-3. the round's mechanism is charged to the ledger and committed **before** training, so a
-   crash never under-counts; over budget -> :class:`PrivacyBudgetExceeded`, nothing trained;
-4. DP-SGD (Opacus, Poisson sampling) trains the model;
-5. the released weights are stored at the site and the charge marked completed before they
-   leave. If the server asks again for a round this site already released (a coordinating
-   server that crashed and resumed), the stored release is sent again: replaying the same
-   output costs no further privacy, and nothing is charged twice.
+1. the site's policy vets the request (task, model, epochs, DP required) and the run's plan
+   (rounds, evaluations, the ε it asks to add) against the site's per-run limits;
+2. the run's ε allowance is fixed: a run's ``target-epsilon`` is what it may *add* to the
+   dataset's lifetime ε (history across runs and overlapping cohorts, from the ledger); a
+   run that cannot get it within the site's budget is refused before anything is charged;
+3. the noise for the *whole run* is fixed once, at the run's first training round, by
+   calibrating ``ε(history + remaining rounds + planned evaluations) <= ε(before the run) +
+   target``; later rounds reuse it;
+4. the round's mechanism is charged to the ledger and committed **before** training, under
+   the run's ceiling, so a crash never under-counts and no run can take more than it was
+   allowed; any failure after the charge marks the charge failed;
+5. DP-SGD (Opacus, Poisson sampling) trains the model with randomness from the site's own
+   OS entropy (:func:`client.privacy.site_generators`);
+6. the released weights are stored at the site and the charge marked completed before they
+   leave. A stored release is sent again only to the request that earned it: the same run,
+   round, received model and run config (a coordinating server that crashed and resumed).
+   Any other request for a released round is refused.
+
+An evaluation is a query on patient data too: unless the site's own ``site.toml`` opts into
+exact metrics (a simulated site only), it is released with differential privacy
+(:mod:`models.evaluation`) and charged to the ledger as one Gaussian mechanism, within the
+same run allowance and under the site's per-run evaluation cap.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
+import math
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
-from client.accounting import Mechanism, calibrate_noise
+from client.accounting import PRV_EPS_ERROR, Mechanism, calibrate_noise, epsilon
 from client.data.datasets import TaskData, build_task_data
 from client.data.site import SiteData
-from client.ledger import PrivacyLedger
+from client.ledger import ChargeReceipt, PrivacyLedger
 from client.policy import SitePolicy
-from client.privacy import DPConfig, DPPlan, make_private, sampling
+from client.privacy import DPConfig, DPPlan, make_private, sampling, site_generators
 from client.training import (
     ProximalTerm,
     StepHook,
@@ -41,23 +57,47 @@ from client.training import (
     predict,
     resolve_device,
 )
-from common.errors import ConfigError, PolicyViolation
+from common import keys
+from common.errors import (
+    ConfigError,
+    FedcareError,
+    PolicyViolation,
+    PrivacyBudgetExceeded,
+    RoundFailed,
+)
 from common.federation import FederationConfig
+from common.files import write_private_atomic
 from models import binary_metrics, build_model, default_model_for, model_info
+from models.evaluation import release as evaluation_release
 from models.tasks import task_definition
 
 __all__ = [
     "RoundRequest",
     "RoundResult",
+    "EvaluationResult",
     "SiteTrainer",
     "resolve_grad_sample_mode",
     "settings_from_run",
+    "RUN_CEILING_TOLERANCE",
 ]
+
+RUN_CEILING_TOLERANCE = 2 * PRV_EPS_ERROR
+"""Slack on a run's ε ceiling: the PRV accountant's ε is exact only to ``PRV_EPS_ERROR``, and
+the charge of a run's last round must not be refused because it was accounted on another
+grid than the calibration. One extra round adds far more than this."""
+
+ReleaseKind = Literal["train", "evaluate"]
 
 
 @dataclass(frozen=True)
 class RoundRequest:
-    """What the server asks a site to do in one round."""
+    """What the server asks a site to do in one round.
+
+    ``evaluation_rounds`` are the rounds after which the run evaluates (its plan, from the
+    run config); ``received_sha256`` and ``config_sha256`` identify the global model the
+    request carried and the run config it belongs to: a stored release is re-sent only to
+    a request that matches both.
+    """
 
     run_id: str
     round: int
@@ -65,11 +105,18 @@ class RoundRequest:
     task: str
     train: TrainConfig
     dp: DPConfig
+    evaluation_rounds: tuple[int, ...] = ()
+    received_sha256: str = ""
+    config_sha256: str = ""
 
 
 @dataclass(frozen=True)
 class RoundResult:
-    """What one round produced at the site (weights + aggregate numbers only)."""
+    """What one round produced at the site (weights + aggregate numbers only).
+
+    ``epsilon`` is the dataset's lifetime ε after the round; ``run_epsilon`` what this run
+    has added so far; ``noise`` where the DP randomness came from.
+    """
 
     state: dict[str, torch.Tensor]
     n_train: int
@@ -80,6 +127,21 @@ class RoundResult:
     delta: float | None
     grad_sample_mode: str | None
     replayed: bool = False
+    run_epsilon: float | None = None
+    noise: str = keys.NOISE_OS_ENTROPY
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """An evaluation's release: the metrics that leave the site and what they cost."""
+
+    metrics: dict[str, float]
+    mode: str
+    mechanism: Mechanism | None
+    epsilon: float | None
+    run_epsilon: float | None
+    noise: str = keys.NOISE_OS_ENTROPY
+    replayed: bool = False
 
 
 class SiteTrainer:
@@ -88,7 +150,9 @@ class SiteTrainer:
     Parameters
     ----------
     site:
-        The site's loaded, validated data.
+        The site's loaded, validated data. Its ``site.toml`` fixes the train/validation/test
+        split (``[split]``) and, for a simulated site only, reproducible noise or exact
+        evaluation (``[simulation]``).
     policy:
         The site's own rules and budget.
     ledger:
@@ -96,8 +160,8 @@ class SiteTrainer:
     release_dir:
         Where released round results are kept for replay (default: beside the ledger).
     seed:
-        Seeds the split, the model initialisation, batch sampling and noise (unless the DP
-        config asks for secure mode).
+        Seeds the initial weights of a model the site builds itself (the federation sends
+        its own). It decides neither the split nor any DP randomness.
     """
 
     def __init__(
@@ -117,15 +181,43 @@ class SiteTrainer:
             release_dir = Path(ledger.path).parent / "releases"
         self.release_dir = release_dir
         self._task_data: dict[str, TaskData] = {}
+        self._dataset_key: str | None = None
 
     @property
     def site_id(self) -> str:
         return self.site.spec.site_id
 
+    @property
+    def dataset_key(self) -> str:
+        """The ledger's key for this site's patients (its cohort), or the data fingerprint
+        when the site keeps no ledger."""
+        if self.ledger is None:
+            return self.site.fingerprint
+        if self._dataset_key is None:
+            self._dataset_key = self.ledger.cohort_key(self.site.patient_ids)
+        return self._dataset_key
+
+    @property
+    def noise_source(self) -> str:
+        """Where this site's DP randomness comes from (``keys.NOISE_*``)."""
+        sim = self.site.spec.simulation
+        reproducible = sim is not None and sim.noise_seed is not None
+        return keys.NOISE_REPRODUCIBLE if reproducible else keys.NOISE_OS_ENTROPY
+
+    def evaluation_mode(self, dp: DPConfig) -> str:
+        """``keys.EVAL_EXACT`` where the site's own ``site.toml`` asks for it, or where the
+        site allows non-private runs and this run is one; else ``keys.EVAL_DP``."""
+        sim = self.site.spec.simulation
+        if sim is not None and sim.exact_evaluation:
+            return keys.EVAL_EXACT
+        if not dp.enabled and not self.policy.require_dp:
+            return keys.EVAL_EXACT
+        return keys.EVAL_DP
+
     def task_data(self, task: str) -> TaskData:
-        """The task's encoded splits (built once per trainer)."""
+        """The task's encoded splits (built once per trainer), split as ``site.toml`` says."""
         if task not in self._task_data:
-            self._task_data[task] = build_task_data(self.site, task, seed=self.seed)
+            self._task_data[task] = build_task_data(self.site, task)
         return self._task_data[task]
 
     def model_name(self, task: str, requested: str | None) -> str:
@@ -140,6 +232,128 @@ class SiteTrainer:
         generator = torch.Generator().manual_seed(self.seed)
         return build_model(name, input_dims=data.input_dims, generator=generator)
 
+    # ------------------------------------------------------------------ the run's plan
+
+    def _check_plan(self, request: RoundRequest, *, phase: ReleaseKind) -> None:
+        """Refuse a request the site's policy does not allow, before anything is charged."""
+        cfg, dp = request.train, request.dp
+        self.policy.check_request(
+            site_id=self.site_id,
+            task=request.task,
+            model=self.model_name(request.task, cfg.model),
+            local_epochs=cfg.epochs,
+            dp_enabled=dp.enabled,
+        )
+        self.policy.check_run(
+            site_id=self.site_id,
+            rounds=request.rounds_planned,
+            evaluations=len(request.evaluation_rounds),
+            target_epsilon=dp.target_epsilon if dp.enabled else None,
+        )
+        last = request.rounds_planned
+        if phase == "train" and not 1 <= request.round <= last:
+            raise PolicyViolation(
+                f"site {self.site_id}: run {request.run_id} plans rounds 1..{last}; it asked "
+                f"to train round {request.round}, which is outside its plan"
+            )
+        if phase == "evaluate" and request.round not in request.evaluation_rounds:
+            raise PolicyViolation(
+                f"site {self.site_id}: run {request.run_id} plans evaluations after rounds "
+                f"{', '.join(map(str, request.evaluation_rounds))}; it asked to evaluate "
+                f"round {request.round}, which is outside its plan"
+            )
+        wrong_accounting = dp.delta != self.policy.delta or dp.accountant != self.policy.accountant
+        if dp.enabled and wrong_accounting:
+            raise PolicyViolation(
+                f"site {self.site_id} accounts at delta={self.policy.delta:g} with the "
+                f"{self.policy.accountant} accountant; the run asked for delta={dp.delta:g} "
+                f"with {dp.accountant} (set the run's target-delta to match)"
+            )
+        if (dp.enabled or self.evaluation_mode(dp) == keys.EVAL_DP) and self.ledger is None:
+            raise ConfigError(
+                f"site {self.site_id}: DP training and private evaluation need a privacy "
+                "ledger; give the site a ledger path"
+            )
+
+    def _run_charges(self, run_id: str) -> list[ChargeReceipt]:
+        assert self.ledger is not None
+        return [c for c in self.ledger.charges(self.dataset_key) if c.run_id == run_id]
+
+    def _run_base(self, run_id: str) -> float:
+        """The dataset's ε before this run's first charge (its spent ε if none yet)."""
+        assert self.ledger is not None
+        own = self._run_charges(run_id)
+        if own:
+            return min(c.epsilon_before for c in own)
+        return self.ledger.spent(
+            self.dataset_key, delta=self.policy.delta, accountant=self.policy.accountant
+        )
+
+    def _ceiling(self, request: RoundRequest, base: float) -> float:
+        """The most ε this dataset may reach during the run: the run's allowance on top of
+        what it had spent before, within the site's budget.
+
+        Raises
+        ------
+        PrivacyBudgetExceeded
+            When the run asks to add more than the site's budget has left; nothing is
+            charged.
+        """
+        budget = self.policy.epsilon_budget
+        target = request.dp.target_epsilon if request.dp.enabled else None
+        if target is not None and base + target > budget + 1e-9:
+            left = max(budget - base, 0.0)
+            raise PrivacyBudgetExceeded(
+                f"site {self.site_id}: run {request.run_id} asks to add epsilon={target:g}, "
+                f"but this dataset has spent epsilon={base:.3g} of its budget {budget:g} "
+                f"(delta={self.policy.delta:g}), so {left:.3g} remain; nothing was charged. "
+                f"Fix: ask for target-epsilon <= {left:.3g}, or the site raises its budget "
+                "(a policy decision)"
+            )
+        allowance = self.policy.max_run_epsilon if target is None else target
+        return min(budget, base + allowance)
+
+    def _eval_mechanism(self) -> Mechanism:
+        return Mechanism(self.policy.evaluation_noise_multiplier, 1.0, 1)
+
+    def _future_evaluations(self, request: RoundRequest) -> list[Mechanism]:
+        """The DP evaluations the run still plans from this round on (planned into its ε)."""
+        if self.evaluation_mode(request.dp) != keys.EVAL_DP:
+            return []
+        later = [r for r in request.evaluation_rounds if r >= request.round]
+        return [self._eval_mechanism()] * len(later)
+
+    def _charge(
+        self,
+        request: RoundRequest,
+        mechanism: Mechanism,
+        *,
+        kind: ReleaseKind,
+        ceiling: float,
+    ) -> ChargeReceipt:
+        assert self.ledger is not None
+        return self.ledger.charge(
+            fingerprint=self.dataset_key,
+            budget_epsilon=self.policy.epsilon_budget,
+            ceiling_epsilon=ceiling + RUN_CEILING_TOLERANCE,
+            delta=self.policy.delta,
+            accountant=self.policy.accountant,
+            mechanism=mechanism,
+            run_id=request.run_id,
+            round=request.round,
+            kind=kind,
+        )
+
+    def _generators(
+        self, request: RoundRequest, device: torch.device, kind: ReleaseKind
+    ) -> tuple[torch.Generator, torch.Generator]:
+        sim = self.site.spec.simulation
+        seed = None
+        if sim is not None and sim.noise_seed is not None:
+            # Not the run id: each run has a new one, and a simulation re-run must repeat.
+            seed = f"{sim.noise_seed}|{request.round}|{kind}"
+        return site_generators(device=device, reproducible_seed=seed)
+
     # ------------------------------------------------------------------ training
 
     def train_round(
@@ -147,29 +361,12 @@ class SiteTrainer:
     ) -> RoundResult:
         """Run one round of (private) local training; see the module docstring."""
         cfg, dp = request.train, request.dp
+        self._check_plan(request, phase="train")
         model_name = self.model_name(request.task, cfg.model)
-        self.policy.check_request(
-            site_id=self.site_id,
-            task=request.task,
-            model=model_name,
-            local_epochs=cfg.epochs,
-            dp_enabled=dp.enabled,
-        )
         if dp.enabled:
-            if dp.delta != self.policy.delta or dp.accountant != self.policy.accountant:
-                raise PolicyViolation(
-                    f"site {self.site_id} accounts at delta={self.policy.delta:g} with the "
-                    f"{self.policy.accountant} accountant; the run asked for delta={dp.delta:g} "
-                    f"with {dp.accountant} (set the run's target-delta to match)"
-                )
-            if self.ledger is None:
-                raise ConfigError(
-                    f"site {self.site_id}: DP training needs a privacy ledger; give the site "
-                    "a ledger path"
-                )
-            replay = self._replay(request)
-            if replay is not None:
-                return replay
+            stored = self._stored(request, "train")
+            if stored is not None:
+                return _train_result(stored)
         data = self.task_data(request.task)
         device = resolve_device(cfg.device)
         model = self.build_model(request.task, cfg.model)
@@ -182,7 +379,7 @@ class SiteTrainer:
         hooks: list[StepHook] = []
         if cfg.proximal_mu > 0 and initial_state is not None:
             hooks.append(ProximalTerm(mu=cfg.proximal_mu, global_params=initial_state))
-        sampling_gen = torch.Generator().manual_seed(_round_seed(self.seed, request, "sample"))
+        sampling_gen, noise_gen = self._generators(request, device, "train")
         n_train = len(data.train)
 
         if not dp.enabled:
@@ -199,38 +396,39 @@ class SiteTrainer:
                 hooks=hooks,
             )
             state = _cpu_state(model)
-            return RoundResult(state, n_train, stats.steps, stats.mean_loss, None, None, None, None)
+            return RoundResult(
+                state,
+                n_train,
+                stats.steps,
+                stats.mean_loss,
+                None,
+                None,
+                None,
+                None,
+                noise=self.noise_source,
+            )
 
-        assert self.ledger is not None  # checked above, before any replay
-        plan = self._plan(request, n_train)
+        assert self.ledger is not None  # checked by _check_plan
+        base = self._run_base(request.run_id)
+        ceiling = self._ceiling(request, base)
+        plan = self._plan(request, n_train, base=base)
         self.policy.check_noise(site_id=self.site_id, noise_multiplier=plan.noise_multiplier)
         mechanism = Mechanism(plan.noise_multiplier, plan.sample_rate, plan.steps)
-        receipt = self.ledger.charge(
-            fingerprint=self.site.fingerprint,
-            budget_epsilon=self.policy.epsilon_budget,
-            delta=self.policy.delta,
-            accountant=self.policy.accountant,
-            mechanism=mechanism,
-            run_id=request.run_id,
-            round=request.round,
-        )
-        noise_gen = torch.Generator(device=device).manual_seed(
-            _round_seed(self.seed, request, "noise")
-        )
-        mode = resolve_grad_sample_mode(dp.grad_sample_mode, model_name)
-        private = make_private(
-            model=model,
-            optimizer=optimizer,
-            criterion=criterion,
-            dataset=data.train,
-            batch_size=cfg.batch_size,
-            plan=plan,
-            grad_sample_mode=mode,
-            secure_mode=dp.secure_mode,
-            sampling_generator=sampling_gen,
-            noise_generator=noise_gen,
-        )
+        receipt = self._charge(request, mechanism, kind="train", ceiling=ceiling)
+        # From here on the charge exists: any failure marks it failed (it still counts).
         try:
+            mode = resolve_grad_sample_mode(dp.grad_sample_mode, model_name)
+            private = make_private(
+                model=model,
+                optimizer=optimizer,
+                criterion=criterion,
+                dataset=data.train,
+                batch_size=cfg.batch_size,
+                plan=plan,
+                grad_sample_mode=mode,
+                sampling_generator=sampling_gen,
+                noise_generator=noise_gen,
+            )
             stats = fit(
                 private.model,
                 private.loader,
@@ -240,53 +438,80 @@ class SiteTrainer:
                 device=device,
                 hooks=hooks,
             )
-        except BaseException:
-            self.ledger.mark_failed(receipt.charge_id)
-            raise
-        if stats.steps != plan.steps:
-            self.ledger.mark_failed(receipt.charge_id)
-            raise RuntimeError(
-                f"DP-SGD ran {stats.steps} steps but {plan.steps} were charged; the accounting "
-                "would be wrong, so the update is withheld"
+            if stats.steps != plan.steps:
+                raise RoundFailed(
+                    f"site {self.site_id}: DP-SGD ran {stats.steps} steps but {plan.steps} "
+                    "were charged; the accounting would be wrong, so the update is withheld"
+                )
+            state = _cpu_state(private.unwrapped())
+            if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
+                raise RoundFailed(
+                    f"site {self.site_id}: training diverged (non-finite weights after round "
+                    f"{request.round}); the update is withheld. Fix: lower the learning rate"
+                )
+            result = RoundResult(
+                state=state,
+                n_train=n_train,
+                steps=stats.steps,
+                train_loss=stats.mean_loss,
+                mechanism=mechanism,
+                epsilon=receipt.epsilon_after,
+                delta=self.policy.delta,
+                grad_sample_mode=mode,
+                run_epsilon=receipt.epsilon_after - base,
+                noise=self.noise_source,
             )
-        state = _cpu_state(private.unwrapped())
-        result = RoundResult(
-            state=state,
-            n_train=n_train,
-            steps=stats.steps,
-            train_loss=stats.mean_loss,
-            mechanism=mechanism,
-            epsilon=receipt.epsilon_after,
-            delta=self.policy.delta,
-            grad_sample_mode=mode,
-        )
-        self._store_release(request, result)
-        self.ledger.mark_completed(
-            receipt.charge_id, metrics={"train_loss": stats.mean_loss, "steps": stats.steps}
-        )
+            self._store_release(request, "train", _train_payload(result))
+        except BaseException as e:
+            self.ledger.mark_failed(receipt.charge_id)
+            if isinstance(e, (FedcareError, KeyboardInterrupt, SystemExit)):
+                raise
+            raise RoundFailed(
+                f"site {self.site_id}: round {request.round} failed after its charge was "
+                f"written ({type(e).__name__}: {e}); the charge is kept and marked failed"
+            ) from e
+        kept: dict[str, float | int] = {"steps": stats.steps}
+        if math.isfinite(stats.mean_loss):  # NaN under weights that overflow; not a number
+            kept["train_loss"] = stats.mean_loss
+        self.ledger.mark_completed(receipt.charge_id, metrics=kept)
         return result
 
-    def _plan(self, request: RoundRequest, n_train: int) -> DPPlan:
+    def _plan(self, request: RoundRequest, n_train: int, *, base: float) -> DPPlan:
         """The round's mechanism: one noise multiplier for the whole run."""
         cfg, dp = request.train, request.dp
         assert self.ledger is not None
         q, steps = sampling(n_train, batch_size=cfg.batch_size, epochs=cfg.epochs)
-        earlier = [
-            c for c in self.ledger.charges(self.site.fingerprint) if c.run_id == request.run_id
-        ]
+        earlier = [c for c in self._run_charges(request.run_id) if c.kind == "train"]
         if earlier:
             sigma = earlier[0].mechanism.noise_multiplier
         elif dp.noise_multiplier is not None:
             sigma = dp.noise_multiplier
         else:
             assert dp.target_epsilon is not None
-            target = min(dp.target_epsilon, self.policy.epsilon_budget)
+            target = base + dp.target_epsilon
+            history = self.ledger.history(self.dataset_key)
+            evaluations = self._future_evaluations(request)
+            if evaluations:
+                without_training = epsilon(
+                    [*history, *evaluations],
+                    delta=self.policy.delta,
+                    accountant=self.policy.accountant,
+                )
+                if without_training >= target:
+                    raise PrivacyBudgetExceeded(
+                        f"site {self.site_id}: run {request.run_id}'s {len(evaluations)} "
+                        f"remaining private evaluations alone would take epsilon from "
+                        f"{base:.3g} to {without_training:.3g}, past the run's allowance "
+                        f"{target:.3g}; nothing was charged. Fix: evaluate less often "
+                        "(evaluate-every) or ask for a larger target-epsilon"
+                    )
+            rounds_left = request.rounds_planned - request.round + 1
             sigma = calibrate_noise(
                 target_epsilon=target,
                 delta=self.policy.delta,
                 sample_rate=q,
-                steps=steps * request.rounds_planned,
-                history=self.ledger.history(self.site.fingerprint),
+                steps=steps * rounds_left,
+                history=[*history, *evaluations],
                 accountant=self.policy.accountant,
             )
         return DPPlan(
@@ -295,59 +520,194 @@ class SiteTrainer:
 
     # ------------------------------------------------------------------ replay
 
-    def _release_path(self, request: RoundRequest) -> Path:
+    def _release_path(self, request: RoundRequest, kind: ReleaseKind) -> Path:
         assert self.release_dir is not None
-        key = f"{self.site.fingerprint}|{request.run_id}|{request.round}"
+        key = f"{self.dataset_key}|{request.run_id}|{request.round}|{kind}"
         return self.release_dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
-    def _store_release(self, request: RoundRequest, result: RoundResult) -> None:
+    def _store_release(
+        self, request: RoundRequest, kind: ReleaseKind, payload: dict[str, Any]
+    ) -> None:
+        """Keep a release, tied to the request that earned it, for a resumed server."""
         if self.release_dir is None:
             return
-        path = self._release_path(request)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        payload = {
-            "state": result.state,
-            "n_train": result.n_train,
-            "steps": result.steps,
-            "train_loss": result.train_loss,
-            "mechanism": None if result.mechanism is None else vars(result.mechanism),
-            "epsilon": result.epsilon,
-            "delta": result.delta,
-            "grad_sample_mode": result.grad_sample_mode,
+        bound = {
+            **payload,
+            "run_id": request.run_id,
+            "round": request.round,
+            "received_sha256": request.received_sha256,
+            "config_sha256": request.config_sha256,
         }
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        path = self._release_path(request, kind)
+        buffer = _torch_bytes(bound)
+        write_private_atomic(path, buffer)
 
-    def _replay(self, request: RoundRequest) -> RoundResult | None:
-        """The stored result of a round this site already released, if any."""
+    def _stored(self, request: RoundRequest, kind: ReleaseKind) -> dict[str, Any] | None:
+        """The stored release of a round this site already released, re-sent only to the
+        request that earned it; ``None`` when the round was never released."""
         assert self.ledger is not None
-        receipt = self.ledger.has_charge(self.site.fingerprint, request.run_id, request.round)
+        receipt = self.ledger.has_charge(self.dataset_key, request.run_id, request.round, kind=kind)
         if receipt is None or receipt.status != "completed":
             return None
-        path = self._release_path(request) if self.release_dir is not None else None
+        what = "trained" if kind == "train" else "evaluated"
+        path = self._release_path(request, kind) if self.release_dir is not None else None
         if path is None or not path.is_file():
             raise PolicyViolation(
-                f"site {self.site_id} already released round {request.round} of run "
-                f"{request.run_id} and has no stored copy to send again; retraining would "
-                "spend budget twice. Start a new run id to train again"
+                f"site {self.site_id} already {what} round {request.round} of run "
+                f"{request.run_id} and has no stored copy to send again; doing it again "
+                "would spend budget twice. Start a new run id"
             )
-        payload = torch.load(path, weights_only=True)
-        mech = payload["mechanism"]
-        return RoundResult(
-            state=payload["state"],
-            n_train=payload["n_train"],
-            steps=payload["steps"],
-            train_loss=payload["train_loss"],
-            mechanism=None if mech is None else Mechanism(**mech),
-            epsilon=payload["epsilon"],
-            delta=payload["delta"],
-            grad_sample_mode=payload["grad_sample_mode"],
-            replayed=True,
-        )
+        try:
+            payload = torch.load(path, weights_only=True)
+        except Exception as e:  # a torn or foreign file: say which, never half-use it
+            raise ConfigError(
+                f"site {self.site_id}: the stored release {path} is unreadable ({e}); it "
+                f"cannot be re-sent and round {request.round} of run {request.run_id} cannot "
+                "be redone without spending budget twice. Start a new run id"
+            ) from e
+        mismatch = [
+            name
+            for name, value in (
+                ("received model", request.received_sha256),
+                ("run config", request.config_sha256),
+            )
+            if payload.get(_BIND_KEYS[name]) != value
+        ]
+        if mismatch:
+            raise PolicyViolation(
+                f"site {self.site_id} already {what} round {request.round} of run "
+                f"{request.run_id} for another {' and '.join(mismatch)}; it re-sends a "
+                "release only to the request that earned it and never redoes a released "
+                "round. Start a new run id"
+            )
+        return dict(payload)
 
     # ------------------------------------------------------------------ evaluation
+
+    def evaluate_round(
+        self,
+        request: RoundRequest,
+        state: Mapping[str, torch.Tensor] | None,
+    ) -> EvaluationResult:
+        """The evaluation a federated run asks for, released as the site's policy says.
+
+        DP mode: one Gaussian release of both splits' histograms (:mod:`models.evaluation`)
+        charged to the ledger within the run's allowance and evaluation cap, stored and
+        re-sent only to the request that earned it. Exact mode (a simulated site's own
+        opt-in, or a non-private run the site allows): :meth:`evaluate`.
+        """
+        self._check_plan(request, phase="evaluate")
+        mode = self.evaluation_mode(request.dp)
+        device = resolve_device(request.train.device)
+        if mode == keys.EVAL_EXACT:
+            y, p = self._predictions(request.task, state, request.train.model, device)
+            # Fine bins, so the server's pooled AUROC is close to the exact one; the site's own
+            # metrics are the exact ones (binary_metrics), as the baselines report them.
+            metrics = evaluation_release(
+                y,
+                p,
+                noise_multiplier=0.0,
+                generator=None,
+                min_count=self.policy.min_count,
+                bins=keys.HIST_MAX_BINS,
+            )
+            for split in y:
+                if f"{split}.n" in metrics:
+                    exact = binary_metrics(y[split], p[split])
+                    metrics.update({f"{split}.{k}": float(v) for k, v in exact.items()})
+            return EvaluationResult(metrics, mode, None, None, None, noise=self.noise_source)
+        assert self.ledger is not None
+        replay = self._stored(request, "evaluate")
+        if replay is not None:
+            return EvaluationResult(
+                metrics=dict(replay["metrics"]),
+                mode=mode,
+                mechanism=self._eval_mechanism(),
+                epsilon=replay["epsilon"],
+                run_epsilon=replay["run_epsilon"],
+                noise=self.noise_source,
+                replayed=True,
+            )
+        done = [c for c in self._run_charges(request.run_id) if c.kind == "evaluate"]
+        if len(done) >= self.policy.max_evaluations:
+            raise PolicyViolation(
+                f"site {self.site_id} has answered {len(done)} evaluations of run "
+                f"{request.run_id}, its limit per run; this one is refused"
+            )
+        base = self._run_base(request.run_id)
+        ceiling = self._ceiling(request, base)
+        mechanism = self._eval_mechanism()
+        receipt = self._charge(request, mechanism, kind="evaluate", ceiling=ceiling)
+        try:
+            y, p = self._predictions(request.task, state, request.train.model, device)
+            generator = self._numpy_generator(request)
+            metrics = evaluation_release(
+                y,
+                p,
+                noise_multiplier=mechanism.noise_multiplier,
+                generator=generator,
+                min_count=self.policy.min_count,
+            )
+            result = EvaluationResult(
+                metrics=metrics,
+                mode=mode,
+                mechanism=mechanism,
+                epsilon=receipt.epsilon_after,
+                run_epsilon=receipt.epsilon_after - base,
+                noise=self.noise_source,
+            )
+            self._store_release(
+                request,
+                "evaluate",
+                {
+                    "metrics": metrics,
+                    "epsilon": result.epsilon,
+                    "run_epsilon": result.run_epsilon,
+                },
+            )
+        except BaseException as e:
+            self.ledger.mark_failed(receipt.charge_id)
+            if isinstance(e, (FedcareError, KeyboardInterrupt, SystemExit)):
+                raise
+            raise RoundFailed(
+                f"site {self.site_id}: evaluation of round {request.round} failed after its "
+                f"charge was written ({type(e).__name__}: {e}); the charge is kept and "
+                "marked failed"
+            ) from e
+        self.ledger.mark_completed(receipt.charge_id)
+        return result
+
+    def _numpy_generator(self, request: RoundRequest) -> np.random.Generator:
+        sim = self.site.spec.simulation
+        if sim is not None and sim.noise_seed is not None:
+            text = f"{sim.noise_seed}|{request.round}|evaluate"
+            digest = hashlib.sha256(text.encode()).digest()
+            return np.random.default_rng(int.from_bytes(digest, "little"))
+        return np.random.default_rng(secrets.randbits(128))
+
+    def _predictions(
+        self,
+        task: str,
+        state: Mapping[str, torch.Tensor] | None,
+        model: str | None,
+        device: torch.device,
+        splits: tuple[str, ...] = ("val", "test"),
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        data = self.task_data(task)
+        net = self.build_model(task, model)
+        if state is not None:
+            net.load_state_dict(dict(state))
+        net.to(device)
+        ys: dict[str, np.ndarray] = {}
+        ps: dict[str, np.ndarray] = {}
+        for split in splits:
+            y, p = predict(net, data.dataset(split), device=device)
+            # Weights crafted to overflow on one patient must not make the evaluation fail
+            # (a failure would say that patient exists): a non-finite prediction counts as
+            # an uninformative 0.5, for every patient alike.
+            ys[split] = y
+            ps[split] = np.clip(np.nan_to_num(p, nan=0.5, posinf=1.0, neginf=0.0), 0.0, 1.0)
+        return ys, ps
 
     def evaluate(
         self,
@@ -358,27 +718,63 @@ class SiteTrainer:
         splits: tuple[str, ...] = ("val", "test"),
         device: str = "auto",
     ) -> dict[str, float]:
-        """Aggregate metrics of a model on this site's splits, ``"<split>.<metric>"``.
+        """Exact aggregate metrics of a model on this site's splits, ``"<split>.<metric>"``.
 
-        A split with fewer patients than the policy's ``min_count`` is withheld whole
-        (small-count suppression); the patient count of a reported split is included as
-        ``"<split>.n"``.
+        For the experimenter's own use (baselines, a simulated site that opted in): a
+        federated run at a real site goes through :meth:`evaluate_round`. A split with fewer
+        patients than the policy's ``min_count`` is withheld whole (small-count
+        suppression); the patient count of a reported split is included as ``"<split>.n"``.
         """
-        data = self.task_data(task)
-        net = self.build_model(task, model)
-        if state is not None:
-            net.load_state_dict(dict(state))
-        dev = resolve_device(device)
-        net.to(dev)
+        ys, ps = self._predictions(task, state, model, resolve_device(device), splits)
         out: dict[str, float] = {}
         for split in splits:
-            dataset = data.dataset(split)
-            if len(dataset) < self.policy.min_count:
+            y, p = ys[split], ps[split]
+            if len(y) < self.policy.min_count:
                 continue
-            y, p = predict(net, dataset, device=dev)
             for name, value in binary_metrics(y, p).items():
                 out[f"{split}.{name}"] = float(value)
         return out
+
+
+_BIND_KEYS = {"received model": "received_sha256", "run config": "config_sha256"}
+
+
+def _train_payload(result: RoundResult) -> dict[str, Any]:
+    return {
+        "state": result.state,
+        "n_train": result.n_train,
+        "steps": result.steps,
+        "train_loss": result.train_loss,
+        "mechanism": None if result.mechanism is None else vars(result.mechanism),
+        "epsilon": result.epsilon,
+        "delta": result.delta,
+        "grad_sample_mode": result.grad_sample_mode,
+        "run_epsilon": result.run_epsilon,
+        "noise": result.noise,
+    }
+
+
+def _train_result(payload: Mapping[str, Any]) -> RoundResult:
+    mech = payload["mechanism"]
+    return RoundResult(
+        state=payload["state"],
+        n_train=payload["n_train"],
+        steps=payload["steps"],
+        train_loss=payload["train_loss"],
+        mechanism=None if mech is None else Mechanism(**mech),
+        epsilon=payload["epsilon"],
+        delta=payload["delta"],
+        grad_sample_mode=payload["grad_sample_mode"],
+        replayed=True,
+        run_epsilon=payload["run_epsilon"],
+        noise=payload["noise"],
+    )
+
+
+def _torch_bytes(payload: Mapping[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(dict(payload), buffer)
+    return buffer.getvalue()
 
 
 def settings_from_run(
@@ -396,7 +792,6 @@ def settings_from_run(
         optimizer=cfg.optimizer,
         proximal_mu=cfg.proximal_mu if proximal_mu is None else proximal_mu,
         device=cfg.device,
-        seed=cfg.seed,
     )
     dp = DPConfig(
         enabled=cfg.dp,
@@ -405,18 +800,12 @@ def settings_from_run(
         delta=cfg.target_delta,
         max_grad_norm=cfg.max_grad_norm,
         accountant=cfg.accountant,
-        secure_mode=cfg.secure_mode,
     )
     return train, dp
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-
-
-def _round_seed(seed: int, request: RoundRequest, purpose: str) -> int:
-    digest = hashlib.sha256(f"{seed}|{request.run_id}|{request.round}|{purpose}".encode())
-    return int.from_bytes(digest.digest()[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def resolve_grad_sample_mode(requested: str, model_name: str) -> str:

@@ -13,8 +13,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.errors import PolicyViolation
+from common.federation import FederationConfig
 
-__all__ = ["SitePolicy"]
+__all__ = ["SitePolicy", "simulated_site_policy"]
 
 
 class SitePolicy(BaseModel):
@@ -37,6 +38,17 @@ class SitePolicy(BaseModel):
     min_count:
         Small-count suppression: no metric computed on fewer than this many patients
         leaves the site.
+    max_run_epsilon:
+        The most ε one run may add to the dataset's lifetime ε (a run asking for more is
+        refused before anything is charged).
+    max_rounds:
+        The most training rounds one run may plan.
+    max_evaluations:
+        The most evaluation messages one run may send this site.
+    evaluation_noise_multiplier:
+        Noise of the differentially private evaluation release (``models/evaluation.py``),
+        in units of one patient's contribution; each evaluation is charged to the ledger
+        as a Gaussian mechanism with this noise multiplier.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -50,6 +62,40 @@ class SitePolicy(BaseModel):
     allowed_models: tuple[str, ...] | None = None
     max_local_epochs: int = Field(default=5, ge=1)
     min_count: int = Field(default=10, ge=1)
+    max_run_epsilon: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    max_rounds: int = Field(default=100, ge=1)
+    max_evaluations: int = Field(default=25, ge=0)
+    evaluation_noise_multiplier: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+
+    def check_run(
+        self,
+        *,
+        site_id: str,
+        rounds: int,
+        evaluations: int,
+        target_epsilon: float | None,
+    ) -> None:
+        """Refuse a run whose plan exceeds this site's per-run limits.
+
+        ``target_epsilon`` is what the run asks to add to the dataset's ε (``None`` when it
+        fixes the noise instead; the ledger then bounds each charge).
+        """
+        if rounds > self.max_rounds:
+            raise PolicyViolation(
+                f"site {site_id} allows at most {self.max_rounds} rounds per run; the run "
+                f"plans {rounds}. Fix: plan fewer rounds, or the site raises max_rounds"
+            )
+        if evaluations > self.max_evaluations:
+            raise PolicyViolation(
+                f"site {site_id} allows at most {self.max_evaluations} evaluations per run; "
+                f"the run plans {evaluations}. Fix: raise evaluate-every, or the site raises "
+                "max_evaluations_per_run"
+            )
+        if target_epsilon is not None and target_epsilon > self.max_run_epsilon:
+            raise PolicyViolation(
+                f"site {site_id} lets one run add at most epsilon={self.max_run_epsilon:g}; "
+                f"the run asks for {target_epsilon:g}. Fix: ask for a smaller target-epsilon"
+            )
 
     def check_request(
         self, *, site_id: str, task: str, model: str, local_epochs: int, dp_enabled: bool
@@ -83,3 +129,25 @@ class SitePolicy(BaseModel):
                 f"site {site_id} requires a noise multiplier >= {self.min_noise_multiplier}; "
                 f"this run would use {noise_multiplier:.3f} (ask for a smaller ε or fewer steps)"
             )
+
+
+def simulated_site_policy(cfg: FederationConfig) -> SitePolicy:
+    """The policy of a simulated site: the one constructor every simulated site uses.
+
+    A simulated site belongs to the experimenter who also plans the run, so it allows what
+    the run plans (its epochs, rounds and evaluations) under the budget the run config
+    gives every simulated site (``site-epsilon-budget``, ``site-min-count``). The ClientApp
+    and the local-only baseline both build their policy here, so they can never disagree.
+    """
+    defaults = SitePolicy()
+    return SitePolicy(
+        epsilon_budget=cfg.site_epsilon_budget,
+        delta=cfg.target_delta,
+        accountant=cfg.accountant,
+        require_dp=cfg.dp,
+        min_count=cfg.site_min_count,
+        max_local_epochs=max(cfg.local_epochs, defaults.max_local_epochs),
+        max_run_epsilon=cfg.site_epsilon_budget,
+        max_rounds=max(cfg.num_server_rounds, defaults.max_rounds),
+        max_evaluations=max(cfg.num_server_rounds + 1, defaults.max_evaluations),
+    )

@@ -7,11 +7,21 @@ therefore not consulted; the ledger (``client.ledger``) is the accountant of rec
 
 Sampling is Poisson with rate ``q = 1 / ceil(n / batch_size)``, exactly the rate Opacus derives
 from the wrapped loader, and one epoch is ``ceil(n / batch_size)`` steps.
+
+The randomness that protects patients (the Poisson batches and the Gaussian noise) is the
+site's: :func:`site_generators` seeds both generators from the operating system's entropy
+(``secrets``), never from a value the coordinating centre sends, so the centre cannot
+regenerate the noise and subtract it. Only a simulated site whose own ``site.toml`` sets
+``[simulation] noise_seed`` gets reproducible generators. Opacus's ``secure_mode`` (a CSPRNG
+for every draw) needs ``torchcsprng``, which has no build for current torch, so it is not
+offered: the generators are torch's own, seeded with 63 bits of OS entropy per round.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +37,7 @@ __all__ = [
     "DPPlan",
     "PrivateTraining",
     "sampling",
+    "site_generators",
     "make_private",
 ]
 
@@ -49,7 +60,6 @@ class DPConfig(BaseModel):
     delta: float = Field(default=1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0)
     accountant: Literal["prv", "rdp"] = "prv"
-    secure_mode: bool = False
     grad_sample_mode: GradSampleMode = "auto"
 
     @model_validator(mode="after")
@@ -85,6 +95,29 @@ def sampling(n_train: int, *, batch_size: int, epochs: int) -> tuple[float, int]
     return 1.0 / batches, epochs * batches
 
 
+def site_generators(
+    *, device: torch.device | str, reproducible_seed: str | None = None
+) -> tuple[torch.Generator, torch.Generator]:
+    """``(sampling, noise)`` generators for one round of DP-SGD at a site.
+
+    Each is seeded with 63 bits from the operating system's entropy, unless
+    ``reproducible_seed`` is given (a simulated site's own ``noise_seed`` with the round):
+    then the seeds are derived from it, so the same simulated round draws the same
+    batches and noise. The sampling generator is on the CPU (the loader's), the noise
+    generator on ``device`` (the model's).
+    """
+
+    def seed(purpose: str) -> int:
+        if reproducible_seed is None:
+            return secrets.randbits(63)
+        digest = hashlib.sha256(f"{reproducible_seed}|{purpose}".encode()).digest()
+        return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+    sampling_gen = torch.Generator().manual_seed(seed("sample"))
+    noise_gen = torch.Generator(device=device).manual_seed(seed("noise"))
+    return sampling_gen, noise_gen
+
+
 @dataclass
 class PrivateTraining:
     """What :func:`make_private` hands back to the training loop."""
@@ -109,26 +142,20 @@ def make_private(
     batch_size: int,
     plan: DPPlan,
     grad_sample_mode: str,
-    secure_mode: bool,
-    sampling_generator: torch.Generator | None,
-    noise_generator: torch.Generator | None,
+    sampling_generator: torch.Generator,
+    noise_generator: torch.Generator,
 ) -> PrivateTraining:
     """Wrap model, optimizer and loader for DP-SGD with Poisson sampling.
 
     ``grad_sample_mode`` must already be resolved (``"ghost"``, ``"hooks"`` or
     ``"functorch"``). ``sampling_generator`` (CPU) draws the Poisson batches and
-    ``noise_generator`` (on the model's device) the Gaussian noise. In secure mode Opacus
-    draws both from a CSPRNG and the generators are ignored, since a seeded generator would
-    void the guarantee.
+    ``noise_generator`` (on the model's device) the Gaussian noise; at a real site both come
+    from :func:`site_generators`.
     """
     from opacus import PrivacyEngine  # imported when used: an evaluation never needs it
-    engine = PrivacyEngine(accountant="prv", secure_mode=secure_mode)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        generator=None if secure_mode else sampling_generator,
-    )
+
+    engine = PrivacyEngine(accountant="prv")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=sampling_generator)
     wrapped = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -137,7 +164,7 @@ def make_private(
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm,
         poisson_sampling=True,
-        noise_generator=None if secure_mode else noise_generator,
+        noise_generator=noise_generator,
         grad_sample_mode=grad_sample_mode,
     )
     if grad_sample_mode == "ghost":

@@ -171,6 +171,10 @@ class PrivacySection(_Section):
     accountant: Literal["prv", "rdp"] = "prv"
     min_noise_multiplier: float = Field(default=0.3, ge=0, allow_inf_nan=False)
     require_dp: bool = True
+    #: The most ε one run may add (default: the whole budget ``epsilon``).
+    max_run_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    #: Noise of each private evaluation release (``models/evaluation.py``), charged.
+    evaluation_noise_multiplier: float = Field(default=5.0, gt=0, allow_inf_nan=False)
 
 
 class PolicySection(_Section):
@@ -180,6 +184,8 @@ class PolicySection(_Section):
     allowed_models: tuple[str, ...] | None = None
     max_local_epochs: int = Field(default=5, ge=1)
     min_count: int = Field(default=10, ge=1)
+    max_rounds: int = Field(default=100, ge=1)
+    max_evaluations_per_run: int = Field(default=25, ge=0)
 
     @field_validator("allowed_tasks", "allowed_models")
     @classmethod
@@ -292,6 +298,14 @@ class SiteConfig(_Section):
             allowed_models=self.rules.allowed_models,
             max_local_epochs=self.rules.max_local_epochs,
             min_count=self.rules.min_count,
+            max_run_epsilon=(
+                self.privacy.epsilon
+                if self.privacy.max_run_epsilon is None
+                else self.privacy.max_run_epsilon
+            ),
+            max_rounds=self.rules.max_rounds,
+            max_evaluations=self.rules.max_evaluations_per_run,
+            evaluation_noise_multiplier=self.privacy.evaluation_noise_multiplier,
         )
 
     # ----------------------------------------------------------------------------------
@@ -327,6 +341,8 @@ class SiteConfig(_Section):
                     "(see common/spec.py)",
                 )
             )
+        else:
+            problems += _simulation_table(self.data / SPEC_FILENAME)
         problems += _writable_folder(self.state_dir, "state_dir")
         if self.ledger is not None:
             if self.ledger.is_dir():
@@ -412,6 +428,27 @@ class SiteConfig(_Section):
                 Problem("error", field, str(e), "use the key `fedcare site keygen` wrote")
             )
         return problems
+
+
+def _simulation_table(spec_path: Path) -> list[Problem]:
+    """A deployed site's ``site.toml`` must not carry the simulation-only ``[simulation]``
+    opt-ins (reproducible DP noise, exact evaluation): the ClientApp refuses every round."""
+    try:
+        raw = tomllib.loads(spec_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return []  # `fedcare data check` reports an unreadable site.toml
+    if "simulation" not in raw:
+        return []
+    return [
+        Problem(
+            "error",
+            "data",
+            f"{spec_path} has a [simulation] table (reproducible noise or exact evaluation), "
+            "which only a simulated site may use; the site would refuse every round",
+            "remove the [simulation] table (`fedcare data synth --for-deployment` writes "
+            "synthetic hospitals without it)",
+        )
+    ]
 
 
 def _writable_folder(folder: Path, field: str) -> list[Problem]:

@@ -46,7 +46,6 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0)
     proximal_mu: float = Field(default=0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
     eval_batch_size: int = Field(default=512, ge=1)
 
 
@@ -134,6 +133,7 @@ def fit(
             logits = model(*inputs)
             loss = criterion(logits, y)
             loss.backward()
+            _finite_per_sample_grads(model)
             optimizer.step()
             for hook in hooks:
                 hook.after_step(_unwrap(model), lr=lr)
@@ -143,6 +143,23 @@ def fit(
             samples += n
             steps += 1
     return TrainStats(steps=steps, samples=samples, mean_loss=loss_sum / max(samples, 1))
+
+
+@torch.no_grad()
+def _finite_per_sample_grads(model: nn.Module) -> None:
+    """Zero the non-finite entries of Opacus's per-sample gradients, in place.
+
+    Weights crafted to overflow on one patient would otherwise turn that patient's gradient
+    into NaN, and through clipping the whole step: a failure that tells the sender which
+    patients exist. Each per-sample gradient depends on its own patient only, so sanitising
+    it before clipping keeps DP-SGD's sensitivity bound. (Ghost clipping keeps no
+    per-sample gradients; there a non-finite step still fails the round, which spends the
+    round's charge: see ``client.ledger``.)
+    """
+    for param in model.parameters():
+        grad_sample = getattr(param, "grad_sample", None)
+        if isinstance(grad_sample, torch.Tensor):
+            torch.nan_to_num_(grad_sample, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @torch.no_grad()

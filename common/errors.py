@@ -15,6 +15,7 @@ __all__ = [
     "PrivacyBudgetExceeded",
     "PolicyViolation",
     "UpdateRejected",
+    "RoundFailed",
 ]
 
 
@@ -48,3 +49,8 @@ class PolicyViolation(FedcareError):
 
 class UpdateRejected(FedcareError):
     """A model update failed server-side validation."""
+
+
+class RoundFailed(FedcareError):
+    """A site's round failed after its privacy charge was written (the charge is kept,
+    marked failed): a failure at the site, reported as such, never as a drop-out."""

@@ -31,7 +31,10 @@ class FederationConfig(BaseModel):
     ``<run-dir>/audit/server-key.pem``, created on first use (see ``server/audit.py``).
     ``evaluate_every`` k runs federated evaluation after every k-th round and the last one
     (round 0 always): each evaluation is one more message per site, which in a deployment
-    means one more ClientApp process.
+    means one more ClientApp process, and (where a site releases evaluations with DP) one
+    more charge to its ledger, planned into the run's ε.
+    ``seed`` seeds what the server draws (the initial model); it decides nothing at a site:
+    a site's split is fixed by its ``site.toml`` and its DP noise comes from its own entropy.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -54,7 +57,6 @@ class FederationConfig(BaseModel):
     target_delta: float = Field(default=1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(default=1.0, gt=0)
     accountant: Literal["prv", "rdp"] = "prv"
-    secure_mode: bool = False
     hospital_dp_noise: float = Field(default=0.0, ge=0)
     hospital_dp_clip: float = Field(default=10.0, gt=0)
     max_update_norm: float = Field(default=0.0, ge=0)
@@ -98,6 +100,13 @@ class FederationConfig(BaseModel):
                     msg = "unknown key; remove it or check its spelling"
                 lines.append(f"{source}: {key}: {msg}")
             raise ConfigError("\n".join(lines)) from e
+
+    @property
+    def evaluation_rounds(self) -> tuple[int, ...]:
+        """The rounds after which the server evaluates: 0, every k-th, and the last."""
+        last = self.num_server_rounds
+        rounds = [r for r in range(1, last + 1) if r % self.evaluate_every == 0 or r == last]
+        return (0, *rounds)
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
         """The flat form Flower's run config takes (``-`` in keys)."""

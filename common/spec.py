@@ -67,6 +67,8 @@ __all__ = [
     "GenomicsFiles",
     "LabelSpec",
     "TaskSpec",
+    "SplitSpec",
+    "SimulationSpec",
     "SiteSpec",
     "SPEC_FILENAME",
     "load_site_spec",
@@ -218,6 +220,48 @@ class TaskSpec(_Frozen):
     description: str | None = None
 
 
+class SplitSpec(_Frozen):
+    """``[split]``: how this site assigns its patients to train, validation and test.
+
+    The assignment belongs to the site: no run config can move a patient between splits
+    (a coordinating centre that chose the split could pick which patients it evaluates on).
+    ``seed`` selects the hash-based assignment (``client/data/split.py``); ``fractions`` are
+    the ``(train, val, test)`` shares.
+    """
+
+    seed: int = 0
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitSpec:
+        if not all(f > 0 for f in self.fractions) or abs(sum(self.fractions) - 1.0) > 1e-6:
+            raise ValueError(
+                f"split fractions {self.fractions} must each be above 0 and sum to 1, "
+                "e.g. [0.7, 0.15, 0.15]"
+            )
+        return self
+
+
+class SimulationSpec(_Frozen):
+    """``[simulation]``: settings only a *simulated* site may carry.
+
+    A simulated site belongs to the experimenter, who may want what a real hospital must
+    never grant a coordinating centre; a deployed site refuses to run with this table.
+
+    ``noise_seed``
+        Draw DP-SGD's noise and Poisson sampling from generators seeded by this value (and
+        the round) instead of the operating system's entropy, so that a run can be repeated
+        exactly (every run on this site then draws the same noise in the same round). The
+        summary and audit log then say the noise was reproducible.
+    ``exact_evaluation``
+        Release exact evaluation metrics instead of the differentially private release
+        (``models/evaluation.py``) charged to the ledger.
+    """
+
+    noise_seed: int | None = None
+    exact_evaluation: bool = False
+
+
 class SiteSpec(_Frozen):
     """The contents of a site's ``site.toml``."""
 
@@ -230,6 +274,8 @@ class SiteSpec(_Frozen):
     labels: tuple[LabelSpec, ...] = ()
     tasks: tuple[TaskSpec, ...] = ()
     feature_schema: FeatureSchema = Field(alias="schema")
+    split: SplitSpec = Field(default_factory=SplitSpec)
+    simulation: SimulationSpec | None = None
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

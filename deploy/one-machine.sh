@@ -4,6 +4,8 @@
 # process stopped. Run from the repository root after `make test` (or `make demo`) made .venv:
 #     bash deploy/one-machine.sh [WORKDIR]      (default: ./try; it is replaced)
 set -euo pipefail
+# As the systemd units' UMask=0077: what this walkthrough creates is readable by this user only.
+umask 077
 ROOT=$(pwd)
 W=$(realpath -m "${1:-try}")
 PORT=${FEDCARE_PORT:-9092}
@@ -25,7 +27,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "== 0. two synthetic hospitals"
-fedcare data synth --out "$W/data" --sites 2 --patients 200 >/dev/null
+fedcare data synth --out "$W/data" --sites 2 --patients 200 --for-deployment >/dev/null
 
 echo "== 1. centre: certificates and the SuperLink"
 fedcare certs init --out "$W/centre/certs" --host 127.0.0.1 --host localhost

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.encoding import input_dims
 from common.errors import ConfigError
 from common.federation import FederationConfig
+from common.files import atomic_private, private_dir
 from common.spec import SiteSpec, load_site_spec
 from common.summary import write_summary
 from models import build_model, default_model_for
@@ -95,7 +96,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     grid = prompt(grid)  # replies collected every 0.25 s, not Flower's deployment 3 s
     run_id = cfg.run_id or uuid.uuid4().hex[:12]
     run_dir = Path(cfg.run_dir or f"runs/{run_id}").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(run_dir, tighten=False)  # a folder the operator may have named: not re-moded
     spec = federation_spec(cfg)
     model_name, state = initial_state(cfg, spec)
     record = new_record()
@@ -154,9 +155,8 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         rounds_completed=record["rounds_completed"],
         model_sha256=record_sha256(ArrayRecord(state)),
     )
-    torch.save(
-        {"model": model_name, "task": cfg.task, "state_dict": state}, run_dir / FINAL_MODEL_NAME
-    )
+    with atomic_private(run_dir / FINAL_MODEL_NAME) as out:
+        torch.save({"model": model_name, "task": cfg.task, "state_dict": state}, out)
     _atomic_write(run_dir / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True))
     write_summary(build_summary(record), run_dir / SUMMARY_NAME)
     return record

@@ -96,6 +96,14 @@ def data_synth(
     force: Annotated[
         bool, typer.Option("--force", help="Replace existing site folders and manifest.")
     ] = False,
+    for_deployment: Annotated[
+        bool,
+        typer.Option(
+            "--for-deployment",
+            help="No [simulation] opt-ins (reproducible noise, exact evaluation) in site.toml: "
+            "hospitals for `fedcare site start`.",
+        ),
+    ] = False,
 ) -> None:
     """Write synthetic hospitals (EHR, imaging, genomics) with known Bayes-optimal AUROCs."""
     if sites < 1:
@@ -110,6 +118,7 @@ def data_synth(
             "patients_per_site": patients,
             "image_format": image_format,
             "table_format": table_format,
+            "simulated": False if for_deployment else None,
         },
     )
     folders = synthesize(out, n_sites=sites, seed=seed, config=cfg, force=force)

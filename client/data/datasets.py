@@ -39,7 +39,7 @@ from common.spec import MODALITIES, TaskSpec
 
 from .preprocess import GenomicsEncoder, ImageNormalizer, TabularEncoder
 from .site import SiteData
-from .split import DEFAULT_FRACTIONS, SPLIT_NAMES, Split, split_patients
+from .split import SPLIT_NAMES, Split, split_patients
 
 __all__ = [
     "Encoder",
@@ -427,16 +427,17 @@ def build_task_data(
     site: SiteData,
     task_name: str,
     *,
-    seed: int = 0,
-    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    seed: int | None = None,
+    fractions: Sequence[float] | None = None,
 ) -> TaskData:
     """Select, split, fit (train only) and encode a site's patients for one task.
 
     Patients without the task's label are dropped. A single-modality task keeps the
     patients who have its modality; a multimodal task keeps those with at least one of its
     modalities, zero-filling and masking the others. Patients are split by
-    :func:`split_patients` (``seed``, ``fractions``), so a patient's split does not depend on
-    the task. Encoders are fitted on the train patients only.
+    :func:`split_patients` with the site's own ``[split]`` (``site.toml``) unless ``seed`` /
+    ``fractions`` are given, so a patient's split does not depend on the task and no run
+    config can choose it. Encoders are fitted on the train patients only.
 
     Parameters
     ----------
@@ -445,9 +446,9 @@ def build_task_data(
     task_name:
         A task declared in the site's ``site.toml``.
     seed:
-        Split seed.
+        Split seed (default: the site's ``split.seed``).
     fractions:
-        ``(train, val, test)`` shares.
+        ``(train, val, test)`` shares (default: the site's ``split.fractions``).
 
     Raises
     ------
@@ -473,7 +474,11 @@ def build_task_data(
     labels = _labelled(site, task)
     have_any = frozenset().union(*present.values())
     eligible = sorted(p for p in labels.index if p in have_any)
-    split = split_patients(eligible, seed=seed, fractions=fractions)
+    split = split_patients(
+        eligible,
+        seed=spec.split.seed if seed is None else seed,
+        fractions=spec.split.fractions if fractions is None else fractions,
+    )
 
     sizes = split.sizes()
     if min(sizes.values()) == 0:

@@ -12,8 +12,9 @@ per-round reports of that site are used; they cover this run only, so the recomp
 then a lower bound and a site with an earlier history will look as if it over-reports,
 which is never flagged (only the latest ``run-start`` of the run in that log counts).
 
-A round is charged once: a retried or replayed round (same dataset, run and round) adds
-nothing. A row is *flagged* when the site reported less than the recomputed ε by more
+A round is charged once per kind: a retried or replayed round (same dataset, run, round
+and kind) adds nothing; a private evaluation (an ``evaluate`` entry with a mechanism) is a
+charge of its own. A row is *flagged* when the site reported less than the recomputed ε by more
 than :data:`TOLERANCE`: both accountants return upper bounds on the true ε, and the PLD one
 is at most its discretisation interval above it, so a sound report is never below
 ``recomputed - TOLERANCE`` (the band ``tests/client/test_accounting.py`` checks).
@@ -64,6 +65,7 @@ class Charge:
     reported_epsilon: float
     delta: float
     accountant: str
+    kind: str = "train"  # "evaluate": a private evaluation release (joins the history only)
 
 
 def _mechanism(data: dict[str, Any]) -> Mechanism:
@@ -75,14 +77,18 @@ def _mechanism(data: dict[str, Any]) -> Mechanism:
 
 
 def site_log_charges(entries: Sequence[dict[str, Any]]) -> list[Charge]:
-    """The DP rounds of one site's log, in log order, each (dataset, run, round) once."""
+    """The charged releases of one site's log, in log order, each (dataset, run, round,
+    kind) once: DP-SGD rounds (``train``) and private evaluations (``evaluate`` entries that
+    carry a mechanism, one Gaussian release each)."""
     out: list[Charge] = []
-    seen: set[tuple[str, str, int]] = set()
+    seen: set[tuple[str, str, int, str]] = set()
     for e in entries:
         d = e["data"]
-        if e["kind"] != "train" or not d.get("dp") or d.get("mechanism") is None:
+        if d.get("mechanism") is None:
             continue
-        key = (str(d["dataset_fingerprint"]), str(e["run_id"]), int(d["round"]))
+        if not (e["kind"] == "evaluate" or (e["kind"] == "train" and d.get("dp"))):
+            continue
+        key = (str(d["dataset_fingerprint"]), str(e["run_id"]), int(d["round"]), e["kind"])
         if key in seen:
             continue
         seen.add(key)
@@ -96,6 +102,7 @@ def site_log_charges(entries: Sequence[dict[str, Any]]) -> list[Charge]:
                 reported_epsilon=float(d["epsilon"]),
                 delta=float(d["delta"]),
                 accountant=str(d.get("accountant")),
+                kind=str(e["kind"]),
             )
         )
     return out
@@ -142,6 +149,8 @@ def audit_charges(
         past = history.setdefault((c.site_id, c.dataset), [])
         past.append(c.mechanism)
         key = (c.site_id, c.run_id, c.round)
+        if c.kind != "train":
+            continue  # an evaluation's charge counts in the history; rows are per round
         if (run_ids is not None and c.run_id not in run_ids) or key in done:
             continue
         done.add(key)

@@ -52,6 +52,10 @@ class SynthConfig(BaseModel):
     table_format:
         ``"csv"``, ``"parquet"`` or ``"mixed"`` (site ``i`` uses
         ``("csv", "parquet")[i % 2]``), for every table of the site.
+    simulated:
+        Write each ``site.toml`` with the simulation-only opt-ins (``[simulation]``:
+        reproducible DP noise from the seed, exact evaluation metrics). Turn it off for
+        hospitals used in a deployment, which refuse that table.
 
     Examples
     --------
@@ -75,6 +79,7 @@ class SynthConfig(BaseModel):
     image_size: int = Field(default=32, ge=16, le=1024)
     image_format: ImageFormat = "mixed"
     table_format: TableFormat = "mixed"
+    simulated: bool = True
 
     def image_format_for(self, *, site: int) -> str:
         """The concrete image format that site ``site`` is written in."""

@@ -199,6 +199,7 @@ def synthesize(
                 image_format=image_format,
                 table_format=table_format,
                 seed=seed,
+                simulated=config.simulated,
             )
             summaries.append(_site_summary(site, image_format, table_format))
             truths.append(site.truth)

@@ -30,7 +30,9 @@ from common.spec import (
     GenomicsFiles,
     ImagingFiles,
     LabelSpec,
+    SimulationSpec,
     SiteSpec,
+    SplitSpec,
     TaskSpec,
 )
 from simulations.synth.cohort import SyntheticSite
@@ -142,8 +144,13 @@ def write_site(
     image_format: str,
     table_format: str,
     seed: int,
+    simulated: bool = True,
 ) -> SiteSpec:
-    """Write ``site`` into the (new, empty) ``folder``; returns the spec it wrote."""
+    """Write ``site`` into the (new, empty) ``folder``; returns the spec it wrote.
+
+    ``simulated`` adds the ``[simulation]`` opt-ins (see :class:`SimulationSpec`); a site
+    written for a deployment has none.
+    """
     writer = TABLE_WRITERS[table_format]
     encoder = ENCODERS[image_format]
     t = writer.suffix
@@ -160,7 +167,17 @@ def write_site(
     writer.write(
         img_dir / f"labels{t}", pd.DataFrame({"patient_id": list(site.image_ids), "file": files})
     )
-    spec = build_site_spec(site, schema=schema, table_suffix=t)
+    spec = build_site_spec(site, schema=schema, table_suffix=t).model_copy(
+        update={
+            # A synthetic site is the experimenter's own: its split follows the data seed, and
+            # it opts into reproducible DP noise and exact evaluation metrics, which the run's
+            # summary and audit log then state. A real hospital's site.toml has neither.
+            "split": SplitSpec(seed=seed),
+            "simulation": (
+                SimulationSpec(noise_seed=seed, exact_evaluation=True) if simulated else None
+            ),
+        }
+    )
     dumped = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     (folder / SPEC_FILENAME).write_bytes(tomli_w.dumps(dumped).encode("utf-8"))
     return spec

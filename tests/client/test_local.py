@@ -30,7 +30,7 @@ from client.policy import SitePolicy
 from client.privacy import DPConfig, GradSampleMode
 from client.training import TrainConfig, TrainStats
 from common import keys
-from common.errors import ConfigError, PolicyViolation, PrivacyBudgetExceeded
+from common.errors import ConfigError, PolicyViolation, PrivacyBudgetExceeded, RoundFailed
 from models import build_model, default_model_for
 
 pytestmark = [
@@ -134,22 +134,23 @@ def test_dp_round_is_charged_and_committed_before_training(
     seen_during_fit: list[list[ChargeReceipt]] = []
     # A second ledger object = a second SQLite connection: it sees only committed rows.
     observer = PrivacyLedger(ledger.path, create=False)
-    fit_spy.on_call = lambda: seen_during_fit.append(observer.charges(site.fingerprint))
+    key = ledger.cohort_key(site.patient_ids)
+    fit_spy.on_call = lambda: seen_during_fit.append(observer.charges(key))
     fit_spy.error = RuntimeError("simulated crash in the middle of training")
     trainer = SiteTrainer(site=site, policy=FAST_POLICY, ledger=ledger)
 
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(RoundFailed, match="simulated crash"):
         trainer.train_round(_request())
 
     assert fit_spy.calls == 1
     ((during,),) = seen_during_fit
     assert during.status == "charged" and (during.run_id, during.round) == ("run-a", 1)
-    (after,) = ledger.charges(site.fingerprint)
+    (after,) = ledger.charges(ledger.cohort_key(site.patient_ids))
     assert after.status == "failed"
     n_train = trainer.task_data(TASK).n["train"]
     assert after.mechanism == _expected_mechanism(n_train, sigma=1.0)
     # A failed round still counts: the dataset's ε is that of the charged mechanism.
-    spent = ledger.spent(site.fingerprint, delta=DELTA, accountant="rdp")
+    spent = ledger.spent(ledger.cohort_key(site.patient_ids), delta=DELTA, accountant="rdp")
     assert spent > 0
     assert spent == pytest.approx(after.epsilon_after)
     assert _released(trainer.release_dir or Path("-")) == []
@@ -166,9 +167,9 @@ def test_step_count_mismatch_withholds_the_update_and_keeps_the_charge(
 
     monkeypatch.setattr(local_module, "fit", short_fit)
     trainer = SiteTrainer(site=site, policy=FAST_POLICY, ledger=ledger)
-    with pytest.raises(RuntimeError, match="steps"):
+    with pytest.raises(RoundFailed, match="steps"):
         trainer.train_round(_request())
-    (charge,) = ledger.charges(site.fingerprint)
+    (charge,) = ledger.charges(ledger.cohort_key(site.patient_ids))
     assert charge.status == "failed"
     assert _released(trainer.release_dir or Path("-")) == []
 
@@ -184,26 +185,26 @@ def test_over_budget_fixed_noise_is_refused_and_nothing_is_charged(
     with pytest.raises(PrivacyBudgetExceeded, match="nothing was charged"):
         trainer.train_round(_request())
     assert fit_spy.calls == 0
-    assert ledger.charges(site.fingerprint) == []
-    assert ledger.spent(site.fingerprint, delta=DELTA, accountant="rdp") == 0.0
+    assert ledger.charges(ledger.cohort_key(site.patient_ids)) == []
+    assert ledger.spent(ledger.cohort_key(site.patient_ids), delta=DELTA, accountant="rdp") == 0.0
 
 
 def test_history_that_fills_a_lowered_budget_refuses_a_new_run(
     site: SiteData, ledger: PrivacyLedger, fit_spy: FitSpy
 ) -> None:
     SiteTrainer(site=site, policy=FAST_POLICY, ledger=ledger).train_round(_request())
-    spent = ledger.spent(site.fingerprint, delta=DELTA, accountant="rdp")
+    spent = ledger.spent(ledger.cohort_key(site.patient_ids), delta=DELTA, accountant="rdp")
     assert fit_spy.calls == 1 and spent > 0.5
 
     # The site lowers its budget below what the dataset has already spent.
     lowered = SitePolicy(accountant="rdp", epsilon_budget=spent / 2)
     trainer = SiteTrainer(site=site, policy=lowered, ledger=ledger)
     calibrated = DPConfig(target_epsilon=8.0, accountant="rdp")
-    with pytest.raises(PrivacyBudgetExceeded, match="already spent"):
+    with pytest.raises(PrivacyBudgetExceeded, match="has spent epsilon=.* so 0 remain"):
         trainer.train_round(_request(run_id="run-b", dp=calibrated))
     assert fit_spy.calls == 1
-    assert len(ledger.charges(site.fingerprint)) == 1
-    assert ledger.spent(site.fingerprint, delta=DELTA, accountant="rdp") == spent
+    assert len(ledger.charges(ledger.cohort_key(site.patient_ids))) == 1
+    assert ledger.spent(ledger.cohort_key(site.patient_ids), delta=DELTA, accountant="rdp") == spent
 
 
 # ------------------------------------------------------------------ noise for the whole run
@@ -228,7 +229,7 @@ def test_noise_is_calibrated_once_for_the_whole_run_and_history(
     sigma = results[0].mechanism.noise_multiplier if results[0].mechanism else math.nan
     expected = _expected_mechanism(n_train, sigma=sigma)
     assert [r.mechanism for r in results] == [expected] * rounds
-    charges = ledger.charges(site.fingerprint)
+    charges = ledger.charges(ledger.cohort_key(site.patient_ids))
     assert [c.mechanism for c in charges] == [expected] * rounds
     assert [c.status for c in charges] == ["completed"] * rounds
     eps = [r.epsilon for r in results]
@@ -239,15 +240,21 @@ def test_noise_is_calibrated_once_for_the_whole_run_and_history(
     final = eps[-1]
     assert final is not None and (1 - CALIBRATION_RTOL) * target_a <= final <= target_a
 
-    # Run B asks for more than the site allows: the budget caps it, history included.
-    result_b = trainer.train_round(_request(run_id="run-b", dp=DPConfig(target_epsilon=8.0)))
+    # Run B asks to add more than the site's budget has left: refused, nothing charged.
+    with pytest.raises(PrivacyBudgetExceeded, match="nothing was charged"):
+        trainer.train_round(_request(run_id="run-b", dp=DPConfig(target_epsilon=8.0)))
+    assert len(ledger.charges(ledger.cohort_key(site.patient_ids))) == rounds
+    # Run B asking for what is left adds exactly that on top of the history.
+    add = 0.9 * (budget - final)
+    result_b = trainer.train_round(_request(run_id="run-b", dp=DPConfig(target_epsilon=add)))
     assert result_b.mechanism is not None and result_b.mechanism.noise_multiplier != sigma
-    assert result_b.epsilon is not None
-    assert (1 - CALIBRATION_RTOL) * budget <= result_b.epsilon <= budget
+    assert result_b.epsilon is not None and result_b.run_epsilon is not None
+    assert (1 - CALIBRATION_RTOL) * (final + add) <= result_b.epsilon <= final + add
+    assert result_b.run_epsilon == pytest.approx(result_b.epsilon - final)
 
-    history = ledger.history(site.fingerprint)
+    history = ledger.history(ledger.cohort_key(site.patient_ids))
     assert len(history) == rounds + 1
-    spent = ledger.spent(site.fingerprint, delta=DELTA)
+    spent = ledger.spent(ledger.cohort_key(site.patient_ids), delta=DELTA)
     assert spent == pytest.approx(result_b.epsilon)
     reference = independent_epsilon(history, delta=DELTA)
     error = prv_eps_error(history, delta=DELTA)
@@ -262,7 +269,7 @@ def test_replaying_a_released_round_sends_the_same_weights_and_costs_nothing(
 ) -> None:
     first = SiteTrainer(site=site, policy=FAST_POLICY, ledger=ledger).train_round(_request())
     assert not first.replayed and fit_spy.calls == 1
-    spent = ledger.spent(site.fingerprint, delta=DELTA, accountant="rdp")
+    spent = ledger.spent(ledger.cohort_key(site.patient_ids), delta=DELTA, accountant="rdp")
 
     # A restarted site process (new trainer, same ledger) is asked for the same round again.
     trainer = SiteTrainer(site=site, policy=FAST_POLICY, ledger=ledger)
@@ -277,8 +284,8 @@ def test_replaying_a_released_round_sends_the_same_weights_and_costs_nothing(
         first.mechanism,
         first.epsilon,
     )
-    assert len(ledger.charges(site.fingerprint)) == 1
-    assert ledger.spent(site.fingerprint, delta=DELTA, accountant="rdp") == spent
+    assert len(ledger.charges(ledger.cohort_key(site.patient_ids))) == 1
+    assert ledger.spent(ledger.cohort_key(site.patient_ids), delta=DELTA, accountant="rdp") == spent
 
     assert trainer.release_dir is not None
     stored = _released(trainer.release_dir)
@@ -287,7 +294,7 @@ def test_replaying_a_released_round_sends_the_same_weights_and_costs_nothing(
     with pytest.raises(PolicyViolation, match="no stored copy"):
         trainer.train_round(_request())
     assert fit_spy.calls == 1
-    assert ledger.spent(site.fingerprint, delta=DELTA, accountant="rdp") == spent
+    assert ledger.spent(ledger.cohort_key(site.patient_ids), delta=DELTA, accountant="rdp") == spent
 
 
 # ------------------------------------------------------------------ policy
@@ -324,7 +331,7 @@ def test_policy_refusals_train_nothing_and_charge_nothing(
         trainer.train_round(_request(**request_overrides))
     assert site.spec.site_id in str(info.value)
     assert fit_spy.calls == 0
-    assert ledger.charges(site.fingerprint) == []
+    assert ledger.charges(ledger.cohort_key(site.patient_ids)) == []
 
 
 # ------------------------------------------------------------------ weights
@@ -442,22 +449,41 @@ def test_evaluate_suppresses_small_splits_and_sends_only_allowed_metrics(
 # ------------------------------------------ regressions (bugs found in review)
 
 
-def test_a_failed_round_can_be_retried_without_paying_twice(
+def test_a_failed_round_spends_its_key_and_a_crashed_one_is_retried_for_free(
     site: SiteData, ledger: PrivacyLedger, fit_spy: FitSpy
 ) -> None:
+    """A round that failed after touching the data is not retried under its charge (the
+    failure itself may depend on a patient); a round whose process died before its charge
+    was settled (status ``charged``) is retried without paying twice."""
     trainer = SiteTrainer(site=site, policy=FAST_POLICY, ledger=ledger)
-    fit_spy.error = RuntimeError("simulated crash")
-    with pytest.raises(RuntimeError):
+    fit_spy.error = RuntimeError("simulated failure")
+    with pytest.raises(RoundFailed, match="marked failed"):
         trainer.train_round(_request())
-    spent = ledger.spent(site.fingerprint, delta=DELTA, accountant="rdp")
     fit_spy.error = None
-    result = trainer.train_round(_request())
+    with pytest.raises(PolicyViolation, match="not retried under the same charge"):
+        trainer.train_round(_request())
+    assert fit_spy.calls == 1
+
+    # Round 2's charge is written, then the process dies (kill -9): the charge stays open.
+    key = ledger.cohort_key(site.patient_ids)
+    n_train = trainer.task_data(TASK).n["train"]
+    ledger.charge(
+        fingerprint=key,
+        budget_epsilon=FAST_POLICY.epsilon_budget,
+        delta=DELTA,
+        accountant="rdp",
+        mechanism=_expected_mechanism(n_train, sigma=1.0),
+        run_id="run-a",
+        round=2,
+    )
+    spent = ledger.spent(key, delta=DELTA, accountant="rdp")
+    result = trainer.train_round(_request(round=2, rounds_planned=2))
     assert not result.replayed and fit_spy.calls == 2
-    (charge,) = ledger.charges(site.fingerprint)
-    assert charge.status == "completed"
-    assert ledger.spent(site.fingerprint, delta=DELTA, accountant="rdp") == spent
+    assert ledger.spent(key, delta=DELTA, accountant="rdp") == spent
+    assert [c.status for c in ledger.charges(key)] == ["failed", "completed"]
     # Now released: asking again replays it rather than training a third time.
-    assert trainer.train_round(_request()).replayed and fit_spy.calls == 2
+    assert trainer.train_round(_request(round=2, rounds_planned=2)).replayed
+    assert fit_spy.calls == 2
 
 
 def test_dp_without_a_ledger_is_a_config_error(site: SiteData) -> None:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
 from client.site_cli import Check, run_site_checks, site_check, site_keygen
-from client.site_config import load_site_config
+from client.site_config import SiteConfig, load_site_config
 from common.certs import CertPaths, generate_node_keypair, init_certificates
 from common.errors import ConfigError
 from tests.common.test_certs import TLSServer
@@ -37,7 +37,12 @@ def synth_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("synth") / "sites"
     config = SynthConfig(
-        patients_per_site=30, n_genes=12, image_size=16, image_format="npy", table_format="csv"
+        patients_per_site=30,
+        n_genes=12,
+        image_size=16,
+        image_format="npy",
+        table_format="csv",
+        simulated=False,  # a deployed hospital's site.toml: no [simulation] opt-ins
     )
     synthesize(out, n_sites=1, seed=0, config=config)
     return out / "site-0"
@@ -343,3 +348,29 @@ def test_the_printed_register_command_matches_flowers_signature() -> None:
     positional = [n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
     assert positional[1:3] == ["public_key", "superlink"]  # after typer's ctx
     assert "name" in params
+
+
+def test_site_check_refuses_a_site_toml_with_simulation_opt_ins(
+    synth_site: Path, tmp_path: Path
+) -> None:
+    """A deployed site must not run with reproducible noise or exact evaluation."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_site, data)
+    spec = data / "site.toml"
+    spec.write_text(
+        spec.read_text(encoding="utf-8") + "\n[simulation]\nnoise_seed = 0\n", encoding="utf-8"
+    )
+    config = SiteConfig.model_validate(
+        {
+            "site_id": "site-0",
+            "data": data,
+            "state_dir": tmp_path / "state",
+            "privacy": {"epsilon": 8.0},
+            "superlink": {"address": "127.0.0.1:9092", "insecure": True},
+        }
+    )
+    problems = [p for p in config.check_files() if p.field == "data"]
+    assert [p.severity for p in problems] == ["error"]
+    assert "[simulation]" in problems[0].message and "--for-deployment" in problems[0].fix

@@ -167,12 +167,16 @@ def test_policy_maps_every_field_of_site_policy(tmp_path: Path) -> None:
         "accountant": "rdp",
         "min_noise_multiplier": 0.9,
         "require_dp": False,
+        "max_run_epsilon": 1.5,
+        "evaluation_noise_multiplier": 7.0,
     }
     raw["policy"] = {
         "allowed_tasks": ["readmission", "mortality"],
         "allowed_models": ["ehr_mlp"],
         "max_local_epochs": 2,
         "min_count": 25,
+        "max_rounds": 12,
+        "max_evaluations_per_run": 4,
     }
     policy = load_site_config(write(tmp_path, raw)).policy()
     expected = SitePolicy(
@@ -185,6 +189,10 @@ def test_policy_maps_every_field_of_site_policy(tmp_path: Path) -> None:
         allowed_models=("ehr_mlp",),
         max_local_epochs=2,
         min_count=25,
+        max_run_epsilon=1.5,
+        max_rounds=12,
+        max_evaluations=4,
+        evaluation_noise_multiplier=7.0,
     )
     assert policy == expected
     assert policy.model_fields_set == set(SitePolicy.model_fields)  # nothing left to a default

@@ -110,7 +110,8 @@ class Deployment:
             root / "data",
             n_sites=n_sites,
             seed=5,
-            config=SynthConfig(patients_per_site=patients, image_format="npy"),
+            # Hospitals as a deployment holds them: no [simulation] opt-ins in site.toml.
+            config=SynthConfig(patients_per_site=patients, image_format="npy", simulated=False),
         )
         dep = cls(root=root, port=free_port(), env=env, sites=[])
         out = fedcare(

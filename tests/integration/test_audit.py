@@ -130,7 +130,7 @@ def test_a_whole_audit_of_a_real_dp_run(tmp_path: Path) -> None:
 
     # 5. Tampering: one flipped bit in a site's log, then in the server's log.
     for log, kind in (
-        (sites / "site-1" / ".fedcare" / "audit.jsonl", "train"),
+        (run / "state" / "site-1" / "audit.jsonl", "train"),
         (run / "audit" / "server.jsonl", "aggregate"),
     ):
         original = log.read_bytes()

@@ -50,7 +50,7 @@ def _charges(dep: Deployment, site: int, run_id: str) -> list[int]:
         c.round
         for dataset in ledger.summary()
         for c in ledger.charges(dataset.fingerprint)
-        if c.run_id == run_id
+        if c.run_id == run_id and c.kind == "train"
     )
 
 

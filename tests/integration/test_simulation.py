@@ -109,8 +109,9 @@ def test_killed_server_resumes_without_repeating_or_charging_twice(
     assert sorted(r.round for r in summary.global_.rounds if r.round > 0) == [1, 2, 3]
     for folder in sorted(p for p in sites.iterdir() if (p / "site.toml").is_file()):
         site = load_site(folder)
-        ledger = PrivacyLedger(folder / ".fedcare" / "ledger.sqlite", create=False)
-        charges = [c for c in ledger.charges(site.fingerprint) if c.run_id == "it-0"]
+        ledger = PrivacyLedger(out / "state" / site.spec.site_id / "ledger.sqlite", create=False)
+        own = ledger.charges(ledger.cohort_key(site.patient_ids))
+        charges = [c for c in own if c.run_id == summary.run_id and c.kind == "train"]
         assert sorted(c.round for c in charges) == [1, 2, 3], folder.name
     assert _processes_of(out) == []
     assert os.environ.get("FLWR_TELEMETRY_ENABLED") == "0"

@@ -27,7 +27,8 @@ from typer.testing import CliRunner
 
 from client.accounting import Mechanism, independent_epsilon, merge_mechanisms
 from client.audit import AUDIT_KEY_NAME, AUDIT_LOG_NAME, SiteAudit, record_sha256
-from client.local import RoundResult
+from client.ledger import PrivacyLedger
+from client.local import EvaluationResult, RoundResult
 from common import keys
 from common.audit import (
     canonical_json,
@@ -91,7 +92,8 @@ class FakeSite:
         TaskIdentity.node_id = self.node
         self.audit.start_run(msg, run_config=run_config)
         if msg.metadata.message_type == MessageType.EVALUATE:
-            self.audit.evaluate(msg)
+            exact = EvaluationResult({}, keys.EVAL_EXACT, None, None, None)
+            self.audit.evaluate(msg, exact, delta=DELTA, accountant="prv")
             metrics = MetricRecord({keys.M_NUM_EXAMPLES: 20, "test.auroc": 0.7, "test.n": 20.0})
             site = ConfigRecord(
                 {keys.S_SITE_ID: self.site_id, keys.S_AUDIT_KEY: self.audit.key_fingerprint}
@@ -508,7 +510,10 @@ def test_the_client_app_logs_what_it_receives_sends_and_refuses(tmp_path: Path) 
         FederationConfig.from_run_config(ctx.run_config).to_run_config()
     )
     assert start["code_sha256"] == code_hash() and start["server_key"] == "cd" * 32
-    assert start["dataset_fingerprint"] == load_site(sites / "site-0").fingerprint
+    # The ledger's cohort key (site-salted hash of the patient ids), not the files' bytes.
+    ledger = PrivacyLedger(state / "ledger.sqlite", create=False)
+    patients = load_site(sites / "site-0").patient_ids
+    assert start["dataset_fingerprint"] == ledger.cohort_key(patients)
     assert data["received_sha256"] == record_sha256(msg.content[keys.REC_ARRAYS])
     assert data["sent_sha256"] == record_sha256(reply.content[keys.REC_ARRAYS])
     assert data["server_head"] == server_head and train.run_id == "run-a"

@@ -131,7 +131,7 @@ def test_local_only_charges_only_throwaway_ledgers_for_the_whole_run(
     assert ledgers == sorted(run_folder / s.spec.site_id / "ledger.sqlite" for s in sites)
     for site in sites:
         ledger = PrivacyLedger(run_folder / site.spec.site_id / "ledger.sqlite", create=False)
-        charges = ledger.charges(site.fingerprint)
+        charges = ledger.charges(ledger.cohort_key(site.patient_ids))
         assert [(c.run_id, c.round, c.status) for c in charges] == [
             (LOCAL_ONLY_RUN_ID, r, "completed") for r in range(1, ROUNDS + 1)
         ]
@@ -170,7 +170,7 @@ def test_local_only_each_call_gets_fresh_ledgers_and_repeats(
     assert len(folders) == 2
     for folder in folders:
         ledger = PrivacyLedger(folder / site_id / "ledger.sqlite", create=False)
-        assert len(ledger.charges(sites[0].fingerprint)) == ROUNDS
+        assert len(ledger.charges(ledger.cohort_key(sites[0].patient_ids))) == ROUNDS
 
 
 def test_local_only_without_ledger_dir_leaves_nothing(

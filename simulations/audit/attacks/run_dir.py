@@ -2,9 +2,9 @@
 
 :func:`load_run` checks that everything an attack needs is there and names the fix when it
 is not; :meth:`RunArtifacts.site_task_data` rebuilds a site's train / val / test split and
-encoders exactly as training did (same loader, same split seed, encoders fitted on the train
-split); :meth:`RunArtifacts.mechanism` is what the site did in the run, from ``config.toml``
-and the mechanisms ``summary.json`` lists.
+encoders exactly as training did (same loader, the site's own split from its site.toml,
+encoders fitted on the train split); :meth:`RunArtifacts.mechanism` is what the site did
+in the run, from ``config.toml`` and the mechanisms ``summary.json`` lists.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class RunArtifacts:
         for folder in self.site_dirs:
             try:
                 site = load_site(folder)
-                data = build_task_data(site, self.task, seed=self.config.seed)
+                data = build_task_data(site, self.task)
             except FedcareError as e:
                 raise ConfigError(
                     f"site folder {folder} (listed in {self.run_dir / SITES_FILE}) cannot be "
