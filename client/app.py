@@ -374,6 +374,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     if result.epsilon is not None and result.run_epsilon is not None:
         info[keys.S_EPSILON] = float(result.epsilon)
         info[keys.S_RUN_EPSILON] = float(result.run_epsilon)
+        info[keys.S_DELTA] = float(trainer.policy.delta)
     site = ConfigRecord(info)
     content = RecordDict({keys.REC_METRICS: metrics, keys.REC_SITE: site})
     return Message(content=content, reply_to=msg)

@@ -404,6 +404,7 @@ class GuardedStrategy(Strategy):
             per_site[site_id] = values
             site = self._site(site_id)
             site["metrics"] = values
+            _record_evaluation_privacy(site["privacy"], info)
             if "test.n" in values:
                 site["n_test"] = int(values["test.n"])
             entry["sites"].setdefault(site_id, {}).update(values)
@@ -616,3 +617,25 @@ def _drop_partial_metric(replies: list[Message], name: str) -> None:
     if carrying and len(carrying) < len(replies):
         for reply in carrying:
             del reply.content[keys.REC_METRICS][name]
+
+
+def _record_evaluation_privacy(privacy: dict[str, Any], info: ConfigRecord | None) -> None:
+    """A private evaluation is charged too: keep the site's ε as its evaluation reply states
+    it (the later of training's and evaluation's, both cumulative); values that are not
+    finite non-negative numbers are ignored (the train reply's checks name a bad site)."""
+    if info is None:
+        return
+    mode = info.get(keys.S_EVALUATION)
+    if isinstance(mode, str) and mode in (keys.EVAL_DP, keys.EVAL_EXACT):
+        privacy["evaluation"] = mode
+    for wire, name in ((keys.S_EPSILON, "epsilon"), (keys.S_RUN_EPSILON, "run_epsilon")):
+        value = info.get(wire)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(float(value)) and value >= 0:
+            previous = privacy.get(name)
+            privacy[name] = max(float(value), float(previous or 0.0))
+    delta = info.get(keys.S_DELTA)
+    if privacy.get("epsilon") is not None and privacy.get("delta") is None:
+        if isinstance(delta, float) and 0 < delta < 1:
+            privacy["delta"] = delta

@@ -29,7 +29,9 @@ def _identity() -> Iterator[None]:
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def _reply(site: str, values: Mapping[str, float]) -> Message:
+def _reply(
+    site: str, values: Mapping[str, float], info: Mapping[str, Any] | None = None
+) -> Message:
     TaskIdentity.node_id = 1
     ins = Message(
         RecordDict({"config": ConfigRecord({})}), dst_node_id=NODES[site], message_type="evaluate"
@@ -38,7 +40,7 @@ def _reply(site: str, values: Mapping[str, float]) -> Message:
     content = RecordDict(
         {
             keys.REC_METRICS: MetricRecord({keys.M_NUM_EXAMPLES: 1, **values}),
-            keys.REC_SITE: ConfigRecord({keys.S_SITE_ID: site}),
+            keys.REC_SITE: ConfigRecord({keys.S_SITE_ID: site, **(info or {})}),
         }
     )
     return Message(content, reply_to=ins)
@@ -163,3 +165,24 @@ def test_a_site_without_a_release_falls_back_to_the_weighted_mean() -> None:
         **{f"test.{k}": v for k, v in metrics_from_release(a_sums).items()},
         **{f"val.{k}": v for k, v in metrics_from_release(c_val).items()},
     }
+
+
+def test_a_private_evaluations_epsilon_is_the_sites_latest(tmp_path: Path) -> None:
+    """An evaluation is charged after the run's last training round: the record keeps the
+    ε the evaluation reply states (never lowers it; ignores values that are not numbers)."""
+    guard = _guard(tmp_path)
+    y, p = _data(0, 60)
+    values = release(y, p, noise_multiplier=0.0, generator=None, min_count=10)
+    dp_info = {
+        keys.S_EVALUATION: keys.EVAL_DP,
+        keys.S_EPSILON: 7.9,
+        keys.S_RUN_EPSILON: 4.0,
+        keys.S_DELTA: 1e-5,
+    }
+    guard.aggregate_evaluate(1, [_reply("site-a", values, dp_info)])
+    privacy = guard.record["sites"]["site-a"]["privacy"]
+    assert (privacy["epsilon"], privacy["run_epsilon"], privacy["delta"]) == (7.9, 4.0, 1e-5)
+    assert privacy["evaluation"] == keys.EVAL_DP
+    lower = {**dp_info, keys.S_EPSILON: 3.0, keys.S_RUN_EPSILON: float("nan")}
+    guard.aggregate_evaluate(2, [_reply("site-a", values, lower)])
+    assert (privacy["epsilon"], privacy["run_epsilon"]) == (7.9, 4.0)
