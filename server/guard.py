@@ -636,6 +636,6 @@ def _record_evaluation_privacy(privacy: dict[str, Any], info: ConfigRecord | Non
             previous = privacy.get(name)
             privacy[name] = max(float(value), float(previous or 0.0))
     delta = info.get(keys.S_DELTA)
-    if privacy.get("epsilon") is not None and privacy.get("delta") is None:
-        if isinstance(delta, float) and 0 < delta < 1:
-            privacy["delta"] = delta
+    unset = privacy.get("epsilon") is not None and privacy.get("delta") is None
+    if unset and isinstance(delta, float) and 0 < delta < 1:
+        privacy["delta"] = delta
