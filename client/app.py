@@ -51,6 +51,7 @@ from common.errors import (
 )
 from common.federation import FederationConfig
 from common.files import private_dir
+from common.run_signing import verify_run
 
 __all__ = ["app", "handle_train", "handle_evaluate", "resolve_site"]
 
@@ -127,14 +128,17 @@ def _open_ledger(path: Path, state_dir: Path, site_id: str) -> PrivacyLedger:
 def _open_site(context: Context, cfg: FederationConfig) -> _Site:
     """Load this site, its policy and its ledger.
 
-    A deployed site (node config ``site-config``) enforces its ``site-config.toml``: its
-    budget, policy, ledger and device, whatever the run asks, and refuses a ``site.toml``
-    that carries simulation-only settings. A simulated site's policy comes from
-    :func:`client.policy.simulated_site_policy` (the one constructor every simulated site
-    uses).
+    A deployed site (node config ``site-config``) trains only for a run signed by the
+    centre's run-signing key its ``site-config.toml`` pins (checked first, before its data or
+    ledger is read), enforces its budget, policy, ledger and device, whatever the run asks,
+    and refuses a ``site.toml`` that carries simulation-only settings. A simulated site's
+    policy comes from :func:`client.policy.simulated_site_policy` (the one constructor every
+    simulated site uses).
     """
     site_cfg = _site_config(context)
     if site_cfg is not None:
+        # Before the data or the ledger is touched: only a run the centre's pinned key signed.
+        verify_run(cfg.to_run_config(), site_cfg.run_public_key(), site_id=site_cfg.site_id)
         site = load_site(site_cfg.data)
         if site.spec.site_id != site_cfg.site_id:
             raise ConfigError(
@@ -273,6 +277,11 @@ def _privacy_numbers(
 
 def _site_id_guess(context: Context) -> str:
     node = context.node_config
+    if keys.NC_SITE_CONFIG in node:
+        try:
+            return load_site_config(Path(str(node[keys.NC_SITE_CONFIG]))).site_id
+        except ConfigError:
+            pass  # the refusal that follows says what is wrong with the site-config
     if keys.NC_PARTITION_ID in node:
         return f"partition-{node[keys.NC_PARTITION_ID]}"
     return f"node-{context.node_id}"

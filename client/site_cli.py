@@ -36,6 +36,7 @@ from client.site_config import (
     load_site_config,
     split_address,
 )
+from common.audit import public_key_fingerprint
 from common.certs import (
     describe_certificate,
     generate_node_keypair,
@@ -172,6 +173,15 @@ def _file_checks(config: SiteConfig) -> list[Check]:
             )
 
         ok.append(("superlink.auth_private_key", key_detail))
+    ok.append(
+        (
+            "superlink.run_signing_key",
+            lambda: (
+                "runs must be signed by the centre's key "
+                f"{public_key_fingerprint(config.run_public_key())[:16]}..."
+            ),
+        )
+    )
     for field, detail in ok:
         if field not in flagged and not any(c.name == field for c in checks):
             checks.append(Check(field, "ok", detail()))

@@ -47,6 +47,7 @@ from pydantic import (
 )
 
 from client.policy import SitePolicy
+from common.audit import AuditLogError, load_public_key_file
 from common.certs import describe_certificate, load_node_private_key
 from common.errors import ConfigError
 from common.spec import SPEC_FILENAME
@@ -213,6 +214,9 @@ class SuperLinkSection(_Section):
     address: str
     root_certificates: Path | None = None
     auth_private_key: Path | None = None
+    #: The centre's run-signing public key (run-signing.pub): the site trains only for
+    #: runs it signed (``common/run_signing.py``). Required to train.
+    run_signing_key: Path | None = None
     insecure: bool = False
 
     @field_validator("address")
@@ -221,7 +225,7 @@ class SuperLinkSection(_Section):
         split_address(value)
         return value.strip()
 
-    @field_validator("root_certificates", "auth_private_key", mode="before")
+    @field_validator("root_certificates", "auth_private_key", "run_signing_key", mode="before")
     @classmethod
     def _paths(cls, value: Any, info: ValidationInfo) -> Any:
         return _optional_path(value, info)
@@ -358,7 +362,38 @@ class SiteConfig(_Section):
                 problems += _writable_folder(self.ledger.parent, "ledger")
         problems += self._check_ca()
         problems += self._check_key()
+        problems += self._check_run_key()
         return problems
+
+    def run_public_key(self) -> bytes:
+        """The pinned run-signing public key (raw 32 bytes).
+
+        Raises
+        ------
+        ConfigError
+            None is pinned, or the file holds no Ed25519 public key.
+        """
+        path = self.superlink.run_signing_key
+        if path is None:
+            raise ConfigError(
+                f"site {self.site_id}: site-config pins no run-signing key, so no run can be "
+                "authorised; set [superlink] run_signing_key to the centre's run-signing.pub"
+            )
+        try:
+            return load_public_key_file(path)
+        except AuditLogError as e:
+            raise ConfigError(
+                f"site {self.site_id}: superlink.run_signing_key: {e}; copy the centre's "
+                "run-signing.pub there"
+            ) from e
+
+    def _check_run_key(self) -> list[Problem]:
+        try:
+            self.run_public_key()
+        except ConfigError as e:
+            fix = "copy the centre's run-signing.pub (from `fedcare certs init`) and set it"
+            return [Problem("error", "superlink.run_signing_key", str(e), fix)]
+        return []
 
     def _check_ca(self) -> list[Problem]:
         path = self.superlink.root_certificates

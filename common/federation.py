@@ -33,6 +33,8 @@ class FederationConfig(BaseModel):
     (round 0 always): each evaluation is one more message per site, which in a deployment
     means one more ClientApp process, and (where a site releases evaluations with DP) one
     more charge to its ledger, planned into the run's ε.
+    ``run_signature`` is the centre's signature of the rest (``common/run_signing.py``): a
+    deployed site trains only for a run its pinned run-signing key signed.
     ``seed`` seeds what the server draws (the initial model); it decides nothing at a site:
     a site's split is fixed by its ``site.toml`` and its DP noise comes from its own entropy.
     """
@@ -69,6 +71,7 @@ class FederationConfig(BaseModel):
     run_id: str = ""
     run_dir: str = ""
     audit_key: str = ""
+    run_signature: str = ""
     round_timeout: float = Field(default=600.0, gt=0)
     evaluate_every: int = Field(default=1, ge=1)
     min_sites: int = Field(default=2, ge=1)

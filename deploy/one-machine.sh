@@ -52,6 +52,7 @@ for i in 0 1; do
     echo "== 2. hospital $i: key pair; the centre registers its public key"
     fedcare site keygen --out "$H/keys" >/dev/null
     cp "$W/centre/certs/ca.crt" "$H/ca.crt"
+    cp "$W/centre/certs/run-signing.pub" "$H/run-signing.pub"
     flwr supernode register "$H/keys/supernode.pub" fedcare
     cat > "$H/site-config.toml" <<EOT
 site_id = "site-$i"
@@ -70,6 +71,7 @@ max_local_epochs = 3
 [superlink]
 address = "127.0.0.1:$PORT"
 root_certificates = "ca.crt"
+run_signing_key = "run-signing.pub"
 auth_private_key = "keys/supernode"
 
 [supernode]
@@ -88,6 +90,6 @@ sed -e "s|^run-dir = .*|run-dir = \"$W/centre/runs/demo\"|" \
     -e "s|^audit-key = .*|audit-key = \"$W/centre/audit-key.pem\"|" \
     -e "s|^num-server-rounds = .*|num-server-rounds = 2|" \
     deploy/run.example.toml > "$W/centre/run.toml"
-fedcare server submit "$W/centre/run.toml" --wait
+fedcare server submit "$W/centre/run.toml" --run-key "$W/centre/certs/run-signing.key" --wait
 python -c "import json,sys; s=json.load(open(sys.argv[1])); print('summary:', s['rounds_completed'], 'rounds;', ', '.join(f\"{x['site_id']} {x['status']} eps={(x['privacy']['epsilon'] or 0):.2f}\" for x in s['sites']), '; test AUROC', round(s['global']['final'].get('test.auroc', float('nan')), 3))" "$W/centre/runs/demo/summary.json"
 for i in 0 1; do fedcare budget show --db "$W/hospital-$i/state/ledger.sqlite" | tail -n 4; done

@@ -11,7 +11,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from common.audit import load_or_create_signing_key
 from common.certs import describe_certificate, init_certificates
+from common.run_signing import RUN_KEY_NAME, RUN_PUBLIC_KEY_NAME, write_public_key
 
 __all__ = ["certs_init"]
 
@@ -41,6 +43,11 @@ def certs_init(
         A malformed --host, or an existing file without --force.
     """
     paths = init_certificates(out=out, hosts=host, days=days, force=force)
+    run_key_path = out / RUN_KEY_NAME
+    if force:
+        run_key_path.unlink(missing_ok=True)
+    run_key = load_or_create_signing_key(run_key_path)  # Ed25519, mode 0600
+    run_public = write_public_key(run_key, out / RUN_PUBLIC_KEY_NAME)
     ca = describe_certificate(paths.ca_cert)
     server = describe_certificate(paths.server_cert)
     console = Console(highlight=False, soft_wrap=True, emoji=False)
@@ -52,6 +59,8 @@ def certs_init(
     say(f"wrote {paths.ca_key}      CA private key (mode 0600)")
     say(f"wrote {paths.server_cert}  SuperLink certificate, signed by the CA")
     say(f"wrote {paths.server_key}  SuperLink private key (mode 0600)")
+    say(f"wrote {run_key_path}  run-signing key (mode 0600): `server submit --run-key`")
+    say(f"wrote {run_public}  its public half: every site pins it (run_signing_key)")
     say()
     say(f"SuperLink certificate covers: {', '.join(server.sans)}")
     say(f"valid until {server.not_after:%Y-%m-%d %H:%M} UTC")

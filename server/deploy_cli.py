@@ -23,10 +23,12 @@ from typing import Any
 import tomli_w
 import typer
 
+from common.audit import load_or_create_signing_key
 from common.errors import ConfigError
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.flower_app import ConfigValue, check_values, write_app_dir
 from common.processes import flower_env, supervise, venv_bin
+from common.run_signing import RUN_SIGNATURE_KEY, sign_run
 from server.deploy import (
     SuperLinkSettings,
     connection_config,
@@ -107,6 +109,10 @@ def _read_overrides(path: Path) -> dict[str, ConfigValue]:
         raise ConfigError(f"{path}: no such file; write the run's settings there") from e
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e}); fix the syntax") from e
+    if RUN_SIGNATURE_KEY in raw:
+        raise ConfigError(
+            f"{path}: remove {RUN_SIGNATURE_KEY}; `fedcare server submit --run-key` signs the run"
+        )
     for key in _PATH_KEYS:
         value = raw.get(key)
         if isinstance(value, str) and value and not Path(value).is_absolute():
@@ -152,10 +158,24 @@ def server_submit(
     connection: str = typer.Option(
         "fedcare", help="The flwr CLI's SuperLink connection (in $FLWR_HOME/config.toml)."
     ),
+    run_key: Path = typer.Option(  # noqa: B008
+        ...,
+        "--run-key",
+        help="The centre's run-signing key (run-signing.key from `fedcare certs init`).",
+    ),
     wait: bool = typer.Option(False, "--wait", help="Follow the run until it finishes."),
 ) -> None:
-    """Submit a federated run to the SuperLink (flwr run with fedcare's thin app)."""
+    """Submit a federated run to the SuperLink (flwr run with fedcare's thin app), signed
+    with the centre's run-signing key: sites train only for runs that key signed."""
     overrides = _read_overrides(run_file)
+    if not run_key.is_file():
+        raise ConfigError(
+            f"--run-key {run_key}: no such file; give the run-signing.key that `fedcare certs "
+            "init` wrote beside the CA"
+        )
+    key = load_or_create_signing_key(run_key)
+    resolved = FederationConfig.from_run_config({**RUN_CONFIG_DEFAULTS, **overrides})
+    overrides[RUN_SIGNATURE_KEY] = sign_run(resolved.to_run_config(), key)
     env = flower_env(one_thread=False)
     with tempfile.TemporaryDirectory(prefix="fedcare-app-") as tmp:
         app = write_app_dir(

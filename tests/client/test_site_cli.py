@@ -17,12 +17,14 @@ import pytest
 import tomli_w
 import typer
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
 from client.site_cli import Check, run_site_checks, site_check, site_keygen
 from client.site_config import SiteConfig, load_site_config
 from common.certs import CertPaths, generate_node_keypair, init_certificates
 from common.errors import ConfigError
+from common.run_signing import RUN_PUBLIC_KEY_NAME, write_public_key
 from tests.common.test_certs import TLSServer
 
 # --------------------------------------------------------------------------------------
@@ -88,6 +90,7 @@ class Site:
                 "address": f"127.0.0.1:{self.server_port}",
                 "root_certificates": "certs/ca.crt",
                 "auth_private_key": "keys/supernode",
+                "run_signing_key": f"certs/{RUN_PUBLIC_KEY_NAME}",
             },
         }
         for dotted, value in (changes or {}).items():
@@ -110,6 +113,7 @@ def site(tmp_path: Path, synth_site: Path, pki: CertPaths, tls_server: TLSServer
     shutil.copytree(synth_site, base / "data")
     (base / "certs").mkdir()
     shutil.copy(pki.ca_cert, base / "certs" / "ca.crt")
+    write_public_key(Ed25519PrivateKey.generate(), base / "certs" / RUN_PUBLIC_KEY_NAME)
     generate_node_keypair(out=base / "keys")
     deployed = Site(base, tls_server.port)
     deployed.config()
@@ -174,6 +178,7 @@ def test_a_complete_site_passes_against_the_tls_server(site: Site) -> None:
         "state_dir",
         "superlink.root_certificates",
         "superlink.auth_private_key",
+        "superlink.run_signing_key",
         "data.validation",
         "site_id",
         "privacy",

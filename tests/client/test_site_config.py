@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import tomli_w
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from client.policy import SitePolicy
@@ -22,6 +23,7 @@ from client.site_config import (
 )
 from common.certs import generate_node_keypair, init_certificates
 from common.errors import ConfigError, PolicyViolation
+from common.run_signing import RUN_PUBLIC_KEY_NAME, write_public_key
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -321,10 +323,12 @@ def deployed(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     (base / "data" / "site.toml").write_text("site_id = 'st-mary'\n", encoding="utf-8")
     init_certificates(out=base / "pki", hosts=["fl.example.org"])
     generate_node_keypair(out=base / "keys")
+    write_public_key(Ed25519PrivateKey.generate(), base / "pki" / RUN_PUBLIC_KEY_NAME)
     raw = minimal()
     raw["superlink"] |= {
         "root_certificates": "pki/ca.crt",
         "auth_private_key": "keys/supernode",
+        "run_signing_key": f"pki/{RUN_PUBLIC_KEY_NAME}",
     }
     return base, raw
 
@@ -361,12 +365,14 @@ def test_missing_and_wrong_files_are_each_reported(deployed: tuple[Path, dict[st
     (base / "keys" / "supernode").unlink()
     (base / "pki" / "ca.crt").write_text("garbage", encoding="utf-8")
     (base / "state").write_text("a file, not a folder", encoding="utf-8")
+    (base / "pki" / RUN_PUBLIC_KEY_NAME).write_text("not a key", encoding="utf-8")
     problems = {p.field: p for p in _problems(base, raw)}
     assert set(problems) == {
         "data",
         "state_dir",
         "superlink.root_certificates",
         "superlink.auth_private_key",
+        "superlink.run_signing_key",
     }
     assert all(p.severity == "error" for p in problems.values())
     assert "site.toml" in problems["data"].message
@@ -427,3 +433,14 @@ def test_unwritable_state_dir_is_an_error(deployed: tuple[Path, dict[str, Any]])
 def test_toml_example_round_trips_through_tomllib() -> None:
     raw = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
     assert SiteConfig.model_validate(raw).site_id == raw["site_id"]
+
+
+def test_a_site_without_a_pinned_run_signing_key_cannot_train(
+    deployed: tuple[Path, dict[str, Any]],
+) -> None:
+    """No pinned key, no authorised run: site check says so, and the key is what it reads."""
+    base, raw = deployed
+    del raw["superlink"]["run_signing_key"]
+    problems = {p.field: p for p in _problems(base, raw)}
+    assert problems["superlink.run_signing_key"].severity == "error"
+    assert "run-signing.pub" in problems["superlink.run_signing_key"].fix

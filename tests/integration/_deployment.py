@@ -26,8 +26,10 @@ from typing import Any
 
 import tomli_w
 
-from common.federation import RUN_CONFIG_DEFAULTS
+from common.audit import load_or_create_signing_key
+from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.processes import family_pids, family_sessions, flower_env, free_port, stop_family
+from common.run_signing import RUN_KEY_NAME, RUN_PUBLIC_KEY_NAME, RUN_SIGNATURE_KEY, sign_run
 from simulations.flower_driver import write_app_dir
 from simulations.synth import SynthConfig, synthesize
 
@@ -144,6 +146,7 @@ class Deployment:
         out = fedcare("site", "keygen", "--out", str(keys), env=self.env)
         assert out.returncode == 0, out.stdout + out.stderr
         shutil.copy(self.certs / "ca.crt", site / "ca.crt")
+        shutil.copy(self.certs / RUN_PUBLIC_KEY_NAME, site / RUN_PUBLIC_KEY_NAME)
         config = {
             "site_id": f"site-{i if data_of is None else data_of}",
             "data": str(self.root / "data" / f"site-{i if data_of is None else data_of}"),
@@ -155,6 +158,7 @@ class Deployment:
                 "address": f"127.0.0.1:{self.port}",
                 "root_certificates": str(site / "ca.crt"),
                 "auth_private_key": str(keys / "supernode"),
+                "run_signing_key": str(site / RUN_PUBLIC_KEY_NAME),
             },
             "supernode": {"port": free_port()},
         }
@@ -252,8 +256,10 @@ class Deployment:
             cwd=self.root,
         )
 
-    def submit(self, run_id: str, **config: Any) -> int:
-        """``flwr run`` the thin fedcare app; returns Flower's run id."""
+    def submit(self, run_id: str, *, signed_by: Path | None = None, **config: Any) -> int:
+        """``flwr run`` the thin fedcare app, signed as ``fedcare server submit`` signs it
+        (with ``signed_by``, default the centre's run-signing key; ``Path()`` for unsigned);
+        returns Flower's run id."""
         app = write_app_dir(
             self.root / "centre" / "app",
             config_defaults=RUN_CONFIG_DEFAULTS,
@@ -269,6 +275,11 @@ class Deployment:
             "learning-rate": 0.01,
             **config,
         }
+        key = self.certs / RUN_KEY_NAME if signed_by is None else signed_by
+        if key != Path():
+            resolved = FederationConfig.from_run_config({**RUN_CONFIG_DEFAULTS, **run_config})
+            signer = load_or_create_signing_key(key)
+            run_config[RUN_SIGNATURE_KEY] = sign_run(resolved.to_run_config(), signer)
         path = self.root / "centre" / f"{run_id}.toml"
         path.write_text(tomli_w.dumps(run_config))
         out = self.flwr("run", str(app), CONNECTION, "--format", "json", "--run-config", str(path))

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -103,6 +104,19 @@ def test_run_survives_a_dropped_site_and_a_server_restart(deployment: Deployment
     assert any(e.kind == "dropped" and e.site_id == "site-2" for e in summary.events)
     progress = (dep.run_dir(run) / "progress.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in progress] == [0, 1, 2, 3]
+
+
+def test_an_unsigned_run_charges_no_hospital(deployment: Deployment) -> None:
+    """fedcare's own app, submitted by whoever reaches the port but not signed by the
+    centre's run-signing key: every hospital refuses it before touching its ledger."""
+    dep = deployment
+    run = "unsigned-outsider"
+    info = dep.wait(dep.submit(run, signed_by=Path(), **{"num-server-rounds": 1}), timeout=200)
+    assert info["status"].startswith("finished"), info
+    summary = load_summary(dep.run_dir(run) / "summary.json")
+    assert any("not signed" in (s.reason or "") for s in summary.sites), summary.sites
+    for i in range(len(dep.sites)):
+        assert _charges(dep, i, run) == []
 
 
 def test_unregistered_node_is_refused(deployment: Deployment) -> None:
