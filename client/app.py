@@ -244,10 +244,35 @@ def _refusal(msg: Message, site_id: str, error: FedcareError) -> Message:
     return Message(Error(code=code, reason=f"{site_id}: {reason}"), reply_to=msg)
 
 
+def _early_audit(context: Context) -> SiteAudit | None:
+    """A deployed site's audit log for a refusal that came before its data was loaded (an
+    unsigned run, a bad site.toml): the entry records the refusal, no dataset. ``None``
+    where there is no site-config, or it is too broken to say where the log lives (the
+    SuperNode's output then has the reason)."""
+    path = context.node_config.get(keys.NC_SITE_CONFIG)
+    if not path:
+        return None
+    try:
+        site_cfg = load_site_config(Path(str(path)))
+        private_dir(site_cfg.state_dir)
+        return SiteAudit.open(site_cfg.state_dir, site_id=site_cfg.site_id, dataset_fingerprint="")
+    except (FedcareError, OSError) as e:
+        log.warning("the refusal cannot be written to the site's audit log: %s", e)
+        return None
+
+
 def _refuse(
-    msg: Message, site_id: str, error: FedcareError, audit: SiteAudit | None, phase: str
+    msg: Message,
+    site_id: str,
+    error: FedcareError,
+    audit: SiteAudit | None,
+    phase: str,
+    context: Context,
 ) -> Message:
-    """The refusal reply, logged first in the site's audit log when it is open."""
+    """The refusal reply, logged first in the site's audit log (a deployed site's log is
+    opened for it when the refusal came before the site was loaded)."""
+    if audit is None:
+        audit = _early_audit(context)
     if audit is not None:
         code = next(c for cls, c in _ERROR_CODES if isinstance(error, cls))
         try:
@@ -312,7 +337,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         sent = record_sha256(arrays)
         head = audit.train(msg, result, sent_sha256=sent, accountant=cfg.accountant)
     except FedcareError as e:
-        return _refuse(msg, site_id, e, audit, "train")
+        return _refuse(msg, site_id, e, audit, "train", context)
     numbers: dict[str, int | float | list[int] | list[float]] = {
         keys.M_NUM_EXAMPLES: result.n_train,
         keys.M_STEPS: result.steps,
@@ -371,7 +396,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         result = trainer.evaluate_round(request, state)
         audit.evaluate(msg, result, delta=trainer.policy.delta, accountant=cfg.accountant)
     except FedcareError as e:
-        return _refuse(msg, site_id, e, audit, "evaluate")
+        return _refuse(msg, site_id, e, audit, "evaluate", context)
     values = result.metrics
     n_test = max(int(round(values.get("test.n", 0))), 0)
     metrics = MetricRecord({keys.M_NUM_EXAMPLES: n_test, **values})

@@ -20,7 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import handle_train
+from client.audit import AUDIT_LOG_NAME
 from common import keys
+from common.audit import check_log, read_entries
 from common.encoding import input_dims
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.run_signing import RUN_PUBLIC_KEY_NAME, RUN_SIGNATURE_KEY, sign_run, write_public_key
@@ -120,10 +122,17 @@ def _train(hospital: Path, run_config: dict[str, Any]) -> Message:
 def test_a_run_the_centre_did_not_sign_charges_nothing(
     hospital: Path, signer: Ed25519PrivateKey | None, changes: dict[str, Any], why: str
 ) -> None:
+    log = hospital / "state" / AUDIT_LOG_NAME
+    before = len(read_entries(log)) if log.exists() else 0
     reply = _train(hospital, _run_config(signer, **changes))
     assert reply.has_error() and reply.error.code == keys.ERR_POLICY
     assert reply.error.reason.startswith("site-0: ") and why in reply.error.reason
     assert not (hospital / "state" / "ledger.sqlite").exists(), "the ledger was opened"
+    # The refusal is in the site's own signed audit log, with its reason.
+    entries = read_entries(log)[before:]
+    refused = [e for e in entries if e["kind"] == "refused"]
+    assert len(refused) == 1 and why in refused[0]["data"]["reason"]
+    assert check_log(log).ok
 
 
 def test_a_run_the_centre_signed_trains(hospital: Path) -> None:
