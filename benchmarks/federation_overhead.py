@@ -78,7 +78,7 @@ from client.data.datasets import build_task_data
 from client.data.loaders import load_site
 from client.ledger import PrivacyLedger
 from client.local import RoundRequest, SiteTrainer, settings_from_run
-from client.policy import SitePolicy
+from client.policy import simulated_site_policy
 from common.federation import FederationConfig
 from server.app import federation_spec, initial_state
 from server.guard import weighted_global_metrics
@@ -360,15 +360,6 @@ def _round_request(cfg: FederationConfig, run_id: str, rnd: int) -> RoundRequest
     )
 
 
-def _policy(cfg: FederationConfig) -> SitePolicy:
-    """The policy ``client.app`` gives a simulated site."""
-    return SitePolicy(
-        epsilon_budget=cfg.site_epsilon_budget,
-        delta=cfg.target_delta,
-        accountant=cfg.accountant,
-        require_dp=cfg.dp,
-        min_count=cfg.site_min_count,
-    )
 
 
 def fedavg(
@@ -420,7 +411,7 @@ def measure_compute(
         ledgers.append(PrivacyLedger(state_root / site.spec.site_id / "ledger.sqlite"))
     ledger_open = time.perf_counter() - t
     trainers = [
-        SiteTrainer(site=s, policy=_policy(cfg), ledger=ledger, seed=cfg.seed)
+        SiteTrainer(site=s, policy=simulated_site_policy(cfg), ledger=ledger, seed=cfg.seed)
         for s, ledger in zip(sites, ledgers, strict=True)
     ]
     t = time.perf_counter()

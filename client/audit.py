@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Message
 
+from client.accounting import Mechanism
 from client.data.site import SiteData
 from client.local import EvaluationResult, RoundResult, SiteTrainer
 from common import keys
@@ -168,13 +169,7 @@ class SiteAudit:
             "num_examples": int(result.n_train),
             "steps": int(result.steps),
             "dp": mechanism is not None,
-            "mechanism": None
-            if mechanism is None
-            else {
-                "noise_multiplier": float(mechanism.noise_multiplier),
-                "sample_rate": float(mechanism.sample_rate),
-                "steps": int(mechanism.steps),
-            },
+            "mechanism": _mechanism_record(mechanism),
             "epsilon": None if result.epsilon is None else float(result.epsilon),
             "delta": None if result.delta is None else float(result.delta),
             "accountant": accountant if mechanism is not None else None,
@@ -199,13 +194,7 @@ class SiteAudit:
             "dataset_fingerprint": self.dataset_fingerprint,
             "received_sha256": _received(msg),
             "evaluation": result.mode,
-            "mechanism": None
-            if mechanism is None
-            else {
-                "noise_multiplier": float(mechanism.noise_multiplier),
-                "sample_rate": float(mechanism.sample_rate),
-                "steps": int(mechanism.steps),
-            },
+            "mechanism": _mechanism_record(mechanism),
             "epsilon": None if result.epsilon is None else float(result.epsilon),
             "delta": float(delta) if mechanism is not None else None,
             "accountant": accountant if mechanism is not None else None,
@@ -247,6 +236,17 @@ def open_site_audit(
     )
     audit.start_run(msg, run_config=run_config)
     return audit
+
+
+def _mechanism_record(mechanism: Mechanism | None) -> dict[str, float | int] | None:
+    """A charged mechanism as an audit entry holds it (``None``: nothing was charged)."""
+    if mechanism is None:
+        return None
+    return {
+        "noise_multiplier": float(mechanism.noise_multiplier),
+        "sample_rate": float(mechanism.sample_rate),
+        "steps": int(mechanism.steps),
+    }
 
 
 def audited_charges(state_dir: Path) -> int:

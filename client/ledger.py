@@ -111,7 +111,7 @@ from client.accounting import (
     validate_delta,
 )
 from common.errors import ConfigError, PolicyViolation, PrivacyBudgetExceeded
-from common.files import private_dir
+from common.files import fsync_dir, private_dir
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -551,7 +551,7 @@ class PrivacyLedger:
                 os.link(scratch, self.path)
             except FileExistsError:
                 return  # another process created the ledger first; ours was never used
-            _fsync_folder(folder)  # the ledger's name survives a power cut
+            fsync_dir(folder)  # the ledger's name survives a power cut
         except OSError as e:
             raise ConfigError(
                 f"cannot create the privacy ledger {self.path} ({e}); keep the ledger on a "
@@ -1351,11 +1351,3 @@ def _cohort_digest(salt: bytes, ordered: list[bytes]) -> str:
 
 def _member_digest(salt: bytes, raw_id: bytes) -> str:
     return hmac.new(salt, _MEMBER_TAG + raw_id, hashlib.sha256).hexdigest()
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

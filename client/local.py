@@ -33,7 +33,8 @@ import hashlib
 import io
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -344,6 +345,23 @@ class SiteTrainer:
             kind=kind,
         )
 
+    @contextmanager
+    def _settled(self, receipt: ChargeReceipt, what: str) -> Iterator[None]:
+        """The work done under ``receipt``'s charge: any failure marks the charge failed
+        (it still counts, and is never retried: whether it failed can depend on the
+        patients) and is reported as the site's :class:`RoundFailed`, not a crash."""
+        assert self.ledger is not None
+        try:
+            yield
+        except BaseException as e:
+            self.ledger.mark_failed(receipt.charge_id)
+            if isinstance(e, (FedcareError, KeyboardInterrupt, SystemExit)):
+                raise
+            raise RoundFailed(
+                f"site {self.site_id}: {what} failed after its charge was written "
+                f"({type(e).__name__}: {e}); the charge is kept and marked failed"
+            ) from e
+
     def _generators(
         self, request: RoundRequest, device: torch.device, kind: ReleaseKind
     ) -> tuple[torch.Generator, torch.Generator]:
@@ -416,7 +434,7 @@ class SiteTrainer:
         mechanism = Mechanism(plan.noise_multiplier, plan.sample_rate, plan.steps)
         receipt = self._charge(request, mechanism, kind="train", ceiling=ceiling)
         # From here on the charge exists: any failure marks it failed (it still counts).
-        try:
+        with self._settled(receipt, f"round {request.round}"):
             mode = resolve_grad_sample_mode(dp.grad_sample_mode, model_name)
             private = make_private(
                 model=model,
@@ -462,14 +480,6 @@ class SiteTrainer:
                 noise=self.noise_source,
             )
             self._store_release(request, "train", _train_payload(result))
-        except BaseException as e:
-            self.ledger.mark_failed(receipt.charge_id)
-            if isinstance(e, (FedcareError, KeyboardInterrupt, SystemExit)):
-                raise
-            raise RoundFailed(
-                f"site {self.site_id}: round {request.round} failed after its charge was "
-                f"written ({type(e).__name__}: {e}); the charge is kept and marked failed"
-            ) from e
         kept: dict[str, float | int] = {"steps": stats.steps}
         if math.isfinite(stats.mean_loss):  # NaN under weights that overflow; not a number
             kept["train_loss"] = stats.mean_loss
@@ -638,7 +648,7 @@ class SiteTrainer:
         ceiling = self._ceiling(request, base)
         mechanism = self._eval_mechanism()
         receipt = self._charge(request, mechanism, kind="evaluate", ceiling=ceiling)
-        try:
+        with self._settled(receipt, f"evaluation of round {request.round}"):
             y, p = self._predictions(request.task, state, request.train.model, device)
             generator = self._numpy_generator(request)
             metrics = evaluation_release(
@@ -665,15 +675,6 @@ class SiteTrainer:
                     "run_epsilon": result.run_epsilon,
                 },
             )
-        except BaseException as e:
-            self.ledger.mark_failed(receipt.charge_id)
-            if isinstance(e, (FedcareError, KeyboardInterrupt, SystemExit)):
-                raise
-            raise RoundFailed(
-                f"site {self.site_id}: evaluation of round {request.round} failed after its "
-                f"charge was written ({type(e).__name__}: {e}); the charge is kept and "
-                "marked failed"
-            ) from e
         self.ledger.mark_completed(receipt.charge_id)
         return result
 

@@ -59,7 +59,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from common.errors import FedcareError
-from common.files import open_private, private_dir
+from common.files import fsync_dir, open_private, private_dir
 
 __all__ = [
     "AUDIT_FORMAT",
@@ -515,7 +515,7 @@ class AuditLog:
                     return None
         line = self._write(f, len(lines) + 1, kind, data, run_id, line_hash(lines[-1]))
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         return LogHead(len(lines) + 1, line_hash(line))
 
     def _open_data(self) -> dict[str, Any]:
@@ -592,12 +592,6 @@ class AuditLog:
         return LogHead(len(lines), line_hash(lines[-1])) if lines else None
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _parse_line(line: bytes) -> dict[str, Any] | None:

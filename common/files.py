@@ -35,6 +35,7 @@ __all__ = [
     "open_private",
     "atomic_private",
     "write_private_atomic",
+    "fsync_dir",
 ]
 
 PRIVATE_DIR_MODE = 0o700
@@ -125,7 +126,7 @@ def atomic_private(path: Path | str) -> Iterator[BinaryIO]:
 
     The file is ``.<name>.<random>.tmp`` in the same folder (created with mode 0700 if
     missing; an existing folder keeps its mode); when the block ends without an exception it
-    is flushed, fsynced and renamed over ``path``; otherwise it is removed and ``path`` is
+    is flushed, fsynced and renamed over ``path`` (and the folder fsynced); otherwise it is removed and ``path`` is
     left as it was.
 
     Examples
@@ -150,6 +151,16 @@ def atomic_private(path: Path | str) -> Iterator[BinaryIO]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # the new name survives a power cut too
+
+
+def fsync_dir(folder: Path | str) -> None:
+    """``fsync`` a folder, so that a file created or renamed in it survives a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_private_atomic(path: Path | str, data: bytes) -> Path:
