@@ -126,8 +126,8 @@ def atomic_private(path: Path | str) -> Iterator[BinaryIO]:
 
     The file is ``.<name>.<random>.tmp`` in the same folder (created with mode 0700 if
     missing; an existing folder keeps its mode); when the block ends without an exception it
-    is flushed, fsynced and renamed over ``path`` (and the folder fsynced); otherwise it is removed and ``path`` is
-    left as it was.
+    is flushed, fsynced and renamed over ``path``, and the folder is fsynced; otherwise it is
+    removed and ``path`` is left as it was.
 
     Examples
     --------
