@@ -360,8 +360,6 @@ def _round_request(cfg: FederationConfig, run_id: str, rnd: int) -> RoundRequest
     )
 
 
-
-
 def fedavg(
     states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]
 ) -> dict[str, torch.Tensor]:

@@ -592,8 +592,6 @@ class AuditLog:
         return LogHead(len(lines), line_hash(lines[-1])) if lines else None
 
 
-
-
 def _parse_line(line: bytes) -> dict[str, Any] | None:
     try:
         value = json.loads(line.decode("utf-8"))
