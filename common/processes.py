@@ -32,6 +32,8 @@ __all__ = [
     "family_pids",
     "family_sessions",
     "supervise",
+    "supervise_group",
+    "Child",
 ]
 
 
@@ -209,19 +211,73 @@ def stop_family(
                 return
 
 
-def supervise(
-    command: Sequence[str],
+@dataclass(frozen=True)
+class Child:
+    """One process of a supervised group.
+
+    Attributes
+    ----------
+    name : str
+        Its name in messages (``superlink``, ``gateway``, ``site-worker``).
+    command : sequence of str
+        Its command line.
+    restart : bool, default False
+        ``True``: when it exits on its own it is started again (after 1 s, doubling up to
+        30 s while it keeps dying within a minute of its start); ``False``: its exit stops
+        the whole group.
+    """
+
+    name: str
+    command: Sequence[str]
+    restart: bool = False
+
+
+#: Restart back-off of a :class:`Child` with ``restart=True``: first delay, cap, and how long
+#: it must have run for the delay to reset.
+_RESTART_FIRST_S, _RESTART_MAX_S, _RESTART_STABLE_S = 1.0, 30.0, 60.0
+
+
+@dataclass
+class _Running:
+    child: Child
+    proc: subprocess.Popen[bytes]
+    sessions: set[int]
+    started: float
+    delay: float = _RESTART_FIRST_S
+    due: float | None = None  # when a dead restartable child is started again
+
+
+def _start(child: Child, env: Mapping[str, str], cwd: Path | None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # noqa: S603 - our own or Flower's executables, our arguments
+        list(child.command),
+        env=dict(env),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def supervise_group(
+    children: Sequence[Child],
     *,
     env: Mapping[str, str],
     grace_s: float = 10.0,
     cwd: Path | None = None,
 ) -> int:
-    """Run ``command`` in the foreground until it exits or this process is told to stop.
+    """Run ``children`` in the foreground until one that may not restart exits or this
+    process is told to stop.
 
-    SIGTERM, SIGINT and SIGHUP to this process stop the child *and everything it spawned*
-    (SuperExec, ServerApp and ClientApp processes) through :func:`stop_family`, so a
-    ``systemctl stop`` or Ctrl-C leaves nothing behind. Returns the child's exit code
-    (128 + the signal number when this process was told to stop).
+    Each child gets its own session. A child with ``restart=True`` that exits is started
+    again (one line on stderr says so, with its exit code); a child with ``restart=False``
+    that exits stops the group. SIGTERM, SIGINT and SIGHUP to this process stop every child
+    *and everything they spawned* (:func:`stop_family`), in reverse order of start, so a
+    ``systemctl stop`` or Ctrl-C leaves nothing behind.
+
+    Returns
+    -------
+    int
+        The exit code of the child that ended the group, or 128 + the signal number when
+        this process was told to stop.
     """
     stop_signal: list[int] = []
 
@@ -230,28 +286,63 @@ def supervise(
 
     handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {s: signal.signal(s, _on_signal) for s in handled}
+    running: list[_Running] = []
+    ended: int | None = None
     try:
-        proc = subprocess.Popen(  # noqa: S603 - a fixed Flower executable and our arguments
-            list(command), env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True
-        )
-    except OSError:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        raise
-    sessions = {proc.pid}
-    try:
+        for child in children:
+            proc = _start(child, env, cwd)
+            running.append(_Running(child, proc, {proc.pid}, time.monotonic()))
         ticks = 0
-        while proc.poll() is None and not stop_signal:
+        while ended is None and not stop_signal:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(0.5)
+                running[0].proc.wait(0.5)
             ticks += 1
-            if ticks % 20 == 0 and proc.poll() is None:
-                # Keep the family's sessions known, in case the child dies before them.
-                sessions |= _family(sessions, root=proc.pid)[1]
+            now = time.monotonic()
+            for r in running:
+                code = r.proc.poll()
+                if code is None:
+                    if ticks % 20 == 0:
+                        # Keep the family's sessions known, in case the child dies first.
+                        r.sessions |= _family(r.sessions, root=r.proc.pid)[1]
+                    continue
+                if not r.child.restart:
+                    sys.stderr.write(f"fedcare: {r.child.name} exited with code {code}\n")
+                    ended = code
+                    break
+                if r.due is None:
+                    stop_family(r.proc, r.sessions, grace_s=grace_s)  # what it left behind
+                    if now - r.started >= _RESTART_STABLE_S:
+                        r.delay = _RESTART_FIRST_S
+                    r.due = now + r.delay
+                    sys.stderr.write(
+                        f"fedcare: {r.child.name} exited with code {code}; starting it "
+                        f"again in {r.delay:g} s\n"
+                    )
+                    r.delay = min(r.delay * 2, _RESTART_MAX_S)
+                elif now >= r.due:
+                    r.proc = _start(r.child, env, cwd)
+                    r.sessions = {r.proc.pid}
+                    r.started, r.due = now, None
+            sys.stderr.flush()
     finally:
-        stop_family(proc, sessions, grace_s=grace_s)
+        for r in reversed(running):
+            stop_family(r.proc, r.sessions, grace_s=grace_s)
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stop_signal:
         return 128 + stop_signal[0]
-    return int(proc.returncode)
+    return int(ended if ended is not None else 0)
+
+
+def supervise(
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    grace_s: float = 10.0,
+    cwd: Path | None = None,
+) -> int:
+    """Run ``command`` in the foreground until it exits or this process is told to stop:
+    :func:`supervise_group` with one child that may not restart."""
+    return supervise_group(
+        [Child(name=Path(command[0]).name, command=command)], env=env, grace_s=grace_s, cwd=cwd
+    )
