@@ -8,7 +8,8 @@ set -euo pipefail
 umask 077
 ROOT=$(pwd)
 W=$(realpath -m "${1:-try}")
-PORT=${FEDCARE_PORT:-9092}
+PORT=${FEDCARE_PORT:-9092}                        # public: the sites' SuperNodes (Fleet API)
+CONTROL_PORT=${FEDCARE_CONTROL_PORT:-$((PORT + 1))} # 127.0.0.1 only: the flwr CLI
 export PATH="$ROOT/.venv/bin:$PATH"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_HOME="$W/centre/flwr-home"
@@ -29,17 +30,18 @@ trap cleanup EXIT
 echo "== 0. two synthetic hospitals"
 fedcare data synth --out "$W/data" --sites 2 --patients 200 --for-deployment >/dev/null
 
-echo "== 1. centre: certificates and the SuperLink"
+echo "== 1. centre: certificates, then the SuperLink, its public gateway and its executor"
 fedcare certs init --out "$W/centre/certs" --host 127.0.0.1 --host localhost
 cat > "$FLWR_HOME/config.toml" <<EOT
 [superlink]
 default = "fedcare"
 
 [superlink.fedcare]
-address = "127.0.0.1:$PORT"
+address = "127.0.0.1:$CONTROL_PORT"
 root-certificates = "$W/centre/certs/ca.crt"
 EOT
 fedcare server start --certs "$W/centre/certs" --host 127.0.0.1 --port "$PORT" \
+    --control-port "$CONTROL_PORT" \
     --database "$W/centre/superlink.db" > "$W/logs/superlink.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 60); do

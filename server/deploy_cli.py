@@ -1,8 +1,12 @@
 """The coordinating centre's commands.
 
-``fedcare server start``: the SuperLink in the foreground. TLS and SuperNode authentication
-are on unless ``--insecure`` (which warns loudly). SIGTERM (``systemctl stop``) or Ctrl-C
-stops the SuperLink and every process it started.
+``fedcare server start``: the centre's three processes in the foreground
+(``server/deploy.py``): the SuperLink on 127.0.0.1:``--control-port`` (the operator's
+``flwr`` CLI, on this machine), the gateway on ``--host``:``--port`` (the only port that
+faces the hospitals: it forwards the Fleet API and nothing else), and the executor that runs
+fedcare's installed ServerApp. TLS and SuperNode authentication are on unless
+``--insecure`` (which warns loudly). SIGTERM (``systemctl stop``) or Ctrl-C stops all three
+and every process they started.
 
 ``fedcare server submit RUN.toml``: validates the run's settings and submits them with
 ``flwr run`` as a thin app (no code is shipped: every site runs the fedcare it installed).
@@ -27,13 +31,14 @@ from common.audit import load_or_create_signing_key
 from common.errors import ConfigError
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.flower_app import ConfigValue, check_values, write_app_dir
-from common.processes import flower_env, supervise, venv_bin
+from common.processes import flower_env, supervise_group, venv_bin
 from common.run_signing import RUN_SIGNATURE_KEY, sign_run
 from server.deploy import (
     SuperLinkSettings,
+    centre_children,
     connection_config,
     prepare_database,
-    superlink_command,
+    write_superexec_secret,
 )
 
 if sys.version_info >= (3, 11):
@@ -44,7 +49,7 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["server_start", "server_submit"]
 
 _INSECURE_WARNING = (
-    "WARNING: --insecure: the SuperLink serves PLAIN TEXT and admits ANY SuperNode. Model "
+    "WARNING: --insecure: the centre serves PLAIN TEXT and admits ANY SuperNode. Model "
     "updates cross the network unencrypted and unauthenticated. Use this only for a test on "
     "one machine, never between hospitals."
 )
@@ -55,32 +60,39 @@ def server_start(
         None, "--certs", help="Folder with ca.crt, server.crt, server.key (fedcare certs init)."
     ),
     host: str = typer.Option(
-        None, help="Address to bind (default 0.0.0.0; 127.0.0.1 with --insecure)."
+        None, help="Public address to bind (default 0.0.0.0; 127.0.0.1 with --insecure)."
     ),
-    port: int = typer.Option(9092, help="Port for sites and the flwr CLI."),
+    port: int = typer.Option(9092, help="Public port: the hospitals' SuperNodes (Fleet API only)."),
+    control_port: int = typer.Option(
+        9093,
+        "--control-port",
+        help="Port of the SuperLink on 127.0.0.1: the flwr CLI on this machine (Control API).",
+    ),
     database: Path = typer.Option(  # noqa: B008
         Path("superlink.db"), help="SQLite file of the SuperLink's state (kept across restarts)."
     ),
     name: str = typer.Option(
-        "127.0.0.1", "--public-name", help="Name or address sites use to reach this SuperLink."
+        "127.0.0.1", "--public-name", help="Name or address sites use to reach this centre."
     ),
     insecure: bool = typer.Option(False, "--insecure", help="Plain text, no node auth (tests)."),
     no_node_auth: bool = typer.Option(
         False, "--no-node-auth", help="Admit unregistered SuperNodes (TLS stays on)."
     ),
 ) -> None:
-    """Start the SuperLink with TLS and SuperNode authentication (foreground)."""
+    """Start the centre: the SuperLink (local), the Fleet-only public gateway and the
+    ServerApp executor, with TLS and SuperNode authentication (foreground)."""
     if host is None:
         host = "127.0.0.1" if insecure else "0.0.0.0"
     settings = SuperLinkSettings(
         certs=certs,
         host=host,
         port=port,
+        control_port=control_port,
         database=database,
         insecure=insecure,
         node_auth=not no_node_auth,
     )
-    command = superlink_command(settings)
+    children = centre_children(settings)  # checks ports and certificates first
     if insecure:
         typer.secho(_INSECURE_WARNING, fg=typer.colors.RED, bold=True, err=True)
     elif no_node_auth:
@@ -89,16 +101,21 @@ def server_start(
             fg=typer.colors.YELLOW,
             err=True,
         )
-    ca = None if insecure else settings.cert_paths()["ca"]
-    table = connection_config(address=f"{name}:{port}", ca_cert=ca, insecure=insecure)
+    table = connection_config(
+        address=settings.control_address, ca_cert=settings.ca_cert, insecure=insecure
+    )
     typer.echo(
-        "flwr CLI connection (add to $FLWR_HOME/config.toml, default ~/.flwr/config.toml):\n"
+        f"sites connect to {name}:{port} (Fleet API only; the Control and Runtime APIs "
+        f"listen on {settings.control_address}, this machine only)\n"
+        "flwr CLI connection on this machine (add to $FLWR_HOME/config.toml, default "
+        "~/.flwr/config.toml):\n"
         + tomli_w.dumps({"superlink": {"fedcare": table}})
         + "register a site:  flwr supernode register SITE_KEY.pub fedcare\n"
-        + "start a run:      fedcare server submit run.toml --wait\n"
+        + "start a run:      fedcare server submit run.toml --run-key run-signing.key --wait\n"
     )
     prepare_database(database)
-    raise typer.Exit(supervise(command, env=flower_env(one_thread=False)))
+    write_superexec_secret(settings)
+    raise typer.Exit(supervise_group(children, env=flower_env(one_thread=False)))
 
 
 def _read_overrides(path: Path) -> dict[str, ConfigValue]:

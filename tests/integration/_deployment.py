@@ -83,12 +83,18 @@ class Process:
 
 @dataclass
 class Deployment:
-    """A coordinating centre and its hospitals, all on this machine."""
+    """A coordinating centre and its hospitals, all on this machine.
+
+    ``port`` is the centre's public port (the gateway: Fleet API only), which the sites
+    dial; ``control_port`` is the SuperLink's loopback port, which the ``flwr`` CLI
+    (``CONNECTION``) uses.
+    """
 
     root: Path
     port: int
     env: dict[str, str]
     sites: list[Path]
+    control_port: int
     processes: dict[str, Process] = field(default_factory=dict)
     _earlier: list[Process] = field(default_factory=list)
 
@@ -115,7 +121,7 @@ class Deployment:
             # Hospitals as a deployment holds them: no [simulation] opt-ins in site.toml.
             config=SynthConfig(patients_per_site=patients, image_format="npy", simulated=False),
         )
-        dep = cls(root=root, port=free_port(), env=env, sites=[])
+        dep = cls(root=root, port=free_port(), env=env, sites=[], control_port=free_port())
         out = fedcare(
             "certs",
             "init",
@@ -129,7 +135,7 @@ class Deployment:
         )
         assert out.returncode == 0, out.stdout + out.stderr
         connection = {
-            "address": f"127.0.0.1:{dep.port}",
+            "address": f"127.0.0.1:{dep.control_port}",
             "root-certificates": str(dep.certs / "ca.crt"),
         }
         (home / "config.toml").write_text(
@@ -204,6 +210,8 @@ class Deployment:
             "127.0.0.1",
             "--port",
             str(self.port),
+            "--control-port",
+            str(self.control_port),
             "--database",
             str(self.root / "centre" / "superlink.db"),
         )
@@ -211,7 +219,9 @@ class Deployment:
         return p
 
     def healthy(self) -> bool:
-        """The SuperLink answers its health check over TLS, verified with the CA."""
+        """The public port answers its health check over TLS, verified with the CA (behind
+        ``fedcare server start`` that is the gateway, which answers 200 only while the
+        SuperLink on the control port does)."""
         context = ssl.create_default_context(cafile=str(self.certs / "ca.crt"))
         opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)

@@ -1,0 +1,375 @@
+"""The centre's ServerApp executor: runs fedcare's installed ServerApp, and nothing else.
+
+``fedcare server start`` starts ``flower-superlink`` with ``--isolation process`` and a
+SuperExec secret (``--superexec-auth-secret-file``), so the SuperLink launches no process
+itself and its Runtime API hands a ServerApp task only to a caller that signs
+``AcquireTask`` with that secret (Flower's ``SuperExecAuthHttpInterceptor``). This module is
+that caller:
+
+* :func:`run_executor` (``python -m server.executor --runtime-api-address ...``, built by
+  ``server.deploy.executor_command``) polls
+  ``AcquireTask`` for ``flwr-serverapp`` tasks on the SuperLink's loopback Runtime API every
+  0.5 s and starts one task process per task, handing it the task's token on its standard
+  input (never on a command line other local users can read);
+* :func:`run_task` (``python -m server.executor --run-task ...``) does what Flower's own
+  ``flwr-serverapp`` does (``flwr.superlink.runtime.run_serverapp``: an ``HttpGrid`` holding
+  the token, task heartbeats, ``PullTaskInput``, the run config fused from the FAB's
+  defaults and the run's overrides with Flower's ``get_fused_config_from_fab``, the
+  process's output uploaded so that ``flwr log`` shows it, ``PushTaskOutput`` completed or
+  failed) with one difference: it never installs or imports anything from the FAB. It first
+  checks the FAB with :func:`common.flower_app.check_fab`; a FAB that is not fedcare's thin
+  app (it ships a file, names other components, another publisher, name or version) is
+  refused: the task is pushed as failed with the reason, and one line says so. Otherwise it
+  calls the installed ``server.app.app``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from queue import Queue
+from typing import NoReturn
+
+import httpx
+from flwr.app import RecordDict
+from flwr.app.exception import AppExitException
+from flwr.common.config import get_fused_config_from_fab
+from flwr.common.constant import SubStatus
+from flwr.common.serde import context_from_proto, context_to_proto, fab_from_proto, run_from_proto
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullTaskInputRequest, PushTaskOutputRequest
+from flwr.server.run_serverapp import run as run_serverapp
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.auth import load_superexec_auth_secret
+from flwr.supercore.constant import TaskType
+from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
+from flwr.supercore.exit.exit_handler import trigger_exit_handlers
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+from flwr.supercore.logger import (
+    flush_logs,
+    mirror_output_to_queue,
+    start_log_uploader,
+    stop_log_uploader,
+)
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.telemetry import EventType
+from flwr.superlink.grid import HttpGrid
+
+from common.errors import ConfigError, PolicyViolation
+from common.flower_app import check_fab
+from server.deploy import module_command
+
+__all__ = ["POLL_INTERVAL_S", "run_executor", "run_task", "main"]
+
+log = logging.getLogger(__name__)
+
+#: How often an idle executor asks for a task.
+POLL_INTERVAL_S = 0.5
+#: The Runtime call the SuperLink authenticates with the SuperExec secret.
+_ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
+_TOKEN = re.compile(r"[0-9a-f]{16,256}")
+
+
+def _task_command(*, runtime_api_address: str, root_certificates: Path | None) -> list[str]:
+    cmd = [*module_command("server.executor"), "--run-task"]
+    cmd += ["--runtime-api-address", runtime_api_address, "--parent-pid", str(os.getpid())]
+    if root_certificates is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(root_certificates)]
+    return cmd
+
+
+def run_executor(
+    *,
+    runtime_api_address: str,
+    root_certificates: Path | None,
+    secret: bytes,
+    poll_s: float = POLL_INTERVAL_S,
+) -> int:
+    """Take ServerApp tasks from the SuperLink and run each in its own task process.
+
+    Returns when told to stop (SIGTERM, SIGINT, SIGHUP): each running task process gets
+    SIGTERM (Flower's handler pushes its task as failed) and up to 10 s to exit. Returns 0
+    then, or 3 when the SuperLink refuses the secret.
+    """
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address,
+        insecure=root_certificates is None,
+        root_certificates=None if root_certificates is None else str(root_certificates),
+        interceptors=[
+            RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+            SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={_ACQUIRE_TASK}),
+        ],
+    )
+    stop = threading.Event()
+
+    def _on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {
+        s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
+    command = _task_command(
+        runtime_api_address=runtime_api_address, root_certificates=root_certificates
+    )
+    request = AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP])
+    tasks: dict[int, subprocess.Popen[bytes]] = {}
+    waiting = False
+    log.info("taking ServerApp tasks from %s (fedcare's installed app only)", runtime_api_address)
+    try:
+        while not stop.is_set():
+            for task_id, proc in list(tasks.items()):
+                if proc.poll() is not None:
+                    log.info("task %d: ServerApp process exited with %d", task_id, proc.returncode)
+                    del tasks[task_id]
+            try:
+                reply = client.AcquireTask(request)
+            except httpx.HTTPStatusError as e:
+                if e.response.status_code in (401, 403):
+                    log.error(
+                        "the SuperLink at %s refused the SuperExec secret (HTTP %d); start "
+                        "the executor with the secret file the SuperLink was started with",
+                        runtime_api_address,
+                        e.response.status_code,
+                    )
+                    return 3
+                log.warning("AcquireTask failed: HTTP %d", e.response.status_code)
+            except httpx.TransportError as e:
+                if not waiting:
+                    log.info("waiting for the SuperLink at %s (%s)", runtime_api_address, e)
+                waiting = True
+            else:
+                if waiting:
+                    log.info("connected to the SuperLink at %s", runtime_api_address)
+                waiting = False
+                if reply.HasField("task") and reply.token:
+                    task = reply.task
+                    if task.type != TaskType.SERVER_APP:  # never asked for; never run
+                        log.error("task %d of type %r ignored", task.task_id, task.type)
+                    else:
+                        tasks[task.task_id] = _launch(command, reply.token)
+                        log.info(
+                            "run %d: task %d taken, ServerApp process %d",
+                            task.run_id,
+                            task.task_id,
+                            tasks[task.task_id].pid,
+                        )
+                    continue  # another task may be waiting
+            stop.wait(poll_s)
+    finally:
+        for proc in tasks.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in tasks.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        client.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
+def _launch(command: Sequence[str], token: str) -> subprocess.Popen[bytes]:
+    """Start a task process; its token goes through a pipe, not the command line."""
+    proc = subprocess.Popen(list(command), stdin=subprocess.PIPE)  # noqa: S603 - ourselves
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError):  # it died at once: its exit code says why
+        proc.stdin.write(token.encode("ascii") + b"\n")
+        proc.stdin.close()
+    return proc
+
+
+def run_task(
+    *,
+    runtime_api_address: str,
+    token: str,
+    root_certificates: bytes | None,
+    parent_pid: int | None,
+    log_queue: Queue[str | None],
+) -> NoReturn:
+    """Run one ServerApp task with fedcare's installed ServerApp, or refuse it; exit.
+
+    Mirrors ``flwr.superlink.runtime.run_serverapp`` (same Flower building blocks, same
+    exit handling) except that the FAB is checked (:func:`common.flower_app.check_fab`)
+    and never installed or imported: the ServerApp is ``server.app.app``.
+    """
+    if parent_pid is not None:
+        start_parent_process_monitor(parent_pid)
+    grid = HttpGrid(
+        runtime_api_address=runtime_api_address,
+        insecure=root_certificates is None,
+        root_certificates=root_certificates,
+        token=token,
+    )
+    # Flower's own ServerApp process reaches the Runtime client the same way.
+    runtime = grid._runtime_client  # noqa: SLF001
+    state: dict[str, object] = {
+        "sub_status": SubStatus.FAILED,
+        "details": "Task failed with unknown error.",
+        "context": None,
+        "log_uploader": None,
+        "heartbeat": None,
+    }
+
+    def on_exit() -> None:
+        grid._retry_invoker.max_tries = 1  # noqa: SLF001 - do not block on exit
+        uploader = state["log_uploader"]
+        if isinstance(uploader, threading.Thread):
+            flush_logs(log_queue)
+        context = state["context"]
+        request = PushTaskOutputRequest(
+            context=context_to_proto(context) if context is not None else None,  # type: ignore[arg-type]
+            sub_status=str(state["sub_status"]),
+            details=str(state["details"]),
+        )
+        try:
+            runtime.PushTaskOutput(request)
+        except httpx.HTTPError as err:
+            log.error("failed to push the task's output: %s", err)
+        if isinstance(uploader, threading.Thread):
+            stop_log_uploader(log_queue, uploader)
+        heartbeat = state["heartbeat"]
+        if isinstance(heartbeat, HeartbeatSender) and heartbeat.is_running:
+            heartbeat.stop()
+        grid.close()
+
+    register_signal_handlers(
+        event_type=EventType.FLWR_SERVERAPP_RUN_LEAVE,
+        exit_message="Task stopped by user.",
+        exit_handlers=[on_exit],
+    )
+    exit_code = ExitCode.SUCCESS
+    try:
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(runtime))
+        state["heartbeat"] = heartbeat
+        heartbeat.start()
+        res = runtime.PullTaskInput(PullTaskInputRequest())
+        TaskIdentity.task_id = res.task_id
+        TaskIdentity.run_id = res.run.run_id
+        TaskIdentity.node_id = res.context.node_id
+        context = context_from_proto(res.context)
+        state["context"] = context
+        run = run_from_proto(res.run)
+        fab = fab_from_proto(res.fab)
+        grid.set_run(run)
+        state["log_uploader"] = start_log_uploader(
+            log_queue=log_queue, node_id=0, run_id=run.run_id, client=runtime
+        )
+        try:
+            check_fab(fab.content, run.fab_id, run.fab_version)
+        except PolicyViolation as e:
+            refused = f"fedcare refused run {run.run_id}: {e}"
+            state["details"] = refused
+            print(refused, file=sys.stderr, flush=True)  # the one line, also in `flwr log`
+            # Flower's exit handling (push the output, stop uploads and heartbeats)
+            # without flwr_exit's "unhandled exception in the ServerApp" text.
+            trigger_exit_handlers(run_before_force_exit=True)
+            trigger_exit_handlers(run_before_force_exit=False)
+            sys.exit(1)
+        else:
+            context.run_config = get_fused_config_from_fab(fab.content, run)
+            from server.app import app as server_app  # the installed one, only now
+
+            context = run_serverapp(
+                grid=grid, context=context, server_app_dir="", loaded_server_app=server_app
+            )
+            context.state = RecordDict()  # as Flower: the context goes back without state
+            state.update(context=context, sub_status=SubStatus.COMPLETED, details="")
+    except Exception as ex:  # noqa: BLE001 - reported as the task's failure, as Flower does
+        log.exception("ServerApp raised an exception")
+        state.update(sub_status=SubStatus.FAILED, details=f"ServerApp failed with exception: {ex}")
+        exit_code = ExitCode.SERVERAPP_EXCEPTION
+        if isinstance(ex, AppExitException):
+            exit_code = ex.exit_code
+        elif isinstance(ex, ImportError):
+            exit_code = ExitCode.COMMON_APP_IMPORT_ERROR
+    flwr_exit(code=exit_code, event_type=EventType.FLWR_SERVERAPP_RUN_LEAVE)
+
+
+def _read_secret(path: Path) -> bytes:
+    try:
+        secret = load_superexec_auth_secret(str(path))
+    except ValueError as e:
+        raise ConfigError(
+            f"--superexec-auth-secret-file: {e}; `fedcare server start` writes it"
+        ) from e
+    assert secret is not None
+    return secret
+
+
+def _read_token() -> str:
+    token = sys.stdin.readline().strip()
+    if not _TOKEN.fullmatch(token):
+        raise ConfigError("--run-task reads the task's token (hex) on its standard input")
+    return token
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m server.executor``: the executor, or (``--run-task``) one task process."""
+    parser = argparse.ArgumentParser(
+        prog="python -m server.executor",
+        description="Run fedcare's installed ServerApp for the SuperLink's ServerApp tasks.",
+    )
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperLink HOST:PORT")
+    parser.add_argument("--root-certificates", type=Path, help="the federation's ca.crt")
+    parser.add_argument("--insecure", action="store_true", help="plain text (tests only)")
+    parser.add_argument("--superexec-auth-secret-file", type=Path, help="the SuperExec secret")
+    parser.add_argument("--run-task", action="store_true", help="run one task (token on stdin)")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    args = parser.parse_args(argv)
+    try:
+        if args.insecure == (args.root_certificates is not None):
+            raise ConfigError("give exactly one of --root-certificates CA_CERT and --insecure")
+        if args.root_certificates is not None and not args.root_certificates.is_file():
+            raise ConfigError(f"--root-certificates {args.root_certificates}: no such file")
+        if args.run_task:
+            return _task_main(args, _read_token())
+        if args.superexec_auth_secret_file is None:
+            raise ConfigError("--superexec-auth-secret-file is required (the SuperLink's)")
+        secret = _read_secret(args.superexec_auth_secret_file)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s executor %(message)s")
+    for noisy in ("httpx", "httpcore"):  # a line per poll otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return run_executor(
+        runtime_api_address=args.runtime_api_address,
+        root_certificates=args.root_certificates,
+        secret=secret,
+    )
+
+
+def _task_main(args: argparse.Namespace, token: str) -> NoReturn:
+    log_queue: Queue[str | None] = Queue()
+    mirror_output_to_queue(log_queue)  # what the task prints reaches `flwr log` too
+    # As under Flower's flwr-serverapp: Flower's logger has its own handler; no root
+    # handler, so nothing (httpx's line per request) is uploaded twice or without end.
+    certificates = None
+    if args.root_certificates is not None:
+        certificates = args.root_certificates.read_bytes()
+    run_task(
+        runtime_api_address=args.runtime_api_address,
+        token=token,
+        root_certificates=certificates,
+        parent_pid=args.parent_pid,
+        log_queue=log_queue,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
