@@ -39,6 +39,7 @@ from client.ledger import PrivacyLedger
 from client.local import RoundRequest, SiteTrainer, settings_from_run
 from client.policy import simulated_site_policy
 from client.site_config import SiteConfig, load_site_config
+from client.warm import WarmSites
 from common import keys
 from common.audit import config_hash
 from common.errors import (
@@ -53,7 +54,7 @@ from common.federation import FederationConfig
 from common.files import private_dir
 from common.run_signing import verify_run
 
-__all__ = ["app", "handle_train", "handle_evaluate", "resolve_site"]
+__all__ = ["app", "handle_train", "handle_evaluate", "refuse", "resolve_site"]
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def _open_ledger(path: Path, state_dir: Path, site_id: str) -> PrivacyLedger:
     return ledger
 
 
-def _open_site(context: Context, cfg: FederationConfig) -> _Site:
+def _open_site(context: Context, cfg: FederationConfig, warm: WarmSites | None = None) -> _Site:
     """Load this site, its policy and its ledger.
 
     A deployed site (node config ``site-config``) trains only for a run signed by the
@@ -133,13 +134,18 @@ def _open_site(context: Context, cfg: FederationConfig) -> _Site:
     ledger is read), enforces its budget, policy, ledger and device, whatever the run asks,
     and refuses a ``site.toml`` that carries simulation-only settings. A simulated site's
     policy comes from :func:`client.policy.simulated_site_policy` (the one constructor every
-    simulated site uses).
+    simulated site uses). ``warm`` (a site worker's) keeps a deployed site's loaded data
+    between messages while it is unchanged.
     """
     site_cfg = _site_config(context)
     if site_cfg is not None:
         # Before the data or the ledger is touched: only a run the centre's pinned key signed.
         verify_run(cfg.to_run_config(), site_cfg.run_public_key(), site_id=site_cfg.site_id)
-        site = load_site(site_cfg.data)
+        tasks = None
+        if warm is None:
+            site = load_site(site_cfg.data)
+        else:
+            site, tasks = warm.get(site_cfg)
         if site.spec.site_id != site_cfg.site_id:
             raise ConfigError(
                 f"site-config says site_id {site_cfg.site_id!r} but {site_cfg.data}/site.toml "
@@ -153,7 +159,9 @@ def _open_site(context: Context, cfg: FederationConfig) -> _Site:
             )
         private_dir(site_cfg.state_dir)
         ledger = _open_ledger(site_cfg.ledger_path(), site_cfg.state_dir, site_cfg.site_id)
-        trainer = SiteTrainer(site=site, policy=site_cfg.policy(), ledger=ledger, seed=cfg.seed)
+        trainer = SiteTrainer(
+            site=site, policy=site_cfg.policy(), ledger=ledger, seed=cfg.seed, task_data=tasks
+        )
         own = cfg.model_copy(update={"device": site_cfg.device})
         return _Site(trainer, own, site_cfg.state_dir)
     site = load_site(resolve_site(context, cfg))
@@ -282,6 +290,13 @@ def _refuse(
     return _refusal(msg, site_id, error)
 
 
+def refuse(msg: Message, context: Context, error: FedcareError, *, phase: str) -> Message:
+    """Refuse ``msg`` before fedcare's ClientApp looked at it (the site worker's refusal of
+    an app that is not fedcare's, or of a message type it does not answer): the refusal is
+    logged in a deployed site's audit log, and the error reply names the site."""
+    return _refuse(msg, _site_id_guess(context), error, None, phase, context)
+
+
 def _open_audit(site: _Site, run_cfg: FederationConfig, msg: Message) -> SiteAudit:
     """The site's audit log in its state dir, with this run's ``run-start`` logged.
 
@@ -312,13 +327,13 @@ def _site_id_guess(context: Context) -> str:
     return f"node-{context.node_id}"
 
 
-def handle_train(msg: Message, context: Context) -> Message:
+def handle_train(msg: Message, context: Context, *, warm: WarmSites | None = None) -> Message:
     """One round of private local training; see the module docstring."""
     site_id = _site_id_guess(context)
     audit: SiteAudit | None = None
     try:
         run_cfg = FederationConfig.from_run_config(context.run_config)
-        here = _open_site(context, run_cfg)
+        here = _open_site(context, run_cfg, warm)
         trainer, cfg = here.trainer, here.cfg
         site_id = trainer.site_id
         audit = _open_audit(here, run_cfg, msg)
@@ -380,13 +395,13 @@ def handle_train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context) -> Message:
+def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = None) -> Message:
     """Evaluate the global model on this site's validation and test splits."""
     site_id = _site_id_guess(context)
     audit: SiteAudit | None = None
     try:
         run_cfg = FederationConfig.from_run_config(context.run_config)
-        here = _open_site(context, run_cfg)
+        here = _open_site(context, run_cfg, warm)
         trainer, cfg = here.trainer, here.cfg
         site_id = trainer.site_id
         audit = _open_audit(here, run_cfg, msg)

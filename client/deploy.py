@@ -1,4 +1,4 @@
-"""A hospital's SuperNode, started the safe way from its ``site-config.toml``.
+"""A hospital's SuperNode and site worker, started the safe way from its ``site-config.toml``.
 
 :func:`supernode_command` builds the ``flower-superlink`` counterpart: ``flower-supernode``
 verifying the SuperLink's certificate against the site's CA, signing in with the site's
@@ -6,18 +6,34 @@ node-authentication key, and telling the ClientApp where the site's own configur
 (node config ``site-config``): the ClientApp then enforces that file's budget, policy,
 ledger and device, whatever a run asks. Plain text needs an explicit ``insecure``, and then
 no key is sent (Flower allows node authentication over TLS only).
+
+The SuperNode runs with ``--isolation process``: Flower launches no executor of its own
+(which would install and run the app bundle a run ships). Its Runtime API listens on
+127.0.0.1 and hands tasks only to a holder of the site's SuperExec secret
+(:func:`write_secret`): fedcare's site worker (:func:`worker_command`,
+:mod:`client.worker`), which runs only the fedcare installed here.
 """
 
 from __future__ import annotations
 
+import secrets
+import sys
 from pathlib import Path
 
 from client.site_config import SiteConfig
 from common import keys
 from common.errors import ConfigError
-from common.processes import venv_bin
+from common.files import write_private_atomic
 
-__all__ = ["supernode_command"]
+__all__ = ["supernode_command", "worker_command", "write_secret", "secret_path", "SECRET_FILE_NAME"]
+
+SECRET_FILE_NAME = "superexec.secret"
+"""The SuperExec shared secret of a site's SuperNode and worker, in its ``state_dir``."""
+
+
+def secret_path(site: SiteConfig) -> Path:
+    """Where the site's SuperExec secret lives (written by ``fedcare site start``)."""
+    return Path(site.state_dir) / SECRET_FILE_NAME
 
 
 def _existing(path: Path, what: str, fix: str) -> Path:
@@ -27,9 +43,12 @@ def _existing(path: Path, what: str, fix: str) -> Path:
 
 
 def supernode_command(site: SiteConfig, *, config_path: Path, insecure: bool = False) -> list[str]:
-    """The ``flower-supernode`` command line for the site described by ``config_path``."""
+    """The ``flower-supernode`` command line for the site described by ``config_path``
+    (through :mod:`client.supernode`, which shortens Flower's fixed waits between polls)."""
     link = site.superlink
-    cmd = [venv_bin("flower-supernode"), "--superlink", link.address]
+    poll = f"{site.supernode.poll_interval:g}"
+    cmd = [sys.executable, "-m", "client.supernode", "--poll", poll, "--"]
+    cmd += ["--superlink", link.address]
     if insecure or link.insecure:
         cmd.append("--insecure")
     else:
@@ -55,5 +74,21 @@ def supernode_command(site: SiteConfig, *, config_path: Path, insecure: bool = F
             "move site-config.toml to a folder whose path has neither"
         )
     cmd += ["--node-config", f'{keys.NC_SITE_CONFIG}="{value}"']
-    cmd += ["--port", str(site.supernode.port), "--isolation", site.supernode.isolation]
+    cmd += ["--host", "127.0.0.1", "--port", str(site.supernode.port)]
+    cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_path(site))]
     return cmd
+
+
+def worker_command(*, config_path: Path, poll_s: float = 0.25) -> list[str]:
+    """The site worker's command line (:mod:`client.worker`) for ``config_path``."""
+    config = str(Path(config_path).resolve())
+    return [sys.executable, "-m", "client.worker", config, "--poll", f"{poll_s:g}"]
+
+
+def write_secret(site: SiteConfig) -> Path:
+    """A fresh SuperExec secret (32 random bytes, mode 0600) in the site's ``state_dir``.
+
+    Written at every ``site start``, before the SuperNode and the worker read it; whoever
+    holds it can take the SuperNode's tasks, so only the site's user can read it.
+    """
+    return write_private_atomic(secret_path(site), secrets.token_hex(32).encode("ascii"))

@@ -1,9 +1,12 @@
-"""``fedcare site start CONFIG``: a hospital's SuperNode, in the foreground.
+"""``fedcare site start CONFIG``: a hospital's SuperNode and site worker, in the foreground.
 
 TLS and node authentication are on unless the config or ``--insecure`` says otherwise
-(which warns loudly). SIGTERM (``systemctl stop``) or Ctrl-C stops the SuperNode and every
-ClientApp process it started. The site's ``state_dir`` is made private to its user first
-(mode 0700, tightened if it was wider).
+(which warns loudly). The SuperNode launches nothing itself (process isolation); fedcare's
+site worker (:mod:`client.worker`) is its only executor and runs only the fedcare installed
+here. A worker that dies is started again; the SuperNode's exit ends the command. SIGTERM
+(``systemctl stop``) or Ctrl-C stops both and everything they started. The site's
+``state_dir`` is made private to its user first (mode 0700, tightened if it was wider), and
+a fresh SuperExec secret is written there for the two to share.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ from pathlib import Path
 
 import typer
 
-from client.deploy import supernode_command
+from client.deploy import supernode_command, worker_command, write_secret
 from client.site_config import load_site_config
 from common.errors import ConfigError
 from common.files import private_dir
-from common.processes import flower_env, supervise
+from common.processes import Child, flower_env, supervise_group
 
 __all__ = ["site_start"]
 
@@ -31,7 +34,8 @@ def site_start(
     config: Path = typer.Argument(..., help="The site's site-config.toml."),  # noqa: B008
     insecure: bool = typer.Option(False, "--insecure", help="Plain text, no node auth (tests)."),
 ) -> None:
-    """Start this site's SuperNode with TLS and node authentication (foreground)."""
+    """Start this site's SuperNode (TLS, node authentication) and its site worker, which
+    runs only the fedcare installed here (foreground)."""
     site = load_site_config(config)
     command = supernode_command(site, config_path=config, insecure=insecure)
     if insecure or site.superlink.insecure:
@@ -43,11 +47,16 @@ def site_start(
         )
     try:
         private_dir(site.state_dir)
+        write_secret(site)
     except OSError as e:
-        raise ConfigError(f"{config}: state_dir {site.state_dir}: cannot create it ({e})") from e
+        raise ConfigError(f"{config}: state_dir {site.state_dir}: cannot write it ({e})") from e
     typer.echo(
         f"site {site.site_id}: SuperNode -> {site.superlink.address}; data {site.data}; "
         f"state {site.state_dir}; budget epsilon={site.privacy.epsilon:g} "
         f"(delta={site.privacy.delta:g})"
     )
-    raise typer.Exit(supervise(command, env=flower_env(one_thread=False)))
+    children = [
+        Child("supernode", command),
+        Child("site-worker", worker_command(config_path=config), restart=True),
+    ]
+    raise typer.Exit(supervise_group(children, env=flower_env(one_thread=False)))

@@ -163,6 +163,10 @@ class SiteTrainer:
     seed:
         Seeds the initial weights of a model the site builds itself (the federation sends
         its own). It decides neither the split nor any DP randomness.
+    task_data:
+        A cache of this site's encoded tasks to fill and reuse (a warm site worker shares
+        one between messages while the data is unchanged, :class:`client.warm.WarmSites`);
+        by default the trainer keeps its own.
     """
 
     def __init__(
@@ -173,6 +177,7 @@ class SiteTrainer:
         ledger: PrivacyLedger | None,
         release_dir: Path | None = None,
         seed: int = 0,
+        task_data: dict[str, TaskData] | None = None,
     ) -> None:
         self.site = site
         self.policy = policy
@@ -181,7 +186,7 @@ class SiteTrainer:
         if release_dir is None and ledger is not None:
             release_dir = Path(ledger.path).parent / "releases"
         self.release_dir = release_dir
-        self._task_data: dict[str, TaskData] = {}
+        self._task_data: dict[str, TaskData] = {} if task_data is None else task_data
         self._dataset_key: str | None = None
 
     @property

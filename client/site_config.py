@@ -250,10 +250,29 @@ class SuperLinkSection(_Section):
 
 
 class SuperNodeSection(_Section):
-    """``[supernode]``: the local SuperNode process."""
+    """``[supernode]``: the local SuperNode process.
+
+    Its Runtime API listens on 127.0.0.1:``port``, where only fedcare's site worker (holding
+    the site's SuperExec secret) takes its tasks. There is no isolation choice: a SuperNode
+    that launched Flower's executor would run code from the bundle a run ships.
+    """
 
     port: int = Field(default=9094, ge=1, le=65535)
-    isolation: Literal["subprocess", "process"] = "subprocess"
+    poll_interval: float = Field(default=0.5, ge=0.05, le=3.0)
+    """Seconds between the SuperNode's requests for a message while none comes (Flower's own
+    fixed wait is 3 s, :mod:`client.supernode`); each is one small HTTPS request."""
+
+    isolation: None = Field(default=None, exclude=True)
+    """Gone: kept only to explain why an old site-config's line is refused."""
+
+    @field_validator("isolation", mode="before")
+    @classmethod
+    def _no_isolation(cls, value: Any) -> None:
+        raise ValueError(
+            "isolation is no longer a choice: `fedcare site start` always runs the SuperNode "
+            "with process isolation and fedcare's own site worker as its only executor "
+            "(Flower's would run code a run ships); remove the isolation line"
+        )
 
 
 class SiteConfig(_Section):

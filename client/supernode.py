@@ -1,0 +1,103 @@
+"""Flower's SuperNode (``flower-supernode``), with shorter waits between its polls.
+
+Flower 1.42's SuperNode loop (``flwr.supernode.start_client_internal``) sleeps a fixed 3 s
+whenever it asked the SuperLink for a message and got none, and checks for its executor's
+reply every 0.5 s. Each message of a round waits for both: about 3.5 s per round with an
+evaluation on average, more than a warm round's training. ``fedcare site start`` runs the
+SuperNode through this launcher, which gives that one module a ``time`` whose ``sleep``
+turns those two fixed waits into ``--poll`` and ``--reply-poll`` seconds; nothing else in
+Flower changes. Each idle poll is one small HTTPS request to the centre.
+
+The launcher refuses to start when Flower is not the version whose loop it knows (the
+waits would silently be something else); upgrade fedcare with Flower.
+
+Usage (``fedcare site start`` builds it): ``python -m client.supernode --poll 0.5
+--reply-poll 0.1 -- <flower-supernode arguments>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["FLOWER_VERSION", "FasterPolls", "install", "main"]
+
+FLOWER_VERSION = "1.42."
+"""The Flower release line whose SuperNode loop this launcher knows."""
+
+#: Flower 1.42's fixed waits in ``start_client_internal``: no message came; no reply yet.
+_IDLE_WAIT_S, _REPLY_WAIT_S = 3, 0.5
+
+
+class FasterPolls:
+    """``time`` as the SuperNode module sees it: the two fixed waits shortened."""
+
+    def __init__(self, *, poll_s: float, reply_poll_s: float) -> None:
+        self.poll_s = poll_s
+        self.reply_poll_s = reply_poll_s
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == _IDLE_WAIT_S:
+            seconds = self.poll_s
+        elif seconds == _REPLY_WAIT_S:
+            seconds = self.reply_poll_s
+        time.sleep(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def install(*, poll_s: float, reply_poll_s: float) -> FasterPolls:
+    """Give Flower's SuperNode loop the shorter waits; refuse an unknown Flower."""
+    version = importlib.metadata.version("flwr")
+    if not version.startswith(FLOWER_VERSION):
+        raise RuntimeError(
+            f"flwr {version} is installed, but fedcare's SuperNode launcher knows the loop of "
+            f"flwr {FLOWER_VERSION}x; install the flwr version fedcare pins"
+        )
+    from flwr.supernode import start_client_internal as loop
+
+    if getattr(loop, "time", None) is not time:
+        raise RuntimeError(
+            "flwr.supernode.start_client_internal no longer uses the time module as flwr "
+            f"{FLOWER_VERSION}x did; fedcare's SuperNode launcher needs updating"
+        )
+    faster = FasterPolls(poll_s=poll_s, reply_poll_s=reply_poll_s)
+    loop.time = faster  # type: ignore[assignment]
+    return faster
+
+
+def _seconds(value: str) -> float:
+    seconds = float(value)
+    if not 0.05 <= seconds <= 3:
+        raise argparse.ArgumentTypeError(f"{value}: use seconds in 0.05..3")
+    return seconds
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse ``--poll``/``--reply-poll``, then run ``flower-supernode`` with the rest."""
+    parser = argparse.ArgumentParser(prog="python -m client.supernode")
+    parser.add_argument("--poll", type=_seconds, default=0.5, help="idle poll (s), 0.05..3")
+    parser.add_argument("--reply-poll", type=_seconds, default=0.1, help="reply check (s)")
+    parser.add_argument("supernode_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    rest = list(args.supernode_args)
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    try:
+        install(poll_s=args.poll, reply_poll_s=args.reply_poll)
+    except RuntimeError as e:
+        print(f"fedcare SuperNode launcher: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *rest]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

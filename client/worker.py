@@ -1,0 +1,252 @@
+"""fedcare's site worker: the only executor of a hospital's SuperNode.
+
+Flower's own executor (``flower-superexec``) starts a fresh ``flwr-clientapp`` process for
+every message, installs the app bundle (FAB) the run shipped and imports *its* ClientApp:
+whoever can submit a run runs code at every hospital. ``fedcare site start`` therefore
+runs the SuperNode with ``--isolation process`` (Flower launches nothing) and a SuperExec
+shared secret, and runs this worker beside it, as the site's user:
+
+- it takes the SuperNode's ClientApp tasks from its local Runtime API (127.0.0.1, each
+  request signed with the secret in ``<state_dir>/superexec.secret``: no other local user
+  can claim a task);
+- it checks that the run's FAB is fedcare's thin app at this site's installed version
+  (:func:`common.flower_app.check_fab`) and **never installs or imports anything from
+  it**: it runs the ClientApp fedcare installed (:func:`client.app.handle_train`,
+  :func:`client.app.handle_evaluate`). Anything else is refused: an error reply whose reason
+  the server records, one line here, and a ``refused`` entry in the site's audit log;
+- it stays up between messages with torch, fedcare and the site's loaded and encoded data
+  in memory (:class:`client.warm.WarmSites`, invalidated when the data changes), so a round
+  costs its training, not a Python start. The site's configuration, policy and ledger are
+  read afresh for every message; a ledger charge is written before training starts, so a
+  worker that dies loses none (``site start`` starts it again).
+
+Run by ``fedcare site start``; by hand: ``python -m client.worker SITE_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from flwr.app import Context, Message
+from flwr.common.constant import SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import (
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
+
+from client.app import handle_evaluate, handle_train, refuse
+from client.deploy import secret_path
+from client.site_config import load_site_config
+from client.warm import WarmSites
+from common import keys
+from common.errors import ConfigError, FedcareError, PolicyViolation
+from common.flower_app import check_fab
+
+__all__ = ["SiteWorker", "main"]
+
+log = logging.getLogger(__name__)
+
+#: The one Runtime API method Flower protects with the shared secret.
+_ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
+
+Handler = Callable[..., Message]
+_HANDLERS: dict[str, Handler] = {"train": handle_train, "evaluate": handle_evaluate}
+
+
+class _Stop(BaseException):
+    """SIGTERM/SIGINT: leave the loop (a task in progress is abandoned; its charge stands)."""
+
+
+class SiteWorker:
+    """Take the SuperNode's ClientApp tasks and run fedcare's installed ClientApp for them.
+
+    Parameters
+    ----------
+    config_path : pathlib.Path
+        The site's ``site-config.toml`` (read afresh for every message).
+    runtime_address : str
+        The SuperNode's local Runtime API, ``127.0.0.1:PORT``.
+    secret : bytes
+        The SuperExec shared secret the SuperNode was started with.
+    """
+
+    def __init__(self, *, config_path: Path, runtime_address: str, secret: bytes) -> None:
+        self.config_path = Path(config_path).resolve()
+        self.runtime_address = runtime_address
+        self.warm = WarmSites()
+        self.tasks = 0
+        self._acquirer = RuntimeHttpClient.from_server_address(
+            server_address=runtime_address,
+            insecure=True,  # loopback only; the secret authenticates each AcquireTask
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                SuperExecAuthHttpInterceptor(
+                    master_secret=secret, protected_methods=frozenset({_ACQUIRE_TASK})
+                ),
+            ],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+
+    def close(self) -> None:
+        self._acquirer.close()
+
+    def poll(self) -> bool:
+        """Take one task if the SuperNode has one and run it; ``True`` if there was one."""
+        res = self._acquirer.AcquireTask(
+            AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
+        )
+        if not (res.HasField("task") and res.token):
+            return False
+        self.run_task(res.token)
+        return True
+
+    def run_task(self, token: str) -> None:
+        """Pull the task's message, answer it, push the reply and the task's end."""
+        client = RuntimeHttpClient.from_server_address(
+            server_address=self.runtime_address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        context: Context | None = None
+        status, details = SubStatus.FAILED, "the site worker stopped during the task"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            reply, status, details = self.answer(
+                message,
+                context,
+                fab_content=fab.content,
+                fab_id=run.fab_id,
+                fab_version=run.fab_version,
+            )
+            push_message(client, reply, context)
+        finally:
+            try:
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+            finally:
+                heartbeat.stop()
+                client.close()
+            self.tasks += 1
+
+    def answer(
+        self,
+        message: Message,
+        context: Context,
+        *,
+        fab_content: bytes,
+        fab_id: str,
+        fab_version: str,
+    ) -> tuple[Message, str, str]:
+        """The reply to ``message``, the task's status and its details.
+
+        The node config is this worker's own (the site's ``site-config.toml``), whatever
+        the task carries.
+        """
+        context.node_config = {keys.NC_SITE_CONFIG: str(self.config_path)}
+        kind = message.metadata.message_type.split(".", 1)[0]
+        try:
+            check_fab(fab_content, fab_id, fab_version)
+            handler = _HANDLERS.get(kind)
+            if handler is None:
+                raise PolicyViolation(
+                    f"message type {message.metadata.message_type!r} is not one fedcare's "
+                    f"ClientApp answers ({', '.join(sorted(_HANDLERS))})"
+                )
+        except PolicyViolation as e:
+            reply = refuse(message, context, e, phase=kind or "message")
+            reason = reply.error.reason
+            log.error("refused: %s", reason)
+            return reply, SubStatus.FAILED, reason
+        reply = handler(message, context, warm=self.warm)
+        if reply.has_error():
+            log.warning("answered with a refusal: %s", reply.error.reason)
+        return reply, SubStatus.COMPLETED, ""
+
+    def serve(self, *, poll_s: float, stop: Callable[[], bool] = lambda: False) -> None:
+        """Poll every ``poll_s`` seconds until ``stop()`` (or SIGTERM in :func:`main`)."""
+        while not stop():
+            if not self.poll():
+                time.sleep(poll_s)
+
+
+def _raise_stop(signum: int, _frame: FrameType | None) -> None:
+    raise _Stop(signum)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m client.worker",
+        description="fedcare's site worker (started by `fedcare site start`).",
+    )
+    parser.add_argument("config", type=Path, help="the site's site-config.toml")
+    parser.add_argument(
+        "--poll", type=float, default=0.25, help="seconds between polls when idle (0.01..5)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the worker until SIGTERM/SIGINT; one clear line and exit 2 on a bad setup."""
+    args = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format="site-worker: %(message)s", stream=sys.stderr)
+    try:
+        if not 0.01 <= args.poll <= 5:
+            raise ConfigError(f"--poll {args.poll}: use a number of seconds in 0.01..5")
+        site = load_site_config(args.config)
+        secret_file = secret_path(site)
+        try:
+            secret = secret_file.read_bytes()
+        except OSError as e:
+            raise ConfigError(
+                f"{secret_file}: cannot read the SuperExec secret ({e}); start the site with "
+                "`fedcare site start`, which writes it"
+            ) from e
+        if not secret:
+            raise ConfigError(f"{secret_file} is empty; restart with `fedcare site start`")
+        worker = SiteWorker(
+            config_path=args.config,
+            runtime_address=f"127.0.0.1:{site.supernode.port}",
+            secret=secret,
+        )
+    except FedcareError as e:
+        print(f"site-worker: error: {e}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _raise_stop)
+    log.info("site %s: taking ClientApp tasks from 127.0.0.1:%d", site.site_id, site.supernode.port)
+    try:
+        worker.serve(poll_s=args.poll)
+    except _Stop:
+        log.info("stopped after %d task(s)", worker.tasks)
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
