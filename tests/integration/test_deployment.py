@@ -2,13 +2,15 @@
 process started with ``fedcare server start`` / ``fedcare site start``, TLS and node
 authentication on, each site with its own data folder, site-config.toml and privacy ledger.
 
-Runs are submitted with ``flwr run`` and followed with ``flwr ls --format json``. Slow:
-every message starts a fresh ClientApp process. CI runs them too.
+Runs are submitted with ``flwr run`` and followed with ``flwr ls --format json``. Slow
+(real processes, TLS, three hospitals on two cores); CI runs them too.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import ssl
 import time
 import urllib.error
@@ -19,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from client.ledger import PrivacyLedger
+from common.processes import family_pids
 from common.summary import load_summary
 from tests.integration._deployment import CONNECTION, Deployment, processes_under
 
@@ -61,8 +64,40 @@ def _online_nodes(dep: Deployment) -> int:
     return sum(1 for n in nodes if str(n.get("status", "")).startswith("online"))
 
 
+def _worker_pids(dep: Deployment, site: int) -> set[int]:
+    """The pids of hospital ``site``'s site worker (``python -m client.worker``)."""
+    found = set()
+    for pid in family_pids(dep.processes[f"site-{site}"].proc.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"client.worker" in cmdline:
+            found.add(pid)
+    return found
+
+
+def _restart_worker(dep: Deployment, site: int) -> None:
+    """SIGKILL hospital ``site``'s worker; ``site start`` starts a new one."""
+    (old,) = _worker_pids(dep, site)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = _worker_pids(dep, site)
+        if now and old not in now:
+            break
+        time.sleep(0.2)
+    assert _worker_pids(dep, site) - {old}, "the site worker was not started again"
+    assert (
+        "site-worker exited with code -9; starting it again" in dep.processes[f"site-{site}"].text()
+    )
+
+
 def test_run_survives_a_dropped_site_and_a_server_restart(deployment: Deployment) -> None:
-    """Three rounds over TLS with registered nodes, and two failures on the way.
+    """Three rounds over TLS with registered nodes, and three failures on the way.
+
+    Before the run, hospital 0's site worker is SIGKILLed: ``site start`` starts it again
+    and the hospital trains every round.
 
     After round 1 one hospital goes dark (its whole process family SIGKILLed): round 2 goes
     on with the other two and the hospital is recorded as dropped. After round 2 the
@@ -71,6 +106,7 @@ def test_run_survives_a_dropped_site_and_a_server_restart(deployment: Deployment
     resumes with round 3. Every site is charged exactly once per round it trained.
     """
     dep = deployment
+    _restart_worker(dep, 0)
     run = "tls-drop-restart"
     config = {"num-server-rounds": 3, "num-sites": 0, "min-sites": 2, "round-timeout": 120.0}
     first = dep.submit(run, **config)
@@ -149,7 +185,9 @@ def test_plain_text_cannot_connect(deployment: Deployment) -> None:
     assert "CERTIFICATE_VERIFY_FAILED" in str(e.value)
     # A SuperNode started --insecure never gets in (it warns loudly, then fails to connect).
     p = dep.start_site(0, "--insecure")
-    time.sleep(12)
+    deadline = time.monotonic() + 90
+    while "Connection attempt failed" not in p.text() and time.monotonic() < deadline:
+        time.sleep(0.3)
     text = p.text()
     p.stop()
     assert "PLAIN TEXT" in text
