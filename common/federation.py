@@ -8,10 +8,11 @@ naming the key and the fix, before anything runs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import ConfigError
 
@@ -39,7 +40,7 @@ class FederationConfig(BaseModel):
     a site's split is fixed by its ``site.toml`` and its DP noise comes from its own entropy.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     task: str = "multimodal_outcome"
     num_server_rounds: int = Field(default=3, ge=1)
@@ -80,10 +81,23 @@ class FederationConfig(BaseModel):
     site_epsilon_budget: float = Field(default=10.0, gt=0)
     site_min_count: int = Field(default=10, ge=1)
 
+    @field_validator("target_epsilon", mode="before")
+    @classmethod
+    def _finite_epsilon(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise ValueError(
+                f"{value} is not a privacy target; for training without DP set dp = false "
+                "(`--epsilon inf` on the command line does that)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> FederationConfig:
         if self.strategy == "fedprox" and self.proximal_mu == 0:
-            raise ValueError("strategy 'fedprox' needs proximal-mu > 0 (e.g. 0.01)")
+            raise ValueError(
+                "strategy 'fedprox' needs proximal-mu > 0 (e.g. 0.01; on the command line "
+                "`--set proximal-mu=0.01`)"
+            )
         return self
 
     @classmethod

@@ -34,6 +34,7 @@ __all__ = [
     "supervise",
     "supervise_group",
     "Child",
+    "die_with_parent",
 ]
 
 
@@ -247,6 +248,22 @@ class _Running:
     due: float | None = None  # when a dead restartable child is started again
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send this process ``sig`` when its parent dies (Linux; a no-op
+    elsewhere). A supervisor that is SIGKILLed then still stops its children: each gets
+    SIGTERM and runs its own clean stop."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+
 def _start(child: Child, env: Mapping[str, str], cwd: Path | None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(  # noqa: S603 - our own or Flower's executables, our arguments
         list(child.command),
@@ -254,6 +271,7 @@ def _start(child: Child, env: Mapping[str, str], cwd: Path | None) -> subprocess
         cwd=cwd,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=die_with_parent,  # noqa: PLW1509 - only a prctl before exec
     )
 
 
@@ -263,15 +281,17 @@ def supervise_group(
     env: Mapping[str, str],
     grace_s: float = 10.0,
     cwd: Path | None = None,
+    parent_pid: int | None = None,
 ) -> int:
     """Run ``children`` in the foreground until one that may not restart exits or this
-    process is told to stop.
+    process is told to stop (or, with ``parent_pid``, that process is no longer its parent).
 
     Each child gets its own session. A child with ``restart=True`` that exits is started
     again (one line on stderr says so, with its exit code); a child with ``restart=False``
     that exits stops the group. SIGTERM, SIGINT and SIGHUP to this process stop every child
     *and everything they spawned* (:func:`stop_family`), in reverse order of start, so a
-    ``systemctl stop`` or Ctrl-C leaves nothing behind.
+    ``systemctl stop`` or Ctrl-C leaves nothing behind. Each child also gets SIGTERM from
+    the kernel if this process dies without a word (``PR_SET_PDEATHSIG``).
 
     Returns
     -------
@@ -297,6 +317,10 @@ def supervise_group(
             with contextlib.suppress(subprocess.TimeoutExpired):
                 running[0].proc.wait(0.5)
             ticks += 1
+            if parent_pid is not None and os.getppid() != parent_pid:
+                sys.stderr.write(f"fedcare: parent {parent_pid} is gone; stopping\n")
+                stop_signal.append(signal.SIGTERM)
+                break
             now = time.monotonic()
             for r in running:
                 code = r.proc.poll()

@@ -3,6 +3,8 @@
 Each package keeps its commands as plain typer-annotated functions in its own ``cli.py``;
 this module only assembles them into groups. A :class:`~common.errors.FedcareError`
 raised by any command becomes one clear line on stderr and exit code 2, never a traceback.
+SIGINT, SIGTERM and SIGHUP stop a command the same way (:mod:`common.stopping`): every
+process it started is stopped, one line says what was kept, exit code 128 + the signal.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 import warnings
 
 import typer
 
+from common import stopping
 from common.errors import FedcareError
 
 __all__ = ["app", "main"]
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
     _mount(list(sys.argv[1:] if argv is None else argv))
+    stopping.install()
     try:
         rc = app(args=argv, standalone_mode=False)
     except FedcareError as e:
@@ -106,9 +111,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except typer.Abort:
-        typer.secho("aborted", err=True)
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        typer.secho(f"fedcare: {stopping.stop_message(signal.SIGINT)}", err=True)
+        sys.exit(128 + signal.SIGINT)
+    except stopping.Stopped as e:
+        typer.secho(f"fedcare: {stopping.stop_message(e.signum)}", err=True)
+        sys.exit(128 + e.signum)
     except Exception as e:  # click usage errors carry their own exit code
         import click
 

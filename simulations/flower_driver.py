@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -49,7 +50,9 @@ import tomli_w
 
 from common.errors import ConfigError, FedcareError
 from common.flower_app import ConfigValue, check_values, write_app_dir
+from common.leash import leash_command
 from common.processes import flower_env, free_port, stop_family, venv_bin
+from common.stopping import Stopped
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -342,9 +345,11 @@ def local_superlink(
     Only the SuperLink is bound to 127.0.0.1: Ray, inside each simulation, starts its own
     services (GCS, raylet) on the machine's address, as ``ray.init()`` always does.
     The SuperLink leads a new session, so Ctrl-C in a terminal reaches only this process.
-    On exit (normal, exception or ``KeyboardInterrupt``) the SuperLink gets SIGTERM; then
-    every process in its session or in the session of anything it spawned gets SIGTERM and,
-    after a grace period, SIGKILL. A SIGKILL of *this* process skips that cleanup.
+    On exit (normal, exception, ``KeyboardInterrupt`` or :class:`common.stopping.Stopped`)
+    the SuperLink gets SIGTERM; then every process in its session or in the session of
+    anything it spawned gets SIGTERM and, after a grace period, SIGKILL. The SuperLink runs on
+    a leash (:mod:`common.leash`): if *this* process is SIGKILLed, the leash stops the
+    SuperLink and everything it spawned.
     """
     work_dir = Path(work_dir).resolve()
     home = work_dir / "home"
@@ -357,9 +362,11 @@ def local_superlink(
     )
     env = flower_env(home=home, pythonpath=pythonpath)
     with open(work_dir / "superlink.log", "ab") as log:
-        link = subprocess.Popen(
-            [venv_bin("flower-superlink"), "--insecure", "--simulation"]
-            + ["--host", "127.0.0.1", "--port", str(port)],
+        superlink = [venv_bin("flower-superlink"), "--insecure", "--simulation"]
+        superlink += ["--host", "127.0.0.1", "--port", str(port)]
+        # On a leash: if this process is SIGKILLed, the SuperLink and its simulation stop too.
+        link = subprocess.Popen(  # noqa: S603 - our interpreter, Flower's SuperLink
+            leash_command(superlink, parent=os.getpid(), grace_s=_STOP_GRACE_S),
             cwd=work_dir,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -374,7 +381,7 @@ def local_superlink(
             sessions = {link.pid}
             try:
                 stop_family(link, sessions, grace_s=_STOP_GRACE_S)
-            except KeyboardInterrupt:  # a second Ctrl-C during the cleanup: kill at once
+            except (KeyboardInterrupt, Stopped):  # a second stop during the cleanup: kill now
                 stop_family(link, sessions, grace_s=0)
                 raise
 

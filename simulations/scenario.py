@@ -170,6 +170,13 @@ def load_scenario(path: str | Path) -> Scenario:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e}); fix the syntax") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {e.start} cannot be decoded); save the scenario as "
+            "UTF-8 (a TOML file must be)"
+        ) from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from e
     try:
         return Scenario.model_validate(raw)
     except ValidationError as e:

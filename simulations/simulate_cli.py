@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common import keys
+from common import keys, stopping
 from common.errors import ConfigError
 from common.summary import Privacy, RunSummary
 from simulations.runner import RunOutcome, recorded_run_id, run_experiment
@@ -137,6 +137,10 @@ def run_with_progress(
     resume: bool = False,
 ) -> RunOutcome:
     """Run one experiment with a progress bar per round."""
+    stopping.set_resume_hint(
+        f"the rounds completed so far (checkpoint, audit log, ledgers) are kept in {out}; "
+        f"continue with `fedcare simulate --out {out} --resume` and the same options"
+    )
     rounds = scenario.federation_config(**(overrides or {})).num_server_rounds
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -182,6 +186,39 @@ def _parse_sweep(text: str) -> Sweep:
     return Sweep(key=key.strip(), values=parsed)
 
 
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder or not exist yet, and nothing above it a file."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == out else f"is below the file {path}"
+                raise ConfigError(f"--out {out} {where}; give a folder (created if missing)")
+            return
+
+
+def _parse_settings(settings: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs as run-config values (numbers and booleans parsed)."""
+    parsed: dict[str, Any] = {}
+    for text in settings:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {text!r}: write KEY=VALUE, e.g. --set proximal-mu=0.01")
+        raw = value.strip()
+        number: Any
+        if raw.lower() in ("true", "false"):
+            number = raw.lower() == "true"
+        else:
+            try:
+                number = int(raw)
+            except ValueError:
+                try:
+                    number = float(raw)
+                except ValueError:
+                    number = raw
+        parsed[key.strip()] = number
+    return parsed
+
+
 def _sweep_x(value: str) -> float | None:
     """A sweep value as a point on the privacy-utility plot's axis (None: not a number > 0).
 
@@ -210,16 +247,22 @@ def simulate(
     ),
     data_root: Path | None = typer.Option(None, "--data-root", help="Existing site folders."),  # noqa: B008
     sweep: str | None = typer.Option(None, "--sweep", help="KEY=V1,V2,... one run per value."),
-    baselines: bool = typer.Option(
-        True, "--baselines/--no-baselines", help="Local-only and pooled."
+    baselines: bool | None = typer.Option(
+        None, "--baselines/--no-baselines", help="Local-only and pooled (default: scenario's)."
+    ),
+    settings: list[str] = typer.Option(  # noqa: B008
+        [], "--set", help="KEY=VALUE run-config setting (repeatable), e.g. proximal-mu=0.01."
     ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue the interrupted run recorded in --out (its run id)."
     ),
 ) -> None:
     """Run a simulated federation of hospitals with Flower's simulation engine."""
+    _check_out(out)
     scenario = load_scenario(config) if config is not None else Scenario()
-    changes: dict[str, Any] = {"baselines": baselines}
+    changes: dict[str, Any] = {}
+    if baselines is not None:
+        changes["baselines"] = baselines
     if sites is not None:
         changes["sites"] = sites
     if seed is not None:
@@ -227,6 +270,7 @@ def simulate(
     if data_root is not None:
         changes["data_root"] = str(data_root)
     federation = dict(scenario.federation)
+    federation.update(_parse_settings(settings))
     for key, value in (("num-server-rounds", rounds), ("task", task), ("strategy", strategy)):
         if value is not None:
             federation[key] = value
