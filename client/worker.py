@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the worker until SIGTERM/SIGINT; one clear line and exit 2 on a bad setup."""
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="site-worker: %(message)s", stream=sys.stderr)
+    # httpx logs every request at INFO: four idle polls a second would bury the site's log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         if not 0.01 <= args.poll <= 5:
             raise ConfigError(f"--poll {args.poll}: use a number of seconds in 0.01..5")
