@@ -62,6 +62,8 @@ def flower_env(
         The environment to start from (default: this process's).
     one_thread : bool, default True
         Set ``OMP_NUM_THREADS=1`` unless already set (many small trainings side by side).
+
+    Ray services started under it (a simulation's) listen on 127.0.0.1 only.
     """
     env = dict(os.environ if base is None else base)
     env.pop("RAY_ADDRESS", None)
@@ -80,6 +82,10 @@ def flower_env(
             "no_proxy": no_proxy,
         }
     )
+    # Ray (inside a simulation) binds its GCS, raylet and workers to all interfaces unless
+    # it believes it runs a local-only cluster; this variable says so on Linux too, and every
+    # Ray service then listens on 127.0.0.1 only.
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # A SuperExec looks for new ClientApp/ServerApp tasks once a second by default; every
     # message waits for that poll. 0.2 s costs next to nothing while idle.
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")

@@ -9,6 +9,7 @@ the run is left (every Flower and Ray process carries the run's folder in its en
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -70,6 +71,47 @@ def _nothing_left(root: Path, timeout: float = 90) -> list[str]:
     return left
 
 
+def _listening(pids: set[int]) -> list[tuple[int, str]]:
+    """``(pid, local address)`` of every TCP socket the processes ``pids`` listen on."""
+    by_inode: dict[str, str] = {}
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            if v6:
+                words = [raw[i : i + 4][::-1] for i in range(0, 16, 4)]
+                ip = str(ipaddress.IPv6Address(b"".join(words)))
+            else:
+                ip = str(ipaddress.IPv4Address(raw[::-1]))
+            by_inode[fields[9]] = f"{ip}:{int(port, 16)}"
+    found = []
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode = target[len("socket:[") : -1]
+                if inode in by_inode:
+                    found.append((pid, by_inode[inode]))
+    return found
+
+
+def _loopback(address: str) -> bool:
+    ip = address.rsplit(":", 1)[0]
+    parsed = ipaddress.ip_address(ip)
+    mapped = getattr(parsed, "ipv4_mapped", None)
+    return bool(parsed.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
 def _rounds(out: Path) -> int:
     return len((out / "progress.jsonl").read_text().splitlines())
 
@@ -102,6 +144,11 @@ except (stopping.Stopped, KeyboardInterrupt) as e:
 def test_sigterm_stops_every_process_and_says_how_to_resume(tmp_path: Path) -> None:
     sig = signal.SIGTERM
     proc, out = _start(tmp_path)
+    # While it runs: Flower and Ray listen on the loopback interface only.
+    pids = {int(line.split(":")[0]) for line in processes_under(tmp_path)}
+    sockets = _listening(pids)
+    assert sockets, "no listening socket found (the check would pass vacuously)"
+    assert [s for s in sockets if not _loopback(s[1])] == [], sockets
     try:
         proc.send_signal(sig)
         text = proc.communicate(timeout=120)[0]
