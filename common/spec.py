@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +74,8 @@ __all__ = [
     "SPEC_FILENAME",
     "load_site_spec",
     "format_validation_error",
+    "schema_differences",
+    "describe_schema_difference",
 ]
 
 SPEC_FILENAME = "site.toml"
@@ -320,6 +323,26 @@ class SiteSpec(_Frozen):
                 )
         return self
 
+    def path_fields(self) -> tuple[tuple[str, str], ...]:
+        """Every path this spec names, as ``(field, path)``, in spec order.
+
+        ``field`` is the key as :func:`format_validation_error` spells it
+        (``"ehr.table"``, ``"labels.0.table"``); every path must stay inside the site
+        folder.
+        """
+        fields: list[tuple[str, str]] = []
+        if self.ehr is not None:
+            fields.append(("ehr.table", self.ehr.table))
+            if self.ehr.events is not None:
+                fields.append(("ehr.events", self.ehr.events))
+        if self.imaging is not None:
+            fields.append(("imaging.folder", self.imaging.folder))
+            fields.append(("imaging.labels", self.imaging.labels))
+        if self.genomics is not None:
+            fields.append(("genomics.matrix", self.genomics.matrix))
+        fields.extend((f"labels.{i}.table", label.table) for i, label in enumerate(self.labels))
+        return tuple(fields)
+
     def task(self, name: str) -> TaskSpec:
         """The task called ``name``; a :class:`ConfigError` lists the known ones."""
         for task in self.tasks:
@@ -375,3 +398,197 @@ def load_site_spec(path: str | Path) -> SiteSpec:
         return SiteSpec.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(format_validation_error(str(path), e)) from e
+
+
+# --------------------------------------------------------------------------------------
+# Naming how two sites' feature schemas differ
+# --------------------------------------------------------------------------------------
+
+_LISTED = 8
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    if isinstance(value, float) and value.is_integer():
+        return f"{value:g}"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+def _listed(names: Sequence[str]) -> str:
+    text = ", ".join(names[:_LISTED])
+    if len(names) > _LISTED:
+        text += f" and {len(names) - _LISTED} more"
+    return text
+
+
+def _what_it_is(feature: Feature | EventFeature) -> str:
+    """``'smoking' (categorical: never, former, current)``: a feature in a few words."""
+    if isinstance(feature, EventFeature):
+        parts = [f"{feature.agg} of code {feature.code!r}"]
+    else:
+        parts = [feature.kind]
+        if feature.categories:
+            parts[0] += f": {', '.join(feature.categories)}"
+    if feature.unit:
+        parts.append(f"unit {feature.unit!r}")
+    return f"{feature.name!r} ({'; '.join(parts)})"
+
+
+def _changed(
+    label: str, a: BaseModel, b: BaseModel, a_name: str, b_name: str, skip: tuple[str, ...] = ()
+) -> str | None:
+    """``label: unit 'years' in a, 'months' in b and max 120 in a, 1440 in b``, or None."""
+    da, db = a.model_dump(), b.model_dump()
+    changes = [
+        f"{key} {_shown(da[key])} in {a_name}, {_shown(db[key])} in {b_name}"
+        for key in da
+        if key not in skip and da[key] != db[key]
+    ]
+    return f"{label}: {' and '.join(changes)}" if changes else None
+
+
+def _named_differences(
+    what: str,
+    a_items: Sequence[Feature] | Sequence[EventFeature],
+    b_items: Sequence[Feature] | Sequence[EventFeature],
+    a_name: str,
+    b_name: str,
+) -> list[str]:
+    a = {f.name: f for f in a_items}
+    b = {f.name: f for f in b_items}
+    out: list[str] = []
+    for mine, theirs, name in ((a, b, a_name), (b, a, b_name)):
+        only = [_what_it_is(f) for n, f in mine.items() if n not in theirs]
+        if only:
+            plural = "s" if len(only) > 1 else ""
+            out.append(f"{what}{plural} only in {name}: {_listed(only)}")
+    for n, feature in a.items():
+        if n in b:
+            change = _changed(f"{what} {n!r}", feature, b[n], a_name, b_name, skip=("name",))
+            if change is not None:
+                out.append(change)
+    order_a = [n for n in a if n in b]
+    order_b = [n for n in b if n in a]
+    if order_a != order_b:
+        out.append(
+            f"{what}s in another order (the encoded vector follows it): "
+            f"{_listed(order_a)} in {a_name}; {_listed(order_b)} in {b_name}"
+        )
+    return out
+
+
+def _genomics_differences(
+    a: GenomicsSchema | None, b: GenomicsSchema | None, a_name: str, b_name: str
+) -> list[str]:
+    if a is None and b is None:
+        return []
+    if a is None or b is None:
+        has, lacks = (a_name, b_name) if b is None else (b_name, a_name)
+        return [f"[schema.genomics] only in {has} (none in {lacks})"]
+    out: list[str] = []
+    change = _changed("genomics", a, b, a_name, b_name, skip=("features",))
+    if change is not None:
+        out.append(change)
+    for mine, theirs, name in ((a, b, a_name), (b, a, b_name)):
+        only = [g for g in mine.features if g not in theirs.features]
+        if only:
+            out.append(f"genomics features only in {name}: {_listed(only)}")
+    order_a = [g for g in a.features if g in b.features]
+    order_b = [g for g in b.features if g in a.features]
+    if order_a != order_b:
+        out.append(
+            f"genomics features in another order: {_listed(order_a)} in {a_name}; "
+            f"{_listed(order_b)} in {b_name}"
+        )
+    return out
+
+
+def _imaging_differences(
+    a: ImagingSchema | None, b: ImagingSchema | None, a_name: str, b_name: str
+) -> list[str]:
+    if a is None and b is None:
+        return []
+    if a is None or b is None:
+        has, lacks = (a_name, b_name) if b is None else (b_name, a_name)
+        return [f"[schema.imaging] only in {has} (none in {lacks})"]
+    if a.shape != b.shape:
+        return [
+            f"imaging shape {a.shape[0]}x{a.shape[1]} in {a_name}, "
+            f"{b.shape[0]}x{b.shape[1]} in {b_name}"
+        ]
+    return []
+
+
+def schema_differences(
+    a: FeatureSchema, b: FeatureSchema, *, a_name: str = "a", b_name: str = "b"
+) -> list[str]:
+    """Every way two feature schemas differ, one phrase each; empty when they are equal.
+
+    EHR and event features are matched by name: a feature only one schema has is named
+    with its kind, categories and unit; a feature both have is listed with each property
+    that differs (kind, unit, min, max, categories, code, aggregation, description).
+    Genomics and imaging schemas are compared field by field, and a different feature
+    order is reported too (it changes the encoded vector).
+
+    Examples
+    --------
+    >>> a = FeatureSchema(ehr=(Feature(name="age", kind="numeric", unit="years"),))
+    >>> b = FeatureSchema(ehr=(Feature(name="age", kind="numeric", unit="months"),
+    ...                        Feature(name="smoker", kind="binary")))
+    >>> for line in schema_differences(a, b, a_name="site-0", b_name="site-1"):
+    ...     print(line)
+    EHR feature only in site-1: 'smoker' (binary)
+    EHR feature 'age': unit 'years' in site-0, 'months' in site-1
+    """
+    return [
+        *_named_differences("EHR feature", a.ehr, b.ehr, a_name, b_name),
+        *_named_differences("event feature", a.events, b.events, a_name, b_name),
+        *_genomics_differences(a.genomics, b.genomics, a_name, b_name),
+        *_imaging_differences(a.imaging, b.imaging, a_name, b_name),
+    ]
+
+
+def describe_schema_difference(
+    a: FeatureSchema,
+    b: FeatureSchema,
+    *,
+    a_name: str = "a",
+    b_name: str = "b",
+    limit: int = 10,
+) -> str:
+    """How two feature schemas differ, feature by feature, in one line.
+
+    Parameters
+    ----------
+    a, b:
+        The schemas (``spec.feature_schema``).
+    a_name, b_name:
+        What to call each in the text (``"site-0"``, ``"the federation's schema"``).
+    limit:
+        At most this many differences are spelled out; the rest are counted.
+
+    Returns
+    -------
+    str
+        The differences joined by ``"; "`` (see :func:`schema_differences`), or
+        ``"the feature schemas are identical"``.
+
+    Examples
+    --------
+    >>> a = FeatureSchema(ehr=(Feature(name="sex", kind="categorical", categories=("F", "M")),))
+    >>> b = FeatureSchema(ehr=(Feature(name="sex", kind="categorical", categories=("M", "F")),))
+    >>> describe_schema_difference(a, b, a_name="site-0", b_name="site-1")
+    "EHR feature 'sex': categories ['F', 'M'] in site-0, ['M', 'F'] in site-1"
+    """
+    found = schema_differences(a, b, a_name=a_name, b_name=b_name)
+    if not found:
+        return "the feature schemas are identical"
+    text = "; ".join(found[:limit])
+    if len(found) > limit:
+        text += f"; and {len(found) - limit} more difference(s)"
+    return text

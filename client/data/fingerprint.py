@@ -16,7 +16,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from client.data.files import SiteFiles, normalize_relpath
+from client.data.files import SiteFiles, image_relpath, normalize_relpath
 from client.data.tables import as_text
 from common.errors import DataError
 from common.spec import SiteSpec
@@ -29,16 +29,7 @@ _CHUNK = 1 << 20
 
 def spec_tables(spec: SiteSpec) -> list[str]:
     """Every table the spec names, normalised, each once, in spec order."""
-    names: list[str] = []
-    if spec.ehr is not None:
-        names.append(spec.ehr.table)
-        if spec.ehr.events is not None:
-            names.append(spec.ehr.events)
-    if spec.imaging is not None:
-        names.append(spec.imaging.labels)
-    if spec.genomics is not None:
-        names.append(spec.genomics.matrix)
-    names.extend(label.table for label in spec.labels)
+    names = [path for field, path in spec.path_fields() if field != "imaging.folder"]
     return list(dict.fromkeys(normalize_relpath(n) for n in names))
 
 
@@ -48,7 +39,8 @@ def image_paths(spec: SiteSpec, files: SiteFiles) -> dict[int, str]:
     Returns
     -------
     dict
-        0-based table row -> normalised root-relative path, for rows with a file.
+        0-based table row -> normalised root-relative path, for rows with a file (an
+        absolute name stays absolute, so that reading it is refused).
 
     Raises
     ------
@@ -68,7 +60,7 @@ def image_paths(spec: SiteSpec, files: SiteFiles) -> dict[int, str]:
     out: dict[int, str] = {}
     for row, name in enumerate(as_text(table[column]).tolist()):
         if isinstance(name, str):
-            out[row] = normalize_relpath(f"{folder}/{name}")
+            out[row] = image_relpath(folder, name)
     return out
 
 
@@ -108,7 +100,8 @@ def dataset_fingerprint(spec: SiteSpec, root: str | Path, *, files: SiteFiles | 
     Raises
     ------
     DataError
-        When a named file is missing or unreadable.
+        When a named file is missing or unreadable, or lies outside the site folder
+        (:class:`~client.data.files.PathOutsideSite`).
     """
     files = files if files is not None else SiteFiles(Path(root), id_column=spec.patient_id)
     canonical = json.dumps(
@@ -120,5 +113,5 @@ def dataset_fingerprint(spec: SiteSpec, root: str | Path, *, files: SiteFiles | 
     for relpath in data_files(spec, files):
         encoded = relpath.encode("utf-8")
         outer.update(len(encoded).to_bytes(8, "big") + encoded)
-        outer.update(_file_digest(Path(root) / relpath))
+        outer.update(_file_digest(files.path(relpath)))
     return outer.hexdigest()

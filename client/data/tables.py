@@ -3,13 +3,17 @@
 Every table a site holds goes through :func:`read_table`. CSV cells are read as text, so
 codes such as ``"01"`` survive and a stray ``"abc"`` in a numeric column can be reported
 rather than silently turning the whole column into strings; Parquet columns keep their
-stored types. The patient-id column is always text. The converters below turn a column
+stored types. A CSV row with fewer (or more) fields than the header is refused, never
+padded with missing cells, and so is a CSV separated by something else than commas. The
+patient-id column is always text. The converters below turn a column
 into floats or canonical text the same way for both formats, and tell which cells did
 not convert.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +25,9 @@ from common.errors import DataError
 
 __all__ = [
     "TABLE_SUFFIXES",
+    "TableLayoutError",
     "read_table",
+    "ends_with_newline",
     "cell_text",
     "as_text",
     "to_numbers",
@@ -31,9 +37,129 @@ __all__ = [
 _Reader = Callable[[Path], pd.DataFrame]
 
 
+class TableLayoutError(DataError):
+    """A CSV whose rows do not line up with its header: a torn copy, or another separator.
+
+    pandas pads a short row with missing cells; fedcare refuses it instead, so a file cut
+    mid-row is never silently imputed.
+
+    Attributes
+    ----------
+    problem:
+        What is wrong, with the line number and the fields found vs expected.
+    fix:
+        How to fix it.
+    rule:
+        ``"torn_row"`` or ``"separator"`` (validation's rule keys).
+    line:
+        The first offending line of the file (1-based; line 1 is the header), if any.
+    """
+
+    def __init__(
+        self, path: Path, problem: str, fix: str, *, rule: str, line: int | None = None
+    ) -> None:
+        super().__init__(f"{path}: {problem}; {fix}")
+        self.problem = problem
+        self.fix = fix
+        self.rule = rule
+        self.line = line
+
+
+# (separator, its name in "looks X-separated", the plural of what it is)
+_OTHER_SEPARATORS: tuple[tuple[str, str, str], ...] = (
+    (";", "';'", "semicolons"),
+    ("\t", "tab", "tabs"),
+    ("|", "'|'", "pipes"),
+)
+_LINES_SHOWN = 5
+
+
+def _check_separator(path: Path, header_line: str) -> None:
+    """Refuse a header split by ``;``, tabs or ``|`` rather than commas."""
+    commas = header_line.count(",")
+    for separator, name, plural in _OTHER_SEPARATORS:
+        found = header_line.count(separator)
+        if found > commas:
+            raise TableLayoutError(
+                path,
+                f"the header line has more {plural} ({found}) than commas ({commas}): the "
+                f"file looks {name}-separated",
+                "fedcare reads comma-separated CSV: re-export it with commas between cells "
+                "(and '.' as the decimal point)",
+                rule="separator",
+                line=1,
+            )
+
+
+def _check_rows(path: Path, text: str) -> None:
+    """Refuse rows whose number of fields differs from the header's (blank lines aside)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        expected = len(header)
+        uneven: list[tuple[int, int]] = []
+        last = 1
+        for record in reader:
+            if not record:
+                continue
+            last = reader.line_num
+            if len(record) != expected:
+                uneven.append((reader.line_num, len(record)))
+    except csv.Error as e:
+        raise TableLayoutError(
+            path,
+            f"line {reader.line_num} cannot be parsed as CSV ({e})",
+            "check the quoting around that line, or export the file again",
+            rule="torn_row",
+            line=reader.line_num,
+        ) from e
+    if not uneven:
+        return
+    line, found = uneven[0]
+    if len(uneven) == 1 and line == last and found < expected:
+        raise TableLayoutError(
+            path,
+            f"the last row (line {line}) has {found} of the header's {expected} fields: the "
+            "file looks cut off mid-row",
+            "copy or export the complete file again (an interrupted copy or a full disk cuts "
+            "a file short)",
+            rule="torn_row",
+            line=line,
+        )
+    shown = ", ".join(f"line {n} has {k}" for n, k in uneven[:_LINES_SHOWN])
+    if len(uneven) > _LINES_SHOWN:
+        shown += f" and {len(uneven) - _LINES_SHOWN} more lines"
+    raise TableLayoutError(
+        path,
+        f"{len(uneven)} row(s) do not have the header's {expected} fields: {shown}",
+        f"give every row {expected} comma-separated fields (an empty cell is fine), quote "
+        "cells that contain a comma, and copy the complete file if it was cut short",
+        rule="torn_row",
+        line=line,
+    )
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
     # utf-8-sig: spreadsheets often prepend a byte-order mark to the header.
-    return pd.read_csv(path, dtype=str, encoding="utf-8-sig")
+    text = path.read_bytes().decode("utf-8-sig")
+    _check_separator(path, text.split("\n", 1)[0])
+    _check_rows(path, text)
+    return pd.read_csv(io.StringIO(text), dtype=str)
+
+
+def ends_with_newline(path: str | Path) -> bool:
+    """Whether a (non-empty) text file's last byte is a newline.
+
+    A CSV whose last row is complete but lacks its newline may still have been cut
+    inside its last cell; validation warns about it.
+    """
+    with Path(path).open("rb") as f:
+        if f.seek(0, 2) == 0:
+            return True
+        f.seek(-1, 2)
+        return f.read(1) in (b"\n", b"\r")
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
@@ -69,7 +195,9 @@ def read_table(path: str | Path, *, id_column: str = "patient_id") -> pd.DataFra
     ------
     DataError
         When the extension is not supported or the file cannot be parsed; the message
-        names the file and says how to fix it.
+        names the file and says how to fix it. A CSV whose rows do not all have the
+        header's number of fields (a file cut mid-row), or that is separated by ``;``,
+        tabs or ``|``, raises :class:`TableLayoutError` naming the line and the counts.
 
     Examples
     --------

@@ -21,7 +21,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -29,9 +29,15 @@ import pandas as pd
 from pydantic import ValidationError
 
 from client.data.events import EVENT_COLUMNS, aggregate_events, parse_events
-from client.data.files import SiteFiles, normalize_relpath
-from client.data.fingerprint import spec_tables
-from client.data.tables import as_text, binary_label, to_numbers
+from client.data.files import CONFINEMENT_FIX, PathOutsideSite, SiteFiles, normalize_relpath
+from client.data.fingerprint import image_paths, spec_tables
+from client.data.tables import (
+    TableLayoutError,
+    as_text,
+    binary_label,
+    ends_with_newline,
+    to_numbers,
+)
 from common.errors import DataError
 from common.spec import MODALITIES, SPEC_FILENAME, Feature, SiteSpec
 
@@ -58,8 +64,12 @@ Severity = Literal["error", "warning"]
 
 RULES: dict[str, str] = {
     "spec": "site.toml is missing, is not TOML, or does not match the spec",
+    "outside_site": "a path in site.toml leads outside the site folder, or to a special file",
     "missing_file": "a file named by site.toml does not exist",
     "unreadable_file": "a table cannot be parsed as CSV/Parquet",
+    "torn_row": "a CSV row has fewer (or more) fields than the header: a file cut mid-row",
+    "separator": "a CSV is separated by ';', tabs or '|' instead of commas",
+    "no_final_newline": "a CSV does not end with a newline: its last cell may be cut (warning)",
     "missing_column": "a column the spec needs is absent",
     "extra_column": "a column the spec does not use (warning: ignored)",
     "missing_id": "a row has no patient id",
@@ -71,6 +81,7 @@ RULES: dict[str, str] = {
     "non_finite": "a value is +inf or -inf",
     "label_classes": "a label has one class only, or no labelled patient",
     "image_missing": "an image listed in the imaging labels table does not exist",
+    "image_outside": "an image path leads outside the site folder, or to a special file",
     "image_unreadable": "an image file cannot be decoded",
     "image_shape": "an image does not have the schema's shape",
     "empty_site": "the site has no patient",
@@ -241,6 +252,8 @@ class _Context:
         self.present: dict[str, set[str]] = {}
         self.label_ids: set[str] = set()
         self.label_stats: dict[str, tuple[int, int]] = {}
+        # normalised paths from site.toml that lead outside the site (already reported).
+        self.refused: set[str] = set()
 
     def add(
         self,
@@ -444,6 +457,23 @@ def _used_columns(spec: SiteSpec) -> dict[str, set[str]]:
     return used
 
 
+@_check("paths")
+def _check_paths(ctx: _Context) -> None:
+    """Every path site.toml names stays inside the site folder and is no special file."""
+    for name, path in ctx.spec.path_fields():
+        try:
+            ctx.files.path(path)
+        except PathOutsideSite as e:
+            ctx.refused.add(normalize_relpath(path))
+            ctx.add(
+                "outside_site",
+                SPEC_FILENAME,
+                f"{name} = {path!r} {e.reason}",
+                CONFINEMENT_FIX,
+                column=name,
+            )
+
+
 @_check("tables")
 def _check_tables(ctx: _Context) -> None:
     """Each table exists, parses, has patient ids, each once, and no stray column."""
@@ -451,6 +481,8 @@ def _check_tables(ctx: _Context) -> None:
     events = normalize_relpath(spec.ehr.events) if spec.ehr and spec.ehr.events else None
     used = _used_columns(spec)
     for rel in spec_tables(spec):
+        if rel in ctx.refused:
+            continue
         if not ctx.files.exists(rel):
             ctx.add(
                 "missing_file",
@@ -462,6 +494,9 @@ def _check_tables(ctx: _Context) -> None:
             continue
         try:
             table = ctx.files.table(rel)
+        except TableLayoutError as e:
+            ctx.add(e.rule, rel, e.problem, e.fix)
+            continue
         except DataError as e:
             ctx.add(
                 "unreadable_file",
@@ -470,6 +505,17 @@ def _check_tables(ctx: _Context) -> None:
                 "re-export the table as UTF-8 CSV with a header row, or as Parquet",
             )
             continue
+        if rel.lower().endswith(".csv") and not ends_with_newline(ctx.files.path(rel)):
+            ctx.add(
+                "no_final_newline",
+                rel,
+                f"the file does not end with a newline, so its last row (data row "
+                f"{len(table)}) may have been cut inside its last cell",
+                "check that the file was copied completely (compare it with the source), "
+                "then end it with a newline",
+                row=len(table) or None,
+                severity="warning",
+            )
         pid = spec.patient_id
         if pid not in table.columns:
             ctx.add(
@@ -723,21 +769,26 @@ def _check_imaging(ctx: _Context) -> None:
             ctx, rel, column, table, "it lists each patient's image, relative to the imaging folder"
         )
         return
+    if normalize_relpath(spec.imaging.folder) in ctx.refused:
+        return  # imaging.folder leads outside the site: reported once, in site.toml
     shape = tuple(spec.feature_schema.imaging.shape)
     ids = table[spec.patient_id].tolist()
-    names = as_text(table[column]).tolist()
     present: set[str] = set()
     missing: list[tuple[int, str]] = []
+    outside: list[tuple[int, str]] = []
     unreadable: list[tuple[int, str]] = []
     wrong_shape: list[tuple[int, str]] = []
     infinite: list[tuple[int, str]] = []
-    for row, (pid, name) in enumerate(zip(ids, names, strict=True)):
-        if not isinstance(name, str):
-            continue
+    for row, path in image_paths(spec, ctx.files).items():
+        pid = ids[row]
         if isinstance(pid, str):
             present.add(pid)
-        path = normalize_relpath(f"{spec.imaging.folder}/{name}")
-        if PurePath(name).is_absolute() or not ctx.files.exists(path):
+        try:
+            exists = ctx.files.exists(path)
+        except PathOutsideSite as e:
+            outside.append((row, f"{path!r} {e.reason}"))
+            continue
+        if not exists:
             missing.append((row, repr(path)))
             continue
         try:
@@ -760,6 +811,15 @@ def _check_imaging(ctx: _Context) -> None:
         missing,
         f"is listed but absent from {folder!r}",
         f"add the files, or fix the paths (relative to {folder!r}) in {rel}",
+    )
+    _image_group(
+        ctx,
+        "image_outside",
+        rel,
+        column,
+        outside,
+        "is refused (fedcare reads only regular files inside the site folder)",
+        f"{CONFINEMENT_FIX}; then list it in {rel} relative to {folder!r}",
     )
     _image_group(
         ctx,
@@ -905,9 +965,22 @@ def _spec_problems(path: Path) -> tuple[SiteSpec | None, list[Problem]]:
                 SPEC_FILENAME,
                 None,
                 None,
-                f"no {SPEC_FILENAME} in {path.parent}",
-                "write one (see common/spec.py for the format) or generate a site with "
-                "`fedcare data synth`",
+                f"{path.parent} is not a site folder: there is no {SPEC_FILENAME} in it",
+                "pass the folder holding the site's site.toml, or write one (see "
+                "common/spec.py for the format) or generate a site with `fedcare data synth`",
+                "spec",
+            )
+        ]
+    if path.suffix.lower() != ".toml":
+        return None, [
+            Problem(
+                "error",
+                path.name,
+                None,
+                None,
+                f"{path} is not a site folder: it is a file, and a site is a folder holding "
+                f"a {SPEC_FILENAME}",
+                f"pass the folder holding the site's {SPEC_FILENAME} (or that file itself)",
                 "spec",
             )
         ]

@@ -121,6 +121,33 @@ def _empty_everything(site: BuiltSite) -> None:
     _genomics(lambda f: f.iloc[0:0])(site)
 
 
+def _cut_last_row(file: str) -> Callable[[BuiltSite], None]:
+    """Cut the file inside its last row, after its second field."""
+
+    def mutate(site: BuiltSite) -> None:
+        path = site.path(file)
+        text = path.read_text()
+        last = text.rstrip("\n").rsplit("\n", 1)[1]
+        start = len(text.rstrip("\n")) - len(last)
+        second_comma = last.index(",", last.index(",") + 1)
+        path.write_text(text[: start + second_comma])
+
+    return mutate
+
+
+def _semicolons(file: str) -> Callable[[BuiltSite], None]:
+    def mutate(site: BuiltSite) -> None:
+        frame = pd.read_csv(site.path(file), dtype=str, keep_default_na=False)
+        frame.to_csv(site.path(file), index=False, sep=";")
+
+    return mutate
+
+
+def _no_final_newline(site: BuiltSite) -> None:
+    path = site.path("events.csv")
+    path.write_text(path.read_text().rstrip("\n"))
+
+
 def _few_images(site: BuiltSite) -> None:
     edit_csv(site.path("imaging/labels.csv"), lambda f: f.iloc[:3])  # 3 of 12: 75% lack it
 
@@ -336,6 +363,43 @@ CASES: dict[str, Case] = {
         "imaging/labels.csv",
         "finding",
         r"label 'finding': no patient has a value",
+    ),
+    "path leaves the site": Case(
+        _spec(lambda s: s["ehr"].update(events="../site-0/events.csv")),
+        "outside_site",
+        "site.toml",
+        "ehr.events",
+        r"ehr\.events = '\.\./site-0/events\.csv' climbs out of the site folder with '\.\.'",
+    ),
+    "last row cut short": Case(
+        _cut_last_row("events.csv"),
+        "torn_row",
+        "events.csv",
+        None,
+        r"the last row \(line \d+\) has 2 of the header's 4 fields: the file looks cut off",
+    ),
+    "semicolon-separated": Case(
+        _semicolons("ehr.csv"),
+        "separator",
+        "ehr.csv",
+        None,
+        r"the file looks ';'-separated",
+    ),
+    "no final newline": Case(
+        _no_final_newline,
+        "no_final_newline",
+        "events.csv",
+        None,
+        r"does not end with a newline, so its last row \(data row \d+\) may have been cut",
+        severity="warning",
+    ),
+    "image path leaves the site": Case(
+        _cell("imaging/labels.csv", "file", 1, "../../outside.png"),
+        "image_outside",
+        "imaging/labels.csv",
+        "file",
+        r"1 image is refused .*: row 1: '\.\./outside\.png' climbs out of the site folder",
+        row=1,
     ),
     "image listed but absent": Case(
         _delete_image,
