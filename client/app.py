@@ -53,6 +53,7 @@ from common.errors import (
 from common.federation import FederationConfig
 from common.files import private_dir
 from common.run_signing import verify_run
+from common.spec import FeatureSchema, describe_schema_difference
 
 __all__ = ["app", "handle_train", "handle_evaluate", "refuse", "resolve_site"]
 
@@ -211,14 +212,28 @@ def _request(cfg: FederationConfig, run_cfg: FederationConfig, msg: Message) -> 
 
 
 def _check_schema(trainer: SiteTrainer, msg: Message) -> None:
-    expected = str(msg.content[keys.REC_CONFIG].get(keys.CFG_SCHEMA_FINGERPRINT, ""))
-    mine = trainer.site.spec.feature_schema.fingerprint()
-    if expected and expected != mine:
-        raise ConfigError(
-            f"this site's feature schema (fingerprint {mine[:12]}) differs from the "
-            f"federation's ({expected[:12]}); every site must use the federation's shared "
-            "schema in its site.toml"
-        )
+    """Refuse a federation whose feature schema is not this site's, naming what differs
+    when the server sent its schema (the schema holds no patient data)."""
+    config = msg.content[keys.REC_CONFIG]
+    expected = str(config.get(keys.CFG_SCHEMA_FINGERPRINT, ""))
+    mine = trainer.site.spec.feature_schema
+    if not expected or expected == mine.fingerprint():
+        return
+    how = f"fingerprint {mine.fingerprint()[:12]} here, {expected[:12]} in the federation"
+    raw = config.get(keys.CFG_SCHEMA)
+    if isinstance(raw, str) and raw:
+        try:
+            theirs = FeatureSchema.model_validate_json(raw)
+        except ValueError:
+            how += "; the schema the server sent is not a valid feature schema"
+        else:
+            how = describe_schema_difference(
+                mine, theirs, a_name="this site", b_name="the federation"
+            )
+    raise ConfigError(
+        f"this site's feature schema differs from the federation's ({how}); every site must "
+        "use the federation's shared schema in its site.toml"
+    )
 
 
 _ERROR_CODES: tuple[tuple[type[FedcareError], int], ...] = (

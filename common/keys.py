@@ -21,6 +21,7 @@ __all__ = [
     "CFG_FEDCARE_ROUND",
     "CFG_PROXIMAL_MU",
     "CFG_SCHEMA_FINGERPRINT",
+    "CFG_SCHEMA",
     "CFG_AUDIT_HEAD",
     "CFG_AUDIT_KEY",
     "REC_SITE",
@@ -84,6 +85,7 @@ REC_SITE = "site"
 CFG_FEDCARE_ROUND = "fedcare-round"
 CFG_PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx in each round's config
 CFG_SCHEMA_FINGERPRINT = "schema-fingerprint"
+CFG_SCHEMA = "schema"  # the federation's feature schema (JSON), to name what differs
 # The head ("<seq>:<sha256>") of the server's audit log when it sent the message; the site
 # logs it, so cutting entries off the server's log shows (common/audit.py).
 CFG_AUDIT_HEAD = "server-audit-head"

@@ -134,6 +134,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
             round_offset=offset,
             record=record,
             schema_fingerprint=spec.feature_schema.fingerprint(),
+            schema_json=spec.feature_schema.model_dump_json(),
             audit=audit,
         )
         if offset == 0:

@@ -96,6 +96,9 @@ class GuardedStrategy(Strategy):
         The run record to extend (a checkpoint's, when resuming).
     schema_fingerprint:
         The federation's feature-schema fingerprint, sent to every site.
+    schema_json:
+        The federation's feature schema itself (JSON; no patient data), sent with it so a
+        site whose schema differs can say which features differ.
     audit:
         The server's audit log for this run (none: no audit entries).
     """
@@ -110,6 +113,7 @@ class GuardedStrategy(Strategy):
         round_offset: int = 0,
         record: dict[str, Any] | None = None,
         schema_fingerprint: str = "",
+        schema_json: str = "",
         audit: ServerAudit | None = None,
     ) -> None:
         super().__init__()
@@ -120,6 +124,7 @@ class GuardedStrategy(Strategy):
         self.round_offset = round_offset
         self.record = record if record is not None else new_record()
         self.schema_fingerprint = schema_fingerprint
+        self.schema_json = schema_json
         self.audit = audit
         self._reference: dict[str, np.ndarray] = {}
         self._expected: set[int] = set()
@@ -175,6 +180,8 @@ class GuardedStrategy(Strategy):
         out = ConfigRecord(dict(config))
         out[keys.CFG_FEDCARE_ROUND] = self.absolute(server_round)
         out[keys.CFG_SCHEMA_FINGERPRINT] = self.schema_fingerprint
+        if self.schema_json:
+            out[keys.CFG_SCHEMA] = self.schema_json
         out[keys.RC_RUN_ID] = self.run_id
         if self.audit is not None:
             out[keys.CFG_AUDIT_HEAD] = self.audit.head

@@ -145,6 +145,19 @@ def test_schema_mismatch_and_unknown_task_are_refusals(sites: Path, tmp_path: Pa
     assert reply.has_error() and "no-such-task" in reply.error.reason
 
 
+def test_a_schema_mismatch_names_the_features_that_differ(sites: Path, tmp_path: Path) -> None:
+    spec = load_site_spec(sites / "site-0")
+    ehr = spec.feature_schema.ehr
+    assert ehr
+    dropped = ehr[0].name
+    theirs = spec.feature_schema.model_copy(update={"ehr": ehr[1:]})
+    msg = _message(sites, "train")
+    msg.content[keys.REC_CONFIG][keys.CFG_SCHEMA_FINGERPRINT] = theirs.fingerprint()
+    msg.content[keys.REC_CONFIG][keys.CFG_SCHEMA] = theirs.model_dump_json()
+    reply = handle_train(msg, _context(sites, tmp_path))
+    assert reply.has_error() and dropped in reply.error.reason, reply.error.reason
+
+
 def test_a_data_error_never_sends_or_logs_patient_values(sites: Path, tmp_path: Path) -> None:
     """A broken data file is refused, but its details (values, patient ids) stay at the site."""
     copied = tmp_path / "sites"
