@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from common.errors import (
 from common.federation import FederationConfig
 from common.files import private_dir
 from common.run_signing import verify_run
-from common.spec import FeatureSchema, describe_schema_difference
+from common.spec import FeatureSchema, describe_schema_difference, load_site_spec
 
 __all__ = ["app", "handle_train", "handle_evaluate", "refuse", "resolve_site"]
 
@@ -115,8 +116,15 @@ def _open_ledger(path: Path, state_dir: Path, site_id: str) -> PrivacyLedger:
             f"{state_dir / AUDIT_LOG_NAME} records {proven} charges; the site refuses to "
             "train on a fresh budget. Fix: restore the ledger from the site's backup"
         )
-    ledger = PrivacyLedger(path)
-    held = ledger.count_charges()
+    try:
+        ledger = PrivacyLedger(path)
+        held = ledger.count_charges()
+    except (OSError, sqlite3.Error) as e:
+        raise ConfigError(
+            f"site {site_id}: its privacy ledger {path} cannot be opened for writing ({e}); "
+            f"make {state_dir} writable by the site's user (the site trains only with a "
+            "ledger it can charge)"
+        ) from e
     if held < proven:
         raise ConfigError(
             f"site {site_id}: its privacy ledger {path} holds {held} charges but its audit "
@@ -125,6 +133,17 @@ def _open_ledger(path: Path, state_dir: Path, site_id: str) -> PrivacyLedger:
             "ledger from the site's backup"
         )
     return ledger
+
+
+def _private_state(state_dir: Path, site_id: str) -> None:
+    """The site's state folder, made private; one clear refusal if it cannot be."""
+    try:
+        private_dir(state_dir)
+    except OSError as e:
+        raise ConfigError(
+            f"site {site_id}: its state folder {state_dir} cannot be created or made private "
+            f"({e.strerror or e}); make it (or its parent) writable by the site's user"
+        ) from e
 
 
 def _open_site(context: Context, cfg: FederationConfig, warm: WarmSites | None = None) -> _Site:
@@ -158,7 +177,7 @@ def _open_site(context: Context, cfg: FederationConfig, warm: WarmSites | None =
                 "(reproducible noise or exact evaluation), which only a simulated site may "
                 "use; a deployed hospital must not grant it. Fix: remove that table"
             )
-        private_dir(site_cfg.state_dir)
+        _private_state(site_cfg.state_dir, site_cfg.site_id)
         ledger = _open_ledger(site_cfg.ledger_path(), site_cfg.state_dir, site_cfg.site_id)
         trainer = SiteTrainer(
             site=site, policy=site_cfg.policy(), ledger=ledger, seed=cfg.seed, task_data=tasks
@@ -167,7 +186,7 @@ def _open_site(context: Context, cfg: FederationConfig, warm: WarmSites | None =
         return _Site(trainer, own, site_cfg.state_dir)
     site = load_site(resolve_site(context, cfg))
     state_dir = site_state_dir(cfg, site)
-    private_dir(state_dir)
+    _private_state(state_dir, site.spec.site_id)
     ledger = _open_ledger(state_dir / "ledger.sqlite", state_dir, site.spec.site_id)
     trainer = SiteTrainer(
         site=site, policy=simulated_site_policy(cfg), ledger=ledger, seed=cfg.seed
@@ -338,7 +357,12 @@ def _site_id_guess(context: Context) -> str:
         except ConfigError:
             pass  # the refusal that follows says what is wrong with the site-config
     if keys.NC_PARTITION_ID in node:
-        return f"partition-{node[keys.NC_PARTITION_ID]}"
+        # A simulated site that cannot be loaded still has a site.toml naming it.
+        try:
+            folder = resolve_site(context, FederationConfig.from_run_config(context.run_config))
+            return load_site_spec(folder).site_id
+        except (FedcareError, OSError, ValueError):
+            return f"partition-{node[keys.NC_PARTITION_ID]}"
     return f"node-{context.node_id}"
 
 

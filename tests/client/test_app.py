@@ -187,3 +187,30 @@ def test_a_bare_data_path_node_config_is_refused(sites: Path, tmp_path: Path) ->
     reply = handle_train(_message(sites, "train"), ctx)
     assert reply.has_error() and "site-config.toml" in reply.error.reason
     assert not any(tmp_path.rglob("ledger.sqlite"))
+
+
+def test_a_state_folder_that_cannot_be_written_is_one_refusal_naming_the_site(
+    sites: Path, tmp_path: Path
+) -> None:
+    # A file where the state folder should be (works as root too, unlike chmod).
+    blocked = tmp_path / "state-is-a-file"
+    blocked.write_text("x")
+    reply = handle_train(_message(sites, "train"), _context(sites, blocked))
+    assert reply.has_error() and reply.error.reason.startswith("site-0: ")
+    assert "state folder" in reply.error.reason
+    # A ledger path the site cannot open as a database (a folder in its place).
+    state = tmp_path / "state"
+    (state / "site-0" / "ledger.sqlite").mkdir(parents=True)
+    reply = handle_train(_message(sites, "train"), _context(sites, state))
+    assert reply.has_error() and reply.error.reason.startswith("site-0: ")
+    assert "ledger" in reply.error.reason and "Traceback" not in reply.error.reason
+
+
+def test_a_site_that_cannot_be_loaded_is_named_by_its_site_toml(
+    sites: Path, tmp_path: Path
+) -> None:
+    copied = tmp_path / "sites"
+    shutil.copytree(sites, copied)
+    (copied / "site-0" / "ehr.csv").unlink()
+    reply = handle_train(_message(sites, "train"), _context(copied, tmp_path / "state"))
+    assert reply.has_error() and reply.error.reason.startswith("site-0: "), reply.error.reason
