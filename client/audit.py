@@ -32,8 +32,13 @@ and ``run_epsilon`` (what this run has added).
     ``round``, ``phase`` (train/evaluate), ``code``, ``reason``, ``received_sha256``,
     ``server_head``, ``server_key``.
 
+``recovery`` (written by :mod:`common.audit` itself, run id null)
+    ``offset``, ``length``, ``sha256`` of an incomplete last line (a crash or a full disk in
+    mid-write) that the next append cut.
+
 A ``train`` entry is written after training and before the update leaves: an update that
-cannot be logged is withheld (the round becomes a refusal).
+cannot be logged is withheld (the round becomes a refusal, whose reason names the log, the
+cause and the fix); its ledger charge, written before training, stays.
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ site worker (:mod:`client.worker`) is its only executor and runs only the fedcar
 here. A worker that dies is started again; the SuperNode's exit ends the command. SIGTERM
 (``systemctl stop``) or Ctrl-C stops both and everything they started. The site's
 ``state_dir`` is made private to its user first (mode 0700, tightened if it was wider), and
-a fresh SuperExec secret is written there for the two to share.
+a fresh SuperExec secret is written there for the two to share. The command holds
+``<state_dir>/.lock`` (:mod:`common.locks`) for its lifetime: a second ``site start`` on the
+same state folder (whose ledger, audit log and secret belong to one SuperNode) is refused at
+once, naming the first; the lock goes when the command ends, however it ends.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from client.deploy import supernode_command, worker_command, write_secret
 from client.site_config import load_site_config
 from common.errors import ConfigError
 from common.files import private_dir
+from common.locks import FolderLock
 from common.processes import Child, flower_env, supervise_group
 
 __all__ = ["site_start"]
@@ -47,16 +51,21 @@ def site_start(
         )
     try:
         private_dir(site.state_dir)
-        write_secret(site)
     except OSError as e:
         raise ConfigError(f"{config}: state_dir {site.state_dir}: cannot write it ({e})") from e
-    typer.echo(
-        f"site {site.site_id}: SuperNode -> {site.superlink.address}; data {site.data}; "
-        f"state {site.state_dir}; budget epsilon={site.privacy.epsilon:g} "
-        f"(delta={site.privacy.delta:g})"
-    )
-    children = [
-        Child("supernode", command),
-        Child("site-worker", worker_command(config_path=config), restart=True),
-    ]
-    raise typer.Exit(supervise_group(children, env=flower_env(one_thread=False)))
+    with FolderLock(site.state_dir, what="state_dir"):
+        try:
+            write_secret(site)
+        except OSError as e:
+            raise ConfigError(f"{config}: state_dir {site.state_dir}: cannot write it ({e})") from e
+        typer.echo(
+            f"site {site.site_id}: SuperNode -> {site.superlink.address}; data {site.data}; "
+            f"state {site.state_dir}; budget epsilon={site.privacy.epsilon:g} "
+            f"(delta={site.privacy.delta:g})"
+        )
+        children = [
+            Child("supernode", command),
+            Child("site-worker", worker_command(config_path=config), restart=True),
+        ]
+        code = supervise_group(children, env=flower_env(one_thread=False))
+    raise typer.Exit(code)

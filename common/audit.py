@@ -25,7 +25,21 @@ patient-level table or array cannot be written into a log by mistake.
 
 Several processes of one site may append to its log (Flower runs each ClientApp call in
 its own process): appends hold an exclusive ``fcntl.flock`` on the file, check the log's
-first and last entries, write one line and ``fsync`` it.
+first and last entries, write one line (in one ``os.write``) and ``fsync`` it.
+
+Files stay whole. A write that fails (a full disk, an I/O error) cuts the file back to its
+length before and raises :class:`AuditLogError` naming the file, the cause and the fix; a
+failed append is never taken for a written one. What a crash in mid-write can still leave
+is an incomplete last line: bytes after the last line end. The next append cuts them and
+first writes a signed ``recovery`` entry, chained to the last whole entry, whose data
+records the cut: ``offset`` (the byte where it was made, which is where the entry itself
+starts; or 0, when the first line was cut and a new ``log-open`` precedes the entry),
+``length`` and ``sha256`` of the bytes cut. :func:`check_log` accepts a recovery
+entry that records a cut at its own place and reports it as a notice, not an error. Only
+the bytes after the last line end are ever cut: a whole line that does not verify, wherever
+it is, is an alteration that :func:`check_log` reports as an error (and the writer refuses
+to append after a damaged last entry). Until the next append, an incomplete last line is
+reported as the log's first bad line.
 
 A log and its signing key are private to their owner: both files are created with mode 0600
 (an existing log this process owns is tightened on its next append), and a missing folder
@@ -37,6 +51,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -66,6 +81,7 @@ __all__ = [
     "GENESIS",
     "ENTRY_FIELDS",
     "LOG_OPEN",
+    "RECOVERY",
     "CODE_PACKAGES",
     "AuditLogError",
     "JsonValue",
@@ -91,6 +107,7 @@ __all__ = [
 AUDIT_FORMAT = "fedcare-audit-v1"
 GENESIS = "0" * 64
 LOG_OPEN = "log-open"
+RECOVERY = "recovery"
 ENTRY_FIELDS = frozenset({"seq", "time", "kind", "writer", "run_id", "data", "prev", "sig"})
 CODE_PACKAGES = ("common", "models", "client", "server")
 """The packages whose sources :func:`code_hash` covers (the code that runs in a round)."""
@@ -463,45 +480,46 @@ class AuditLog:
             If ``data`` holds a value an audit entry may not hold, the log's tail is broken
             or belongs to another writer or key, or the file cannot be written.
         """
-        if not kind or kind == LOG_OPEN:
+        if not kind or kind in (LOG_OPEN, RECOVERY):
             raise AuditLogError(f"invalid audit entry kind {kind!r}")
         data = dict(data)
         _check_data(data, "data")
         try:
             private_dir(self.path.parent, tighten=False)
             fd = open_private(self.path, os.O_RDWR | os.O_APPEND)
-            with os.fdopen(fd, "r+b") as f:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-                try:
-                    return self._append_locked(f, kind, data, run_id=run_id, once_per=once_per)
-                finally:
-                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         except OSError as e:
-            raise AuditLogError(
-                f"cannot write the audit log {self.path} ({e}); free disk space or fix the "
-                "folder's permissions: no round runs without its audit entry"
-            ) from e
+            raise self._write_error(e, cut_back=True) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return self._append_locked(fd, kind, data, run_id=run_id, once_per=once_per)
+        finally:
+            os.close(fd)  # also lets go of the lock
 
     def _append_locked(
         self,
-        f: Any,
+        fd: int,
         kind: str,
         data: dict[str, Any],
         *,
         run_id: str | None,
         once_per: Sequence[str] | None,
     ) -> LogHead | None:
-        f.seek(0)
-        content = f.read()
-        if content and not content.endswith(b"\n"):
-            raise self._broken(content.count(b"\n") + 1, "its last line is incomplete")
-        lines = content.split(b"\n")[:-1] if content else []
-        created = not lines
-        if created:
-            prev = self._write(f, 1, LOG_OPEN, self._open_data(), None, GENESIS)
-            lines = [prev]
-        else:
+        try:
+            content = _read_all(fd)
+        except OSError as e:
+            raise AuditLogError(
+                f"cannot read the audit log {self.path} ({e}); check the disk and the file's "
+                "permissions: no round runs without its audit entry"
+            ) from e
+        end = content.rfind(b"\n") + 1  # the bytes after the last line end are a torn write
+        lines = content[:end].split(b"\n")[:-1]
+        if lines:
             self._check_tail(lines)
+        torn = content[end:]
+        if torn:
+            self._recover(fd, lines, end=end, torn=torn)
+        elif not lines:
+            lines.append(self._write(fd, 1, LOG_OPEN, self._open_data(), None, GENESIS))
         if once_per is not None:
             wanted = [data.get(name) for name in once_per]
             for line in lines:
@@ -513,10 +531,32 @@ class AuditLog:
                     and [entry["data"].get(name) for name in once_per] == wanted
                 ):
                     return None
-        line = self._write(f, len(lines) + 1, kind, data, run_id, line_hash(lines[-1]))
-        if created:
-            fsync_dir(self.path.parent)
+        line = self._write(fd, len(lines) + 1, kind, data, run_id, line_hash(lines[-1]))
+        if not content:
+            _fsync_dir_quietly(self.path.parent)
         return LogHead(len(lines) + 1, line_hash(line))
+
+    def _recover(self, fd: int, lines: list[bytes], *, end: int, torn: bytes) -> None:
+        """Cut a torn last line (the bytes after the last line end: a write interrupted by a
+        crash or a full disk) and record the cut in a signed ``recovery`` entry chained to
+        the last whole entry (after a fresh ``log-open`` when not even that was whole).
+        Appends the lines written to ``lines``. If the entry cannot be written, the torn
+        bytes are put back (as far as possible), so no cut goes unrecorded."""
+        try:
+            os.ftruncate(fd, end)
+        except OSError as e:
+            raise self._write_error(e, cut_back=False) from e
+        try:
+            if not lines:
+                lines.append(self._write(fd, 1, LOG_OPEN, self._open_data(), None, GENESIS))
+            cut = {"offset": end, "length": len(torn), "sha256": hashlib.sha256(torn).hexdigest()}
+            lines.append(self._write(fd, len(lines) + 1, RECOVERY, cut, None, line_hash(lines[-1])))
+        except AuditLogError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, end)
+                os.write(fd, torn)
+                os.fsync(fd)
+            raise
 
     def _open_data(self) -> dict[str, Any]:
         return {
@@ -526,8 +566,11 @@ class AuditLog:
         }
 
     def _write(
-        self, f: Any, seq: int, kind: str, data: dict[str, Any], run_id: str | None, prev: str
+        self, fd: int, seq: int, kind: str, data: dict[str, Any], run_id: str | None, prev: str
     ) -> bytes:
+        """Sign and append one entry: the whole line in one write, then ``fsync``. When the
+        write or the ``fsync`` fails (a full disk, an I/O error), the file is cut back to its
+        length before, so no torn line is left behind, and :class:`AuditLogError` says why."""
         body = {
             "seq": seq,
             "time": self._clock().astimezone(timezone.utc).isoformat(timespec="microseconds"),
@@ -539,10 +582,47 @@ class AuditLog:
         }
         body["sig"] = _b64(self._key.sign(canonical_json(body)))
         line = canonical_json(body)
-        f.write(line + b"\n")
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            before = os.fstat(fd).st_size
+        except OSError as e:
+            raise self._write_error(e, cut_back=True) from e
+        try:
+            _write_all(fd, line + b"\n")
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, before)
+                os.fsync(fd)
+            except OSError:
+                raise self._write_error(e, cut_back=False) from e
+            raise self._write_error(e, cut_back=True) from e
         return line
+
+    def _write_error(self, error: OSError, *, cut_back: bool) -> AuditLogError:
+        """The one-line error of a failed write: the file, the cause and the fix."""
+        code = error.errno
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            cause = "the disk is full" if code == errno.ENOSPC else "the disk quota is used up"
+            fix = f"free disk space on the file system that holds {self.path.parent}"
+        elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+            cause = "it is not writable"
+            fix = f"make {self.path} and its folder writable by this user"
+        elif code == errno.EIO:
+            cause = "an I/O error"
+            fix = "check the disk (dmesg) and the file system"
+        else:
+            cause = error.strerror or str(error)
+            fix = "check the disk and the file's permissions"
+        state = (
+            "the log still ends with its last whole entry"
+            if cut_back
+            else "the log may end with a torn line, which the next append cuts and records"
+        )
+        return AuditLogError(
+            f"cannot write the audit log {self.path}: {cause} ([Errno {code}] "
+            f"{error.strerror or error}); {state}. Fix: {fix}, then resume: no round runs "
+            "without its audit entry"
+        )
 
     def _check_tail(self, lines: list[bytes]) -> None:
         """The first entry must be this writer's log-open with this key; the last must be
@@ -577,9 +657,11 @@ class AuditLog:
 
     def _broken(self, line: int, what: str) -> AuditLogError:
         return AuditLogError(
-            f"audit log {self.path} is broken at line {line}: {what}. It was altered, or a "
-            "write was interrupted; nothing more is appended to it. Run `fedcare audit "
-            "verify` on it, then move it aside (keep it as evidence) to start a new log"
+            f"audit log {self.path} is broken at line {line}: {what}. Its whole lines were "
+            "altered or damaged (an interrupted write leaves only an incomplete last line, "
+            "which is cut and recorded on its own); nothing more is appended to it. Run "
+            "`fedcare audit verify` on it and keep it as evidence; moving it aside starts a "
+            "new log, but the entries it held no longer verify then"
         )
 
     def head(self) -> LogHead | None:
@@ -590,6 +672,33 @@ class AuditLog:
             return None
         lines = content.split(b"\n")[:-1]
         return LogHead(len(lines), line_hash(lines[-1])) if lines else None
+
+
+def _read_all(fd: int) -> bytes:
+    """The whole file behind ``fd``, from its first byte."""
+    size = os.fstat(fd).st_size
+    chunks: list[bytes] = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, max(size - offset, 1 << 16), offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is written (one call, unless the kernel writes less:
+    then the next call raises the reason, e.g. ``ENOSPC``)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir_quietly(folder: Path) -> None:
+    """Make a new log's name durable; a failure here loses nothing already fsynced."""
+    with contextlib.suppress(OSError):
+        fsync_dir(folder)
 
 
 def _parse_line(line: bytes) -> dict[str, Any] | None:
@@ -629,7 +738,8 @@ class LogVerification:
     """What :func:`check_log` found (``simulations.audit.verify`` turns it into a LogCheck).
 
     ``entries`` are the verified entries before the first bad line (all of them if ok);
-    ``lines`` is how many lines the file has.
+    ``lines`` is how many lines the file has; ``notices`` what a verified log records that
+    an auditor should know without it being an error (a cut torn line, see ``recovery``).
     """
 
     path: str
@@ -640,6 +750,7 @@ class LogVerification:
     first_bad_line: int | None
     problem: str | None
     entries: tuple[LoggedEntry, ...]
+    notices: tuple[str, ...] = ()
 
 
 def _problem(line: bytes, i: int, opened: dict[str, Any] | None, prev: str) -> str | None:
@@ -728,8 +839,9 @@ def check_log(path: Path, *, trusted_key: bytes | None = None) -> LogVerificatio
         problem: str | None,
         entries: list[LoggedEntry],
     ) -> LogVerification:
+        notices = tuple(_recovery_notice(e) for e in entries if e.kind == RECOVERY)
         return LogVerification(
-            str(path), writer, fingerprint, n, bad is None, bad, problem, tuple(entries)
+            str(path), writer, fingerprint, n, bad is None, bad, problem, tuple(entries), notices
         )
 
     try:
@@ -747,7 +859,16 @@ def check_log(path: Path, *, trusted_key: bytes | None = None) -> LogVerificatio
     public: Ed25519PublicKey | None = None
     entries: list[LoggedEntry] = []
     prev = GENESIS
+    offset = 0  # of line i's first byte
     for i, line in enumerate(lines, start=1):
+        if i == len(lines) and torn:
+            problem: str | None = (
+                "has no line end: a write was interrupted (a crash or a full disk) or the log "
+                f"was cut; the {i - 1} entries before it verify. The writer cuts it and records "
+                "the cut in a recovery entry on its next append (e.g. `fedcare simulate "
+                "--resume`)"
+            )
+            return result(writer, fingerprint, len(lines), i, f"line {i} {problem}", entries)
         problem = _problem(line, i, opened, prev)
         if problem is None and i == 1:
             opened = json.loads(line)
@@ -762,13 +883,47 @@ def check_log(path: Path, *, trusted_key: bytes | None = None) -> LogVerificatio
                     "its signature does not verify: the entry was altered, or forged with "
                     "another key"
                 )
-        if problem is None and i == len(lines) and torn:
-            problem = "has no line end: the log was cut off or a write was interrupted"
+            elif entry["kind"] == RECOVERY:
+                # A cut first line is followed by a new log-open, then its recovery entry.
+                problem = _recovery_problem(entry["data"], 0 if i == 2 else offset, offset)
         if problem is not None:
             return result(writer, fingerprint, len(lines), i, f"line {i} {problem}", entries)
         entries.append(LoggedEntry(i, line_hash(line), json.loads(line)))
         prev = line_hash(line)
+        offset += len(line) + 1
     return result(writer, fingerprint, len(lines), None, None, entries)
+
+
+def _recovery_problem(data: dict[str, Any], first: int, offset: int) -> str | None:
+    """What is wrong with a signed ``recovery`` entry that starts at byte ``offset``: it must
+    record a cut made exactly where it stands (the writer writes it there right after the
+    cut; at line 2, ``first``, the cut of the first line, 0), of a positive length, with a
+    SHA-256."""
+    length, digest = data.get("length"), data.get("sha256")
+    if (
+        data.get("offset") not in (first, offset)
+        or not isinstance(length, int)
+        or isinstance(length, bool)
+        or length < 1
+        or not isinstance(digest, str)
+        or len(digest) != 64
+        or digest.strip("0123456789abcdef")
+    ):
+        return (
+            f"is a recovery entry that does not record a cut at its own place (byte {offset}): "
+            "lines before it were altered, inserted or deleted"
+        )
+    return None
+
+
+def _recovery_notice(e: LoggedEntry) -> str:
+    d = e.data
+    return (
+        f"line {e.line}: the writer found its last line incomplete (a write interrupted by a "
+        f"crash or a full disk), cut those {d.get('length')} bytes at byte {d.get('offset')} "
+        f"(SHA-256 {str(d.get('sha256'))[:16]}...) on {e.entry.get('time')} and recorded it "
+        "here"
+    )
 
 
 def _open_key(
@@ -797,17 +952,21 @@ def _open_key(
 def read_entries(path: Path) -> list[dict[str, Any]]:
     """The parsed entries of a log, without verifying it (use :func:`check_log` for that).
 
+    An incomplete last line (a write interrupted by a crash or a full disk; the writer cuts
+    it on its next append) is not an entry and is skipped.
+
     Raises
     ------
     AuditLogError
-        If a line is not a JSON entry.
+        If a whole line is not a JSON entry.
     """
     try:
         content = Path(path).read_bytes()
     except OSError as e:
         raise AuditLogError(f"cannot read the audit log {path} ({e})") from e
     out = []
-    for i, line in enumerate(content.split(b"\n"), start=1):
+    whole = content[: content.rfind(b"\n") + 1]
+    for i, line in enumerate(whole.split(b"\n"), start=1):
         if not line:
             continue
         entry = _parse_line(line)

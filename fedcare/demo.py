@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from client.cli import data_check
+from common.locks import FolderLock
 from simulations.scenario import load_scenario
 from simulations.simulate_cli import print_results, run_with_progress
 from simulations.synth import synthesize
@@ -31,7 +32,12 @@ def demo(
     scenario = load_scenario("demo")
     sites = out / "sites"
     console.print(f"[bold]1/3[/bold] synthesizing {scenario.sites} hospitals into {sites}")
-    synthesize(sites, n_sites=scenario.sites, seed=scenario.seed, config=scenario.synth, force=True)
+    out.mkdir(parents=True, exist_ok=True)
+    # Not over the sites of a run that is going on in --out (the run takes the lock again).
+    with FolderLock(out, what="--out"):
+        synthesize(
+            sites, n_sites=scenario.sites, seed=scenario.seed, config=scenario.synth, force=True
+        )
     console.print("[bold]2/3[/bold] checking every site's data against its site.toml")
     data_check(sites, json_out=False)
     console.print(

@@ -27,6 +27,12 @@ Entries (round numbers are the run's absolute rounds; every entry carries the ru
     skipped), ``updates`` (how many were aggregated).
 ``run-end``
     ``rounds_completed``, ``model_sha256`` (the final model).
+``recovery`` (written by :mod:`common.audit` itself, run id null)
+    ``offset``, ``length``, ``sha256``: an incomplete last line (a crash or a full disk in
+    mid-write) that the next append cut; so a resumed run appends to a log that verifies.
+
+A write that fails (a full disk) leaves the log at its last whole entry and stops the run
+with an :class:`~common.audit.AuditLogError` naming the file and the fix.
 """
 
 from __future__ import annotations

@@ -13,14 +13,16 @@ too), ``final_model.pt``, ``plots/*.png``.
 
 Every run has its own run id (:func:`new_run_id`), unless the scenario names one: sites key
 their ledger charges and stored releases on it, so two runs must never share one. Resuming
-continues the run recorded in the folder (:func:`recorded_run_id`), under its own id.
+continues the run recorded in the folder (:func:`recorded_run_id`), under its own id; a new
+run in a folder that holds an earlier one clears that run's results first. One process at a
+time works in a run directory: it holds ``<out>/.lock`` (:mod:`common.locks`) for the whole
+run, and a second run on the same folder is refused, naming the first.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 import secrets
 import shutil
@@ -38,9 +40,10 @@ from client.local import settings_from_run
 from client.policy import simulated_site_policy
 from common.errors import ConfigError, DataError
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
+from common.locks import FolderLock
 from common.spec import SPEC_FILENAME
 from common.summary import RunSummary, write_summary
-from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from server.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from server.summary import SUMMARY_NAME, build_summary
 from simulations.baselines import local_only, pooled
 from simulations.flower_driver import local_superlink, write_app_dir
@@ -135,10 +138,11 @@ def recorded_run_id(out: Path) -> str:
         from_config = run_id
     try:
         checkpoint = load_checkpoint(out)
-    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+    except CheckpointError as e:
         raise ConfigError(
-            f"{out / CHECKPOINT_NAME}: cannot read the earlier run's checkpoint ({e}); start "
-            "a new run without --resume"
+            f"{e.path}: cannot read the earlier run's checkpoint: {e.reason}. Fix: put back a "
+            "good copy of it to resume, or start a new run without --resume (or in another "
+            "--out)"
         ) from e
     if checkpoint is not None and from_config is not None and checkpoint.run_id != from_config:
         raise ConfigError(
@@ -240,14 +244,47 @@ def run_experiment(
     recorded in ``out`` (:func:`recorded_run_id`) is continued from its last completed round,
     under its own id and with the configuration it started with.
 
+    ``out`` is locked (:class:`common.locks.FolderLock`, ``<out>/.lock``) before anything in
+    it is read or changed and until the run returns, so a second run on the same ``out``
+    (with or without ``resume``) is refused at once, naming the process that holds it; the
+    kernel drops the lock when that process ends, however it ends. ``resume`` on an ``out``
+    that holds no run is refused (one line), never a silent fresh start.
+
     Raises
     ------
     ConfigError
         The configuration is invalid; or, with ``resume``, ``out`` holds no earlier run, or the
         configuration (or an explicit run id) differs from the recorded run's.
+    FolderInUse
+        Another process is working in ``out``.
     """
     out = out.resolve()
     cfg = scenario.federation_config(**(overrides or {}))
+    if resume and not out.is_dir():
+        recorded_run_id(out)  # raises: there is no earlier run, and nothing is created
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"--out {out}: cannot be the run directory ({e.strerror or e}); give a folder "
+            "this user can write"
+        ) from e
+    with FolderLock(out, what="--out"):
+        return _run_locked(
+            scenario, out, cfg, on_progress=on_progress, timeout_s=timeout_s, resume=resume
+        )
+
+
+def _run_locked(
+    scenario: Scenario,
+    out: Path,
+    cfg: FederationConfig,
+    *,
+    on_progress: ProgressFn | None,
+    timeout_s: float,
+    resume: bool,
+) -> RunOutcome:
+    """:func:`run_experiment` once ``out`` is locked."""
     if resume:
         run_id = recorded_run_id(out)
         if cfg.run_id and cfg.run_id != run_id:
@@ -257,7 +294,6 @@ def run_experiment(
             )
     else:
         run_id = cfg.run_id or new_run_id(scenario.name)
-    out.mkdir(parents=True, exist_ok=True)
     folders = prepare_sites(scenario, out, reuse=resume)
     sites = load_sites(folders)
     run_dir = out

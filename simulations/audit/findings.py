@@ -39,6 +39,7 @@ class LogCheck(_Frozen):
     ok: bool
     first_bad_line: int | None = None  # 1-based line number of the first broken/forged entry
     problem: str | None = None  # what is wrong with that entry, and what it means
+    notices: list[str] = []  # not errors: e.g. a torn last line the writer cut and recorded
 
 
 class VerifyResult(_Frozen):

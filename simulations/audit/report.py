@@ -68,6 +68,7 @@ from simulations.audit.html_charts import (
 
 __all__ = [
     "SECTION_IDS",
+    "REPORT_GENERATOR",
     "PASS",
     "ATTENTION",
     "Check",
@@ -93,6 +94,8 @@ SECTION_IDS: Final = (
 )
 PASS: Final = "PASS"
 ATTENTION: Final = "ATTENTION"
+#: The page's ``<meta name="generator">``: marks a file as a report that a new one may replace.
+REPORT_GENERATOR: Final = "fedcare audit report"
 
 #: Event kinds that need a reader's attention (all of :data:`common.summary.EVENT_KINDS`).
 _EVENT_ORDER: Final = ("rejected", "refused", "dropped", "round-skipped", "evaluate-failed")
@@ -847,8 +850,9 @@ def _attacks_html(summary: RunSummary, attacks: AttackReport | None, run_dir: Pa
 
 
 def _log_result(log: LogCheck) -> _Html:
+    notices = "".join(f"<br>notice: {_e(n)}" for n in log.notices)
     if log.ok:
-        return _badge(True)
+        return _Html(f"{_badge(True)}{notices}")
     line = f"line {log.first_bad_line}: " if log.first_bad_line is not None else ""
     return _Html(f"{_badge(False, no='FAILED')} {_e(line + (log.problem or 'does not verify'))}")
 
@@ -997,6 +1001,7 @@ def build_report(
         '<html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{_e(_CSP)}">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<meta name="generator" content="{REPORT_GENERATOR}">'
         f"<title>fedcare privacy audit: {_e(summary.run_id)} — {verdict.label}</title>"
         f"<style>{_CSS}</style></head><body><main>"
         f"<h1>Privacy audit of run {_e(summary.run_id)}</h1>"

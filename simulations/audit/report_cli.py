@@ -2,20 +2,58 @@
 
 A plain typer-annotated function; :mod:`fedcare.cli` mounts it. Errors are
 :class:`~common.errors.FedcareError` and become one line on stderr there.
+
+The page never replaces a file of the run it reports on: an ``--out`` that is an existing
+file inside the run directory (its summary, its signed audit log, a checkpoint, ...) is
+refused before anything is computed, unless that file is an earlier report (it carries the
+report's ``<meta name="generator">``). The page is written atomically, mode 0600.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import typer
 
 from common.errors import ConfigError
-from simulations.audit.report import load_report_inputs
+from common.files import atomic_private
+from simulations.audit.report import REPORT_GENERATOR, load_report_inputs
 
-__all__ = ["audit_report", "write_text_atomic"]
+__all__ = ["audit_report", "check_report_out", "write_text_atomic"]
+
+#: How much of an existing file is read to recognise an earlier report.
+_SNIFF_BYTES = 4096
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` is a page this command wrote (its head names the generator)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError:
+        return False
+    marker = f'<meta name="generator" content="{REPORT_GENERATOR}">'.encode()
+    return head.startswith(b"<!DOCTYPE html>") and marker in head
+
+
+def check_report_out(out: Path, run_dir: Path) -> None:
+    """Refuse an ``--out`` that is a folder, or an existing file of the run (see the module
+    docstring); symbolic links are followed to what they name.
+
+    Raises
+    ------
+    ConfigError
+        With the reason and another ``--out`` to use.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"{out}: is a folder; pass a file name, e.g. --out {out}/report.html")
+    target, run = out.resolve(), Path(run_dir).resolve()
+    if target.is_file() and target.is_relative_to(run) and not _is_report(target):
+        raise ConfigError(
+            f"--out {out}: that is {target.relative_to(run)}, a file of the run {run_dir}, and "
+            f"the report would replace it; choose a new file, e.g. --out {run_dir}/report.html"
+        )
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -24,7 +62,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     Parameters
     ----------
     path:
-        Destination; its folder is created if missing.
+        Destination; its folder is created (mode 0700) if missing; the file is mode 0600.
     text:
         The content.
 
@@ -37,27 +75,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; pass a file name, e.g. --out {path}/report.html")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+        with atomic_private(path) as f:
+            f.write(text.encode("utf-8"))
     except OSError as e:
-        raise ConfigError(f"{path}: cannot write there ({e}); choose another --out") from e
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise ConfigError(f"{path}: cannot write it ({e}); choose another --out") from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        raise ConfigError(
+            f"{path}: cannot write it ({e.strerror or e}); free disk space or choose another --out"
+        ) from e
 
 
 def audit_report(
     run_dir: Path = typer.Argument(..., help="A finished run's directory."),  # noqa: B008
-    out: Path = typer.Option(..., "--out", help="The HTML file to write."),  # noqa: B008
+    out: Path = typer.Option(  # noqa: B008
+        ..., "--out", help="The HTML file to write (never one of the run's own files)."
+    ),
 ) -> None:
     """Write the run's privacy audit as one self-contained HTML page (no network needed):
     verdict, ε per site per round by two accountants, utility, update norms, rejected
@@ -69,8 +99,9 @@ def audit_report(
     ------
     ConfigError
         If ``run_dir`` is not a finished run, a file in it cannot be read, or ``out``
-        cannot be written.
+        cannot be written or is one of the run's own files.
     """
+    check_report_out(out, run_dir)
     inputs = load_report_inputs(run_dir)
     write_text_atomic(out, inputs.html())
     verdict = inputs.verdict()

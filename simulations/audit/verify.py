@@ -2,8 +2,10 @@
 
 Each log is verified on its own (:func:`common.audit.check_log`: every line intact, in
 sequence, chained and signed by the key its log-open entry declares, or by the trusted key
-given for its writer). When the server's log and a site's log are both at hand, they are
-checked against each other. A server log is read as sessions (each ``run-start`` of a run,
+given for its writer). A ``recovery`` entry (the writer cut an incomplete last line that a
+crash or a full disk left, and recorded the cut) is printed as a notice, not an error.
+When the server's log and a site's log are both at hand, they are checked against each
+other. A server log is read as sessions (each ``run-start`` of a run,
 with its ``run-resume`` entries); a site entry belongs to the session of the server-log head
 it recorded. For every session a site's log has entries in:
 
@@ -179,6 +181,7 @@ def _as_check(v: LogVerification) -> LogCheck:
         ok=v.ok,
         first_bad_line=v.first_bad_line,
         problem=v.problem,
+        notices=list(v.notices),
     )
 
 
@@ -666,6 +669,8 @@ def audit_verify(
                 f"{log.path}: writer {writer}, {log.entries} entries, key "
                 f"{log.key_fingerprint or '?'}, {status}"
             )
+            for notice in log.notices:
+                typer.echo(f"  notice: {notice}")
         for problem in result.cross_check_problems:
             typer.echo(f"cross-check: {problem}")
         if not key:
