@@ -41,7 +41,7 @@ from client.policy import simulated_site_policy
 from common.errors import ConfigError, DataError
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.locks import FolderLock
-from common.spec import SPEC_FILENAME
+from common.spec import SPEC_FILENAME, describe_schema_difference
 from common.summary import RunSummary, write_summary
 from server.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from server.summary import SUMMARY_NAME, build_summary
@@ -205,14 +205,20 @@ def prepare_sites(scenario: Scenario, out: Path, *, reuse: bool = False) -> list
 def load_sites(folders: list[Path]) -> list[SiteData]:
     """Load and validate every site; all must share one schema and distinct site ids."""
     sites = [load_site(f) for f in folders]
-    fingerprints = {s.spec.feature_schema.fingerprint() for s in sites}
-    if len(fingerprints) > 1:
+    ref = sites[0].spec
+    differing = [
+        f"{s.spec.site_id}: "
+        + describe_schema_difference(
+            ref.feature_schema, s.spec.feature_schema, a_name=ref.site_id, b_name=s.spec.site_id
+        )
+        for s in sites[1:]
+        if s.spec.feature_schema.fingerprint() != ref.feature_schema.fingerprint()
+    ]
+    if differing:
         raise DataError(
-            "the sites do not share one feature schema ("
-            + ", ".join(
-                f"{s.spec.site_id}: {s.spec.feature_schema.fingerprint()[:12]}" for s in sites
-            )
-            + "); give every site.toml the federation's schema"
+            "the sites do not share one feature schema: "
+            + " | ".join(differing)
+            + "; give every site.toml the federation's schema"
         )
     ids = [s.spec.site_id for s in sites]
     if len(set(ids)) != len(ids):
@@ -296,6 +302,8 @@ def _run_locked(
         run_id = cfg.run_id or new_run_id(scenario.name)
     folders = prepare_sites(scenario, out, reuse=resume)
     sites = load_sites(folders)
+    for site in sites:  # before Flower starts: a task every site defines
+        site.spec.task(cfg.task)
     run_dir = out
     # Each experiment is its own simulated world: the sites' ledgers, stored releases and
     # audit logs live in the run's folder (never in a --data-root, which stays read-only),

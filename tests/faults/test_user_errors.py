@@ -91,3 +91,13 @@ def test_the_scenarios_baselines_setting_is_kept_unless_the_command_line_says_ot
         with pytest.raises(SystemExit):
             main(["simulate", "--config", str(path), "--out", str(tmp_path / "o"), *args])
         assert no_run[-1].baselines is expected
+
+
+def test_an_unknown_task_is_refused_before_flower_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _scenario(tmp_path, sites=2, synth={"patients_per_site": 40})
+    out = tmp_path / "o"
+    err = _fails(capsys, "simulate", "--config", str(path), "--task", "nosuch", "--out", str(out))
+    assert "no task 'nosuch'" in err and "readmission" in err
+    assert not (out / ".flower").exists(), "Flower was started"
