@@ -72,7 +72,7 @@ CONNECTION = "fedcare-sim"
 
 
 #: Lines of the run's log quoted in the error of a failed run.
-_LOG_TAIL_LINES = 40
+
 #: Seconds each process of the SuperLink's family gets to exit after SIGTERM.
 _STOP_GRACE_S = 5.0
 #: Seconds a single ``flwr`` command may take.
@@ -248,8 +248,9 @@ class SuperLinkHandle:
         Raises
         ------
         FlowerRunError
-            The run failed (with Flower's status details and the tail of the run's log),
-            was stopped, or did not finish within ``timeout_s``.
+            The run failed (with Flower's status details in one line, and the run's whole
+            log written to ``work_dir/run-<id>.log``), was stopped, or did not finish
+            within ``timeout_s``.
         """
         deadline = time.monotonic() + timeout_s
         while True:
@@ -268,10 +269,13 @@ class SuperLinkHandle:
             time.sleep(poll_s)
         details = str(row.get("status-details") or "")
         if status != "finished:completed":
-            tail = "\n".join(self.logs(run_id).splitlines()[-_LOG_TAIL_LINES:])
+            # One line for the user (a fedcare error in the ServerApp is its own message);
+            # the ServerApp's whole log goes to a file the line names.
+            log = self.work_dir / f"run-{run_id}.log"
+            log.write_text(self.logs(run_id), encoding="utf-8")
+            cause = details.removeprefix("ServerApp failed with exception: ").strip()
             raise FlowerRunError(
-                f"run {run_id} ended {status}: {details or 'no details'}\n"
-                f"--- last lines of `flwr log {run_id} --show` ---\n{tail}"
+                f"run {run_id} ended {status}: {cause or 'no details'} (the ServerApp's log: {log})"
             )
         return RunStatus(run_id, status, details, float(row.get("elapsed") or 0.0))
 
