@@ -71,8 +71,6 @@ __all__ = [
 CONNECTION = "fedcare-sim"
 
 
-#: Lines of the run's log quoted in the error of a failed run.
-
 #: Seconds each process of the SuperLink's family gets to exit after SIGTERM.
 _STOP_GRACE_S = 5.0
 #: Seconds a single ``flwr`` command may take.
