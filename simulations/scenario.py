@@ -108,7 +108,10 @@ class Scenario(BaseModel):
     @field_validator("federation")
     @classmethod
     def _known_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        FederationConfig.from_run_config(value, source="[federation]")
+        try:
+            FederationConfig.from_run_config(value, source="[federation]")
+        except ConfigError as e:  # a ValueError: pydantic then reports the other fields too
+            raise ValueError(str(e)) from None
         return value
 
     def federation_config(self, **overrides: Any) -> FederationConfig:

@@ -101,3 +101,13 @@ def test_an_unknown_task_is_refused_before_flower_starts(
     err = _fails(capsys, "simulate", "--config", str(path), "--task", "nosuch", "--out", str(out))
     assert "no task 'nosuch'" in err and "readmission" in err
     assert not (out / ".flower").exists(), "Flower was started"
+
+
+def test_every_wrong_scenario_field_is_reported_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('sites = 0\nseed = "x"\n[federation]\nlearning-rate = -1\nlocal-epochs = 0\n')
+    err = _fails(capsys, "simulate", "--config", str(path), "--out", str(tmp_path / "o"))
+    for field in ("sites", "seed", "learning-rate", "local-epochs"):
+        assert field in err, field
