@@ -8,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from common import keys, stopping
 from common.errors import ConfigError
+from common.spec import format_validation_error
 from common.summary import Privacy, RunSummary
 from simulations.runner import RunOutcome, recorded_run_id, run_experiment
 from simulations.scenario import Scenario, Sweep, load_scenario
@@ -279,9 +281,12 @@ def simulate(
             federation["dp"] = False
         else:
             federation.update({"dp": True, "target-epsilon": epsilon})
-    scenario = Scenario.model_validate(
-        {**scenario.model_dump(), **changes, "federation": federation}
-    )
+    try:
+        scenario = Scenario.model_validate(
+            {**scenario.model_dump(), **changes, "federation": federation}
+        )
+    except ValidationError as e:
+        raise ConfigError(format_validation_error("the command line and scenario", e)) from e
     if sweep is not None:
         scenario = scenario.model_copy(update={"sweep": _parse_sweep(sweep)})
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
