@@ -65,6 +65,7 @@ from common.errors import (
     PolicyViolation,
     PrivacyBudgetExceeded,
     RoundFailed,
+    TrainingDiverged,
 )
 from common.federation import FederationConfig
 from common.files import write_private_atomic
@@ -354,13 +355,19 @@ class SiteTrainer:
     def _settled(self, receipt: ChargeReceipt, what: str) -> Iterator[None]:
         """The work done under ``receipt``'s charge: any failure marks the charge failed
         (it still counts, and is never retried: whether it failed can depend on the
-        patients) and is reported as the site's :class:`RoundFailed`, not a crash."""
+        patients) and is reported as the site's :class:`RoundFailed`, not a crash.
+
+        A stop (a signal turned into an exception that is not an :class:`Exception`:
+        ``KeyboardInterrupt``, ``SystemExit``, the site worker's stop) does not depend on
+        the patients and released nothing: the charge stays ``charged``, and the same
+        request, asked again, reuses it (:meth:`PrivacyLedger.charge` retries a
+        ``charged`` key) instead of spending the round's budget for nothing."""
         assert self.ledger is not None
         try:
             yield
-        except BaseException as e:
+        except Exception as e:
             self.ledger.mark_failed(receipt.charge_id)
-            if isinstance(e, (FedcareError, KeyboardInterrupt, SystemExit)):
+            if isinstance(e, FedcareError):
                 raise
             raise RoundFailed(
                 f"site {self.site_id}: {what} failed after its charge was written "
@@ -468,9 +475,11 @@ class SiteTrainer:
                 )
             state = _cpu_state(private.unwrapped())
             if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
-                raise RoundFailed(
-                    f"site {self.site_id}: training diverged (non-finite weights after round "
-                    f"{request.round}); the update is withheld. Fix: lower the learning rate"
+                raise TrainingDiverged(
+                    f"site {self.site_id}: training diverged in round {request.round} (the "
+                    f"weights became non-finite at learning-rate {cfg.learning_rate:g}); the "
+                    "update is withheld and the round's charge is kept. Fix: lower the "
+                    "learning-rate"
                 )
             result = RoundResult(
                 state=state,

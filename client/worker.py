@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -57,7 +58,7 @@ from client.deploy import secret_path
 from client.site_config import load_site_config
 from client.warm import WarmSites
 from common import keys
-from common.errors import ConfigError, FedcareError, PolicyViolation
+from common.errors import ConfigError, FedcareError, PolicyViolation, RoundFailed
 from common.flower_app import check_fab
 
 __all__ = ["SiteWorker", "main"]
@@ -66,6 +67,9 @@ log = logging.getLogger(__name__)
 
 #: The one Runtime API method Flower protects with the shared secret.
 _ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
+
+#: How much of a message type (chosen by the centre) goes into a refusal and the audit log.
+_MAX_PHASE = 40
 
 Handler = Callable[..., Message]
 _HANDLERS: dict[str, Handler] = {"train": handle_train, "evaluate": handle_evaluate}
@@ -111,15 +115,20 @@ class SiteWorker:
 
     def poll(self) -> bool:
         """Take one task if the SuperNode has one and run it; ``True`` if there was one."""
+        # Agent-app tasks too: the worker answers them with a refusal, where a task nobody
+        # takes would leave the SuperNode waiting for its reply.
         res = self._acquirer.AcquireTask(
-            AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
+            AcquireTaskRequest(
+                supported_task_types=[TaskType.CLIENT_APP, TaskType.AGENT_APP],
+                agentapp_fab_hashes=[],
+            )
         )
         if not (res.HasField("task") and res.token):
             return False
-        self.run_task(res.token)
+        self.run_task(res.token, task_type=str(res.task.type) or TaskType.CLIENT_APP)
         return True
 
-    def run_task(self, token: str) -> None:
+    def run_task(self, token: str, *, task_type: str = TaskType.CLIENT_APP) -> None:
         """Pull the task's message, answer it, push the reply and the task's end."""
         client = RuntimeHttpClient.from_server_address(
             server_address=self.runtime_address,
@@ -143,6 +152,7 @@ class SiteWorker:
                 fab_content=fab.content,
                 fab_id=run.fab_id,
                 fab_version=run.fab_version,
+                task_type=task_type,
             )
             push_message(client, reply, context)
         finally:
@@ -161,28 +171,52 @@ class SiteWorker:
         fab_content: bytes,
         fab_id: str,
         fab_version: str,
+        task_type: str = TaskType.CLIENT_APP,
     ) -> tuple[Message, str, str]:
         """The reply to ``message``, the task's status and its details.
 
-        The node config is this worker's own (the site's ``site-config.toml``), whatever
-        the task carries.
+        Every task gets a reply, whatever happens: a SuperNode whose task ends without one
+        waits for it forever. The node config is this worker's own (the site's
+        ``site-config.toml``), whatever the task carries.
         """
         context.node_config = {keys.NC_SITE_CONFIG: str(self.config_path)}
-        kind = message.metadata.message_type.split(".", 1)[0]
+        kind = message.metadata.message_type
+        phase = kind[:_MAX_PHASE] or "message"
         try:
-            check_fab(fab_content, fab_id, fab_version)
+            try:
+                check_fab(fab_content, fab_id, fab_version)
+            except PolicyViolation:
+                raise
+            except Exception as e:  # an archive its reader chokes on is not fedcare's app
+                raise PolicyViolation(
+                    f"the run's app bundle cannot be read ({type(e).__name__}); it is not "
+                    "fedcare's thin app"
+                ) from e
+            if task_type != TaskType.CLIENT_APP:
+                raise PolicyViolation(
+                    f"a {str(task_type)[:_MAX_PHASE]} task is not one this site runs (it runs "
+                    "fedcare's ClientApp only)"
+                )
             handler = _HANDLERS.get(kind)
             if handler is None:
                 raise PolicyViolation(
-                    f"message type {message.metadata.message_type!r} is not one fedcare's "
-                    f"ClientApp answers ({', '.join(sorted(_HANDLERS))})"
+                    f"message type {phase!r} is not one fedcare's ClientApp answers "
+                    f"({', '.join(sorted(_HANDLERS))})"
                 )
         except PolicyViolation as e:
-            reply = refuse(message, context, e, phase=kind or "message")
-            reason = reply.error.reason
-            log.error("refused: %s", reason)
-            return reply, SubStatus.FAILED, reason
-        reply = handler(message, context, warm=self.warm)
+            reply = refuse(message, context, e, phase=phase)
+            log.error("refused: %s", reply.error.reason)
+            return reply, SubStatus.FAILED, reply.error.reason
+        try:
+            reply = handler(message, context, warm=self.warm)
+        except Exception as e:  # a bug, or an input fedcare did not foresee: never a jam
+            log.exception("fedcare's ClientApp failed on a %s message", phase)
+            failure = RoundFailed(
+                f"fedcare's ClientApp failed on this {phase} message ({type(e).__name__}); "
+                "the site's log has the details"
+            )
+            reply = refuse(message, context, failure, phase=phase)
+            return reply, SubStatus.FAILED, reply.error.reason
         if reply.has_error():
             log.warning("answered with a refusal: %s", reply.error.reason)
         return reply, SubStatus.COMPLETED, ""
@@ -192,6 +226,18 @@ class SiteWorker:
         while not stop():
             if not self.poll():
                 time.sleep(poll_s)
+
+
+def _orphaned(parent: int) -> Callable[[], bool]:
+    """Whether ``fedcare site start`` (``parent``) is gone: a worker never outlives it."""
+
+    def gone() -> bool:
+        if os.getppid() != parent:
+            log.error("fedcare site start (pid %d) is gone; stopping", parent)
+            return True
+        return False
+
+    return gone
 
 
 def _raise_stop(signum: int, _frame: FrameType | None) -> None:
@@ -242,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _raise_stop)
     log.info("site %s: taking ClientApp tasks from 127.0.0.1:%d", site.site_id, site.supernode.port)
     try:
-        worker.serve(poll_s=args.poll)
+        worker.serve(poll_s=args.poll, stop=_orphaned(os.getppid()))
     except _Stop:
         log.info("stopped after %d task(s)", worker.tasks)
     finally:

@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.cli.config_utils import get_fab_metadata
 from flwr.common.constant import SubStatus
@@ -274,3 +275,42 @@ def test_the_supernode_runs_no_executor_of_its_own(hospital: Path) -> None:
         hospital / "state" / "superexec.secret"
     )
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("broken", ["no-config", "wrong-shape"])
+def test_an_unforeseen_message_gets_a_reply_never_a_jam(
+    worker: SiteWorker, hospital: Path, tmp_path: Path, broken: str
+) -> None:
+    """A SuperNode whose task ends without a reply waits for it forever: whatever goes
+    wrong, the worker answers, and the reason quotes no exception text (it could hold data)."""
+    msg, context = _message(hospital)
+    if broken == "no-config":
+        del msg.content[keys.REC_CONFIG]
+    else:
+        arrays = msg.content[keys.REC_ARRAYS]
+        first = next(iter(arrays))
+        arrays[first] = Array(np.zeros((3, 1, 7), dtype=np.float32))
+    fab = _fedcare_fab(tmp_path)
+    fab_id, fab_version = get_fab_metadata(fab)
+    reply, status, _ = worker.answer(
+        msg, context, fab_content=fab, fab_id=fab_id, fab_version=fab_version
+    )
+    assert reply.has_error() and reply.error.reason.startswith("site-0: ")
+    assert status == SubStatus.FAILED or reply.error.code != keys.ERR_FAILED
+
+
+def test_an_agent_app_task_is_refused(worker: SiteWorker, hospital: Path, tmp_path: Path) -> None:
+    msg, context = _message(hospital)
+    fab = _fedcare_fab(tmp_path)
+    fab_id, fab_version = get_fab_metadata(fab)
+    reply, status, _ = worker.answer(
+        msg,
+        context,
+        fab_content=fab,
+        fab_id=fab_id,
+        fab_version=fab_version,
+        task_type="flwr-agentapp",
+    )
+    assert reply.has_error() and "flwr-agentapp" in reply.error.reason
+    assert status == SubStatus.FAILED
+    assert not (hospital / "state" / "ledger.sqlite").exists()
