@@ -208,10 +208,10 @@ def check_fab(fab_content: bytes, fab_id: str, fab_version: str) -> None:
     try:
         with zipfile.ZipFile(io.BytesIO(fab_content)) as fab:
             entries = _read_entries(fab)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, RuntimeError, ValueError) as e:
-        # RuntimeError: an encrypted entry; NotImplementedError (a RuntimeError): an
-        # unsupported compression method.
-        _refuse(f"the FAB is not a readable zip archive ({e})")
+    except PolicyViolation:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure (zlib, lzma, bz2, OS) refuses
+        _refuse(f"the FAB is not a readable zip archive ({type(e).__name__}: {str(e)[:200]})")
     _check_manifest(entries)
     try:
         doc = tomllib.loads(entries[_FAB_CONFIG].decode("utf-8"))
@@ -234,12 +234,18 @@ def _read_entries(fab: zipfile.ZipFile) -> dict[str, bytes]:
         _refuse("the FAB holds the same name twice")
     extra = sorted(set(names) - {_FAB_CONFIG, _FAB_MANIFEST})
     if extra:
-        _refuse(f"the FAB ships {', '.join(map(repr, extra))} besides pyproject.toml")
+        shown = ", ".join(repr(n[:80]) for n in extra[:5])
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        _refuse(f"the FAB ships {shown}{more} besides pyproject.toml")
     missing = sorted({_FAB_CONFIG, _FAB_MANIFEST} - set(names))
     if missing:
         _refuse(f"the FAB lacks {', '.join(missing)}")
     entries = {}
     for info in fab.infolist():
+        if info.flag_bits & 0x1:
+            _refuse(f"the FAB's {info.filename} is encrypted")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            _refuse(f"the FAB's {info.filename} uses compression method {info.compress_type}")
         if info.file_size > _ENTRY_MAX_BYTES:
             _refuse(f"the FAB's {info.filename} inflates to {info.file_size} bytes")
         with fab.open(info) as f:

@@ -162,3 +162,24 @@ def test_the_reason_says_how_to_submit(tmp_path: Path) -> None:
     with pytest.raises(PolicyViolation) as e:
         check_fab(b"", "fedcare/fedcare-run", fedcare_version())
     assert "fedcare server submit" in str(e.value)
+
+
+@pytest.mark.parametrize("how", ["lzma", "corrupt-deflate"])
+def test_an_archive_its_reader_chokes_on_is_a_refusal_not_a_crash(
+    tmp_path: Path, how: str
+) -> None:
+    fab, fab_id, fab_version = _build(_thin_app(tmp_path / "app"))
+    with zipfile.ZipFile(io.BytesIO(fab)) as z:
+        entries = [(i.filename, z.read(i.filename)) for i in z.infolist()]
+    buf = io.BytesIO()
+    method = zipfile.ZIP_LZMA if how == "lzma" else zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(buf, "w", compression=method) as z:
+        for name, content in entries:
+            z.writestr(name, content)
+    data = bytearray(buf.getvalue())
+    if how == "corrupt-deflate":
+        start = data.index(b"pyproject.toml") + len(b"pyproject.toml")
+        for i in range(start + 4, start + 40):  # inside the compressed stream
+            data[i] ^= 0x5A
+    with pytest.raises(PolicyViolation, match="compression method|not a readable zip|differs"):
+        check_fab(bytes(data), fab_id, fab_version)
