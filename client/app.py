@@ -50,6 +50,7 @@ from common.errors import (
     PolicyViolation,
     PrivacyBudgetExceeded,
     RoundFailed,
+    TrainingDiverged,
 )
 from common.federation import FederationConfig
 from common.files import private_dir
@@ -259,6 +260,7 @@ _ERROR_CODES: tuple[tuple[type[FedcareError], int], ...] = (
     (PrivacyBudgetExceeded, keys.ERR_BUDGET),
     (PolicyViolation, keys.ERR_POLICY),
     (DataError, keys.ERR_DATA),
+    (TrainingDiverged, keys.ERR_DIVERGED),
     (RoundFailed, keys.ERR_FAILED),
     (FedcareError, keys.ERR_CONFIG),
 )

@@ -17,13 +17,13 @@ The SuperNode runs with ``--isolation process``: Flower launches no executor of 
 from __future__ import annotations
 
 import secrets
-import sys
 from pathlib import Path
 
 from client.site_config import SiteConfig
 from common import keys
 from common.errors import ConfigError
 from common.files import write_private_atomic
+from common.processes import module_command
 
 __all__ = ["supernode_command", "worker_command", "write_secret", "secret_path", "SECRET_FILE_NAME"]
 
@@ -47,7 +47,7 @@ def supernode_command(site: SiteConfig, *, config_path: Path, insecure: bool = F
     (through :mod:`client.supernode`, which shortens Flower's fixed waits between polls)."""
     link = site.superlink
     poll = f"{site.supernode.poll_interval:g}"
-    cmd = [sys.executable, "-m", "client.supernode", "--poll", poll, "--"]
+    cmd = [*module_command("client.supernode"), "--poll", poll, "--"]
     cmd += ["--superlink", link.address]
     if insecure or link.insecure:
         cmd.append("--insecure")
@@ -82,7 +82,7 @@ def supernode_command(site: SiteConfig, *, config_path: Path, insecure: bool = F
 def worker_command(*, config_path: Path, poll_s: float = 0.25) -> list[str]:
     """The site worker's command line (:mod:`client.worker`) for ``config_path``."""
     config = str(Path(config_path).resolve())
-    return [sys.executable, "-m", "client.worker", config, "--poll", f"{poll_s:g}"]
+    return [*module_command("client.worker"), config, "--poll", f"{poll_s:g}"]
 
 
 def write_secret(site: SiteConfig) -> Path:

@@ -16,6 +16,7 @@ __all__ = [
     "PolicyViolation",
     "UpdateRejected",
     "RoundFailed",
+    "TrainingDiverged",
 ]
 
 
@@ -54,3 +55,8 @@ class UpdateRejected(FedcareError):
 class RoundFailed(FedcareError):
     """A site's round failed after its privacy charge was written (the charge is kept,
     marked failed): a failure at the site, reported as such, never as a drop-out."""
+
+
+class TrainingDiverged(RoundFailed):
+    """Local training diverged (non-finite weights): a setting to fix (usually the learning
+    rate), not a refusal; the round's charge is kept."""

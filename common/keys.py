@@ -42,6 +42,7 @@ __all__ = [
     "ERR_DATA",
     "ERR_CONFIG",
     "ERR_FAILED",
+    "ERR_DIVERGED",
     "TASK_METRICS",
     "S_RUN_EPSILON",
     "S_NOISE",
@@ -142,6 +143,7 @@ ERR_POLICY = 4002
 ERR_DATA = 4003
 ERR_CONFIG = 4004
 ERR_FAILED = 4005  # the round failed at the site after its charge (RoundFailed)
+ERR_DIVERGED = 4006  # local training diverged after the charge (TrainingDiverged)
 
 # Metrics a site may send (aggregate numbers only; never a patient-level value).
 M_NUM_EXAMPLES = "num-examples"

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.processes import Child, die_with_parent, supervise_group
+from common.processes import Child, die_with_parent, module_command, supervise_group
 
 __all__ = ["leash_command", "main"]
 
@@ -29,7 +28,7 @@ def leash_command(
     long each stopped process gets between SIGTERM and SIGKILL."""
     held_by = os.getpid() if parent is None else parent
     return [
-        sys.executable, "-m", "common.leash", "--parent", str(held_by),
+        *module_command("common.leash"), "--parent", str(held_by),
         "--grace", f"{grace_s:g}", "--", *command,
     ]  # fmt: skip
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "module_command",
     "venv_bin",
     "flower_env",
     "free_port",
@@ -38,9 +39,24 @@ __all__ = [
 ]
 
 
+def module_command(module: str) -> list[str]:
+    """``python -m MODULE`` with this interpreter, without the working folder on the path.
+
+    ``-P`` (Python 3.11+) keeps a ``client/``, ``server/`` or ``torch/`` folder in the
+    working directory from shadowing what is installed: a process that holds patient data
+    or keys imports only installed code.
+    """
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    return [sys.executable, *safe_path, "-m", module]
+
+
 def venv_bin(name: str) -> str:
     """A console script of this interpreter's environment (not whatever PATH finds)."""
     return str(Path(sys.executable).parent / name)
+
+
+#: Environment switches that open Flower 1.42's legacy gRPC APIs on 0.0.0.0.
+_LEGACY_GRPC_SWITCHES = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
 
 
 def flower_env(
@@ -67,6 +83,10 @@ def flower_env(
     """
     env = dict(os.environ if base is None else base)
     env.pop("RAY_ADDRESS", None)
+    # Inherited, these would make a SuperLink start Flower's legacy gRPC Control and Fleet
+    # APIs on all interfaces, beside the loopback-only HTTP port and the gateway.
+    for legacy in _LEGACY_GRPC_SWITCHES:
+        env.pop(legacy, None)
     no_proxy = ",".join(
         filter(None, [env.get("NO_PROXY"), env.get("no_proxy"), "127.0.0.1,localhost"])
     )

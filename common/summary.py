@@ -84,14 +84,18 @@ SCHEMA_VERSION: Final = 2
 #: ``privacy.noise`` and ``privacy.evaluation``, which read as null (not recorded).
 OLDER_READABLE_VERSIONS: Final = (1,)
 
-SiteStatus = Literal["completed", "refused", "dropped", "rejected"]
+SiteStatus = Literal["completed", "refused", "failed", "diverged", "dropped", "rejected"]
 #: ``completed``: the site's last round went through. ``refused``: the site declined
-#: (privacy budget or its policy) and said why in ``reason``. ``dropped``: no reply within the
-#: round timeout. ``rejected``: the server rejected its update as malformed (shape, dtype,
-#: non-finite values, norm bound).
+#: (privacy budget or its policy) and said why in ``reason``. ``failed``: its round failed
+#: after the privacy charge was written (the charge is kept). ``diverged``: its local
+#: training diverged (non-finite weights; usually the learning rate), charge kept.
+#: ``dropped``: no reply within the round timeout. ``rejected``: the server rejected its
+#: update as malformed (shape, dtype, non-finite values, norm bound).
 SITE_STATUSES: tuple[str, ...] = get_args(SiteStatus)
 
-EventKind = Literal["refused", "dropped", "rejected", "evaluate-failed", "round-skipped"]
+EventKind = Literal[
+    "refused", "failed", "diverged", "dropped", "rejected", "evaluate-failed", "round-skipped"
+]
 #: What an :class:`Event` records: the three non-completed site statuses, a site's failed
 #: evaluation, and a round the server skipped (too few valid updates; ``site_id`` is ``*``).
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)

@@ -31,20 +31,18 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError
 from common.files import open_private, private_dir, write_private_atomic
-from common.processes import Child, venv_bin
+from common.processes import Child, module_command, venv_bin
 
 __all__ = [
     "SuperLinkSettings",
     "superlink_command",
     "gateway_command",
     "executor_command",
-    "module_command",
     "centre_children",
     "write_superexec_secret",
     "connection_config",
@@ -132,16 +130,6 @@ class SuperLinkSettings:
                 f"--port and --control-port are both {self.port}: the public (Fleet) port and "
                 "the local control port must differ"
             )
-
-
-def module_command(module: str) -> list[str]:
-    """``python -m MODULE`` with this interpreter, without the working folder on the path.
-
-    ``-P`` (Python 3.11+) keeps a ``server/`` folder in the working directory from
-    shadowing the installed fedcare.
-    """
-    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-    return [sys.executable, *safe_path, "-m", module]
 
 
 def superlink_command(settings: SuperLinkSettings) -> list[str]:

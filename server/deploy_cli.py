@@ -31,6 +31,7 @@ from common.audit import load_or_create_signing_key
 from common.errors import ConfigError
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.flower_app import ConfigValue, check_values, write_app_dir
+from common.locks import FolderLock
 from common.processes import flower_env, supervise_group, venv_bin
 from common.run_signing import RUN_SIGNATURE_KEY, sign_run
 from server.deploy import (
@@ -114,8 +115,11 @@ def server_start(
         + "start a run:      fedcare server submit run.toml --run-key run-signing.key --wait\n"
     )
     prepare_database(database)
-    write_superexec_secret(settings)
-    raise typer.Exit(supervise_group(children, env=flower_env(one_thread=False)))
+    # One centre per database: a second start would replace the running centre's secret.
+    with FolderLock(Path(database).resolve().parent, what="--database folder"):
+        write_superexec_secret(settings)
+        code = supervise_group(children, env=flower_env(one_thread=False))
+    raise typer.Exit(code)
 
 
 def _read_overrides(path: Path) -> dict[str, ConfigValue]:

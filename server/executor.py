@@ -67,7 +67,7 @@ from flwr.superlink.grid import HttpGrid
 
 from common.errors import ConfigError, PolicyViolation
 from common.flower_app import check_fab
-from server.deploy import module_command
+from common.processes import module_command
 
 __all__ = ["POLL_INTERVAL_S", "run_executor", "run_task", "main"]
 

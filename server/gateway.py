@@ -59,6 +59,7 @@ from common.errors import ConfigError
 
 __all__ = [
     "FLEET_PATH",
+    "FLEET_ROUTES",
     "GatewaySettings",
     "FleetGateway",
     "fleet_path",
@@ -70,12 +71,32 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The only request targets forwarded: Flower's Fleet routes, on the raw target.
-FLEET_PATH = re.compile(rb"/v1/fleet/[a-z0-9][a-z0-9-]{0,63}")
+#: The only request targets forwarded: Flower 1.42's Fleet routes by name (its SuperNode's
+#: client, ``flwr/supernode/fleet_http_client.py``), on the raw target. A route Flower adds
+#: later stays closed until it is listed here.
+FLEET_ROUTES = (
+    "activate-node",
+    "confirm-message-received",
+    "deactivate-node",
+    "get-fab",
+    "get-run",
+    "pull-messages",
+    "pull-object",
+    "push-messages",
+    "push-object",
+    "register-node",
+    "send-node-heartbeat",
+    "unregister-node",
+)
+FLEET_PATH = re.compile(rb"/v1/fleet/(?:" + b"|".join(r.encode() for r in FLEET_ROUTES) + rb")")
 
 #: Largest request body forwarded. Flower sends arrays in 5 MiB chunks
 #: (``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE``); a Fleet message body is far below this.
-DEFAULT_MAX_BODY = 64 * 1024 * 1024
+DEFAULT_MAX_BODY = 16 * 1024 * 1024
+#: Seconds a client may take to send a request body (slow senders hold a connection).
+BODY_TIMEOUT_S = 60.0
+#: Connections served at once; beyond, uvicorn answers 503 (a flood cannot exhaust files).
+MAX_CONNECTIONS = 512
 
 #: Hop-by-hop headers (RFC 9110 7.6.1) and those the gateway sets itself.
 _HOP_BY_HOP = frozenset(
@@ -262,8 +283,11 @@ class FleetGateway:
             await _respond(send, 404, b"not found\n", head=method == "HEAD")
             return
         try:
-            body = await _read_body(receive, self.max_body)
+            body = await asyncio.wait_for(_read_body(receive, self.max_body), BODY_TIMEOUT_S)
         except _Disconnected:
+            return
+        except TimeoutError:
+            await _respond(send, 408, b"request body not received in time\n")
             return
         except _BodyTooLarge:
             await _respond(send, 413, b"request body too large\n")
@@ -423,6 +447,8 @@ def serve(settings: GatewaySettings, *, max_body: int = DEFAULT_MAX_BODY) -> Non
         access_log=False,
         log_config=None,
         timeout_keep_alive=30,
+        limit_concurrency=MAX_CONNECTIONS,
+        h11_max_incomplete_event_size=64 * 1024,  # headers larger than this: 400
         ssl_certfile=certfile,
         ssl_keyfile=keyfile,
     )

@@ -63,7 +63,11 @@ _UNREACHABLE = frozenset(
         ErrorCode.CLIENT_APP_CRASHED,
     }
 )
-_AUDITED_EVENTS = frozenset({"refused", "dropped", "round-skipped", "evaluate-failed"})
+_AUDITED_EVENTS = frozenset(
+    {"refused", "failed", "diverged", "dropped", "round-skipped", "evaluate-failed"}
+)
+#: A site's error reply after its charge: a failure or a divergence, not a refusal.
+_STATUS_OF_CODE = {keys.ERR_FAILED: "failed", keys.ERR_DIVERGED: "diverged"}
 
 
 def new_record() -> dict[str, Any]:
@@ -225,8 +229,9 @@ class GuardedStrategy(Strategy):
                 site_id, reason = _split_reason(reply.error.reason or "", self._site_of(node))
                 self.record["nodes"][str(node)] = site_id
                 site = self._site(site_id)
-                site["status"], site["reason"] = "refused", reason
-                self._event(server_round, site_id, "refused", reason)
+                status = _STATUS_OF_CODE.get(int(reply.error.code), "refused")
+                site["status"], site["reason"] = status, reason
+                self._event(server_round, site_id, status, reason)
                 continue
             info = reply.content.config_records.get(keys.REC_SITE)
             site_id = _reported_site_id(info, self._site_of(node))

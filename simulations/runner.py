@@ -202,9 +202,13 @@ def prepare_sites(scenario: Scenario, out: Path, *, reuse: bool = False) -> list
     )
 
 
-def load_sites(folders: list[Path]) -> list[SiteData]:
-    """Load and validate every site; all must share one schema and distinct site ids."""
+def load_sites(folders: list[Path], *, task: str | None = None) -> list[SiteData]:
+    """Load and validate every site; all must share one schema and distinct site ids, and
+    define ``task`` when it is given (checked before Flower starts)."""
     sites = [load_site(f) for f in folders]
+    if task is not None:
+        for site in sites:
+            site.spec.task(task)
     ref = sites[0].spec
     differing = [
         f"{s.spec.site_id}: "
@@ -301,9 +305,7 @@ def _run_locked(
     else:
         run_id = cfg.run_id or new_run_id(scenario.name)
     folders = prepare_sites(scenario, out, reuse=resume)
-    sites = load_sites(folders)
-    for site in sites:  # before Flower starts: a task every site defines
-        site.spec.task(cfg.task)
+    sites = load_sites(folders, task=cfg.task)
     run_dir = out
     # Each experiment is its own simulated world: the sites' ledgers, stored releases and
     # audit logs live in the run's folder (never in a --data-root, which stays read-only),

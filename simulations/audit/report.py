@@ -98,7 +98,15 @@ ATTENTION: Final = "ATTENTION"
 REPORT_GENERATOR: Final = "fedcare audit report"
 
 #: Event kinds that need a reader's attention (all of :data:`common.summary.EVENT_KINDS`).
-_EVENT_ORDER: Final = ("rejected", "refused", "dropped", "round-skipped", "evaluate-failed")
+_EVENT_ORDER: Final = (
+    "rejected",
+    "diverged",
+    "failed",
+    "refused",
+    "dropped",
+    "round-skipped",
+    "evaluate-failed",
+)
 #: Test metrics drawn in the utility chart, when the task reports them.
 _UTILITY_PLOTTED: Final = ("auroc", "auprc", "balanced_accuracy", "accuracy")
 #: The record's keys (``server_record.json``) this page reads; see ``server/guard.py``.

@@ -94,6 +94,10 @@ class RunLogs:
     sites: tuple[Path, ...]
 
 
+#: Server events about one site in one round, matched against the site's own refusals.
+_SITE_EVENTS = frozenset({"refused", "failed", "diverged", "dropped", "evaluate-failed"})
+
+
 def _lenient_entries(path: Path) -> list[dict[str, Any]]:
     """Entries that parse, skipping lines that do not (for locating files only)."""
     out: list[dict[str, Any]] = []
@@ -394,7 +398,7 @@ def _index_entry(session: _Session, e: LoggedEntry, problems: list[str]) -> None
         fingerprint = (d.get("site") or {}).get("key_fingerprint")
         if fingerprint:
             session.site_keys[site_id].append((e.line, str(fingerprint)))
-    elif e.kind in ("refused", "dropped", "evaluate-failed") and rnd is not None:
+    elif e.kind in _SITE_EVENTS and rnd is not None:
         session.events[(str(d.get("site_id")), int(rnd))].add(e.kind)
     elif (
         e.kind == "run-end"
@@ -538,7 +542,11 @@ def _check_session(
             refusals.add((int(rnd), str(d.get("phase"))))
     for rnd, phase in sorted(refusals):
         kinds = session.events.get((w, rnd), set())
-        wanted = {"evaluate-failed", "dropped"} if phase == "evaluate" else {"refused", "dropped"}
+        wanted = (
+            {"evaluate-failed", "dropped"}
+            if phase == "evaluate"
+            else {"refused", "failed", "diverged", "dropped"}
+        )
         if not kinds & wanted:
             problems.append(
                 f"site {w} logged refusing {phase} in round {rnd} of run {run}, but the "

@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import handle_evaluate, handle_train
+from client.ledger import PrivacyLedger
 from common import keys
 from common.encoding import input_dims
 from common.federation import FederationConfig
@@ -214,3 +215,13 @@ def test_a_site_that_cannot_be_loaded_is_named_by_its_site_toml(
     (copied / "site-0" / "ehr.csv").unlink()
     reply = handle_train(_message(sites, "train"), _context(copied, tmp_path / "state"))
     assert reply.has_error() and reply.error.reason.startswith("site-0: "), reply.error.reason
+
+
+def test_divergence_is_its_own_error_and_keeps_the_charge(sites: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    context = _context(sites, state, **{"learning-rate": 1e30, "optimizer": "sgd"})
+    reply = handle_train(_message(sites, "train"), context)
+    assert reply.has_error() and reply.error.code == keys.ERR_DIVERGED, reply.error.reason
+    assert "diverged" in reply.error.reason and "learning-rate 1e+30" in reply.error.reason
+    ledger = PrivacyLedger(state / "site-0" / "ledger.sqlite")
+    assert ledger.count_charges() == 1  # the round was charged; the charge stands

@@ -64,7 +64,7 @@ def superlink(*, work_dir):
 
 runner.local_superlink = superlink
 runner.prepare_sites = lambda scenario, out, reuse=False: [out / "site-a", out / "site-b"]
-runner.load_sites = lambda folders: [object() for _ in folders]
+runner.load_sites = lambda folders, **_: [object() for _ in folders]
 runner.run_experiment(Scenario(name="first", federation={"task": "readmission"}), Path(sys.argv[1]))
 """
 
@@ -182,7 +182,7 @@ def submitted(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     monkeypatch.setattr(
         runner, "prepare_sites", lambda scenario, out, reuse=False: [out / "site-a", out / "site-b"]
     )
-    monkeypatch.setattr(runner, "load_sites", lambda folders: [object() for _ in folders])
+    monkeypatch.setattr(runner, "load_sites", lambda folders, **_: [object() for _ in folders])
     return calls
 
 

@@ -89,6 +89,23 @@ def test_bad_updates_rejected_refusals_and_dropouts_recorded_round_goes_on(tmp_p
     assert kinds == ["dropped", "refused", "rejected"]
 
 
+def test_a_failed_or_diverged_round_is_recorded_as_such_not_as_a_refusal(tmp_path: Path) -> None:
+    guard = _guard(tmp_path)
+    guard._expected = {11, 12, 13}
+    replies = [_reply(11, "site-a", np.ones((2, 2), np.float32), n=10)]
+    for node, code, text in (
+        (12, keys.ERR_DIVERGED, "site-b: training diverged in round 1"),
+        (13, keys.ERR_FAILED, "site-c: round 1 failed after its charge was written"),
+    ):
+        TaskIdentity.node_id = node
+        replies.append(Message(Error(code=code, reason=text), reply_to=_instruction(node)))
+    guard.aggregate_train(1, replies)
+    sites = guard.record["sites"]
+    assert sites["site-b"]["status"] == "diverged" and "diverged" in sites["site-b"]["reason"]
+    assert sites["site-c"]["status"] == "failed"
+    assert sorted(e["kind"] for e in guard.record["events"]) == ["diverged", "failed"]
+
+
 def test_wrong_shape_rejected_and_too_few_sites_keep_the_model(tmp_path: Path) -> None:
     guard = _guard(tmp_path, **{"min-sites": 2})
     guard._expected = {11, 12}
