@@ -477,7 +477,7 @@ class SiteTrainer:
             if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
                 raise TrainingDiverged(
                     f"site {self.site_id}: training diverged in round {request.round} (the "
-                    f"weights became non-finite at learning-rate {cfg.learning_rate:g}); the "
+                    f"weights became non-finite at learning-rate {cfg.lr:g}); the "
                     "update is withheld and the round's charge is kept. Fix: lower the "
                     "learning-rate"
                 )

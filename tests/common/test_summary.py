@@ -141,8 +141,15 @@ def test_the_fields_are_exactly_those_of_the_schema() -> None:
     }  # fmt: skip
     assert set(dumped["global"]) == {"rounds", "final"}
     assert set(dumped["baselines"]) == {"local_only", "pooled"}
-    assert set(SITE_STATUSES) == {"completed", "refused", "dropped", "rejected"}
-    assert {"refused", "dropped", "rejected"} <= set(EVENT_KINDS)
+    assert set(SITE_STATUSES) == {
+        "completed",
+        "refused",
+        "failed",
+        "diverged",
+        "dropped",
+        "rejected",
+    }
+    assert {"refused", "failed", "diverged", "dropped", "rejected"} <= set(EVENT_KINDS)
 
 
 def test_the_python_attribute_is_global_underscore() -> None:
