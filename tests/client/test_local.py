@@ -90,7 +90,7 @@ def _expected_mechanism(n_train: int, *, sigma: float, epochs: int = 1) -> Mecha
 class FitSpy:
     """Stands in for ``client.local.fit``: records each call, then trains or raises."""
 
-    def __init__(self, real: Callable[..., TrainStats], *, error: Exception | None = None):
+    def __init__(self, real: Callable[..., TrainStats], *, error: BaseException | None = None):
         self.real = real
         self.error = error
         self.calls = 0
@@ -154,6 +154,24 @@ def test_dp_round_is_charged_and_committed_before_training(
     assert spent > 0
     assert spent == pytest.approx(after.epsilon_after)
     assert _released(trainer.release_dir or Path("-")) == []
+
+
+def test_a_stop_during_training_leaves_the_charge_to_the_retry(
+    site: SiteData, ledger: PrivacyLedger, fit_spy: FitSpy
+) -> None:
+    """A signal (systemctl stop, Ctrl-C) mid-training released nothing and does not depend
+    on the patients: the charge stays ``charged`` and the same request, asked again, reuses
+    it instead of paying twice (a failure would be final)."""
+    fit_spy.error = KeyboardInterrupt()
+    trainer = SiteTrainer(site=site, policy=FAST_POLICY, ledger=ledger)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_round(_request())
+    (charge,) = ledger.charges(ledger.cohort_key(site.patient_ids))
+    assert charge.status == "charged"
+    fit_spy.error = None
+    trainer.train_round(_request())
+    (again,) = ledger.charges(ledger.cohort_key(site.patient_ids))
+    assert again.charge_id == charge.charge_id and again.status == "completed"
 
 
 def test_step_count_mismatch_withholds_the_update_and_keeps_the_charge(
