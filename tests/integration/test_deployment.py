@@ -184,9 +184,11 @@ def test_plain_text_cannot_connect(deployment: Deployment) -> None:
         ).open(f"https://127.0.0.1:{dep.port}/health", timeout=5)
     assert "CERTIFICATE_VERIFY_FAILED" in str(e.value)
     # A SuperNode started --insecure never gets in (it warns loudly, then fails to connect).
-    log = dep.root / "logs" / "site-0.log"  # appended to by every start of hospital 0
+    # A hospital of its own (hospital 0's state folder is locked by its running SuperNode).
+    dep.add_site(4, register=False, data_of=1)
+    log = dep.root / "logs" / "site-4.log"
     before = log.stat().st_size if log.exists() else 0
-    p = dep.start_site(0, "--insecure")
+    p = dep.start_site(4, "--insecure")
 
     def new_text() -> str:
         return log.read_bytes()[before:].decode(errors="replace")

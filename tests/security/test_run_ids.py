@@ -53,7 +53,7 @@ def submitted(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
     monkeypatch.setattr(runner, "local_superlink", fake_superlink)
     monkeypatch.setattr(runner, "prepare_sites", fake_prepare)
-    monkeypatch.setattr(runner, "load_sites", lambda folders: [object() for _ in folders])
+    monkeypatch.setattr(runner, "load_sites", lambda folders, **_: [object() for _ in folders])
     return calls
 
 
