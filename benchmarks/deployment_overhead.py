@@ -5,20 +5,20 @@ rounds, one local epoch) runs
 
 1. **in simulation**: :func:`simulations.runner.run_experiment` (Flower's simulation engine;
    each site is a long-lived Ray actor that imported torch once);
-2. **as a deployment on 127.0.0.1**: ``fedcare server start`` (TLS, node authentication) and
-   one ``fedcare site start`` per site, the run submitted with ``flwr run`` -- every message
-   starts a fresh ``flwr-clientapp`` process that imports Python, Flower, torch and fedcare
-   (Flower's ``subprocess`` isolation: a crash or leak of one round cannot reach the next).
+2. **as a deployment on 127.0.0.1**: ``fedcare server start`` (TLS, node authentication,
+   the Fleet-only gateway, fedcare's ServerApp executor) and one ``fedcare site start`` per
+   site (SuperNode + fedcare's long-lived site worker, which keeps torch and the site's
+   data loaded between messages), the run submitted with ``flwr run``.
 
 Per-round time is the gap between consecutive ``progress.jsonl`` entries (the server writes
 one after each round's training, aggregation and federated evaluation); the figure is the
-median over rounds 2..R and over ``--repeats`` runs (round 1 is left out: it includes the
-simulation's Ray start). The ratio deployment / simulation is taken within one repeat.
+median over rounds 2..R (round 1 is left out: it includes the simulation's Ray start and the
+workers' first load of their data). The **overhead** of a deployment is its per-round time
+minus the simulation's within the same repeat (same sites, same compute); the table gives
+the medians over ``--repeats``. Goal (issue 11): <= 2 s per round.
 
-It also times what every ClientApp process pays before it can work: ``python -c "import
-client.app"`` (median of ``--imports`` runs), and the same with Opacus imported too, which is
-what each process paid before fedcare imported Opacus only where DP-SGD needs it (an
-evaluation never does).
+It also measures what an idle site costs: the CPU time of one site's processes (SuperNode,
+worker) over ``--idle`` seconds after the runs, as a share of one core.
 
 Run from the repository root::
 
@@ -33,14 +33,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.processes import family_pids
 from simulations.runner import run_experiment
 from simulations.scenario import Scenario
 from tests.integration._deployment import Deployment
@@ -74,9 +75,36 @@ def _simulate(root: Path, *, sites: int, rounds: int, patients: int) -> tuple[fl
     return wall, _round_gaps(root / "sim" / "progress.jsonl")
 
 
+def _cpu_seconds(pids: set[int]) -> float:
+    """User + system CPU seconds of ``pids`` so far (clock ticks from /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
+def _idle_share(dep: Deployment, seconds: float) -> float:
+    """CPU share of one core used by site 0's processes while nothing runs."""
+    pids = family_pids(dep.processes["site-0"].proc.pid)
+    before, start = _cpu_seconds(pids), time.perf_counter()
+    time.sleep(seconds)
+    return (_cpu_seconds(pids) - before) / (time.perf_counter() - start)
+
+
 def _deploy(
-    root: Path, *, sites: int, rounds: int, patients: int, evaluate_every: int = 1
-) -> tuple[float, list[float]]:
+    root: Path,
+    *,
+    sites: int,
+    rounds: int,
+    patients: int,
+    evaluate_every: int = 1,
+    idle_s: float = 0.0,
+) -> tuple[float, list[float], float]:
     dep = Deployment.create(root, n_sites=sites, patients=patients)
     try:
         dep.start_server()
@@ -100,18 +128,10 @@ def _deploy(
         gaps = _round_gaps(dep.run_dir("bench") / "progress.jsonl")
         if evaluate_every > 1:  # the last round evaluates; rounds 2..R-1 show the saving
             gaps = gaps[:-1] or gaps
-        return wall, gaps
+        idle = _idle_share(dep, idle_s) if idle_s > 0 else float("nan")
+        return wall, gaps, idle
     finally:
         dep.stop_all()
-
-
-def _import_seconds(statement: str, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", statement], check=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--patients", type=int, default=140)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--imports", type=int, default=5)
+    parser.add_argument("--idle", type=float, default=20.0, help="idle window (s)")
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/deployment_overhead.md")
     )
@@ -129,13 +149,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--rounds must be at least 2 (round 1 is left out of the per-round figure)")
 
     rows = []
+    idle_shares = []
     for rep in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="fedcare-bench-") as tmp:
             root = Path(tmp)
-            d_wall, d_gaps = _deploy(
-                root / "deploy", sites=args.sites, rounds=args.rounds, patients=args.patients
+            d_wall, d_gaps, idle = _deploy(
+                root / "deploy",
+                sites=args.sites,
+                rounds=args.rounds,
+                patients=args.patients,
+                idle_s=args.idle,
             )
-            e_wall, e_gaps = _deploy(
+            idle_shares.append(idle)
+            e_wall, e_gaps, _ = _deploy(
                 root / "deploy-eval",
                 sites=args.sites,
                 rounds=args.rounds,
@@ -150,47 +176,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append((rep + 1, s_wall, d_wall, e_wall, s_round, d_round, e_round))
         print(
             f"repeat {rep + 1}: simulation {s_round:.1f} s/round, deployment {d_round:.1f} "
-            f"s/round, deployment evaluating only at the end {e_round:.1f} s/round"
+            f"s/round (+{d_round - s_round:.1f}), evaluating only at the end {e_round:.1f} "
+            f"s/round; idle site {100 * idle:.1f} % of a core"
         )
 
-    imports = {
-        "python -c 'import flwr.clientapp'": _import_seconds("import flwr.clientapp", args.imports),
-        "python -c 'import client.app' (now)": _import_seconds("import client.app", args.imports),
-        "python -c 'import client.app, opacus' (before)": _import_seconds(
-            "import client.app, opacus", args.imports
-        ),
-    }
     lines = [
         "# Deployment overhead: real SuperLink + SuperNodes vs simulation",
         "",
         f"{args.sites} sites x {args.rounds} rounds, `{TASK}`, DP-SGD, 1 local epoch, "
         f"~{args.patients} patients per site; all processes on one 2-core machine. Per-round "
-        "time = median gap between consecutive rounds' progress entries (rounds 2..R).",
+        "time = median gap between consecutive rounds' progress entries (rounds 2..R); "
+        "overhead = deployment minus simulation per round, within a repeat.",
         "",
-        "| repeat | simulation wall (s) | deployment wall (s) | deployment, evaluate-every=R, "
-        "wall (s) | simulation s/round | deployment s/round | ratio | deployment "
-        "evaluate-every=R s/round | ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| repeat | simulation s/round | deployment s/round | overhead s/round | "
+        "deployment evaluate-every=R s/round | overhead s/round | walls sim / dep / dep-R (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for rep, s_wall, d_wall, e_wall, s_round, d_round, e_round in rows:
         lines.append(
-            f"| {rep} | {s_wall:.1f} | {d_wall:.1f} | {e_wall:.1f} | {s_round:.1f} | "
-            f"{d_round:.1f} | {d_round / s_round:.2f} | {e_round:.1f} | {e_round / s_round:.2f} |"
+            f"| {rep} | {s_round:.2f} | {d_round:.2f} | {d_round - s_round:+.2f} | "
+            f"{e_round:.2f} | {e_round - s_round:+.2f} | {s_wall:.0f} / {d_wall:.0f} / "
+            f"{e_wall:.0f} |"
         )
-    med = statistics.median(r[5] / r[4] for r in rows)
-    med_e = statistics.median(r[6] / r[4] for r in rows)
+    over = statistics.median(r[5] - r[4] for r in rows)
+    over_e = statistics.median(r[6] - r[4] for r in rows)
+    ratio = statistics.median(r[5] / r[4] for r in rows)
     lines += [
         "",
-        f"Median ratio deployment/simulation per round: **{med:.2f}** (federated evaluation "
-        f"every round), **{med_e:.2f}** (evaluate-every = R: rounds without an evaluation "
-        "message).",
+        f"Median overhead per round: **{over:+.2f} s** (federated evaluation every round; "
+        f"ratio deployment/simulation {ratio:.2f}), **{over_e:+.2f} s** (evaluate-every = R).",
         "",
-        "What every ClientApp process pays before it works (median of "
-        f"{args.imports} cold starts):",
-        "",
-        "| command | seconds |",
-        "|---|---|",
-        *[f"| `{k}` | {v:.2f} |" for k, v in imports.items()],
+        f"Idle site (SuperNode + worker, {args.idle:g} s after the run, median of repeats): "
+        f"**{100 * statistics.median(idle_shares):.1f} % of one core**.",
         "",
     ]
     text = "\n".join(lines)

@@ -165,9 +165,7 @@ def test_the_reason_says_how_to_submit(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("how", ["lzma", "corrupt-deflate"])
-def test_an_archive_its_reader_chokes_on_is_a_refusal_not_a_crash(
-    tmp_path: Path, how: str
-) -> None:
+def test_an_archive_its_reader_chokes_on_is_a_refusal_not_a_crash(tmp_path: Path, how: str) -> None:
     fab, fab_id, fab_version = _build(_thin_app(tmp_path / "app"))
     with zipfile.ZipFile(io.BytesIO(fab)) as z:
         entries = [(i.filename, z.read(i.filename)) for i in z.infolist()]
