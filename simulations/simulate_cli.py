@@ -15,10 +15,11 @@ from rich.table import Table
 
 from common import keys, stopping
 from common.errors import ConfigError
-from common.spec import format_validation_error
+from common.spec import SPEC_FILENAME, format_validation_error, load_site_spec
 from common.summary import Privacy, RunSummary
 from simulations.runner import RunOutcome, recorded_run_id, run_experiment
 from simulations.scenario import Scenario, Sweep, load_scenario
+from simulations.synth.tasks import TASKS as SYNTH_TASKS
 
 __all__ = ["simulate", "run_with_progress", "results_table", "privacy_notes", "print_results"]
 
@@ -188,6 +189,25 @@ def _parse_sweep(text: str) -> Sweep:
     return Sweep(key=key.strip(), values=parsed)
 
 
+def _check_tasks(scenario: Scenario, tasks: list[str]) -> None:
+    """Every task a sweep asks for exists at the sites, before the first value trains (the
+    run itself checks again after the sites are written)."""
+    if scenario.data_root:
+        root = Path(scenario.data_root)
+        first = next(iter(sorted(root.glob(f"*/{SPEC_FILENAME}"))), None)
+        if first is None:
+            return  # the run says what is wrong with the folder
+        known = {t.name for t in load_site_spec(first).tasks}
+    else:
+        known = set(SYNTH_TASKS)
+    unknown = sorted({t for t in tasks if t not in known})
+    if unknown:
+        raise ConfigError(
+            f"the sweep asks for task(s) {', '.join(map(repr, unknown))}, which the sites do "
+            f"not define (defined: {', '.join(sorted(known))}); fix the sweep's values"
+        )
+
+
 def _check_out(out: Path) -> None:
     """``--out`` must be a folder or not exist yet, and nothing above it a file."""
     for path in (out, *out.parents):
@@ -304,6 +324,7 @@ def simulate(
             "and a scenario without [sweep]"
         )
     plan = scenario.sweep_plan()  # every value validated before the first one trains
+    _check_tasks(scenario, [run.config.task for run in plan])
     from simulations.reports import plot_privacy_utility
 
     key = scenario.sweep.key

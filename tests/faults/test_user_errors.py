@@ -111,3 +111,12 @@ def test_every_wrong_scenario_field_is_reported_at_once(
     err = _fails(capsys, "simulate", "--config", str(path), "--out", str(tmp_path / "o"))
     for field in ("sites", "seed", "learning-rate", "local-epochs"):
         assert field in err, field
+
+
+def test_a_bad_sweep_value_is_found_before_the_first_value_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_run: list[Any]
+) -> None:
+    out = str(tmp_path / "o")
+    err = _fails(capsys, "simulate", "--sweep", "task=readmission,nosuch", "--out", out)
+    assert "'nosuch'" in err and "readmission" in err
+    assert no_run == [], "a value ran before the bad one was found"
