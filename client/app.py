@@ -282,10 +282,28 @@ def _public_reason(error: FedcareError, site_id: str) -> str:
     return " ".join(str(error).split())
 
 
-def _refusal(msg: Message, site_id: str, error: FedcareError) -> Message:
+def _refusal(
+    msg: Message, site_id: str, error: FedcareError, ledger: tuple[float, float] | None = None
+) -> Message:
     code = next(c for cls, c in _ERROR_CODES if isinstance(error, cls))
-    reason = _public_reason(error, site_id)
-    return Message(Error(code=code, reason=f"{site_id}: {reason}"), reply_to=msg)
+    reason = f"{site_id}: {_public_reason(error, site_id)}"
+    if ledger is not None:
+        reason = keys.with_ledger_epsilon(reason, epsilon=ledger[0], delta=ledger[1])
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _ledger_epsilon(trainer: SiteTrainer | None, accountant: str) -> tuple[float, float] | None:
+    """``(ε, δ)`` this site's ledger holds for its patients, for a refusal to report (the
+    same number every reply reports); ``None`` before the site (and so the run's signature)
+    was checked, or where it cannot be read."""
+    if trainer is None or trainer.ledger is None:
+        return None
+    delta = trainer.policy.delta
+    try:
+        spent = trainer.ledger.spent(trainer.dataset_key, delta=delta, accountant=accountant)
+    except (FedcareError, OSError, sqlite3.Error):
+        return None
+    return float(spent), float(delta)
 
 
 def _early_audit(context: Context) -> SiteAudit | None:
@@ -312,6 +330,7 @@ def _refuse(
     audit: SiteAudit | None,
     phase: str,
     context: Context,
+    ledger: tuple[float, float] | None = None,
 ) -> Message:
     """The refusal reply, logged first in the site's audit log (a deployed site's log is
     opened for it when the refusal came before the site was loaded)."""
@@ -323,7 +342,7 @@ def _refuse(
             audit.refused(msg, phase=phase, code=code, reason=_public_reason(error, site_id))
         except FedcareError as audit_error:  # a broken audit trail is the more urgent news
             error = audit_error
-    return _refusal(msg, site_id, error)
+    return _refusal(msg, site_id, error, ledger)
 
 
 def refuse(msg: Message, context: Context, error: FedcareError, *, phase: str) -> Message:
@@ -372,8 +391,11 @@ def handle_train(msg: Message, context: Context, *, warm: WarmSites | None = Non
     """One round of private local training; see the module docstring."""
     site_id = _site_id_guess(context)
     audit: SiteAudit | None = None
+    trainer: SiteTrainer | None = None
+    accountant = "prv"
     try:
         run_cfg = FederationConfig.from_run_config(context.run_config)
+        accountant = run_cfg.accountant
         here = _open_site(context, run_cfg, warm)
         trainer, cfg = here.trainer, here.cfg
         site_id = trainer.site_id
@@ -393,7 +415,8 @@ def handle_train(msg: Message, context: Context, *, warm: WarmSites | None = Non
         sent = record_sha256(arrays)
         head = audit.train(msg, result, sent_sha256=sent, accountant=cfg.accountant)
     except FedcareError as e:
-        return _refuse(msg, site_id, e, audit, "train", context)
+        ledger = _ledger_epsilon(trainer, accountant)
+        return _refuse(msg, site_id, e, audit, "train", context, ledger)
     numbers: dict[str, int | float | list[int] | list[float]] = {
         keys.M_NUM_EXAMPLES: result.n_train,
         keys.M_STEPS: result.steps,
@@ -440,8 +463,11 @@ def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = 
     """Evaluate the global model on this site's validation and test splits."""
     site_id = _site_id_guess(context)
     audit: SiteAudit | None = None
+    trainer: SiteTrainer | None = None
+    accountant = "prv"
     try:
         run_cfg = FederationConfig.from_run_config(context.run_config)
+        accountant = run_cfg.accountant
         here = _open_site(context, run_cfg, warm)
         trainer, cfg = here.trainer, here.cfg
         site_id = trainer.site_id
@@ -452,7 +478,8 @@ def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = 
         result = trainer.evaluate_round(request, state)
         audit.evaluate(msg, result, delta=trainer.policy.delta, accountant=cfg.accountant)
     except FedcareError as e:
-        return _refuse(msg, site_id, e, audit, "evaluate", context)
+        ledger = _ledger_epsilon(trainer, accountant)
+        return _refuse(msg, site_id, e, audit, "evaluate", context, ledger)
     values = result.metrics
     n_test = max(int(round(values.get("test.n", 0))), 0)
     metrics = MetricRecord({keys.M_NUM_EXAMPLES: n_test, **values})

@@ -10,7 +10,12 @@ keys in :data:`SITE_INFO_KEYS`, which is how "aggregate metrics only" is enforce
 
 from __future__ import annotations
 
+import math
+import re
+
 __all__ = [
+    "with_ledger_epsilon",
+    "ledger_epsilon",
     "RC_RUN_ID",
     "NC_PARTITION_ID",
     "NC_DATA_PATH",
@@ -196,3 +201,34 @@ def is_release_metric(name: str) -> bool:
 def is_allowed_metric(name: str) -> bool:
     """Whether a site may send a metric called ``name``."""
     return name in ALLOWED_REPLY_METRICS
+
+
+# A refusal's reason may end with the site's ledger ε: a Flower error reply carries only a
+# code and a reason, and the results should show a refusing site's ε, not "unknown".
+_LEDGER_TAIL = re.compile(r" \[ledger epsilon=([0-9.eE+-]+) delta=([0-9.eE+-]+)\]\Z")
+
+
+def with_ledger_epsilon(reason: str, *, epsilon: float, delta: float) -> str:
+    """``reason`` ending with the site's ledger ε (read back by :func:`ledger_epsilon`).
+
+    >>> r = with_ledger_epsilon("site-0: budget spent", epsilon=3.99, delta=1e-5)
+    >>> r
+    'site-0: budget spent [ledger epsilon=3.99 delta=1e-05]'
+    >>> ledger_epsilon(r)
+    ('site-0: budget spent', 3.99, 1e-05)
+    """
+    return f"{reason} [ledger epsilon={epsilon:.6g} delta={delta:g}]"
+
+
+def ledger_epsilon(reason: str) -> tuple[str, float | None, float | None]:
+    """``(reason without the tail, ε, δ)``; ``None`` for both when there is no valid tail."""
+    match = _LEDGER_TAIL.search(reason)
+    if match is None:
+        return reason, None, None
+    try:
+        epsilon, delta = float(match.group(1)), float(match.group(2))
+    except ValueError:
+        return reason, None, None
+    if not (math.isfinite(epsilon) and epsilon >= 0 and 0 < delta < 1):
+        return reason, None, None
+    return reason[: match.start()], epsilon, delta

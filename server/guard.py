@@ -226,11 +226,14 @@ class GuardedStrategy(Strategy):
             if reply.has_error() and reply.error.code in _UNREACHABLE:
                 continue  # Flower answered for a site that went offline: a drop-out, below
             if reply.has_error():
-                site_id, reason = _split_reason(reply.error.reason or "", self._site_of(node))
+                text, epsilon, delta = keys.ledger_epsilon(reply.error.reason or "")
+                site_id, reason = _split_reason(text, self._site_of(node))
                 self.record["nodes"][str(node)] = site_id
                 site = self._site(site_id)
                 status = _STATUS_OF_CODE.get(int(reply.error.code), "refused")
                 site["status"], site["reason"] = status, reason
+                if epsilon is not None and self.cfg.dp:  # the site's ledger, as it reports
+                    site["privacy"].update({"enabled": True, "epsilon": epsilon, "delta": delta})
                 self._event(server_round, site_id, status, reason)
                 continue
             info = reply.content.config_records.get(keys.REC_SITE)
@@ -390,7 +393,8 @@ class GuardedStrategy(Strategy):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                site_id, reason = _split_reason(reply.error.reason or "", self._site_of(node))
+                text, _, _ = keys.ledger_epsilon(reply.error.reason or "")
+                site_id, reason = _split_reason(text, self._site_of(node))
                 self._event(server_round, site_id, "evaluate-failed", reason)
                 continue
             info = reply.content.config_records.get(keys.REC_SITE)

@@ -227,3 +227,20 @@ def test_divergence_is_its_own_error_and_keeps_the_charge(sites: Path, tmp_path:
     assert "diverged" in reply.error.reason and "learning-rate 1e+37" in reply.error.reason
     ledger = PrivacyLedger(state / "site-0" / "ledger.sqlite")
     assert ledger.count_charges() == 1  # the round was charged; the charge stands
+
+
+def test_a_refusal_after_the_site_was_loaded_reports_its_ledger_epsilon(
+    sites: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    context = _context(sites, state)
+    assert not handle_train(_message(sites, "train"), context).has_error()
+    # The same run asks for a round past its plan: refused, with the ε its ledger holds.
+    reply = handle_train(_message(sites, "train", rnd=9), context)
+    assert reply.has_error(), "round 9 of a 2-round run was not refused"
+    _, epsilon, delta = keys.ledger_epsilon(reply.error.reason)
+    ledger = PrivacyLedger(state / "site-0" / "ledger.sqlite")
+    (summary,) = ledger.summary()
+    assert epsilon is not None and epsilon > 0 and delta == 1e-5
+    spent = ledger.spent(summary.fingerprint, delta=1e-5, accountant="prv")
+    assert epsilon == pytest.approx(spent, rel=1e-5)

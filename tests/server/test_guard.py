@@ -106,6 +106,18 @@ def test_a_failed_or_diverged_round_is_recorded_as_such_not_as_a_refusal(tmp_pat
     assert sorted(e["kind"] for e in guard.record["events"]) == ["diverged", "failed"]
 
 
+def test_a_refusing_site_is_shown_with_its_ledger_epsilon(tmp_path: Path) -> None:
+    guard = _guard(tmp_path)
+    guard._expected = {11, 13}
+    TaskIdentity.node_id = 13
+    reason = keys.with_ledger_epsilon("site-c: budget spent", epsilon=7.5, delta=1e-5)
+    refusal = Message(Error(code=keys.ERR_BUDGET, reason=reason), reply_to=_instruction(13))
+    guard.aggregate_train(1, [_reply(11, "site-a", np.ones((2, 2), np.float32)), refusal])
+    site = guard.record["sites"]["site-c"]
+    assert site["status"] == "refused" and site["reason"] == "budget spent"
+    assert site["privacy"]["epsilon"] == 7.5 and site["privacy"]["delta"] == 1e-5
+
+
 def test_wrong_shape_rejected_and_too_few_sites_keep_the_model(tmp_path: Path) -> None:
     guard = _guard(tmp_path, **{"min-sites": 2})
     guard._expected = {11, 12}
