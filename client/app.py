@@ -27,6 +27,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.accounting import AccountantName
 from client.audit import (
     AUDIT_LOG_NAME,
     SiteAudit,
@@ -292,7 +293,9 @@ def _refusal(
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def _ledger_epsilon(trainer: SiteTrainer | None, accountant: str) -> tuple[float, float] | None:
+def _ledger_epsilon(
+    trainer: SiteTrainer | None, accountant: AccountantName
+) -> tuple[float, float] | None:
     """``(ε, δ)`` this site's ledger holds for its patients, for a refusal to report (the
     same number every reply reports); ``None`` before the site (and so the run's signature)
     was checked, or where it cannot be read."""
@@ -392,7 +395,7 @@ def handle_train(msg: Message, context: Context, *, warm: WarmSites | None = Non
     site_id = _site_id_guess(context)
     audit: SiteAudit | None = None
     trainer: SiteTrainer | None = None
-    accountant = "prv"
+    accountant: AccountantName = "prv"
     try:
         run_cfg = FederationConfig.from_run_config(context.run_config)
         accountant = run_cfg.accountant
@@ -464,7 +467,7 @@ def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = 
     site_id = _site_id_guess(context)
     audit: SiteAudit | None = None
     trainer: SiteTrainer | None = None
-    accountant = "prv"
+    accountant: AccountantName = "prv"
     try:
         run_cfg = FederationConfig.from_run_config(context.run_config)
         accountant = run_cfg.accountant

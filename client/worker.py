@@ -206,7 +206,7 @@ class SiteWorker:
         except PolicyViolation as e:
             reply = refuse(message, context, e, phase=phase)
             log.error("refused: %s", reply.error.reason)
-            return reply, SubStatus.FAILED, reply.error.reason
+            return reply, SubStatus.FAILED, reply.error.reason or "refused"
         try:
             reply = handler(message, context, warm=self.warm)
         except Exception as e:  # a bug, or an input fedcare did not foresee: never a jam
@@ -216,7 +216,7 @@ class SiteWorker:
                 "the site's log has the details"
             )
             reply = refuse(message, context, failure, phase=phase)
-            return reply, SubStatus.FAILED, reply.error.reason
+            return reply, SubStatus.FAILED, reply.error.reason or "failed"
         if reply.has_error():
             log.warning("answered with a refusal: %s", reply.error.reason)
         return reply, SubStatus.COMPLETED, ""
