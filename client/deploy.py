@@ -16,14 +16,13 @@ The SuperNode runs with ``--isolation process``: Flower launches no executor of 
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
 from client.site_config import SiteConfig
 from common import keys
 from common.errors import ConfigError
-from common.files import write_private_atomic
 from common.processes import module_command
+from common.superexec import write_secret as write_new_secret
 
 __all__ = ["supernode_command", "worker_command", "write_secret", "secret_path", "SECRET_FILE_NAME"]
 
@@ -91,4 +90,4 @@ def write_secret(site: SiteConfig) -> Path:
     Written at every ``site start``, before the SuperNode and the worker read it; whoever
     holds it can take the SuperNode's tasks, so only the site's user can read it.
     """
-    return write_private_atomic(secret_path(site), secrets.token_hex(32).encode("ascii"))
+    return write_new_secret(secret_path(site))

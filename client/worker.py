@@ -43,7 +43,6 @@ from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_htt
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
-    SuperExecAuthHttpInterceptor,
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
@@ -60,13 +59,12 @@ from client.warm import WarmSites
 from common import keys
 from common.errors import ConfigError, FedcareError, PolicyViolation, RoundFailed
 from common.flower_app import check_fab
+from common.superexec import read_secret, task_acquirer
 
 __all__ = ["SiteWorker", "main"]
 
 log = logging.getLogger(__name__)
 
-#: The one Runtime API method Flower protects with the shared secret.
-_ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 
 #: How much of a message type (chosen by the centre) goes into a refusal and the audit log.
 _MAX_PHASE = 40
@@ -97,18 +95,8 @@ class SiteWorker:
         self.runtime_address = runtime_address
         self.warm = WarmSites()
         self.tasks = 0
-        self._acquirer = RuntimeHttpClient.from_server_address(
-            server_address=runtime_address,
-            insecure=True,  # loopback only; the secret authenticates each AcquireTask
-            root_certificates=None,
-            interceptors=[
-                RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-                SuperExecAuthHttpInterceptor(
-                    master_secret=secret, protected_methods=frozenset({_ACQUIRE_TASK})
-                ),
-            ],
-            retry_invoker=make_simple_http_retry_invoker(),
-        )
+        # Loopback only; the secret authenticates each AcquireTask.
+        self._acquirer = task_acquirer(runtime_address, secret)
 
     def close(self) -> None:
         self._acquirer.close()
@@ -266,16 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         if not 0.01 <= args.poll <= 5:
             raise ConfigError(f"--poll {args.poll}: use a number of seconds in 0.01..5")
         site = load_site_config(args.config)
-        secret_file = secret_path(site)
-        try:
-            secret = secret_file.read_bytes()
-        except OSError as e:
-            raise ConfigError(
-                f"{secret_file}: cannot read the SuperExec secret ({e}); start the site with "
-                "`fedcare site start`, which writes it"
-            ) from e
-        if not secret:
-            raise ConfigError(f"{secret_file} is empty; restart with `fedcare site start`")
+        secret = read_secret(
+            secret_path(site), fix="start the site with `fedcare site start`, which writes it"
+        )
         worker = SiteWorker(
             config_path=args.config,
             runtime_address=f"127.0.0.1:{site.supernode.port}",

@@ -32,7 +32,6 @@ __all__ = [
     "stop_family",
     "family_pids",
     "family_sessions",
-    "supervise",
     "supervise_group",
     "Child",
     "die_with_parent",
@@ -382,17 +381,3 @@ def supervise_group(
     if stop_signal:
         return 128 + stop_signal[0]
     return int(ended if ended is not None else 0)
-
-
-def supervise(
-    command: Sequence[str],
-    *,
-    env: Mapping[str, str],
-    grace_s: float = 10.0,
-    cwd: Path | None = None,
-) -> int:
-    """Run ``command`` in the foreground until it exits or this process is told to stop:
-    :func:`supervise_group` with one child that may not restart."""
-    return supervise_group(
-        [Child(name=Path(command[0]).name, command=command)], env=env, grace_s=grace_s, cwd=cwd
-    )

@@ -30,13 +30,13 @@ still on 127.0.0.1.
 from __future__ import annotations
 
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import ConfigError
-from common.files import open_private, private_dir, write_private_atomic
+from common.files import open_private, private_dir
 from common.processes import Child, module_command, venv_bin
+from common.superexec import write_secret as write_new_secret
 
 __all__ = [
     "SuperLinkSettings",
@@ -48,6 +48,7 @@ __all__ = [
     "connection_config",
     "prepare_database",
     "CERT_FILES",
+    "certificate_files",
     "LOOPBACK",
 ]
 
@@ -56,6 +57,30 @@ LOOPBACK = "127.0.0.1"
 
 #: Files of a certificate folder the SuperLink needs (written by ``fedcare certs init``).
 CERT_FILES = {"ca": "ca.crt", "cert": "server.crt", "key": "server.key"}
+
+
+def certificate_files(certs: Path | None, *, who: str) -> dict[str, Path]:
+    """``ca``, ``cert`` and ``key`` of the centre in ``certs`` (:data:`CERT_FILES`); each
+    must exist, and ``who`` (the process that needs them) is named when one does not.
+
+    Raises
+    ------
+    ConfigError
+        ``certs`` is not given, or a file is missing; the message says how to make them.
+    """
+    if certs is None:
+        raise ConfigError(
+            f"{who} needs --certs DIR (made by `fedcare certs init --out DIR --host NAME`), "
+            "or --insecure for a plain-text test on one machine"
+        )
+    paths = {k: Path(certs) / name for k, name in CERT_FILES.items()}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)} not found; create the certificates with "
+            f"`fedcare certs init --out {certs} --host <the centre's name>`"
+        )
+    return paths
 
 
 @dataclass(frozen=True)
@@ -91,19 +116,7 @@ class SuperLinkSettings:
 
     def cert_paths(self) -> dict[str, Path]:
         """The CA, certificate and key files; each must exist."""
-        if self.certs is None:
-            raise ConfigError(
-                "the SuperLink needs --certs DIR (made by `fedcare certs init --out DIR "
-                "--host NAME`), or --insecure for a plain-text test on one machine"
-            )
-        paths = {k: Path(self.certs) / name for k, name in CERT_FILES.items()}
-        missing = [str(p) for p in paths.values() if not p.is_file()]
-        if missing:
-            raise ConfigError(
-                f"{', '.join(missing)} not found; create the certificates with "
-                f"`fedcare certs init --out {self.certs} --host <the SuperLink's name>`"
-            )
-        return paths
+        return certificate_files(self.certs, who="the SuperLink")
 
     @property
     def secret_file(self) -> Path:
@@ -202,7 +215,7 @@ def write_superexec_secret(settings: SuperLinkSettings) -> Path:
         If the file cannot be written.
     """
     try:
-        return write_private_atomic(settings.secret_file, secrets.token_hex(32).encode("ascii"))
+        return write_new_secret(settings.secret_file)
     except OSError as e:
         raise ConfigError(
             f"cannot write the SuperExec secret {settings.secret_file} ({e}); choose a "

@@ -48,19 +48,16 @@ from flwr.common.serde import context_from_proto, context_to_proto, fab_from_pro
 from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullTaskInputRequest, PushTaskOutputRequest
 from flwr.server.run_serverapp import run as run_serverapp
 from flwr.supercore.app_utils import start_parent_process_monitor
-from flwr.supercore.auth import load_superexec_auth_secret
 from flwr.supercore.constant import TaskType
 from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
 from flwr.supercore.exit.exit_handler import trigger_exit_handlers
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
 from flwr.supercore.logger import (
     flush_logs,
     mirror_output_to_queue,
     start_log_uploader,
     stop_log_uploader,
 )
-from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 from flwr.superlink.grid import HttpGrid
@@ -68,6 +65,7 @@ from flwr.superlink.grid import HttpGrid
 from common.errors import ConfigError, PolicyViolation
 from common.flower_app import check_fab
 from common.processes import module_command
+from common.superexec import read_secret, task_acquirer
 
 __all__ = ["POLL_INTERVAL_S", "run_executor", "run_task", "main"]
 
@@ -75,8 +73,6 @@ log = logging.getLogger(__name__)
 
 #: How often an idle executor asks for a task.
 POLL_INTERVAL_S = 0.5
-#: The Runtime call the SuperLink authenticates with the SuperExec secret.
-_ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 _TOKEN = re.compile(r"[0-9a-f]{16,256}")
 
 
@@ -103,15 +99,7 @@ def run_executor(
     SIGTERM (Flower's handler pushes its task as failed) and up to 10 s to exit. Returns 0
     then, or 3 when the SuperLink refuses the secret.
     """
-    client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address,
-        insecure=root_certificates is None,
-        root_certificates=None if root_certificates is None else str(root_certificates),
-        interceptors=[
-            RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-            SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods={_ACQUIRE_TASK}),
-        ],
-    )
+    client = task_acquirer(runtime_api_address, secret, root_certificates=root_certificates)
     stop = threading.Event()
 
     def _on_signal(_signum: int, _frame: object) -> None:
@@ -301,14 +289,7 @@ def run_task(
 
 
 def _read_secret(path: Path) -> bytes:
-    try:
-        secret = load_superexec_auth_secret(str(path))
-    except ValueError as e:
-        raise ConfigError(
-            f"--superexec-auth-secret-file: {e}; `fedcare server start` writes it"
-        ) from e
-    assert secret is not None
-    return secret
+    return read_secret(path, fix="`fedcare server start` writes it")
 
 
 def _read_token() -> str:

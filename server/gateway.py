@@ -56,6 +56,7 @@ from typing import Any
 import httpx
 
 from common.errors import ConfigError
+from server.deploy import certificate_files
 
 __all__ = [
     "FLEET_PATH",
@@ -367,23 +368,7 @@ class GatewaySettings:
 
     def cert_files(self) -> dict[str, Path]:
         """``ca``, ``cert`` and ``key``: each must exist."""
-        if self.certs is None:
-            raise ConfigError(
-                "the gateway needs --certs DIR (made by `fedcare certs init`), or --insecure "
-                "for a plain-text test on one machine"
-            )
-        files = {
-            "ca": self.certs / "ca.crt",
-            "cert": self.certs / "server.crt",
-            "key": self.certs / "server.key",
-        }
-        missing = [str(p) for p in files.values() if not p.is_file()]
-        if missing:
-            raise ConfigError(
-                f"{', '.join(missing)} not found; create the certificates with "
-                f"`fedcare certs init --out {self.certs} --host <the centre's name>`"
-            )
-        return files
+        return certificate_files(self.certs, who="the gateway")
 
     @property
     def upstream_url(self) -> str:

@@ -12,17 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, Message, RecordDict
 
 from client.app import handle_evaluate, handle_train
 from client.ledger import PrivacyLedger
 from common import keys
-from common.encoding import input_dims
 from common.federation import FederationConfig
 from common.spec import load_site_spec
-from models import build_model, default_model_for
 from simulations.synth import SynthConfig, synthesize
+from tests._flower import server_message, task_identity
 
 ROOT_SITES = 2
 
@@ -36,10 +34,8 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _identity() -> Iterator[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 3, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with task_identity(run_id=3):
+        yield
 
 
 def _context(sites: Path, state: Path, pid: int = 0, **run_config: object) -> Context:
@@ -62,26 +58,7 @@ def _context(sites: Path, state: Path, pid: int = 0, **run_config: object) -> Co
 
 
 def _message(sites: Path, kind: str, rnd: int = 1, task: str = "readmission") -> Message:
-    spec = load_site_spec(sites / "site-0")
-    t = spec.task(task)
-    model = build_model(
-        default_model_for(t.modalities), input_dims=input_dims(spec.feature_schema, t)
-    )
-    config = ConfigRecord(
-        {
-            keys.CFG_FEDCARE_ROUND: rnd,
-            keys.RC_RUN_ID: "run-a",
-            keys.CFG_SCHEMA_FINGERPRINT: spec.feature_schema.fingerprint(),
-        }
-    )
-    TaskIdentity.node_id = 1
-    msg = Message(
-        RecordDict({keys.REC_ARRAYS: ArrayRecord(model.state_dict()), keys.REC_CONFIG: config}),
-        dst_node_id=100,
-        message_type=kind,
-    )
-    TaskIdentity.node_id = 100
-    return msg
+    return server_message(sites / "site-0", kind=kind, rnd=rnd, task=task)
 
 
 def _assert_only_aggregates(reply: Message) -> None:

@@ -26,8 +26,7 @@ import numpy as np
 import pytest
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, Message, RecordDict
 
 import common.audit as audit_module
 from client.app import handle_train
@@ -35,11 +34,8 @@ from client.audit import AUDIT_LOG_NAME, SiteAudit, audited_charges
 from client.ledger import PrivacyLedger
 from common import keys
 from common.audit import RECOVERY, AuditLog, AuditLogError, check_log, read_entries
-from common.encoding import input_dims
 from common.errors import ConfigError, FedcareError
 from common.federation import FederationConfig
-from common.spec import load_site_spec
-from models import build_model, default_model_for
 from server.audit import ServerAudit, server_log_path
 from server.checkpoint import (
     CHECKPOINT_NAME,
@@ -51,6 +47,7 @@ from server.checkpoint import (
 from simulations.audit.verify import verify_paths
 from simulations.runner import recorded_run_id
 from simulations.synth import SynthConfig, synthesize
+from tests._flower import server_message, task_identity
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
@@ -347,33 +344,12 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def _identity() -> Iterator[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 3, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with task_identity(run_id=3):
+        yield
 
 
 def _train_message(sites: Path) -> Message:
-    spec = load_site_spec(sites / "site-0")
-    task = spec.task("readmission")
-    model = build_model(
-        default_model_for(task.modalities), input_dims=input_dims(spec.feature_schema, task)
-    )
-    config = ConfigRecord(
-        {
-            keys.CFG_FEDCARE_ROUND: 1,
-            keys.RC_RUN_ID: "run-a",
-            keys.CFG_SCHEMA_FINGERPRINT: spec.feature_schema.fingerprint(),
-        }
-    )
-    TaskIdentity.node_id = 1
-    msg = Message(
-        RecordDict({keys.REC_ARRAYS: ArrayRecord(model.state_dict()), keys.REC_CONFIG: config}),
-        dst_node_id=100,
-        message_type="train",
-    )
-    TaskIdentity.node_id = 100
-    return msg
+    return server_message(sites / "site-0")
 
 
 def _site_context(sites: Path, state: Path) -> Context:

@@ -16,19 +16,16 @@ from typing import Any
 import pytest
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Context, Message, RecordDict
 
 from client.app import handle_train
 from client.audit import AUDIT_LOG_NAME
 from common import keys
 from common.audit import check_log, read_entries
-from common.encoding import input_dims
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.run_signing import RUN_PUBLIC_KEY_NAME, RUN_SIGNATURE_KEY, sign_run, write_public_key
-from common.spec import load_site_spec
-from models import build_model, default_model_for
 from simulations.synth import SynthConfig, synthesize
+from tests._flower import server_message, task_identity
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
@@ -40,10 +37,8 @@ CENTRE = Ed25519PrivateKey.generate()
 
 @pytest.fixture(autouse=True)
 def _identity() -> Iterator[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 3, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with task_identity(run_id=3):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -81,25 +76,7 @@ def _run_config(signer: Ed25519PrivateKey | None, **changes: Any) -> dict[str, A
 
 
 def _train(hospital: Path, run_config: dict[str, Any]) -> Message:
-    spec = load_site_spec(hospital / "data" / "site-0")
-    task = spec.task("readmission")
-    model = build_model(
-        default_model_for(task.modalities), input_dims=input_dims(spec.feature_schema, task)
-    )
-    config = ConfigRecord(
-        {
-            keys.CFG_FEDCARE_ROUND: 1,
-            keys.RC_RUN_ID: str(run_config["run-id"]),
-            keys.CFG_SCHEMA_FINGERPRINT: spec.feature_schema.fingerprint(),
-        }
-    )
-    TaskIdentity.node_id = 1
-    msg = Message(
-        RecordDict({keys.REC_ARRAYS: ArrayRecord(model.state_dict()), keys.REC_CONFIG: config}),
-        dst_node_id=100,
-        message_type="train",
-    )
-    TaskIdentity.node_id = 100
+    msg = server_message(hospital / "data" / "site-0", run_id=str(run_config["run-id"]))
     context = Context(
         run_id=3,
         node_id=100,

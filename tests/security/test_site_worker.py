@@ -22,11 +22,10 @@ import numpy as np
 import pytest
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, Context, Message, RecordDict
 from flwr.cli.build import build_fab_from_disk
 from flwr.cli.config_utils import get_fab_metadata
 from flwr.common.constant import SubStatus
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.audit import AUDIT_LOG_NAME
 from client.deploy import supernode_command, write_secret
@@ -34,13 +33,11 @@ from client.site_config import load_site_config
 from client.worker import SiteWorker
 from common import keys
 from common.audit import check_log, read_entries
-from common.encoding import input_dims
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.flower_app import write_app_dir
 from common.run_signing import RUN_PUBLIC_KEY_NAME, RUN_SIGNATURE_KEY, sign_run, write_public_key
-from common.spec import load_site_spec
-from models import build_model, default_model_for
 from simulations.synth import SynthConfig, synthesize
+from tests._flower import server_message, task_identity
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
@@ -52,10 +49,8 @@ MARKER_MODULE = "outsider_payload"
 
 @pytest.fixture(autouse=True)
 def _identity() -> Iterator[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 3, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with task_identity(run_id=3):
+        yield
 
 
 @pytest.fixture()
@@ -144,25 +139,7 @@ def _signed_config() -> dict[str, Any]:
 
 
 def _message(hospital: Path, kind: str = "train") -> tuple[Message, Context]:
-    spec = load_site_spec(hospital / "data" / "site-0")
-    task = spec.task("readmission")
-    model = build_model(
-        default_model_for(task.modalities), input_dims=input_dims(spec.feature_schema, task)
-    )
-    config = ConfigRecord(
-        {
-            keys.CFG_FEDCARE_ROUND: 1,
-            keys.RC_RUN_ID: "run-w",
-            keys.CFG_SCHEMA_FINGERPRINT: spec.feature_schema.fingerprint(),
-        }
-    )
-    TaskIdentity.node_id = 1
-    msg = Message(
-        RecordDict({keys.REC_ARRAYS: ArrayRecord(model.state_dict()), keys.REC_CONFIG: config}),
-        dst_node_id=100,
-        message_type=kind,
-    )
-    TaskIdentity.node_id = 100
+    msg = server_message(hospital / "data" / "site-0", kind=kind, run_id="run-w")
     # The node config the SuperNode hands over is ignored: the worker uses its own.
     context = Context(
         run_id=3,

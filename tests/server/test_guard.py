@@ -15,6 +15,7 @@ from common import keys
 from common.federation import FederationConfig
 from server.checkpoint import load_checkpoint
 from server.guard import GuardedStrategy, weighted_global_metrics
+from tests._flower import task_identity
 
 REF = {"w": np.zeros((2, 2), dtype=np.float32)}
 
@@ -22,10 +23,8 @@ REF = {"w": np.zeros((2, 2), dtype=np.float32)}
 @pytest.fixture(autouse=True)
 def _identity() -> Iterator[None]:
     """Flower stamps messages with the running task's identity; play the server's."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with task_identity(run_id=7):
+        yield
 
 
 def _instruction(node: int) -> Message:

@@ -16,6 +16,7 @@ from common import keys
 from common.federation import FederationConfig
 from models.evaluation import exact_sums, metrics_from_release, release, releases_from_wire
 from server.guard import GuardedStrategy, global_evaluate_metrics, weighted_global_metrics
+from tests._flower import task_identity
 
 NODES = {"site-a": 11, "site-b": 12, "site-c": 13}
 
@@ -23,10 +24,8 @@ NODES = {"site-a": 11, "site-b": 12, "site-c": 13}
 @pytest.fixture(autouse=True)
 def _identity() -> Iterator[None]:
     """Flower stamps messages with the running task's identity; play the server's."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with task_identity(run_id=7):
+        yield
 
 
 def _reply(

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.accounting import PLD_DISCRETIZATION, Mechanism, independent_epsilon
 from simulations.audit.epsilon import (
@@ -16,15 +15,14 @@ from simulations.audit.epsilon import (
     server_log_charges,
     site_log_charges,
 )
+from tests._flower import task_identity
 from tests.simulations.test_audit_verify import DELTA, MECH_A, MECH_B, make_sites, run_federation
 
 
 @pytest.fixture(autouse=True)
 def _identity() -> Iterator[None]:
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with task_identity(run_id=7):
+        yield
 
 
 def test_site_logs_give_the_whole_history_and_an_under_reporter_is_flagged(

@@ -43,6 +43,7 @@ from server.audit import SERVER_KEY, SERVER_LOG, ServerAudit
 from server.guard import GuardedStrategy
 from simulations.audit.findings import VerifyResult
 from simulations.audit.verify import audit_verify, verify_paths
+from tests._flower import task_identity
 
 DELTA = 1e-5
 
@@ -50,10 +51,8 @@ DELTA = 1e-5
 @pytest.fixture(autouse=True)
 def _identity() -> Iterator[None]:
     """Flower stamps messages with the running task's identity; the test plays every role."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with task_identity(run_id=7):
+        yield
 
 
 # ------------------------------------------------------------------ a small federation

@@ -24,6 +24,7 @@ from server.summary import build_summary
 from simulations.reports import read_metrics_csv, write_metrics_csv
 from simulations.runner import RunOutcome, metric_rows
 from simulations.simulate_cli import privacy_notes, results_table
+from tests._flower import task_identity
 
 REF = {"w": np.zeros((2, 2), dtype=np.float32)}
 
@@ -82,10 +83,8 @@ def test_without_baselines_only_the_federation_rows_are_written() -> None:
 @pytest.fixture(autouse=True)
 def _identity() -> Iterator[None]:
     """Flower stamps messages with the running task's identity; play the server's."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with task_identity(run_id=7):
+        yield
 
 
 def _reply(node: int, info: dict[str, Any], *, loss: bool = True) -> Message:
