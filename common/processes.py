@@ -249,8 +249,9 @@ class Child:
         Its command line.
     restart : bool, default False
         ``True``: when it exits on its own it is started again (after 1 s, doubling up to
-        30 s while it keeps dying within a minute of its start); ``False``: its exit stops
-        the whole group.
+        30 s while it keeps dying within a minute of its start; after 5 such deaths in a
+        row it ends the group, since it cannot start); ``False``: its exit stops the whole
+        group.
     """
 
     name: str
@@ -261,6 +262,9 @@ class Child:
 #: Restart back-off of a :class:`Child` with ``restart=True``: first delay, cap, and how long
 #: it must have run for the delay to reset.
 _RESTART_FIRST_S, _RESTART_MAX_S, _RESTART_STABLE_S = 1.0, 30.0, 60.0
+#: Quick deaths in a row after which a restartable child ends the group: it cannot start
+#: (a port taken, a broken configuration), and restarting it forever would hide that.
+_RESTART_GIVE_UP = 5
 
 
 @dataclass
@@ -271,6 +275,7 @@ class _Running:
     started: float
     delay: float = _RESTART_FIRST_S
     due: float | None = None  # when a dead restartable child is started again
+    quick_deaths: int = 0  # in a row, each within _RESTART_STABLE_S of its start
 
 
 _PR_SET_PDEATHSIG = 1
@@ -307,6 +312,7 @@ def supervise_group(
     grace_s: float = 10.0,
     cwd: Path | None = None,
     parent_pid: int | None = None,
+    first_restart_s: float = _RESTART_FIRST_S,
 ) -> int:
     """Run ``children`` in the foreground until one that may not restart exits or this
     process is told to stop (or, with ``parent_pid``, that process is no longer its parent).
@@ -315,7 +321,8 @@ def supervise_group(
     again (one line on stderr says so, with its exit code); a child with ``restart=False``
     that exits stops the group. SIGTERM, SIGINT and SIGHUP to this process stop every child
     *and everything they spawned* (:func:`stop_family`), in reverse order of start, so a
-    ``systemctl stop`` or Ctrl-C leaves nothing behind. Each child also gets SIGTERM from
+    ``systemctl stop`` or Ctrl-C leaves nothing behind. A restart waits ``first_restart_s``
+    (1 s), doubling while the child keeps dying quickly. Each child also gets SIGTERM from
     the kernel if this process dies without a word (``PR_SET_PDEATHSIG``).
 
     Returns
@@ -336,7 +343,9 @@ def supervise_group(
     try:
         for child in children:
             proc = _start(child, env, cwd)
-            running.append(_Running(child, proc, {proc.pid}, time.monotonic()))
+            running.append(
+                _Running(child, proc, {proc.pid}, time.monotonic(), delay=first_restart_s)
+            )
         ticks = 0
         while ended is None and not stop_signal:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -361,7 +370,17 @@ def supervise_group(
                 if r.due is None:
                     stop_family(r.proc, r.sessions, grace_s=grace_s)  # what it left behind
                     if now - r.started >= _RESTART_STABLE_S:
-                        r.delay = _RESTART_FIRST_S
+                        r.delay, r.quick_deaths = first_restart_s, 0
+                    r.quick_deaths += 1
+                    if r.quick_deaths >= _RESTART_GIVE_UP:
+                        sys.stderr.write(
+                            f"fedcare: {r.child.name} exited with code {code} "
+                            f"{r.quick_deaths} times in a row, each within "
+                            f"{_RESTART_STABLE_S:g} s of its start; stopping (see its "
+                            "output above for why it cannot start)\n"
+                        )
+                        ended = code if code != 0 else 1
+                        break
                     r.due = now + r.delay
                     sys.stderr.write(
                         f"fedcare: {r.child.name} exited with code {code}; starting it "

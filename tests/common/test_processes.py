@@ -98,3 +98,12 @@ def test_sigterm_stops_every_child_and_what_it_spawned(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_child_that_cannot_start_ends_the_group_instead_of_restarting_forever() -> None:
+    # A gateway whose port is taken dies at once, every time: restarting it for ever would
+    # hide that the centre is unreachable.
+    broken = Child("broken", [PY, "-c", "raise SystemExit(4)"], restart=True)
+    waiting = Child("main", [PY, "-c", "import time; time.sleep(600)"])
+    code = supervise_group([waiting, broken], env=dict(os.environ), grace_s=5, first_restart_s=0.05)
+    assert code == 4
