@@ -143,7 +143,9 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
         raise ValueError(f"tick range must be finite; got [{lo}, {hi}]")
     if hi < lo:
         lo, hi = hi, lo
-    if hi == lo:
+    # A range too narrow to show (a single value, or one a subnormal apart, whose step would
+    # underflow to 0) is drawn around its value.
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi), 1.0):
         pad = abs(lo) * 0.25 or 1.0
         lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / max(count, 1)
