@@ -69,8 +69,9 @@ from common.errors import (
 )
 from common.federation import FederationConfig
 from common.files import write_private_atomic
-from models import binary_metrics, build_model, default_model_for, model_info
+from models import build_model, default_model_for, model_info
 from models.evaluation import release as evaluation_release
+from models.metrics import split_metrics
 from models.tasks import task_definition
 
 __all__ = [
@@ -635,10 +636,9 @@ class SiteTrainer:
                 min_count=self.policy.min_count,
                 bins=keys.HIST_MAX_BINS,
             )
-            for split in y:
-                if f"{split}.n" in metrics:
-                    exact = binary_metrics(y[split], p[split])
-                    metrics.update({f"{split}.{k}": float(v) for k, v in exact.items()})
+            released = [split for split in y if f"{split}.n" in metrics]
+            exact = split_metrics({k: y[k] for k in released}, {k: p[k] for k in released})
+            metrics.update(exact)
             return EvaluationResult(metrics, mode, None, None, None, noise=self.noise_source)
         assert self.ledger is not None
         replay = self._stored(request, "evaluate")
@@ -741,14 +741,7 @@ class SiteTrainer:
         suppression); the patient count of a reported split is included as ``"<split>.n"``.
         """
         ys, ps = self._predictions(task, state, model, resolve_device(device), splits)
-        out: dict[str, float] = {}
-        for split in splits:
-            y, p = ys[split], ps[split]
-            if len(y) < self.policy.min_count:
-                continue
-            for name, value in binary_metrics(y, p).items():
-                out[f"{split}.{name}"] = float(value)
-        return out
+        return split_metrics(ys, ps, min_count=self.policy.min_count)
 
 
 _BIND_KEYS = {"received model": "received_sha256", "run config": "config_sha256"}

@@ -156,9 +156,25 @@ M_STEPS = "steps"
 M_TRAIN_LOSS = "train-loss"
 
 METRIC_PREFIXES = ("val.", "test.")
+# A site's personalized model (client/personal/): its metrics, derived from a second DP
+# release under the evaluation's charge, as ``personal.<split>.<metric>``. They are that
+# site's alone: the server reports them per site and never adds them into global metrics.
+PERSONAL_PREFIX = "personal."
 #: The evaluation splits, ``METRIC_PREFIXES`` without the dot.
 EVAL_SPLITS = tuple(p.rstrip(".") for p in METRIC_PREFIXES)
-TASK_METRICS = ("auroc", "auprc", "accuracy", "balanced_accuracy", "brier", "ece", "loss", "n")
+# ``threshold``: the decision threshold ``accuracy`` and ``balanced_accuracy`` used, chosen on
+# the validation split (models.metrics.youden_threshold, models.evaluation.threshold_from_release).
+TASK_METRICS = (
+    "auroc",
+    "auprc",
+    "accuracy",
+    "balanced_accuracy",
+    "brier",
+    "ece",
+    "loss",
+    "n",
+    "threshold",
+)
 
 # An evaluation release (models/evaluation.py): per split, the noisy sums the server adds up
 # over sites to compute global metrics. ``<split>.hist.<b>.<y>``: patients in score bin ``b``

@@ -37,7 +37,9 @@ The mechanism
 
 Metrics (:func:`metrics_from_release`), each from the release only
     ``n``: the noisy total count (unbiased; rounded). ``accuracy`` and ``balanced_accuracy`` at
-    threshold 0.5 (positive iff ``p >= 0.5``), ``auroc`` (binned Mann-Whitney, ties within a
+    the decision threshold the validation release supports (:func:`threshold_from_release`,
+    a bin edge; positive iff ``p`` is at or above it; 0.5 without a validation release),
+    reported as ``threshold``; ``auroc`` (binned Mann-Whitney, ties within a
     bin counted half) and ``auprc`` (step-wise average precision, one threshold per bin) from
     the histogram with negative noisy counts clipped to 0; ``brier`` and ``loss`` from their
     noisy sums over the noisy ``n``; ``ece`` over the ``B`` bins with each bin's noisy mean
@@ -83,6 +85,7 @@ __all__ = [
     "add_noise",
     "noise_std",
     "metrics_from_release",
+    "threshold_from_release",
     "releases_from_wire",
     "release",
 ]
@@ -311,7 +314,53 @@ def add_noise(sums: SplitSums, *, std: float, generator: Generator) -> SplitSums
     return SplitSums.from_vector(np.round(noisy / NOISE_GRID) * NOISE_GRID, bins=sums.bins)
 
 
-def metrics_from_release(sums: SplitSums, *, min_count: float = 1.0) -> dict[str, float]:
+def threshold_from_release(sums: SplitSums | None) -> float:
+    """The decision threshold a validation release supports: the bin edge ``k / B`` that
+    maximises sensitivity + specificity (Youden's J) on its histogram (negative noisy counts
+    clipped to 0), ties broken toward 0.5.
+
+    Post-processing of a release, so choosing it costs no privacy; 0.5 when there is no
+    release or one class has a noisy count below 1.
+
+    Examples
+    --------
+    >>> s = exact_sums([0, 0, 0, 1, 1], [0.1, 0.2, 0.25, 0.35, 0.6], bins=10)
+    >>> threshold_from_release(s)
+    0.3
+    >>> threshold_from_release(None)
+    0.5
+    """
+    if sums is None:
+        return 0.5
+    c = np.clip(sums.counts, 0.0, None)
+    neg, pos = c[:, 0], c[:, 1]
+    n_pos, n_neg = float(pos.sum()), float(neg.sum())
+    if n_pos < 1.0 or n_neg < 1.0:
+        return 0.5
+    bins = sums.bins
+    # Edge k: positive iff bin >= k. Sensitivity and specificity at every edge 0..B.
+    tpr = np.r_[np.cumsum(pos[::-1])[::-1], 0.0] / n_pos
+    fpr = np.r_[np.cumsum(neg[::-1])[::-1], 0.0] / n_neg
+    j = tpr - fpr
+    edges = np.arange(bins + 1)
+    best = edges[j >= j.max() - 1e-12]
+    k = int(best[np.argmin(np.abs(best - bins / 2))])
+    return k / bins
+
+
+def _edge(threshold: float, bins: int) -> int:
+    k = round(float(threshold) * bins)
+    if not 0 <= k <= bins or abs(k / bins - float(threshold)) > 1e-9:
+        raise ConfigError(
+            f"threshold {threshold!r} is not a bin edge of a {bins}-bin release; choose it "
+            "with threshold_from_release"
+        )
+    return k
+
+
+def metrics_from_release(
+    sums: SplitSums, *, min_count: float = 1.0, threshold: float = 0.5
+) -> dict[str, float]:
     """The task metrics (bare names of :data:`common.keys.TASK_METRICS`) of a release.
 
     Parameters
@@ -320,13 +369,17 @@ def metrics_from_release(sums: SplitSums, *, min_count: float = 1.0) -> dict[str
         One split's release, one site's or summed over sites.
     min_count:
         Below this noisy ``n`` (and below 1) the split is withheld: ``{}``.
+    threshold:
+        The decision threshold of ``accuracy`` and ``balanced_accuracy`` (positive iff the
+        score's bin starts at or above it); a bin edge, normally the validation release's
+        :func:`threshold_from_release`.
 
     Returns
     -------
     dict[str, float]
-        ``n``, ``accuracy``, ``brier``, ``loss``, ``ece``; ``auroc``, ``auprc`` and
-        ``balanced_accuracy`` only when each class has a (noisy) count of at least 1. An
-        undefined metric is absent, never NaN.
+        ``n``, ``threshold``, ``accuracy``, ``brier``, ``loss``, ``ece``; ``auroc``,
+        ``auprc`` and ``balanced_accuracy`` only when each class has a (noisy) count of at
+        least 1. An undefined metric is absent, never NaN.
 
     Examples
     --------
@@ -334,18 +387,22 @@ def metrics_from_release(sums: SplitSums, *, min_count: float = 1.0) -> dict[str
     >>> m = metrics_from_release(s)
     >>> m["n"], m["auroc"], m["accuracy"]
     (4.0, 0.75, 0.75)
+    >>> metrics_from_release(s, threshold=0.9)["accuracy"]
+    0.5
     """
     n = float(sums.counts.sum())
     if not n >= max(float(min_count), 1.0):
         return {}
-    bins, half = sums.bins, sums.bins // 2
+    bins = sums.bins
+    cut = _edge(threshold, bins)
     c = np.clip(sums.counts, 0.0, None)
     neg, pos = c[:, 0], c[:, 1]
     per_bin = neg + pos
     total = float(per_bin.sum())  # >= n > 0
     out = {
         "n": float(round(n)),
-        "accuracy": float((neg[:half].sum() + pos[half:].sum()) / total),
+        "threshold": cut / bins,
+        "accuracy": float((neg[:cut].sum() + pos[cut:].sum()) / total),
         "brier": float(np.clip(sums.brier_sum / n, 0.0, 1.0)),
         "loss": float(np.clip(sums.loss_sum * LOSS_CLIP / n, 0.0, LOSS_CLIP)),
     }
@@ -356,9 +413,7 @@ def metrics_from_release(sums: SplitSums, *, min_count: float = 1.0) -> dict[str
     out["ece"] = float(np.abs(pos - per_bin * mean_p).sum() / total)
     n_pos, n_neg = float(pos.sum()), float(neg.sum())
     if n_pos >= 1.0 and n_neg >= 1.0:
-        out["balanced_accuracy"] = float(
-            (pos[half:].sum() / n_pos + neg[:half].sum() / n_neg) / 2.0
-        )
+        out["balanced_accuracy"] = float((pos[cut:].sum() / n_pos + neg[:cut].sum() / n_neg) / 2.0)
         neg_below = np.cumsum(neg) - neg
         out["auroc"] = float(np.sum(pos * (neg_below + neg / 2.0)) / (n_pos * n_neg))
         tp = np.cumsum(pos[::-1])  # thresholds from the top bin down
@@ -472,12 +527,20 @@ def release(
     if sigma > 0 and generator is None:
         raise ConfigError("a DP evaluation needs a generator for its noise (OS entropy)")
     std = sigma * SENSITIVITY
-    out: dict[str, float] = {}
+    released: dict[str, SplitSums] = {}
     for split in (s for s in keys.EVAL_SPLITS if s in y_by_split):
         sums = exact_sums(*_check_inputs(y_by_split[split], p_by_split[split], split), bins=bins)
         if sigma > 0 and generator is not None:  # (checked above: not None when σ > 0)
             sums = add_noise(sums, std=std, generator=generator)
-        derived = metrics_from_release(sums, min_count=min_count)
+        released[split] = sums
+    # The decision threshold comes from the (noisy) validation release: post-processing,
+    # and only from a validation split that is itself released (small-count suppression).
+    val = released.get("val")
+    usable = val is not None and float(val.counts.sum()) >= max(float(min_count), 1.0)
+    threshold = threshold_from_release(val if usable else None)
+    out: dict[str, float] = {}
+    for split, sums in released.items():
+        derived = metrics_from_release(sums, min_count=min_count, threshold=threshold)
         if not derived:
             continue  # withheld whole: small (noisy) count
         out.update(sums.to_wire(split))

@@ -17,7 +17,7 @@ The names :func:`binary_metrics` returns are those of :data:`common.keys.TASK_ME
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -35,6 +35,8 @@ __all__ = [
     "ece",
     "log_loss",
     "binary_metrics",
+    "youden_threshold",
+    "split_metrics",
     "BINARY_METRICS",
 ]
 
@@ -246,7 +248,8 @@ def log_loss(y_true: ArrayLike, y_score: ArrayLike, *, eps: float = 1e-12) -> fl
     return float(-np.mean(np.where(t, np.log(p), np.log1p(-p))))
 
 
-# name -> (function, needs both classes); the names are common.keys.TASK_METRICS.
+# name -> (function, needs both classes); the names are common.keys.TASK_METRICS, but for
+# ``threshold`` (the decision threshold the classification metrics used) and ``n``.
 BINARY_METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], bool]] = {
     "auroc": (auroc, True),
     "auprc": (auprc, True),
@@ -256,10 +259,40 @@ BINARY_METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], bool]
     "ece": (ece, False),
     "loss": (log_loss, False),
 }
+_AT_THRESHOLD = ("accuracy", "balanced_accuracy")
 
 
-def binary_metrics(y_true: ArrayLike, y_score: ArrayLike) -> dict[str, float]:
-    """Every metric of :data:`BINARY_METRICS` defined for this input, plus ``n``.
+def youden_threshold(y_true: ArrayLike, y_score: ArrayLike) -> float:
+    """The decision threshold that maximises sensitivity + specificity (Youden's J).
+
+    Chosen on *validation* patients and applied to the test patients, so the reported
+    accuracy does not rest on a fixed 0.5 that a model trained on an unbalanced outcome (or
+    under DP noise, whose probabilities crowd around the prevalence) never crosses. The
+    candidates are the scores themselves (positive iff ``score >= threshold``); among ties
+    the one nearest 0.5 wins. With one class only, J is undefined and 0.5 is returned.
+
+    Examples
+    --------
+    >>> youden_threshold([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
+    0.3
+    >>> youden_threshold([1, 1], [0.2, 0.9])
+    0.5
+    """
+    t, s = _check(y_true, y_score, probability=True)
+    if not (t.any() and not t.all()):
+        return 0.5
+    candidates = np.unique(s)
+    positive = s[None, :] >= candidates[:, None]
+    j = positive[:, t].mean(axis=1) - positive[:, ~t].mean(axis=1)
+    best = np.flatnonzero(j >= j.max() - 1e-12)
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+
+
+def binary_metrics(
+    y_true: ArrayLike, y_score: ArrayLike, *, threshold: float = 0.5
+) -> dict[str, float]:
+    """Every metric of :data:`BINARY_METRICS` defined for this input, plus ``n`` and
+    ``threshold``.
 
     Parameters
     ----------
@@ -267,29 +300,66 @@ def binary_metrics(y_true: ArrayLike, y_score: ArrayLike) -> dict[str, float]:
         0/1 labels, shape ``(n,)``.
     y_score:
         Predicted probabilities of the positive class, shape ``(n,)``.
+    threshold:
+        The decision threshold of ``accuracy`` and ``balanced_accuracy`` (positive iff
+        ``score >= threshold``): chosen on validation data (:func:`youden_threshold`) by the
+        callers that report a model; 0.5 by default.
 
     Returns
     -------
     dict[str, float]
-        ``n``, ``accuracy``, ``brier``, ``ece``, ``loss`` (log-loss) always; ``auroc``,
-        ``auprc`` and ``balanced_accuracy`` only when both classes are present — they are
-        omitted, not NaN, otherwise.
+        ``n``, ``threshold``, ``accuracy``, ``brier``, ``ece``, ``loss`` (log-loss) always;
+        ``auroc``, ``auprc`` and ``balanced_accuracy`` only when both classes are present —
+        they are omitted, not NaN, otherwise.
 
     Raises
     ------
     MetricInputError
-        Malformed input (see the module docstring).
+        Malformed input (see the module docstring), or a threshold outside ``[0, 1]``.
 
     Examples
     --------
     >>> sorted(binary_metrics([1, 1], [0.9, 0.6]))
-    ['accuracy', 'brier', 'ece', 'loss', 'n']
+    ['accuracy', 'brier', 'ece', 'loss', 'n', 'threshold']
     """
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise MetricInputError(f"threshold must be a probability in [0, 1], got {threshold!r}")
     t, s = _check(y_true, y_score, probability=True)
     both = bool(t.any() and not t.all())
-    out: dict[str, float] = {"n": float(t.size)}
+    out: dict[str, float] = {"n": float(t.size), "threshold": float(threshold)}
     for name, (fn, needs_both) in BINARY_METRICS.items():
         if needs_both and not both:
             continue
-        out[name] = fn(t, s)
+        if name in _AT_THRESHOLD:
+            out[name] = fn(t, s, threshold=threshold)  # type: ignore[call-arg]
+        else:
+            out[name] = fn(t, s)
+    return out
+
+
+def split_metrics(
+    y_by_split: Mapping[str, ArrayLike],
+    p_by_split: Mapping[str, ArrayLike],
+    *,
+    min_count: int = 1,
+) -> dict[str, float]:
+    """Exact metrics of every split, ``"<split>.<metric>"``, at one decision threshold chosen
+    on the ``"val"`` split (:func:`youden_threshold`; 0.5 without a reported validation
+    split). A split with fewer than ``min_count`` patients is withheld whole, and is then not
+    used to choose the threshold either.
+
+    Examples
+    --------
+    >>> m = split_metrics({"val": [0, 1], "test": [0, 1]}, {"val": [0.2, 0.3], "test": [0.1, 0.4]})
+    >>> m["test.threshold"], m["test.accuracy"]
+    (0.3, 1.0)
+    """
+    kept = {split: y for split, y in y_by_split.items() if len(np.asarray(y)) >= min_count}
+    threshold = 0.5
+    if "val" in kept:
+        threshold = youden_threshold(kept["val"], p_by_split["val"])
+    out: dict[str, float] = {}
+    for split, y in kept.items():
+        for name, value in binary_metrics(y, p_by_split[split], threshold=threshold).items():
+            out[f"{split}.{name}"] = float(value)
     return out

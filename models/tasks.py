@@ -133,8 +133,8 @@ class BinaryClassification(TaskKind):
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        """``n`` and the names of :data:`models.metrics.BINARY_METRICS`."""
-        return ("n", *BINARY_METRICS)
+        """``n``, ``threshold`` and the names of :data:`models.metrics.BINARY_METRICS`."""
+        return ("n", "threshold", *BINARY_METRICS)
 
 
 # Single-modality defaults; more than one modality always means the fusion model.

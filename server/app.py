@@ -2,7 +2,10 @@
 
 ``run_federation`` sizes the initial model from the federation's shared schema (it never
 sees patient data), waits for the sites, resumes from the last completed round when the run
-directory holds a checkpoint of the same run, drives the strategy inside a
+directory holds a checkpoint of the same run (the model, the run record and the server
+optimizer's state, e.g. FedAdam's moments, put back into the freshly built strategy; a
+checkpoint of an older fedcare without that state resumes with fresh moments, said once in
+the log and in the record's ``optimizer_reset``), drives the strategy inside a
 :class:`~server.guard.GuardedStrategy`, and writes the final model and ``server_record.json``
 (everything ``summary.json`` is built from) into the run directory. Every step is also
 logged, signed, in the run's audit log ``<run-dir>/audit/server.jsonl`` (``server/audit.py``).
@@ -32,10 +35,10 @@ from common.summary import write_summary
 from models import build_model, default_model_for
 from models.tasks import task_definition
 from server.audit import ServerAudit, record_sha256
-from server.checkpoint import load_checkpoint
+from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from server.grid import prompt
 from server.guard import GuardedStrategy, new_record
-from server.strategies import build_strategy
+from server.strategies import build_strategy, restore_optimizer_state
 from server.summary import SUMMARY_NAME, build_summary
 
 __all__ = ["app", "run_federation", "federation_spec", "RECORD_NAME", "FINAL_MODEL_NAME"]
@@ -99,6 +102,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     private_dir(run_dir, tighten=False)  # a folder the operator may have named: not re-moded
     spec = federation_spec(cfg)
     model_name, state = initial_state(cfg, spec)
+    model_arrays = {k: v.numpy() for k, v in state.items()}  # what the run's sites train
     record = new_record()
     offset = 0
     checkpoint = load_checkpoint(run_dir)
@@ -126,8 +130,16 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     remaining = cfg.num_server_rounds - offset
     if remaining > 0:
         n_sites = _wait_for_sites(grid, cfg)
+        strategy = build_strategy(cfg, n_sites=n_sites)
+        if offset and checkpoint is not None:
+            note = restore_optimizer_state(
+                strategy, checkpoint, model=model_arrays, path=run_dir / CHECKPOINT_NAME
+            )
+            if note is not None:
+                log.warning("resuming run %s: %s", run_id, note)
+                record["optimizer_reset"] = {"after_round": offset, "reason": note}
         guard = GuardedStrategy(
-            build_strategy(cfg, n_sites=n_sites),
+            strategy,
             cfg=cfg,
             run_dir=run_dir,
             run_id=run_id,

@@ -4,7 +4,8 @@
 what a hospital federation needs on every round:
 
 * the absolute round number goes to every site (a resumed run continues its numbering, so a
-  site's ledger never charges a round twice);
+  site's ledger never charges a round twice) and to the wrapped strategy (FedAdam's bias
+  correction counts rounds: a resumed run takes the steps an uninterrupted one would);
 * each reply is checked before aggregation: a refusal (an error reply: budget spent, task not
   allowed) is recorded with its reason; an update with wrong names, shapes or dtypes, a NaN,
   or a norm over the bound is rejected and recorded; the round goes on with the rest;
@@ -12,8 +13,9 @@ what a hospital federation needs on every round:
 * federated evaluation keeps each site's metrics; the global metrics are those of the sum
   of the sites' (noisy) evaluation releases, validated first (a malformed one is recorded
   and left out), or a patient-weighted mean where a site sent no release;
-* after every round the global model and the run record are checkpointed atomically and a
-  progress line is appended to ``progress.jsonl``;
+* after every round the global model, the run record and the server optimizer's state
+  (FedAdam's and FedYogi's moments; ``server/strategies.py``) are checkpointed atomically,
+  in one file, and a progress line is appended to ``progress.jsonl``;
 * with a :class:`~server.audit.ServerAudit`, each of these events also becomes a signed
   entry of the server's audit log (model hashes sent and aggregated, each update's hash,
   norm and the site's privacy report, refusals, rejections, drop-outs), and every message
@@ -44,9 +46,15 @@ from common import keys
 from common.audit import hash_arrays
 from common.errors import UpdateRejected
 from common.federation import FederationConfig
-from models.evaluation import SplitSums, metrics_from_release, releases_from_wire
+from models.evaluation import (
+    SplitSums,
+    metrics_from_release,
+    releases_from_wire,
+    threshold_from_release,
+)
 from server.audit import ServerAudit, record_sha256
 from server.checkpoint import Checkpoint, save_checkpoint
+from server.strategies import optimizer_state
 from server.validation import validate_update
 
 __all__ = ["GuardedStrategy", "new_record", "arrays_to_numpy"]
@@ -204,7 +212,7 @@ class GuardedStrategy(Strategy):
             )
         messages = list(
             self.strategy.configure_train(
-                server_round, arrays, self._with_round(config, server_round), grid
+                self.absolute(server_round), arrays, self._with_round(config, server_round), grid
             )
         )
         self._expected = {m.metadata.dst_node_id for m in messages}
@@ -286,7 +294,7 @@ class GuardedStrategy(Strategy):
             self._audit_aggregate(server_round, None, 0)
             return None, None
         _drop_partial_metric(kept, keys.M_TRAIN_LOSS)
-        arrays, metrics = self.strategy.aggregate_train(server_round, kept)
+        arrays, metrics = self.strategy.aggregate_train(self.absolute(server_round), kept)
         self._audit_aggregate(server_round, arrays, len(kept) if arrays is not None else 0)
         return arrays, metrics
 
@@ -377,7 +385,7 @@ class GuardedStrategy(Strategy):
             return []  # evaluate-every: no evaluation message this round
         self._skip_evaluation = False
         return self.strategy.configure_evaluate(
-            server_round, arrays, self._with_round(config, server_round), grid
+            rnd, arrays, self._with_round(config, server_round), grid
         )
 
     def aggregate_evaluate(
@@ -446,7 +454,11 @@ class GuardedStrategy(Strategy):
         save_checkpoint(
             self.run_dir,
             Checkpoint(
-                run_id=self.run_id, round=rnd, arrays=arrays_to_numpy(arrays), record=self.record
+                run_id=self.run_id,
+                round=rnd,
+                arrays=arrays_to_numpy(arrays),
+                record=self.record,
+                optimizer=optimizer_state(self.strategy),
             ),
         )
         progress: dict[str, Any] = {
@@ -497,12 +509,14 @@ def global_evaluate_metrics(
     For each split, when every site that reported it sent a release for it (same number of
     bins), the global metrics are those of the summed release
     (:func:`models.evaluation.metrics_from_release`: the metrics of the pooled, noisy
-    histogram); otherwise (a site without a release, e.g. an older one) they are
-    :func:`weighted_global_metrics`. ``releases``: site -> split -> validated release.
+    histogram, at the decision threshold the pooled validation release supports); otherwise
+    (a site without a release, e.g. an older one) they are :func:`weighted_global_metrics`.
+    ``releases``: site -> split -> validated release.
     """
     weighted = weighted_global_metrics(per_site)
     pooled: dict[str, float] = {}
     pooled_splits: set[str] = set()
+    totals: dict[str, SplitSums] = {}
     for split in keys.EVAL_SPLITS:
         reporting = [
             site
@@ -514,11 +528,16 @@ def global_evaluate_metrics(
         if not reporting or len(present) < len(sums) or len({s.bins for s in present}) != 1:
             continue
         pooled_splits.add(split)
-        total = sum(present[1:], start=present[0])
-        pooled.update({f"{split}.{k}": v for k, v in metrics_from_release(total).items()})
+        totals[split] = sum(present[1:], start=present[0])
+    # One decision threshold for every split: the one the pooled validation release supports.
+    threshold = threshold_from_release(totals.get("val"))
+    for split, total in totals.items():
+        derived = metrics_from_release(total, threshold=threshold)
+        pooled.update({f"{split}.{k}": v for k, v in derived.items()})
     out = {k: v for k, v in weighted.items() if k.split(".", 1)[0] not in pooled_splits}
     out.update(pooled)
     return out
+
 
 
 def _number(record: MetricRecord | ConfigRecord, key: str, kind: type[int] | type[float]) -> Any:

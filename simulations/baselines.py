@@ -38,7 +38,8 @@ from client.policy import SitePolicy
 from client.privacy import DPConfig
 from client.training import TrainConfig, fit, make_optimizer, predict, resolve_device
 from common.errors import ConfigError
-from models import binary_metrics, build_model
+from models import build_model
+from models.metrics import split_metrics
 from models.tasks import task_definition
 
 __all__ = ["LOCAL_ONLY_RUN_ID", "local_only", "pooled"]
@@ -201,13 +202,13 @@ def pooled(
         epochs=rounds * train.epochs,
         device=device,
     )
-    out: dict[str, float] = {}
+    ys, ps = {}, {}
     for split in _EVAL_SPLITS:
         union: ConcatDataset[Any] = ConcatDataset([d.dataset(split) for d in data])
-        y, p = predict(model, union, device=device, batch_size=train.eval_batch_size)
-        for metric, value in binary_metrics(y, p).items():
-            out[f"{split}.{metric}"] = float(value)
-    return out
+        ys[split], ps[split] = predict(
+            model, union, device=device, batch_size=train.eval_batch_size
+        )
+    return split_metrics(ys, ps)
 
 
 # ------------------------------------------------------------------ helpers

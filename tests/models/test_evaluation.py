@@ -23,6 +23,7 @@ from models.evaluation import (
     noise_std,
     release,
     releases_from_wire,
+    threshold_from_release,
 )
 from models.metrics import MetricInputError, accuracy, auprc, balanced_accuracy, brier, ece
 
@@ -73,7 +74,7 @@ def test_binned_auroc_is_close_to_the_exact_one_for_smooth_scores() -> None:
 
 def test_undefined_metrics_are_absent_never_nan() -> None:
     one_class = metrics_from_release(exact_sums(np.zeros(20), np.linspace(0, 1, 20)))
-    assert set(one_class) == {"n", "accuracy", "brier", "loss", "ece"}
+    assert set(one_class) == {"n", "threshold", "accuracy", "brier", "loss", "ece"}
     assert all(math.isfinite(v) for v in one_class.values())
     assert metrics_from_release(exact_sums(np.zeros(0), np.zeros(0))) == {}
 
@@ -164,7 +165,9 @@ def test_every_sent_key_is_a_wire_key_and_round_trips() -> None:
         assert sums.to_wire(split) == {
             k: v for k, v in out.items() if keys.is_release_metric(k) and k.startswith(f"{split}.")
         }
-        m = metrics_from_release(sums, min_count=10)
+        m = metrics_from_release(
+            sums, min_count=10, threshold=threshold_from_release(parsed["val"])
+        )
         assert m == {
             k.split(".", 1)[1]: v
             for k, v in out.items()
@@ -240,3 +243,49 @@ def test_bad_arguments_say_what_is_wrong(kwargs: dict, error: type[Exception]) -
 def test_split_sums_reject_a_bad_shape() -> None:
     with pytest.raises(ValueError):
         SplitSums(np.zeros((3, 2)), np.zeros(3), 0.0, 0.0)
+
+
+def test_release_threshold_is_youden_on_the_validation_histogram() -> None:
+    """The decision threshold maximises sensitivity + specificity over the bin edges of the
+    validation release (checked against a brute force over the exact scores quantised to
+    bin edges), and the test split's accuracy uses it, not 0.5."""
+    from models.metrics import accuracy
+
+    rng = np.random.default_rng(11)
+    y = (rng.random(400) < 0.2).astype(float)
+    p = np.clip(0.12 + 0.1 * y + rng.normal(0, 0.05, 400), 0, 1)  # never crosses 0.5
+    bins = 20
+    sums = exact_sums(y, p, bins=bins)
+    t = threshold_from_release(sums)
+    best = max(
+        (np.mean(p[y == 1] >= k / bins) - np.mean(p[y == 0] >= k / bins), -abs(k / bins - 0.5), k)
+        for k in range(bins + 1)
+    )
+    assert t == best[2] / bins
+    assert 0.0 < t < 0.5
+    out = release(
+        {"val": y, "test": y},
+        {"val": p, "test": p},
+        noise_multiplier=0.0,
+        generator=None,
+        min_count=10,
+        bins=bins,
+    )
+    assert out["test.threshold"] == t
+    assert out["test.accuracy"] == pytest.approx(accuracy(y, p, threshold=t))
+    assert out["test.balanced_accuracy"] > 0.7  # at 0.5 it would be exactly 0.5
+
+
+def test_small_validation_split_does_not_choose_the_threshold() -> None:
+    y = np.array([0, 1] * 3, dtype=float)
+    p = np.array([0.1, 0.2] * 3)
+    out = release(
+        {"val": y, "test": np.r_[y, y, y]},
+        {"val": p, "test": np.r_[p, p, p]},
+        noise_multiplier=0.0,
+        generator=None,
+        min_count=10,
+        bins=10,
+    )
+    assert "val.n" not in out
+    assert out["test.threshold"] == 0.5

@@ -28,6 +28,8 @@ from models.metrics import (
     brier,
     ece,
     log_loss,
+    split_metrics,
+    youden_threshold,
 )
 
 # ----------------------------------------------------------------------------- references
@@ -260,13 +262,13 @@ def test_metrics_needing_both_classes_raise_typed_error(metric, labels) -> None:
 
 def test_binary_metrics_omits_undefined_metrics_for_one_class() -> None:
     m = binary_metrics([1, 1, 1], [0.9, 0.6, 0.2])
-    assert set(m) == {"n", "accuracy", "brier", "ece", "loss"}
+    assert set(m) == {"n", "threshold", "accuracy", "brier", "ece", "loss"}
     assert m["accuracy"] == pytest.approx(2 / 3)
 
 
 def test_binary_metrics_names_are_wire_metric_names() -> None:
     m = binary_metrics([0, 1, 0, 1], [0.2, 0.7, 0.6, 0.4])
-    assert set(m) == {"n", *BINARY_METRICS}
+    assert set(m) == {"n", "threshold", *BINARY_METRICS}
     assert set(m) <= set(TASK_METRICS)
     assert all(isinstance(v, float) for v in m.values())
     assert m["auroc"] == pytest.approx(ref_auroc([0, 1, 0, 1], [0.2, 0.7, 0.6, 0.4]))
@@ -300,3 +302,27 @@ def test_rank_metrics_accept_unbounded_scores() -> None:
 
 def test_boolean_labels_are_accepted() -> None:
     assert auroc(np.array([False, True]), np.array([0.2, 0.8])) == 1.0
+
+
+def test_youden_threshold_matches_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    y = (rng.random(300) < 0.3).astype(int)
+    s = np.clip(0.2 + 0.15 * y + rng.normal(0, 0.1, 300), 0, 1)
+    t = youden_threshold(y, s)
+    j = {c: np.mean(s[y == 1] >= c) - np.mean(s[y == 0] >= c) for c in np.unique(s)}
+    assert j[t] == pytest.approx(max(j.values()))
+    assert (
+        binary_metrics(y, s, threshold=t)["balanced_accuracy"]
+        > binary_metrics(y, s)["balanced_accuracy"]
+    )
+
+
+def test_split_metrics_applies_the_validation_threshold_to_test() -> None:
+    y = np.array([0, 0, 1, 1] * 5)
+    s = np.array([0.1, 0.2, 0.3, 0.4] * 5)
+    m = split_metrics({"val": y, "test": y}, {"val": s, "test": s}, min_count=10)
+    assert m["val.threshold"] == m["test.threshold"] == 0.3
+    assert m["test.accuracy"] == 1.0
+    assert "val.n" not in split_metrics(
+        {"val": y[:4], "test": y}, {"val": s[:4], "test": s}, min_count=10
+    )

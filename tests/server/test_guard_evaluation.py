@@ -14,7 +14,13 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from common import keys
 from common.federation import FederationConfig
-from models.evaluation import exact_sums, metrics_from_release, release, releases_from_wire
+from models.evaluation import (
+    exact_sums,
+    metrics_from_release,
+    release,
+    releases_from_wire,
+    threshold_from_release,
+)
 from server.guard import GuardedStrategy, global_evaluate_metrics, weighted_global_metrics
 from tests._flower import task_identity
 
@@ -72,10 +78,14 @@ def test_global_metrics_of_two_exact_sites_are_those_of_the_pooled_data(tmp_path
     guard = _guard(tmp_path)
     out = guard.aggregate_evaluate(1, [_reply("site-a", a), _reply("site-b", b)])
     assert out is not None
+    sums = {
+        split: exact_sums(np.r_[ya[split], yb[split]], np.r_[pa[split], pb[split]])
+        for split in keys.EVAL_SPLITS
+    }
+    # One decision threshold, the one the pooled validation patients support.
+    threshold = threshold_from_release(sums["val"])
     for split in keys.EVAL_SPLITS:
-        pooled = metrics_from_release(
-            exact_sums(np.r_[ya[split], yb[split]], np.r_[pa[split], pb[split]])
-        )
+        pooled = metrics_from_release(sums[split], threshold=threshold)
         got = _split_keys(out, split)
         assert got.keys() == pooled.keys()
         for name, value in pooled.items():
@@ -101,10 +111,13 @@ def test_global_metrics_of_noisy_sites_are_those_of_the_summed_noisy_release(
     guard = _guard(tmp_path)
     out = guard.aggregate_evaluate(1, [_reply(s, v) for s, v in replies.items()])
     assert out is not None
+    totals = {}
     for split in keys.EVAL_SPLITS:
         parts = [releases_from_wire(v)[split] for v in replies.values() if f"{split}.n" in v]
-        total = sum(parts[1:], start=parts[0])
-        assert _split_keys(out, split) == metrics_from_release(total)
+        totals[split] = sum(parts[1:], start=parts[0])
+    threshold = threshold_from_release(totals["val"])
+    for split, total in totals.items():
+        assert _split_keys(out, split) == metrics_from_release(total, threshold=threshold)
     # The run record keeps each site's derived metrics, never its release's sums.
     entry = guard.record["rounds"][0]
     assert set(entry["metrics"]) == set(out.keys())
@@ -122,7 +135,10 @@ def test_a_malformed_release_is_refused_and_the_others_are_pooled(tmp_path: Path
     guard = _guard(tmp_path)
     out = guard.aggregate_evaluate(1, [_reply("site-a", a), _reply("site-b", b)])
     assert out is not None
-    assert _split_keys(out, "test") == metrics_from_release(releases_from_wire(a)["test"])
+    parsed = releases_from_wire(a)
+    assert _split_keys(out, "test") == metrics_from_release(
+        parsed["test"], threshold=threshold_from_release(parsed["val"])
+    )
     [event] = guard.record["events"]
     assert event["site_id"] == "site-b" and event["kind"] == "evaluate-failed"
     assert "malformed reply" in event["detail"] and "test.hist.4.1" in event["detail"]
