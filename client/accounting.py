@@ -32,6 +32,7 @@ history (one block per round) at the cost of one block.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -253,6 +254,31 @@ def prv_eps_error(
     return 2 * (l_max + 3) * mesh_factor / (PRV_MAX_GRID - 4)
 
 
+def _full_batch_log_zero_is_exact(
+    mechanisms: Sequence[Mechanism],
+) -> contextlib.AbstractContextManager[object]:
+    """Quiet numpy's divide-by-zero report while Opacus's PRV handles a ``q = 1`` block.
+
+    Opacus's ``PoissonSubsampledGaussianPRV.cdf`` (``opacus/accountants/analysis/prv/
+    prvs.py``) computes ``np.log(1 - q)``, the lower end of the privacy loss's support,
+    twice per call. For ``q = 1`` (a full-batch step, and every private evaluation release,
+    ``Mechanism(σ, 1.0, 1)``) that is ``log(0)``: numpy returns ``-inf`` and prints
+    ``RuntimeWarning: divide by zero encountered in log``. ``-inf`` is the exact value (the
+    unsubsampled Gaussian's privacy loss has support on the whole line); it is only compared
+    with ``t`` (``t > -inf`` holds for every grid point) and ``z`` becomes ``log(e^t) = t``,
+    so ε is unaffected (``tests/client/test_accounting.py`` checks ``q = 1`` against the
+    Gaussian closed form). For any ``q < 1`` numpy reports nothing here.
+
+    ``np.errstate`` changes numpy's floating-point error mode for this thread (a context
+    variable in numpy 2) and only until the block ends; Python's warning filters are left
+    alone. It is entered only when the history holds a ``q = 1`` block, so every other
+    history still shows every numpy warning.
+    """
+    if any(m.sample_rate == 1.0 for m in mechanisms):
+        return np.errstate(divide="ignore")
+    return contextlib.nullcontext()
+
+
 def _prv_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
     eps_error = prv_eps_error(mechanisms, delta=delta)
     from opacus.accountants import PRVAccountant
@@ -260,11 +286,12 @@ def _prv_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
     accountant = PRVAccountant()
     accountant.history = [m.as_history_entry() for m in mechanisms]
     try:
-        return float(
-            accountant.get_epsilon(
-                delta, eps_error=eps_error, delta_error=delta * _PRV_DELTA_ERROR_RATIO
+        with _full_batch_log_zero_is_exact(mechanisms):
+            return float(
+                accountant.get_epsilon(
+                    delta, eps_error=eps_error, delta_error=delta * _PRV_DELTA_ERROR_RATIO
+                )
             )
-        )
     except (ValueError, RuntimeError) as e:
         raise ConfigError(
             f"the PRV accountant cannot evaluate {list(mechanisms)} at delta={delta:g} "

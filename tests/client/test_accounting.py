@@ -21,6 +21,9 @@ keeps the check sharp: every mechanism in the cases below moves ε by far more t
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -172,6 +175,65 @@ def test_epsilon_rejects_invalid_delta(delta: float) -> None:
 def test_epsilon_rejects_unknown_accountant() -> None:
     with pytest.raises(ConfigError, match="'gdp'.*prv"):
         epsilon([M(1.0, 0.1, 1)], delta=DELTA, accountant="gdp")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------- numpy's log(0) report inside Opacus's PRV
+
+# A q = 1 block: a full-batch step, or a private evaluation release (Mechanism(σ, 1.0, 1)),
+# for which Opacus's PRV cdf computes np.log(1 - q) = log(0) (see accounting.py).
+FULL_BATCH = {
+    "evaluation-release": [M(2.0, 1.0, 1)],
+    "training-then-evaluations": [M(1.1, 0.02, 200), M(4.0, 1.0, 3)],
+    "full-batch-training": [M(1.0, 1.0, 5)],
+}
+
+T = TypeVar("T")
+
+
+def _without_runtime_warnings(compute: Callable[[], T]) -> T:
+    """``compute()`` with every RuntimeWarning an error (other warnings are dropped)."""
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("error", RuntimeWarning)
+        return compute()
+
+
+@pytest.mark.parametrize("name", sorted(FULL_BATCH))
+def test_full_batch_blocks_are_accounted_silently_and_to_the_same_epsilon(name: str) -> None:
+    mechanisms = FULL_BATCH[name]
+    # The reference: the same Opacus call, its warnings merely recorded.
+    opacus = PRVAccountant()
+    opacus.history = [m.as_history_entry() for m in merge_mechanisms(mechanisms)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reference = opacus.get_epsilon(
+            DELTA, eps_error=prv_eps_error(mechanisms, delta=DELTA), delta_error=DELTA / 1000
+        )
+    reported = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert "divide by zero encountered in log" in reported, (
+        "Opacus no longer reports log(0) for q = 1: accounting.py's "
+        f"_full_batch_log_zero_is_exact can go (reported: {reported})"
+    )
+
+    divide_mode = np.geterr()["divide"]
+    assert _without_runtime_warnings(lambda: epsilon(mechanisms, delta=DELTA)) == reference
+    assert np.geterr()["divide"] == divide_mode  # the quieting ended with the call
+
+
+def test_calibration_over_a_history_of_evaluation_releases_emits_no_runtime_warning() -> None:
+    history = [M(1.1, 0.02, 200), M(4.0, 1.0, 3)]  # a run, then three private evaluations
+
+    def calibrate() -> float:
+        return calibrate_noise(
+            target_epsilon=6.0, delta=DELTA, sample_rate=0.05, steps=100, history=history
+        )
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        recorded = calibrate()
+    assert _without_runtime_warnings(calibrate) == recorded
+    plan = [*history, M(recorded, 0.05, 100)]
+    assert epsilon(plan, delta=DELTA) <= 6.0
 
 
 # ------------------------------------------------------------- the PRV grid guard
