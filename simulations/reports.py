@@ -18,6 +18,10 @@ float (an empty cell reads back as NaN). Rows are written sorted by round, site,
 metric. A site's ``train`` rows include ``epsilon`` (its dataset's lifetime ε after the
 round) and ``run-epsilon`` (what this run added so far).
 
+Where a results table has no value for a site's metric, :func:`missing_reason` says why
+(``withheld`` by small-count suppression, ``undefined`` on that split, or ``not evaluated``)
+and :func:`missing_metric_notes` writes the lines that explain it under the table.
+
 Plots use matplotlib's object API (:class:`matplotlib.figure.Figure` with an Agg canvas): no
 pyplot, no backend switch, no global state. Each plotting function saves a PNG and returns its
 ``Figure`` so callers and tests can inspect the axes.
@@ -59,6 +63,11 @@ __all__ = [
     "plot_privacy_utility",
     "write_run_plots",
     "run_plot_specs",
+    "MissingReason",
+    "MissingMetric",
+    "missing_reason",
+    "missing_cell",
+    "missing_metric_notes",
 ]
 
 #: The columns of ``metrics.csv``, in order.
@@ -188,8 +197,11 @@ def write_metrics_csv(rows: Iterable[MetricRow], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
+        # Each value as its shortest exact decimal (repr): pandas 2's own float formatting
+        # drops the last digit of e.g. 0.1 + 0.2, and the file must read back exactly.
+        exact = frame.assign(value=frame["value"].map(repr))
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            frame.to_csv(f, index=False)
+            exact.to_csv(f, index=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -227,6 +239,14 @@ def read_metrics_csv(path: Path) -> pd.DataFrame:
     except (OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
         raise DataError(f"{path}: cannot read it as CSV ({e}); rewrite it or rerun") from e
     return _validated(raw, source=str(path))
+
+
+def _exact_float(text: str) -> float:
+    """``text`` as the nearest float, NaN when it is not a number (flagged by the caller)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def _bad_line(mask: pd.Series) -> int:
@@ -269,7 +289,8 @@ def _validated(raw: pd.DataFrame, *, source: str) -> pd.DataFrame:
         )
     text = frame["value"].str.strip()
     blank = text.isin(["", "nan", "NaN"])
-    values = pd.to_numeric(text.where(~blank, "nan"), errors="coerce")
+    # Python's float() parses every decimal exactly; pandas 2's to_numeric may not.
+    values = text.where(~blank, "nan").map(_exact_float).astype("float64")
     bad_value = values.isna() & ~blank
     if bad_value.any():
         value = frame["value"][bad_value].iloc[0]
@@ -562,3 +583,149 @@ def write_run_plots(run_dir: Path, *, splits: Sequence[Split] = ("test",)) -> li
         plot_metric_per_round(frame, metric, path, split=split)
         written.append(path)
     return written
+
+
+# ----------------------------------------------------- why a table has no value
+
+
+MissingReason = Literal["withheld", "undefined", "not evaluated"]
+"""Why a site's metric has no value: see :func:`missing_reason`."""
+
+
+def missing_reason(
+    metrics: Mapping[str, float], name: str, *, evaluated: bool
+) -> MissingReason | None:
+    """Why ``metrics`` (a site's ``<split>.<metric>`` values) has no ``name``; ``None`` if it has.
+
+    ``"undefined"``
+        The split was reported (another metric of it, e.g. ``<split>.n``, is there) but this
+        metric is not defined on it: AUROC and AUPRC need patients of both classes.
+    ``"withheld"``
+        The site answered an evaluation (``evaluated``, or it reported some other split) but
+        released nothing of this split: small-count suppression withholds a split whose
+        patient count (with DP evaluation, its noisy count) is below the site's minimum count
+        whole.
+    ``"not evaluated"``
+        The site answered no evaluation (it dropped out, refused, or its evaluation failed).
+
+    Examples
+    --------
+    >>> missing_reason({"test.n": 40.0, "test.auroc": 0.7}, "test.auroc", evaluated=True)
+    >>> missing_reason({"test.n": 40.0, "test.brier": 0.2}, "test.auroc", evaluated=True)
+    'undefined'
+    >>> missing_reason({"val.n": 30.0}, "test.auroc", evaluated=False)
+    'withheld'
+    >>> missing_reason({}, "test.auroc", evaluated=True)
+    'withheld'
+    >>> missing_reason({}, "test.auroc", evaluated=False)
+    'not evaluated'
+    """
+    if name in metrics:
+        return None
+    split = name.split(".", 1)[0]
+    if any(k.startswith(f"{split}.") for k in metrics):
+        return "undefined"
+    if evaluated or metrics:
+        return "withheld"
+    return "not evaluated"
+
+
+def missing_cell(reason: MissingReason | None, *, min_count: int | None) -> str:
+    """The table cell of a missing value: ``withheld (n<10)``, ``undefined``, ``not evaluated``.
+
+    ``min_count``: the sites' minimum count when known (a simulation's ``site-min-count``).
+
+    >>> missing_cell("withheld", min_count=10), missing_cell("withheld", min_count=None)
+    ('withheld (n<10)', 'withheld')
+    >>> missing_cell(None, min_count=10)
+    '-'
+    """
+    if reason is None:
+        return "-"
+    if reason == "withheld" and min_count is not None:
+        return f"withheld (n<{min_count})"
+    return reason
+
+
+@dataclass(frozen=True)
+class MissingMetric:
+    """One split of one table row that shows a :data:`MissingReason` instead of values.
+
+    Parameters
+    ----------
+    site:
+        The site id.
+    split:
+        The split (``test``).
+    reason:
+        Why it has no values.
+    baseline:
+        Whether it is the site's local-only baseline rather than its federated evaluation.
+    detail:
+        For ``not evaluated``: why, in words (the site's status reason, or its failed
+        evaluation's cause).
+    """
+
+    site: str
+    split: str
+    reason: MissingReason
+    baseline: bool = False
+    detail: str = ""
+
+
+def _places(missing: Sequence[MissingMetric]) -> str:
+    """``site-2 (test), site-3 (test, local-only test)``: the sites and splits, in order."""
+    parts: dict[str, list[str]] = {}
+    for m in missing:
+        part = f"local-only {m.split}" if m.baseline else m.split
+        if part not in parts.setdefault(m.site, []):
+            parts[m.site].append(part)
+    return ", ".join(f"{site} ({', '.join(p)})" for site, p in parts.items())
+
+
+def missing_metric_notes(missing: Iterable[MissingMetric], *, min_count: int | None) -> list[str]:
+    """The lines under a results table that say why some cells have no value.
+
+    One line for all withheld splits (which, why, and how to get them), one for the undefined
+    ones, and one per site that was not evaluated; empty when nothing is missing.
+
+    Parameters
+    ----------
+    missing:
+        Every row and split the table shows without values (duplicates are merged).
+    min_count:
+        The sites' minimum count ``k`` when known (a simulation's ``site-min-count``).
+
+    Examples
+    --------
+    >>> notes = missing_metric_notes([MissingMetric("site-3", "test", "withheld")], min_count=10)
+    >>> notes[0].startswith("withheld (n<10) at site-3 (test): fewer than 10 patients in")
+    True
+    """
+    items = list(dict.fromkeys(missing))
+    notes = []
+    withheld = [m for m in items if m.reason == "withheld"]
+    if withheld:
+        if min_count is None:
+            fewer, k = "fewer patients than the site's minimum count k", "k"
+            fix = "a lower site-min-count"
+        else:
+            fewer, k = f"fewer than {min_count} patients", f"k = {min_count}"
+            fix = f"a site-min-count below {min_count}"
+        notes.append(
+            f"{missing_cell('withheld', min_count=min_count)} at {_places(withheld)}: {fewer} "
+            "in that split (with DP evaluation, a noisy count), and small-count suppression "
+            f"keeps every metric computed on fewer than {k} patients at the site. To see them: "
+            f"more patients in the split, or, in a simulation, {fix} (--set site-min-count=N)"
+        )
+    undefined = [m for m in items if m.reason == "undefined"]
+    if undefined:
+        notes.append(
+            f"undefined at {_places(undefined)}: the split's patients are all of one class, "
+            "and AUROC and AUPRC need both"
+        )
+    for site in dict.fromkeys(m.site for m in items if m.reason == "not evaluated"):
+        details = [m.detail for m in items if m.site == site and m.reason == "not evaluated"]
+        detail = next((d for d in details if d), "it answered no evaluation request")
+        notes.append(f"not evaluated at {site}: {detail}")
+    return notes
