@@ -39,6 +39,7 @@ from client.audit import (
 from client.data.loaders import load_site
 from client.ledger import PrivacyLedger
 from client.local import RoundRequest, SiteTrainer, settings_from_run
+from client.personal import personal_settings
 from client.policy import simulated_site_policy
 from client.site_config import SiteConfig, load_site_config
 from client.warm import WarmSites
@@ -229,6 +230,7 @@ def _request(cfg: FederationConfig, run_cfg: FederationConfig, msg: Message) -> 
         evaluation_rounds=cfg.evaluation_rounds,
         received_sha256="" if arrays is None else record_sha256(arrays),
         config_sha256=config_hash(run_cfg.to_run_config()),
+        personal=personal_settings(cfg),
     )
 
 
@@ -479,6 +481,10 @@ def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = 
         request = _request(cfg, run_cfg, msg)
         state = msg.content.array_records[keys.REC_ARRAYS].to_torch_state_dict()
         result = trainer.evaluate_round(request, state)
+        if result.personalized is not None:  # a personal model's fine-tune ran (or had run)
+            audit.personalize(
+                msg, result.personalized, delta=trainer.policy.delta, accountant=cfg.accountant
+            )
         audit.evaluate(msg, result, delta=trainer.policy.delta, accountant=cfg.accountant)
     except FedcareError as e:
         ledger = _ledger_epsilon(trainer, accountant)
@@ -491,9 +497,18 @@ def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = 
         keys.S_AUDIT_KEY: audit.key_fingerprint,
         keys.S_EVALUATION: result.mode,
     }
-    if result.epsilon is not None and result.run_epsilon is not None:
-        info[keys.S_EPSILON] = float(result.epsilon)
-        info[keys.S_RUN_EPSILON] = float(result.run_epsilon)
+    epsilon, run_epsilon = result.epsilon, result.run_epsilon
+    tuned = result.personalized  # a fine-tune's charge, the latest where evaluation is exact
+    if (
+        tuned is not None
+        and tuned.epsilon is not None
+        and tuned.run_epsilon is not None
+        and (epsilon is None or tuned.epsilon > epsilon)
+    ):
+        epsilon, run_epsilon = tuned.epsilon, tuned.run_epsilon
+    if epsilon is not None and run_epsilon is not None:
+        info[keys.S_EPSILON] = float(epsilon)
+        info[keys.S_RUN_EPSILON] = float(run_epsilon)
         info[keys.S_DELTA] = float(trainer.policy.delta)
     site = ConfigRecord(info)
     content = RecordDict({keys.REC_METRICS: metrics, keys.REC_SITE: site})

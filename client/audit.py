@@ -20,9 +20,16 @@ and key files mode 0600, whatever the umask (:mod:`common.files`). Entries (form
     fingerprint, as the request carried them: they tie the entry to one server log).
 ``evaluate``
     ``round``, ``dataset_fingerprint``, ``received_sha256``, ``evaluation`` (``dp`` or
-    ``exact``), ``mechanism`` (the Gaussian release charged, or null), ``epsilon`` and
-    ``delta`` (the dataset's cumulative ε after it), ``accountant``, ``replayed``,
-    ``server_head``, ``server_key``.
+    ``exact``), ``mechanism`` (the Gaussian release charged, or null; ``steps`` 2 when the
+    site's personalized model was released too), ``epsilon`` and ``delta`` (the dataset's
+    cumulative ε after it), ``accountant``, ``replayed``, ``personal`` (whether the
+    personalized model's metrics were released), ``server_head``, ``server_key``.
+``personalize`` (before the final ``evaluate`` of a run with ``personalization =
+"finetune"``)
+    ``round``, ``dataset_fingerprint``, ``received_sha256`` (the global model fine-tuned),
+    ``mechanism`` (the fine-tune's DP-SGD charge, or null without DP), ``epsilon``,
+    ``delta``, ``run_epsilon``, ``accountant``, ``replayed`` (the fine-tune had already run:
+    nothing charged again), ``server_head``, ``server_key``.
 
 ``dataset_fingerprint`` is the privacy ledger's key for the site's cohort
 (:meth:`client.ledger.PrivacyLedger.cohort_key`). ``train`` entries also carry ``noise``
@@ -53,7 +60,7 @@ from flwr.app import ArrayRecord, Message
 
 from client.accounting import Mechanism
 from client.data.site import SiteData
-from client.local import EvaluationResult, RoundResult, SiteTrainer
+from client.local import EvaluationResult, PersonalizeResult, RoundResult, SiteTrainer
 from common import keys
 from common.audit import (
     AuditLog,
@@ -71,6 +78,7 @@ from common.federation import FederationConfig
 __all__ = [
     "AUDIT_LOG_NAME",
     "AUDIT_KEY_NAME",
+    "CHARGED_ENTRY_KINDS",
     "MAX_REASON",
     "SiteAudit",
     "site_state_dir",
@@ -81,6 +89,8 @@ __all__ = [
 ]
 
 AUDIT_LOG_NAME = "audit.jsonl"
+#: The entry kinds that record a ledger charge (when they carry a mechanism, not replayed).
+CHARGED_ENTRY_KINDS = ("train", "evaluate", "personalize")
 AUDIT_KEY_NAME = "audit-key.pem"
 MAX_REASON = 1000
 
@@ -204,10 +214,34 @@ class SiteAudit:
             "delta": float(delta) if mechanism is not None else None,
             "accountant": accountant if mechanism is not None else None,
             "replayed": bool(result.replayed),
+            "personal": any(keys.is_personal_metric(k) for k in result.metrics),
             "server_head": server_head,
             "server_key": server_key,
         }
         head = self.log.append("evaluate", data, run_id=run_id)
+        assert head is not None
+        return head
+
+    def personalize(
+        self, msg: Message, result: PersonalizeResult, *, delta: float, accountant: str
+    ) -> LogHead:
+        """Log the fine-tune of the site's personal model and what it was charged."""
+        run_id, rnd, server_head, server_key = _tag(msg)
+        mechanism = result.mechanism
+        data = {
+            "round": rnd,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "received_sha256": _received(msg),
+            "mechanism": _mechanism_record(mechanism),
+            "epsilon": None if result.epsilon is None else float(result.epsilon),
+            "delta": float(delta) if mechanism is not None else None,
+            "run_epsilon": None if result.run_epsilon is None else float(result.run_epsilon),
+            "accountant": accountant if mechanism is not None else None,
+            "replayed": bool(result.replayed),
+            "server_head": server_head,
+            "server_key": server_key,
+        }
+        head = self.log.append("personalize", data, run_id=run_id)
         assert head is not None
         return head
 
@@ -255,8 +289,9 @@ def _mechanism_record(mechanism: Mechanism | None) -> dict[str, float | int] | N
 
 
 def audited_charges(state_dir: Path) -> int:
-    """How many ledger charges the site's own audit log proves were made: its DP ``train``
-    and ``evaluate`` entries that were not replays (0 when there is no log yet).
+    """How many ledger charges the site's own audit log proves were made: its DP ``train``,
+    ``evaluate`` and ``personalize`` entries that were not replays (0 when there is no log
+    yet).
 
     A ledger holding fewer charges than this was replaced, emptied or rolled back: the
     site must refuse to train rather than start again from a smaller ε.
@@ -267,7 +302,7 @@ def audited_charges(state_dir: Path) -> int:
     count = 0
     for entry in read_entries(path):
         data = entry["data"]
-        if entry["kind"] not in ("train", "evaluate") or data.get("replayed"):
+        if entry["kind"] not in CHARGED_ENTRY_KINDS or data.get("replayed"):
             continue
         if data.get("mechanism") is not None:
             count += 1

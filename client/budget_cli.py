@@ -99,10 +99,13 @@ def _describe(s: DatasetSummary) -> list[str]:
     """The lines under a dataset's heading: its ε, its cohort and what ε composes."""
     budget = f" of budget {s.budget_epsilon:g}" if s.budget_epsilon is not None else ""
     train = sum(c.kind == "train" for c in s.charges)
+    evaluate = sum(c.kind == "evaluate" for c in s.charges)
+    personalize = len(s.charges) - train - evaluate  # personal models' fine-tunes
     steps = sum(c.mechanism.steps for c in s.charges)
+    tuned = f", {personalize} personalize" if personalize else ""
     lines = [
         f"ε = {s.epsilon:.4g}{budget}  δ = {s.delta:g}  accountant = {s.accountant}  "
-        f"({len(s.charges)} charges: {train} train, {len(s.charges) - train} evaluate; "
+        f"({len(s.charges)} charges: {train} train, {evaluate} evaluate{tuned}; "
         f"{steps} steps)",
         f"cohort of {s.members} patients"
         if s.members is not None

@@ -48,8 +48,10 @@ The protocol a site follows for one round::
     ...reply with the update...
 
 A noisy evaluation is charged the same way with ``kind="evaluate"`` and its Gaussian
-mechanism, ``Mechanism(noise_multiplier=σ, sample_rate=1.0, steps=1)``. Both kinds count
-towards ε.
+mechanism, ``Mechanism(noise_multiplier=σ, sample_rate=1.0, steps=1)`` (``steps=2`` when it
+also releases a personalized model's metrics). A site's post-federation fine-tune of its
+personal model (``client/personal/finetune.py``) is charged with ``kind="personalize"`` and
+its DP-SGD mechanism. Every kind counts towards ε.
 
 :meth:`PrivacyLedger.charge` is atomic: under ``BEGIN IMMEDIATE`` (one writer at a time,
 across processes; others wait up to ``busy_timeout_s``) it computes ε of the composed history
@@ -80,8 +82,11 @@ new salt and forget every charge, i.e. give every patient a fresh budget. Restor
 the site's backup. A ledger that was deleted outright cannot be told from a new site here;
 the site compares :meth:`~PrivacyLedger.count_charges` with its own audit log for that.
 
-A v1 ledger is migrated to v2 in one transaction when it is opened (every charge kept, with
-``kind = 'train'``; its datasets become datasets of unknown membership).
+A v1 ledger is migrated in one transaction when it is opened (every charge kept, with
+``kind = 'train'``; its datasets become datasets of unknown membership). A v2 ledger is
+migrated to v3 the same way: v3 only widens the ``kind`` column's check to admit
+``'personalize'`` (SQLite cannot alter a check, so the charges table is rebuilt, every row,
+id and append-only trigger kept).
 
 WAL needs a local filesystem (not NFS/SMB): keep the ledger on the site's own disk.
 """
@@ -123,10 +128,10 @@ __all__ = [
     "PrivacyLedger",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ChargeStatus = Literal["charged", "completed", "failed"]
-ChargeKind = Literal["train", "evaluate"]
-CHARGE_KINDS: tuple[ChargeKind, ...] = ("train", "evaluate")
+ChargeKind = Literal["train", "evaluate", "personalize"]
+CHARGE_KINDS: tuple[ChargeKind, ...] = ("train", "evaluate", "personalize")
 
 _FINGERPRINT = re.compile(r"[0-9a-fA-F]{8,128}")
 _SALT_BYTES = 32
@@ -154,7 +159,7 @@ _DATASETS: tuple[str, ...] = (
     BEGIN SELECT RAISE(ABORT, 'a dataset''s delta and accountant are fixed'); END
     """,
 )
-# v2 charges; also the target of the v1 -> v2 migration.
+# v3 charges (v2's with 'personalize' admitted); the target of the v1 and v2 migrations.
 _CHARGES: tuple[str, ...] = (
     """
     CREATE TABLE charges (
@@ -162,7 +167,7 @@ _CHARGES: tuple[str, ...] = (
         fingerprint      TEXT NOT NULL REFERENCES datasets (fingerprint),
         run_id           TEXT NOT NULL,
         round            INTEGER NOT NULL CHECK (round >= 0),
-        kind             TEXT NOT NULL CHECK (kind IN ('train', 'evaluate')),
+        kind             TEXT NOT NULL CHECK (kind IN ('train', 'evaluate', 'personalize')),
         noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0),
         sample_rate      REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
         steps            INTEGER NOT NULL CHECK (steps >= 1),
@@ -222,6 +227,12 @@ _META_AND_MEMBERS: tuple[str, ...] = (
 _SCHEMA: tuple[str, ...] = (*_DATASETS, *_CHARGES, *_META_AND_MEMBERS)
 _TABLES = frozenset({"datasets", "charges", "meta", "members"})
 _TABLES_V1 = frozenset({"datasets", "charges"})
+# The columns a v2 charge row has (v2 -> v3 copies every one).
+_V2_CHARGE_COLUMNS = (
+    "id, fingerprint, run_id, round, kind, noise_multiplier, sample_rate, steps, delta, "
+    "accountant, budget_epsilon, epsilon_before, epsilon_after, status, metrics, "
+    "created_at, completed_at"
+)
 # The columns a v1 charge row has; the migration copies exactly these.
 _V1_CHARGE_COLUMNS = (
     "id, fingerprint, run_id, round, noise_multiplier, sample_rate, steps, delta, "
@@ -250,7 +261,8 @@ class ChargeReceipt:
         Row id; pass it to :meth:`PrivacyLedger.mark_completed`.
     fingerprint, run_id, round, kind:
         The idempotency key (``fingerprint`` is the dataset key, see
-        :meth:`PrivacyLedger.cohort_key`; ``kind`` is ``"train"`` or ``"evaluate"``).
+        :meth:`PrivacyLedger.cohort_key`; ``kind`` is ``"train"``, ``"evaluate"`` or
+        ``"personalize"``).
     mechanism:
         What the round applies.
     delta, accountant:
@@ -613,6 +625,9 @@ class PrivacyLedger:
         if version == 1 and tables >= _TABLES_V1:
             self._migrate_v1()
             return
+        if version == 2 and tables >= _TABLES:
+            self._migrate_v2()
+            return
         raise self._not_a_ledger(version, tables)
 
     def _migrate_v1(self) -> None:
@@ -663,6 +678,51 @@ class PrivacyLedger:
                     f"migrating privacy ledger {self.path} to schema v{SCHEMA_VERSION} kept "
                     f"{migrated} of its {count} charges; nothing was changed. Report this "
                     "as a fedcare bug and keep using the v1 file with the earlier fedcare"
+                )
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _migrate_v2(self) -> None:
+        """Migrate a v2 ledger to v3 in one transaction; every charge is kept as it was.
+
+        v3 differs only in the ``kind`` check of the charges table (``'personalize'``
+        admitted). SQLite cannot alter a check, so the table is rebuilt: every row with its
+        id, the id sequence, the index and the append-only triggers. Datasets, members and
+        the salt are untouched.
+        """
+        with self._transaction("IMMEDIATE") as conn:
+            version, tables = self._inspect(conn)  # another process may have migrated it
+            if version == SCHEMA_VERSION and tables >= _TABLES:
+                return
+            if version != 2 or not tables >= _TABLES:
+                raise self._not_a_ledger(version, tables)
+            count = conn.execute("SELECT COUNT(*) FROM charges").fetchone()[0]
+            seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'charges'").fetchone()
+            conn.execute("DROP TRIGGER charges_no_delete")
+            conn.execute("DROP TRIGGER charges_immutable")
+            conn.execute("DROP INDEX charges_by_dataset")
+            conn.execute("ALTER TABLE charges RENAME TO charges_v2")
+            for statement in _CHARGES:
+                conn.execute(statement)
+            conn.execute(
+                f"INSERT INTO charges ({_V2_CHARGE_COLUMNS}) "
+                f"SELECT {_V2_CHARGE_COLUMNS} FROM charges_v2 ORDER BY id"
+            )
+            conn.execute("DROP TABLE charges_v2")
+            if seq is not None:  # ids are never reused, even those of rolled-back charges
+                updated = conn.execute(
+                    "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'charges'",
+                    (seq[0],),
+                ).rowcount
+                if not updated:
+                    conn.execute(
+                        "INSERT INTO sqlite_sequence (name, seq) VALUES ('charges', ?)", (seq[0],)
+                    )
+            migrated = conn.execute("SELECT COUNT(*) FROM charges").fetchone()[0]
+            if migrated != count:
+                raise ConfigError(
+                    f"migrating privacy ledger {self.path} to schema v{SCHEMA_VERSION} kept "
+                    f"{migrated} of its {count} charges; nothing was changed. Report this "
+                    "as a fedcare bug and keep using the v2 file with the earlier fedcare"
                 )
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -1092,7 +1152,8 @@ class PrivacyLedger:
         run_id, round:
             Which run and round this is.
         kind:
-            ``"train"`` (default) or ``"evaluate"``; both count towards ε.
+            ``"train"`` (default), ``"evaluate"`` or ``"personalize"`` (a personal model's
+            fine-tune); every kind counts towards ε.
         ceiling_epsilon:
             The most ε this charge may bring the dataset to for the run it belongs to (the
             ε before the run plus what the run may add); ``None``: only the budget counts.
@@ -1236,7 +1297,7 @@ class PrivacyLedger:
                 "the next round, or start a new run id"
             )
         if existing.status == "completed":
-            redo = "training" if existing.kind == "train" else "evaluating"
+            redo = {"train": "training", "evaluate": "evaluating"}.get(existing.kind, "fine-tuning")
             raise PolicyViolation(
                 f"the {key} of dataset {existing.fingerprint[:16]}... already completed "
                 f"(charge #{existing.charge_id}) and its output may have left the site; "
@@ -1330,7 +1391,8 @@ def _check_kind(kind: str) -> ChargeKind:
     if kind not in CHARGE_KINDS:
         raise ConfigError(
             f"charge kind must be one of {list(CHARGE_KINDS)}, got {kind!r}; use 'train' for "
-            "a DP-SGD round and 'evaluate' for a noisy evaluation release"
+            "a DP-SGD round, 'evaluate' for a noisy evaluation release and 'personalize' for "
+            "a personal model's fine-tune"
         )
     return cast(ChargeKind, kind)
 

@@ -25,6 +25,13 @@ An evaluation is a query on patient data too: unless the site's own ``site.toml`
 exact metrics (a simulated site only), it is released with differential privacy
 (:mod:`models.evaluation`) and charged to the ledger as one Gaussian mechanism, within the
 same run allowance and under the site's per-run evaluation cap.
+
+Personal models (the run's ``personalization``, :mod:`client.personal`) are planned and
+charged the same way: Ditto's second DP-SGD copy shares its round's charge (one mechanism,
+twice the steps), the post-federation fine-tune is a ``personalize`` charge of its own
+written before it runs, and an evaluation that also releases the personalized model's
+metrics is one charge of two Gaussian releases; all of them are in the run's noise
+calibration from its first round. Personal state stays in the site's state folder.
 """
 
 from __future__ import annotations
@@ -33,9 +40,9 @@ import hashlib
 import io
 import math
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +54,14 @@ from client.accounting import PRV_EPS_ERROR, Mechanism, calibrate_noise, epsilon
 from client.data.datasets import TaskData, build_task_data
 from client.data.site import SiteData
 from client.ledger import ChargeReceipt, PrivacyLedger
+from client.personal import (
+    Personalization,
+    PersonalRound,
+    PersonalSettings,
+    PersonalStore,
+    TrainCopy,
+    personalization,
+)
 from client.policy import SitePolicy
 from client.privacy import DPConfig, DPPlan, make_private, sampling, site_generators
 from client.training import (
@@ -78,9 +93,11 @@ __all__ = [
     "RoundRequest",
     "RoundResult",
     "EvaluationResult",
+    "PersonalizeResult",
     "SiteTrainer",
     "resolve_grad_sample_mode",
     "settings_from_run",
+    "keep_better_on_validation",
     "RUN_CEILING_TOLERANCE",
 ]
 
@@ -89,7 +106,7 @@ RUN_CEILING_TOLERANCE = 2 * PRV_EPS_ERROR
 the charge of a run's last round must not be refused because it was accounted on another
 grid than the calibration. One extra round adds far more than this."""
 
-ReleaseKind = Literal["train", "evaluate"]
+ReleaseKind = Literal["train", "evaluate", "personalize"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,7 @@ class RoundRequest:
     evaluation_rounds: tuple[int, ...] = ()
     received_sha256: str = ""
     config_sha256: str = ""
+    personal: PersonalSettings = field(default_factory=PersonalSettings)
 
 
 @dataclass(frozen=True)
@@ -144,6 +162,19 @@ class EvaluationResult:
     epsilon: float | None
     run_epsilon: float | None
     noise: str = keys.NOISE_OS_ENTROPY
+    replayed: bool = False
+    personalized: PersonalizeResult | None = None
+
+
+@dataclass(frozen=True)
+class PersonalizeResult:
+    """The fine-tune of a site's personal model that an evaluation ran (``replayed``: its
+    charge had completed before, so nothing was run or charged again). ``mechanism`` is
+    ``None`` in a non-private run."""
+
+    mechanism: Mechanism | None
+    epsilon: float | None
+    run_epsilon: float | None
     replayed: bool = False
 
 
@@ -188,6 +219,10 @@ class SiteTrainer:
         if release_dir is None and ledger is not None:
             release_dir = Path(ledger.path).parent / "releases"
         self.release_dir = release_dir
+        # Personal models (client/personal/) live beside the ledger too; they never leave.
+        self.personal_store = (
+            PersonalStore(Path(ledger.path).parent / "personal") if ledger is not None else None
+        )
         self._task_data: dict[str, TaskData] = {} if task_data is None else task_data
         self._dataset_key: str | None = None
 
@@ -240,6 +275,18 @@ class SiteTrainer:
         generator = torch.Generator().manual_seed(self.seed)
         return build_model(name, input_dims=data.input_dims, generator=generator)
 
+    def with_recipe(self, request: RoundRequest) -> RoundRequest:
+        """``request`` with the recipe's optimizer, batch size and learning rate filled in
+        where the run leaves them to it (:mod:`client.recipe`), from whether the run is
+        private, this site's number of training patients and the model: a rule of what the
+        site knows, not a fit to its data."""
+        if request.train.resolved:
+            return request
+        n_train = len(self.task_data(request.task).patient_ids.train)
+        model = self.model_name(request.task, request.train.model)
+        train = request.train.for_site(n_train=n_train, model=model, private=request.dp.enabled)
+        return replace(request, train=train)
+
     # ------------------------------------------------------------------ the run's plan
 
     def _check_plan(self, request: RoundRequest, *, phase: ReleaseKind) -> None:
@@ -258,6 +305,12 @@ class SiteTrainer:
             evaluations=len(request.evaluation_rounds),
             target_epsilon=dp.target_epsilon if dp.enabled else None,
         )
+        tune = self._personalization(request).finetune_epochs()
+        if tune > self.policy.max_local_epochs:
+            raise PolicyViolation(
+                f"site {self.site_id} allows at most {self.policy.max_local_epochs} local "
+                f"epochs; the run asks to fine-tune personal models for {tune} (personal-epochs)"
+            )
         last = request.rounds_planned
         if phase == "train" and not 1 <= request.round <= last:
             raise PolicyViolation(
@@ -321,15 +374,250 @@ class SiteTrainer:
         allowance = self.policy.max_run_epsilon if target is None else target
         return min(budget, base + allowance)
 
-    def _eval_mechanism(self) -> Mechanism:
-        return Mechanism(self.policy.evaluation_noise_multiplier, 1.0, 1)
+    def _eval_mechanism(self, steps: int = 1) -> Mechanism:
+        """``steps`` Gaussian releases at the site's evaluation noise: 1 for the global
+        model's metrics, 2 when a personalized model's metrics are released beside them."""
+        return Mechanism(self.policy.evaluation_noise_multiplier, 1.0, steps)
 
     def _future_evaluations(self, request: RoundRequest) -> list[Mechanism]:
-        """The DP evaluations the run still plans from this round on (planned into its ε)."""
+        """The DP evaluations the run still plans from this round on (planned into its ε),
+        each with the personalized model's release where the run's strategy has one."""
         if self.evaluation_mode(request.dp) != keys.EVAL_DP:
             return []
+        strategy = self._personalization(request)
         later = [r for r in request.evaluation_rounds if r >= request.round]
-        return [self._eval_mechanism()] * len(later)
+        last = request.rounds_planned
+        return [
+            self._eval_mechanism(
+                2 if strategy.releases_personal(round=r, rounds_planned=last) else 1
+            )
+            for r in later
+        ]
+
+    # ------------------------------------------------------------------ personal models
+
+    def _personalization(self, request: RoundRequest) -> Personalization:
+        """The run's personalization strategy (``client/personal/``)."""
+        return personalization(request.personal)
+
+    def _kept(
+        self, request: RoundRequest, strategy: Personalization
+    ) -> dict[str, torch.Tensor] | None:
+        """The strategy's personal state this site keeps for this dataset and run."""
+        if self.personal_store is None:
+            return None
+        loaded = self.personal_store.load(
+            dataset=self.dataset_key, run_id=request.run_id, strategy=strategy.name
+        )
+        return None if loaded is None else loaded[1]
+
+    def _copy_trainer(
+        self, request: RoundRequest, cfg: TrainConfig, plan: DPPlan | None
+    ) -> TrainCopy:
+        """Trains a model copy with this round's recipe and mechanism (a personal model)."""
+
+        def train(
+            state: Mapping[str, torch.Tensor], hooks: Sequence[StepHook]
+        ) -> dict[str, torch.Tensor]:
+            return self._train_copy(request, state, cfg=cfg, plan=plan, hooks=hooks)
+
+        return train
+
+    def _train_copy(
+        self,
+        request: RoundRequest,
+        state: Mapping[str, torch.Tensor],
+        *,
+        cfg: TrainConfig,
+        plan: DPPlan | None,
+        hooks: Sequence[StepHook] = (),
+    ) -> dict[str, torch.Tensor]:
+        """Train a copy of the model from ``state``: DP-SGD with exactly ``plan`` (which a
+        charge already covers), or plain training in a non-private run (``plan`` None).
+
+        For personal models only (Ditto's, a fine-tune): they share the one training loop
+        (:func:`client.training.fit`); their randomness is the site's, drawn apart from the
+        global copy's.
+        """
+        data = self.task_data(request.task)
+        device = resolve_device(cfg.device)
+        model_name = self.model_name(request.task, cfg.model)
+        model = self.build_model(request.task, cfg.model)
+        model.load_state_dict(dict(state))
+        model.to(device)
+        criterion = task_definition(data.task, model=model_name).kind.make_loss()
+        optimizer = make_optimizer(model.parameters(), cfg)
+        sampling_gen, noise_gen = self._generators(request, device, "personalize")
+        if plan is None:
+            loader = torch.utils.data.DataLoader(
+                data.train, batch_size=cfg.batch_size, shuffle=True, generator=sampling_gen
+            )
+            fit(
+                model,
+                loader,
+                optimizer=optimizer,
+                criterion=criterion,
+                epochs=cfg.epochs,
+                device=device,
+                hooks=hooks,
+            )
+            return _cpu_state(model)
+        private = make_private(
+            model=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            dataset=data.train,
+            batch_size=cfg.batch_size,
+            plan=plan,
+            grad_sample_mode=resolve_grad_sample_mode(request.dp.grad_sample_mode, model_name),
+            sampling_generator=sampling_gen,
+            noise_generator=noise_gen,
+        )
+        stats = fit(
+            private.model,
+            private.loader,
+            optimizer=private.optimizer,
+            criterion=private.criterion,
+            epochs=cfg.epochs,
+            device=device,
+            hooks=hooks,
+        )
+        if stats.steps != plan.steps:
+            raise RoundFailed(
+                f"site {self.site_id}: DP-SGD of the personal model ran {stats.steps} steps "
+                f"but {plan.steps} were charged; the accounting would be wrong, so nothing "
+                "is kept"
+            )
+        out = _cpu_state(private.unwrapped())
+        if not all(torch.isfinite(t).all() for t in out.values() if t.is_floating_point()):
+            raise TrainingDiverged(
+                f"site {self.site_id}: the personal model's training diverged in round "
+                f"{request.round} (non-finite weights at learning-rate {cfg.lr:g}); the "
+                "charge is kept. Fix: lower the learning-rate"
+            )
+        return out
+
+    def _personal_state(
+        self, request: RoundRequest, state: Mapping[str, torch.Tensor] | None
+    ) -> tuple[dict[str, torch.Tensor] | None, PersonalizeResult | None]:
+        """The personalized model an evaluation releases beside the global one (``None``:
+        none at this round), and the fine-tune it ran first where the strategy fine-tunes."""
+        strategy = self._personalization(request)
+        last = request.rounds_planned
+        if not strategy.releases_personal(round=request.round, rounds_planned=last):
+            return None, None
+        if self.personal_store is None:
+            raise ConfigError(
+                f"site {self.site_id}: personalization {strategy.name!r} keeps a personal "
+                "model at the site, which needs a state folder; give the site a privacy "
+                "ledger (its folder holds the personal models too)"
+            )
+        if state is None:
+            received = _cpu_state(self.build_model(request.task, request.train.model))
+        else:
+            received = dict(state)
+        tuned = self._finetune(request, received, strategy) if strategy.finetune_epochs() else None
+        return strategy.personal_model(received, self._kept(request, strategy)), tuned
+
+    def _finetune(
+        self,
+        request: RoundRequest,
+        received: Mapping[str, torch.Tensor],
+        strategy: Personalization,
+    ) -> PersonalizeResult | None:
+        """Fine-tune the final global model into the site's personal model, once per run.
+
+        DP: one ``personalize`` charge, at the run's noise multiplier and Poisson rate (those
+        of its first training charge) for ``finetune_epochs`` epochs, planned into the run's
+        noise from its first round (:meth:`_plan`) and written before the fine-tune runs,
+        under the run's ceiling. A charge that completed is never run again (its model is
+        reused); a failed one is spent. ``None`` when there is nothing to fine-tune: the
+        site never trained in this run (nothing of its plan covers a fine-tune).
+        """
+        epochs = strategy.finetune_epochs()
+        if not request.dp.enabled:
+            if self._kept(request, strategy) is None:
+                cfg = request.train.model_copy(update={"epochs": epochs})
+                tuned = self._train_copy(request, received, cfg=cfg, plan=None)
+                self._keep_personal(request, strategy, tuned)
+            return PersonalizeResult(None, None, None)
+        assert self.ledger is not None
+        base = self._run_base(request.run_id)
+        done = self.ledger.has_charge(
+            self.dataset_key, request.run_id, request.round, kind="personalize"
+        )
+        if done is not None and done.status == "completed":
+            return PersonalizeResult(
+                done.mechanism, done.epsilon_after, done.epsilon_after - base, replayed=True
+            )
+        if done is not None and done.status == "failed":
+            return None  # spent, never redone (whether it failed can depend on the patients)
+        trained = [c for c in self._run_charges(request.run_id) if c.kind == "train"]
+        if not trained:
+            return None
+        first = trained[0].mechanism
+        batches = round(1.0 / first.sample_rate)  # q = 1 / batches per epoch, exactly
+        plan = DPPlan(
+            noise_multiplier=first.noise_multiplier,
+            sample_rate=first.sample_rate,
+            steps=epochs * batches,
+            max_grad_norm=request.dp.max_grad_norm,
+        )
+        mechanism = Mechanism(plan.noise_multiplier, plan.sample_rate, plan.steps)
+        ceiling = self._ceiling(request, base)
+        receipt = self._charge(request, mechanism, kind="personalize", ceiling=ceiling)
+        with self._settled(receipt, "the personal model's fine-tune"):
+            n_train = self.task_data(request.task).n["train"]
+            cfg = request.train.model_copy(
+                update={"epochs": epochs, "batch_size": math.ceil(n_train / batches)}
+            )
+            tuned = self._train_copy(request, received, cfg=cfg, plan=plan)
+        self.ledger.mark_completed(receipt.charge_id)
+        self._keep_personal(request, strategy, tuned)
+        return PersonalizeResult(mechanism, receipt.epsilon_after, receipt.epsilon_after - base)
+
+    def _keep_personal(
+        self, request: RoundRequest, strategy: Personalization, state: Mapping[str, torch.Tensor]
+    ) -> None:
+        if self.personal_store is not None:
+            self.personal_store.save(
+                dataset=self.dataset_key,
+                run_id=request.run_id,
+                strategy=strategy.name,
+                round=request.round,
+                state=state,
+            )
+
+    def _personal_release(
+        self,
+        request: RoundRequest,
+        state: Mapping[str, torch.Tensor],
+        device: torch.device,
+        *,
+        noise_multiplier: float,
+        generator: np.random.Generator | None,
+    ) -> dict[str, float]:
+        """The personalized model's metrics as ``personal.<split>.<metric>``: a release of
+        its own (fresh noise, the same σ: the evaluation charge's second step), of which
+        only the derived metrics leave (never summed into the global ones)."""
+        y, p = self._predictions(request.task, state, request.train.model, device)
+        exact = noise_multiplier == 0
+        metrics = evaluation_release(
+            y,
+            p,
+            noise_multiplier=noise_multiplier,
+            generator=generator,
+            min_count=self.policy.min_count,
+            **({"bins": keys.HIST_MAX_BINS} if exact else {}),
+        )
+        if exact:
+            released = [split for split in y if f"{split}.n" in metrics]
+            metrics.update(split_metrics({k: y[k] for k in released}, {k: p[k] for k in released}))
+        return {
+            f"{keys.PERSONAL_PREFIX}{name}": value
+            for name, value in metrics.items()
+            if not keys.is_release_metric(name)
+        }
 
     def _charge(
         self,
@@ -391,6 +679,7 @@ class SiteTrainer:
         self, request: RoundRequest, initial_state: Mapping[str, torch.Tensor] | None = None
     ) -> RoundResult:
         """Run one round of (private) local training; see the module docstring."""
+        request = self.with_recipe(request)
         cfg, dp = request.train, request.dp
         self._check_plan(request, phase="train")
         model_name = self.model_name(request.task, cfg.model)
@@ -401,8 +690,17 @@ class SiteTrainer:
         data = self.task_data(request.task)
         device = resolve_device(cfg.device)
         model = self.build_model(request.task, cfg.model)
-        if initial_state is not None:
-            model.load_state_dict(dict(initial_state))
+        # Personalization (client/personal/): the state the global copy trains from (FedPer:
+        # the received body with the site's own head) and the personal state the round keeps.
+        personal = PersonalRound.open(
+            self._personalization(request),
+            self.personal_store,
+            dataset=self.dataset_key,
+            run_id=request.run_id,
+            round=request.round,
+            received=_cpu_state(model) if initial_state is None else initial_state,
+        )
+        model.load_state_dict(personal.start)
         model.to(device)
         definition = task_definition(data.task, model=model_name)
         criterion = definition.kind.make_loss()
@@ -411,7 +709,7 @@ class SiteTrainer:
         if cfg.proximal_mu > 0 and initial_state is not None:
             hooks.append(ProximalTerm(mu=cfg.proximal_mu, global_params=initial_state))
         sampling_gen, noise_gen = self._generators(request, device, "train")
-        n_train = len(data.train)
+        n_train = len(data.patient_ids.train)
 
         if not dp.enabled:
             loader = torch.utils.data.DataLoader(
@@ -425,8 +723,10 @@ class SiteTrainer:
                 epochs=cfg.epochs,
                 device=device,
                 hooks=hooks,
+                clip_norm=dp.max_grad_norm,  # the recipe's rates need a bounded step
             )
-            state = _cpu_state(model)
+            state = personal.finish(_cpu_state(model), self._copy_trainer(request, cfg, None))
+            personal.keep()
             return RoundResult(
                 state,
                 n_train,
@@ -444,7 +744,10 @@ class SiteTrainer:
         ceiling = self._ceiling(request, base)
         plan = self._plan(request, n_train, base=base)
         self.policy.check_noise(site_id=self.site_id, noise_multiplier=plan.noise_multiplier)
-        mechanism = Mechanism(plan.noise_multiplier, plan.sample_rate, plan.steps)
+        # One mechanism for every DP-SGD copy the round runs (Ditto's personal model too):
+        # the same noise and rate, so their steps add up.
+        steps = plan.steps * personal.copies
+        mechanism = Mechanism(plan.noise_multiplier, plan.sample_rate, steps)
         receipt = self._charge(request, mechanism, kind="train", ceiling=ceiling)
         # From here on the charge exists: any failure marks it failed (it still counts).
         with self._settled(receipt, f"round {request.round}"):
@@ -482,6 +785,7 @@ class SiteTrainer:
                     "update is withheld and the round's charge is kept. Fix: lower the "
                     "learning-rate"
                 )
+            state = personal.finish(state, self._copy_trainer(request, cfg, plan))
             result = RoundResult(
                 state=state,
                 n_train=n_train,
@@ -499,6 +803,7 @@ class SiteTrainer:
         if math.isfinite(stats.mean_loss):  # NaN under weights that overflow; not a number
             kept["train_loss"] = stats.mean_loss
         self.ledger.mark_completed(receipt.charge_id, metrics=kept)
+        personal.keep()  # only now: a retried round must start from the state before it
         return result
 
     def _plan(self, request: RoundRequest, n_train: int, *, base: float) -> DPPlan:
@@ -531,11 +836,16 @@ class SiteTrainer:
                         "(evaluate-every) or ask for a larger target-epsilon"
                     )
             rounds_left = request.rounds_planned - request.round + 1
+            # Personal models' DP-SGD runs at the run's noise and rate, so it adds steps:
+            # Ditto's copy every round, a fine-tune of finetune_epochs after the last.
+            strategy = self._personalization(request)
+            planned = steps * rounds_left * strategy.copies_per_round()
+            planned += strategy.finetune_epochs() * round(1.0 / q)
             sigma = calibrate_noise(
                 target_epsilon=target,
                 delta=self.policy.delta,
                 sample_rate=q,
-                steps=steps * rounds_left,
+                steps=planned,
                 history=[*history, *evaluations],
                 accountant=self.policy.accountant,
             )
@@ -621,6 +931,7 @@ class SiteTrainer:
         re-sent only to the request that earned it. Exact mode (a simulated site's own
         opt-in, or a non-private run the site allows): :meth:`evaluate`.
         """
+        request = self.with_recipe(request)
         self._check_plan(request, phase="evaluate")
         mode = self.evaluation_mode(request.dp)
         device = resolve_device(request.train.device)
@@ -639,14 +950,24 @@ class SiteTrainer:
             released = [split for split in y if f"{split}.n" in metrics]
             exact = split_metrics({k: y[k] for k in released}, {k: p[k] for k in released})
             metrics.update(exact)
-            return EvaluationResult(metrics, mode, None, None, None, noise=self.noise_source)
+            # Personalization: the personal model's exact metrics too (a fine-tune, where the
+            # strategy runs one, is still DP training, charged as such).
+            personal, tuned = self._personal_state(request, state)
+            if personal is not None:
+                own = self._personal_release(
+                    request, personal, device, noise_multiplier=0.0, generator=None
+                )
+                metrics.update(keep_better_on_validation(metrics, own))
+            return EvaluationResult(
+                metrics, mode, None, None, None, noise=self.noise_source, personalized=tuned
+            )
         assert self.ledger is not None
         replay = self._stored(request, "evaluate")
         if replay is not None:
             return EvaluationResult(
                 metrics=dict(replay["metrics"]),
                 mode=mode,
-                mechanism=self._eval_mechanism(),
+                mechanism=self._eval_mechanism(int(replay.get("steps", 1))),
                 epsilon=replay["epsilon"],
                 run_epsilon=replay["run_epsilon"],
                 noise=self.noise_source,
@@ -660,7 +981,10 @@ class SiteTrainer:
             )
         base = self._run_base(request.run_id)
         ceiling = self._ceiling(request, base)
-        mechanism = self._eval_mechanism()
+        # Personalization: the personal model (fine-tuned first, under its own charge, where
+        # the strategy does so) is a second Gaussian release under this one charge.
+        personal, tuned = self._personal_state(request, state)
+        mechanism = self._eval_mechanism(1 if personal is None else 2)
         receipt = self._charge(request, mechanism, kind="evaluate", ceiling=ceiling)
         with self._settled(receipt, f"evaluation of round {request.round}"):
             y, p = self._predictions(request.task, state, request.train.model, device)
@@ -672,6 +996,15 @@ class SiteTrainer:
                 generator=generator,
                 min_count=self.policy.min_count,
             )
+            if personal is not None:
+                own = self._personal_release(
+                    request,
+                    personal,
+                    device,
+                    noise_multiplier=mechanism.noise_multiplier,
+                    generator=generator,
+                )
+                metrics.update(keep_better_on_validation(metrics, own))
             result = EvaluationResult(
                 metrics=metrics,
                 mode=mode,
@@ -679,6 +1012,7 @@ class SiteTrainer:
                 epsilon=receipt.epsilon_after,
                 run_epsilon=receipt.epsilon_after - base,
                 noise=self.noise_source,
+                personalized=tuned,
             )
             self._store_release(
                 request,
@@ -687,6 +1021,7 @@ class SiteTrainer:
                     "metrics": metrics,
                     "epsilon": result.epsilon,
                     "run_epsilon": result.run_epsilon,
+                    "steps": mechanism.steps,
                 },
             )
         self.ledger.mark_completed(receipt.charge_id)
@@ -745,6 +1080,40 @@ class SiteTrainer:
 
 
 _BIND_KEYS = {"received model": "received_sha256", "run config": "config_sha256"}
+
+
+def keep_better_on_validation(
+    global_metrics: Mapping[str, float], personal_metrics: Mapping[str, float]
+) -> dict[str, float]:
+    """The metrics a site reports for its personalized model: its own model's where the
+    site's validation split says it is at least as good as the global model (AUROC), else the
+    global model's, with ``personal.own`` 1 or 0 saying which.
+
+    A personal model trained on a few hundred noisy patients can be worse than the global
+    one; a site then keeps serving the global model, so personalization never makes a site
+    worse than federation as far as its own validation patients can tell. Both inputs are
+    already released (the evaluation's DP release, or exact metrics where the site opted in),
+    so the choice is post-processing: no charge. Without a validation AUROC for both models
+    the site keeps the global one.
+
+    Examples
+    --------
+    >>> g = {"val.auroc": 0.70, "test.auroc": 0.72}
+    >>> keep_better_on_validation(g, {"personal.val.auroc": 0.8, "personal.test.auroc": 0.9})
+    {'personal.val.auroc': 0.8, 'personal.test.auroc': 0.9, 'personal.own': 1.0}
+    >>> keep_better_on_validation(g, {"personal.val.auroc": 0.6, "personal.test.auroc": 0.9})
+    {'personal.val.auroc': 0.7, 'personal.test.auroc': 0.72, 'personal.own': 0.0}
+    """
+    mine = personal_metrics.get(f"{keys.PERSONAL_PREFIX}val.auroc")
+    theirs = global_metrics.get("val.auroc")
+    if mine is not None and theirs is not None and mine >= theirs:
+        return {**personal_metrics, keys.M_PERSONAL_OWN: 1.0}
+    fallback = {
+        f"{keys.PERSONAL_PREFIX}{name}": value
+        for name, value in global_metrics.items()
+        if not keys.is_release_metric(name) and not keys.is_personal_metric(name)
+    }
+    return {**fallback, keys.M_PERSONAL_OWN: 0.0}
 
 
 def _train_payload(result: RoundResult) -> dict[str, Any]:

@@ -146,7 +146,7 @@ def simulated_site_policy(cfg: FederationConfig) -> SitePolicy:
         accountant=cfg.accountant,
         require_dp=cfg.dp,
         min_count=cfg.site_min_count,
-        max_local_epochs=max(cfg.local_epochs, defaults.max_local_epochs),
+        max_local_epochs=max(cfg.local_epochs, cfg.personal_epochs, defaults.max_local_epochs),
         max_run_epsilon=cfg.site_epsilon_budget,
         max_rounds=max(cfg.num_server_rounds, defaults.max_rounds),
         max_evaluations=max(cfg.num_server_rounds + 1, defaults.max_evaluations),

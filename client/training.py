@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from client import recipe
 from common.errors import ConfigError
 
 __all__ = [
@@ -33,20 +34,46 @@ __all__ = [
 
 
 class TrainConfig(BaseModel):
-    """Local training hyper-parameters. Frozen; unknown keys are errors."""
+    """Local training hyper-parameters. Frozen; unknown keys are errors.
+
+    ``optimizer`` ``"auto"``, ``batch_size`` 0 and ``lr`` 0 mean "the recipe's"
+    (:mod:`client.recipe`): a site fills them in with :meth:`for_site`, from whether the run
+    is private, its number of training patients and the model, before it trains.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str | None = None
     epochs: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=64, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    optimizer: Literal["adam", "sgd"] = "adam"
+    batch_size: int = Field(default=64, ge=0)
+    lr: float = Field(default=1e-3, ge=0)
+    optimizer: Literal["auto", "adam", "sgd"] = "adam"
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     proximal_mu: float = Field(default=0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = Field(default=512, ge=1)
+
+    def for_site(self, *, n_train: int, model: str, private: bool) -> TrainConfig:
+        """This config with the recipe's optimizer, batch size and learning rate where it
+        leaves them to the recipe, for a site with ``n_train`` training patients training
+        ``model``, privately or not."""
+        update: dict[str, float | int | str] = {}
+        optimizer: str = self.optimizer
+        if optimizer == "auto":
+            optimizer = update["optimizer"] = recipe.optimizer_for(private=private)
+        if self.batch_size == recipe.AUTO:
+            update["batch_size"] = recipe.batch_size_for(n_train, private=private)
+        if self.lr == recipe.AUTO:
+            update["lr"] = recipe.learning_rate_for(optimizer, model)
+        return self.model_copy(update=update) if update else self
+
+    @property
+    def resolved(self) -> bool:
+        """Whether optimizer, batch size and learning rate are set (no recipe value left)."""
+        return (
+            self.optimizer != "auto" and self.batch_size != recipe.AUTO and self.lr != recipe.AUTO
+        )
 
 
 @dataclass(frozen=True)
@@ -97,6 +124,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def make_optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if not cfg.resolved:
+        raise ConfigError(
+            "the training config still leaves its batch size or learning rate to the recipe; "
+            "call TrainConfig.for_site(n_train=..., model=..., private=...) first"
+        )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -115,12 +147,17 @@ def fit(
     epochs: int,
     device: torch.device,
     hooks: Sequence[StepHook] = (),
+    clip_norm: float | None = None,
 ) -> TrainStats:
     """Train ``epochs`` passes over ``loader``; returns steps taken and the mean loss.
 
     ``criterion`` may be Opacus's ghost-clipping loss wrapper: ``loss.backward()`` then runs
     both backward passes. Empty Poisson batches are still stepped (the optimizer adds noise
     only), as the privacy analysis assumes.
+
+    ``clip_norm`` clips each step's (batch) gradient to that L2 norm: what keeps the recipe's
+    large learning rate stable *without* DP (DP-SGD clips every patient's gradient already,
+    so a private run passes ``None``).
     """
     model.train()
     lr = optimizer.param_groups[0]["lr"]
@@ -134,6 +171,8 @@ def fit(
             loss = criterion(logits, y)
             loss.backward()
             _finite_per_sample_grads(model)
+            if clip_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             optimizer.step()
             for hook in hooks:
                 hook.after_step(_unwrap(model), lr=lr)

@@ -16,9 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.errors import ConfigError
 
-__all__ = ["FederationConfig", "STRATEGIES", "RUN_CONFIG_DEFAULTS"]
+__all__ = ["FederationConfig", "STRATEGIES", "PERSONALIZATIONS", "RUN_CONFIG_DEFAULTS"]
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+#: How sites may keep a personal model beside the global one (``client/personal/``).
+PERSONALIZATIONS = ("none", "finetune", "fedper", "ditto")
 
 
 class FederationConfig(BaseModel):
@@ -36,6 +38,11 @@ class FederationConfig(BaseModel):
     more charge to its ledger, planned into the run's ε.
     ``run_signature`` is the centre's signature of the rest (``common/run_signing.py``): a
     deployed site trains only for a run its pinned run-signing key signed.
+    The training defaults are the recipe (``client/recipe.py``, with the evidence behind each
+    choice): 10 rounds of 1 local epoch; ``optimizer`` ``auto`` is momentum SGD in a private
+    run and Adam otherwise, ``batch_size`` 0 lets each private site take about a quarter of
+    its training patients per step (64 without DP), ``learning_rate`` 0 is the recipe's rate
+    for the optimizer and model. Any other value is used as given.
     ``seed`` seeds what the server draws (the initial model); it decides nothing at a site:
     a site's split is fixed by its ``site.toml`` and its DP noise comes from its own entropy.
     """
@@ -43,11 +50,11 @@ class FederationConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     task: str = "multimodal_outcome"
-    num_server_rounds: int = Field(default=3, ge=1)
-    local_epochs: int = Field(default=2, ge=1)
-    batch_size: int = Field(default=64, ge=1)
-    learning_rate: float = Field(default=3e-3, gt=0)
-    optimizer: Literal["adam", "sgd"] = "adam"
+    num_server_rounds: int = Field(default=10, ge=1)
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=0, ge=0)
+    learning_rate: float = Field(default=0.0, ge=0)
+    optimizer: Literal["auto", "adam", "sgd"] = "auto"
     model: str = ""
     strategy: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
     proximal_mu: float = Field(default=0.0, ge=0)
@@ -80,6 +87,11 @@ class FederationConfig(BaseModel):
     connect_timeout: float = Field(default=120.0, gt=0)
     site_epsilon_budget: float = Field(default=10.0, gt=0)
     site_min_count: int = Field(default=10, ge=1)
+    # Personalization (client/personal/): each site's own model beside the global one. Part
+    # of the signed run config; every site plans its cost into the run's target ε.
+    personalization: Literal[PERSONALIZATIONS] = "none"  # type: ignore[valid-type]
+    personal_epochs: int = Field(default=1, ge=1)
+    ditto_lambda: float = Field(default=1.0, gt=0)
 
     @field_validator("target_epsilon", mode="before")
     @classmethod

@@ -70,6 +70,9 @@ __all__ = [
     "bin_offset_key",
     "RELEASE_METRICS",
     "is_release_metric",
+    "PERSONAL_PREFIX",
+    "M_PERSONAL_OWN",
+    "is_personal_metric",
     "ALLOWED_REPLY_METRICS",
     "is_allowed_metric",
 ]
@@ -160,6 +163,9 @@ METRIC_PREFIXES = ("val.", "test.")
 # release under the evaluation's charge, as ``personal.<split>.<metric>``. They are that
 # site's alone: the server reports them per site and never adds them into global metrics.
 PERSONAL_PREFIX = "personal."
+# 1 where a site reports its own personalized model, 0 where its validation split found the
+# global model at least as good and the site kept that (client.local.keep_better_on_validation).
+M_PERSONAL_OWN = "personal.own"
 #: The evaluation splits, ``METRIC_PREFIXES`` without the dot.
 EVAL_SPLITS = tuple(p.rstrip(".") for p in METRIC_PREFIXES)
 # ``threshold``: the decision threshold ``accuracy`` and ``balanced_accuracy`` used, chosen on
@@ -206,12 +212,19 @@ ALLOWED_REPLY_METRICS = frozenset(
     {M_NUM_EXAMPLES, M_TRAIN_LOSS, M_STEPS}
     | {f"{p}{m}" for p in METRIC_PREFIXES for m in TASK_METRICS}
     | RELEASE_METRICS
+    | {f"{PERSONAL_PREFIX}{p}{m}" for p in METRIC_PREFIXES for m in TASK_METRICS}
+    | {M_PERSONAL_OWN}
 )
 
 
 def is_release_metric(name: str) -> bool:
     """Whether ``name`` is one of an evaluation release's sums (not a derived metric)."""
     return name in RELEASE_METRICS
+
+
+def is_personal_metric(name: str) -> bool:
+    """Whether ``name`` is a metric of a site's personalized model (``personal.test.auroc``)."""
+    return name.startswith(PERSONAL_PREFIX)
 
 
 def is_allowed_metric(name: str) -> bool:

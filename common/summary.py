@@ -1,13 +1,13 @@
 """``summary.json``: the versioned, validated record of one federated run.
 
-Field by field (version 2; the full reference with an example is ``docs/summary-schema.md``)::
+Field by field (version 3; the full reference with an example is ``docs/summary-schema.md``)::
 
-    schema_version, run_id, fedcare_version, flwr_version, task, strategy,
+    schema_version, run_id, fedcare_version, flwr_version, task, strategy, personalization,
     rounds_planned, rounds_completed,
     sites: [{site_id, n_train, n_test, status, reason, rounds_participated,
              privacy: {enabled, epsilon, run_epsilon, delta, accountant, noise, evaluation,
                        mechanisms: [{noise_multiplier, sample_rate, steps}]},
-             metrics: {name: value}}],
+             metrics: {name: value}, personal_metrics: {name: value}}],
     global: {rounds: [{round, metrics}], final: {name: value}},
     baselines: {local_only: {site_id: {name: value}}, pooled: {name: value}},
     events: [{round, site_id, kind, detail}]
@@ -79,10 +79,12 @@ __all__ = [
 ]
 
 #: The version of the schema this module writes (and reads).
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 #: Older versions :func:`load_summary` still reads: version 1 lacks ``privacy.run_epsilon``,
-#: ``privacy.noise`` and ``privacy.evaluation``, which read as null (not recorded).
-OLDER_READABLE_VERSIONS: Final = (1,)
+#: ``privacy.noise`` and ``privacy.evaluation``, which read as null (not recorded); versions
+#: 1 and 2 lack ``personalization`` and ``sites[].personal_metrics`` (read as ``none`` and
+#: ``{}``: no personal models then).
+OLDER_READABLE_VERSIONS: Final = (1, 2)
 
 SiteStatus = Literal["completed", "refused", "failed", "diverged", "dropped", "rejected"]
 #: ``completed``: the site's last round went through. ``refused``: the site declined
@@ -200,6 +202,9 @@ class SiteResult(_Strict):
     """The site's differential privacy."""
     metrics: Metrics = Field(default_factory=dict)
     """The site's last evaluation of the global model on its own splits."""
+    personal_metrics: Metrics = Field(default_factory=dict)
+    """The site's last evaluation of its personalized model (the run's ``personalization``)
+    on the same splits; empty without one. The site's alone: never part of ``global``."""
 
     @model_validator(mode="after")
     def _consistent(self) -> SiteResult:
@@ -263,7 +268,7 @@ class Event(_Strict):
 class RunSummary(_Strict):
     """The whole ``summary.json`` of one run (schema :data:`SCHEMA_VERSION`)."""
 
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     """Version of this schema; a reader refuses a version it does not know."""
     run_id: str = Field(min_length=1)
     """The run's id."""
@@ -275,6 +280,8 @@ class RunSummary(_Strict):
     """The task trained (``models.tasks``)."""
     strategy: str = Field(min_length=1)
     """The aggregation strategy (``fedavg``, ``fedprox``, ...)."""
+    personalization: str = Field(default="none", min_length=1)
+    """How sites kept personal models (``none``, ``finetune``, ``fedper``, ``ditto``)."""
     rounds_planned: int = Field(ge=1)
     """Rounds the run was configured for."""
     rounds_completed: int = Field(ge=0)
@@ -358,7 +365,8 @@ def load_summary(path: Path) -> RunSummary:
     -----
     A version-1 file (:data:`OLDER_READABLE_VERSIONS`) reads as the current version with
     ``privacy.run_epsilon``, ``privacy.noise`` and ``privacy.evaluation`` null: that fedcare
-    did not record them.
+    did not record them. A version-1 or 2 file reads with ``personalization`` ``none`` and
+    every ``personal_metrics`` empty (that fedcare kept no personal models).
     """
     path = Path(path)
     try:

@@ -1,9 +1,11 @@
 """``fedcare demo``: the main job on an embedded default, for a newcomer's first run.
 
 Four synthetic hospitals (the bundled ``demo`` scenario), each site's data checked, then a
-federated run of the multimodal task with DP-SGD at every site on Flower's simulation engine,
-ending with per-site and global metrics, ε per site (this run's and the dataset's lifetime
-total), and the local-only and pooled baselines. Every demo is a new run with its own run id.
+federated run of the EHR readmission task with DP-SGD at every site on Flower's simulation
+engine (the run-config defaults: the recipe of ``client/recipe.py``) and a DP fine-tune of
+the result at each site, ending with per-site and global metrics, each site's global,
+personalized and local-only model side by side, ε per site (this run's and the dataset's
+lifetime total), and the pooled non-private baseline. Every demo is a new run with its own run id.
 """
 
 from __future__ import annotations

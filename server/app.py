@@ -116,6 +116,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
             "task": cfg.task,
             "model": model_name,
             "strategy": cfg.strategy,
+            "personalization": cfg.personalization,
             "rounds_planned": cfg.num_server_rounds,
             "config": cfg.to_run_config(),
             "resumed_from": offset if offset else record.get("resumed_from"),

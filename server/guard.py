@@ -185,6 +185,7 @@ class GuardedStrategy(Strategy):
                     "mechanisms": [],
                 },
                 "metrics": {},
+                "personal_metrics": {},
             },
         )
 
@@ -425,9 +426,16 @@ class GuardedStrategy(Strategy):
                 and isinstance(v, (int, float))
                 and math.isfinite(float(v))
             }
+            # A site's personalized model (client/personal/) is its own: reported per site,
+            # never pooled into the global metrics.
+            personal = _personal_metrics(values)
+            values = {k: v for k, v in values.items() if not keys.is_personal_metric(k)}
             per_site[site_id] = values
             site = self._site(site_id)
             site["metrics"] = values
+            if personal:
+                site["personal_metrics"] = personal
+                entry.setdefault("personal", {})[site_id] = personal
             _record_evaluation_privacy(site["privacy"], info)
             if "test.n" in values:
                 site["n_test"] = int(values["test.n"])
@@ -538,6 +546,14 @@ def global_evaluate_metrics(
     out.update(pooled)
     return out
 
+
+def _personal_metrics(values: dict[str, float]) -> dict[str, float]:
+    """A site's personalized-model metrics, ``personal.test.auroc`` -> ``test.auroc``."""
+    return {
+        k.removeprefix(keys.PERSONAL_PREFIX): v
+        for k, v in values.items()
+        if keys.is_personal_metric(k)
+    }
 
 
 def _number(record: MetricRecord | ConfigRecord, key: str, kind: type[int] | type[float]) -> Any:

@@ -45,6 +45,7 @@ def build_summary(record: dict[str, Any], baselines: dict[str, Any] | None = Non
         "flwr_version": flwr.__version__,
         "task": record["task"],
         "strategy": record["strategy"],
+        "personalization": record.get("personalization", "none"),  # older records: none
         "rounds_planned": record["rounds_planned"],
         "rounds_completed": record["rounds_completed"],
         "sites": sites,

@@ -142,6 +142,7 @@ def pooled(
     train: TrainConfig,
     rounds: int,
     seed: int = 0,
+    max_grad_norm: float = 1.0,
 ) -> dict[str, float]:
     """One non-private model on every site's train split; metrics on the pooled splits.
 
@@ -162,6 +163,10 @@ def pooled(
         The federation's number of rounds (>= 1).
     seed:
         Split, initialisation and shuffling seed.
+    max_grad_norm:
+        Each step's gradient is clipped to this norm (the federation's ``max-grad-norm``):
+        the recipe's learning rate (:mod:`client.recipe`, applied as if one site held every
+        training patient) is tuned for clipped steps, and diverges without them.
 
     Returns
     -------
@@ -184,6 +189,8 @@ def pooled(
     _check_same_inputs(data)
     name = trainers[0].model_name(task, train.model)
     definition = task_definition(data[0].task, model=name)
+    # The recipe as one site holding every site's training patients would apply it.
+    train = train.for_site(n_train=sum(len(d.train) for d in data), model=name, private=False)
     device = resolve_device(train.device)
     model = build_model(
         name, input_dims=data[0].input_dims, generator=torch.Generator().manual_seed(seed)
@@ -201,6 +208,7 @@ def pooled(
         criterion=definition.kind.make_loss(),
         epochs=rounds * train.epochs,
         device=device,
+        clip_norm=max_grad_norm,
     )
     ys, ps = {}, {}
     for split in _EVAL_SPLITS:

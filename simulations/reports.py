@@ -599,7 +599,8 @@ def missing_reason(
 
     ``"undefined"``
         The split was reported (another metric of it, e.g. ``<split>.n``, is there) but this
-        metric is not defined on it: AUROC and AUPRC need patients of both classes.
+        metric is not defined on it: AUROC, AUPRC and balanced accuracy need patients of both
+        classes.
     ``"withheld"``
         The site answered an evaluation (``evaluated``, or it reported some other split) but
         released nothing of this split: small-count suppression withholds a split whose
@@ -722,7 +723,7 @@ def missing_metric_notes(missing: Iterable[MissingMetric], *, min_count: int | N
     if undefined:
         notes.append(
             f"undefined at {_places(undefined)}: the split's patients are all of one class, "
-            "and AUROC and AUPRC need both"
+            "and AUROC, AUPRC and balanced accuracy need both"
         )
     for site in dict.fromkeys(m.site for m in items if m.reason == "not evaluated"):
         details = [m.detail for m in items if m.site == site and m.reason == "not evaluated"]

@@ -398,7 +398,12 @@ def _run_locked(
             policy=simulated_site_policy(cfg),  # the policy the ClientApp's sites enforce
         )
         baselines["pooled"] = pooled(
-            sites, task=cfg.task, train=train, rounds=cfg.num_server_rounds, seed=cfg.seed
+            sites,
+            task=cfg.task,
+            train=train,
+            rounds=cfg.num_server_rounds,
+            seed=cfg.seed,
+            max_grad_norm=cfg.max_grad_norm,
         )
     summary = build_summary(record, baselines)
     write_summary(summary, run_dir / SUMMARY_NAME)

@@ -16,14 +16,38 @@ from rich.table import Table
 from common import keys, stopping
 from common.errors import ConfigError
 from common.spec import SPEC_FILENAME, format_validation_error, load_site_spec
-from common.summary import Privacy, RunSummary
-from simulations.runner import RunOutcome, recorded_run_id, run_experiment
+from common.summary import Privacy, RunSummary, SiteResult
+from simulations.reports import (
+    MissingMetric,
+    missing_cell,
+    missing_metric_notes,
+    missing_reason,
+)
+from simulations.runner import CONFIG_NAME, RunOutcome, recorded_run_id, run_experiment
 from simulations.scenario import Scenario, Sweep, load_scenario
 from simulations.synth.tasks import TASKS as SYNTH_TASKS
 
-__all__ = ["simulate", "run_with_progress", "results_table", "privacy_notes", "print_results"]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
-HEADLINE = ("test.auroc", "test.auprc", "test.brier")
+__all__ = [
+    "simulate",
+    "run_with_progress",
+    "results_table",
+    "privacy_notes",
+    "missing_notes",
+    "print_results",
+]
+
+#: The global model's metrics shown per site and for the federation: ranking, the balanced
+#: accuracy at the validation-chosen threshold, and calibration.
+HEADLINE = ("test.auroc", "test.balanced_accuracy", "test.auprc", "test.brier")
+#: The local-only baseline's metric shown beside each site's.
+LOCAL_HEADLINE = "test.auroc"
+#: The personalized model's metric shown beside the global model's and the local-only one.
+PERSONAL_HEADLINE = "test.auroc"
 
 
 def _fmt(value: Any) -> str:
@@ -47,7 +71,9 @@ def results_table(outcome: RunOutcome) -> Table:
     """Per-site and global metrics, ε per site (this run's and lifetime), and the baselines.
 
     A site whose noise was reproducible or whose evaluation was exact is marked with ``*``
-    in the status column; :func:`privacy_notes` says what that means.
+    in the status column; :func:`privacy_notes` says what that means. With personal models
+    (the run's ``personalization``), each site's row shows its global model, its
+    personalized model and its local-only baseline side by side (test AUROC).
     """
     s = outcome.summary
     done = f"{s.rounds_completed}/{s.rounds_planned} rounds"
@@ -57,9 +83,11 @@ def results_table(outcome: RunOutcome) -> Table:
         title_justify="left",
     )
     columns = ("", "status", "n train", "run ε", "lifetime ε (δ)", *HEADLINE)
-    for col in (*columns, "local-only test.auroc"):
+    personal = _personal_column(s)
+    for col in (*columns, *personal, f"local-only {LOCAL_HEADLINE}"):
         table.add_column(col)
     local = s.baselines.local_only
+    min_count = _site_min_count(outcome.run_dir)
     for site in s.sites:
         flagged = site.site_id in _weakened(s)
         table.add_row(
@@ -67,17 +95,18 @@ def results_table(outcome: RunOutcome) -> Table:
             site.status + (" *" if flagged else ""),
             str(site.n_train),
             *_epsilons(site.privacy),
-            *(_fmt(site.metrics.get(m)) for m in HEADLINE),
-            _fmt(local.get(site.site_id, {}).get("test.auroc")),
+            *_site_cells(site, min_count=min_count),
+            *(_fmt(site.personal_metrics.get(PERSONAL_HEADLINE)) for _ in personal),
+            _local_only_cell(local.get(site.site_id), min_count=min_count),
         )
-    final = s.global_.final
     table.add_row(
         "[bold]federated (global)[/bold]",
         "",
         "",
         "",
         "",
-        *(_fmt(final.get(m)) for m in HEADLINE),
+        *(_global_cell(s, m, min_count=min_count) for m in HEADLINE),
+        *("" for _ in personal),
         "",
     )
     pooled = s.baselines.pooled
@@ -89,9 +118,17 @@ def results_table(outcome: RunOutcome) -> Table:
             "off",
             "off",
             *(_fmt(pooled.get(m)) for m in HEADLINE),
+            *("" for _ in personal),
             "",
         )
     return table
+
+
+def _personal_column(summary: RunSummary) -> tuple[str, ...]:
+    """The personalized model's column, when the run kept personal models."""
+    if summary.personalization == "none" and not any(s.personal_metrics for s in summary.sites):
+        return ()
+    return (f"personal ({summary.personalization}) {PERSONAL_HEADLINE}",)
 
 
 def _weakened(summary: RunSummary) -> set[str]:
@@ -124,11 +161,107 @@ def privacy_notes(summary: RunSummary) -> list[str]:
     return notes
 
 
+def _site_min_count(run_dir: Path) -> int | None:
+    """The simulated sites' minimum count (``site-min-count``) the run recorded, if readable.
+
+    Every simulated site enforces that one count (:func:`client.policy.simulated_site_policy`),
+    the local-only baseline too. ``None`` where the run directory holds no readable record.
+    """
+    try:
+        recorded = tomllib.loads((run_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    federation = recorded.get("federation")
+    value = federation.get("site-min-count") if isinstance(federation, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _evaluated(site: SiteResult) -> bool:
+    """Whether the site answered an evaluation: it reported metrics or its evaluation mode."""
+    return bool(site.metrics) or site.privacy.evaluation is not None
+
+
+def _not_evaluated_detail(summary: RunSummary, site: SiteResult) -> str:
+    """Why a site has no evaluation, in words: its status, else its last failed evaluation."""
+    if site.status != "completed" and site.reason:
+        return f"{site.status}: {site.reason}"
+    failed = [
+        e for e in summary.events if e.site_id == site.site_id and e.kind == "evaluate-failed"
+    ]
+    if failed:
+        return f"its evaluation failed in round {failed[-1].round}: {failed[-1].detail}"
+    return "it answered no evaluation request"
+
+
+def _missing(summary: RunSummary) -> list[MissingMetric]:
+    """Every site and split of the results table shown without values, with the reason."""
+    out = []
+    local = summary.baselines.local_only
+    for site in summary.sites:
+        for name in HEADLINE:
+            reason = missing_reason(site.metrics, name, evaluated=_evaluated(site))
+            if reason is not None:
+                detail = _not_evaluated_detail(summary, site) if reason == "not evaluated" else ""
+                out.append(
+                    MissingMetric(site.site_id, name.split(".", 1)[0], reason, False, detail)
+                )
+        baseline = local.get(site.site_id)
+        reason = (
+            None if baseline is None else missing_reason(baseline, LOCAL_HEADLINE, evaluated=True)
+        )
+        if reason is not None:
+            out.append(MissingMetric(site.site_id, LOCAL_HEADLINE.split(".", 1)[0], reason, True))
+    return out
+
+
+def _site_cells(site: SiteResult, *, min_count: int | None) -> list[str]:
+    """A site's :data:`HEADLINE` cells: a value, or why there is none."""
+    evaluated = _evaluated(site)
+    return [
+        _fmt(site.metrics[m])
+        if m in site.metrics
+        else missing_cell(missing_reason(site.metrics, m, evaluated=evaluated), min_count=min_count)
+        for m in HEADLINE
+    ]
+
+
+def _local_only_cell(metrics: dict[str, float] | None, *, min_count: int | None) -> str:
+    """The local-only baseline's cell: a value, why there is none, or ``-`` (not run)."""
+    if metrics is None:
+        return "-"
+    if LOCAL_HEADLINE in metrics:
+        return _fmt(metrics[LOCAL_HEADLINE])
+    reason = missing_reason(metrics, LOCAL_HEADLINE, evaluated=True)
+    return missing_cell(reason, min_count=min_count)
+
+
+def _global_cell(summary: RunSummary, name: str, *, min_count: int | None) -> str:
+    """The global row's cell: a value, or why there is none.
+
+    ``withheld``: no site released that split; ``not evaluated``: no site evaluated;
+    ``undefined``: the pooled split has no such metric (one class only).
+    """
+    final = summary.global_.final
+    if name in final:
+        return _fmt(final[name])
+    evaluated = any(_evaluated(s) for s in summary.sites)
+    return missing_cell(missing_reason(final, name, evaluated=evaluated), min_count=min_count)
+
+
+def missing_notes(outcome: RunOutcome) -> list[str]:
+    """Lines that say why some cells of :func:`results_table` have no value, and how to get
+    them (:func:`simulations.reports.missing_metric_notes`); empty when none is missing."""
+    min_count = _site_min_count(outcome.run_dir)
+    return missing_metric_notes(_missing(outcome.summary), min_count=min_count)
+
+
 def print_results(console: Console, outcome: RunOutcome) -> None:
-    """The results table, then the notes of :func:`privacy_notes`."""
+    """The results table, then the notes of :func:`privacy_notes` and :func:`missing_notes`."""
     console.print(results_table(outcome))
     for note in privacy_notes(outcome.summary):
         console.print(note, style="bold yellow", markup=False, soft_wrap=True)
+    for note in missing_notes(outcome):
+        console.print(note, markup=False, soft_wrap=True)
 
 
 def run_with_progress(

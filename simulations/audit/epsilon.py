@@ -14,8 +14,10 @@ which is never flagged (only the latest ``run-start`` of the run in that log cou
 
 A round is charged once per kind: a retried or replayed round (same dataset, run, round
 and kind) adds nothing; a private evaluation (an ``evaluate`` entry with a mechanism) is a
-charge of its own. A row is *flagged* when the site reported less than the recomputed ε by more
-than :data:`TOLERANCE`: both accountants return upper bounds on the true ε, and the PLD one
+charge of its own, and so is the DP fine-tune of a site's personal model (a
+``personalize`` entry), which also gets a row of its own (``kind`` ``personalize``). A row
+is *flagged* when the site reported less than the recomputed ε by more than
+:data:`TOLERANCE`: both accountants return upper bounds on the true ε, and the PLD one
 is at most its discretisation interval above it, so a sound report is never below
 ``recomputed - TOLERANCE`` (the band ``tests/client/test_accounting.py`` checks).
 
@@ -65,7 +67,9 @@ class Charge:
     reported_epsilon: float
     delta: float
     accountant: str
-    kind: str = "train"  # "evaluate": a private evaluation release (joins the history only)
+    # "evaluate": a private evaluation release (joins the history only); "personalize": the
+    # DP fine-tune of a site's personal model (a row of its own, like a training round).
+    kind: str = "train"
 
 
 def _mechanism(data: dict[str, Any]) -> Mechanism:
@@ -78,15 +82,17 @@ def _mechanism(data: dict[str, Any]) -> Mechanism:
 
 def site_log_charges(entries: Sequence[dict[str, Any]]) -> list[Charge]:
     """The charged releases of one site's log, in log order, each (dataset, run, round,
-    kind) once: DP-SGD rounds (``train``) and private evaluations (``evaluate`` entries that
-    carry a mechanism, one Gaussian release each)."""
+    kind) once: DP-SGD rounds (``train``), private evaluations (``evaluate`` entries that
+    carry a mechanism: ``steps`` Gaussian releases) and personal models' DP fine-tunes
+    (``personalize`` entries that carry a mechanism)."""
     out: list[Charge] = []
     seen: set[tuple[str, str, int, str]] = set()
     for e in entries:
         d = e["data"]
         if d.get("mechanism") is None:
             continue
-        if not (e["kind"] == "evaluate" or (e["kind"] == "train" and d.get("dp"))):
+        charged = e["kind"] in ("evaluate", "personalize")
+        if not (charged or (e["kind"] == "train" and d.get("dp"))):
             continue
         key = (str(d["dataset_fingerprint"]), str(e["run_id"]), int(d["round"]), e["kind"])
         if key in seen:
@@ -140,16 +146,17 @@ def server_log_charges(entries: Sequence[dict[str, Any]]) -> list[Charge]:
 def audit_charges(
     charges: Sequence[Charge], *, run_ids: set[str] | None = None
 ) -> list[EpsilonRow]:
-    """One row per charge of ``run_ids`` (all when ``None``): ε recomputed over the
-    dataset's history up to and including that charge, and compared with the report."""
+    """One row per training (or fine-tune) charge of ``run_ids`` (all when ``None``): ε
+    recomputed over the dataset's history up to and including that charge, and compared
+    with the report."""
     rows: list[EpsilonRow] = []
     history: dict[tuple[str, str], list[Mechanism]] = {}
-    done: set[tuple[str, str, int]] = set()
+    done: set[tuple[str, str, int, str]] = set()
     for c in charges:
         past = history.setdefault((c.site_id, c.dataset), [])
         past.append(c.mechanism)
-        key = (c.site_id, c.run_id, c.round)
-        if c.kind != "train":
+        key = (c.site_id, c.run_id, c.round, c.kind)
+        if c.kind not in ("train", "personalize"):
             continue  # an evaluation's charge counts in the history; rows are per round
         if (run_ids is not None and c.run_id not in run_ids) or key in done:
             continue
@@ -164,6 +171,7 @@ def audit_charges(
                 recomputed_epsilon=recomputed,
                 difference=recomputed - c.reported_epsilon,
                 flagged=c.reported_epsilon < recomputed - TOLERANCE,
+                kind="personalize" if c.kind == "personalize" else "train",
             )
         )
     return rows

@@ -8,6 +8,8 @@ Unknown keys are errors, so a file written by another version is refused, not mi
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
@@ -60,6 +62,7 @@ class EpsilonRow(_Frozen):
     recomputed_epsilon: float  # PLD accountant (Google dp-accounting) over the logged history
     difference: float  # recomputed - reported
     flagged: bool  # reported below recomputed beyond the accountants' tolerance
+    kind: Literal["train", "personalize"] = "train"  # after a round, or a personal fine-tune
 
 
 class EpsilonAudit(_Frozen):

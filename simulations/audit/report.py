@@ -560,7 +560,7 @@ def _epsilon_html(
         rows = [
             (
                 r.site_id,
-                r.round,
+                r.round if r.kind == "train" else f"{r.round} ({r.kind})",
                 _fmt_g(r.delta),
                 fmt_num(r.reported_epsilon),
                 fmt_num(r.recomputed_epsilon),

@@ -531,11 +531,12 @@ def _check_session(
         if e.kind == "train":
             sent[int(rnd)].add(str(d.get("sent_sha256")))
             problems.extend(_check_train(session, w, e, where))
-        elif e.kind == "evaluate":
+        elif e.kind in ("evaluate", "personalize"):  # personalize: a fine-tune of it
             models = session.initial if int(rnd) == 0 else session.aggregated[int(rnd)]
             if d.get("received_sha256") not in models:
+                what = "evaluated" if e.kind == "evaluate" else "fine-tuned"
                 problems.append(
-                    f"{where}: evaluated a model (round {rnd}) that is not the global model the "
+                    f"{where}: {what} a model (round {rnd}) that is not the global model the "
                     "server's log records for that round"
                 )
         elif e.kind == "refused":

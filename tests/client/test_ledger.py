@@ -171,7 +171,7 @@ def test_history_survives_reopening_and_disjoint_cohorts_are_separate(
 def test_file_uses_wal_and_a_schema_version(ledger: PrivacyLedger) -> None:
     with sqlite3.connect(ledger.path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 # ---------------------------------------------------------------------- cohort keys
@@ -683,7 +683,7 @@ def test_v1_ledger_is_migrated_keeping_every_charge(ledger_path: Path) -> None:
     v1_rows = build_v1_ledger(ledger_path, seq=10)
     ledger = PrivacyLedger(ledger_path, create=False)
     with sqlite3.connect(ledger_path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         migrated = conn.execute(f"SELECT {V1_CHARGE_COLUMNS}, kind FROM charges ORDER BY id")
         assert [r[:-1] for r in migrated] == v1_rows  # every row, every column, same ids
         kinds = {r[0] for r in conn.execute("SELECT kind FROM charges")}
@@ -735,6 +735,94 @@ def test_failed_migration_leaves_the_v1_file_as_it_was(ledger_path: Path) -> Non
             r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")
         }
         assert {"charges_no_delete", "charges_immutable"} <= triggers
+
+
+# ---------------------------------------------------------------- v2 -> v3 migration
+
+
+def build_v2_ledger(path: Path) -> list[tuple[Any, ...]]:
+    """A v2 ledger (v3's schema without the 'personalize' kind) holding one train and one
+    evaluate charge of a registered cohort; returns its charge rows."""
+    from client import ledger as ledger_module
+
+    v3 = "'train', 'evaluate', 'personalize'"
+    v2_schema = [st.replace(v3, "'train', 'evaluate'") for st in ledger_module._SCHEMA]
+    assert sum(v3 in st for st in ledger_module._SCHEMA) == 1  # the only difference
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in v2_schema:
+            conn.execute(statement)
+        conn.execute("INSERT INTO meta (name, value) VALUES ('salt', ?)", (b"s" * 32,))
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute(
+            "INSERT INTO datasets VALUES (?, ?, 'prv', 10.0, '2029-01-01T00:00:00+00:00')",
+            (V1_FP_A, DELTA),
+        )
+        conn.execute("INSERT INTO members VALUES (?, ?)", (V1_FP_A, "ab" * 32))
+        history: list[Mechanism] = []
+        for rnd, kind, m in ((1, "train", M(1.0, 0.02, 50)), (1, "evaluate", M(5.0, 1.0, 1))):
+            before = epsilon(history, delta=DELTA)
+            history.append(m)
+            conn.execute(
+                "INSERT INTO charges (fingerprint, run_id, round, kind, noise_multiplier, "
+                "sample_rate, steps, delta, accountant, budget_epsilon, epsilon_before, "
+                "epsilon_after, status, created_at) "
+                "VALUES (?, 'run-1', ?, ?, ?, ?, ?, ?, 'prv', 10.0, ?, ?, 'completed', ?)",
+                (
+                    V1_FP_A, rnd, kind, m.noise_multiplier, m.sample_rate, m.steps, DELTA,
+                    before, epsilon(history, delta=DELTA), "2029-01-03T00:00:00+00:00",
+                ),
+            )  # fmt: skip
+        conn.execute("UPDATE sqlite_sequence SET seq = 7 WHERE name = 'charges'")
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):  # v2 refuses the new kind
+            conn.execute(
+                "INSERT INTO charges (fingerprint, run_id, round, kind, noise_multiplier, "
+                "sample_rate, steps, delta, accountant, budget_epsilon, epsilon_before, "
+                "epsilon_after, status, created_at) VALUES (?, 'r', 9, 'personalize', 1.0, "
+                "0.1, 1, ?, 'prv', 10.0, 0, 1, 'charged', 'x')",
+                (V1_FP_A, DELTA),
+            )
+        conn.execute("COMMIT")
+        return conn.execute("SELECT * FROM charges ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def test_v2_ledger_is_migrated_to_v3_keeping_every_charge_and_admits_personalize(
+    ledger_path: Path,
+) -> None:
+    v2_rows = build_v2_ledger(ledger_path)
+    ledger = PrivacyLedger(ledger_path, create=False)
+    with sqlite3.connect(ledger_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("SELECT * FROM charges ORDER BY id").fetchall() == v2_rows
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "charges_v2" not in tables
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("DELETE FROM charges WHERE id = 1")
+        with pytest.raises(sqlite3.IntegrityError, match="rewritten"):
+            conn.execute("UPDATE charges SET steps = 1")
+    assert stored_salt(ledger_path) == b"s" * 32  # the salt (and so every cohort key) kept
+    history = [M(1.0, 0.02, 50), M(5.0, 1.0, 1)]
+    assert ledger.history(V1_FP_A) == history
+    # The new kind is a charge like any other: composed, keyed, counted.
+    fine_tune = M(1.0, 0.02, 25)
+    p = charge(ledger, fine_tune, fingerprint=V1_FP_A, run_id="run-1", round=1, kind="personalize")
+    assert p.charge_id == 8  # ids continue after v2's sequence
+    assert p.epsilon_before == pytest.approx(epsilon(history, delta=DELTA))
+    assert_matches_pld([*history, fine_tune], ledger.spent(V1_FP_A, delta=DELTA))
+    assert ledger.has_charge(V1_FP_A, "run-1", 1, kind="personalize") == p
+    assert ledger.count_charges("personalize") == 1
+    ledger.mark_completed(p.charge_id)
+    with pytest.raises(PolicyViolation, match="fine-tuning it again"):
+        charge(ledger, fine_tune, fingerprint=V1_FP_A, run_id="run-1", round=1, kind="personalize")
+    with pytest.raises(ConfigError, match="personalize"):
+        charge(ledger, fine_tune, fingerprint=V1_FP_A, kind="fine-tune")
+    # Reopening changes nothing.
+    assert PrivacyLedger(ledger_path).charges(V1_FP_A)[-1].kind == "personalize"
 
 
 # ------------------------------------------------------------------ crash safety

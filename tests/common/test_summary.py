@@ -31,12 +31,13 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "summary-schema.md"
 
 # A hand-written reference summary: one site completed with DP, one refused its budget.
 VALID: dict[str, Any] = {
-    "schema_version": 2,
+    "schema_version": 3,
     "run_id": "run-7",
     "fedcare_version": "0.1.0",
     "flwr_version": "1.42.0",
     "task": "readmission",
     "strategy": "fedavg",
+    "personalization": "fedper",
     "rounds_planned": 3,
     "rounds_completed": 2,
     "sites": [
@@ -61,6 +62,7 @@ VALID: dict[str, Any] = {
                 ],
             },
             "metrics": {"test.auroc": 0.75, "test.n": 30.0},
+            "personal_metrics": {"test.auroc": 0.8, "test.n": 30.0},
         },
         {
             "site_id": "site-b",
@@ -80,6 +82,7 @@ VALID: dict[str, Any] = {
                 "mechanisms": [],
             },
             "metrics": {},
+            "personal_metrics": {},
         },
     ],
     "global": {
@@ -129,11 +132,12 @@ def test_the_fields_are_exactly_those_of_the_schema() -> None:
     dumped = RunSummary.model_validate(VALID).model_dump()
     assert set(dumped) == {
         "schema_version", "run_id", "fedcare_version", "flwr_version", "task", "strategy",
-        "rounds_planned", "rounds_completed", "sites", "global", "baselines", "events",
+        "personalization", "rounds_planned", "rounds_completed", "sites", "global",
+        "baselines", "events",
     }  # fmt: skip
     assert set(dumped["sites"][0]) == {
         "site_id", "n_train", "n_test", "status", "reason", "rounds_participated",
-        "privacy", "metrics",
+        "privacy", "metrics", "personal_metrics",
     }  # fmt: skip
     assert set(dumped["sites"][0]["privacy"]) == {
         "enabled", "epsilon", "run_epsilon", "delta", "accountant", "noise", "evaluation",
@@ -281,18 +285,20 @@ def test_inconsistent_content_is_rejected(tmp_path: Path, mutate: Any, needle: s
 
 
 def test_the_current_version_loads_and_a_missing_one_means_it(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 2
-    assert load_summary(dump(tmp_path, VALID)).schema_version == 2
+    assert SCHEMA_VERSION == 3
+    assert load_summary(dump(tmp_path, VALID)).schema_version == 3
     data = copy.deepcopy(VALID)
     del data["schema_version"]
     assert load_summary(dump(tmp_path, data)).schema_version == SCHEMA_VERSION
 
 
 def test_a_version_1_file_reads_with_the_new_privacy_fields_unknown(tmp_path: Path) -> None:
-    assert OLDER_READABLE_VERSIONS == (1,)
+    assert OLDER_READABLE_VERSIONS == (1, 2)
     data = copy.deepcopy(VALID)
     data["schema_version"] = 1
+    del data["personalization"]
     for site in data["sites"]:
+        del site["personal_metrics"]
         for name in ("run_epsilon", "noise", "evaluation"):
             del site["privacy"][name]
     summary = load_summary(dump(tmp_path, data))
@@ -316,7 +322,19 @@ def test_a_site_without_dp_may_still_say_how_it_evaluated(tmp_path: Path) -> Non
     assert load_summary(dump(tmp_path, data)).sites[0].privacy.evaluation == "exact"
 
 
-@pytest.mark.parametrize("version", [3, 0, "1", True])
+def test_a_version_2_file_reads_without_personal_models(tmp_path: Path) -> None:
+    data = copy.deepcopy(VALID)
+    data["schema_version"] = 2
+    del data["personalization"]
+    for site in data["sites"]:
+        del site["personal_metrics"]
+    summary = load_summary(dump(tmp_path, data))
+    assert summary.schema_version == SCHEMA_VERSION
+    assert summary.personalization == "none"
+    assert all(site.personal_metrics == {} for site in summary.sites)
+
+
+@pytest.mark.parametrize("version", [4, 0, "1", True])
 def test_another_schema_version_is_refused_with_the_fix(tmp_path: Path, version: Any) -> None:
     path = dump(tmp_path, changed(schema_version=version))
     with pytest.raises(ConfigError) as err:

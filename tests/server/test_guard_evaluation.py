@@ -201,3 +201,25 @@ def test_a_private_evaluations_epsilon_is_the_sites_latest(tmp_path: Path) -> No
     lower = {**dp_info, keys.S_EPSILON: 3.0, keys.S_RUN_EPSILON: float("nan")}
     guard.aggregate_evaluate(2, [_reply("site-a", values, lower)])
     assert (privacy["epsilon"], privacy["run_epsilon"]) == (7.9, 4.0)
+
+
+def test_personal_metrics_are_reported_per_site_and_never_pooled(tmp_path: Path) -> None:
+    """A site's personalized model (client/personal/) is its own: its metrics go to that
+    site's record (and the summary's ``personal_metrics``), never into the global ones."""
+    (ya, pa), (yb, pb) = _data(0, 40), _data(1, 90)
+    a = release(ya, pa, noise_multiplier=0.0, generator=None, min_count=10)
+    b = release(yb, pb, noise_multiplier=0.0, generator=None, min_count=10)
+    personal = {f"{keys.PERSONAL_PREFIX}test.auroc": 0.99, f"{keys.PERSONAL_PREFIX}test.n": 40.0}
+    guard = _guard(tmp_path)
+    out = guard.aggregate_evaluate(1, [_reply("site-a", {**a, **personal}), _reply("site-b", b)])
+    plain = _guard(tmp_path).aggregate_evaluate(1, [_reply("site-a", a), _reply("site-b", b)])
+    assert out is not None and plain is not None
+    assert dict(out) == dict(plain)  # the global metrics do not move
+    assert not any(keys.is_personal_metric(k) for k in out)
+    sites = guard.record["sites"]
+    assert sites["site-a"]["personal_metrics"] == {"test.auroc": 0.99, "test.n": 40.0}
+    assert sites["site-b"]["personal_metrics"] == {}
+    assert not any(keys.is_personal_metric(k) for k in sites["site-a"]["metrics"])
+    (entry,) = guard.record["rounds"]
+    assert entry["personal"] == {"site-a": {"test.auroc": 0.99, "test.n": 40.0}}
+    assert not any(keys.is_personal_metric(k) for k in entry["sites"]["site-a"])

@@ -225,3 +225,34 @@ def test_the_demo_shows_both_epsilons_and_the_notes(
     out = capsys.readouterr().out
     assert "run demo-1" in out and "run ε" in out and "lifetime ε (δ)" in out
     assert "noise = reproducible at site-a" in out and "evaluation = exact at site-a" in out
+
+
+def test_with_personal_models_each_site_shows_global_personal_and_local_only_side_by_side(
+    tmp_path: Path,
+) -> None:
+    from rich.console import Console
+
+    plain = _summary("r-plain")
+    personal = plain.model_copy(
+        update={
+            "personalization": "ditto",
+            "sites": (
+                plain.sites[0].model_copy(update={"personal_metrics": {"test.auroc": 0.81}}),
+                plain.sites[1],
+            ),
+            "baselines": plain.baselines.model_copy(
+                update={"local_only": {"site-a": {"test.auroc": 0.64}}}
+            ),
+        }
+    )
+
+    def render(summary: RunSummary) -> str:
+        console = Console(width=300, record=True)
+        console.print(simulate_cli.results_table(RunOutcome(tmp_path, summary)))
+        return console.export_text()
+
+    assert "personal" not in render(plain)
+    text = render(personal)
+    assert "personal (ditto) test.auroc" in text and "local-only test.auroc" in text
+    row = next(line for line in text.splitlines() if "site-a" in line)
+    assert row.index("0.700") < row.index("0.810") < row.index("0.640")  # global, personal, local

@@ -136,10 +136,16 @@ class RunArtifacts:
             A DP run whose summary lists no mechanism for the site (it never trained).
         """
         train, _ = settings_from_run(self.config)
+        site = self.site_result(site_id)
+        # The recipe's values (client/recipe.py), as the site filled them in for its patients.
+        train = train.for_site(
+            n_train=0 if site is None else site.n_train,
+            model=self.model_name,
+            private=self.config.dp,
+        )
         rounds = self.summary.rounds_completed or self.config.num_server_rounds
         if not self.config.dp:
             return SiteMechanism(train=train, rounds=rounds, plans=None, model_name=self.model_name)
-        site = self.site_result(site_id)
         mechanisms = () if site is None else site.privacy.mechanisms
         if not mechanisms:
             raise ConfigError(
