@@ -12,11 +12,22 @@
 (:data:`GLOBAL_SITE`) for the federation's patient-weighted aggregate, or a baseline:
 ``baseline:pooled`` (:data:`POOLED_SITE`) and ``baseline:local-only:<site id>``
 (:func:`local_only_site`), whose rows carry the run's last planned round, since a baseline
-trains for the whole run's budget (``:`` never occurs in a site id); ``split`` is one of
+trains for the whole run's budget (``:`` never occurs in a site id), or a site's
+personalized model, ``personal:<site id>`` (:func:`personal_site`, :func:`personal_rows`),
+evaluated on that site's splits after each round it reported one; ``split`` is one of
 :data:`SPLITS`; ``metric`` a bare metric name (``auroc``, not ``test.auroc``); ``value`` a
 float (an empty cell reads back as NaN). Rows are written sorted by round, site, split,
 metric. A site's ``train`` rows include ``epsilon`` (its dataset's lifetime ε after the
-round) and ``run-epsilon`` (what this run added so far).
+round) and ``run-epsilon`` (what this run added so far). A personalized model's ``val`` rows
+include ``own`` (:data:`OWN_METRIC`): 1 where the site kept its own model, 0 where its
+validation split found the global model at least as good and the site kept that (its
+metrics then repeat the global model's). So the ``site`` column always names the model,
+``split`` the data, as for the baselines::
+
+    2,site-0,test,auroc,0.70
+    2,personal:site-0,test,auroc,0.74
+    2,personal:site-0,val,own,1.0
+    2,baseline:local-only:site-0,test,auroc,0.64
 
 Where a results table has no value for a site's metric, :func:`missing_reason` says why
 (``withheld`` by small-count suppression, ``undefined`` on that split, or ``not evaluated``)
@@ -41,6 +52,7 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, NullLocator
 
 from common import keys
@@ -54,6 +66,10 @@ __all__ = [
     "POOLED_SITE",
     "local_only_site",
     "baseline_rows",
+    "PERSONAL_SITE_PREFIX",
+    "OWN_METRIC",
+    "personal_site",
+    "personal_rows",
     "Split",
     "MetricRow",
     "SweepPoint",
@@ -61,6 +77,8 @@ __all__ = [
     "read_metrics_csv",
     "plot_metric_per_round",
     "plot_privacy_utility",
+    "plot_site_models",
+    "SITE_MODELS_METRIC",
     "write_run_plots",
     "run_plot_specs",
     "MissingReason",
@@ -82,6 +100,14 @@ BASELINE_PREFIX = "baseline:"
 #: The ``site`` of the pooled, non-private baseline's rows.
 POOLED_SITE = f"{BASELINE_PREFIX}pooled"
 _LOCAL_ONLY = f"{BASELINE_PREFIX}local-only:"
+#: The start of every personalized model's ``site``: ``personal:<site id>``.
+PERSONAL_SITE_PREFIX = "personal:"
+#: The personalized model's metric (``val`` split) saying whether the site kept it: 1, or 0
+#: where its validation split kept the global model (``common.keys.M_PERSONAL_OWN``).
+OWN_METRIC = keys.M_PERSONAL_OWN.removeprefix(keys.PERSONAL_PREFIX)
+_OWN_SPLIT: Split = "val"
+#: The metric :func:`write_run_plots` draws per site under every model a site could use.
+SITE_MODELS_METRIC = "auroc"
 #: Metrics of the ``train`` split that :func:`write_run_plots` draws when present.
 TRAIN_PLOTTED = (keys.M_TRAIN_LOSS, keys.S_EPSILON, keys.S_RUN_EPSILON)
 #: Label of an ε = inf sweep point.
@@ -176,6 +202,53 @@ def baseline_rows(
         for name, value in sorted(metrics.items()):
             split, _, metric = name.partition(".")
             if split in SPLITS and metric and math.isfinite(float(value)):
+                rows.append(MetricRow(round, site, cast(Split, split), metric, float(value)))
+    return rows
+
+
+def personal_site(site_id: str) -> str:
+    """The ``site`` of the rows of ``site_id``'s personalized model.
+
+    >>> personal_site("site-0")
+    'personal:site-0'
+    """
+    return f"{PERSONAL_SITE_PREFIX}{site_id}"
+
+
+def personal_rows(personal: Mapping[str, Mapping[str, float]], *, round: int) -> list[MetricRow]:
+    """The rows of the sites' personalized models after ``round``.
+
+    Parameters
+    ----------
+    personal:
+        Site id -> its personalized model's metrics as the server records them
+        (``entry["personal"]``: ``<split>.<metric>`` names, and :data:`OWN_METRIC`).
+    round:
+        The round after which the sites evaluated them.
+
+    Returns
+    -------
+    list[MetricRow]
+        Site :func:`personal_site`; one row per finite value whose split is one of
+        :data:`SPLITS`, and :data:`OWN_METRIC` under ``val``, the split that chose.
+
+    Examples
+    --------
+    >>> for row in personal_rows({"a": {"test.auroc": 0.7, "own": 0.0}}, round=2):
+    ...     print(row.site, row.split, row.metric, row.value)
+    personal:a val own 0.0
+    personal:a test auroc 0.7
+    """
+    rows = []
+    for site_id, metrics in sorted(personal.items()):
+        site = personal_site(site_id)
+        for name, value in sorted(metrics.items()):
+            if not math.isfinite(float(value)):
+                continue
+            split, _, metric = name.partition(".")
+            if name == OWN_METRIC:
+                rows.append(MetricRow(round, site, _OWN_SPLIT, OWN_METRIC, float(value)))
+            elif split in SPLITS and metric:
                 rows.append(MetricRow(round, site, cast(Split, split), metric, float(value)))
     return rows
 
@@ -324,6 +397,8 @@ def plot_metric_per_round(
 
     Baseline rows, when present, are references rather than series: the pooled model is a
     dashed horizontal line, the local-only models one set of ``x`` markers at their round.
+    Personalized models' rows (:func:`personal_site`) are left out: :func:`plot_site_models`
+    draws them beside each site's global model.
 
     Parameters
     ----------
@@ -348,6 +423,7 @@ def plot_metric_per_round(
         ``frame`` lacks a column, or has no row for this split and metric.
     """
     _check_frame(frame)
+    frame = _without_personal(frame)
     rows = frame[(frame["metric"] == metric) & (frame["split"] == split)]
     if rows.empty:
         present = sorted(
@@ -382,6 +458,15 @@ def plot_metric_per_round(
     ax.legend(fontsize="small")
     _save(fig, Path(path))
     return fig
+
+
+def _is_personal(frame: pd.DataFrame) -> pd.Series:
+    return frame["site"].str.startswith(PERSONAL_SITE_PREFIX)
+
+
+def _without_personal(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` without the personalized models' rows: the federation's and the baselines'."""
+    return frame[~_is_personal(frame)]
 
 
 def _plot_series(ax: Axes, rows: pd.DataFrame, *, label: str, **style: Any) -> None:
@@ -536,15 +621,139 @@ def plot_privacy_utility(
     return fig
 
 
+def plot_site_models(
+    frame: pd.DataFrame, path: Path, *, metric: str = SITE_MODELS_METRIC, split: Split = "test"
+) -> Figure:
+    """Draw each site's ``split``/``metric`` under every model it could use, as grouped bars.
+
+    Per site, the value of its last evaluation of: the global model (the site's own rows);
+    its personalized model (:func:`personal_site` rows), hatched where :data:`OWN_METRIC` is
+    0 — its validation split kept the global model, whose value the bar then repeats; and its
+    local-only baseline. The pooled, non-private baseline is a dashed horizontal line. A value
+    a site lacks (withheld, undefined, not evaluated) has no bar.
+
+    Parameters
+    ----------
+    frame:
+        Long-format metrics (:func:`read_metrics_csv`).
+    path:
+        The PNG to write; its folder is created if missing.
+    metric:
+        Bare metric name.
+    split:
+        Which split's values to draw.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The figure, one axes; per model with a value at some site, one bar container
+        labelled ``global model``, ``personalized`` or ``local-only (each site alone)``,
+        one bar per site with a value (x: the site's index among the x tick labels).
+
+    Raises
+    ------
+    DataError
+        ``frame`` lacks a column, or has no personalized model's row for this split and
+        metric.
+    """
+    _check_frame(frame)
+    rows = frame[(frame["split"] == split) & (frame["metric"] == metric)]
+    personal = rows[_is_personal(rows)]
+    if personal.empty:
+        raise DataError(
+            f"no {split}/{metric} rows of a personalized model ({PERSONAL_SITE_PREFIX}<site id>) "
+            "to plot; only a run with personalization other than none has them"
+        )
+    plain = rows[
+        ~_is_personal(rows)
+        & ~rows["site"].str.startswith(BASELINE_PREFIX)
+        & (rows["site"] != GLOBAL_SITE)
+    ]
+    sites = sorted(
+        {s.removeprefix(PERSONAL_SITE_PREFIX) for s in personal["site"]} | set(plain["site"])
+    )
+    own = frame[(frame["split"] == _OWN_SPLIT) & (frame["metric"] == OWN_METRIC)]
+    fig = Figure(figsize=(max(6.0, 1.1 * len(sites) + 2.0), 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.27
+    models = (
+        ("global model", lambda s: s, -width, "tab:blue"),
+        ("personalized", personal_site, 0.0, "tab:orange"),
+        ("local-only (each site alone)", local_only_site, width, "tab:grey"),
+    )
+    kept_global = False
+    for label, site_of, offset, color in models:
+        bars = [(i, _last_value(rows, site_of(s))) for i, s in enumerate(sites)]
+        present = [(i, last) for i, last in bars if last is not None]
+        if not present:
+            continue
+        drawn = ax.bar(
+            [i + offset for i, _ in present],
+            [value for _, (_, value) in present],
+            width,
+            label=label,
+            color=color,
+        )
+        ax.bar_label(drawn, fmt="%.2f", fontsize="x-small")
+        if site_of is not personal_site:
+            continue
+        for patch, (i, (rnd, _)) in zip(drawn.patches, present, strict=True):
+            flag = own[(own["site"] == personal_site(sites[i])) & (own["round"] == rnd)]
+            if not flag.empty and float(flag["value"].iloc[0]) == 0.0:
+                patch.set_hatch("//")
+                patch.set_edgecolor("black")
+                kept_global = True
+    pooled = rows[rows["site"] == POOLED_SITE]
+    if not pooled.empty:
+        ax.axhline(
+            float(pooled["value"].iloc[0]),
+            linestyle="--",
+            color="black",
+            linewidth=1.0,
+            label="pooled, non-private",
+        )
+    handles, _ = ax.get_legend_handles_labels()
+    if kept_global:
+        handles.append(
+            Patch(
+                facecolor="tab:orange",
+                edgecolor="black",
+                hatch="//",
+                label="personalized: global model kept (own = 0)",
+            )
+        )
+    ax.set_xticks(range(len(sites)), labels=sites)
+    ax.set_xlim(-0.5, len(sites) - 0.5)  # every site's slot, whichever bars it has
+    ax.set_ylabel(f"{split} {metric}")
+    ax.set_title(f"{split} {metric} per site: global, personalized, local-only")
+    ax.grid(alpha=0.3, axis="y")
+    fig.legend(handles=handles, fontsize="small", loc="outside lower center", ncols=2)
+    _save(fig, Path(path))
+    return fig
+
+
+def _last_value(rows: pd.DataFrame, site: str) -> tuple[int, float] | None:
+    """``(round, value)`` of ``site``'s last row in ``rows`` with a value; ``None`` if none."""
+    mine = rows[(rows["site"] == site) & rows["value"].notna()]
+    if mine.empty:
+        return None
+    last = mine.sort_values("round", kind="stable").iloc[-1]
+    return int(last["round"]), float(last["value"])
+
+
 def run_plot_specs(
     frame: pd.DataFrame, *, splits: Sequence[Split] = ("test",)
 ) -> list[tuple[Split, str]]:
     """The ``(split, metric)`` pairs :func:`write_run_plots` draws for this frame.
 
     Every task metric of :data:`common.keys.TASK_METRICS` (but the count ``n``) present in
-    one of ``splits``, then the training metrics of :data:`TRAIN_PLOTTED` that are present.
+    one of ``splits``, then the training metrics of :data:`TRAIN_PLOTTED` that are present
+    (the personalized models' rows aside: :func:`plot_site_models` draws those).
     """
-    present = set(frame[["split", "metric"]].drop_duplicates().itertuples(index=False, name=None))
+    federation = _without_personal(frame)
+    present = set(
+        federation[["split", "metric"]].drop_duplicates().itertuples(index=False, name=None)
+    )
     specs: list[tuple[Split, str]] = [
         (split, metric)
         for split in splits
@@ -568,7 +777,9 @@ def write_run_plots(run_dir: Path, *, splits: Sequence[Split] = ("test",)) -> li
     Returns
     -------
     list[pathlib.Path]
-        The PNGs written, ``plots/<split>_<metric>.png``, in :func:`run_plot_specs` order.
+        The PNGs written, ``plots/<split>_<metric>.png``, in :func:`run_plot_specs` order;
+        then, where the run kept personalized models, ``plots/<split>_auroc_per_site.png``
+        per split (:func:`plot_site_models`, :data:`SITE_MODELS_METRIC`).
 
     Raises
     ------
@@ -581,6 +792,11 @@ def write_run_plots(run_dir: Path, *, splits: Sequence[Split] = ("test",)) -> li
     for split, metric in run_plot_specs(frame, splits=splits):
         path = run_dir / "plots" / f"{split}_{metric}.png"
         plot_metric_per_round(frame, metric, path, split=split)
+        written.append(path)
+    personal = frame[_is_personal(frame) & (frame["metric"] == SITE_MODELS_METRIC)]
+    for split in (s for s in splits if (personal["split"] == s).any()):
+        path = run_dir / "plots" / f"{split}_{SITE_MODELS_METRIC}_per_site.png"
+        plot_site_models(frame, path, metric=SITE_MODELS_METRIC, split=split)
         written.append(path)
     return written
 

@@ -47,7 +47,13 @@ from server.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from server.summary import SUMMARY_NAME, build_summary
 from simulations.baselines import local_only, pooled
 from simulations.flower_driver import local_superlink, write_app_dir
-from simulations.reports import MetricRow, baseline_rows, write_metrics_csv, write_run_plots
+from simulations.reports import (
+    MetricRow,
+    baseline_rows,
+    personal_rows,
+    write_metrics_csv,
+    write_run_plots,
+)
 from simulations.scenario import Scenario
 from simulations.synth import synthesize
 
@@ -419,8 +425,9 @@ def _cuda_available() -> bool:
 
 
 def metric_rows(record: dict[str, Any], baselines: dict[str, Any]) -> list[MetricRow]:
-    """The rows of ``metrics.csv``: every round's global and per-site numbers, then the
-    baselines' metrics at the run's last planned round.
+    """The rows of ``metrics.csv``: every round's global and per-site numbers, the sites'
+    personalized models' (``personal:<site id>``, :func:`simulations.reports.personal_rows`)
+    where the round recorded them, then the baselines' metrics at the run's last planned round.
 
     Parameters
     ----------
@@ -443,6 +450,7 @@ def metric_rows(record: dict[str, Any], baselines: dict[str, Any]) -> list[Metri
                     split, metric = "train", name
                 if isinstance(value, (int, float)) and math.isfinite(float(value)):
                     rows.append(MetricRow(rnd, site_id, split, metric, float(value)))
+        rows += personal_rows(entry.get("personal") or {}, round=rnd)
     rows += baseline_rows(
         local_only=baselines.get("local_only") or {},
         pooled=baselines.get("pooled") or {},

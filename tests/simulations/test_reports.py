@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.collections import LineCollection
+from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from PIL import Image
@@ -17,13 +18,17 @@ from PIL import Image
 from common.errors import DataError
 from simulations.reports import (
     COLUMNS,
+    OWN_METRIC,
     POOLED_SITE,
     MetricRow,
     SweepPoint,
     baseline_rows,
     local_only_site,
+    personal_rows,
+    personal_site,
     plot_metric_per_round,
     plot_privacy_utility,
+    plot_site_models,
     read_metrics_csv,
     write_metrics_csv,
     write_run_plots,
@@ -64,6 +69,29 @@ def federation_rows() -> list[MetricRow]:
         rows.append(MetricRow(rnd, "global", "test", "auroc", 0.49 + 0.1 * rnd))
         rows.append(MetricRow(rnd, "global", "test", "brier", 0.25 - 0.01 * rnd))
     return rows
+
+
+def personalized_rows() -> list[MetricRow]:
+    """:func:`federation_rows` (round 3: site-a 0.80, site-b 0.79, site-c 0.78) with personal
+    models and baselines. site-a keeps its own model (0.90; at round 2 it had kept the global
+    one); site-b's validation kept the global model (own = 0, its value repeated); site-c has
+    neither a personalized model nor a local-only baseline."""
+    return (
+        federation_rows()
+        + personal_rows({"site-a": {"test.auroc": 0.6, "val.auroc": 0.5, "own": 0.0}}, round=2)
+        + personal_rows(
+            {
+                "site-a": {"test.auroc": 0.9, "val.auroc": 0.85, "own": 1.0},
+                "site-b": {"test.auroc": 0.79, "val.auroc": 0.7, "own": 0.0},
+            },
+            round=3,
+        )
+        + baseline_rows(
+            local_only={"site-a": {"test.auroc": 0.7}, "site-b": {"test.auroc": 0.65}},
+            pooled={"test.auroc": 0.85},
+            round=3,
+        )
+    )
 
 
 def frame_of(rows: list[MetricRow]) -> pd.DataFrame:
@@ -144,6 +172,49 @@ def test_a_missing_metrics_csv_is_a_data_error(tmp_path: Path) -> None:
         read_metrics_csv(tmp_path / "metrics.csv")
 
 
+def test_personal_rows_name_the_model_in_site_and_keep_own_under_val() -> None:
+    rows = personal_rows(
+        {
+            "site-b": {"test.auroc": 0.7, "test.ece": math.nan, "own": 0.0, "note": 1.0},
+            "site-a": {"val.auroc": 0.8, "own": 1.0},
+        },
+        round=4,
+    )
+    assert rows == [
+        MetricRow(4, "personal:site-a", "val", "own", 1.0),
+        MetricRow(4, "personal:site-a", "val", "auroc", 0.8),
+        MetricRow(4, "personal:site-b", "val", "own", 0.0),
+        MetricRow(4, "personal:site-b", "test", "auroc", 0.7),  # NaN and split-less names left out
+    ]
+    assert OWN_METRIC == "own" and personal_site("site-a") == "personal:site-a"
+    # Never a name a site, the aggregate or a baseline can take (``:`` is in no site id).
+    assert ":" in personal_site("global") and not personal_site("x").startswith("baseline:")
+    assert personal_rows({}, round=1) == []
+
+
+def test_personal_rows_round_trip_through_metrics_csv(tmp_path: Path) -> None:
+    rows = personalized_rows()
+    write_metrics_csv(rows, tmp_path / "metrics.csv")
+    frame = read_metrics_csv(tmp_path / "metrics.csv")
+    got = {
+        (r.round, r.site, r.split, r.metric): r.value
+        for r in frame.itertuples()
+        if r.site.startswith("personal:")
+    }
+    assert got == {
+        (2, "personal:site-a", "test", "auroc"): 0.6,
+        (2, "personal:site-a", "val", "auroc"): 0.5,
+        (2, "personal:site-a", "val", "own"): 0.0,
+        (3, "personal:site-a", "test", "auroc"): 0.9,
+        (3, "personal:site-a", "val", "auroc"): 0.85,
+        (3, "personal:site-a", "val", "own"): 1.0,
+        (3, "personal:site-b", "test", "auroc"): 0.79,
+        (3, "personal:site-b", "val", "auroc"): 0.7,
+        (3, "personal:site-b", "val", "own"): 0.0,
+    }
+    assert len(frame) == len(rows)
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -218,6 +289,77 @@ def test_per_round_plot_draws_baselines_as_references_not_site_lines(tmp_path: P
     np.testing.assert_allclose(sorted(ys(local)), [0.6, 0.61, 0.62])
 
 
+def test_per_round_plot_leaves_the_personalized_models_out(tmp_path: Path) -> None:
+    fig = plot_metric_per_round(frame_of(personalized_rows()), "auroc", tmp_path / "p.png")
+    labels = {str(line.get_label()) for line in fig.axes[0].get_lines()}
+    assert labels == {
+        *SITES,
+        "global (weighted)",
+        "pooled, non-private",
+        "local-only (each site alone)",
+    }
+
+
+def bars(fig: Figure) -> dict[str, BarContainer]:
+    (ax,) = fig.axes
+    return {str(c.get_label()): c for c in ax.containers if isinstance(c, BarContainer)}
+
+
+def test_site_models_plot_has_global_personal_and_local_only_bars_per_site(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "plots" / "test_auroc_per_site.png"
+    fig = plot_site_models(frame_of(personalized_rows()), path)
+    assert_png(path)
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(SITES)
+    drawn = bars(fig)
+    assert set(drawn) == {"global model", "personalized", "local-only (each site alone)"}
+
+    def heights(label: str) -> list[float]:
+        return [round(p.get_height(), 12) for p in drawn[label].patches]
+
+    def centers(label: str) -> list[float]:
+        return [round(p.get_x() + p.get_width() / 2) for p in drawn[label].patches]
+
+    # Each site's last evaluation: round 3 (site-a's round-2 personal 0.6 is not drawn).
+    assert heights("global model") == [0.8, 0.79, 0.78]
+    assert heights("personalized") == [0.9, 0.79]
+    assert heights("local-only (each site alone)") == [0.7, 0.65]
+    # site-c has no personalized model and no baseline: no bar, not a zero-height one.
+    assert centers("personalized") == [0, 1] and centers("local-only (each site alone)") == [0, 1]
+    # Grouped: global left of personalized left of local-only, within each site.
+    for i in (0, 1):
+        xs_ = [drawn[k].patches[i].get_x() for k in drawn]
+        assert sorted(xs_) == [drawn[k].patches[i].get_x() for k in drawn]
+    # Hatched where the site's validation kept the global model (own = 0 at that round).
+    hatches = [p.get_hatch() for p in drawn["personalized"].patches]
+    assert not hatches[0] and hatches[1] == "//"
+    assert not any(p.get_hatch() for p in drawn["global model"].patches)
+    pooled = next(line for line in ax.get_lines() if line.get_label() == "pooled, non-private")
+    assert list(ys(pooled)) == [0.85, 0.85]
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert "personalized: global model kept (own = 0)" in labels
+    assert "pooled, non-private" in labels
+
+
+def test_site_models_plot_without_a_kept_global_model_has_no_hatch(tmp_path: Path) -> None:
+    rows = federation_rows() + personal_rows({"site-a": {"test.auroc": 0.9, "own": 1.0}}, round=3)
+    fig = plot_site_models(frame_of(rows), tmp_path / "p.png")
+    drawn = bars(fig)
+    assert set(drawn) == {"global model", "personalized"}  # no baselines in this run
+    assert not any(p.get_hatch() for c in drawn.values() for p in c.patches)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert not [label for label in labels if "own = 0" in label]
+
+
+def test_site_models_plot_without_personalized_models_says_so(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"no test/auroc rows of a personalized model"):
+        plot_site_models(frame_of(federation_rows()), tmp_path / "p.png")
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_per_round_plot_draws_rows_in_round_order_whatever_the_input_order(
     tmp_path: Path,
 ) -> None:
@@ -278,6 +420,7 @@ def test_plots_leave_matplotlib_global_state_alone(tmp_path: Path) -> None:
     backend = dict.__getitem__(matplotlib.rcParams, "backend")
     plot_metric_per_round(frame_of(federation_rows()), "auroc", tmp_path / "a.png")
     plot_privacy_utility([(1.0, 0.5), (math.inf, 0.6)], tmp_path / "b.png")
+    plot_site_models(frame_of(personalized_rows()), tmp_path / "c.png")
     assert dict.__getitem__(matplotlib.rcParams, "backend") == backend
     assert dict(matplotlib.rcParams) == before
 
@@ -288,6 +431,21 @@ def test_write_run_plots_draws_each_metric_present(tmp_path: Path) -> None:
     # auroc and brier (test), train-loss (train); never the count n.
     assert {p.name for p in written} == {"test_auroc.png", "test_brier.png", "train_train-loss.png"}
     assert all(p.parent == tmp_path / "plots" for p in written)
+    for p in written:
+        assert_png(p)
+
+
+def test_write_run_plots_adds_the_per_site_chart_when_sites_kept_personal_models(
+    tmp_path: Path,
+) -> None:
+    write_metrics_csv(personalized_rows(), tmp_path / "metrics.csv")
+    written = write_run_plots(tmp_path)
+    assert [p.name for p in written] == [
+        "test_auroc.png",
+        "test_brier.png",
+        "train_train-loss.png",
+        "test_auroc_per_site.png",
+    ]
     for p in written:
         assert_png(p)
 

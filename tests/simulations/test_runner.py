@@ -19,9 +19,10 @@ from rich.console import Console
 from common import keys
 from common.federation import FederationConfig
 from common.summary import load_summary, write_summary
+from models.evaluation import release
 from server.guard import GuardedStrategy
 from server.summary import build_summary
-from simulations.reports import read_metrics_csv, write_metrics_csv
+from simulations.reports import read_metrics_csv, write_metrics_csv, write_run_plots
 from simulations.runner import RunOutcome, metric_rows
 from simulations.simulate_cli import privacy_notes, results_table
 from tests._flower import task_identity
@@ -75,6 +76,34 @@ def test_metrics_csv_holds_the_baselines(tmp_path: Path) -> None:
 def test_without_baselines_only_the_federation_rows_are_written() -> None:
     rows = metric_rows(_record(), {"local_only": {}, "pooled": {}})
     assert rows and not [r for r in rows if r.site.startswith("baseline:")]
+    assert not [r for r in rows if r.site.startswith("personal:")]  # no personal models
+
+
+def test_metrics_csv_holds_the_personalized_models_beside_the_global_one(tmp_path: Path) -> None:
+    record = _record()
+    record["personalization"] = "finetune"
+    record["rounds"][2]["personal"] = {
+        "a": {"test.auroc": 0.8, "val.auroc": 0.75, "own": 1.0, "test.ece": float("nan")}
+    }
+    baselines = {"local_only": {"a": {"test.auroc": 0.6}}, "pooled": {"test.auroc": 0.85}}
+    write_metrics_csv(metric_rows(record, baselines), tmp_path / "metrics.csv")
+    frame = read_metrics_csv(tmp_path / "metrics.csv")
+    got = {
+        (r.round, r.site, r.split, r.metric): r.value
+        for r in frame.itertuples()
+        if r.site.startswith("personal:")
+    }
+    assert got == {
+        (2, "personal:a", "test", "auroc"): 0.8,
+        (2, "personal:a", "val", "auroc"): 0.75,
+        (2, "personal:a", "val", "own"): 1.0,
+    }
+    # The global model's rows, the site's own included, are those of a run without them.
+    plain = set(metric_rows(_record(), baselines))
+    mine = {r for r in metric_rows(record, baselines) if not r.site.startswith("personal:")}
+    assert mine == plain
+    written = {p.name for p in write_run_plots(tmp_path)}
+    assert "test_auroc_per_site.png" in written and "test_auroc.png" in written
 
 
 # ---------------------------------------------------------------- a site's reported privacy
@@ -203,6 +232,69 @@ def test_a_site_that_evaluates_with_dp_keeps_its_training_loss_and_is_accepted(
     assert [s["status"] for s in guard.record["sites"].values()] == ["completed"] * 2
     rows = {(r.site, r.metric) for r in metric_rows(guard.record, {})}
     assert ("site-a", "num-examples") in rows and ("site-a", "train-loss") not in rows
+
+
+def _evaluate_reply(node: int, site: str, values: dict[str, float]) -> Message:
+    TaskIdentity.node_id = 1
+    ins = Message(
+        RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="evaluate"
+    )
+    TaskIdentity.node_id = node
+    content = RecordDict(
+        {
+            keys.REC_METRICS: MetricRecord({keys.M_NUM_EXAMPLES: 1, **values}),
+            keys.REC_SITE: ConfigRecord({keys.S_SITE_ID: site}),
+        }
+    )
+    return Message(content, reply_to=ins)
+
+
+def test_the_personalized_metrics_a_site_reports_reach_metrics_csv_as_in_summary(
+    tmp_path: Path,
+) -> None:
+    """One record, two readers: what summary.json keeps as a site's ``personal_metrics`` is
+    what metrics.csv holds for ``personal:<site id>`` at the site's last evaluation."""
+    guard = _guard(tmp_path, {11, 12})
+    rng = np.random.default_rng(0)
+    y = {s: rng.integers(0, 2, 60) for s in keys.EVAL_SPLITS}
+    p = {s: np.clip(rng.random(60) * 0.6 + 0.4 * y[s], 0, 1) for s in keys.EVAL_SPLITS}
+    exact = release(y, p, noise_multiplier=0.0, generator=None, min_count=10)
+    pp = keys.PERSONAL_PREFIX
+    for rnd, (own_auroc, own) in enumerate([(0.61, 0.0), (0.93, 1.0)], start=1):
+        guard.aggregate_evaluate(
+            rnd,
+            [
+                _evaluate_reply(
+                    11,
+                    "site-a",
+                    {
+                        **exact,
+                        f"{pp}test.auroc": own_auroc,
+                        f"{pp}val.auroc": 0.9,
+                        keys.M_PERSONAL_OWN: own,
+                    },
+                ),
+                _evaluate_reply(12, "site-b", exact),  # keeps no personal model
+            ],
+        )
+    rows = metric_rows(guard.record, {})
+    personal = {(r.round, r.site, r.split, r.metric): r.value for r in rows if ":" in r.site}
+    assert personal == {
+        (1, "personal:site-a", "test", "auroc"): 0.61,
+        (1, "personal:site-a", "val", "auroc"): 0.9,
+        (1, "personal:site-a", "val", "own"): 0.0,
+        (2, "personal:site-a", "test", "auroc"): 0.93,
+        (2, "personal:site-a", "val", "auroc"): 0.9,
+        (2, "personal:site-a", "val", "own"): 1.0,
+    }
+    summary = build_summary(guard.record)
+    site_a = next(s for s in summary.sites if s.site_id == "site-a")
+    assert site_a.personal_metrics == {"test.auroc": 0.93, "val.auroc": 0.9, "own": 1.0}
+    assert not next(s for s in summary.sites if s.site_id == "site-b").personal_metrics
+    # The global model's rows of site-a are its own evaluation, untouched by the personal one.
+    assert {(r.round, r.split, r.metric) for r in rows if r.site == "site-a"} == {
+        (r.round, r.split, r.metric) for r in rows if r.site == "site-b"
+    }
 
 
 @pytest.mark.parametrize(
