@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -86,6 +86,26 @@ def new_record() -> dict[str, Any]:
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     """Named numpy arrays of an ArrayRecord (copies)."""
     return {name: np.array(arr.numpy()) for name, arr in arrays.items()}
+
+
+def with_model_dtypes(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> ArrayRecord:
+    """``arrays`` with every array in the dtype of the model the round sent.
+
+    Flower's FedAdam/FedYogi/FedAdagrad multiply by a NumPy float64 scalar, which under
+    NumPy 2 turns a float32 model into float64; the sites then train float32 weights, and
+    every update of the next round would be rejected as the wrong dtype. The model's dtypes
+    are the round's reference, so the aggregate is cast back to them (a no-op for FedAvg).
+    """
+    current = arrays_to_numpy(arrays)
+    if all(
+        name in reference and current[name].dtype == reference[name].dtype for name in current
+    ):
+        return arrays
+    cast = {
+        name: value.astype(reference[name].dtype) if name in reference else value
+        for name, value in current.items()
+    }
+    return ArrayRecord({name: Array(value) for name, value in cast.items()})
 
 
 class GuardedStrategy(Strategy):
@@ -296,6 +316,8 @@ class GuardedStrategy(Strategy):
             return None, None
         _drop_partial_metric(kept, keys.M_TRAIN_LOSS)
         arrays, metrics = self.strategy.aggregate_train(self.absolute(server_round), kept)
+        if arrays is not None:
+            arrays = with_model_dtypes(arrays, self._reference)
         self._audit_aggregate(server_round, arrays, len(kept) if arrays is not None else 0)
         return arrays, metrics
 

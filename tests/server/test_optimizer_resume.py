@@ -77,9 +77,10 @@ def _initial() -> dict[str, np.ndarray]:
 
 
 def _site_update(x: np.ndarray, rnd: int, node: int) -> np.ndarray:
-    """What site ``node`` sends back in round ``rnd`` for the global array ``x``."""
+    """What site ``node`` sends back in round ``rnd`` for the global array ``x``: float32, as
+    a real site's model is, whatever dtype the server sent."""
     step = 0.1 * np.cos(7.0 * x + 1.3 * rnd + node) + 0.02 * (node - 11.5) * rnd
-    return (x + step).astype(x.dtype)
+    return (x + step).astype(np.float32)
 
 
 class _ServerCrash(RuntimeError):
@@ -584,3 +585,20 @@ def test_the_server_app_resumes_an_old_checkpoint_and_says_so_once(
     assert on_disk["optimizer_reset"] == record["optimizer_reset"]
     final = load_checkpoint(tmp_path)
     assert final is not None and final.format == 2 and final.optimizer is not None
+
+
+def test_fedadam_keeps_the_model_s_dtype_so_no_site_update_is_rejected(tmp_path: Path) -> None:
+    """Flower's FedAdam returns float64 arrays for a float32 model (NumPy 2 promotes its
+    float64 scale factor); every float32 site update of the next round was then rejected as
+    the wrong dtype, and FedAdam trained one round only. The guard casts the aggregate back."""
+    guard = GuardedStrategy(STRATEGIES["fedadam"](), cfg=_cfg(), run_dir=tmp_path, run_id=RUN_ID)
+    result = guard.start(
+        grid=_Sites(),  # type: ignore[arg-type]
+        initial_arrays=ArrayRecord({k: Array(v) for k, v in _initial().items()}),
+        num_rounds=ROUNDS,
+        timeout=5,
+        evaluate_fn=guard.after_round,
+    )
+    assert {v.dtype for v in arrays_to_numpy(result.arrays).values()} == {np.dtype(np.float32)}
+    kinds = [e.get("kind") for e in guard.record["events"]]
+    assert "rejected" not in kinds and "round-skipped" not in kinds, guard.record["events"]
