@@ -335,6 +335,7 @@ class PredictionLog:
 
     def __init__(self) -> None:
         self.models: dict[str, dict[str, Predictions]] = {"global": {}, "personal": {}}
+        self.models["served"] = {}
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[PredictionLog]:
@@ -375,6 +376,20 @@ class PredictionLog:
             SiteTrainer.evaluate_round = evaluate_round  # type: ignore[method-assign]
             SiteTrainer.evaluate = evaluate  # type: ignore[method-assign]
             SiteTrainer._predictions = predictions  # type: ignore[method-assign]
+
+    def serve(self, record: Mapping[str, Any]) -> None:
+        """The model each site of a personalized run serves (role ``"served"``): its personal
+        model where its last evaluation reported ``own = 1`` (its validation patients found
+        it at least as good as the global one), else the global model."""
+        if not self.models["personal"]:
+            return
+        served = {}
+        for site_id, global_predictions in self.models["global"].items():
+            site = record.get("sites", {}).get(site_id, {})
+            own = (site.get("personal_metrics") or {}).get("own") == 1.0
+            mine = self.models["personal"].get(site_id)
+            served[site_id] = mine if own and mine is not None else global_predictions
+        self.models["served"] = served
 
     def pooled_metrics(self, role: str) -> dict[str, float]:
         """Metrics of ``role``'s models over every site's patients (one threshold, chosen
@@ -502,6 +517,7 @@ def run_method(
             server_global = _slim(last.get("metrics", {}))
             events = _event_counts(record["events"])
             completed = int(record["rounds_completed"])
+            log.serve(record)
         else:
             cfg = FederationConfig.from_run_config(base)
             train, dp = settings_from_run(cfg, proximal_mu=0.0)  # as simulations/runner.py
@@ -533,7 +549,7 @@ def run_method(
         metrics = {"global": _slim(pooled_metrics)}
         site_values: dict[str, dict[str, float]] = {}
     else:
-        roles = ("global", "personal") if log.models["personal"] else ("global",)
+        roles = ("global", "personal", "served") if log.models["personal"] else ("global",)
         metrics = {role: _slim(log.pooled_metrics(role)) for role in roles}
         site_values = {role: log.site_auroc(role) for role in roles}
     return RunResult(
@@ -589,11 +605,18 @@ def _rows(results: Sequence[RunResult]) -> list[tuple[str, float | None, str, st
     for method, eps, role in sorted(seen, key=key):
         label = method
         if METHODS[method].personalization != "none":
-            label = f"{method} ({'personal models' if role == 'personal' else 'global model'})"
+            label = f"{method} ({_ROLE_LABELS[role]})"
         elif method == "pooled":
             label = "pooled (non-private)"
         out.append((method, eps, role, label))
     return out
+
+
+_ROLE_LABELS = {
+    "global": "global model",
+    "personal": "personal models",
+    "served": "served: personal where validation prefers it",
+}
 
 
 def summarize(results: Sequence[RunResult]) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def test_utility_quick_run_measures_every_method_on_both_datasets(tmp_path: Path
             continue
         # The real ServerApp ran all 3 rounds, every site answering every round.
         assert run["rounds_completed"] == 3 and run["events"] == {}
-        assert set(run["metrics"]) == {"global", "personal"}
+        assert set(run["metrics"]) == {"global", "personal", "served"}
         assert len(run["site_test"]) == 4
         # The exact pooled AUROC of the recorded predictions is close to the server's, which
         # comes from the sites' 100-bin releases (DP-trained models crowd their predictions
