@@ -262,14 +262,17 @@ BINARY_METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], bool]
 _AT_THRESHOLD = ("accuracy", "balanced_accuracy")
 
 
-def youden_threshold(y_true: ArrayLike, y_score: ArrayLike) -> float:
+def youden_threshold(y_true: ArrayLike, y_score: ArrayLike, *, bins: int = 100) -> float:
     """The decision threshold that maximises sensitivity + specificity (Youden's J).
 
     Chosen on *validation* patients and applied to the test patients, so the reported
     accuracy does not rest on a fixed 0.5 that a model trained on an unbalanced outcome (or
     under DP noise, whose probabilities crowd around the prevalence) never crosses. The
-    candidates are the scores themselves (positive iff ``score >= threshold``); among ties
-    the one nearest 0.5 wins. With one class only, J is undefined and 0.5 is returned.
+    candidates are the edges ``k / bins`` (positive iff ``score >= threshold``), the grid a
+    DP release chooses on too (:func:`models.evaluation.threshold_from_release`, the one
+    home of the rule), so the threshold is never one patient's exact score; among ties the
+    edge nearest 0.5 wins. With one class only, J is undefined and 0.5 is returned. Linear
+    in the number of patients.
 
     Examples
     --------
@@ -278,14 +281,10 @@ def youden_threshold(y_true: ArrayLike, y_score: ArrayLike) -> float:
     >>> youden_threshold([1, 1], [0.2, 0.9])
     0.5
     """
+    from models.evaluation import exact_sums, threshold_from_release
+
     t, s = _check(y_true, y_score, probability=True)
-    if not (t.any() and not t.all()):
-        return 0.5
-    candidates = np.unique(s)
-    positive = s[None, :] >= candidates[:, None]
-    j = positive[:, t].mean(axis=1) - positive[:, ~t].mean(axis=1)
-    best = np.flatnonzero(j >= j.max() - 1e-12)
-    return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])
+    return threshold_from_release(exact_sums(t.astype(np.float64), s, bins=bins))
 
 
 def binary_metrics(

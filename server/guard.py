@@ -559,10 +559,13 @@ def global_evaluate_metrics(
             continue
         pooled_splits.add(split)
         totals[split] = sum(present[1:], start=present[0])
-    # One decision threshold for every split: the one the pooled validation release supports.
-    threshold = threshold_from_release(totals.get("val"))
+    # One decision threshold for every split: the one the pooled validation release supports
+    # (0.5, an edge of every release, where a split has another number of bins than it).
+    val = totals.get("val")
+    threshold = threshold_from_release(val)
     for split, total in totals.items():
-        derived = metrics_from_release(total, threshold=threshold)
+        same_grid = val is not None and total.bins == val.bins
+        derived = metrics_from_release(total, threshold=threshold if same_grid else 0.5)
         pooled.update({f"{split}.{k}": v for k, v in derived.items()})
     out = {k: v for k, v in weighted.items() if k.split(".", 1)[0] not in pooled_splits}
     out.update(pooled)

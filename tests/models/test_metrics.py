@@ -309,8 +309,10 @@ def test_youden_threshold_matches_brute_force() -> None:
     y = (rng.random(300) < 0.3).astype(int)
     s = np.clip(0.2 + 0.15 * y + rng.normal(0, 0.1, 300), 0, 1)
     t = youden_threshold(y, s)
-    j = {c: np.mean(s[y == 1] >= c) - np.mean(s[y == 0] >= c) for c in np.unique(s)}
-    assert j[t] == pytest.approx(max(j.values()))
+    # brute force over the grid of edges k/100 (never one patient's exact score)
+    j = {k / 100: np.mean(s[y == 1] >= k / 100) - np.mean(s[y == 0] >= k / 100) for k in range(101)}
+    assert t in j and j[t] == pytest.approx(max(j.values()))
+    assert t not in set(s.tolist()) or t * 100 == round(t * 100)
     assert (
         binary_metrics(y, s, threshold=t)["balanced_accuracy"]
         > binary_metrics(y, s)["balanced_accuracy"]

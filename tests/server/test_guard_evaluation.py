@@ -223,3 +223,27 @@ def test_personal_metrics_are_reported_per_site_and_never_pooled(tmp_path: Path)
     (entry,) = guard.record["rounds"]
     assert entry["personal"] == {"site-a": {"test.auroc": 0.99, "test.n": 40.0}}
     assert not any(keys.is_personal_metric(k) for k in entry["sites"]["site-a"])
+
+
+def test_splits_released_on_other_grids_than_validation_do_not_stop_the_server() -> None:
+    """A site (or a mix of exact and DP sites) whose validation release has other bins than
+    its test release: the test split is scored at 0.5, not a crash of the ServerApp."""
+    (y, p) = _data(0, 60)
+    val = release(
+        {"val": y["val"]},
+        {"val": p["val"]},
+        noise_multiplier=0.0,
+        generator=None,
+        min_count=10,
+        bins=10,
+    )
+    test = release(
+        {"test": y["test"]},
+        {"test": p["test"]},
+        noise_multiplier=0.0,
+        generator=None,
+        min_count=10,
+        bins=4,
+    )
+    out = global_evaluate_metrics({"s": {}}, {"s": releases_from_wire({**val, **test})})
+    assert out["test.threshold"] == 0.5 and "test.auroc" in out and "val.threshold" in out
