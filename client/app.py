@@ -480,11 +480,12 @@ def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = 
         _check_schema(trainer, msg)
         request = _request(cfg, run_cfg, msg)
         state = msg.content.array_records[keys.REC_ARRAYS].to_torch_state_dict()
+        # A fine-tune (its own charge) is run and logged before the evaluation, so its charge
+        # is in the audit log even if the evaluation is then refused or fails.
+        tuned = trainer.personalize(request, state)
+        if tuned is not None:
+            audit.personalize(msg, tuned, delta=trainer.policy.delta, accountant=cfg.accountant)
         result = trainer.evaluate_round(request, state)
-        if result.personalized is not None:  # a personal model's fine-tune ran (or had run)
-            audit.personalize(
-                msg, result.personalized, delta=trainer.policy.delta, accountant=cfg.accountant
-            )
         audit.evaluate(msg, result, delta=trainer.policy.delta, accountant=cfg.accountant)
     except FedcareError as e:
         ledger = _ledger_epsilon(trainer, accountant)

@@ -497,6 +497,28 @@ class SiteTrainer:
             )
         return out
 
+    def personalize(
+        self, request: RoundRequest, state: Mapping[str, torch.Tensor] | None
+    ) -> PersonalizeResult | None:
+        """Run the fine-tune the evaluation of this round needs, before that evaluation
+        (``None`` where the run's strategy fine-tunes nothing at this round).
+
+        The ClientApp calls it first and logs its charge in the site's audit log at once, so
+        a completed ``personalize`` charge is proven even when the evaluation after it is
+        refused or fails; :meth:`evaluate_round` then finds the charge completed and reuses
+        the fine-tuned model (nothing runs or is charged twice).
+        """
+        request = self.with_recipe(request)
+        self._check_plan(request, phase="evaluate")
+        strategy = self._personalization(request)
+        last = request.rounds_planned
+        if not strategy.finetune_epochs() or not strategy.releases_personal(
+            round=request.round, rounds_planned=last
+        ):
+            return None
+        _, tuned = self._personal_state(request, state)
+        return tuned
+
     def _personal_state(
         self, request: RoundRequest, state: Mapping[str, torch.Tensor] | None
     ) -> tuple[dict[str, torch.Tensor] | None, PersonalizeResult | None]:

@@ -229,3 +229,28 @@ def test_the_personalization_settings_are_part_of_the_signed_run() -> None:
     ):
         with pytest.raises(PolicyViolation, match="signature"):
             verify_run({**signed, **change}, public_key_raw(key), site_id="st-mary")
+
+
+def test_a_fine_tune_s_charge_is_audited_even_when_the_evaluation_after_it_fails(
+    sites: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fine-tune is its own charge: the site logs it before the evaluation runs, so a
+    refused or failed evaluation cannot leave a completed charge the audit log does not prove
+    (which would blind the site's ledger-rollback check to it)."""
+    from client.local import SiteTrainer
+    from common.errors import RoundFailed
+
+    ctx = _context(sites, tmp_path, personalization="finetune")
+    state = None
+    for rnd in range(1, ROUNDS + 1):
+        state = _arrays(handle_train(_message(sites, "train", rnd, state), ctx))
+
+    def broken(self: SiteTrainer, *args: Any, **kwargs: Any) -> Any:
+        raise RoundFailed("the evaluation failed after the fine-tune")
+
+    monkeypatch.setattr(SiteTrainer, "evaluate_round", broken)
+    reply = handle_evaluate(_message(sites, "evaluate", ROUNDS, state), ctx)
+    assert reply.has_error()
+    ledger = PrivacyLedger(tmp_path / "site-0" / "ledger.sqlite", create=False)
+    assert ledger.count_charges("personalize") == 1
+    assert audited_charges(tmp_path / "site-0") == ledger.count_charges()
