@@ -460,8 +460,9 @@ class SiteTrainer:
                 epochs=cfg.epochs,
                 device=device,
                 hooks=hooks,
+                clip_norm=request.dp.max_grad_norm,  # as the global copy's plain steps
             )
-            return _cpu_state(model)
+            return self._finite_copy(_cpu_state(model), request, cfg)
         private = make_private(
             model=model,
             optimizer=optimizer,
@@ -488,12 +489,17 @@ class SiteTrainer:
                 f"but {plan.steps} were charged; the accounting would be wrong, so nothing "
                 "is kept"
             )
-        out = _cpu_state(private.unwrapped())
+        return self._finite_copy(_cpu_state(private.unwrapped()), request, cfg)
+
+    def _finite_copy(
+        self, out: dict[str, torch.Tensor], request: RoundRequest, cfg: TrainConfig
+    ) -> dict[str, torch.Tensor]:
+        """A personal copy's weights, refused when training made them non-finite."""
         if not all(torch.isfinite(t).all() for t in out.values() if t.is_floating_point()):
             raise TrainingDiverged(
                 f"site {self.site_id}: the personal model's training diverged in round "
-                f"{request.round} (non-finite weights at learning-rate {cfg.lr:g}); the "
-                "charge is kept. Fix: lower the learning-rate"
+                f"{request.round} (non-finite weights at learning-rate {cfg.lr:g}); nothing "
+                "is kept (a charge, if any, is kept). Fix: lower the learning-rate"
             )
         return out
 
