@@ -4,12 +4,7 @@ beyond what a site's reply already carries (threat model, "Curious and malicious
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from client import recipe
-from client.privacy import sampling
-from client.training import TrainConfig
 from models.evaluation import release, releases_from_wire, threshold_from_release
 
 
@@ -25,17 +20,3 @@ def test_the_reported_threshold_is_a_function_of_the_released_validation_sums() 
             continue
         parsed = releases_from_wire(out)
         assert out["test.threshold"] == threshold_from_release(parsed["val"])
-
-
-@settings(max_examples=200)
-@given(st.integers(min_value=1, max_value=50_000))
-def test_the_recipe_s_sampling_rate_depends_on_the_train_count_only(n: int) -> None:
-    """A private site's batch size comes from its training-set size alone, so the sample rate
-    its reply reports says nothing the reply's ``num-examples`` (that size) does not."""
-    cfg = TrainConfig(optimizer="auto", batch_size=0, lr=0)
-    a = cfg.for_site(n_train=n, model="ehr_mlp", private=True)
-    b = cfg.for_site(n_train=n, model="fusion", private=True)
-    assert a.batch_size == b.batch_size == recipe.batch_size_for(n, private=True)
-    # ... and the rate reported (1 / batches per epoch) is a step function of n
-    q, _ = sampling(n, batch_size=a.batch_size, epochs=1)
-    assert 0 < q <= 1 and q == 1 / -(-n // a.batch_size)
