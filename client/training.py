@@ -65,7 +65,7 @@ class TrainConfig(BaseModel):
         if self.batch_size == recipe.AUTO:
             update["batch_size"] = recipe.batch_size_for(n_train, private=private)
         if self.lr == recipe.AUTO:
-            update["lr"] = recipe.learning_rate_for(optimizer, model)
+            update["lr"] = recipe.learning_rate_for(optimizer)
         return self.model_copy(update=update) if update else self
 
     @property
