@@ -123,6 +123,9 @@ def test_each_stop_signal_becomes_a_clean_stop(sig: signal.Signals) -> None:
     code = f"""
 import os, signal, time
 from common import stopping
+# A child of a background job inherits SIGINT ignored (Python then installs no handler):
+# put back the one a terminal's Python has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 stopping.install()
 try:
     os.kill(os.getpid(), {int(sig)})
