@@ -190,7 +190,8 @@ def pooled(
     name = trainers[0].model_name(task, train.model)
     definition = task_definition(data[0].task, model=name)
     # The recipe as one site holding every site's training patients would apply it.
-    train = train.for_site(n_train=sum(len(d.train) for d in data), model=name, private=False)
+    n_train = sum(len(d.patient_ids.train) for d in data)
+    train = train.for_site(n_train=n_train, model=name, private=False)
     device = resolve_device(train.device)
     model = build_model(
         name, input_dims=data[0].input_dims, generator=torch.Generator().manual_seed(seed)
