@@ -644,28 +644,9 @@ class PrivacyLedger:
                 return
             if version != 1 or not tables >= _TABLES_V1:
                 raise self._not_a_ledger(version, tables)
-            count = conn.execute("SELECT COUNT(*) FROM charges").fetchone()[0]
-            seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'charges'").fetchone()
-            conn.execute("DROP TRIGGER charges_no_delete")
-            conn.execute("DROP TRIGGER charges_immutable")
-            conn.execute("DROP INDEX charges_by_dataset")
-            conn.execute("ALTER TABLE charges RENAME TO charges_v1")
-            for statement in _CHARGES:
-                conn.execute(statement)
-            conn.execute(
-                f"INSERT INTO charges ({_V1_CHARGE_COLUMNS}, kind) "
-                f"SELECT {_V1_CHARGE_COLUMNS}, 'train' FROM charges_v1 ORDER BY id"
+            count = self._rebuild_charges(
+                conn, columns=f"{_V1_CHARGE_COLUMNS}, kind", select=f"{_V1_CHARGE_COLUMNS}, 'train'"
             )
-            conn.execute("DROP TABLE charges_v1")
-            if seq is not None:  # ids are never reused, even those of rolled-back charges
-                updated = conn.execute(
-                    "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'charges'",
-                    (seq[0],),
-                ).rowcount
-                if not updated:
-                    conn.execute(
-                        "INSERT INTO sqlite_sequence (name, seq) VALUES ('charges', ?)", (seq[0],)
-                    )
             for statement in _META_AND_MEMBERS:
                 conn.execute(statement)
             conn.execute(
@@ -681,6 +662,34 @@ class PrivacyLedger:
                 )
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    @staticmethod
+    def _rebuild_charges(conn: sqlite3.Connection, *, columns: str, select: str) -> int:
+        """Rebuild the charges table at the current schema inside a migration's transaction:
+        every row copied with its id (``INSERT INTO charges (columns) SELECT select``), the
+        id sequence kept (ids are never reused, even those of rolled-back charges), the
+        index and the append-only triggers recreated. Returns the number of rows before."""
+        count = int(conn.execute("SELECT COUNT(*) FROM charges").fetchone()[0])
+        seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'charges'").fetchone()
+        conn.execute("DROP TRIGGER charges_no_delete")
+        conn.execute("DROP TRIGGER charges_immutable")
+        conn.execute("DROP INDEX charges_by_dataset")
+        conn.execute("ALTER TABLE charges RENAME TO charges_old")
+        for statement in _CHARGES:
+            conn.execute(statement)
+        conn.execute(
+            f"INSERT INTO charges ({columns}) SELECT {select} FROM charges_old ORDER BY id"
+        )
+        conn.execute("DROP TABLE charges_old")
+        if seq is not None:
+            updated = conn.execute(
+                "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'charges'", (seq[0],)
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('charges', ?)", (seq[0],)
+                )
+        return count
+
     def _migrate_v2(self) -> None:
         """Migrate a v2 ledger to v3 in one transaction; every charge is kept as it was.
 
@@ -695,28 +704,9 @@ class PrivacyLedger:
                 return
             if version != 2 or not tables >= _TABLES:
                 raise self._not_a_ledger(version, tables)
-            count = conn.execute("SELECT COUNT(*) FROM charges").fetchone()[0]
-            seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'charges'").fetchone()
-            conn.execute("DROP TRIGGER charges_no_delete")
-            conn.execute("DROP TRIGGER charges_immutable")
-            conn.execute("DROP INDEX charges_by_dataset")
-            conn.execute("ALTER TABLE charges RENAME TO charges_v2")
-            for statement in _CHARGES:
-                conn.execute(statement)
-            conn.execute(
-                f"INSERT INTO charges ({_V2_CHARGE_COLUMNS}) "
-                f"SELECT {_V2_CHARGE_COLUMNS} FROM charges_v2 ORDER BY id"
+            count = self._rebuild_charges(
+                conn, columns=_V2_CHARGE_COLUMNS, select=_V2_CHARGE_COLUMNS
             )
-            conn.execute("DROP TABLE charges_v2")
-            if seq is not None:  # ids are never reused, even those of rolled-back charges
-                updated = conn.execute(
-                    "UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'charges'",
-                    (seq[0],),
-                ).rowcount
-                if not updated:
-                    conn.execute(
-                        "INSERT INTO sqlite_sequence (name, seq) VALUES ('charges', ?)", (seq[0],)
-                    )
             migrated = conn.execute("SELECT COUNT(*) FROM charges").fetchone()[0]
             if migrated != count:
                 raise ConfigError(
