@@ -68,6 +68,7 @@ from client.training import (
     ProximalTerm,
     StepHook,
     TrainConfig,
+    TrainStats,
     fit,
     make_optimizer,
     predict,
@@ -463,33 +464,20 @@ class SiteTrainer:
                 clip_norm=request.dp.max_grad_norm,  # as the global copy's plain steps
             )
             return self._finite_copy(_cpu_state(model), request, cfg)
-        private = make_private(
-            model=model,
+        out, _ = _dp_fit(
+            model,
             optimizer=optimizer,
             criterion=criterion,
             dataset=data.train,
-            batch_size=cfg.batch_size,
+            cfg=cfg,
             plan=plan,
-            grad_sample_mode=resolve_grad_sample_mode(request.dp.grad_sample_mode, model_name),
-            sampling_generator=sampling_gen,
-            noise_generator=noise_gen,
-        )
-        stats = fit(
-            private.model,
-            private.loader,
-            optimizer=private.optimizer,
-            criterion=private.criterion,
-            epochs=cfg.epochs,
+            mode=resolve_grad_sample_mode(request.dp.grad_sample_mode, model_name),
+            generators=(sampling_gen, noise_gen),
             device=device,
             hooks=hooks,
+            what=f"site {self.site_id}: DP-SGD of the personal model",
         )
-        if stats.steps != plan.steps:
-            raise RoundFailed(
-                f"site {self.site_id}: DP-SGD of the personal model ran {stats.steps} steps "
-                f"but {plan.steps} were charged; the accounting would be wrong, so nothing "
-                "is kept"
-            )
-        return self._finite_copy(_cpu_state(private.unwrapped()), request, cfg)
+        return self._finite_copy(out, request, cfg)
 
     def _finite_copy(
         self, out: dict[str, torch.Tensor], request: RoundRequest, cfg: TrainConfig
@@ -780,32 +768,19 @@ class SiteTrainer:
         # From here on the charge exists: any failure marks it failed (it still counts).
         with self._settled(receipt, f"round {request.round}"):
             mode = resolve_grad_sample_mode(dp.grad_sample_mode, model_name)
-            private = make_private(
-                model=model,
+            state, stats = _dp_fit(
+                model,
                 optimizer=optimizer,
                 criterion=criterion,
                 dataset=data.train,
-                batch_size=cfg.batch_size,
+                cfg=cfg,
                 plan=plan,
-                grad_sample_mode=mode,
-                sampling_generator=sampling_gen,
-                noise_generator=noise_gen,
-            )
-            stats = fit(
-                private.model,
-                private.loader,
-                optimizer=private.optimizer,
-                criterion=private.criterion,
-                epochs=cfg.epochs,
+                mode=mode,
+                generators=(sampling_gen, noise_gen),
                 device=device,
                 hooks=hooks,
+                what=f"site {self.site_id}: DP-SGD",
             )
-            if stats.steps != plan.steps:
-                raise RoundFailed(
-                    f"site {self.site_id}: DP-SGD ran {stats.steps} steps but {plan.steps} "
-                    "were charged; the accounting would be wrong, so the update is withheld"
-                )
-            state = _cpu_state(private.unwrapped())
             if not all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()):
                 raise TrainingDiverged(
                     f"site {self.site_id}: training diverged in round {request.round} (the "
@@ -1207,6 +1182,59 @@ def settings_from_run(
         accountant=cfg.accountant,
     )
     return train, dp
+
+
+def _dp_fit(
+    model: nn.Module,
+    *,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    dataset: torch.utils.data.Dataset[Any],
+    cfg: TrainConfig,
+    plan: DPPlan,
+    mode: str,
+    generators: tuple[torch.Generator, torch.Generator],
+    device: torch.device,
+    hooks: Sequence[StepHook],
+    what: str,
+) -> tuple[dict[str, torch.Tensor], TrainStats]:
+    """DP-SGD of ``model`` with exactly ``plan`` (which a charge already covers): the trained
+    weights on the CPU and the loop's stats. Every DP-SGD copy a round runs (the global one,
+    Ditto's, a fine-tune) goes through here.
+
+    Raises
+    ------
+    RoundFailed
+        The loop ran another number of steps than ``plan`` charged (the accounting would be
+        wrong, so nothing it trained may leave or be kept).
+    """
+    sampling_gen, noise_gen = generators
+    private = make_private(
+        model=model,
+        optimizer=optimizer,
+        criterion=criterion,
+        dataset=dataset,
+        batch_size=cfg.batch_size,
+        plan=plan,
+        grad_sample_mode=mode,
+        sampling_generator=sampling_gen,
+        noise_generator=noise_gen,
+    )
+    stats = fit(
+        private.model,
+        private.loader,
+        optimizer=private.optimizer,
+        criterion=private.criterion,
+        epochs=cfg.epochs,
+        device=device,
+        hooks=hooks,
+    )
+    if stats.steps != plan.steps:
+        raise RoundFailed(
+            f"{what} ran {stats.steps} steps but {plan.steps} were charged; the accounting "
+            "would be wrong, so nothing it trained leaves or is kept"
+        )
+    return _cpu_state(private.unwrapped()), stats
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
