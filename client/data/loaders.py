@@ -22,7 +22,7 @@ from client.data.events import aggregate_events, parse_events
 from client.data.files import SiteFiles
 from client.data.fingerprint import dataset_fingerprint, image_paths
 from client.data.site import SiteData
-from client.data.tables import as_text, binary_label, to_numbers
+from client.data.tables import as_text, binary_label, columns_to_numbers, to_numbers
 from client.data.validation import validate_and_open
 from common.errors import DataValidationError
 from common.spec import Feature, SiteSpec
@@ -136,8 +136,9 @@ def load_genomics(
     files = _files(spec, root, files)
     rows = _one_row_per_patient(files.table(spec.genomics.matrix), spec.patient_id)
     features = spec.feature_schema.genomics.features
+    numbers = columns_to_numbers(rows, [name for name in features if name in rows.columns])
     columns = {
-        name: _numeric(rows[name]) if name in rows.columns else np.full(len(rows), np.nan)
+        name: numbers[name][0] if name in numbers else np.full(len(rows), np.nan)
         for name in features
     }
     return pd.DataFrame(columns, index=rows.index, columns=list(features))

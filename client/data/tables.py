@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ __all__ = [
     "cell_text",
     "as_text",
     "to_numbers",
+    "columns_to_numbers",
     "binary_label",
 ]
 
@@ -316,6 +317,42 @@ def to_numbers(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     spelled_nan = text.str.lower().eq("nan").to_numpy(dtype=bool, na_value=False)
     invalid = present & np.isnan(values) & ~spelled_nan
     return values, invalid
+
+
+def columns_to_numbers(
+    table: pd.DataFrame, names: Sequence[str]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """:func:`to_numbers` of each column in ``names``, in one pass over all their cells.
+
+    The same conversion cell by cell (a cell's text and number do not depend on its
+    column), done once over the columns stacked end to end instead of once per column: a
+    genomics matrix has hundreds of columns, and per-column pandas calls cost ~1 ms each.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"a": ["1", " 2"], "b": ["x", None]})
+    >>> {k: (v.tolist(), bad.tolist()) for k, (v, bad) in columns_to_numbers(t, ["a", "b"]).items()}
+    {'a': ([1.0, 2.0], [False, False]), 'b': ([nan, nan], [True, False])}
+    """
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    text: list[str] = []
+    for name in names:
+        column = table[name]
+        if pd.api.types.is_bool_dtype(column.dtype) or pd.api.types.is_numeric_dtype(
+            column.dtype
+        ):
+            out[name] = to_numbers(column)  # typed columns (Parquet): no text to parse
+        else:
+            text.append(name)
+    if text:
+        n = len(table)
+        stacked = pd.Series(
+            np.concatenate([table[name].to_numpy(dtype=object) for name in text]), dtype=object
+        )
+        values, invalid = to_numbers(stacked)
+        for i, name in enumerate(text):
+            out[name] = (values[i * n : (i + 1) * n], invalid[i * n : (i + 1) * n])
+    return {name: out[name] for name in names}
 
 
 def binary_label(column: pd.Series, positive: int | str) -> np.ndarray:

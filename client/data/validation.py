@@ -35,6 +35,7 @@ from client.data.tables import (
     TableLayoutError,
     as_text,
     binary_label,
+    columns_to_numbers,
     ends_with_newline,
     to_numbers,
 )
@@ -324,13 +325,15 @@ def _check_numbers(
     hi: float | None,
     what: str = "",
     rows: np.ndarray | None = None,
+    numbers: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Report non-numbers, infinities and out-of-range values; return the floats.
 
     ``rows`` maps positions in ``cells`` to table rows (0-based) when ``cells`` is a
-    subset of the table.
+    subset of the table. ``numbers`` is :func:`to_numbers` of ``cells`` where the caller
+    converted many columns at once (:func:`columns_to_numbers`).
     """
-    values, invalid = to_numbers(cells)
+    values, invalid = to_numbers(cells) if numbers is None else numbers
     raw = cells.tolist()
     where = np.arange(len(values)) if rows is None else np.asarray(rows)
     label = what or f"column {column!r}"
@@ -872,11 +875,17 @@ def _check_genomics(ctx: _Context) -> None:
             "add one column per schema feature (missing values may be empty), or fix the names",
             column=absent[0],
         )
-    for name in schema.features:
-        if name in table.columns:
-            _check_numbers(
-                ctx, file=rel, column=name, cells=table[name], lo=schema.min, hi=schema.max
-            )
+    present = [name for name in schema.features if name in table.columns]
+    for name, numbers in columns_to_numbers(table, present).items():
+        _check_numbers(
+            ctx,
+            file=rel,
+            column=name,
+            cells=table[name],
+            lo=schema.min,
+            hi=schema.max,
+            numbers=numbers,
+        )
 
 
 @_check("labels")
