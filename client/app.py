@@ -8,6 +8,11 @@ the folder, and the site's durable state (privacy ledger, audit log, stored rele
 ``state-root/<site-id>/`` when the run config sets ``state-root``, else in
 ``<site folder>/.fedcare/``.
 
+The process keeps each site's loaded data and encoded tasks between the messages it answers
+while the site's files are unchanged (:mod:`client.warm`): a simulation's Ray actor serves
+many simulated sites, and a message costs its training, not a reload. The site's ledger,
+policy and config are read afresh for every message.
+
 A reply carries the model arrays, aggregate numbers (``num-examples``, ``train-loss``,
 ``steps``; task metrics on evaluation) and a ``site`` record (site id and the dataset's
 privacy state). A refusal (budget spent, task not allowed, schema mismatch, broken data) is
@@ -157,8 +162,10 @@ def _open_site(context: Context, cfg: FederationConfig, warm: WarmSites | None =
     ledger is read), enforces its budget, policy, ledger and device, whatever the run asks,
     and refuses a ``site.toml`` that carries simulation-only settings. A simulated site's
     policy comes from :func:`client.policy.simulated_site_policy` (the one constructor every
-    simulated site uses). ``warm`` (a site worker's) keeps a deployed site's loaded data
-    between messages while it is unchanged.
+    simulated site uses). ``warm`` keeps the site's loaded data and encoded tasks between
+    messages while its files are unchanged (a site worker's for its deployed site, this
+    process's for the simulated sites it serves); the ledger, policy and config are read
+    afresh for every message.
     """
     site_cfg = _site_config(context)
     if site_cfg is not None:
@@ -187,13 +194,18 @@ def _open_site(context: Context, cfg: FederationConfig, warm: WarmSites | None =
         )
         own = cfg.model_copy(update={"device": site_cfg.device})
         return _Site(trainer, own, site_cfg.state_dir)
-    site = load_site(resolve_site(context, cfg))
+    folder = resolve_site(context, cfg)
+    tasks = None
+    if warm is None:
+        site = load_site(folder)
+    else:
+        # A state-root inside the data folder holds state, not data: its writes keep it warm.
+        site, tasks = warm.load(folder, skip=[Path(cfg.state_root)] if cfg.state_root else [])
     state_dir = site_state_dir(cfg, site)
     _private_state(state_dir, site.spec.site_id)
     ledger = _open_ledger(state_dir / "ledger.sqlite", state_dir, site.spec.site_id)
-    trainer = SiteTrainer(
-        site=site, policy=simulated_site_policy(cfg), ledger=ledger, seed=cfg.seed
-    )
+    policy = simulated_site_policy(cfg)
+    trainer = SiteTrainer(site=site, policy=policy, ledger=ledger, seed=cfg.seed, task_data=tasks)
     return _Site(trainer, cfg, state_dir)
 
 
@@ -516,14 +528,22 @@ def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = 
     return Message(content=content, reply_to=msg)
 
 
+#: The sites this process has loaded, kept between the messages it answers while their files
+#: are unchanged (:class:`client.warm.WarmSites`): a Ray actor of Flower's simulation engine
+#: answers many simulated sites' messages. It is a module global on purpose: the engine
+#: pickles the ClientApp (and the handlers' closures) into every message it sends an actor,
+#: so only what the handlers reach through their module lasts in the actor's process, and a
+#: pickled WarmSites is an empty one.
+_process_sites = WarmSites()
+
 app = ClientApp()
 
 
 @app.train()
 def _train(msg: Message, context: Context) -> Message:
-    return handle_train(msg, context)
+    return handle_train(msg, context, warm=_process_sites)
 
 
 @app.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
-    return handle_evaluate(msg, context)
+    return handle_evaluate(msg, context, warm=_process_sites)
