@@ -65,12 +65,12 @@ from common import keys
 from common.audit import (
     AuditLog,
     LogHead,
-    code_hash,
     config_hash,
     hash_arrays,
     load_or_create_signing_key,
     private_audit_dir,
     read_entries,
+    running_code_hash,
     versions,
 )
 from common.federation import FederationConfig
@@ -161,7 +161,7 @@ class SiteAudit:
         dataset; checks the log's tail either way."""
         run_id, _, _, server_key = _tag(msg)
         data = {
-            "code_sha256": code_hash(),
+            "code_sha256": running_code_hash(),
             "config_sha256": config_hash(run_config),
             "dataset_fingerprint": self.dataset_fingerprint,
             "server_key": server_key,

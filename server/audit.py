@@ -48,11 +48,11 @@ from common import keys
 from common.audit import (
     AuditLog,
     LogHead,
-    code_hash,
     config_hash,
     hash_arrays,
     load_or_create_signing_key,
     private_audit_dir,
+    running_code_hash,
     versions,
 )
 from common.federation import FederationConfig
@@ -186,7 +186,7 @@ class ServerAudit:
     ) -> dict[str, Any]:
         config = cfg.to_run_config()
         return {
-            "code_sha256": code_hash(),
+            "code_sha256": running_code_hash(),
             "config_sha256": config_hash(config),
             "config": config,
             "versions": versions(),
