@@ -29,8 +29,9 @@ For each task (default: ``readmission``, EHR only, and ``multimodal_outcome``, E
    (same seeds), which checks that the replay did the simulation's work.
 
 3. with ``--compare-poll S`` (default 5), runs the simulation once more with the runner
-   polling ``flwr ls`` every ``S`` seconds instead of 0.5 (fresh ledgers, so the same work):
-   the measured effect of one of the fixes the report names.
+   polling every ``S`` seconds instead of the library's period (fresh ledgers, so the same
+   work). Since issue 14 a poll is a Control API request in the runner's process, not a
+   ``flwr ls`` process, so the ``flwr ls`` columns stay at 0.
 
 The ratio is ``run_experiment`` wall time / pure compute. The simulation runs its client
 apps in parallel (Ray gives each 1 of the machine's CPUs and ``OMP_NUM_THREADS=1``); the
@@ -672,12 +673,18 @@ def _breakdown(r: TaskResult) -> list[tuple[str, float, str]]:
         )
         rows.append(
             (
-                "record written -> runner sees run finished",
+                "record written -> runner's wait returns",
                 m["wait_done"] - m["record_written"],
-                "flwr-simulation/Ray shut down, SuperLink marks the run, `flwr ls` poll",
+                "ServerApp writes summary.json; next Control API poll (in-process) sees it",
             )
         )
-    rows.append(("teardown (stop SuperLink family)", m["link_stopped"] - m["wait_done"], ""))
+    rows.append(
+        (
+            "teardown (end the run, stop SuperLink family)",
+            m["link_stopped"] - m["wait_done"],
+            "SIGKILL flwr-simulation + Ray (end_run), then SuperLink + SuperExec",
+        )
+    )
     rows.append(("summary, metrics.csv, plots", sim.wall_s - m["link_stopped"], "runner"))
     return rows
 
@@ -876,8 +883,8 @@ def _findings(r: TaskResult) -> list[str]:
         f"message reloads its site ({sum(c.reload_per_message_s.values()) * 1000:.0f} ms, "
         f"{c.reload_s:.1f} s of actor CPU in all), and the runner's `flwr ls` poll "
         f"({ls_calls} calls, {ls_cpu:.1f} CPU s) competes with the actors for 2 cores.",
-        f"3. Finish: last round to run seen finished {finish:.1f} s (the ServerApp writes its "
-        "record at once; the rest is flwr-simulation and Ray shutting down and the poll), "
+        f"3. Finish: last round to the runner's wait returning {finish:.1f} s (the ServerApp "
+        "writes its record and summary; the runner's next poll sees them), "
         f"plus {around:.1f} s in the runner before Flower and after it (teardown, summary).",
         "",
         "Inside the pure compute, privacy accounting (PRV) is "
@@ -888,19 +895,12 @@ def _findings(r: TaskResult) -> list[str]:
         "",
         "Fixes (not implemented; gains for this run):",
         "",
-        "- Runner: take `server_record.json` (written atomically as the ServerApp's last act) "
-        "as the end of the run, confirm with one `flwr ls`, then tear down: saves about "
-        f"{max(0.0, m['wait_done'] - m['record_written']):.1f} s wall (measured: record "
-        "written -> run seen finished).",
-        "- Runner: poll local files (progress.jsonl, server_record.json) every 0.5 s and "
-        f"`flwr ls` only every ~10 s: removes ~{ls_cpu * 0.8:.0f} of {ls_cpu:.0f} CPU s "
-        "(estimate; each `flwr ls` is a fresh Python process of ~1 CPU s)."
-        + (
-            f" A plain {r.slow_poll_s:g} s poll alone is measured above: it saves CPU but "
-            f"adds up to {r.slow_poll_s:g} s of finish latency."
-            if r.slow_poll is not None
-            else ""
-        ),
+        "- Runner (done in issue 14): the wait ends at the ServerApp's last write "
+        "(`summary.json` after `server_record.json`), each poll is an in-process Control "
+        "API request instead of a `flwr ls` process, and the run's simulation and Ray are "
+        f"killed at once (`end_run`): record written -> wait returned "
+        f"{max(0.0, m['wait_done'] - m['record_written']):.1f} s, teardown "
+        f"{m['link_stopped'] - m['wait_done']:.1f} s in this run.",
         "- ClientApp: keep the loaded site and its encoded task data per actor (keyed by "
         "folder and dataset fingerprint) instead of reloading on every message: saves "
         f"~{c.reload_s - reload_once:.1f} of {c.reload_s:.1f} actor CPU s, about "
@@ -992,10 +992,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(markdown, encoding="utf-8")
-    raw = {
-        "machine": machine,
-        "results": [asdict(r) | {"ratio": r.ratio, "breakdown": _breakdown(r)} for r in results],
-    }
+    raw: dict[str, Any] = {"machine": machine, "results": []}
+    for r in results:
+        fixed, k = r.fixed_and_per_round()
+        raw["results"].append(
+            asdict(r)
+            | {"ratio": r.ratio, "breakdown": _breakdown(r)}
+            | {"fixed_overhead_s": fixed, "per_round_factor": k}
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")

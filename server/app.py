@@ -171,6 +171,8 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     )
     with atomic_private(run_dir / FINAL_MODEL_NAME) as out:
         torch.save({"model": model_name, "task": cfg.task, "state_dict": state}, out)
+    # These two stay the last writes: once both exist, a simulation's runner ends the run's
+    # processes at once (simulations.runner, SuperLinkHandle.end_run).
     _atomic_write(run_dir / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True))
     write_summary(build_summary(record), run_dir / SUMMARY_NAME)
     return record

@@ -8,9 +8,14 @@ the SuperLink *and* everything it spawned. The SuperLink's SuperExec has its own
 and ``flwr-simulation`` and the Ray cluster (``gcs_server``, ``raylet``, actors) live in it.
 They outlive the SuperLink when a run is still going, so they are stopped by session.
 
-``flwr run --format json`` exits 0 even when it rejects a run, and a run's outcome is only
-known from ``flwr ls``. So :meth:`SuperLinkHandle.submit` reads the JSON ``success`` field,
-and :meth:`SuperLinkHandle.wait` polls the run's status.
+``flwr run --format json`` exits 0 even when it rejects a run, so
+:meth:`SuperLinkHandle.submit` reads the JSON ``success`` field. A run's outcome is only known
+from the SuperLink's Control API (what ``flwr ls`` shows): :meth:`SuperLinkHandle.wait` asks
+it in this process, with Flower's own client (:class:`flwr.supercore.control.ControlHttpClient`,
+one HTTP request of a few milliseconds), not with a ``flwr`` CLI process per poll (about a
+CPU second each, taken from the simulation). An app that writes its own final output can end
+the wait as soon as that output is there (``wait(done=...)``), without the seconds Flower
+takes to shut the simulation and Ray down.
 
 An app can be *thin* (:func:`write_app_dir`): a folder that holds only ``pyproject.toml``.
 Its components name installed modules (``server.app:app``), so the FAB ships no code and the
@@ -37,6 +42,8 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -46,7 +53,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import tomli_w
+from flwr.cli.run_utils import format_runs
+from flwr.common.serde import run_from_proto
+from flwr.proto.control_pb2 import ListRunsRequest, StopRunRequest
+from flwr.supercore.control import ControlHttpClient
 
 from common.errors import ConfigError, FedcareError
 from common.flower_app import ConfigValue, check_values, write_app_dir
@@ -62,6 +74,7 @@ else:  # pragma: no cover - Python 3.10
 __all__ = [
     "FlowerRunError",
     "RunStatus",
+    "SharedSuperLink",
     "SuperLinkHandle",
     "local_superlink",
     "write_app_dir",
@@ -75,6 +88,8 @@ CONNECTION = "fedcare-sim"
 _STOP_GRACE_S = 5.0
 #: Seconds a single ``flwr`` command may take.
 _FLWR_TIMEOUT_S = 120.0
+#: Seconds a single Control API request may take.
+_CONTROL_TIMEOUT_S = 30.0
 
 
 class FlowerRunError(FedcareError, RuntimeError):
@@ -83,14 +98,16 @@ class FlowerRunError(FedcareError, RuntimeError):
 
 @dataclass(frozen=True)
 class RunStatus:
-    """The final state of a finished run, as ``flwr ls`` reports it.
+    """The state of a run that :meth:`SuperLinkHandle.wait` saw end, as ``flwr ls`` reports it.
 
     Attributes
     ----------
     run_id : int
         The run's id on the SuperLink.
     status : str
-        ``"finished:completed"`` (a failed or stopped run raises instead).
+        ``"finished:completed"``; or, where the wait's ``done`` reported the app's final
+        output first, the status Flower had then (``"running"`` while it still shuts the
+        simulation down). A failed or stopped run raises instead.
     details : str
         Flower's ``status-details`` (``"N/A"`` for a completed run in 1.42).
     elapsed : float
@@ -126,6 +143,14 @@ class SuperLinkHandle:
         self.port = port
         self.pid = pid
         self._submitted = 0
+        self._control: ControlHttpClient | None = None
+        self._open_runs: set[int] = set()  # submitted, not yet seen finished or ended
+
+    def close(self) -> None:
+        """Close the connection to the Control API (:func:`local_superlink` does on exit)."""
+        if self._control is not None:
+            self._control.close()
+            self._control = None
 
     @property
     def flwr_home(self) -> Path:
@@ -191,41 +216,124 @@ class SuperLinkHandle:
                     f"the overrides are in {overrides}"
                 )
             raise FlowerRunError(f"flwr run {app_dir} failed: {message.strip()}")
-        return int(reply["run-id"])
+        run_id = int(reply["run-id"])
+        self._open_runs.add(run_id)
+        return run_id
 
     def run_info(self, run_id: int) -> dict[str, Any]:
-        """The run's row of ``flwr ls --run-id RUN_ID --format json``.
+        """The run's row as ``flwr ls --run-id RUN_ID --format json`` shows it.
 
-        Keys include ``status`` (``pending``, ``starting``, ``running``,
-        ``finished:completed|failed|stopped``), ``status-details`` and ``elapsed``.
+        Asked of the Control API in this process (a few milliseconds, no ``flwr`` process).
+        Keys: ``run-id``, ``fab-id``, ``status`` (``pending``, ``starting``, ``running``,
+        ``finished:completed|failed|stopped``), ``status-details``, ``elapsed`` (seconds)
+        and ``pending-at``, ``starting-at``, ``running-at``, ``finished-at``.
+
+        Raises
+        ------
+        FlowerRunError
+            The SuperLink has no such run, or cannot be reached.
         """
-        reply = self._flwr_json("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
-        runs = reply.get("runs")
-        if not reply.get("success", True) or not runs:
+        try:
+            reply = self._control_api().ListRuns(ListRunsRequest(run_id=run_id))
+        except httpx.HTTPStatusError as e:
             raise FlowerRunError(
-                f"flwr ls has no run {run_id} on 127.0.0.1:{self.port}: "
-                f"{reply.get('error-message', reply)}"
-            )
-        return dict(runs[0])
+                f"the SuperLink on 127.0.0.1:{self.port} has no run {run_id} "
+                f"(HTTP {e.response.status_code}: {e.response.text.strip()[:200]})"
+            ) from e
+        except httpx.HTTPError as e:
+            raise FlowerRunError(
+                f"cannot ask the SuperLink on 127.0.0.1:{self.port} about run {run_id}: {e}; "
+                f"see {self.work_dir / 'superlink.log'}"
+            ) from e
+        rows = format_runs([run_from_proto(p) for p in reply.run_dict.values()], reply.now)
+        if not rows:
+            raise FlowerRunError(f"the SuperLink on 127.0.0.1:{self.port} has no run {run_id}")
+        row = rows[0]
+        return {
+            "run-id": row.run_id,
+            "fab-id": row.fab_id,
+            "status": row.status_text,
+            "status-details": row.details,
+            "elapsed": row.elapsed,
+            "pending-at": row.pending_at,
+            "starting-at": row.starting_at,
+            "running-at": row.running_at,
+            "finished-at": row.finished_at,
+        }
 
     def logs(self, run_id: int) -> str:
         """The run's whole log so far (``flwr log RUN_ID --show``)."""
         result = self._flwr("log", str(run_id), CONNECTION, "--show")
         return result.stdout + result.stderr
 
-    def stop(self, run_id: int) -> None:
-        """Ask the SuperLink to stop the run (``flwr stop``); does not wait for it."""
-        self._flwr("stop", str(run_id), CONNECTION)
+    def stop(self, run_id: int) -> bool:
+        """Ask the SuperLink to stop the run (what ``flwr stop`` asks); does not wait for it.
+
+        Returns
+        -------
+        bool
+            Whether the SuperLink marked the run stopped (False: it had already finished).
+        """
+        try:
+            return bool(self._control_api().StopRun(StopRunRequest(run_id=run_id)).success)
+        except httpx.HTTPStatusError:  # Flower answers an error for a finished run
+            return False
+        except httpx.HTTPError as e:
+            raise FlowerRunError(
+                f"cannot ask the SuperLink on 127.0.0.1:{self.port} to stop run {run_id}: {e}"
+            ) from e
+
+    def end_run(self, run_id: int, *, timeout_s: float = 30.0) -> None:
+        """End a run whose app has written its final output, without Flower's shutdown.
+
+        After ``wait(done=...)`` returned early, Flower still spends seconds shutting the
+        run's simulation down (its Ray actors, then the Ray cluster), and only then takes
+        the next run. This kills the run's ``flwr-simulation`` process and everything it
+        spawned (its Ray cluster and ClientApp actors) with SIGKILL at once, then asks the
+        SuperLink to mark the run stopped, so Flower's state also says it is over. The
+        SuperLink and its SuperExec stay up for the next run.
+
+        Safe only once the app's output is complete: each simulated site wrote its ledger
+        charge before it replied, and the ServerApp wrote its output after the last reply,
+        so nothing of the run is lost (Flower's own shutdown also kills the actors).
+
+        Parameters
+        ----------
+        run_id : int
+            A run of this handle whose wait has returned.
+        timeout_s : float, default 30
+            Seconds for the killed processes to be gone.
+
+        Raises
+        ------
+        FlowerRunError
+            Another run submitted through this handle may still be going (its simulation
+            could not be told apart), or the processes did not go within ``timeout_s``.
+        """
+        others = sorted(self._open_runs - {run_id})
+        if others:
+            raise FlowerRunError(
+                f"cannot end run {run_id} early while run(s) {others} may still be going on "
+                f"127.0.0.1:{self.port}: wait for them first"
+            )
+        _kill_simulations(self.pid, timeout_s=timeout_s)
+        self._open_runs.discard(run_id)
+        with contextlib.suppress(FlowerRunError):  # the SuperLink's view only
+            self.stop(run_id)
 
     def wait(
         self,
         run_id: int,
         *,
         timeout_s: float,
-        poll_s: float = 0.5,
+        poll_s: float = 0.25,
         on_poll: Callable[[], None] | None = None,
+        done: Callable[[], bool] | None = None,
     ) -> RunStatus:
-        """Poll ``flwr ls`` until the run finishes.
+        """Wait until the run finishes, or until ``done`` says its app's work is complete.
+
+        Each poll asks the Control API in this process (:meth:`run_info`), so a short
+        ``poll_s`` costs next to nothing.
 
         Parameters
         ----------
@@ -233,15 +341,23 @@ class SuperLinkHandle:
             From :meth:`submit`.
         timeout_s : float
             Seconds to wait; then the run is stopped and :class:`FlowerRunError` raised.
-        poll_s : float, default 0.5
+        poll_s : float, default 0.25
             Seconds between polls.
         on_poll : callable, optional
             Called once per poll (e.g. to advance a progress bar from files the run writes).
+        done : callable, optional
+            Called once per poll, before the run's status is asked for; True means the app
+            has written its final output (e.g. its ServerApp's last file is there). The wait
+            then returns at once, unless Flower already reports the run failed or stopped,
+            without waiting the seconds Flower takes to mark it finished (the simulation and
+            its Ray cluster shut down first). The caller then stops what is left of the run
+            (:func:`local_superlink` stops the whole family on exit).
 
         Returns
         -------
         RunStatus
-            For a run that finished with ``finished:completed``.
+            For a run that finished with ``finished:completed``, or whose ``done`` was true
+            while Flower reported neither failure nor stop.
 
         Raises
         ------
@@ -252,11 +368,15 @@ class SuperLinkHandle:
         """
         deadline = time.monotonic() + timeout_s
         while True:
+            app_done = done is not None and done()
             row = self.run_info(run_id)
             status = str(row.get("status", ""))
             if on_poll is not None:
                 on_poll()
             if status.startswith("finished"):
+                self._open_runs.discard(run_id)
+                break
+            if app_done:
                 break
             if time.monotonic() > deadline:
                 self.stop(run_id)
@@ -266,7 +386,7 @@ class SuperLinkHandle:
                 )
             time.sleep(poll_s)
         details = str(row.get("status-details") or "")
-        if status != "finished:completed":
+        if status.startswith("finished") and status != "finished:completed":
             # One line for the user (a fedcare error in the ServerApp is its own message);
             # the ServerApp's whole log goes to a file the line names.
             log = self.work_dir / f"run-{run_id}.log"
@@ -276,6 +396,11 @@ class SuperLinkHandle:
                 f"run {run_id} ended {status}: {cause or 'no details'} (the ServerApp's log: {log})"
             )
         return RunStatus(run_id, status, details, float(row.get("elapsed") or 0.0))
+
+    def _control_api(self) -> ControlHttpClient:
+        if self._control is None:
+            self._control = _LoopbackControl(self.port, timeout=_CONTROL_TIMEOUT_S)
+        return self._control
 
     def _flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -300,6 +425,20 @@ class SuperLinkHandle:
         if not isinstance(reply, dict):
             raise FlowerRunError(f"`flwr {args[0]}` gave unexpected JSON: {reply!r}")
         return reply
+
+
+class _LoopbackControl(ControlHttpClient):
+    """Flower's Control API client for a SuperLink on 127.0.0.1, never through a proxy.
+
+    Flower's client builds an ``httpx.Client`` that honours ``HTTP_PROXY`` and the like
+    from this process's environment (the ``flwr`` CLI gets ``NO_PROXY`` from
+    :func:`common.processes.flower_env`); the loopback SuperLink is always reached directly.
+    """
+
+    def __init__(self, port: int, *, timeout: float) -> None:
+        super().__init__(f"http://127.0.0.1:{port}", timeout=timeout)
+        self._client.close()
+        self._client = httpx.Client(timeout=timeout, trust_env=False)
 
 
 @contextlib.contextmanager
@@ -376,16 +515,69 @@ def local_superlink(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        handle = SuperLinkHandle(env=env, work_dir=work_dir, port=port, pid=link.pid)
         try:
             _wait_healthy(link, port, startup_timeout, work_dir / "superlink.log")
-            yield SuperLinkHandle(env=env, work_dir=work_dir, port=port, pid=link.pid)
+            yield handle
         finally:
+            handle.close()
             sessions = {link.pid}
             try:
                 stop_family(link, sessions, grace_s=_STOP_GRACE_S)
             except (KeyboardInterrupt, Stopped):  # a second stop during the cleanup: kill now
                 stop_family(link, sessions, grace_s=0)
                 raise
+
+
+class SharedSuperLink:
+    """One local simulation SuperLink for several runs, started when the first run asks.
+
+    A sweep submits all its values to one SuperLink: one start-up (and one FAB install
+    folder) instead of one per value. Each value is still its own Flower run, with its own
+    ``flwr-simulation`` process and Ray cluster: Flower 1.42's simulation runtime starts
+    both per run and cannot share them.
+
+    Parameters
+    ----------
+    work_dir : pathlib.Path
+        The SuperLink's work folder (see :func:`local_superlink`).
+    pythonpath : sequence of pathlib.Path, default ()
+        As for :func:`local_superlink`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with SharedSuperLink(work_dir=Path(tempfile.mkdtemp())) as shared:
+    ...     shared.starts  # nothing asked for it: nothing started
+    0
+    """
+
+    def __init__(self, *, work_dir: Path, pythonpath: Sequence[Path] = ()) -> None:
+        self.work_dir = Path(work_dir)
+        self.pythonpath = tuple(pythonpath)
+        self.starts = 0
+        self._stack = contextlib.ExitStack()
+        self._handle: SuperLinkHandle | None = None
+
+    def handle(self) -> SuperLinkHandle:
+        """The SuperLink, started on the first call (inside the ``with`` block only)."""
+        if self._handle is None:
+            link = local_superlink(work_dir=self.work_dir, pythonpath=self.pythonpath)
+            self._handle = self._stack.enter_context(link)
+            self.starts += 1
+        return self._handle
+
+    def __enter__(self) -> SharedSuperLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop the SuperLink and everything it spawned, and drop its ``FLWR_HOME``."""
+        self._handle = None
+        try:
+            self._stack.close()
+        finally:
+            if self.starts:
+                shutil.rmtree(self.work_dir / "home", ignore_errors=True)
 
 
 # --- submission checks -----------------------------------------------------------------------
@@ -464,3 +656,72 @@ def _wait_healthy(link: subprocess.Popen[bytes], port: int, timeout: float, log:
                 f"see {log}, or raise startup_timeout on a loaded machine"
             )
         time.sleep(0.2)
+
+
+# --- ending a run's simulation ---------------------------------------------------------------
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """``pid -> (ppid, start time)`` of every live process (zombies left out)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] not in ("Z", "X"):
+            table[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def _is_simulation(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(Path(a.decode(errors="replace")).name == "flwr-simulation" for a in argv[:2])
+
+
+def _kill_simulations(root: int, *, timeout_s: float) -> None:
+    """SIGKILL every ``flwr-simulation`` below ``root`` and all its descendants; wait.
+
+    The descendants are found by parentage while they all live (Ray's processes stay in
+    the SuperExec's session, so a session cannot tell them apart from the SuperExec); each
+    is named by pid and start time, so a recycled pid is never waited on.
+    """
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+
+    def below(pid: int) -> list[int]:
+        found, todo = [], list(children.get(pid, []))
+        while todo:
+            p = todo.pop()
+            found.append(p)
+            todo += children.get(p, [])
+        return found
+
+    doomed: set[int] = set()
+    for pid in below(root):
+        if pid not in doomed and _is_simulation(pid):
+            doomed |= {pid, *below(pid)}
+    victims = {(pid, table[pid][1]) for pid in doomed}
+    for pid, _ in victims:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = _process_table()
+        left = sorted(pid for pid, start in victims if now.get(pid, (0, -1))[1] == start)
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise FlowerRunError(
+                f"the simulation processes {left} were still there {timeout_s:g} s after "
+                "SIGKILL; stop them by hand"
+            )
+        time.sleep(0.05)

@@ -3,9 +3,11 @@
 ``run_experiment`` prepares the sites (synthesized, or existing folders), checks every site's
 data and that all share one schema, writes the resolved config, then runs fedcare's own
 ServerApp and ClientApp with ``flwr run`` against a local simulation SuperLink that it starts
-and stops (:mod:`simulations.flower_driver`). While the run goes it shows a progress bar fed
-by the server's ``progress.jsonl``. Afterwards it computes the baselines (each site alone;
-all data pooled, non-private) and writes the run directory:
+and stops, or one a sweep shares (:mod:`simulations.flower_driver`). The run is over once the
+ServerApp has written its record and summary; its simulation is then ended at once. While the
+run goes it shows a progress bar fed by the server's ``progress.jsonl``. Afterwards it
+computes the baselines (each site alone; all data pooled, non-private) and writes the run
+directory:
 
 ``config.toml`` (resolved, the run id included), ``summary.json`` (schema:
 ``common/summary.py``), ``metrics.csv`` (round, site, split, metric, value; the baselines
@@ -21,6 +23,7 @@ run, and a second run on the same folder is refused, naming the first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -43,10 +46,16 @@ from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.locks import FolderLock
 from common.spec import SPEC_FILENAME, describe_schema_difference
 from common.summary import RunSummary, write_summary
+from server.app import RECORD_NAME
 from server.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from server.summary import SUMMARY_NAME, build_summary
 from simulations.baselines import local_only, pooled
-from simulations.flower_driver import local_superlink, write_app_dir
+from simulations.flower_driver import (
+    FlowerRunError,
+    SharedSuperLink,
+    local_superlink,
+    write_app_dir,
+)
 from simulations.reports import (
     MetricRow,
     baseline_rows,
@@ -252,8 +261,21 @@ def run_experiment(
     on_progress: ProgressFn | None = None,
     timeout_s: float = 3600.0,
     resume: bool = False,
+    superlink: SharedSuperLink | None = None,
 ) -> RunOutcome:
     """Run one federated experiment into ``out`` (see the module docstring).
+
+    Without ``superlink`` the run starts its own local simulation SuperLink in
+    ``<out>/.flower`` and stops it (and everything it spawned) before returning. With a
+    :class:`~simulations.flower_driver.SharedSuperLink` (a sweep's values share one), the
+    run is submitted to that SuperLink, started by the first run that asks, and left
+    running for the next; the run is still its own Flower run, with its own run directory
+    and ledger state.
+
+    The run is over once its ServerApp has written its record and summary: its
+    ``flwr-simulation`` and Ray processes are then killed
+    (:meth:`~simulations.flower_driver.SuperLinkHandle.end_run`) instead of waiting
+    seconds for Flower to shut them down.
 
     The run gets a fresh id from :func:`new_run_id` unless the scenario (or ``overrides``)
     sets ``run-id``; any earlier run's state in ``out`` is cleared. With ``resume``, the run
@@ -287,7 +309,13 @@ def run_experiment(
         ) from e
     with FolderLock(out, what="--out"):
         return _run_locked(
-            scenario, out, cfg, on_progress=on_progress, timeout_s=timeout_s, resume=resume
+            scenario,
+            out,
+            cfg,
+            on_progress=on_progress,
+            timeout_s=timeout_s,
+            resume=resume,
+            superlink=superlink,
         )
 
 
@@ -299,6 +327,7 @@ def _run_locked(
     on_progress: ProgressFn | None,
     timeout_s: float,
     resume: bool,
+    superlink: SharedSuperLink | None,
 ) -> RunOutcome:
     """:func:`run_experiment` once ``out`` is locked."""
     if resume:
@@ -333,12 +362,13 @@ def _run_locked(
     )
     if resume:
         _check_same_run(out, cfg)
-        stale: tuple[str, ...] = ("server_record.json",)
+        # The ServerApp writes these two last: their presence ends the wait for the run.
+        stale: tuple[str, ...] = (RECORD_NAME, SUMMARY_NAME)
     else:  # a new run: nothing of an earlier one may be mistaken for its results
         stale = (
             CHECKPOINT_NAME,
             "progress.jsonl",
-            "server_record.json",
+            RECORD_NAME,
             SUMMARY_NAME,
             METRICS_NAME,
         )
@@ -364,7 +394,12 @@ def _run_locked(
         if progress_file.is_file()
         else 0
     )
-    with local_superlink(work_dir=out / ".flower") as link:
+    own_link = superlink is None
+    with (
+        local_superlink(work_dir=out / ".flower")
+        if superlink is None
+        else contextlib.nullcontext(superlink.handle())
+    ) as link:
         flower_run = link.submit(  # Flower's own number for the run, not fedcare's run id
             app_dir,
             run_config=cfg.to_run_config(),
@@ -384,12 +419,31 @@ def _run_locked(
                     on_progress(json.loads(line))
             seen = len(lines)
 
-        # Each poll runs the flwr CLI in a fresh process; every 2 s keeps that cost small.
-        link.wait(flower_run, timeout_s=timeout_s, on_poll=poll, poll_s=2.0)
-        poll()
-    shutil.rmtree(out / ".flower" / "home", ignore_errors=True)
+        def server_done() -> bool:
+            # The ServerApp's last two writes (atomic renames): the record, then the summary.
+            # Every site's reply, and so its ledger charge, came before them; the seconds
+            # Flower then spends shutting the simulation and Ray down are skipped (end_run).
+            return (run_dir / RECORD_NAME).is_file() and (run_dir / SUMMARY_NAME).is_file()
 
-    record = json.loads((run_dir / "server_record.json").read_text(encoding="utf-8"))
+        try:
+            status = link.wait(flower_run, timeout_s=timeout_s, on_poll=poll, done=server_done)
+        except Exception:
+            # A run that timed out, or whose progress callback raised, is still going: its
+            # simulation is killed now, before it can write more (a shared SuperLink also
+            # outlives the run; its own would stop only after a grace period in which the
+            # ServerApp could still finish). Every site's ledger survives a kill mid-charge.
+            # An interrupt (Ctrl-C, SIGTERM) goes to the SuperLink's owner, which stops
+            # everything.
+            with contextlib.suppress(FlowerRunError):
+                link.end_run(flower_run)
+            raise
+        if status.status != "finished:completed":
+            link.end_run(flower_run)
+        poll()
+    if own_link:
+        shutil.rmtree(out / ".flower" / "home", ignore_errors=True)
+
+    record = json.loads((run_dir / RECORD_NAME).read_text(encoding="utf-8"))
     baselines: dict[str, Any] = {"local_only": {}, "pooled": {}}
     if scenario.baselines:
         train, dp = settings_from_run(cfg, proximal_mu=0.0)  # baselines train plainly

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,10 @@ from rich.table import Table
 
 from common import keys, stopping
 from common.errors import ConfigError
+from common.locks import FolderLock
 from common.spec import SPEC_FILENAME, format_validation_error, load_site_spec
 from common.summary import Privacy, RunSummary, SiteResult
+from simulations.flower_driver import SharedSuperLink
 from simulations.reports import (
     MissingMetric,
     missing_cell,
@@ -271,8 +275,9 @@ def run_with_progress(
     overrides: dict[str, Any] | None = None,
     console: Console,
     resume: bool = False,
+    superlink: SharedSuperLink | None = None,
 ) -> RunOutcome:
-    """Run one experiment with a progress bar per round."""
+    """Run one experiment with a progress bar per round (on ``superlink`` where given)."""
     stopping.set_resume_hint(
         f"the rounds completed so far (checkpoint, audit log, ledgers) are kept in {out}; "
         f"continue with `fedcare simulate --out {out} --resume` and the same options"
@@ -306,10 +311,34 @@ def run_with_progress(
                 console.print(f"federated round {event['round']}/{rounds}: {status}")
 
         outcome = run_experiment(
-            scenario, out, overrides=overrides, on_progress=on_progress, resume=resume
+            scenario,
+            out,
+            overrides=overrides,
+            on_progress=on_progress,
+            resume=resume,
+            superlink=superlink,
         )
         progress.update(bar, completed=rounds, status="baselines done")
     return outcome
+
+
+@contextlib.contextmanager
+def _sweep_superlink(out: Path) -> Iterator[SharedSuperLink]:
+    """The one SuperLink of a sweep into ``out`` (in ``out/.flower``), with ``out`` locked.
+
+    The SuperLink starts with the first value and stops after the last (or on an error);
+    each value is still its own Flower run, in its own ``out/KEY=VALUE`` with its own
+    ledgers. ``out`` stays locked meanwhile: the SuperLink's ``FLWR_HOME`` is there.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"--out {out}: cannot hold the sweep ({e.strerror or e}); give a folder this "
+            "user can write"
+        ) from e
+    with FolderLock(out, what="--out"), SharedSuperLink(work_dir=out / ".flower") as link:
+        yield link
 
 
 def _parse_sweep(text: str) -> Sweep:
@@ -466,25 +495,32 @@ def simulate(
     table = Table(title=f"sweep over {key}", title_justify="left")
     for col in ("value", "run id", *HEADLINE, "max run ε", "max lifetime ε"):
         table.add_column(col)
-    for run in plan:
-        console.print(f"[bold]{key} = {run.value}[/bold]")
-        outcome = run_with_progress(
-            scenario, out / f"{key}={run.value}", overrides=run.overrides, console=console
-        )
-        summary = outcome.summary
-        final = summary.global_.final
-        run_eps = [s.privacy.run_epsilon for s in summary.sites]
-        life_eps = [s.privacy.epsilon for s in summary.sites]
-        table.add_row(
-            run.value,
-            summary.run_id,
-            *(_fmt(final.get(m)) for m in HEADLINE),
-            _fmt(max((e for e in run_eps if e is not None), default=None)),
-            _fmt(max((e for e in life_eps if e is not None), default=None)),
-        )
-        notes += [f"{key} = {run.value}: {n.removeprefix('* ')}" for n in privacy_notes(summary)]
-        if "test.auroc" in final:
-            points.append((_sweep_x(run.value), final["test.auroc"]))
+    with _sweep_superlink(out) as link:
+        for run in plan:
+            console.print(f"[bold]{key} = {run.value}[/bold]")
+            outcome = run_with_progress(
+                scenario,
+                out / f"{key}={run.value}",
+                overrides=run.overrides,
+                console=console,
+                superlink=link,
+            )
+            summary = outcome.summary
+            final = summary.global_.final
+            run_eps = [s.privacy.run_epsilon for s in summary.sites]
+            life_eps = [s.privacy.epsilon for s in summary.sites]
+            table.add_row(
+                run.value,
+                summary.run_id,
+                *(_fmt(final.get(m)) for m in HEADLINE),
+                _fmt(max((e for e in run_eps if e is not None), default=None)),
+                _fmt(max((e for e in life_eps if e is not None), default=None)),
+            )
+            notes += [
+                f"{key} = {run.value}: {n.removeprefix('* ')}" for n in privacy_notes(summary)
+            ]
+            if "test.auroc" in final:
+                points.append((_sweep_x(run.value), final["test.auroc"]))
     console.print(table)
     for note in notes:
         console.print(note, style="bold yellow", markup=False, soft_wrap=True)

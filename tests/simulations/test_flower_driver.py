@@ -280,3 +280,53 @@ def test_failed_stopped_and_interrupted_runs_are_cleaned_up(tmp_path: Path) -> N
     assert watch is not None
     assert watch.survivors() == []
     assert time.monotonic() - interrupted < 60
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_run_ended_at_its_output_frees_the_superlink_for_the_next(tmp_path: Path) -> None:
+    """``wait(done=...)`` returns once the app's output is there; ``end_run`` kills that run's
+    simulation and Ray at once, and the same SuperLink runs the next run to the exact end."""
+    app = _app(tmp_path)
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    held = Path(f"{first}.held")
+    with local_superlink(work_dir=tmp_path / "flower", pythonpath=[REPO_ROOT]) as link:
+        watch = FamilyWatch(link.pid)
+        # The ServerApp writes its result, then would hold the run (and Ray) for 600 s.
+        run_1 = link.submit(
+            app,
+            run_config={"result-path": str(first), "num-server-rounds": 1, "hold-s": 600.0},
+            num_supernodes=3,
+        )
+        status = link.wait(run_1, timeout_s=240, on_poll=watch.snapshot, done=held.exists)
+        watch.snapshot()
+        assert status.status == "running"  # Flower had not finished it: the wait did not wait
+        assert "raylet" in "\n".join(watch.survivors())
+        link.end_run(run_1)
+        alive = "\n".join(watch.survivors())
+        assert "flwr-simulation" not in alive and "raylet" not in alive and "ray::" not in alive
+        assert "flower-superexec" in alive  # the SuperLink and its SuperExec stay up
+        assert link.run_info(run_1)["status"] == "finished:stopped"
+        assert json.loads(first.read_text(encoding="utf-8"))["train_rounds"] == [1]
+        # The next run on the same SuperLink: its own simulation, to the exact FedAvg result.
+        run_2 = link.submit(
+            app,
+            run_config={"result-path": str(second), "num-server-rounds": 2, "lr": 0.5},
+            num_supernodes=3,
+        )
+        assert run_2 != run_1
+        assert link.wait(run_2, timeout_s=240, on_poll=watch.snapshot).status == (
+            "finished:completed"
+        )
+    record = json.loads(second.read_text(encoding="utf-8"))
+    np.testing.assert_allclose(record["final"], _fedavg_reference(2, 3, 0.5), rtol=1e-12)
+    assert watch.survivors() == []
+
+
+def test_end_run_refuses_while_another_run_may_be_going(tmp_path: Path) -> None:
+    handle = SuperLinkHandle(
+        env={"FLWR_HOME": str(tmp_path / "home")}, work_dir=tmp_path, port=1, pid=1
+    )
+    handle._open_runs |= {3, 4}  # submitted, neither seen finished
+    with pytest.raises(FlowerRunError, match=r"cannot end run 3 early while run\(s\) \[4\]"):
+        handle.end_run(3)
