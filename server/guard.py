@@ -97,9 +97,7 @@ def with_model_dtypes(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> 
     are the round's reference, so the aggregate is cast back to them (a no-op for FedAvg).
     """
     current = arrays_to_numpy(arrays)
-    if all(
-        name in reference and current[name].dtype == reference[name].dtype for name in current
-    ):
+    if all(name in reference and current[name].dtype == reference[name].dtype for name in current):
         return arrays
     cast = {
         name: value.astype(reference[name].dtype) if name in reference else value
