@@ -33,11 +33,10 @@ Each run has its own run directory and state root, so every site starts from an 
 ledger. The simulated sites evaluate exactly (their ``site.toml`` opts in), so the metrics
 are those of the models, not of a DP release.
 
-Two shortcuts change no number, only the time: each site is loaded from disk once per seed
+One shortcut changes no number, only the time: each site is loaded from disk once per seed
 instead of once per message (:func:`client.app.load_site` answered from a cache, as a warm
-site worker does), and the privacy accountant's ε of a mechanism history is computed once per
-history (``client.accounting.ACCOUNTANTS`` memoized; ε is a pure function of the history and
-δ, and runs with the same plan ask for the same histories).
+site worker does). The accountant already computes each history's ε once per process
+(:mod:`client.accounting`).
 
 **What is measured.** The **global** metrics are pooled over the sites' test patients: every
 test patient scored by the model that serves their site (the global model of a federation,
@@ -79,7 +78,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import tomli_w
@@ -87,7 +86,6 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.accounting as client_accounting
 import client.app as client_app
 from client.data.loaders import load_site
 from client.data.site import SiteData
@@ -110,7 +108,6 @@ __all__ = [
     "InProcessGrid",
     "PredictionLog",
     "RunResult",
-    "memoized_accounting",
     "sites_loaded_once",
     "run_method",
     "summarize",
@@ -267,38 +264,6 @@ class InProcessGrid:
 
 
 # --------------------------------------------------------------------------- shortcuts
-
-
-@contextlib.contextmanager
-def memoized_accounting() -> Iterator[dict[str, int]]:
-    """Compute each accountant's ε once per (history, δ) while the block runs.
-
-    Yields counts of ``calls`` and ``computed``. ``client.accounting.epsilon`` looks its
-    accountant up in ``ACCOUNTANTS`` at every call, so calibration and the ledger's charges
-    both go through the cache.
-    """
-    table = cast(dict[str, Callable[..., float]], client_accounting.ACCOUNTANTS)
-    originals = dict(table)
-    counts = {"calls": 0, "computed": 0}
-
-    def cached(compute: Callable[..., float]) -> Callable[..., float]:
-        @functools.cache
-        def once(mechanisms: tuple[Any, ...], delta: float) -> float:
-            counts["computed"] += 1
-            return compute(list(mechanisms), delta)
-
-        def epsilon(mechanisms: Sequence[Any], delta: float) -> float:
-            counts["calls"] += 1
-            return once(tuple(mechanisms), delta)
-
-        return epsilon
-
-    table.update({name: cached(fn) for name, fn in originals.items()})
-    try:
-        yield counts
-    finally:
-        table.clear()
-        table.update(originals)
 
 
 @contextlib.contextmanager
@@ -834,17 +799,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "plan": plan,
                 "machine": machine | {"loadavg_now": [round(x, 2) for x in os.getloadavg()]},
                 "wall_s": round(time.monotonic() - t_start, 1),
-                "accounting": dict(accounting),
                 "summary": summarize(results),
                 "runs": [asdict(r) for r in results],
             },
         )
 
     flower_run = 0
-    with (
-        tempfile.TemporaryDirectory(prefix="fedcare-utility-") as tmp,
-        memoized_accounting() as accounting,
-    ):
+    with tempfile.TemporaryDirectory(prefix="fedcare-utility-") as tmp:
         work = args.work or Path(tmp)
         for name in datasets:
             dataset = DATASETS[name]
