@@ -1,9 +1,9 @@
 """A sweep runs all its values on one SuperLink: one start-up, each value its own run.
 
 The fast test counts SuperLink starts of ``fedcare simulate --sweep`` with the runs faked;
-the slow one runs two real values of fedcare's own app on one SuperLink and checks that each
-is its own Flower run, with its own run directory, run id and ledgers, and that nothing is
-left running.
+the slow one runs a real value of fedcare's own app on a shared SuperLink and checks that it
+is its own Flower run, with its own run directory and ledgers, that the SuperLink stays up
+and idle for the next value, and that nothing is left running at the end.
 """
 
 from __future__ import annotations
@@ -76,9 +76,14 @@ def test_a_shared_superlink_starts_only_when_a_run_asks(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_two_values_on_one_superlink_are_two_runs(
+def test_a_run_on_a_shared_superlink_leaves_it_up_and_idle_for_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """fedcare's own app, run by the runner on a sweep's SuperLink: the run starts none of its
+    own, has its own run directory, config and ledgers, and leaves the SuperLink healthy with
+    nothing of its simulation running; leaving the sweep stops everything. (Two real runs
+    one after the other on one SuperLink: ``test_flower_driver``'s
+    ``test_a_run_ended_at_its_output_frees_the_superlink_for_the_next``.)"""
     starts: list[int] = []
     real = flower_driver.local_superlink
 
@@ -97,31 +102,29 @@ def test_two_values_on_one_superlink_are_two_runs(
         synth=SynthConfig(patients_per_site=60, n_genes=12, image_size=16),
         federation={"task": "readmission", "num-server-rounds": 1},
     )
-    outcomes = []
     with SharedSuperLink(work_dir=tmp_path / ".flower") as shared:
-        watch = FamilyWatch(shared.handle().pid)
-        for value in ("1", "4"):
-            outcomes.append(
-                run_experiment(
-                    scenario,
-                    tmp_path / f"target-epsilon={value}",
-                    overrides={"target-epsilon": float(value)},
-                    on_progress=lambda event: watch.snapshot(),
-                    superlink=shared,
-                )
-            )
-            watch.snapshot()
+        link = shared.handle()
+        watch = FamilyWatch(link.pid)
+        outcome = run_experiment(
+            scenario,
+            tmp_path / "target-epsilon=4",
+            overrides={"target-epsilon": 4.0},
+            on_progress=lambda event: watch.snapshot(),
+            superlink=shared,
+        )
+        watch.snapshot()
+        assert shared.handle() is link  # the same SuperLink, for the next value
+        alive = "\n".join(watch.survivors())
+        assert "flwr-simulation" not in alive and "raylet" not in alive and "ray::" not in alive
+        assert "flower-superexec" in alive  # up for the next value
     assert len(starts) == 1 and shared.starts == 1
-    ids = [o.summary.run_id for o in outcomes]
-    assert len(set(ids)) == 2
-    for outcome, value in zip(outcomes, ("1", "4"), strict=True):
-        summary = load_summary(outcome.run_dir / "summary.json")
-        assert summary.run_id == outcome.summary.run_id
-        assert summary.rounds_completed == 1
-        assert [s.status for s in summary.sites] == ["completed"] * 2
-        config = tomllib.loads((outcome.run_dir / CONFIG_NAME).read_text(encoding="utf-8"))
-        assert config["federation"]["target-epsilon"] == float(value)
-        assert list((outcome.run_dir / STATE_DIR_NAME).iterdir())  # its own ledgers
-    assert watch.commands().count("flwr-simulation") >= 2  # one simulation per value
+    summary = load_summary(outcome.run_dir / "summary.json")
+    assert summary.run_id == outcome.summary.run_id
+    assert summary.rounds_completed == 1
+    assert [s.status for s in summary.sites] == ["completed"] * 2
+    config = tomllib.loads((outcome.run_dir / CONFIG_NAME).read_text(encoding="utf-8"))
+    assert config["federation"]["target-epsilon"] == 4.0
+    assert list((outcome.run_dir / STATE_DIR_NAME).iterdir())  # its own ledgers
+    assert "flwr-simulation" in watch.commands()
     assert watch.survivors() == []
     assert not (tmp_path / ".flower" / "home").exists()
