@@ -122,3 +122,22 @@ def test_utility_bad_settings_exit_2_with_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "--datasets" in proc.stderr and "heart_disease" in proc.stderr
+
+
+def _federation_overhead(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.federation_overhead", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"},
+    )
+
+
+def test_federation_overhead_bad_settings_exit_2_with_one_line(tmp_path: Path) -> None:
+    proc = _federation_overhead("--sites", "0", "--out", str(tmp_path / "o.md"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "--sites" in proc.stderr
