@@ -1198,7 +1198,7 @@ class PrivacyLedger:
             history = [c.mechanism for c in composed]
             before = epsilon(history, delta=delta, accountant=accountant)
             after = epsilon([*history, mechanism], delta=delta, accountant=accountant)
-            if after > budget_epsilon:
+            if not after <= budget_epsilon:  # NaN is over budget too
                 others = len({c.fingerprint for c in composed} - {fingerprint})
                 raise PrivacyBudgetExceeded(
                     f"refusing {kind} charge of run {run_id!r} round {round}: "
@@ -1211,7 +1211,7 @@ class PrivacyLedger:
                     "the site's budget (a policy decision); or use patients no earlier "
                     "dataset held"
                 )
-            if ceiling_epsilon is not None and after > ceiling_epsilon:
+            if ceiling_epsilon is not None and not after <= ceiling_epsilon:
                 raise PrivacyBudgetExceeded(
                     f"refusing {kind} charge of run {run_id!r} round {round}: it would take "
                     f"dataset {fingerprint[:16]}... from epsilon={before:.4g} to {after:.4g}, "

@@ -37,26 +37,37 @@ from types import FrameType
 
 from flwr.app import Context, Message
 from flwr.common.constant import SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+)
 from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import (
-    pull_task_input,
-    push_message,
-    push_task_output,
-)
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from client.app import handle_evaluate, handle_train, refuse
 from client.deploy import secret_path
 from client.site_config import load_site_config
 from client.warm import WarmSites
 from common import keys
+from common.audit import running_code_hash, versions
 from common.errors import ConfigError, FedcareError, PolicyViolation, RoundFailed
 from common.flower_app import check_fab
 from common.superexec import read_secret, task_acquirer
@@ -71,6 +82,46 @@ _MAX_PHASE = 40
 
 Handler = Callable[..., Message]
 _HANDLERS: dict[str, Handler] = {"train": handle_train, "evaluate": handle_evaluate}
+
+#: Waits between tries for a message object the SuperNode does not hold yet (it hands out
+#: a task as soon as the message arrives, then fetches the message's objects from the
+#: centre): first wait, and the longest. Flower's own ClientApp process waits 1 s, then
+#: 2 s, 4 s..., which holds each message up to a second after its objects are there; these
+#: are loopback requests to the SuperNode, so asking more often costs next to nothing.
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.25
+
+
+def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+    """The task's message, context, run and FAB from the SuperNode.
+
+    Flower's ``flwr.supernode.runtime.run_clientapp.pull_task_input`` (same requests, same
+    result) with shorter waits for objects not there yet (:data:`PULL_BACKOFF_S`).
+    """
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    run = run_from_proto(res.run)
+    fab = fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(
+            client.ConfirmMessageReceived, node, context.run_id
+        ),
+        return_type=Message,
+        initial_backoff=PULL_BACKOFF_S,
+        backoff_cap=PULL_BACKOFF_CAP_S,
+    )
+    # The deflated message does not hold its own ID (its object ID), as in Flower's.
+    message.metadata.__dict__["_message_id"] = tree.object_id
+    return message, context, run, fab
 
 
 class _Stop(BaseException):
@@ -93,7 +144,9 @@ class SiteWorker:
     def __init__(self, *, config_path: Path, runtime_address: str, secret: bytes) -> None:
         self.config_path = Path(config_path).resolve()
         self.runtime_address = runtime_address
-        self.warm = WarmSites()
+        # One site, whatever its size (an imaging site can pass any byte bound): it stays
+        # warm while its files are unchanged, as it did before the bounds existed.
+        self.warm = WarmSites(max_sites=1, max_bytes=sys.maxsize)
         self.tasks = 0
         # Loopback only; the secret authenticates each AcquireTask.
         self._acquirer = task_acquirer(runtime_address, secret)
@@ -267,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _raise_stop)
+    # The audit log records the running code's hash and versions, taken once per process:
+    # take them now, as the worker starts with the code it imported, not at its first task.
+    running_code_hash()
+    versions()
     log.info("site %s: taking ClientApp tasks from 127.0.0.1:%d", site.site_id, site.supernode.port)
     try:
         worker.serve(poll_s=args.poll, stop=_orphaned(os.getppid()))

@@ -316,8 +316,10 @@ class SuperLinkHandle:
                 f"cannot end run {run_id} early while run(s) {others} may still be going on "
                 f"127.0.0.1:{self.port}: wait for them first"
             )
-        _kill_simulations(self.pid, timeout_s=timeout_s)
-        self._open_runs.discard(run_id)
+        try:
+            _kill_simulations(self.pid, timeout_s=timeout_s)
+        finally:  # killed or not, this run no longer blocks ending the next one
+            self._open_runs.discard(run_id)
         with contextlib.suppress(FlowerRunError):  # the SuperLink's view only
             self.stop(run_id)
 

@@ -427,13 +427,13 @@ def _run_locked(
 
         try:
             status = link.wait(flower_run, timeout_s=timeout_s, on_poll=poll, done=server_done)
-        except Exception:
-            # A run that timed out, or whose progress callback raised, is still going: its
-            # simulation is killed now, before it can write more (a shared SuperLink also
-            # outlives the run; its own would stop only after a grace period in which the
-            # ServerApp could still finish). Every site's ledger survives a kill mid-charge.
-            # An interrupt (Ctrl-C, SIGTERM) goes to the SuperLink's owner, which stops
-            # everything.
+        except BaseException:
+            # A run that timed out, was interrupted (Ctrl-C, SIGTERM) or whose progress
+            # callback raised is still going: its simulation is killed now, before it can
+            # write more. Otherwise a shared SuperLink would outlive it, and its own would
+            # stop only after a grace period (Ray's actors take ~3 s on SIGTERM) in which a
+            # fast ServerApp could still finish. Every site's ledger survives a kill
+            # mid-charge; the checkpoint holds the last completed round for --resume.
             with contextlib.suppress(FlowerRunError):
                 link.end_run(flower_run)
             raise

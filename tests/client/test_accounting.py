@@ -458,3 +458,31 @@ def test_each_history_is_accounted_once_per_process(monkeypatch: pytest.MonkeyPa
     assert len(calls) == 1
     assert epsilon(run, delta=DELTA / 10) > first  # another δ is another question
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_target_just_above_what_is_spent_still_finds_its_noise(accountant: str) -> None:
+    # Near the spent budget ε barely moves with σ: a search that trusts a local slope stalls.
+    history = [M(1.0, 0.1, 100)]
+    spent = epsilon(history, delta=DELTA, accountant=accountant)
+    target = spent * 1.001
+    sigma = calibrate_noise(
+        target_epsilon=target,
+        delta=DELTA,
+        sample_rate=0.1,
+        steps=30,
+        history=history,
+        accountant=accountant,
+    )
+    assert epsilon([*history, M(sigma, 0.1, 30)], delta=DELTA, accountant=accountant) <= target
+
+
+@pytest.mark.parametrize(("accountant", "target"), [("rdp", 0.1028), ("prv", 0.00998)])
+def test_a_target_below_what_any_noise_reaches_is_refused_as_over_budget(
+    accountant: str, target: float
+) -> None:
+    # Ten steps at q = 0.01 cost at least ~0.103 (RDP) / ~0.0100 (PRV) whatever the noise.
+    with pytest.raises(PrivacyBudgetExceeded, match="even noise multiplier"):
+        calibrate_noise(
+            target_epsilon=target, delta=DELTA, sample_rate=0.01, steps=10, accountant=accountant
+        )

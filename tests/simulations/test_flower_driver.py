@@ -21,6 +21,7 @@ from flwr.common.config import parse_config_args
 from flwr.supercore.utils import simulation_config_from_json
 
 from common.errors import ConfigError
+from simulations import flower_driver
 from simulations.flower_driver import (
     FlowerRunError,
     SuperLinkHandle,
@@ -323,7 +324,14 @@ def test_a_run_ended_at_its_output_frees_the_superlink_for_the_next(tmp_path: Pa
     assert watch.survivors() == []
 
 
-def test_end_run_refuses_while_another_run_may_be_going(tmp_path: Path) -> None:
+def test_end_run_refuses_while_another_run_may_be_going(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def must_not_kill(root: int, *, timeout_s: float) -> None:
+        pytest.fail("end_run went on to kill simulations although it had to refuse")
+
+    # pid 1 is no SuperLink: were the refusal to regress, nothing on the machine is killed.
+    monkeypatch.setattr(flower_driver, "_kill_simulations", must_not_kill)
     handle = SuperLinkHandle(
         env={"FLWR_HOME": str(tmp_path / "home")}, work_dir=tmp_path, port=1, pid=1
     )
