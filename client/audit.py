@@ -55,7 +55,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, Message
 
 from client.accounting import Mechanism
@@ -85,7 +84,6 @@ __all__ = [
     "open_site_audit",
     "audited_charges",
     "record_sha256",
-    "state_sha256",
 ]
 
 AUDIT_LOG_NAME = "audit.jsonl"
@@ -109,11 +107,6 @@ def site_state_dir(cfg: FederationConfig, site: SiteData) -> Path:
 def record_sha256(arrays: ArrayRecord) -> str:
     """:func:`~common.audit.hash_arrays` of a Flower ``ArrayRecord`` (as sent or received)."""
     return hash_arrays({name: array.numpy() for name, array in arrays.items()})
-
-
-def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
-    """:func:`~common.audit.hash_arrays` of a torch state dict."""
-    return hash_arrays({name: t.detach().cpu().numpy() for name, t in state.items()})
 
 
 class SiteAudit:

@@ -29,7 +29,6 @@ import ipaddress
 import os
 import re
 import stat
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,11 +50,7 @@ from common.audit import AuditLogError, load_public_key_file
 from common.certs import describe_certificate, load_node_private_key
 from common.errors import ConfigError
 from common.spec import SPEC_FILENAME
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from common.tomlcompat import tomllib
 
 __all__ = [
     "SITE_CONFIG_FILENAME",

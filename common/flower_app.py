@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import io
-import sys
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,11 +22,7 @@ from typing import NoReturn
 import tomli_w
 
 from common.errors import ConfigError, PolicyViolation
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from common.tomlcompat import tomllib
 
 __all__ = [
     "ConfigValue",

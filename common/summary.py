@@ -54,6 +54,8 @@ from common.errors import ConfigError
 from common.spec import format_validation_error
 
 __all__ = [
+    "RECORD_NAME",
+    "SUMMARY_NAME",
     "SCHEMA_VERSION",
     "OLDER_READABLE_VERSIONS",
     "SITE_STATUSES",
@@ -79,6 +81,12 @@ __all__ = [
 ]
 
 #: The version of the schema this module writes (and reads).
+RECORD_NAME = "server_record.json"
+"""The ServerApp's full run record in a run folder (what the summary is built from)."""
+
+SUMMARY_NAME = "summary.json"
+"""The run summary in a run folder (this module's schema)."""
+
 SCHEMA_VERSION: Final = 3
 #: Older versions :func:`load_summary` still reads: version 1 lacks ``privacy.run_epsilon``,
 #: ``privacy.noise`` and ``privacy.evaluation``, which read as null (not recorded); versions

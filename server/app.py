@@ -31,7 +31,7 @@ from common.errors import ConfigError
 from common.federation import FederationConfig
 from common.files import atomic_private, private_dir
 from common.spec import SiteSpec, load_site_spec
-from common.summary import write_summary
+from common.summary import RECORD_NAME, SUMMARY_NAME, write_summary
 from models import build_model, default_model_for
 from models.tasks import task_definition
 from server.audit import ServerAudit, record_sha256
@@ -39,13 +39,12 @@ from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from server.grid import prompt
 from server.guard import GuardedStrategy, new_record
 from server.strategies import build_strategy, restore_optimizer_state
-from server.summary import SUMMARY_NAME, build_summary
+from server.summary import build_summary
 
 __all__ = ["app", "run_federation", "federation_spec", "RECORD_NAME", "FINAL_MODEL_NAME"]
 
 log = logging.getLogger(__name__)
 
-RECORD_NAME = "server_record.json"
 FINAL_MODEL_NAME = "final_model.pt"
 
 

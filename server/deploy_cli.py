@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from common.flower_app import ConfigValue, check_values, write_app_dir
 from common.locks import FolderLock
 from common.processes import flower_env, supervise_group, venv_bin
 from common.run_signing import RUN_SIGNATURE_KEY, sign_run
+from common.tomlcompat import tomllib
 from server.deploy import (
     SuperLinkSettings,
     centre_children,
@@ -41,11 +41,6 @@ from server.deploy import (
     prepare_database,
     write_superexec_secret,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 __all__ = ["server_start", "server_submit"]
 

@@ -39,7 +39,6 @@ from server.checkpoint import Checkpoint, CheckpointError, OptimizerState, optim
 
 __all__ = [
     "build_strategy",
-    "available_strategies",
     "inner_strategy",
     "optimizer_state",
     "restore_optimizer_state",
@@ -66,10 +65,6 @@ _BUILDERS: dict[str, Builder] = {
     "krum": lambda cfg, common: Krum(num_malicious_nodes=cfg.krum_malicious, **common),
 }
 assert set(_BUILDERS) == set(STRATEGIES), "every configurable strategy needs a builder"
-
-
-def available_strategies() -> tuple[str, ...]:
-    return tuple(_BUILDERS)
 
 
 def build_strategy(cfg: FederationConfig, *, n_sites: int) -> Strategy:

@@ -11,11 +11,9 @@ from typing import Any
 
 import flwr
 
-from common.summary import RunSummary
+from common.summary import SUMMARY_NAME, RunSummary
 
 __all__ = ["build_summary", "fedcare_version", "SUMMARY_NAME"]
-
-SUMMARY_NAME = "summary.json"
 
 
 def fedcare_version() -> str:

@@ -7,7 +7,6 @@ raised as :class:`~common.errors.ConfigError` and printed there as one line.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,14 +15,10 @@ from pydantic import ValidationError
 
 from common.errors import ConfigError
 from common.spec import format_validation_error
+from common.tomlcompat import tomllib
 from simulations.synth.config import IMAGE_FORMATS, TABLE_FORMATS, SynthConfig
 from simulations.synth.generator import MAX_SITES, synthesize
 from simulations.synth.manifest import MANIFEST_FILENAME
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
 
 __all__ = ["data_synth", "build_synth_config"]
 

@@ -45,7 +45,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -65,11 +64,7 @@ from common.flower_app import ConfigValue, check_values, write_app_dir
 from common.leash import leash_command
 from common.processes import flower_env, free_port, stop_family, venv_bin
 from common.stopping import Stopped
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from common.tomlcompat import tomllib
 
 __all__ = [
     "FlowerRunError",

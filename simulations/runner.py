@@ -29,7 +29,6 @@ import math
 import re
 import secrets
 import shutil
-import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,10 +44,10 @@ from common.errors import ConfigError, DataError
 from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from common.locks import FolderLock
 from common.spec import SPEC_FILENAME, describe_schema_difference
-from common.summary import RunSummary, write_summary
-from server.app import RECORD_NAME
+from common.summary import RECORD_NAME, SUMMARY_NAME, RunSummary, write_summary
+from common.tomlcompat import tomllib
 from server.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from server.summary import SUMMARY_NAME, build_summary
+from server.summary import build_summary
 from simulations.baselines import local_only, pooled
 from simulations.flower_driver import (
     FlowerRunError,
@@ -65,11 +64,6 @@ from simulations.reports import (
 )
 from simulations.scenario import Scenario
 from simulations.synth import synthesize
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 STATE_DIR_NAME = "state"
 """The folder of a run directory that holds its simulated sites' durable state."""

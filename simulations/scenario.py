@@ -26,7 +26,6 @@ before the first one trains.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from common.errors import ConfigError
 from common.federation import FederationConfig
 from common.spec import format_validation_error
+from common.tomlcompat import tomllib
 from simulations.synth import SynthConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["Scenario", "Sweep", "SweepValue", "load_scenario", "SCENARIO_DIR"]
 

@@ -20,6 +20,7 @@ from common.errors import ConfigError
 from common.locks import FolderLock
 from common.spec import SPEC_FILENAME, format_validation_error, load_site_spec
 from common.summary import Privacy, RunSummary, SiteResult
+from common.tomlcompat import tomllib
 from simulations.flower_driver import SharedSuperLink
 from simulations.reports import (
     MissingMetric,
@@ -30,11 +31,6 @@ from simulations.reports import (
 from simulations.runner import CONFIG_NAME, RunOutcome, recorded_run_id, run_experiment
 from simulations.scenario import Scenario, Sweep, load_scenario
 from simulations.synth.tasks import TASKS as SYNTH_TASKS
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = [
     "simulate",

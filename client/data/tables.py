@@ -338,9 +338,7 @@ def columns_to_numbers(
     text: list[str] = []
     for name in names:
         column = table[name]
-        if pd.api.types.is_bool_dtype(column.dtype) or pd.api.types.is_numeric_dtype(
-            column.dtype
-        ):
+        if pd.api.types.is_bool_dtype(column.dtype) or pd.api.types.is_numeric_dtype(column.dtype):
             out[name] = to_numbers(column)  # typed columns (Parquet): no text to parse
         else:
             text.append(name)

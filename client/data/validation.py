@@ -17,7 +17,6 @@ through one :class:`~client.data.files.SiteFiles`, so every file is parsed once.
 from __future__ import annotations
 
 import difflib
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,11 +40,7 @@ from client.data.tables import (
 )
 from common.errors import DataError
 from common.spec import MODALITIES, SPEC_FILENAME, Feature, SiteSpec
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+from common.tomlcompat import tomllib
 
 __all__ = [
     "ROWS_SHOWN",

@@ -45,7 +45,7 @@ from pydantic import ValidationError
 
 from common.errors import ConfigError, FedcareError
 from common.spec import format_validation_error
-from common.summary import RunSummary, load_summary
+from common.summary import RECORD_NAME, SUMMARY_NAME, RunSummary, load_summary
 from simulations.audit.findings import (
     ATTACKS_FILE,
     AttackReport,
@@ -116,7 +116,7 @@ _C_MAX_UPDATE_NORM, _C_TARGET_EPSILON = "max-update-norm", "target-epsilon"
 _C_SITE_BUDGET, _C_DP = "site-epsilon-budget", "dp"
 #: The server log's entries that record the code hash (``server/audit.py``), and its key.
 _CODE_ENTRY_KINDS, _CODE_HASH_KEY = ("run-start", "run-resume"), "code_sha256"
-_RECORD_FILE, _SUMMARY_FILE = "server_record.json", "summary.json"
+_RECORD_FILE, _SUMMARY_FILE = RECORD_NAME, SUMMARY_NAME
 
 
 # --------------------------------------------------------------------------- formatting

@@ -40,7 +40,6 @@ covers the same session, or with ``--key``: publish each writer's key fingerprin
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,12 +58,9 @@ from common.audit import (
 )
 from common.errors import ConfigError, FedcareError
 from common.spec import load_site_spec
+from common.summary import RECORD_NAME
+from common.tomlcompat import tomllib
 from simulations.audit.findings import LogCheck, VerifyResult
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = [
     "SERVER_WRITER",
@@ -74,7 +70,6 @@ __all__ = [
     "find_run_logs",
     "run_dir_problems",
     "run_config",
-    "verify_log",
     "verify_paths",
     "cross_check",
     "audit_verify",
@@ -135,7 +130,7 @@ def run_config(run_dir: Path) -> dict[str, Any]:
             federation = None
         if isinstance(federation, dict):
             return federation
-    record = run_dir / "server_record.json"
+    record = run_dir / RECORD_NAME
     if record.is_file():
         try:
             config = json.loads(record.read_text(encoding="utf-8")).get("config")
@@ -187,11 +182,6 @@ def _as_check(v: LogVerification) -> LogCheck:
         problem=v.problem,
         notices=list(v.notices),
     )
-
-
-def verify_log(path: Path, *, trusted_key: bytes | None = None) -> LogCheck:
-    """Verify one log (see :func:`common.audit.check_log`)."""
-    return _as_check(check_log(path, trusted_key=trusted_key))
 
 
 def _declared_writer(path: Path) -> str | None:
@@ -275,7 +265,7 @@ def run_dir_problems(run_dir: Path, server: LogVerification | None) -> list[str]
     have a ``run-end`` entry with the same rounds completed; ``final_model.pt`` must be the
     model that entry names.
     """
-    record_path = run_dir / "server_record.json"
+    record_path = run_dir / RECORD_NAME
     if server is None or not record_path.is_file():
         return []
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,15 +25,11 @@ from client.privacy import DPPlan
 from common.errors import ConfigError, FedcareError
 from common.federation import FederationConfig
 from common.summary import RunSummary, SiteResult, load_summary
+from common.tomlcompat import tomllib
 from models import build_model
 from models.tasks import TaskKind, task_definition
 from server.app import FINAL_MODEL_NAME
 from simulations.audit.attacks.training import ModelFactory, SiteMechanism
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 __all__ = ["RunArtifacts", "load_run", "CONFIG_FILE", "SUMMARY_FILE", "SITES_FILE"]
 
