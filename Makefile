@@ -18,11 +18,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/fedcare demo --out runs/demo
 
+# ruff (pinned in constraints.txt) gates the tests: a lint or format finding fails `make test`.
 test: $(STAMP)
+	$(VENV)/bin/ruff check --quiet .
+	$(VENV)/bin/ruff format --check --quiet .
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy client server common models simulations
 
 clean:
 	rm -rf runs .pytest_cache
