@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.encoding import input_dims
 from common.errors import ConfigError
 from common.federation import FederationConfig
-from common.files import atomic_private, private_dir
+from common.files import atomic_private, private_dir, write_private_atomic
 from common.spec import SiteSpec, load_site_spec
 from common.summary import RECORD_NAME, SUMMARY_NAME, write_summary
 from models import build_model, default_model_for
@@ -84,13 +82,6 @@ def _wait_for_sites(grid: Grid, cfg: FederationConfig) -> int:
                 f"the run needs {wanted} (start the missing SuperNodes or lower num-sites)"
             )
         time.sleep(0.5)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
@@ -172,7 +163,9 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
         torch.save({"model": model_name, "task": cfg.task, "state_dict": state}, out)
     # These two stay the last writes: once both exist, a simulation's runner ends the run's
     # processes at once (simulations.runner, SuperLinkHandle.end_run).
-    _atomic_write(run_dir / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True))
+    write_private_atomic(
+        run_dir / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True).encode("utf-8")
+    )
     write_summary(build_summary(record), run_dir / SUMMARY_NAME)
     return record
 

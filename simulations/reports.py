@@ -41,8 +41,6 @@ pyplot, no backend switch, no global state. Each plotting function saves a PNG a
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -57,6 +55,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 
 from common import keys
 from common.errors import DataError
+from common.files import write_private_atomic
 
 __all__ = [
     "COLUMNS",
@@ -268,17 +267,10 @@ def write_metrics_csv(rows: Iterable[MetricRow], path: Path) -> None:
     frame = frame.astype({"round": "int64", "value": "float64"})
     frame = frame.sort_values(["round", "site", "split", "metric"], kind="stable")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        # Each value as its shortest exact decimal (repr): pandas 2's own float formatting
-        # drops the last digit of e.g. 0.1 + 0.2, and the file must read back exactly.
-        exact = frame.assign(value=frame["value"].map(repr))
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            exact.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Each value as its shortest exact decimal (repr): pandas 2's own float formatting
+    # drops the last digit of e.g. 0.1 + 0.2, and the file must read back exactly.
+    exact = frame.assign(value=frame["value"].map(repr))
+    write_private_atomic(path, exact.to_csv(index=False, lineterminator="\n").encode("utf-8"))
 
 
 def read_metrics_csv(path: Path) -> pd.DataFrame:

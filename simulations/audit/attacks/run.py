@@ -11,8 +11,6 @@ also copy the site's own held-out patients.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from client.data.datasets import TaskData
 from client.training import resolve_device
 from common.errors import ConfigError
+from common.files import write_private_atomic
 from simulations.audit.attacks.base import AttackOptions, AttackTarget, attack_names, get_attack
 from simulations.audit.attacks.canary import CanaryOptions, canary_audit
 from simulations.audit.attacks.roc import attack_result
@@ -183,15 +182,7 @@ def write_attack_report(report: AttackReport, run_dir: Path) -> Path:
     """Save ``report`` atomically as ``run_dir / ATTACKS_FILE``; returns the path."""
     path = Path(run_dir) / ATTACKS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(report.model_dump_json(indent=2))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_private_atomic(path, report.model_dump_json(indent=2).encode("utf-8"))
 
 
 def read_attack_report(run_dir: Path) -> AttackReport:
