@@ -5,8 +5,12 @@ whenever it asked the SuperLink for a message and got none, and checks for its e
 reply every 0.5 s. Each message of a round waits for both: about 3.5 s per round with an
 evaluation on average, more than a warm round's training. ``fedcare site start`` runs the
 SuperNode through this launcher, which gives that one module a ``time`` whose ``sleep``
-turns those two fixed waits into ``--poll`` and ``--reply-poll`` seconds; nothing else in
-Flower changes. Each idle poll is one small HTTPS request to the centre.
+turns those two fixed waits into ``--poll`` and ``--reply-poll`` seconds. It also gives
+that module's ``pull_objects`` a first wait of 0.05 s (doubling up to 1 s) between tries
+for an object the centre does not hold yet, instead of Flower's 1 s, 2 s, 4 s...: a
+SuperNode that takes a message while the ServerApp is still uploading its objects otherwise
+waits a whole second after they are there. Nothing else in Flower changes. Each idle poll
+is one small HTTPS request to the centre.
 
 The launcher refuses to start when Flower is not the version whose loop it knows (the
 waits would silently be something else); upgrade fedcare with Flower.
@@ -22,6 +26,7 @@ import importlib.metadata
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 __all__ = ["FLOWER_VERSION", "FasterPolls", "install", "main"]
@@ -31,6 +36,9 @@ FLOWER_VERSION = "1.42."
 
 #: Flower 1.42's fixed waits in ``start_client_internal``: no message came; no reply yet.
 _IDLE_WAIT_S, _REPLY_WAIT_S = 3, 0.5
+
+#: Waits between tries for a message object the centre does not hold yet: first, longest.
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 1.0
 
 
 class FasterPolls:
@@ -66,8 +74,20 @@ def install(*, poll_s: float, reply_poll_s: float) -> FasterPolls:
             "flwr.supernode.start_client_internal no longer uses the time module as flwr "
             f"{FLOWER_VERSION}x did; fedcare's SuperNode launcher needs updating"
         )
+    from flwr.supercore.inflatable import inflatable_utils
+
+    if getattr(loop, "pull_objects", None) is not inflatable_utils.pull_objects:
+        raise RuntimeError(
+            "flwr.supernode.start_client_internal no longer uses flwr's pull_objects as flwr "
+            f"{FLOWER_VERSION}x did; fedcare's SuperNode launcher needs updating"
+        )
     faster = FasterPolls(poll_s=poll_s, reply_poll_s=reply_poll_s)
     loop.time = faster  # type: ignore[assignment]
+    loop.pull_objects = partial(  # type: ignore[assignment]
+        inflatable_utils.pull_objects,
+        initial_backoff=PULL_BACKOFF_S,
+        backoff_cap=PULL_BACKOFF_CAP_S,
+    )
     return faster
 
 

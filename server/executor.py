@@ -20,7 +20,8 @@ that caller:
   checks the FAB with :func:`common.flower_app.check_fab`; a FAB that is not fedcare's thin
   app (it ships a file, names other components, another publisher, name or version) is
   refused: the task is pushed as failed with the reason, and one line says so. Otherwise it
-  calls the installed ``server.app.app``.
+  calls the installed ``server.app.app``. It also shortens the waits of the task's grid
+  between tries for a reply object the SuperLink does not hold yet (:data:`PULL_BACKOFF_S`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from queue import Queue
 from typing import NoReturn
@@ -52,6 +54,7 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
 from flwr.supercore.exit.exit_handler import trigger_exit_handlers
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.logger import (
     flush_logs,
     mirror_output_to_queue,
@@ -61,6 +64,7 @@ from flwr.supercore.logger import (
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 from flwr.superlink.grid import HttpGrid
+from flwr.superlink.grid import http_grid as _http_grid
 
 from common.errors import ConfigError, PolicyViolation
 from common.flower_app import check_fab
@@ -73,6 +77,11 @@ log = logging.getLogger(__name__)
 
 #: How often an idle executor asks for a task.
 POLL_INTERVAL_S = 0.5
+#: Waits between tries for a reply object the SuperLink does not hold yet (a site's
+#: SuperNode announces its reply, then uploads its objects): first, longest. Flower's grid
+#: waits 1 s, 2 s, 4 s..., which holds a reply up to a second after it is complete; these
+#: are requests to the SuperLink on this machine.
+PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.25
 _TOKEN = re.compile(r"[0-9a-f]{16,256}")
 
 
@@ -197,6 +206,7 @@ def run_task(
     """
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
+    _prompt_object_pulls()
     grid = HttpGrid(
         runtime_api_address=runtime_api_address,
         insecure=root_certificates is None,
@@ -286,6 +296,25 @@ def run_task(
         elif isinstance(ex, ImportError):
             exit_code = ExitCode.COMMON_APP_IMPORT_ERROR
     flwr_exit(code=exit_code, event_type=EventType.FLWR_SERVERAPP_RUN_LEAVE)
+
+
+def _prompt_object_pulls() -> None:
+    """Give ``HttpGrid.pull_messages`` (this task process's) :data:`PULL_BACKOFF_S`.
+
+    A Flower whose grid no longer pulls through that function keeps its own waits (one
+    warning): slower replies, never a task that fails for it.
+    """
+    if getattr(_http_grid, "pull_objects", None) is not inflatable_utils.pull_objects:
+        log.warning(
+            "flwr.superlink.grid.http_grid no longer uses flwr's pull_objects; replies are "
+            "collected with Flower's own waits (fedcare's executor needs updating)"
+        )
+        return
+    _http_grid.pull_objects = partial(  # type: ignore[assignment]
+        inflatable_utils.pull_objects,
+        initial_backoff=PULL_BACKOFF_S,
+        backoff_cap=PULL_BACKOFF_CAP_S,
+    )
 
 
 def _read_secret(path: Path) -> bytes:

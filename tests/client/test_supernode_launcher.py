@@ -1,0 +1,75 @@
+"""fedcare's SuperNode launcher and ServerApp executor shorten Flower's waits for objects
+that are not there yet (1 s, 2 s, ... in Flower), and nothing else."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.superlink.grid import http_grid
+from flwr.supernode import start_client_internal as loop
+
+from client import supernode
+from server import executor
+
+
+def test_the_launcher_shortens_the_supernode_s_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loop, "time", time)  # restored after the test
+    monkeypatch.setattr(loop, "pull_objects", inflatable_utils.pull_objects)
+    faster = supernode.install(poll_s=0.5, reply_poll_s=0.1)
+    assert loop.time is faster
+    pull = loop.pull_objects
+    assert pull.func is inflatable_utils.pull_objects  # type: ignore[attr-defined]
+    assert pull.keywords == {  # type: ignore[attr-defined]
+        "initial_backoff": supernode.PULL_BACKOFF_S,
+        "backoff_cap": supernode.PULL_BACKOFF_CAP_S,
+    }
+
+
+def test_the_launcher_refuses_a_loop_it_does_not_know(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loop, "time", time)
+    monkeypatch.setattr(loop, "pull_objects", lambda *a, **k: {})
+    with pytest.raises(RuntimeError, match="pull_objects"):
+        supernode.install(poll_s=0.5, reply_poll_s=0.1)
+
+
+def test_a_supernode_pulls_an_object_soon_after_it_is_there() -> None:
+    tries: list[float] = []
+
+    def pull(object_id: str) -> bytes:
+        tries.append(time.monotonic())
+        if len(tries) < 3:
+            raise inflatable_utils.ObjectUnavailableError(object_id)
+        return b"content"
+
+    start = time.monotonic()
+    got = inflatable_utils.pull_objects(
+        ["a"],
+        pull,
+        initial_backoff=supernode.PULL_BACKOFF_S,
+        backoff_cap=supernode.PULL_BACKOFF_CAP_S,
+    )
+    assert got == {"a": b"content"}
+    assert time.monotonic() - start < 0.5  # Flower's defaults: 1 s + 2 s
+
+
+def test_the_executor_s_grid_pulls_replies_with_short_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http_grid, "pull_objects", inflatable_utils.pull_objects)
+    executor._prompt_object_pulls()  # noqa: SLF001
+    pull = http_grid.pull_objects
+    assert pull.func is inflatable_utils.pull_objects  # type: ignore[attr-defined]
+    assert pull.keywords["initial_backoff"] == executor.PULL_BACKOFF_S  # type: ignore[attr-defined]
+
+
+def test_the_executor_keeps_flower_s_waits_when_its_grid_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def other(*_a: object, **_k: object) -> dict[str, bytes]:
+        return {}
+
+    monkeypatch.setattr(http_grid, "pull_objects", other)
+    executor._prompt_object_pulls()  # noqa: SLF001 - a warning, no failure
+    assert http_grid.pull_objects is other
