@@ -32,35 +32,27 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import FrameType
 
 from flwr.app import Context, Message
 from flwr.common.constant import SubStatus
-from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
-    AcquireTaskRequest,
-    PullAppMessagesRequest,
-    PullTaskInputRequest,
-)
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.supercore.constant import TaskType
-from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-    make_confirm_message_received_fn_protobuf,
-    make_pull_object_fn_protobuf,
-)
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
 )
 from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.run import Run
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+from flwr.supernode.runtime.run_clientapp import (
+    pull_task_input,
+    push_message,
+    push_task_output,
+)
 
 from client.app import handle_evaluate, handle_train, refuse
 from client.deploy import secret_path
@@ -91,37 +83,28 @@ _HANDLERS: dict[str, Handler] = {"train": handle_train, "evaluate": handle_evalu
 PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.25
 
 
-def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
-    """The task's message, context, run and FAB from the SuperNode.
+def prompt_object_pulls() -> None:
+    """Give Flower's ``pull_task_input`` (this process's) the waits of :data:`PULL_BACKOFF_S`.
 
-    Flower's ``flwr.supernode.runtime.run_clientapp.pull_task_input`` (same requests, same
-    result) with shorter waits for objects not there yet (:data:`PULL_BACKOFF_S`).
+    ``flwr.supernode.runtime.run_clientapp.pull_task_input`` inflates the task's message
+    through that module's ``pull_and_inflate_object_from_tree``; it is replaced by the same
+    function with a shorter first wait and cap. Idempotent. Refuses a Flower whose module
+    no longer uses that function (the waits would silently be Flower's again).
     """
-    res = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id = res.task_id
-    TaskIdentity.run_id = res.run.run_id
-    TaskIdentity.node_id = res.context.node_id
-    context = context_from_proto(res.context)
-    run = run_from_proto(res.run)
-    fab = fab_from_proto(res.fab)
-    pulled = client.PullMessages(PullAppMessagesRequest())
-    if not pulled.messages_list:
-        raise RuntimeError("No messages received from Runtime API")
-    node = Node(node_id=context.node_id)
-    tree = pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(
-            client.ConfirmMessageReceived, node, context.run_id
-        ),
-        return_type=Message,
-        initial_backoff=PULL_BACKOFF_S,
-        backoff_cap=PULL_BACKOFF_CAP_S,
+    from flwr.supernode.runtime import run_clientapp
+
+    current = run_clientapp.pull_and_inflate_object_from_tree
+    original = inflatable_utils.pull_and_inflate_object_from_tree
+    if isinstance(current, partial) and current.func is original:
+        return
+    if current is not original:
+        raise RuntimeError(
+            "flwr.supernode.runtime.run_clientapp no longer inflates messages with flwr's "
+            "pull_and_inflate_object_from_tree; fedcare's site worker needs updating"
+        )
+    run_clientapp.pull_and_inflate_object_from_tree = partial(  # type: ignore[assignment]
+        original, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S
     )
-    # The deflated message does not hold its own ID (its object ID), as in Flower's.
-    message.metadata.__dict__["_message_id"] = tree.object_id
-    return message, context, run, fab
 
 
 class _Stop(BaseException):
@@ -320,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _raise_stop)
+    prompt_object_pulls()
     # The audit log records the running code's hash and versions, taken once per process:
     # take them now, as the worker starts with the code it imported, not at its first task.
     running_code_hash()

@@ -73,3 +73,35 @@ def test_the_executor_keeps_flower_s_waits_when_its_grid_changed(
     monkeypatch.setattr(http_grid, "pull_objects", other)
     executor._prompt_object_pulls()  # noqa: SLF001 - a warning, no failure
     assert http_grid.pull_objects is other
+
+
+def test_the_site_worker_gives_flowers_pull_task_input_short_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supernode.runtime import run_clientapp
+
+    from client.worker import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S, prompt_object_pulls
+
+    original = inflatable_utils.pull_and_inflate_object_from_tree
+    monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", original)
+    prompt_object_pulls()
+    prompt_object_pulls()  # idempotent: not a partial of a partial
+    patched = run_clientapp.pull_and_inflate_object_from_tree
+    assert patched.func is original  # type: ignore[attr-defined]
+    assert patched.keywords == {  # type: ignore[attr-defined]
+        "initial_backoff": PULL_BACKOFF_S,
+        "backoff_cap": PULL_BACKOFF_CAP_S,
+    }
+
+
+def test_the_site_worker_refuses_a_flower_that_inflates_messages_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.supernode.runtime import run_clientapp
+
+    from client.worker import prompt_object_pulls
+
+    monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", lambda *a, **k: None)
+    with pytest.raises(RuntimeError, match="site worker needs updating"):
+        prompt_object_pulls()
