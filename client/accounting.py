@@ -16,8 +16,9 @@ Accountants (registered by name in :data:`ACCOUNTANTS`):
     the *upper* end of its error interval, so the reported ε is a guarantee, not an
     estimate: with ``eps_error = e`` (:data:`PRV_EPS_ERROR`, Opacus's default 0.01) and
     ``delta_error = δ/1000`` the true ε lies in ``[reported - 2e - η, reported]``, where
-    ``η`` is the (negligible) change of ε when δ moves by ``δ/1000``. See
-    :func:`prv_eps_error` for the one case where ``e`` is raised.
+    ``η`` is the (negligible) change of ε when δ moves by ``δ/1000``. Where Opacus's grid
+    would have to be coarser than that (:func:`prv_eps_error`), or it answers below zero,
+    its answer is not a bound, and the RDP bound below is reported instead.
 ``"rdp"``
     Opacus's :class:`~opacus.accountants.RDPAccountant` (Rényi DP with Opacus's default
     orders and the Balle et al. 2020 conversion): a looser upper bound, cheap to compute.
@@ -249,9 +250,9 @@ def prv_eps_error(
 
     It is ``eps_error`` (default 0.01) unless Opacus's grid would exceed
     :data:`PRV_MAX_GRID` points; then it is raised just enough to fit. That happens only for
-    very weak mechanisms (ε far above any sensible budget: tens to hundreds). The reported
-    ε stays an upper bound either way; only the width ``2 * eps_error`` of its error
-    interval grows.
+    very weak mechanisms (ε far above any sensible budget: tens to hundreds), and there
+    Opacus's answer is no longer a bound: :func:`epsilon` then reports the RDP bound
+    instead (see ``_prv_epsilon``).
 
     Parameters
     ----------
@@ -342,12 +343,25 @@ def _prv_accountant_class() -> type:
 
 
 def _prv_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
+    """Opacus's PRV ε (the upper end of its interval), or the RDP bound where that is not
+    a bound.
+
+    Opacus's domain size is only known to be safe for ``eps_error < 1`` (its own FIXME in
+    ``compute_safe_domain_size``), and a grid that :data:`PRV_MAX_GRID` forces coarser
+    makes it fail outright: at ``σ = 0.3, q = 1e-6`` and ``5e7`` steps it reports ε = -38
+    (and ε *falling* as steps are added), where RDP proves 13.5. So wherever the error would
+    have to be raised past Opacus's default, and wherever it answers below zero, the RDP
+    bound (:func:`_rdp_epsilon`, a true upper bound that only grows with steps) is reported
+    instead. Only very weak mechanisms get there (ε in the tens or more).
+    """
     eps_error = prv_eps_error(mechanisms, delta=delta)
+    if eps_error > PRV_EPS_ERROR:
+        return _rdp_epsilon(mechanisms, delta)
     accountant = _prv_accountant_class()()
     accountant.history = [m.as_history_entry() for m in mechanisms]
     try:
         with _full_batch_log_zero_is_exact(mechanisms):
-            return float(
+            eps = float(
                 accountant.get_epsilon(
                     delta, eps_error=eps_error, delta_error=delta * _PRV_DELTA_ERROR_RATIO
                 )
@@ -357,6 +371,7 @@ def _prv_epsilon(mechanisms: Sequence[Mechanism], delta: float) -> float:
             f"the PRV accountant cannot evaluate {list(mechanisms)} at delta={delta:g} "
             f"(Opacus: {e}); use a larger delta, or accountant 'rdp' for this dataset"
         ) from e
+    return eps if eps >= 0 else _rdp_epsilon(mechanisms, delta)
 
 
 # --------------------------------------------------------------------------- RDP
@@ -420,7 +435,7 @@ def epsilon(
     return _memoized_epsilon(tuple(sorted(m.as_history_entry() for m in merged)), delta, accountant)
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=1024)  # a key holds its whole history: bounded by count
 def _memoized_epsilon(
     history: tuple[tuple[float, float, int], ...], delta: float, accountant: str
 ) -> float:

@@ -87,6 +87,9 @@ def install(*, poll_s: float, reply_poll_s: float) -> FasterPolls:
         inflatable_utils.pull_objects,
         initial_backoff=PULL_BACKOFF_S,
         backoff_cap=PULL_BACKOFF_CAP_S,
+        # Shorter waits, not a shorter wait: Flower stops after 500 tries per object (80 min
+        # at its own waits, 2 min at these); its overall limit (max_time, 2 h) still holds.
+        max_tries_per_object=None,
     )
     return faster
 

@@ -103,7 +103,12 @@ def prompt_object_pulls() -> None:
             "pull_and_inflate_object_from_tree; fedcare's site worker needs updating"
         )
     run_clientapp.pull_and_inflate_object_from_tree = partial(  # type: ignore[assignment]
-        original, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S
+        original,
+        initial_backoff=PULL_BACKOFF_S,
+        backoff_cap=PULL_BACKOFF_CAP_S,
+        # Shorter waits, not a shorter wait: Flower stops after 500 tries per object (80 min
+        # at its own waits, 2 min at these); its overall limit (max_time, 2 h) still holds.
+        max_tries_per_object=None,
     )
 
 

@@ -486,3 +486,14 @@ def test_a_target_below_what_any_noise_reaches_is_refused_as_over_budget(
         calibrate_noise(
             target_epsilon=target, delta=DELTA, sample_rate=0.01, steps=10, accountant=accountant
         )
+
+
+@pytest.mark.parametrize("steps", [5_000_000, 50_000_000])
+def test_a_mechanism_past_the_prv_grid_is_bounded_by_rdp_never_below_it(steps: int) -> None:
+    # Opacus's PRV, on the coarse grid PRV_MAX_GRID forces here, reported ε = -38 at 5e7
+    # steps (and ε falling as steps were added) where RDP proves 13.5: a centre choosing
+    # tiny batches could have trained on and on within any budget.
+    history = [M(0.3, 1e-6, steps)]
+    reported = epsilon(history, delta=DELTA)
+    assert reported >= epsilon(history, delta=DELTA, accountant="rdp") > 0
+    assert epsilon([M(0.3, 1e-6, 2 * steps)], delta=DELTA) >= reported  # more steps, more ε

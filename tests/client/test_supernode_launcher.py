@@ -24,6 +24,7 @@ def test_the_launcher_shortens_the_supernode_s_waits(monkeypatch: pytest.MonkeyP
     assert pull.keywords == {  # type: ignore[attr-defined]
         "initial_backoff": supernode.PULL_BACKOFF_S,
         "backoff_cap": supernode.PULL_BACKOFF_CAP_S,
+        "max_tries_per_object": None,  # Flower's overall time limit still holds
     }
 
 
@@ -62,6 +63,7 @@ def test_the_executor_s_grid_pulls_replies_with_short_waits(
     pull = http_grid.pull_objects
     assert pull.func is inflatable_utils.pull_objects  # type: ignore[attr-defined]
     assert pull.keywords["initial_backoff"] == executor.PULL_BACKOFF_S  # type: ignore[attr-defined]
+    assert pull.keywords["max_tries_per_object"] is None  # type: ignore[attr-defined]
 
 
 def test_the_executor_keeps_flower_s_waits_when_its_grid_changed(
@@ -92,6 +94,7 @@ def test_the_site_worker_gives_flowers_pull_task_input_short_waits(
     assert patched.keywords == {  # type: ignore[attr-defined]
         "initial_backoff": PULL_BACKOFF_S,
         "backoff_cap": PULL_BACKOFF_CAP_S,
+        "max_tries_per_object": None,  # Flower's overall time limit still holds
     }
 
 
