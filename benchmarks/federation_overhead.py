@@ -89,6 +89,7 @@ from client.local import RoundRequest, SiteTrainer, settings_from_run
 from client.policy import simulated_site_policy
 from client.warm import WarmSites
 from common.federation import FederationConfig
+from common.summary import RECORD_NAME
 from server.app import federation_spec, initial_state
 from server.guard import weighted_global_metrics
 from simulations.scenario import Scenario
@@ -294,7 +295,7 @@ def measure_simulation(scenario: Scenario, out: Path, *, interval_s: float = 0.5
     sampler.leftover()
     final = dict(outcome.summary.global_.final)
     # The ServerApp writes server_record.json last; from then on the run only shuts down.
-    record_mtime = (out / "server_record.json").stat().st_mtime
+    record_mtime = (out / RECORD_NAME).stat().st_mtime
     marks["record_written"] = record_mtime - wall_t0
     return SimMeasurement(
         wall_s=wall,
@@ -767,7 +768,7 @@ def run_task(
     sim = measure_simulation(scenario, work / "run", interval_s=interval_s)
     loadavg["after simulation"] = sim.loadavg_after
     cfg = FederationConfig.from_run_config(
-        json.loads((work / "run" / "server_record.json").read_text())["config"]
+        json.loads((work / "run" / RECORD_NAME).read_text())["config"]
     )
     compute = measure_compute(folders, cfg, run_id=cfg.run_id, state_root=work / "replay-state")
     loadavg["after replay"] = [round(x, 2) for x in os.getloadavg()]

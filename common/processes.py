@@ -33,6 +33,8 @@ __all__ = [
     "family_pids",
     "family_sessions",
     "supervise_group",
+    "live_processes",
+    "LiveProcess",
     "Child",
     "die_with_parent",
 ]
@@ -125,14 +127,18 @@ def free_port() -> int:
 
 
 @dataclass(frozen=True)
-class _Proc:
+class LiveProcess:
+    """One process as ``/proc/PID/stat`` shows it; ``start`` (clock ticks after boot) tells
+    a process from a later one that reuses its pid."""
+
     pid: int
     ppid: int
     pgid: int
     sid: int
+    start: int
 
 
-def _processes() -> list[_Proc]:
+def live_processes() -> list[LiveProcess]:
     """Live processes from /proc; zombies are left out."""
     found = []
     for entry in Path("/proc").iterdir():
@@ -146,11 +152,15 @@ def _processes() -> list[_Proc]:
         fields = stat.rsplit(")", 1)[1].split()
         if fields[0] in ("Z", "X"):
             continue
-        found.append(_Proc(int(entry.name), int(fields[1]), int(fields[2]), int(fields[3])))
+        found.append(
+            LiveProcess(
+                int(entry.name), int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19])
+            )
+        )
     return found
 
 
-def _family(sessions: set[int], root: int | None = None) -> tuple[list[_Proc], set[int]]:
+def _family(sessions: set[int], root: int | None = None) -> tuple[list[LiveProcess], set[int]]:
     """Members of ``sessions``, ``root`` and all their descendants, and all their sessions.
 
     Sessions tie the family together once the parent is gone: orphans are re-parented, but
@@ -160,7 +170,7 @@ def _family(sessions: set[int], root: int | None = None) -> tuple[list[_Proc], s
     sessions = set(sessions)
     own = os.getsid(0)
     while True:
-        procs = _processes()
+        procs = live_processes()
         members = {p.pid: p for p in procs if p.sid in sessions or p.pid == root}
         grew = True
         while grew:
@@ -189,7 +199,7 @@ def family_sessions(root: int) -> set[int]:
     return _family({root}, root=root)[1]
 
 
-def _signal_family(members: Sequence[_Proc], sig: int) -> None:
+def _signal_family(members: Sequence[LiveProcess], sig: int) -> None:
     own = os.getpgrp()
     for pgid in sorted({p.pgid for p in members} - {own}):
         with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -62,7 +62,7 @@ from flwr.supercore.control import ControlHttpClient
 from common.errors import ConfigError, FedcareError
 from common.flower_app import ConfigValue, check_values, write_app_dir
 from common.leash import leash_command
-from common.processes import flower_env, free_port, stop_family, venv_bin
+from common.processes import flower_env, free_port, live_processes, stop_family, venv_bin
 from common.stopping import Stopped
 from common.tomlcompat import tomllib
 
@@ -660,18 +660,7 @@ def _wait_healthy(link: subprocess.Popen[bytes], port: int, timeout: float, log:
 
 def _process_table() -> dict[int, tuple[int, int]]:
     """``pid -> (ppid, start time)`` of every live process (zombies left out)."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] not in ("Z", "X"):
-            table[int(entry.name)] = (int(fields[1]), int(fields[19]))
-    return table
+    return {p.pid: (p.ppid, p.start) for p in live_processes()}
 
 
 def _is_simulation(pid: int) -> bool:

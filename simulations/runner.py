@@ -71,6 +71,7 @@ STATE_DIR_NAME = "state"
 __all__ = [
     "STATE_DIR_NAME",
     "run_experiment",
+    "make_out_dir",
     "prepare_sites",
     "RunOutcome",
     "new_run_id",
@@ -247,6 +248,19 @@ class RunOutcome:
         self.summary = summary
 
 
+def make_out_dir(out: Path, purpose: str) -> None:
+    """Create ``--out`` (and its parents); one line naming it and the fix if it cannot be.
+
+    ``purpose`` completes "--out OUT: cannot ..." (e.g. "be the run directory").
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"--out {out}: cannot {purpose} ({e.strerror or e}); give a folder this user can write"
+        ) from e
+
+
 def run_experiment(
     scenario: Scenario,
     out: Path,
@@ -294,13 +308,7 @@ def run_experiment(
     cfg = scenario.federation_config(**(overrides or {}))
     if resume and not out.is_dir():
         recorded_run_id(out)  # raises: there is no earlier run, and nothing is created
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"--out {out}: cannot be the run directory ({e.strerror or e}); give a folder "
-            "this user can write"
-        ) from e
+    make_out_dir(out, "be the run directory")
     with FolderLock(out, what="--out"):
         return _run_locked(
             scenario,

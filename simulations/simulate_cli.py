@@ -28,7 +28,13 @@ from simulations.reports import (
     missing_metric_notes,
     missing_reason,
 )
-from simulations.runner import CONFIG_NAME, RunOutcome, recorded_run_id, run_experiment
+from simulations.runner import (
+    CONFIG_NAME,
+    RunOutcome,
+    make_out_dir,
+    recorded_run_id,
+    run_experiment,
+)
 from simulations.scenario import Scenario, Sweep, load_scenario
 from simulations.synth.tasks import TASKS as SYNTH_TASKS
 
@@ -326,13 +332,7 @@ def _sweep_superlink(out: Path) -> Iterator[SharedSuperLink]:
     each value is still its own Flower run, in its own ``out/KEY=VALUE`` with its own
     ledgers. ``out`` stays locked meanwhile: the SuperLink's ``FLWR_HOME`` is there.
     """
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"--out {out}: cannot hold the sweep ({e.strerror or e}); give a folder this "
-            "user can write"
-        ) from e
+    make_out_dir(out, "hold the sweep")
     with FolderLock(out, what="--out"), SharedSuperLink(work_dir=out / ".flower") as link:
         yield link
 

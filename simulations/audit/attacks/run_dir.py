@@ -24,7 +24,7 @@ from client.local import settings_from_run
 from client.privacy import DPPlan
 from common.errors import ConfigError, FedcareError
 from common.federation import FederationConfig
-from common.summary import RunSummary, SiteResult, load_summary
+from common.summary import SUMMARY_NAME, RunSummary, SiteResult, load_summary
 from common.tomlcompat import tomllib
 from models import build_model
 from models.tasks import TaskKind, task_definition
@@ -34,7 +34,7 @@ from simulations.audit.attacks.training import ModelFactory, SiteMechanism
 __all__ = ["RunArtifacts", "load_run", "CONFIG_FILE", "SUMMARY_FILE", "SITES_FILE"]
 
 CONFIG_FILE = "config.toml"
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = SUMMARY_NAME
 SITES_FILE = "sites.json"
 
 
