@@ -24,10 +24,16 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check --quiet .
 	$(PY) -m pytest -q
 
+# mypy checks the namespace as installed, `fedcare.*`: the folders are mapped onto it in
+# pyproject.toml, so a tree of links under build/ shows mypy the same mapping.
+TYPECHECK := build/typecheck
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy client server common models simulations
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/fedcare
+	for d in common models client server simulations; do ln -s ../../../$$d $(TYPECHECK)/fedcare/$$d; done
+	for f in fedcare/*.py fedcare/py.typed; do ln -s ../../../$$f $(TYPECHECK)/fedcare/; done
+	MYPYPATH=$(TYPECHECK) $(VENV)/bin/mypy -p fedcare
 
 clean:
 	rm -rf runs .pytest_cache

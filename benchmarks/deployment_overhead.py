@@ -3,7 +3,7 @@
 The same federation (``--sites`` synthetic hospitals, ``readmission``, DP, ``--rounds``
 rounds, one local epoch) runs
 
-1. **in simulation**: :func:`simulations.runner.run_experiment` (Flower's simulation engine;
+1. **in simulation**: :func:`fedcare.simulations.runner.run_experiment` (Flower's simulation engine;
    each site is a long-lived Ray actor that imported torch once);
 2. **as a deployment on 127.0.0.1**: ``fedcare server start`` (TLS, node authentication,
    the Fleet-only gateway, fedcare's ServerApp executor) and one ``fedcare site start`` per
@@ -41,9 +41,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.processes import family_pids
-from simulations.runner import run_experiment
-from simulations.scenario import Scenario
+from fedcare.common.processes import family_pids
+from fedcare.simulations.runner import run_experiment
+from fedcare.simulations.scenario import Scenario
 from tests.integration._deployment import Deployment
 
 TASK = "readmission"

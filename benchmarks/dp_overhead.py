@@ -4,11 +4,13 @@ For every registered model, on synthetic random tensors of the model's input sha
 times one local epoch (the same number of optimizer steps either way) of
 
 * **non-private** training: a shuffled ``DataLoader`` of ``batch_size``, the model's loss
-  (:meth:`models.tasks.TaskKind.make_loss`), :func:`client.training.make_optimizer`, and
-  :func:`client.training.fit` -- what ``SiteTrainer.train_round`` runs with DP off;
-* **DP-SGD** through :func:`client.privacy.make_private` (Poisson sampling at
+  (:meth:`fedcare.models.tasks.TaskKind.make_loss`),
+  :func:`fedcare.client.training.make_optimizer`, and
+  :func:`fedcare.client.training.fit` -- what ``SiteTrainer.train_round`` runs with DP off;
+* **DP-SGD** through :func:`fedcare.client.privacy.make_private` (Poisson sampling at
   ``q = 1 / ceil(n / batch_size)``, so an epoch is the same number of steps), then the same
-  :func:`client.training.fit` -- once in the grad-sample mode fedcare picks (``"ghost"`` where
+  :func:`fedcare.client.training.fit` -- once in the grad-sample mode fedcare picks (``"ghost"``
+  where
   ``model_info(name).ghost_clipping``, else ``"hooks"``) and once per extra mode asked for
   (``"hooks"`` by default, so the gain of ghost clipping shows).
 
@@ -55,14 +57,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from client.data.datasets import ImageDataset, MultimodalDataset, TabularDataset
-from client.local import resolve_grad_sample_mode
-from client.privacy import DPPlan, make_private, sampling
-from client.training import TrainConfig, fit, make_optimizer, resolve_device
-from common.errors import ConfigError
-from common.spec import MODALITIES
-from models import available_models, build_model, model_info
-from models.tasks import task_kind
+from fedcare.client.data.datasets import ImageDataset, MultimodalDataset, TabularDataset
+from fedcare.client.local import resolve_grad_sample_mode
+from fedcare.client.privacy import DPPlan, make_private, sampling
+from fedcare.client.training import TrainConfig, fit, make_optimizer, resolve_device
+from fedcare.common.errors import ConfigError
+from fedcare.common.spec import MODALITIES
+from fedcare.models import available_models, build_model, model_info
+from fedcare.models.tasks import task_kind
 
 __all__ = [
     "Case",
@@ -140,15 +142,15 @@ def synthetic_input_dims() -> dict[str, int | tuple[int, int, int]]:
     """Input sizes of the synthetic hospitals' schema (``fedcare synthesize`` defaults).
 
     The EHR width is the encoded width (one-hot categories and missingness flags
-    included) that :func:`common.encoding.input_dims` derives from the schema.
+    included) that :func:`fedcare.common.encoding.input_dims` derives from the schema.
     """
     # Imported here: the synthetic generator is only needed to size the inputs.
-    from common.encoding import input_dims
-    from common.spec import TaskSpec
-    from simulations.synth.config import SynthConfig
-    from simulations.synth.generator import build_schema
-    from simulations.synth.genomics import draw_biology
-    from simulations.synth.latent import rng_for
+    from fedcare.common.encoding import input_dims
+    from fedcare.common.spec import TaskSpec
+    from fedcare.simulations.synth.config import SynthConfig
+    from fedcare.simulations.synth.generator import build_schema
+    from fedcare.simulations.synth.genomics import draw_biology
+    from fedcare.simulations.synth.latent import rng_for
 
     config = SynthConfig()
     biology = draw_biology(rng_for(0, "biology"), n_genes=config.n_genes)
@@ -240,7 +242,7 @@ def synthetic_dataset(case: Case, n: int, *, seed: int = 0) -> Dataset[Any]:
 
 @dataclass
 class Run:
-    """One configuration ready to train: what :func:`client.training.fit` receives."""
+    """One configuration ready to train: what :func:`fedcare.client.training.fit` receives."""
 
     name: str
     model: nn.Module
@@ -251,7 +253,7 @@ class Run:
 
 
 def resolve_mode(mode: str, model: str) -> str:
-    """``auto`` -> what fedcare picks (:func:`client.local.resolve_grad_sample_mode`)."""
+    """``auto`` -> what fedcare picks (:func:`fedcare.client.local.resolve_grad_sample_mode`)."""
     return resolve_grad_sample_mode(mode, model)
 
 
@@ -266,8 +268,8 @@ def build_run(
 ) -> Run:
     """A fresh model, optimizer, loss and loader for ``mode`` (``"non-private"`` or a DP mode).
 
-    The DP path is :func:`client.privacy.make_private` with a plan from
-    :func:`client.privacy.sampling`, as ``SiteTrainer.train_round`` builds it.
+    The DP path is :func:`fedcare.client.privacy.make_private` with a plan from
+    :func:`fedcare.client.privacy.sampling`, as ``SiteTrainer.train_round`` builds it.
     """
     model = build_model(
         case.model, input_dims=case.input_dims, generator=torch.Generator().manual_seed(seed)
@@ -305,7 +307,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_epoch(run: Run, device: torch.device) -> tuple[float, int]:
-    """Seconds and optimizer steps of one epoch of :func:`client.training.fit`."""
+    """Seconds and optimizer steps of one epoch of :func:`fedcare.client.training.fit`."""
     gc.collect()
     _sync(device)
     start = time.perf_counter()
@@ -405,7 +407,7 @@ PHASES = ("data", "forward", "loss", "backward", "step", "zero_grad", "other")
 
 
 def phase_breakdown(run: Run, device: torch.device) -> dict[str, float]:
-    """Seconds per phase of one epoch of the *unmodified* :func:`client.training.fit`.
+    """Seconds per phase of one epoch of the *unmodified* :func:`fedcare.client.training.fit`.
 
     The loader, model, loss and optimizer are wrapped in timing proxies (CUDA is
     synchronised around each phase), so ``fit`` itself runs as fedcare runs it. Under ghost

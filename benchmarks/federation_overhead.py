@@ -4,7 +4,7 @@ For each task (default: ``readmission``, EHR only, and ``multimodal_outcome``, E
 + genomics) this
 
 1. synthesizes ``--sites`` hospitals (not timed in the ratio; shown apart) and runs
-   :func:`simulations.runner.run_experiment` on them (baselines off) -- fedcare's ServerApp
+   :func:`fedcare.simulations.runner.run_experiment` on them (baselines off) -- fedcare's ServerApp
    and ClientApp under ``flwr run`` on a local simulation SuperLink with Ray -- while
 
    * wrappers around the runner's SuperLink handle (this process only, no library change)
@@ -24,7 +24,7 @@ For each task (default: ``readmission``, EHR only, and ``multimodal_outcome``, E
    site's ``SiteTrainer.train_round`` on the global model, patient-weighted FedAvg, every
    site's ``SiteTrainer.evaluate``). Only ``train_round`` + ``evaluate`` are the *pure
    compute*. Data loading is timed apart, as the simulation's ClientApp pays it: a **cold
-   load** of a site (:class:`client.warm.WarmSites` loading it, then encoding the task),
+   load** of a site (:class:`fedcare.client.warm.WarmSites` loading it, then encoding the task),
    which each Ray actor pays once per site it serves, and per message a **warm hit** (the
    same ``WarmSites.load`` again on the unchanged folder: a stat of every file), the run
    config parsed and the ledger opened. Timing wrappers split the compute into DP-SGD
@@ -36,7 +36,7 @@ For each task (default: ``readmission``, EHR only, and ``multimodal_outcome``, E
    (a gap of up to a few hundredths, the same from run to run, not traced here).
 
 3. times, in a fresh interpreter under ``python -X importtime``, what each Ray actor pays
-   once on top: importing ``client.app``, then the imports the first ``.to(device)``, the
+   once on top: importing ``fedcare.client.app``, then the imports the first ``.to(device)``, the
    first ε (Opacus's accountants, and SciPy under them) and the first optimizer step
    (``torch._dynamo``) bring in.
 
@@ -78,22 +78,22 @@ from typing import Any
 
 import torch
 
-import client.accounting as client_accounting
-import client.ledger as client_ledger
-import client.local as client_local
-import simulations.runner as runner
+import fedcare.client.accounting as client_accounting
+import fedcare.client.ledger as client_ledger
+import fedcare.client.local as client_local
+import fedcare.simulations.runner as runner
 from benchmarks.scale import ProcessTreeSampler, TreeStats, machine_info
-from client.data.datasets import build_task_data
-from client.ledger import PrivacyLedger
-from client.local import RoundRequest, SiteTrainer, settings_from_run
-from client.policy import simulated_site_policy
-from client.warm import WarmSites
-from common.federation import FederationConfig
-from common.summary import RECORD_NAME
-from server.app import federation_spec, initial_state
-from server.guard import weighted_global_metrics
-from simulations.scenario import Scenario
-from simulations.synth import SynthConfig, synthesize
+from fedcare.client.data.datasets import build_task_data
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.client.local import RoundRequest, SiteTrainer, settings_from_run
+from fedcare.client.policy import simulated_site_policy
+from fedcare.client.warm import WarmSites
+from fedcare.common.federation import FederationConfig
+from fedcare.common.summary import RECORD_NAME
+from fedcare.server.app import federation_spec, initial_state
+from fedcare.server.guard import weighted_global_metrics
+from fedcare.simulations.scenario import Scenario
+from fedcare.simulations.synth import SynthConfig, synthesize
 
 __all__ = [
     "Timers",
@@ -375,7 +375,7 @@ class ComputeMeasurement:
 
 
 def _round_request(cfg: FederationConfig, run_id: str, rnd: int) -> RoundRequest:
-    """The request ``client.app`` builds from the run config and the server's message."""
+    """The request ``fedcare.client.app`` builds from the run config and the server's message."""
     train, dp = settings_from_run(cfg)
     return RoundRequest(
         run_id=run_id,
@@ -472,7 +472,7 @@ def measure_compute(
         trainer.task_data(cfg.task)
     encode_once = time.perf_counter() - t
     # What a Ray actor pays for a site the first time it serves it, and then per message
-    # (client.app._open_site: the run config, the warm data, the ledger opened afresh).
+    # (fedcare.client.app._open_site: the run config, the warm data, the ledger opened afresh).
     run_config = cfg.to_run_config()
     scratch = state_root / "_reload"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -582,8 +582,8 @@ def step(name):
     return name, time.perf_counter()
 def done(started):
     walls[started[0]] = time.perf_counter() - started[1]
-s = step("import client.app")
-import client.app
+s = step("import fedcare.client.app")
+import fedcare.client.app
 done(s)
 import torch
 s = step("first .to(device)")
@@ -591,7 +591,7 @@ model = torch.nn.Linear(4, 1).to("cpu")
 batch = torch.ones(2, 4).to("cpu", non_blocking=True)
 done(s)
 s = step("first epsilon (PRV)")
-from client.accounting import Mechanism, epsilon
+from fedcare.client.accounting import Mechanism, epsilon
 epsilon([Mechanism(1.0, 0.05, 20)], delta=1e-5)
 done(s)
 s = step("first optimizer step")
@@ -606,7 +606,7 @@ print(json.dumps(walls))
 _NAMED_IMPORTS = ("torch", "flwr", "pandas", "opacus", "scipy", "sympy", "torch._dynamo")
 
 
-_IMPORT_APP = "import client.app"
+_IMPORT_APP = "import fedcare.client.app"
 _FIRST_EPSILON = "first epsilon (PRV)"
 _FIRST_STEP = "first optimizer step"
 
@@ -1063,7 +1063,7 @@ def _findings(r: TaskResult, actor: ActorStart | None = None) -> list[str]:
 
     a = actor
     imports = (
-        f" (`client.app` {a.steps_s.get(_IMPORT_APP, 0.0):.1f} s in a fresh interpreter)"
+        f" (`fedcare.client.app` {a.steps_s.get(_IMPORT_APP, 0.0):.1f} s in a fresh interpreter)"
         if a is not None
         else ""
     )
@@ -1130,7 +1130,7 @@ def _findings(r: TaskResult, actor: ActorStart | None = None) -> list[str]:
     ]
     if a is not None:
         lines.append(
-            "- Imports, once per Ray actor and run (table above): `client.app` "
+            "- Imports, once per Ray actor and run (table above): `fedcare.client.app` "
             f"{_step_summary(a, _IMPORT_APP)}, fedcare's import graph; at the first ε "
             f"{_step_summary(a, _FIRST_EPSILON)}, what `opacus.accountants` imports (its "
             "privacy engine and optimizers, torch.distributed, SciPy): Opacus's; at the first "

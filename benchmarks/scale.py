@@ -1,7 +1,8 @@
 """How a simulated federation grows with the number of hospitals: wall time and peak memory.
 
 For each size N (default 10, 50 and 100 sites) this synthesizes N small hospitals (equal
-sizes, ``--patients`` each), then runs :func:`simulations.runner.run_experiment` -- fedcare's
+sizes, ``--patients`` each), then runs :func:`fedcare.simulations.runner.run_experiment` --
+fedcare's
 ServerApp and ClientApp under ``flwr run`` on a local simulation SuperLink -- for
 ``--rounds`` rounds of the EHR readmission task, one local epoch, DP-SGD on, baselines off.
 Each size runs in a **fresh child process**, so no size inherits another's memory or
@@ -353,8 +354,8 @@ class SizeResult:
 def _child_main(spec_path: Path) -> int:
     """Run one experiment (the child process of one size) and write its timings."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from simulations.runner import run_experiment
-    from simulations.scenario import Scenario
+    from fedcare.simulations.runner import run_experiment
+    from fedcare.simulations.scenario import Scenario
 
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     scenario = Scenario.model_validate(spec["scenario"])
@@ -385,7 +386,7 @@ def run_size(
     seed: int = 0,
 ) -> SizeResult:
     """Synthesize ``n_sites`` hospitals, run the federation in a child process, sample it."""
-    from simulations.synth import SynthConfig, synthesize
+    from fedcare.simulations.synth import SynthConfig, synthesize
 
     work.mkdir(parents=True, exist_ok=True)
     synth_cfg = SynthConfig(patients_per_site=patients, size_skew=0.0)

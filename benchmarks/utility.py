@@ -3,45 +3,46 @@
 For each dataset, seed and ε this trains and evaluates
 
 * ``local_only``: every site alone under the federation's DP budget
-  (:func:`simulations.baselines.local_only`, called as :mod:`simulations.runner` calls it);
+  (:func:`fedcare.simulations.baselines.local_only`, called as :mod:`fedcare.simulations.runner`
+  calls it);
 * ``fedavg`` and ``fedadam``: the federation with that strategy;
 * a personalized federation (default ``ditto``; ``finetune`` and ``fedper`` too): FedAvg
   with ``personalization`` set, reporting the global model and every site's personal model;
 * ``pooled``: one non-private model on every site's training patients
-  (:func:`simulations.baselines.pooled`; it does not depend on ε, so it runs once per seed);
+  (:func:`fedcare.simulations.baselines.pooled`; it does not depend on ε, so it runs once per seed);
 
 on two sets of four hospitals:
 
-* ``synthetic``: :func:`simulations.synth.synthesize` (seed 0, default generator), task
+* ``synthetic``: :func:`fedcare.simulations.synth.synthesize` (seed 0, default generator), task
   ``readmission`` (EHR only). The cohort is drawn once; a seed re-splits it;
 * ``heart_disease``: the real UCI Heart Disease hospitals (Cleveland, Hungary, Switzerland,
-  VA Long Beach) from :mod:`simulations.realdata`, task ``heart_disease``.
+  VA Long Beach) from :mod:`fedcare.simulations.realdata`, task ``heart_disease``.
 
 A **seed** sets every site's ``[split] seed`` (and ``[simulation] noise_seed``) and the run
 config's ``seed`` (the initial model; the baselines' initialisation and shuffling). ε is the
 run config's ``target-epsilon``; ``inf`` means ``dp = false``. Everything else is the run
-config's default (the DP recipe of :mod:`client.recipe`: 10 rounds of one local epoch of
+config's default (the DP recipe of :mod:`fedcare.client.recipe`: 10 rounds of one local epoch of
 SGD); ``--rounds`` overrides the number of rounds.
 
 **How a federation runs.** Not in Flower's simulation engine (Ray's start-up would cost more
 than the training of these small models): the real ServerApp logic,
-:func:`server.app.run_federation`, drives an in-process grid (:class:`InProcessGrid`) that
-answers every message with the real ClientApp handlers (:func:`client.app.handle_train`,
-:func:`client.app.handle_evaluate`), one site after another, each with its own Flower
+:func:`fedcare.server.app.run_federation`, drives an in-process grid (:class:`InProcessGrid`) that
+answers every message with the real ClientApp handlers (:func:`fedcare.client.app.handle_train`,
+:func:`fedcare.client.app.handle_evaluate`), one site after another, each with its own Flower
 ``Context`` (node config ``partition-id``) and under its own node id, as a SuperNode would.
 Each run has its own run directory and state root, so every site starts from an empty
 ledger. The simulated sites evaluate exactly (their ``site.toml`` opts in), so the metrics
 are those of the models, not of a DP release.
 
 One shortcut changes no number, only the time: each site is loaded from disk once per seed
-instead of once per message (:func:`client.app.load_site` answered from a cache, as a warm
+instead of once per message (:func:`fedcare.client.app.load_site` answered from a cache, as a warm
 site worker does). The accountant already computes each history's ε once per process
-(:mod:`client.accounting`).
+(:mod:`fedcare.client.accounting`).
 
 **What is measured.** The **global** metrics are pooled over the sites' test patients: every
 test patient scored by the model that serves their site (the global model of a federation,
 the site's own model for local-only and for personal models), with one decision threshold
-chosen on the pooled validation patients (Youden, as :func:`models.metrics.split_metrics`
+chosen on the pooled validation patients (Youden, as :func:`fedcare.models.metrics.split_metrics`
 does), from the exact per-patient predictions the sites' evaluation made (recorded by a
 wrapper that only observes). The server's own global metrics (pooled from the sites'
 binned releases) are kept beside them in the JSON as a check. **Per site**, the test AUROC
@@ -86,19 +87,19 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.app as client_app
-from client.data.loaders import load_site
-from client.data.site import SiteData
-from client.local import SiteTrainer, settings_from_run
-from client.policy import simulated_site_policy
-from common.federation import FederationConfig
-from common.spec import SPEC_FILENAME, SimulationSpec, load_site_spec
-from models.metrics import auroc, split_metrics
-from server.app import run_federation
-from simulations.baselines import local_only, pooled
-from simulations.realdata import dataset as real_dataset
-from simulations.realdata import write_real_sites
-from simulations.synth import SynthConfig, synthesize
+import fedcare.client.app as client_app
+from fedcare.client.data.loaders import load_site
+from fedcare.client.data.site import SiteData
+from fedcare.client.local import SiteTrainer, settings_from_run
+from fedcare.client.policy import simulated_site_policy
+from fedcare.common.federation import FederationConfig
+from fedcare.common.spec import SPEC_FILENAME, SimulationSpec, load_site_spec
+from fedcare.models.metrics import auroc, split_metrics
+from fedcare.server.app import run_federation
+from fedcare.simulations.baselines import local_only, pooled
+from fedcare.simulations.realdata import dataset as real_dataset
+from fedcare.simulations.realdata import write_real_sites
+from fedcare.simulations.synth import SynthConfig, synthesize
 
 __all__ = [
     "DATASETS",
@@ -224,7 +225,7 @@ class InProcessGrid:
     """Just enough of a Flower grid: every message answered at once by the real ClientApp
     handlers, site after site, each site with its own ``Context`` and node id.
 
-    ``pull_interval`` marks it, for :func:`server.grid.prompt`, as a grid that needs no
+    ``pull_interval`` marks it, for :func:`fedcare.server.grid.prompt`, as a grid that needs no
     polling wrapper (as Flower's in-memory grid).
     """
 

@@ -2,7 +2,7 @@
 
 Every function here is pure: it takes the list of mechanisms a dataset has been through
 (and, for calibration, the run being planned) and returns a number. The durable record of
-that list is :mod:`client.ledger`; this module never touches disk.
+that list is :mod:`fedcare.client.ledger`; this module never touches disk.
 
 A *mechanism* is one block of DP-SGD steps: the Poisson-subsampled Gaussian mechanism with
 noise multiplier ``σ`` and sampling rate ``q``, applied ``steps`` times (record-level DP,
@@ -43,7 +43,7 @@ from typing import Literal
 
 import numpy as np
 
-from common.errors import ConfigError, PrivacyBudgetExceeded
+from fedcare.common.errors import ConfigError, PrivacyBudgetExceeded
 
 __all__ = [
     "AccountantName",
@@ -125,7 +125,7 @@ class Mechanism:
         if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 < q <= 1:
             raise ConfigError(
                 f"sample rate must be in (0, 1], got {q!r}; it is 1 / number of batches "
-                "per epoch (see client.privacy.sampling)"
+                "per epoch (see fedcare.client.privacy.sampling)"
             )
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")

@@ -9,7 +9,7 @@ the folder, and the site's durable state (privacy ledger, audit log, stored rele
 ``<site folder>/.fedcare/``.
 
 The process keeps each site's loaded data and encoded tasks between the messages it answers
-while the site's files are unchanged (:mod:`client.warm`): a simulation's Ray actor serves
+while the site's files are unchanged (:mod:`fedcare.client.warm`): a simulation's Ray actor serves
 many simulated sites, and a message costs its training, not a reload. The site's ledger,
 policy and config are read afresh for every message.
 
@@ -32,8 +32,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.accounting import AccountantName
-from client.audit import (
+from fedcare.client.accounting import AccountantName
+from fedcare.client.audit import (
     AUDIT_LOG_NAME,
     SiteAudit,
     audited_charges,
@@ -41,16 +41,16 @@ from client.audit import (
     record_sha256,
     site_state_dir,
 )
-from client.data.loaders import load_site
-from client.ledger import PrivacyLedger
-from client.local import RoundRequest, SiteTrainer, settings_from_run
-from client.personal import personal_settings
-from client.policy import simulated_site_policy
-from client.site_config import SiteConfig, load_site_config
-from client.warm import WarmSites
-from common import keys
-from common.audit import config_hash
-from common.errors import (
+from fedcare.client.data.loaders import load_site
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.client.local import RoundRequest, SiteTrainer, settings_from_run
+from fedcare.client.personal import personal_settings
+from fedcare.client.policy import simulated_site_policy
+from fedcare.client.site_config import SiteConfig, load_site_config
+from fedcare.client.warm import WarmSites
+from fedcare.common import keys
+from fedcare.common.audit import config_hash
+from fedcare.common.errors import (
     ConfigError,
     DataError,
     FedcareError,
@@ -59,10 +59,10 @@ from common.errors import (
     RoundFailed,
     TrainingDiverged,
 )
-from common.federation import FederationConfig
-from common.files import private_dir
-from common.run_signing import verify_run
-from common.spec import FeatureSchema, describe_schema_difference, load_site_spec
+from fedcare.common.federation import FederationConfig
+from fedcare.common.files import private_dir
+from fedcare.common.run_signing import verify_run
+from fedcare.common.spec import FeatureSchema, describe_schema_difference, load_site_spec
 
 __all__ = ["app", "handle_train", "handle_evaluate", "refuse", "resolve_site"]
 
@@ -161,7 +161,7 @@ def _open_site(context: Context, cfg: FederationConfig, warm: WarmSites | None =
     centre's run-signing key its ``site-config.toml`` pins (checked first, before its data or
     ledger is read), enforces its budget, policy, ledger and device, whatever the run asks,
     and refuses a ``site.toml`` that carries simulation-only settings. A simulated site's
-    policy comes from :func:`client.policy.simulated_site_policy` (the one constructor every
+    policy comes from :func:`fedcare.client.policy.simulated_site_policy` (the one constructor every
     simulated site uses). ``warm`` keeps the site's loaded data and encoded tasks between
     messages while its files are unchanged (a site worker's for its deployed site, this
     process's for the simulated sites it serves); the ledger, policy and config are read
@@ -529,7 +529,7 @@ def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = 
 
 
 #: The sites this process has loaded, kept between the messages it answers while their files
-#: are unchanged (:class:`client.warm.WarmSites`): a Ray actor of Flower's simulation engine
+#: are unchanged (:class:`fedcare.client.warm.WarmSites`): a Ray actor of Flower's simulation engine
 #: answers many simulated sites' messages. It is a module global on purpose: the engine
 #: pickles the ClientApp (and the handlers' closures) into every message it sends an actor,
 #: so only what the handlers reach through their module lasts in the actor's process, and a

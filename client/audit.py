@@ -4,8 +4,8 @@ The log is ``<state dir>/audit.jsonl`` (the state dir holds the privacy ledger: 
 :func:`site_state_dir`), signed with the site's Ed25519 key ``<state dir>/audit-key.pem``
 (created on first use; its fingerprint goes to the server in every reply, which logs it).
 The state dir is private to the site's user (mode 0700, tightened if it was wider), the log
-and key files mode 0600, whatever the umask (:mod:`common.files`). Entries (format:
-:mod:`common.audit`), all with the run id:
+and key files mode 0600, whatever the umask (:mod:`fedcare.common.files`). Entries (format:
+:mod:`fedcare.common.audit`), all with the run id:
 
 ``run-start`` (once per run id, server key, config and dataset)
     ``code_sha256``, ``config_sha256`` (the resolved run config), ``dataset_fingerprint``
@@ -32,14 +32,14 @@ and key files mode 0600, whatever the umask (:mod:`common.files`). Entries (form
     nothing charged again), ``server_head``, ``server_key``.
 
 ``dataset_fingerprint`` is the privacy ledger's key for the site's cohort
-(:meth:`client.ledger.PrivacyLedger.cohort_key`). ``train`` entries also carry ``noise``
+(:meth:`fedcare.client.ledger.PrivacyLedger.cohort_key`). ``train`` entries also carry ``noise``
 (``os-entropy``, or ``reproducible`` where a simulated site's own ``site.toml`` asked for it)
 and ``run_epsilon`` (what this run has added).
 ``refused``
     ``round``, ``phase`` (train/evaluate), ``code``, ``reason``, ``received_sha256``,
     ``server_head``, ``server_key``.
 
-``recovery`` (written by :mod:`common.audit` itself, run id null)
+``recovery`` (written by :mod:`fedcare.common.audit` itself, run id null)
     ``offset``, ``length``, ``sha256`` of an incomplete last line (a crash or a full disk in
     mid-write) that the next append cut.
 
@@ -57,11 +57,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message
 
-from client.accounting import Mechanism
-from client.data.site import SiteData
-from client.local import EvaluationResult, PersonalizeResult, RoundResult, SiteTrainer
-from common import keys
-from common.audit import (
+from fedcare.client.accounting import Mechanism
+from fedcare.client.data.site import SiteData
+from fedcare.client.local import EvaluationResult, PersonalizeResult, RoundResult, SiteTrainer
+from fedcare.common import keys
+from fedcare.common.audit import (
     AuditLog,
     LogHead,
     config_hash,
@@ -72,7 +72,7 @@ from common.audit import (
     running_code_hash,
     versions,
 )
-from common.federation import FederationConfig
+from fedcare.common.federation import FederationConfig
 
 __all__ = [
     "AUDIT_LOG_NAME",
@@ -97,7 +97,7 @@ def site_state_dir(cfg: FederationConfig, site: SiteData) -> Path:
     """Where a site keeps its durable state (ledger, releases, audit log and key).
 
     ``<state-root>/<site-id>`` when the run config sets ``state-root``, else
-    ``<site folder>/.fedcare``. Create it with :func:`common.files.private_dir` (mode 0700).
+    ``<site folder>/.fedcare``. Create it with :func:`fedcare.common.files.private_dir` (mode 0700).
     """
     if cfg.state_root:
         return Path(cfg.state_root) / site.spec.site_id
@@ -105,7 +105,8 @@ def site_state_dir(cfg: FederationConfig, site: SiteData) -> Path:
 
 
 def record_sha256(arrays: ArrayRecord) -> str:
-    """:func:`~common.audit.hash_arrays` of a Flower ``ArrayRecord`` (as sent or received)."""
+    """:func:`~fedcare.common.audit.hash_arrays` of a Flower ``ArrayRecord`` (as sent or
+    received)."""
     return hash_arrays({name: array.numpy() for name, array in arrays.items()})
 
 

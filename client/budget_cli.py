@@ -1,12 +1,13 @@
 """``fedcare budget show``: what a site's privacy ledger says each dataset has spent.
 
-A dataset is a cohort of patients (its key is :meth:`client.ledger.PrivacyLedger.cohort_key`);
+A dataset is a cohort of patients (its key is
+:meth:`fedcare.client.ledger.PrivacyLedger.cohort_key`);
 its ε composes its own charges and those of every dataset sharing a patient with it (or of
 unknown membership), so it bounds each of its patients. The output lists the dataset's own
 charges and names the overlapping datasets whose charges its ε also counts.
 
 A plain typer-annotated function; :mod:`fedcare.cli` mounts it. Errors are
-:class:`~common.errors.FedcareError` and become one line on stderr there.
+:class:`~fedcare.common.errors.FedcareError` and become one line on stderr there.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from client.ledger import DatasetSummary, PrivacyLedger
+from fedcare.client.ledger import DatasetSummary, PrivacyLedger
 
 __all__ = ["budget_show"]
 

@@ -1,7 +1,7 @@
 """The site's commands, as plain typer-annotated functions.
 
 ``fedcare/cli.py`` mounts them (``fedcare data check`` -> :func:`data_check`). A
-:class:`~common.errors.FedcareError` raised here becomes one line and exit code 2 there.
+:class:`~fedcare.common.errors.FedcareError` raised here becomes one line and exit code 2 there.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from client.data.validation import ValidationReport, validate_site
-from common.errors import DataError
-from common.spec import SPEC_FILENAME, schema_differences
+from fedcare.client.data.validation import ValidationReport, validate_site
+from fedcare.common.errors import DataError
+from fedcare.common.spec import SPEC_FILENAME, schema_differences
 
 __all__ = ["data_check"]
 

@@ -11,18 +11,18 @@ The SuperNode runs with ``--isolation process``: Flower launches no executor of 
 (which would install and run the app bundle a run ships). Its Runtime API listens on
 127.0.0.1 and hands tasks only to a holder of the site's SuperExec secret
 (:func:`write_secret`): fedcare's site worker (:func:`worker_command`,
-:mod:`client.worker`), which runs only the fedcare installed here.
+:mod:`fedcare.client.worker`), which runs only the fedcare installed here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from client.site_config import SiteConfig
-from common import keys
-from common.errors import ConfigError
-from common.processes import module_command
-from common.superexec import write_secret as write_new_secret
+from fedcare.client.site_config import SiteConfig
+from fedcare.common import keys
+from fedcare.common.errors import ConfigError
+from fedcare.common.processes import module_command
+from fedcare.common.superexec import write_secret as write_new_secret
 
 __all__ = ["supernode_command", "worker_command", "write_secret", "secret_path", "SECRET_FILE_NAME"]
 
@@ -43,10 +43,10 @@ def _existing(path: Path, what: str, fix: str) -> Path:
 
 def supernode_command(site: SiteConfig, *, config_path: Path, insecure: bool = False) -> list[str]:
     """The ``flower-supernode`` command line for the site described by ``config_path``
-    (through :mod:`client.supernode`, which shortens Flower's fixed waits between polls)."""
+    (through :mod:`fedcare.client.supernode`, which shortens Flower's fixed waits between polls)."""
     link = site.superlink
     poll = f"{site.supernode.poll_interval:g}"
-    cmd = [*module_command("client.supernode"), "--poll", poll, "--"]
+    cmd = [*module_command("fedcare.client.supernode"), "--poll", poll, "--"]
     cmd += ["--superlink", link.address]
     if insecure or link.insecure:
         cmd.append("--insecure")
@@ -79,9 +79,9 @@ def supernode_command(site: SiteConfig, *, config_path: Path, insecure: bool = F
 
 
 def worker_command(*, config_path: Path, poll_s: float = 0.25) -> list[str]:
-    """The site worker's command line (:mod:`client.worker`) for ``config_path``."""
+    """The site worker's command line (:mod:`fedcare.client.worker`) for ``config_path``."""
     config = str(Path(config_path).resolve())
-    return [*module_command("client.worker"), config, "--poll", f"{poll_s:g}"]
+    return [*module_command("fedcare.client.worker"), config, "--poll", f"{poll_s:g}"]
 
 
 def write_secret(site: SiteConfig) -> Path:

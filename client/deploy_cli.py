@@ -2,12 +2,12 @@
 
 TLS and node authentication are on unless the config or ``--insecure`` says otherwise
 (which warns loudly). The SuperNode launches nothing itself (process isolation); fedcare's
-site worker (:mod:`client.worker`) is its only executor and runs only the fedcare installed
+site worker (:mod:`fedcare.client.worker`) is its only executor and runs only the fedcare installed
 here. A worker that dies is started again; the SuperNode's exit ends the command. SIGTERM
 (``systemctl stop``) or Ctrl-C stops both and everything they started. The site's
 ``state_dir`` is made private to its user first (mode 0700, tightened if it was wider), and
 a fresh SuperExec secret is written there for the two to share. The command holds
-``<state_dir>/.lock`` (:mod:`common.locks`) for its lifetime: a second ``site start`` on the
+``<state_dir>/.lock`` (:mod:`fedcare.common.locks`) for its lifetime: a second ``site start`` on the
 same state folder (whose ledger, audit log and secret belong to one SuperNode) is refused at
 once, naming the first; the lock goes when the command ends, however it ends.
 """
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import typer
 
-from client.deploy import supernode_command, worker_command, write_secret
-from client.site_config import load_site_config
-from common.errors import ConfigError
-from common.files import private_dir
-from common.locks import FolderLock
-from common.processes import Child, flower_env, supervise_group
+from fedcare.client.deploy import supernode_command, worker_command, write_secret
+from fedcare.client.site_config import load_site_config
+from fedcare.common.errors import ConfigError
+from fedcare.common.files import private_dir
+from fedcare.common.locks import FolderLock
+from fedcare.common.processes import Child, flower_env, supervise_group
 
 __all__ = ["site_start"]
 

@@ -55,7 +55,7 @@ its DP-SGD mechanism. Every kind counts towards ε.
 
 :meth:`PrivacyLedger.charge` is atomic: under ``BEGIN IMMEDIATE`` (one writer at a time,
 across processes; others wait up to ``busy_timeout_s``) it computes ε of the composed history
-plus the new mechanism, refuses with :class:`~common.errors.PrivacyBudgetExceeded` (writing
+plus the new mechanism, refuses with :class:`~fedcare.common.errors.PrivacyBudgetExceeded` (writing
 nothing) if that exceeds the budget, else inserts the charge and **commits before
 returning**. The charge therefore exists before training starts, and a crash can never
 under-count.
@@ -68,7 +68,7 @@ Idempotency is per ``(key, run_id, round, kind)``: charging it again with the sa
 returns the existing receipt without paying twice, so a run that resumes after a crash can
 retry its round. That is sound only while the earlier attempt released nothing; hence a
 charge that is ``completed`` (its output may have left the site) cannot be charged again
-(:class:`~common.errors.PolicyViolation`): redoing it would be a second release. Mark a
+(:class:`~fedcare.common.errors.PolicyViolation`): redoing it would be a second release. Mark a
 round completed before its output leaves the site. A ``failed`` charge is final too: whether
 a round fails can depend on the patients (weights crafted to overflow on one of them), so
 retrying it for free would give the sender an oracle; only a charge left ``charged`` by a
@@ -77,7 +77,7 @@ process that died is retried.
 **The file is never silently re-created.** ``PrivacyLedger(path)`` creates a ledger only when
 ``path`` does not exist (its folder, if it has to be created, is ``0o700``, the file
 ``0o600``, whatever the umask). A file that exists but is empty, is not SQLite, or holds no
-ledger is refused with a :class:`~common.errors.ConfigError`: a fresh ledger would draw a
+ledger is refused with a :class:`~fedcare.common.errors.ConfigError`: a fresh ledger would draw a
 new salt and forget every charge, i.e. give every patient a fresh budget. Restore it from
 the site's backup. A ledger that was deleted outright cannot be told from a new site here;
 the site compares :meth:`~PrivacyLedger.count_charges` with its own audit log for that.
@@ -108,15 +108,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from client.accounting import (
+from fedcare.client.accounting import (
     AccountantName,
     Mechanism,
     epsilon,
     validate_accountant,
     validate_delta,
 )
-from common.errors import ConfigError, PolicyViolation, PrivacyBudgetExceeded
-from common.files import fsync_dir, private_dir
+from fedcare.common.errors import ConfigError, PolicyViolation, PrivacyBudgetExceeded
+from fedcare.common.files import fsync_dir, private_dir
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -419,7 +419,7 @@ class PrivacyLedger:
     path:
         The ledger file. Created, with a fresh salt, only when nothing exists at ``path``
         and ``create``; its folder is created ``0o700`` if missing
-        (:func:`common.files.private_dir`), the file ``0o600``, whatever the umask. A v1
+        (:func:`fedcare.common.files.private_dir`), the file ``0o600``, whatever the umask. A v1
         ledger is migrated to v2 when opened.
     create:
         When ``False``, a missing file is a :class:`ConfigError` (read-only tools).
@@ -748,7 +748,7 @@ class PrivacyLedger:
         ----------
         patient_ids:
             The ids of every patient whose data the dataset holds (e.g.
-            :attr:`client.data.site.SiteData.patient_ids`); non-empty strings, at least one.
+            :attr:`fedcare.client.data.site.SiteData.patient_ids`); non-empty strings, at least one.
 
         Returns
         -------

@@ -15,7 +15,7 @@ round goes:
    the run's ceiling, so a crash never under-counts and no run can take more than it was
    allowed; any failure after the charge marks the charge failed;
 5. DP-SGD (Opacus, Poisson sampling) trains the model with randomness from the site's own
-   OS entropy (:func:`client.privacy.site_generators`);
+   OS entropy (:func:`fedcare.client.privacy.site_generators`);
 6. the released weights are stored at the site and the charge marked completed before they
    leave. A stored release is sent again only to the request that earned it: the same run,
    round, received model and run config (a coordinating server that crashed and resumed).
@@ -23,10 +23,10 @@ round goes:
 
 An evaluation is a query on patient data too: unless the site's own ``site.toml`` opts into
 exact metrics (a simulated site only), it is released with differential privacy
-(:mod:`models.evaluation`) and charged to the ledger as one Gaussian mechanism, within the
+(:mod:`fedcare.models.evaluation`) and charged to the ledger as one Gaussian mechanism, within the
 same run allowance and under the site's per-run evaluation cap.
 
-Personal models (the run's ``personalization``, :mod:`client.personal`) are planned and
+Personal models (the run's ``personalization``, :mod:`fedcare.client.personal`) are planned and
 charged the same way: Ditto's second DP-SGD copy shares its round's charge (one mechanism,
 twice the steps), the post-federation fine-tune is a ``personalize`` charge of its own
 written before it runs, and an evaluation that also releases the personalized model's
@@ -50,11 +50,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.accounting import PRV_EPS_ERROR, Mechanism, calibrate_noise, epsilon
-from client.data.datasets import TaskData, build_task_data
-from client.data.site import SiteData
-from client.ledger import ChargeReceipt, PrivacyLedger
-from client.personal import (
+from fedcare.client.accounting import PRV_EPS_ERROR, Mechanism, calibrate_noise, epsilon
+from fedcare.client.data.datasets import TaskData, build_task_data
+from fedcare.client.data.site import SiteData
+from fedcare.client.ledger import ChargeReceipt, PrivacyLedger
+from fedcare.client.personal import (
     Personalization,
     PersonalRound,
     PersonalSettings,
@@ -62,9 +62,9 @@ from client.personal import (
     TrainCopy,
     personalization,
 )
-from client.policy import SitePolicy
-from client.privacy import DPConfig, DPPlan, make_private, sampling, site_generators
-from client.training import (
+from fedcare.client.policy import SitePolicy
+from fedcare.client.privacy import DPConfig, DPPlan, make_private, sampling, site_generators
+from fedcare.client.training import (
     ProximalTerm,
     StepHook,
     TrainConfig,
@@ -74,8 +74,8 @@ from client.training import (
     predict,
     resolve_device,
 )
-from common import keys
-from common.errors import (
+from fedcare.common import keys
+from fedcare.common.errors import (
     ConfigError,
     FedcareError,
     PolicyViolation,
@@ -83,12 +83,12 @@ from common.errors import (
     RoundFailed,
     TrainingDiverged,
 )
-from common.federation import FederationConfig
-from common.files import write_private_atomic
-from models import build_model, default_model_for, model_info
-from models.evaluation import release as evaluation_release
-from models.metrics import split_metrics
-from models.tasks import task_definition
+from fedcare.common.federation import FederationConfig
+from fedcare.common.files import write_private_atomic
+from fedcare.models import build_model, default_model_for, model_info
+from fedcare.models.evaluation import release as evaluation_release
+from fedcare.models.metrics import split_metrics
+from fedcare.models.tasks import task_definition
 
 __all__ = [
     "RoundRequest",
@@ -199,7 +199,7 @@ class SiteTrainer:
         its own). It decides neither the split nor any DP randomness.
     task_data:
         A cache of this site's encoded tasks to fill and reuse (a warm site worker shares
-        one between messages while the data is unchanged, :class:`client.warm.WarmSites`);
+        one between messages while the data is unchanged, :class:`fedcare.client.warm.WarmSites`);
         by default the trainer keeps its own.
     """
 
@@ -278,7 +278,7 @@ class SiteTrainer:
 
     def with_recipe(self, request: RoundRequest) -> RoundRequest:
         """``request`` with the recipe's optimizer, batch size and learning rate filled in
-        where the run leaves them to it (:mod:`client.recipe`), from whether the run is
+        where the run leaves them to it (:mod:`fedcare.client.recipe`), from whether the run is
         private, this site's number of training patients and the model: a rule of what the
         site knows, not a fit to its data."""
         if request.train.resolved:
@@ -437,7 +437,7 @@ class SiteTrainer:
         charge already covers), or plain training in a non-private run (``plan`` None).
 
         For personal models only (Ditto's, a fine-tune): they share the one training loop
-        (:func:`client.training.fit`); their randomness is the site's, drawn apart from the
+        (:func:`fedcare.client.training.fit`); their randomness is the site's, drawn apart from the
         global copy's.
         """
         data = self.task_data(request.task)
@@ -929,7 +929,7 @@ class SiteTrainer:
     ) -> EvaluationResult:
         """The evaluation a federated run asks for, released as the site's policy says.
 
-        DP mode: one Gaussian release of both splits' histograms (:mod:`models.evaluation`)
+        DP mode: one Gaussian release of both splits' histograms (:mod:`fedcare.models.evaluation`)
         charged to the ledger within the run's allowance and evaluation cap, stored and
         re-sent only to the request that earned it. Exact mode (a simulated site's own
         opt-in, or a non-private run the site allows): :meth:`evaluate`.

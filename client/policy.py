@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.errors import PolicyViolation
-from common.federation import FederationConfig
+from fedcare.common.errors import PolicyViolation
+from fedcare.common.federation import FederationConfig
 
 __all__ = ["SitePolicy", "simulated_site_policy"]
 

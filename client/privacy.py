@@ -3,7 +3,7 @@
 The noise multiplier is calibrated once for the *whole planned run* (rounds x local steps)
 against the site's durable history in the privacy ledger, never per round: a fresh
 ``PrivacyEngine`` each round would forget the earlier rounds. Opacus's own accountant is
-therefore not consulted; the ledger (``client.ledger``) is the accountant of record.
+therefore not consulted; the ledger (``fedcare.client.ledger``) is the accountant of record.
 
 Sampling is Poisson with rate ``q = 1 / ceil(n / batch_size)``, exactly the rate Opacus derives
 from the wrapped loader, and one epoch is ``ceil(n / batch_size)`` steps.
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from common.errors import ConfigError
+from fedcare.common.errors import ConfigError
 
 __all__ = [
     "DPConfig",
@@ -176,6 +176,6 @@ def make_private(
     if not math.isclose(expected_q, plan.sample_rate, rel_tol=1e-9):
         raise ConfigError(
             f"DP plan sample rate {plan.sample_rate} differs from the loader's {expected_q}; "
-            "plan with client.privacy.sampling() using the same batch size"
+            "plan with fedcare.client.privacy.sampling() using the same batch size"
         )
     return PrivateTraining(dp_model, dp_optimizer, dp_criterion, dp_loader, grad_sample_mode)

@@ -47,7 +47,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from common.errors import ConfigError
+from fedcare.common.errors import ConfigError
 
 __all__ = [
     "AUTO",

@@ -1,7 +1,7 @@
 """``fedcare site keygen`` and ``fedcare site check``: a hospital's deployment commands.
 
 Plain typer-annotated functions; :mod:`fedcare.cli` mounts them. A
-:class:`~common.errors.FedcareError` raised here becomes one line and exit code 2 there.
+:class:`~fedcare.common.errors.FedcareError` raised here becomes one line and exit code 2 there.
 
 ``site check`` runs every check it can and reports them all in one table (ok / warning /
 error, each error with its fix): the config file, the files it names, the site's data
@@ -29,22 +29,22 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from client.data.validation import ValidationReport, validate_site
-from client.site_config import (
+from fedcare.client.data.validation import ValidationReport, validate_site
+from fedcare.client.site_config import (
     SiteConfig,
     SuperLinkSection,
     load_site_config,
     split_address,
 )
-from common.audit import public_key_fingerprint
-from common.certs import (
+from fedcare.common.audit import public_key_fingerprint
+from fedcare.common.certs import (
     describe_certificate,
     generate_node_keypair,
     load_node_private_key,
     ssh_fingerprint,
 )
-from common.errors import ConfigError
-from common.spec import SPEC_FILENAME
+from fedcare.common.errors import ConfigError
+from fedcare.common.spec import SPEC_FILENAME
 
 __all__ = [
     "Status",
@@ -284,7 +284,7 @@ def _policy_checks(config: SiteConfig, report: ValidationReport | None) -> list[
                     )
                 )
     if rules.allowed_models is not None:
-        from models.registry import available_models  # importing models loads torch
+        from fedcare.models.registry import available_models  # importing models loads torch
 
         known = set(available_models())
         for model in rules.allowed_models:

@@ -45,12 +45,12 @@ from pydantic import (
     model_validator,
 )
 
-from client.policy import SitePolicy
-from common.audit import AuditLogError, load_public_key_file
-from common.certs import describe_certificate, load_node_private_key
-from common.errors import ConfigError
-from common.spec import SPEC_FILENAME
-from common.tomlcompat import tomllib
+from fedcare.client.policy import SitePolicy
+from fedcare.common.audit import AuditLogError, load_public_key_file
+from fedcare.common.certs import describe_certificate, load_node_private_key
+from fedcare.common.errors import ConfigError
+from fedcare.common.spec import SPEC_FILENAME
+from fedcare.common.tomlcompat import tomllib
 
 __all__ = [
     "SITE_CONFIG_FILENAME",
@@ -160,7 +160,7 @@ class _Section(BaseModel):
 
 
 class PrivacySection(_Section):
-    """``[privacy]``: the site's privacy budget (see :class:`~client.policy.SitePolicy`)."""
+    """``[privacy]``: the site's privacy budget (see :class:`~fedcare.client.policy.SitePolicy`)."""
 
     epsilon: float = Field(gt=0, allow_inf_nan=False)
     delta: float = Field(default=1e-5, gt=0, lt=1)
@@ -255,7 +255,7 @@ class SuperNodeSection(_Section):
     port: int = Field(default=9094, ge=1, le=65535)
     poll_interval: float = Field(default=0.5, ge=0.05, le=3.0)
     """Seconds between the SuperNode's requests for a message while none comes (Flower's own
-    fixed wait is 3 s, :mod:`client.supernode`); each is one small HTTPS request."""
+    fixed wait is 3 s, :mod:`fedcare.client.supernode`); each is one small HTTPS request."""
 
     isolation: None = Field(default=None, exclude=True)
     """Gone: kept only to explain why an old site-config's line is refused."""

@@ -15,7 +15,7 @@ is one small HTTPS request to the centre.
 The launcher refuses to start when Flower is not the version whose loop it knows (the
 waits would silently be something else); upgrade fedcare with Flower.
 
-Usage (``fedcare site start`` builds it): ``python -m client.supernode --poll 0.5
+Usage (``fedcare site start`` builds it): ``python -m fedcare.client.supernode --poll 0.5
 --reply-poll 0.1 -- <flower-supernode arguments>``.
 """
 
@@ -103,7 +103,7 @@ def _seconds(value: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse ``--poll``/``--reply-poll``, then run ``flower-supernode`` with the rest."""
-    parser = argparse.ArgumentParser(prog="python -m client.supernode")
+    parser = argparse.ArgumentParser(prog="python -m fedcare.client.supernode")
     parser.add_argument("--poll", type=_seconds, default=0.5, help="idle poll (s), 0.05..3")
     parser.add_argument("--reply-poll", type=_seconds, default=0.1, help="reply check (s)")
     parser.add_argument("supernode_args", nargs=argparse.REMAINDER)

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from client import recipe
-from common.errors import ConfigError
+from fedcare.client import recipe
+from fedcare.common.errors import ConfigError
 
 __all__ = [
     "TrainConfig",
@@ -37,7 +37,7 @@ class TrainConfig(BaseModel):
     """Local training hyper-parameters. Frozen; unknown keys are errors.
 
     ``optimizer`` ``"auto"``, ``batch_size`` 0 and ``lr`` 0 mean "the recipe's"
-    (:mod:`client.recipe`): a site fills them in with :meth:`for_site`, from whether the run
+    (:mod:`fedcare.client.recipe`): a site fills them in with :meth:`for_site`, from whether the run
     is private, its number of training patients and the model, before it trains.
     """
 
@@ -193,7 +193,7 @@ def _finite_per_sample_grads(model: nn.Module) -> None:
     patients exist. Each per-sample gradient depends on its own patient only, so sanitising
     it before clipping keeps DP-SGD's sensitivity bound. (Ghost clipping keeps no
     per-sample gradients; there a non-finite step still fails the round, which spends the
-    round's charge: see ``client.ledger``.)
+    round's charge: see ``fedcare.client.ledger``.)
     """
     for param in model.parameters():
         grad_sample = getattr(param, "grad_sample", None)

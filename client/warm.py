@@ -3,10 +3,10 @@
 Loading a site validates every file, reads the tables and images, and hashes every byte for
 the dataset fingerprint; encoding a task builds its splits. A process that answers many
 messages keeps both between them in a :class:`WarmSites`, so a round costs its training, not
-a cold start: a deployed site's long-lived worker (:mod:`client.worker`) keeps its one site,
+a cold start: a deployed site's long-lived worker (:mod:`fedcare.client.worker`) keeps its one site,
 and each process of a simulated federation (a Ray actor of Flower's simulation engine, which
 answers the messages of many virtual sites) keeps the simulated sites it has served
-(:mod:`client.app` holds that process's cache).
+(:mod:`fedcare.client.app` holds that process's cache).
 
 What is kept is tied to the data folder's **signature**: the path, size, inode, and
 modification and change times (ns) of ``site.toml`` and of every file under the folder. Any
@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.data.datasets import TaskData
-from client.data.loaders import load_site
-from client.data.site import SiteData
-from client.site_config import SiteConfig
+from fedcare.client.data.datasets import TaskData
+from fedcare.client.data.loaders import load_site
+from fedcare.client.data.site import SiteData
+from fedcare.client.site_config import SiteConfig
 
 __all__ = ["WarmSites", "data_signature", "site_nbytes"]
 
@@ -157,7 +157,7 @@ class WarmSites:
         """The site in ``folder`` and the shared cache of its encoded tasks.
 
         ``skip`` names folders under ``folder`` that hold the site's state, not its data.
-        The returned task cache is for :class:`client.local.SiteTrainer` (``task_data=``):
+        The returned task cache is for :class:`fedcare.client.local.SiteTrainer` (``task_data=``):
         a task encoded in one message is reused by the next while the data is unchanged.
         """
         root = Path(folder).resolve()

@@ -10,17 +10,17 @@ shared secret, and runs this worker beside it, as the site's user:
   request signed with the secret in ``<state_dir>/superexec.secret``: no other local user
   can claim a task);
 - it checks that the run's FAB is fedcare's thin app at this site's installed version
-  (:func:`common.flower_app.check_fab`) and **never installs or imports anything from
-  it**: it runs the ClientApp fedcare installed (:func:`client.app.handle_train`,
-  :func:`client.app.handle_evaluate`). Anything else is refused: an error reply whose reason
+  (:func:`fedcare.common.flower_app.check_fab`) and **never installs or imports anything from
+  it**: it runs the ClientApp fedcare installed (:func:`fedcare.client.app.handle_train`,
+  :func:`fedcare.client.app.handle_evaluate`). Anything else is refused: an error reply whose reason
   the server records, one line here, and a ``refused`` entry in the site's audit log;
 - it stays up between messages with torch, fedcare and the site's loaded and encoded data
-  in memory (:class:`client.warm.WarmSites`, invalidated when the data changes), so a round
+  in memory (:class:`fedcare.client.warm.WarmSites`, invalidated when the data changes), so a round
   costs its training, not a Python start. The site's configuration, policy and ledger are
   read afresh for every message; a ledger charge is written before training starts, so a
   worker that dies loses none (``site start`` starts it again).
 
-Run by ``fedcare site start``; by hand: ``python -m client.worker SITE_CONFIG``.
+Run by ``fedcare site start``; by hand: ``python -m fedcare.client.worker SITE_CONFIG``.
 """
 
 from __future__ import annotations
@@ -54,15 +54,15 @@ from flwr.supernode.runtime.run_clientapp import (
     push_task_output,
 )
 
-from client.app import handle_evaluate, handle_train, refuse
-from client.deploy import secret_path
-from client.site_config import load_site_config
-from client.warm import WarmSites
-from common import keys
-from common.audit import running_code_hash, versions
-from common.errors import ConfigError, FedcareError, PolicyViolation, RoundFailed
-from common.flower_app import check_fab
-from common.superexec import read_secret, task_acquirer
+from fedcare.client.app import handle_evaluate, handle_train, refuse
+from fedcare.client.deploy import secret_path
+from fedcare.client.site_config import load_site_config
+from fedcare.client.warm import WarmSites
+from fedcare.common import keys
+from fedcare.common.audit import running_code_hash, versions
+from fedcare.common.errors import ConfigError, FedcareError, PolicyViolation, RoundFailed
+from fedcare.common.flower_app import check_fab
+from fedcare.common.superexec import read_secret, task_acquirer
 
 __all__ = ["SiteWorker", "main"]
 
@@ -275,7 +275,7 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m client.worker",
+        prog="python -m fedcare.client.worker",
         description="fedcare's site worker (started by `fedcare site start`).",
     )
     parser.add_argument("config", type=Path, help="the site's site-config.toml")

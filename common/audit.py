@@ -43,7 +43,7 @@ reported as the log's first bad line.
 
 A log and its signing key are private to their owner: both files are created with mode 0600
 (an existing log this process owns is tightened on its next append), and a missing folder
-with 0700 (:mod:`common.files`), whatever the umask.
+with 0700 (:mod:`fedcare.common.files`), whatever the umask.
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from common.errors import FedcareError
-from common.files import fsync_dir, open_private, private_dir
+from fedcare.common.errors import FedcareError
+from fedcare.common.files import fsync_dir, open_private, private_dir
 
 __all__ = [
     "AUDIT_FORMAT",
@@ -111,7 +111,7 @@ GENESIS = "0" * 64
 LOG_OPEN = "log-open"
 RECOVERY = "recovery"
 ENTRY_FIELDS = frozenset({"seq", "time", "kind", "writer", "run_id", "data", "prev", "sig"})
-CODE_PACKAGES = ("common", "models", "client", "server")
+CODE_PACKAGES = ("fedcare.common", "fedcare.models", "fedcare.client", "fedcare.server")
 """The packages whose sources :func:`code_hash` covers (the code that runs in a round)."""
 
 MAX_STRING = 4000
@@ -368,7 +368,7 @@ def code_hash(packages: Sequence[str] = CODE_PACKAGES) -> str:
 
     Each file contributes its path relative to the package's parent (POSIX, sorted) and the
     SHA-256 of its bytes; caches and other files do not count. The packages are located
-    without being imported.
+    without being imported (only their parent, ``fedcare``, whose ``__init__`` is light).
 
     Raises
     ------
@@ -754,7 +754,7 @@ class LoggedEntry:
 
 @dataclass(frozen=True)
 class LogVerification:
-    """What :func:`check_log` found (``simulations.audit.verify`` turns it into a LogCheck).
+    """What :func:`check_log` found (``fedcare.simulations.audit.verify`` turns it into a LogCheck).
 
     ``entries`` are the verified entries before the first bad line (all of them if ok);
     ``lines`` is how many lines the file has; ``notices`` what a verified log records that

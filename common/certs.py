@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.errors import ConfigError
-from common.files import PRIVATE_FILE_MODE, private_dir
+from fedcare.common.errors import ConfigError
+from fedcare.common.files import PRIVATE_FILE_MODE, private_dir
 
 __all__ = [
     "CA_CERT",

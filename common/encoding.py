@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from common.errors import ConfigError
-from common.spec import EventFeature, Feature, FeatureSchema, TaskSpec
+from fedcare.common.errors import ConfigError
+from fedcare.common.spec import EventFeature, Feature, FeatureSchema, TaskSpec
 
 __all__ = [
     "MISSING_SUFFIX",

@@ -2,7 +2,7 @@
 
 Flower's run config is flat (``[tool.flwr.app.config]`` merged with ``flwr run --run-config``)
 and holds only bool/int/float/str. :class:`FederationConfig` is its validated, typed form: an
-unknown key, a wrong type or an impossible value is one :class:`~common.errors.ConfigError`
+unknown key, a wrong type or an impossible value is one :class:`~fedcare.common.errors.ConfigError`
 naming the key and the fix, before anything runs.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.errors import ConfigError
+from fedcare.common.errors import ConfigError
 
 __all__ = ["FederationConfig", "STRATEGIES", "PERSONALIZATIONS", "RUN_CONFIG_DEFAULTS"]
 

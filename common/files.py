@@ -14,7 +14,7 @@ umask of 022 (a login shell's) gives the same modes as systemd's ``UMask=0077``.
   temporary name in the same folder (created 0700 if missing), flushed to disk, then renamed
   into place: a reader sees the old file or the new one, never half of one.
 
-Public material (``ca.crt``, ``*.pub``) is not written here: :mod:`common.certs` writes it
+Public material (``ca.crt``, ``*.pub``) is not written here: :mod:`fedcare.common.certs` writes it
 0644 on purpose.
 """
 

@@ -21,8 +21,8 @@ from typing import NoReturn
 
 import tomli_w
 
-from common.errors import ConfigError, PolicyViolation
-from common.tomlcompat import tomllib
+from fedcare.common.errors import ConfigError, PolicyViolation
+from fedcare.common.tomlcompat import tomllib
 
 __all__ = [
     "ConfigValue",
@@ -38,7 +38,10 @@ __all__ = [
 #: The approved thin app: ``publisher/name`` is its FAB id, and it names these components.
 APP_PUBLISHER = "fedcare"
 APP_NAME = "fedcare-run"
-APP_COMPONENTS: Mapping[str, str] = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+APP_COMPONENTS: Mapping[str, str] = {
+    "serverapp": "fedcare.server.app:app",
+    "clientapp": "fedcare.client.app:app",
+}
 
 #: What a FAB built from a thin app holds: the app's ``pyproject.toml`` and Flower's manifest.
 _FAB_CONFIG = "pyproject.toml"
@@ -126,7 +129,8 @@ def write_app_dir(
         module, _, attribute = ref.partition(":")
         if not module or not attribute:
             raise ConfigError(
-                f"{role} component {ref!r} is not 'module:attribute' (e.g. 'server.app:app')"
+                f"{role} component {ref!r} is not 'module:attribute' "
+                "(e.g. 'fedcare.server.app:app')"
             )
     check_values(config_defaults, what="config_defaults")
     dest = Path(dest)
@@ -161,7 +165,8 @@ def check_fab(fab_content: bytes, fab_id: str, fab_version: str) -> None:
     and Flower's ``.info/CONTENT`` manifest (which lists that file with its SHA-256),
     whose ``pyproject.toml`` names publisher ``fedcare``, project ``fedcare-run``, the
     installed fedcare's version (:func:`fedcare_version`), the components
-    ``server.app:app`` and ``client.app:app``, and a flat table of run-config defaults
+    ``fedcare.server.app:app`` and ``fedcare.client.app:app``, and a flat table of run-config
+    defaults
     (bool, int, float or str values) -- nothing else. Whoever runs a task for a run (the
     centre's ServerApp executor, a site's worker) calls this first, and then runs only the
     fedcare it installed: a FAB that ships a file besides ``pyproject.toml`` could shadow
@@ -187,7 +192,7 @@ def check_fab(fab_content: bytes, fab_id: str, fab_version: str) -> None:
     >>> check_fab(b"not a zip", "fedcare/fedcare-run", fedcare_version())  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    common.errors.PolicyViolation: the FAB is not a readable zip archive ...
+    fedcare.common.errors.PolicyViolation: the FAB is not a readable zip archive ...
     """
     expected_id = f"{APP_PUBLISHER}/{APP_NAME}"
     version = fedcare_version()

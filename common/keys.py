@@ -164,12 +164,14 @@ METRIC_PREFIXES = ("val.", "test.")
 # site's alone: the server reports them per site and never adds them into global metrics.
 PERSONAL_PREFIX = "personal."
 # 1 where a site reports its own personalized model, 0 where its validation split found the
-# global model at least as good and the site kept that (client.local.keep_better_on_validation).
+# global model at least as good and the site kept that
+# (fedcare.client.local.keep_better_on_validation).
 M_PERSONAL_OWN = "personal.own"
 #: The evaluation splits, ``METRIC_PREFIXES`` without the dot.
 EVAL_SPLITS = tuple(p.rstrip(".") for p in METRIC_PREFIXES)
 # ``threshold``: the decision threshold ``accuracy`` and ``balanced_accuracy`` used, chosen on
-# the validation split (models.metrics.youden_threshold, models.evaluation.threshold_from_release).
+# the validation split (fedcare.models.metrics.youden_threshold,
+# fedcare.models.evaluation.threshold_from_release).
 TASK_METRICS = (
     "auroc",
     "auprc",

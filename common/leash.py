@@ -1,11 +1,12 @@
-"""``python -m common.leash --parent PID -- COMMAND...``: run COMMAND on a leash held by PID.
+"""``python -m fedcare.common.leash --parent PID -- COMMAND...``: run COMMAND on a leash held by
+PID.
 
 A fedcare command that is SIGKILLed cannot stop what it started, and Flower's SuperLink,
 its SuperExec and a simulation's Ray cluster live in sessions of their own: they kept
 running, and a simulation kept training. So fedcare starts such a process through this
 leash. The leash asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``),
 also checks every half second that PID is still its parent, and then stops COMMAND and
-everything it spawned (:func:`common.processes.supervise_group`). SIGTERM to the leash does
+everything it spawned (:func:`fedcare.common.processes.supervise_group`). SIGTERM to the leash does
 the same.
 """
 
@@ -16,7 +17,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from common.processes import Child, die_with_parent, module_command, supervise_group
+from fedcare.common.processes import Child, die_with_parent, module_command, supervise_group
 
 __all__ = ["leash_command", "main"]
 
@@ -28,13 +29,13 @@ def leash_command(
     long each stopped process gets between SIGTERM and SIGKILL."""
     held_by = os.getpid() if parent is None else parent
     return [
-        *module_command("common.leash"), "--parent", str(held_by),
+        *module_command("fedcare.common.leash"), "--parent", str(held_by),
         "--grace", f"{grace_s:g}", "--", *command,
     ]  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m common.leash")
+    parser = argparse.ArgumentParser(prog="python -m fedcare.common.leash")
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--grace", type=float, default=10.0)
     parser.add_argument("command", nargs=argparse.REMAINDER)

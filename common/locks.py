@@ -36,8 +36,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 
-from common.errors import FedcareError
-from common.files import open_private
+from fedcare.common.errors import FedcareError
+from fedcare.common.files import open_private
 
 __all__ = ["LOCK_NAME", "FolderInUse", "LockHolder", "FolderLock"]
 

@@ -5,7 +5,7 @@ SuperLink's port can submit a run, and a submitted run reaches every hospital. S
 trains only for a run that the centre's **run-signing key** (Ed25519, made by ``fedcare certs
 init`` beside the CA) signed, and refuses anything else before it touches its data or its
 ledger. What is signed is what a hospital agrees to: the run's resolved configuration (its
-SHA-256, :func:`common.audit.config_hash`, over every run-config key but the signature
+SHA-256, :func:`fedcare.common.audit.config_hash`, over every run-config key but the signature
 itself), shown with the run id, planned rounds, target ε and the app (fedcare, by name).
 
 ``fedcare server submit --run-key KEY`` signs (:func:`sign_run`) and sends the signature as
@@ -15,7 +15,7 @@ the run-config key ``run-signature``; a site pins the centre's public key in its
 Examples
 --------
 >>> from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
->>> from common.audit import public_key_raw
+>>> from fedcare.common.audit import public_key_raw
 >>> key = Ed25519PrivateKey.generate()
 >>> config = {"run-id": "r1", "num-server-rounds": 3, "target-epsilon": 4.0}
 >>> signed = {**config, RUN_SIGNATURE_KEY: sign_run(config, key)}
@@ -24,7 +24,8 @@ Examples
 ... # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
-common.errors.PolicyViolation: site st-mary refuses run 'r1': its signature does not match ...
+fedcare.common.errors.PolicyViolation: site st-mary refuses run 'r1': its signature does not match
+...
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.audit import config_hash, public_key_fingerprint, public_key_raw
-from common.errors import PolicyViolation
+from fedcare.common.audit import config_hash, public_key_fingerprint, public_key_raw
+from fedcare.common.errors import PolicyViolation
 
 __all__ = [
     "RUN_SIGNATURE_KEY",

@@ -47,8 +47,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.errors import ConfigError
-from common.tomlcompat import tomllib
+from fedcare.common.errors import ConfigError
+from fedcare.common.tomlcompat import tomllib
 
 __all__ = [
     "MODALITIES",

@@ -4,13 +4,14 @@ By default Python dies on SIGTERM (what ``timeout``, systemd and a CI cancellati
 and SIGHUP without running any ``finally``: the Flower and Ray processes a command started
 were left running, and an orphaned simulation kept training and charging the sites'
 ledgers. :func:`install` makes both raise :class:`Stopped` in the main thread instead, so
-every ``with``/``finally`` that owns a process stops it (:func:`common.processes.stop_family`),
+every ``with``/``finally`` that owns a process stops it
+(:func:`fedcare.common.processes.stop_family`),
 and the CLI prints one line: what stopped it, what was kept and how to resume
 (:func:`set_resume_hint`). A second SIGTERM/SIGHUP during that cleanup is ignored, so the
 cleanup finishes; a second Ctrl-C still interrupts it (the caller then kills at once).
 
 A SIGKILL cannot be caught: for that, the processes a command starts watch their parent
-(:mod:`common.leash`, and ``PR_SET_PDEATHSIG`` in :mod:`common.processes`).
+(:mod:`fedcare.common.leash`, and ``PR_SET_PDEATHSIG`` in :mod:`fedcare.common.processes`).
 """
 
 from __future__ import annotations

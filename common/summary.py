@@ -48,9 +48,9 @@ from typing import Any, Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.errors import ConfigError
-from common.files import write_private_atomic
-from common.spec import format_validation_error
+from fedcare.common.errors import ConfigError
+from fedcare.common.files import write_private_atomic
+from fedcare.common.spec import format_validation_error
 
 __all__ = [
     "RECORD_NAME",
@@ -110,12 +110,13 @@ EventKind = Literal[
 EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 NoiseSource = Literal["os-entropy", "reproducible"]
-#: Where a site's DP noise came from (``common.keys.NOISE_*``): ``os-entropy`` (a real site,
+#: Where a site's DP noise came from (``fedcare.common.keys.NOISE_*``): ``os-entropy`` (a real site,
 #: always) or ``reproducible`` (a simulated site whose own site.toml seeds its noise).
 NOISE_SOURCES: tuple[str, ...] = get_args(NoiseSource)
 
 EvaluationMode = Literal["dp", "exact"]
-#: How a site released its evaluation metrics (``common.keys.EVAL_*``): ``dp`` (noisy, charged
+#: How a site released its evaluation metrics (``fedcare.common.keys.EVAL_*``): ``dp`` (noisy,
+#: charged
 #: to its ledger) or ``exact`` (a simulated site whose own site.toml asks for it).
 EVALUATION_MODES: tuple[str, ...] = get_args(EvaluationMode)
 
@@ -284,7 +285,7 @@ class RunSummary(_Strict):
     flwr_version: str
     """Flower's version that ran the federation."""
     task: str = Field(min_length=1)
-    """The task trained (``models.tasks``)."""
+    """The task trained (``fedcare.models.tasks``)."""
     strategy: str = Field(min_length=1)
     """The aggregation strategy (``fedavg``, ``fedprox``, ...)."""
     personalization: str = Field(default="none", min_length=1)

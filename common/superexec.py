@@ -17,8 +17,8 @@ from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExec
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 
-from common.errors import ConfigError
-from common.files import write_private_atomic
+from fedcare.common.errors import ConfigError
+from fedcare.common.files import write_private_atomic
 
 __all__ = ["ACQUIRE_TASK", "write_secret", "read_secret", "task_acquirer"]
 

@@ -1,9 +1,9 @@
 """The ``fedcare`` command: mounts the sub-commands that each package defines.
 
 Each package keeps its commands as plain typer-annotated functions in its own ``cli.py``;
-this module only assembles them into groups. A :class:`~common.errors.FedcareError`
+this module only assembles them into groups. A :class:`~fedcare.common.errors.FedcareError`
 raised by any command becomes one clear line on stderr and exit code 2, never a traceback.
-SIGINT, SIGTERM and SIGHUP stop a command the same way (:mod:`common.stopping`): every
+SIGINT, SIGTERM and SIGHUP stop a command the same way (:mod:`fedcare.common.stopping`): every
 process it started is stopped, one line says what was kept, exit code 128 + the signal.
 """
 
@@ -18,8 +18,8 @@ import warnings
 
 import typer
 
-from common import stopping
-from common.errors import FedcareError
+from fedcare.common import stopping
+from fedcare.common.errors import FedcareError
 
 __all__ = ["app", "main"]
 
@@ -51,21 +51,21 @@ app.add_typer(audit_app, name="audit")
 
 #: Every command: (group or None for a top-level command, name, "module:function").
 COMMANDS: tuple[tuple[str | None, str, str], ...] = (
-    ("data", "check", "client.cli:data_check"),
-    ("data", "synth", "simulations.cli:data_synth"),
-    ("data", "real", "simulations.realdata.cli:data_real"),
-    ("budget", "show", "client.budget_cli:budget_show"),
+    ("data", "check", "fedcare.client.cli:data_check"),
+    ("data", "synth", "fedcare.simulations.cli:data_synth"),
+    ("data", "real", "fedcare.simulations.realdata.cli:data_real"),
+    ("budget", "show", "fedcare.client.budget_cli:budget_show"),
     (None, "demo", "fedcare.demo:demo"),
-    (None, "simulate", "simulations.simulate_cli:simulate"),
-    ("certs", "init", "server.certs_cli:certs_init"),
-    ("server", "start", "server.deploy_cli:server_start"),
-    ("server", "submit", "server.deploy_cli:server_submit"),
-    ("site", "keygen", "client.site_cli:site_keygen"),
-    ("site", "check", "client.site_cli:site_check"),
-    ("site", "start", "client.deploy_cli:site_start"),
-    ("audit", "verify", "simulations.audit.verify:audit_verify"),
-    ("audit", "attack", "simulations.audit.attack_cli:audit_attack"),
-    ("audit", "report", "simulations.audit.report_cli:audit_report"),
+    (None, "simulate", "fedcare.simulations.simulate_cli:simulate"),
+    ("certs", "init", "fedcare.server.certs_cli:certs_init"),
+    ("server", "start", "fedcare.server.deploy_cli:server_start"),
+    ("server", "submit", "fedcare.server.deploy_cli:server_submit"),
+    ("site", "keygen", "fedcare.client.site_cli:site_keygen"),
+    ("site", "check", "fedcare.client.site_cli:site_check"),
+    ("site", "start", "fedcare.client.deploy_cli:site_start"),
+    ("audit", "verify", "fedcare.simulations.audit.verify:audit_verify"),
+    ("audit", "attack", "fedcare.simulations.audit.attack_cli:audit_attack"),
+    ("audit", "report", "fedcare.simulations.audit.report_cli:audit_report"),
 )
 _GROUPS = {
     "data": data_app,

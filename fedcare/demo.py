@@ -16,11 +16,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from client.cli import data_check
-from common.locks import FolderLock
-from simulations.scenario import load_scenario
-from simulations.simulate_cli import print_results, run_with_progress
-from simulations.synth import synthesize
+from fedcare.client.cli import data_check
+from fedcare.common.locks import FolderLock
+from fedcare.simulations.scenario import load_scenario
+from fedcare.simulations.simulate_cli import print_results, run_with_progress
+from fedcare.simulations.synth import synthesize
 
 __all__ = ["demo"]
 

@@ -2,16 +2,16 @@
 
 Importing the package registers every model (``ehr_mlp``, ``imaging_cnn``,
 ``genomics_mlp``, ``fusion``). Build one with :func:`build_model`; see
-:mod:`models.registry` for the input convention.
+:mod:`fedcare.models.registry` for the input convention.
 """
 
 from __future__ import annotations
 
-from models.ehr_mlp import EHRMLP, EHRMLPConfig
-from models.fusion import FusionConfig, FusionModel
-from models.genomics_mlp import GenomicsMLP, GenomicsMLPConfig
-from models.imaging_cnn import ImagingCNN, ImagingCNNConfig
-from models.metrics import (
+from fedcare.models.ehr_mlp import EHRMLP, EHRMLPConfig
+from fedcare.models.fusion import FusionConfig, FusionModel
+from fedcare.models.genomics_mlp import GenomicsMLP, GenomicsMLPConfig
+from fedcare.models.imaging_cnn import ImagingCNN, ImagingCNNConfig
+from fedcare.models.metrics import (
     BINARY_METRICS,
     MetricInputError,
     UndefinedMetricError,
@@ -24,7 +24,7 @@ from models.metrics import (
     ece,
     log_loss,
 )
-from models.registry import (
+from fedcare.models.registry import (
     DEFAULT_SEED,
     HParams,
     ModelInfo,
@@ -35,7 +35,7 @@ from models.registry import (
     model_info,
     register_model,
 )
-from models.tasks import (
+from fedcare.models.tasks import (
     BinaryClassification,
     TaskDefinition,
     TaskKind,

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from models.registry import HParams, feature_dim, register_model
+from fedcare.models.registry import HParams, feature_dim, register_model
 
 __all__ = ["EHRMLPConfig", "EHRMLP", "mlp_trunk"]
 

@@ -44,7 +44,7 @@ Metrics (:func:`metrics_from_release`), each from the release only
     the histogram with negative noisy counts clipped to 0; ``brier`` and ``loss`` from their
     noisy sums over the noisy ``n``; ``ece`` over the ``B`` bins with each bin's noisy mean
     prediction (clipped into the bin). With ``σ = 0`` every metric but ``auroc``/``auprc`` equals
-    :func:`models.metrics.binary_metrics` (``loss`` as long as no log-loss exceeds ``L``);
+    :func:`fedcare.models.metrics.binary_metrics` (``loss`` as long as no log-loss exceeds ``L``);
     ``auroc``/``auprc`` equal those of the scores quantised to bin mid-points. One code path
     serves both modes, so per-site and global metrics are always the same functions.
 
@@ -61,8 +61,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from common import keys
-from common.errors import ConfigError, DataError
+from fedcare.common import keys
+from fedcare.common.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     import torch
@@ -174,7 +174,7 @@ class SplitSums:
         return SplitSums.from_vector(self.vector() + other.vector(), bins=self.bins)
 
     def to_wire(self, split: str) -> dict[str, float]:
-        """The release's metric keys (:mod:`common.keys`) and values for ``split``."""
+        """The release's metric keys (:mod:`fedcare.common.keys`) and values for ``split``."""
         return dict(zip(_wire_keys(split, self.bins), self.vector().tolist(), strict=True))
 
 
@@ -207,7 +207,9 @@ def _check_bins(bins: object) -> int:
 
 
 def _check_inputs(y: Any, p: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
-    from models.metrics import MetricInputError  # models imports torch models: only when used
+    from fedcare.models.metrics import (
+        MetricInputError,
+    )  # models imports torch models: only when used
 
     t = np.asarray(y, dtype=np.float64)
     s = np.asarray(p, dtype=np.float64)
@@ -227,7 +229,7 @@ def _check_inputs(y: Any, p: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _bin_of(p: np.ndarray, bins: int) -> np.ndarray:
-    """Score bin of each probability (as :func:`models.metrics.ece` bins them)."""
+    """Score bin of each probability (as :func:`fedcare.models.metrics.ece` bins them)."""
     edges = np.arange(bins + 1) / bins
     return np.clip(np.searchsorted(edges, p, side="right") - 1, 0, bins - 1)
 
@@ -361,7 +363,7 @@ def _edge(threshold: float, bins: int) -> int:
 def metrics_from_release(
     sums: SplitSums, *, min_count: float = 1.0, threshold: float = 0.5
 ) -> dict[str, float]:
-    """The task metrics (bare names of :data:`common.keys.TASK_METRICS`) of a release.
+    """The task metrics (bare names of :data:`fedcare.common.keys.TASK_METRICS`) of a release.
 
     Parameters
     ----------
@@ -505,7 +507,7 @@ def release(
     dict
         ``"<split>.<metric>"`` (:func:`metrics_from_release`) and the release's sums
         (:meth:`SplitSums.to_wire`) of every split not withheld. With ``σ > 0`` the caller
-        charges ``Mechanism(σ, 1.0, 1)`` (``client.accounting``) to the ledger *before* the
+        charges ``Mechanism(σ, 1.0, 1)`` (``fedcare.client.accounting``) to the ledger *before* the
         metrics leave, even when every split was withheld (the withholding depends on the
         noisy release). Every call draws fresh noise and must be charged: a repeated
         request must be charged again or answered with the stored release.

@@ -1,8 +1,9 @@
 """Multimodal fusion: one encoder per modality, a masked mean, one head.
 
 Each modality the model is built for (the keys of ``input_dims``) gets the trunk of its
-single-modality model (:func:`~models.ehr_mlp.mlp_trunk`,
-:func:`~models.imaging_cnn.imaging_trunk`, :func:`~models.genomics_mlp.genomics_trunk`)
+single-modality model (:func:`~fedcare.models.ehr_mlp.mlp_trunk`,
+:func:`~fedcare.models.imaging_cnn.imaging_trunk`,
+:func:`~fedcare.models.genomics_mlp.genomics_trunk`)
 followed by a linear projection to a shared ``embed_dim``. For a patient, the embeddings
 of the *present* modalities are averaged::
 
@@ -26,12 +27,12 @@ import torch
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
-from common.errors import ConfigError
-from common.spec import MODALITIES
-from models.ehr_mlp import mlp_trunk
-from models.genomics_mlp import genomics_trunk
-from models.imaging_cnn import imaging_trunk
-from models.registry import HParams, feature_dim, image_shape, register_model
+from fedcare.common.errors import ConfigError
+from fedcare.common.spec import MODALITIES
+from fedcare.models.ehr_mlp import mlp_trunk
+from fedcare.models.genomics_mlp import genomics_trunk
+from fedcare.models.imaging_cnn import imaging_trunk
+from fedcare.models.registry import HParams, feature_dim, image_shape, register_model
 
 __all__ = ["FusionConfig", "FusionModel"]
 
@@ -91,14 +92,14 @@ class FusionModel(nn.Module):
     ----------
     encoders:
         Modality -> encoder module mapping its input to ``(B, embed_dim)``; at least one,
-        keys from :data:`common.spec.MODALITIES`.
+        keys from :data:`fedcare.common.spec.MODALITIES`.
     embed_dim, head_hidden, dropout:
         See :class:`FusionConfig`.
 
     Notes
     -----
     ``forward`` always takes the three inputs in the order of
-    :data:`common.spec.MODALITIES` plus ``mask`` of shape ``(B, 3)`` (1 present, 0
+    :data:`fedcare.common.spec.MODALITIES` plus ``mask`` of shape ``(B, 3)`` (1 present, 0
     missing). An input whose modality the model was not built for is ignored (it may be
     ``None``) and its mask column is not read. A patient with no modality present gets the
     head's output for an all-zero input.

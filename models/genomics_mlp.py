@@ -16,8 +16,8 @@ import torch
 from pydantic import Field, PositiveInt
 from torch import nn
 
-from models.ehr_mlp import mlp_trunk
-from models.registry import HParams, feature_dim, register_model
+from fedcare.models.ehr_mlp import mlp_trunk
+from fedcare.models.registry import HParams, feature_dim, register_model
 
 __all__ = ["GenomicsMLPConfig", "GenomicsMLP", "genomics_trunk"]
 

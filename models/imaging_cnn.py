@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
-from models.registry import HParams, image_shape, register_model
+from fedcare.models.registry import HParams, image_shape, register_model
 
 __all__ = ["ImagingCNNConfig", "ImagingCNN", "imaging_trunk"]
 

@@ -5,13 +5,13 @@ finite score where larger means "more positive"; for the others a probability in
 ``[0, 1]``), both 1-D of the same non-empty length, and returns a ``float``.
 
 Inputs are validated first; a bad input raises :class:`MetricInputError` (a
-:class:`~common.errors.DataError` and a ``ValueError``). A metric that is undefined for a
+:class:`~fedcare.common.errors.DataError` and a ``ValueError``). A metric that is undefined for a
 valid input raises :class:`UndefinedMetricError`, never returns NaN: ``auroc``, ``auprc``
 and ``balanced_accuracy`` need both classes present. :func:`binary_metrics` computes every
 metric that *is* defined and leaves the others out of its result (so a one-class
 validation set yields no ``auroc``, ``auprc`` or ``balanced_accuracy`` key).
 
-The names :func:`binary_metrics` returns are those of :data:`common.keys.TASK_METRICS`
+The names :func:`binary_metrics` returns are those of :data:`fedcare.common.keys.TASK_METRICS`
 (``loss`` is the log-loss, ``n`` the number of patients).
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from numpy.typing import ArrayLike
 
-from common.errors import DataError
+from fedcare.common.errors import DataError
 
 __all__ = [
     "MetricInputError",
@@ -248,7 +248,7 @@ def log_loss(y_true: ArrayLike, y_score: ArrayLike, *, eps: float = 1e-12) -> fl
     return float(-np.mean(np.where(t, np.log(p), np.log1p(-p))))
 
 
-# name -> (function, needs both classes); the names are common.keys.TASK_METRICS, but for
+# name -> (function, needs both classes); the names are fedcare.common.keys.TASK_METRICS, but for
 # ``threshold`` (the decision threshold the classification metrics used) and ``n``.
 BINARY_METRICS: dict[str, tuple[Callable[[np.ndarray, np.ndarray], float], bool]] = {
     "auroc": (auroc, True),
@@ -269,7 +269,7 @@ def youden_threshold(y_true: ArrayLike, y_score: ArrayLike, *, bins: int = 100) 
     accuracy does not rest on a fixed 0.5 that a model trained on an unbalanced outcome (or
     under DP noise, whose probabilities crowd around the prevalence) never crosses. The
     candidates are the edges ``k / bins`` (positive iff ``score >= threshold``), the grid a
-    DP release chooses on too (:func:`models.evaluation.threshold_from_release`, the one
+    DP release chooses on too (:func:`fedcare.models.evaluation.threshold_from_release`, the one
     home of the rule), so the threshold is never one patient's exact score; among ties the
     edge nearest 0.5 wins. With one class only, J is undefined and 0.5 is returned. Linear
     in the number of patients.
@@ -281,7 +281,7 @@ def youden_threshold(y_true: ArrayLike, y_score: ArrayLike, *, bins: int = 100) 
     >>> youden_threshold([1, 1], [0.2, 0.9])
     0.5
     """
-    from models.evaluation import exact_sums, threshold_from_release
+    from fedcare.models.evaluation import exact_sums, threshold_from_release
 
     t, s = _check(y_true, y_score, probability=True)
     return threshold_from_release(exact_sums(t.astype(np.float64), s, bins=bins))

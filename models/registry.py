@@ -11,7 +11,7 @@ Input convention (fixed by the data layer): ``input_dims`` maps a modality to it
 e.g. ``{"ehr": 40, "imaging": (1, 32, 32), "genomics": 200}``. A single-modality model is
 called as ``model(x)``; a multimodal one (``model_info(name).multimodal``) as
 ``model(x_ehr, x_img, x_gen, mask)`` with ``mask`` of shape ``(B, 3)`` in the order of
-:data:`common.spec.MODALITIES`. Every model returns one logit per sample, shape ``(B,)``.
+:data:`fedcare.common.spec.MODALITIES`. Every model returns one logit per sample, shape ``(B,)``.
 
 Adding a model = a new file with one decorated class + one import line in
 ``models/__init__.py``::
@@ -35,8 +35,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from common.errors import ConfigError
-from common.spec import MODALITIES
+from fedcare.common.errors import ConfigError
+from fedcare.common.spec import MODALITIES
 
 __all__ = [
     "HParams",
@@ -75,7 +75,7 @@ class ModelInfo:
         The registered name (``build_model(name, ...)``).
     modalities:
         The modalities the model can read. A single-modality model reads exactly one; the
-        fusion model reads any non-empty subset of :data:`common.spec.MODALITIES`.
+        fusion model reads any non-empty subset of :data:`fedcare.common.spec.MODALITIES`.
     multimodal:
         ``True`` when the forward call is ``model(x_ehr, x_img, x_gen, mask)``;
         ``False`` when it is ``model(x)``.

@@ -2,11 +2,11 @@
 
 A *task kind* (:class:`TaskKind`) fixes how model outputs are read: the loss, how logits
 become scores, which metrics describe them. Only ``"binary"`` exists today (every
-:class:`~common.spec.LabelSpec` is binary); survival or regression kinds are added by
+:class:`~fedcare.common.spec.LabelSpec` is binary); survival or regression kinds are added by
 subclassing :class:`TaskKind` in a new file and decorating it with
 :func:`register_task_kind` — nothing else changes.
 
-A :class:`TaskDefinition` binds a site's :class:`~common.spec.TaskSpec` (name, label,
+A :class:`TaskDefinition` binds a site's :class:`~fedcare.common.spec.TaskSpec` (name, label,
 modalities) to a kind and a registered model; :func:`default_model_for` picks the model
 from the modalities.
 """
@@ -23,10 +23,10 @@ import torch
 from numpy.typing import ArrayLike
 from torch import nn
 
-from common.errors import ConfigError
-from common.spec import MODALITIES, TaskSpec
-from models.metrics import BINARY_METRICS, binary_metrics
-from models.registry import model_info
+from fedcare.common.errors import ConfigError
+from fedcare.common.spec import MODALITIES, TaskSpec
+from fedcare.models.metrics import BINARY_METRICS, binary_metrics
+from fedcare.models.registry import model_info
 
 __all__ = [
     "TaskKind",
@@ -128,12 +128,12 @@ class BinaryClassification(TaskKind):
         return torch.sigmoid(output)
 
     def metrics(self, y_true: ArrayLike, y_score: ArrayLike) -> dict[str, float]:
-        """:func:`models.metrics.binary_metrics`."""
+        """:func:`fedcare.models.metrics.binary_metrics`."""
         return binary_metrics(np.asarray(y_true), np.asarray(y_score))
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        """``n``, ``threshold`` and the names of :data:`models.metrics.BINARY_METRICS`."""
+        """``n``, ``threshold`` and the names of :data:`fedcare.models.metrics.BINARY_METRICS`."""
         return ("n", "threshold", *BINARY_METRICS)
 
 
@@ -147,7 +147,7 @@ _MULTIMODAL_DEFAULT = "fusion"
 
 
 def canonical_modalities(modalities: Iterable[str]) -> tuple[str, ...]:
-    """``modalities`` checked and put in the order of :data:`common.spec.MODALITIES`.
+    """``modalities`` checked and put in the order of :data:`fedcare.common.spec.MODALITIES`.
 
     Raises
     ------
@@ -218,7 +218,7 @@ class TaskDefinition:
 def task_definition(
     spec: TaskSpec, *, model: str | None = None, kind: str = "binary"
 ) -> TaskDefinition:
-    """Bind a :class:`~common.spec.TaskSpec` to a task kind and a model.
+    """Bind a :class:`~fedcare.common.spec.TaskSpec` to a task kind and a model.
 
     Parameters
     ----------

@@ -6,7 +6,8 @@ directory holds a checkpoint of the same run (the model, the run record and the 
 optimizer's state, e.g. FedAdam's moments, put back into the freshly built strategy; a
 checkpoint of an older fedcare without that state resumes with fresh moments, said once in
 the log and in the record's ``optimizer_reset``), drives the strategy inside a
-:class:`~server.guard.GuardedStrategy`, and writes the final model and ``server_record.json``
+:class:`~fedcare.server.guard.GuardedStrategy`, and writes the final model and
+``server_record.json``
 (everything ``summary.json`` is built from) into the run directory. Every step is also
 logged, signed, in the run's audit log ``<run-dir>/audit/server.jsonl`` (``server/audit.py``).
 """
@@ -24,20 +25,20 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.encoding import input_dims
-from common.errors import ConfigError
-from common.federation import FederationConfig
-from common.files import atomic_private, private_dir, write_private_atomic
-from common.spec import SiteSpec, load_site_spec
-from common.summary import RECORD_NAME, SUMMARY_NAME, write_summary
-from models import build_model, default_model_for
-from models.tasks import task_definition
-from server.audit import ServerAudit, record_sha256
-from server.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from server.grid import prompt
-from server.guard import GuardedStrategy, new_record
-from server.strategies import build_strategy, restore_optimizer_state
-from server.summary import build_summary
+from fedcare.common.encoding import input_dims
+from fedcare.common.errors import ConfigError
+from fedcare.common.federation import FederationConfig
+from fedcare.common.files import atomic_private, private_dir, write_private_atomic
+from fedcare.common.spec import SiteSpec, load_site_spec
+from fedcare.common.summary import RECORD_NAME, SUMMARY_NAME, write_summary
+from fedcare.models import build_model, default_model_for
+from fedcare.models.tasks import task_definition
+from fedcare.server.audit import ServerAudit, record_sha256
+from fedcare.server.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from fedcare.server.grid import prompt
+from fedcare.server.guard import GuardedStrategy, new_record
+from fedcare.server.strategies import build_strategy, restore_optimizer_state
+from fedcare.server.summary import build_summary
 
 __all__ = ["app", "run_federation", "federation_spec", "RECORD_NAME", "FINAL_MODEL_NAME"]
 
@@ -162,7 +163,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
     with atomic_private(run_dir / FINAL_MODEL_NAME) as out:
         torch.save({"model": model_name, "task": cfg.task, "state_dict": state}, out)
     # These two stay the last writes: once both exist, a simulation's runner ends the run's
-    # processes at once (simulations.runner, SuperLinkHandle.end_run).
+    # processes at once (fedcare.simulations.runner, SuperLinkHandle.end_run).
     write_private_atomic(
         run_dir / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True).encode("utf-8")
     )

@@ -1,10 +1,10 @@
 """The coordinating server's audit log: what it sent, received, rejected and aggregated.
 
 The log is ``<run-dir>/audit/server.jsonl`` (writer ``"server"``; format:
-:mod:`common.audit`), signed with the key the run config's ``audit-key`` names (default
+:mod:`fedcare.common.audit`), signed with the key the run config's ``audit-key`` names (default
 ``<run-dir>/audit/server-key.pem``, created with mode 0600; in a deployment keep it outside
 the run directory, readable only by the server). The ``audit`` folder is mode 0700 and the
-log 0600, whatever the umask (:mod:`common.files`). A resumed run appends to the same log.
+log 0600, whatever the umask (:mod:`fedcare.common.files`). A resumed run appends to the same log.
 Entries (round numbers are the run's absolute rounds; every entry carries the run id):
 
 ``run-start`` / ``run-resume``
@@ -27,12 +27,12 @@ Entries (round numbers are the run's absolute rounds; every entry carries the ru
     skipped), ``updates`` (how many were aggregated).
 ``run-end``
     ``rounds_completed``, ``model_sha256`` (the final model).
-``recovery`` (written by :mod:`common.audit` itself, run id null)
+``recovery`` (written by :mod:`fedcare.common.audit` itself, run id null)
     ``offset``, ``length``, ``sha256``: an incomplete last line (a crash or a full disk in
     mid-write) that the next append cut; so a resumed run appends to a log that verifies.
 
 A write that fails (a full disk) leaves the log at its last whole entry and stops the run
-with an :class:`~common.audit.AuditLogError` naming the file and the fix.
+with an :class:`~fedcare.common.audit.AuditLogError` naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 
-from common import keys
-from common.audit import (
+from fedcare.common import keys
+from fedcare.common.audit import (
     AuditLog,
     LogHead,
     config_hash,
@@ -55,7 +55,7 @@ from common.audit import (
     running_code_hash,
     versions,
 )
-from common.federation import FederationConfig
+from fedcare.common.federation import FederationConfig
 
 __all__ = [
     "SERVER_WRITER",
@@ -102,7 +102,7 @@ def server_key_path(run_dir: Path, cfg: FederationConfig) -> Path:
 
 
 def record_sha256(arrays: ArrayRecord) -> str:
-    """:func:`~common.audit.hash_arrays` of a Flower ``ArrayRecord``."""
+    """:func:`~fedcare.common.audit.hash_arrays` of a Flower ``ArrayRecord``."""
     return hash_arrays({name: array.numpy() for name, array in arrays.items()})
 
 

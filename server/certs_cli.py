@@ -1,7 +1,7 @@
 """``fedcare certs init``: the coordinating centre's CA and SuperLink TLS certificate.
 
 A plain typer-annotated function; :mod:`fedcare.cli` mounts it. Errors are
-:class:`~common.errors.FedcareError` and become one line on stderr there.
+:class:`~fedcare.common.errors.FedcareError` and become one line on stderr there.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from common.audit import load_or_create_signing_key
-from common.certs import describe_certificate, init_certificates
-from common.run_signing import RUN_KEY_NAME, RUN_PUBLIC_KEY_NAME, write_public_key
+from fedcare.common.audit import load_or_create_signing_key
+from fedcare.common.certs import describe_certificate, init_certificates
+from fedcare.common.run_signing import RUN_KEY_NAME, RUN_PUBLIC_KEY_NAME, write_public_key
 
 __all__ = ["certs_init"]
 

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import ConfigError
-from common.files import atomic_private, private_dir
+from fedcare.common.errors import ConfigError
+from fedcare.common.files import atomic_private, private_dir
 
 __all__ = [
     "Checkpoint",

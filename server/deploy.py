@@ -33,10 +33,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import ConfigError
-from common.files import open_private, private_dir
-from common.processes import Child, module_command, venv_bin
-from common.superexec import write_secret as write_new_secret
+from fedcare.common.errors import ConfigError
+from fedcare.common.files import open_private, private_dir
+from fedcare.common.processes import Child, module_command, venv_bin
+from fedcare.common.superexec import write_secret as write_new_secret
 
 __all__ = [
     "SuperLinkSettings",
@@ -171,7 +171,7 @@ def gateway_command(settings: SuperLinkSettings) -> list[str]:
     """The gateway's command line: ``settings.host:port`` forwarded to the SuperLink."""
     settings.check_ports()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    cmd = [*module_command("server.gateway"), "--listen", f"{host}:{settings.port}"]
+    cmd = [*module_command("fedcare.server.gateway"), "--listen", f"{host}:{settings.port}"]
     cmd += ["--upstream", settings.control_address]
     if settings.insecure:
         cmd.append("--insecure")
@@ -182,7 +182,11 @@ def gateway_command(settings: SuperLinkSettings) -> list[str]:
 
 def executor_command(settings: SuperLinkSettings) -> list[str]:
     """The ServerApp executor's command line (``server/executor.py``)."""
-    cmd = [*module_command("server.executor"), "--runtime-api-address", settings.control_address]
+    cmd = [
+        *module_command("fedcare.server.executor"),
+        "--runtime-api-address",
+        settings.control_address,
+    ]
     cmd += ["--superexec-auth-secret-file", str(settings.secret_file.resolve())]
     ca = settings.ca_cert
     cmd += ["--insecure"] if ca is None else ["--root-certificates", str(ca)]
@@ -190,7 +194,7 @@ def executor_command(settings: SuperLinkSettings) -> list[str]:
 
 
 def centre_children(settings: SuperLinkSettings) -> list[Child]:
-    """The centre's three processes, for :func:`common.processes.supervise_group`.
+    """The centre's three processes, for :func:`fedcare.common.processes.supervise_group`.
 
     The SuperLink's exit stops the group (a service manager restarts it); the gateway and
     the executor are restarted when they exit on their own. The secret file must exist

@@ -26,15 +26,15 @@ from typing import Any
 import tomli_w
 import typer
 
-from common.audit import load_or_create_signing_key
-from common.errors import ConfigError
-from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
-from common.flower_app import ConfigValue, check_values, write_app_dir
-from common.locks import FolderLock
-from common.processes import flower_env, supervise_group, venv_bin
-from common.run_signing import RUN_SIGNATURE_KEY, sign_run
-from common.tomlcompat import tomllib
-from server.deploy import (
+from fedcare.common.audit import load_or_create_signing_key
+from fedcare.common.errors import ConfigError
+from fedcare.common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
+from fedcare.common.flower_app import ConfigValue, check_values, write_app_dir
+from fedcare.common.locks import FolderLock
+from fedcare.common.processes import flower_env, supervise_group, venv_bin
+from fedcare.common.run_signing import RUN_SIGNATURE_KEY, sign_run
+from fedcare.common.tomlcompat import tomllib
+from fedcare.server.deploy import (
     SuperLinkSettings,
     centre_children,
     connection_config,
@@ -197,8 +197,8 @@ def server_submit(
         app = write_app_dir(
             Path(tmp) / "app",
             config_defaults=RUN_CONFIG_DEFAULTS,
-            serverapp="server.app:app",
-            clientapp="client.app:app",
+            serverapp="fedcare.server.app:app",
+            clientapp="fedcare.client.app:app",
         )
         overrides_file = Path(tmp) / "run.toml"
         overrides_file.write_text(tomli_w.dumps(overrides), encoding="utf-8")

@@ -6,21 +6,21 @@ itself and its Runtime API hands a ServerApp task only to a caller that signs
 ``AcquireTask`` with that secret (Flower's ``SuperExecAuthHttpInterceptor``). This module is
 that caller:
 
-* :func:`run_executor` (``python -m server.executor --runtime-api-address ...``, built by
-  ``server.deploy.executor_command``) polls
+* :func:`run_executor` (``python -m fedcare.server.executor --runtime-api-address ...``, built by
+  ``fedcare.server.deploy.executor_command``) polls
   ``AcquireTask`` for ``flwr-serverapp`` tasks on the SuperLink's loopback Runtime API every
   0.5 s and starts one task process per task, handing it the task's token on its standard
   input (never on a command line other local users can read);
-* :func:`run_task` (``python -m server.executor --run-task ...``) does what Flower's own
+* :func:`run_task` (``python -m fedcare.server.executor --run-task ...``) does what Flower's own
   ``flwr-serverapp`` does (``flwr.superlink.runtime.run_serverapp``: an ``HttpGrid`` holding
   the token, task heartbeats, ``PullTaskInput``, the run config fused from the FAB's
   defaults and the run's overrides with Flower's ``get_fused_config_from_fab``, the
   process's output uploaded so that ``flwr log`` shows it, ``PushTaskOutput`` completed or
   failed) with one difference: it never installs or imports anything from the FAB. It first
-  checks the FAB with :func:`common.flower_app.check_fab`; a FAB that is not fedcare's thin
+  checks the FAB with :func:`fedcare.common.flower_app.check_fab`; a FAB that is not fedcare's thin
   app (it ships a file, names other components, another publisher, name or version) is
   refused: the task is pushed as failed with the reason, and one line says so. Otherwise it
-  calls the installed ``server.app.app``. It also shortens the waits of the task's grid
+  calls the installed ``fedcare.server.app.app``. It also shortens the waits of the task's grid
   between tries for a reply object the SuperLink does not hold yet (:data:`PULL_BACKOFF_S`).
 """
 
@@ -66,10 +66,10 @@ from flwr.supercore.telemetry import EventType
 from flwr.superlink.grid import HttpGrid
 from flwr.superlink.grid import http_grid as _http_grid
 
-from common.errors import ConfigError, PolicyViolation
-from common.flower_app import check_fab
-from common.processes import module_command
-from common.superexec import read_secret, task_acquirer
+from fedcare.common.errors import ConfigError, PolicyViolation
+from fedcare.common.flower_app import check_fab
+from fedcare.common.processes import module_command
+from fedcare.common.superexec import read_secret, task_acquirer
 
 __all__ = ["POLL_INTERVAL_S", "run_executor", "run_task", "main"]
 
@@ -86,7 +86,7 @@ _TOKEN = re.compile(r"[0-9a-f]{16,256}")
 
 
 def _task_command(*, runtime_api_address: str, root_certificates: Path | None) -> list[str]:
-    cmd = [*module_command("server.executor"), "--run-task"]
+    cmd = [*module_command("fedcare.server.executor"), "--run-task"]
     cmd += ["--runtime-api-address", runtime_api_address, "--parent-pid", str(os.getpid())]
     if root_certificates is None:
         cmd.append("--insecure")
@@ -201,8 +201,8 @@ def run_task(
     """Run one ServerApp task with fedcare's installed ServerApp, or refuse it; exit.
 
     Mirrors ``flwr.superlink.runtime.run_serverapp`` (same Flower building blocks, same
-    exit handling) except that the FAB is checked (:func:`common.flower_app.check_fab`)
-    and never installed or imported: the ServerApp is ``server.app.app``.
+    exit handling) except that the FAB is checked (:func:`fedcare.common.flower_app.check_fab`)
+    and never installed or imported: the ServerApp is ``fedcare.server.app.app``.
     """
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
@@ -280,7 +280,7 @@ def run_task(
             sys.exit(1)
         else:
             context.run_config = get_fused_config_from_fab(fab.content, run)
-            from server.app import app as server_app  # the installed one, only now
+            from fedcare.server.app import app as server_app  # the installed one, only now
 
             context = run_serverapp(
                 grid=grid, context=context, server_app_dir="", loaded_server_app=server_app
@@ -332,9 +332,9 @@ def _read_token() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m server.executor``: the executor, or (``--run-task``) one task process."""
+    """``python -m fedcare.server.executor``: the executor, or (``--run-task``) one task process."""
     parser = argparse.ArgumentParser(
-        prog="python -m server.executor",
+        prog="python -m fedcare.server.executor",
         description="Run fedcare's installed ServerApp for the SuperLink's ServerApp tasks.",
     )
     parser.add_argument("--runtime-api-address", required=True, help="the SuperLink HOST:PORT")

@@ -34,8 +34,8 @@ What is forwarded, exactly:
 ``GET``/``HEAD /health`` is answered by the gateway: 200 when the SuperLink's own
 ``/health`` answers 200, else 503.
 
-Run it as ``python -m server.gateway --listen HOST:PORT --upstream 127.0.0.1:PORT --certs
-DIR`` (``server.deploy.gateway_command`` builds that line); ``--insecure`` serves and
+Run it as ``python -m fedcare.server.gateway --listen HOST:PORT --upstream 127.0.0.1:PORT --certs
+DIR`` (``fedcare.server.deploy.gateway_command`` builds that line); ``--insecure`` serves and
 forwards plain text (tests on one machine only).
 """
 
@@ -55,8 +55,8 @@ from typing import Any
 
 import httpx
 
-from common.errors import ConfigError
-from server.deploy import certificate_files
+from fedcare.common.errors import ConfigError
+from fedcare.server.deploy import certificate_files
 
 __all__ = [
     "FLEET_PATH",
@@ -441,9 +441,9 @@ def serve(settings: GatewaySettings, *, max_body: int = DEFAULT_MAX_BODY) -> Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m server.gateway``: one clear line and exit 2 on bad arguments."""
+    """``python -m fedcare.server.gateway``: one clear line and exit 2 on bad arguments."""
     parser = argparse.ArgumentParser(
-        prog="python -m server.gateway",
+        prog="python -m fedcare.server.gateway",
         description="Forward only Flower's Fleet API from the public port to the SuperLink.",
     )
     parser.add_argument("--listen", required=True, help="public HOST:PORT")

@@ -16,7 +16,7 @@ what a hospital federation needs on every round:
 * after every round the global model, the run record and the server optimizer's state
   (FedAdam's and FedYogi's moments; ``server/strategies.py``) are checkpointed atomically,
   in one file, and a progress line is appended to ``progress.jsonl``;
-* with a :class:`~server.audit.ServerAudit`, each of these events also becomes a signed
+* with a :class:`~fedcare.server.audit.ServerAudit`, each of these events also becomes a signed
   entry of the server's audit log (model hashes sent and aggregated, each update's hash,
   norm and the site's privacy report, refusals, rejections, drop-outs), and every message
   to the sites carries the log's head.
@@ -42,20 +42,20 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common import keys
-from common.audit import hash_arrays
-from common.errors import UpdateRejected
-from common.federation import FederationConfig
-from models.evaluation import (
+from fedcare.common import keys
+from fedcare.common.audit import hash_arrays
+from fedcare.common.errors import UpdateRejected
+from fedcare.common.federation import FederationConfig
+from fedcare.models.evaluation import (
     SplitSums,
     metrics_from_release,
     releases_from_wire,
     threshold_from_release,
 )
-from server.audit import ServerAudit, record_sha256
-from server.checkpoint import Checkpoint, save_checkpoint
-from server.strategies import optimizer_state
-from server.validation import validate_update
+from fedcare.server.audit import ServerAudit, record_sha256
+from fedcare.server.checkpoint import Checkpoint, save_checkpoint
+from fedcare.server.strategies import optimizer_state
+from fedcare.server.validation import validate_update
 
 __all__ = ["GuardedStrategy", "new_record", "arrays_to_numpy"]
 
@@ -536,7 +536,7 @@ def global_evaluate_metrics(
 
     For each split, when every site that reported it sent a release for it (same number of
     bins), the global metrics are those of the summed release
-    (:func:`models.evaluation.metrics_from_release`: the metrics of the pooled, noisy
+    (:func:`fedcare.models.evaluation.metrics_from_release`: the metrics of the pooled, noisy
     histogram, at the decision threshold the pooled validation release supports); otherwise
     (a site without a release, e.g. an older one) they are :func:`weighted_global_metrics`.
     ``releases``: site -> split -> validated release.

@@ -4,7 +4,7 @@ A new strategy is one entry in :data:`_BUILDERS`. Every strategy sends each roun
 connected site (a hospital federation is small and every site matters) and goes on as long as
 ``min-sites`` are connected: the ServerApp waits for all ``num-sites`` before round 1, and a site
 lost later (no reply within the round timeout, or gone offline) is recorded as a drop-out by
-:class:`server.guard.GuardedStrategy` while the others carry on.
+:class:`fedcare.server.guard.GuardedStrategy` while the others carry on.
 
 A server optimizer's state survives a resume: :func:`optimizer_state` takes the moments of
 Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad; inside any wrapper) for the round's
@@ -33,9 +33,14 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
-from common.errors import ConfigError
-from common.federation import STRATEGIES, FederationConfig
-from server.checkpoint import Checkpoint, CheckpointError, OptimizerState, optimizer_mismatch
+from fedcare.common.errors import ConfigError
+from fedcare.common.federation import STRATEGIES, FederationConfig
+from fedcare.server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    OptimizerState,
+    optimizer_mismatch,
+)
 
 __all__ = [
     "build_strategy",
@@ -98,7 +103,7 @@ def build_strategy(cfg: FederationConfig, *, n_sites: int) -> Strategy:
 def inner_strategy(strategy: Strategy) -> Strategy:
     """The aggregation strategy inside any wrappers.
 
-    fedcare's :class:`~server.guard.GuardedStrategy` and Flower's DP wrappers
+    fedcare's :class:`~fedcare.server.guard.GuardedStrategy` and Flower's DP wrappers
     (``DifferentialPrivacyServerSideFixedClipping``, ...) keep the strategy they wrap in
     ``.strategy``; follow it down to the one that aggregates.
 

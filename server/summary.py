@@ -1,7 +1,7 @@
 """The run's ``summary.json``, built from the server's run record.
 
 The ServerApp writes it at the end of every run (a deployment has no other writer); a
-simulation rewrites it with its baselines added. Its schema is :mod:`common.summary`.
+simulation rewrites it with its baselines added. Its schema is :mod:`fedcare.common.summary`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import flwr
 
-from common.summary import SUMMARY_NAME, RunSummary
+from fedcare.common.summary import SUMMARY_NAME, RunSummary
 
 __all__ = ["build_summary", "fedcare_version", "SUMMARY_NAME"]
 

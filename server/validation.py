@@ -1,6 +1,6 @@
 """Server-side validation of a site's model update, before any aggregation.
 
-Pure checks on plain numpy arrays; a failure raises :class:`~common.errors.UpdateRejected`
+Pure checks on plain numpy arrays; a failure raises :class:`~fedcare.common.errors.UpdateRejected`
 whose message says what is wrong, so the guard can record it and drop just that update.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common.errors import UpdateRejected
+from fedcare.common.errors import UpdateRejected
 
 __all__ = ["validate_update", "update_norm"]
 

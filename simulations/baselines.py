@@ -1,7 +1,7 @@
 """Reference points for a federated run: every site alone, and all data pooled.
 
 Both are orchestration over the pieces the federation itself uses (``SiteTrainer``,
-``build_task_data``, ``client.training.fit``); there is no second training loop. Both split
+``build_task_data``, ``fedcare.client.training.fit``); there is no second training loop. Both split
 each site's patients with the same seed as the federation, so every site's val and test
 patients are the ones the federated model is evaluated on.
 
@@ -30,17 +30,17 @@ from typing import Any
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
-from client.data.datasets import TaskData
-from client.data.site import SiteData
-from client.ledger import PrivacyLedger
-from client.local import RoundRequest, SiteTrainer
-from client.policy import SitePolicy
-from client.privacy import DPConfig
-from client.training import TrainConfig, fit, make_optimizer, predict, resolve_device
-from common.errors import ConfigError
-from models import build_model
-from models.metrics import split_metrics
-from models.tasks import task_definition
+from fedcare.client.data.datasets import TaskData
+from fedcare.client.data.site import SiteData
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.client.local import RoundRequest, SiteTrainer
+from fedcare.client.policy import SitePolicy
+from fedcare.client.privacy import DPConfig
+from fedcare.client.training import TrainConfig, fit, make_optimizer, predict, resolve_device
+from fedcare.common.errors import ConfigError
+from fedcare.models import build_model
+from fedcare.models.metrics import split_metrics
+from fedcare.models.tasks import task_definition
 
 __all__ = ["LOCAL_ONLY_RUN_ID", "local_only", "pooled"]
 
@@ -146,7 +146,7 @@ def pooled(
 ) -> dict[str, float]:
     """One non-private model on every site's train split; metrics on the pooled splits.
 
-    The model is trained by :func:`client.training.fit` for ``rounds * train.epochs`` epochs
+    The model is trained by :func:`fedcare.client.training.fit` for ``rounds * train.epochs`` epochs
     (one optimizer throughout) over the concatenated train splits, shuffled by a generator
     seeded with ``seed``; there is no DP and no policy, since it is a reference that no real
     deployment could compute. Encoders stay per site (see the module docstring).
@@ -165,7 +165,7 @@ def pooled(
         Split, initialisation and shuffling seed.
     max_grad_norm:
         Each step's gradient is clipped to this norm (the federation's ``max-grad-norm``):
-        the recipe's learning rate (:mod:`client.recipe`, applied as if one site held every
+        the recipe's learning rate (:mod:`fedcare.client.recipe`, applied as if one site held every
         training patient) is tuned for clipped steps, and diverges without them.
 
     Returns

@@ -1,7 +1,7 @@
 """Commands of the ``simulations`` package, as plain typer-annotated functions.
 
 ``fedcare/cli.py`` mounts them (``data_synth`` is ``fedcare data synth``); errors are
-raised as :class:`~common.errors.ConfigError` and printed there as one line.
+raised as :class:`~fedcare.common.errors.ConfigError` and printed there as one line.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from common.errors import ConfigError
-from common.spec import format_validation_error
-from common.tomlcompat import tomllib
-from simulations.synth.config import IMAGE_FORMATS, TABLE_FORMATS, SynthConfig
-from simulations.synth.generator import MAX_SITES, synthesize
-from simulations.synth.manifest import MANIFEST_FILENAME
+from fedcare.common.errors import ConfigError
+from fedcare.common.spec import format_validation_error
+from fedcare.common.tomlcompat import tomllib
+from fedcare.simulations.synth.config import IMAGE_FORMATS, TABLE_FORMATS, SynthConfig
+from fedcare.simulations.synth.generator import MAX_SITES, synthesize
+from fedcare.simulations.synth.manifest import MANIFEST_FILENAME
 
 __all__ = ["data_synth", "build_synth_config"]
 

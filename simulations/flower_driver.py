@@ -18,7 +18,7 @@ the wait as soon as that output is there (``wait(done=...)``), without the secon
 takes to shut the simulation and Ray down.
 
 An app can be *thin* (:func:`write_app_dir`): a folder that holds only ``pyproject.toml``.
-Its components name installed modules (``server.app:app``), so the FAB ships no code and the
+Its components name installed modules (``fedcare.server.app:app``), so the FAB ships no code and the
 simulation imports the installed packages. Components that are not installed (a test's
 helper app) need their import root on ``pythonpath`` of :func:`local_superlink`.
 
@@ -29,8 +29,8 @@ Examples
 >>> app = write_app_dir(
 ...     Path(tempfile.mkdtemp()) / "app",
 ...     config_defaults={"num-server-rounds": 3},
-...     serverapp="server.app:app",
-...     clientapp="client.app:app",
+...     serverapp="fedcare.server.app:app",
+...     clientapp="fedcare.client.app:app",
 ... )
 >>> sorted(p.name for p in app.iterdir())
 ['pyproject.toml']
@@ -59,12 +59,12 @@ from flwr.common.serde import run_from_proto
 from flwr.proto.control_pb2 import ListRunsRequest, StopRunRequest
 from flwr.supercore.control import ControlHttpClient
 
-from common.errors import ConfigError, FedcareError
-from common.flower_app import ConfigValue, check_values, write_app_dir
-from common.leash import leash_command
-from common.processes import flower_env, free_port, live_processes, stop_family, venv_bin
-from common.stopping import Stopped
-from common.tomlcompat import tomllib
+from fedcare.common.errors import ConfigError, FedcareError
+from fedcare.common.flower_app import ConfigValue, check_values, write_app_dir
+from fedcare.common.leash import leash_command
+from fedcare.common.processes import flower_env, free_port, live_processes, stop_family, venv_bin
+from fedcare.common.stopping import Stopped
+from fedcare.common.tomlcompat import tomllib
 
 __all__ = [
     "FlowerRunError",
@@ -429,7 +429,7 @@ class _LoopbackControl(ControlHttpClient):
 
     Flower's client builds an ``httpx.Client`` that honours ``HTTP_PROXY`` and the like
     from this process's environment (the ``flwr`` CLI gets ``NO_PROXY`` from
-    :func:`common.processes.flower_env`); the loopback SuperLink is always reached directly.
+    :func:`fedcare.common.processes.flower_env`); the loopback SuperLink is always reached directly.
     """
 
     def __init__(self, port: int, *, timeout: float) -> None:
@@ -483,10 +483,10 @@ def local_superlink(
     Only the SuperLink is bound to 127.0.0.1: Ray, inside each simulation, starts its own
     services (GCS, raylet) on the machine's address, as ``ray.init()`` always does.
     The SuperLink leads a new session, so Ctrl-C in a terminal reaches only this process.
-    On exit (normal, exception, ``KeyboardInterrupt`` or :class:`common.stopping.Stopped`)
+    On exit (normal, exception, ``KeyboardInterrupt`` or :class:`fedcare.common.stopping.Stopped`)
     the SuperLink gets SIGTERM; then every process in its session or in the session of
     anything it spawned gets SIGTERM and, after a grace period, SIGKILL. The SuperLink runs on
-    a leash (:mod:`common.leash`): if *this* process is SIGKILLed, the leash stops the
+    a leash (:mod:`fedcare.common.leash`): if *this* process is SIGKILLed, the leash stops the
     SuperLink and everything it spawned.
     """
     work_dir = Path(work_dir).resolve()

@@ -53,9 +53,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator, NullLocator
 
-from common import keys
-from common.errors import DataError
-from common.files import write_private_atomic
+from fedcare.common import keys
+from fedcare.common.errors import DataError
+from fedcare.common.files import write_private_atomic
 
 __all__ = [
     "COLUMNS",
@@ -102,7 +102,7 @@ _LOCAL_ONLY = f"{BASELINE_PREFIX}local-only:"
 #: The start of every personalized model's ``site``: ``personal:<site id>``.
 PERSONAL_SITE_PREFIX = "personal:"
 #: The personalized model's metric (``val`` split) saying whether the site kept it: 1, or 0
-#: where its validation split kept the global model (``common.keys.M_PERSONAL_OWN``).
+#: where its validation split kept the global model (``fedcare.common.keys.M_PERSONAL_OWN``).
 OWN_METRIC = keys.M_PERSONAL_OWN.removeprefix(keys.PERSONAL_PREFIX)
 _OWN_SPLIT: Split = "val"
 #: The metric :func:`write_run_plots` draws per site under every model a site could use.
@@ -738,7 +738,7 @@ def run_plot_specs(
 ) -> list[tuple[Split, str]]:
     """The ``(split, metric)`` pairs :func:`write_run_plots` draws for this frame.
 
-    Every task metric of :data:`common.keys.TASK_METRICS` (but the count ``n``) present in
+    Every task metric of :data:`fedcare.common.keys.TASK_METRICS` (but the count ``n``) present in
     one of ``splits``, then the training metrics of :data:`TRAIN_PLOTTED` that are present
     (the personalized models' rows aside: :func:`plot_site_models` draws those).
     """

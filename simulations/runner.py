@@ -3,7 +3,8 @@
 ``run_experiment`` prepares the sites (synthesized, or existing folders), checks every site's
 data and that all share one schema, writes the resolved config, then runs fedcare's own
 ServerApp and ClientApp with ``flwr run`` against a local simulation SuperLink that it starts
-and stops, or one a sweep shares (:mod:`simulations.flower_driver`). The run is over once the
+and stops, or one a sweep shares (:mod:`fedcare.simulations.flower_driver`). The run is over once
+the
 ServerApp has written its record and summary; its simulation is then ended at once. While the
 run goes it shows a progress bar fed by the server's ``progress.jsonl``. Afterwards it
 computes the baselines (each site alone; all data pooled, non-private) and writes the run
@@ -17,7 +18,7 @@ Every run has its own run id (:func:`new_run_id`), unless the scenario names one
 their ledger charges and stored releases on it, so two runs must never share one. Resuming
 continues the run recorded in the folder (:func:`recorded_run_id`), under its own id; a new
 run in a folder that holds an earlier one clears that run's results first. One process at a
-time works in a run directory: it holds ``<out>/.lock`` (:mod:`common.locks`) for the whole
+time works in a run directory: it holds ``<out>/.lock`` (:mod:`fedcare.common.locks`) for the whole
 run, and a second run on the same folder is refused, naming the first.
 """
 
@@ -36,34 +37,34 @@ from typing import Any
 
 import tomli_w
 
-from client.data.loaders import load_site
-from client.data.site import SiteData
-from client.local import settings_from_run
-from client.policy import simulated_site_policy
-from common.errors import ConfigError, DataError
-from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
-from common.locks import FolderLock
-from common.spec import SPEC_FILENAME, describe_schema_difference
-from common.summary import RECORD_NAME, SUMMARY_NAME, RunSummary, write_summary
-from common.tomlcompat import tomllib
-from server.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from server.summary import build_summary
-from simulations.baselines import local_only, pooled
-from simulations.flower_driver import (
+from fedcare.client.data.loaders import load_site
+from fedcare.client.data.site import SiteData
+from fedcare.client.local import settings_from_run
+from fedcare.client.policy import simulated_site_policy
+from fedcare.common.errors import ConfigError, DataError
+from fedcare.common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
+from fedcare.common.locks import FolderLock
+from fedcare.common.spec import SPEC_FILENAME, describe_schema_difference
+from fedcare.common.summary import RECORD_NAME, SUMMARY_NAME, RunSummary, write_summary
+from fedcare.common.tomlcompat import tomllib
+from fedcare.server.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from fedcare.server.summary import build_summary
+from fedcare.simulations.baselines import local_only, pooled
+from fedcare.simulations.flower_driver import (
     FlowerRunError,
     SharedSuperLink,
     local_superlink,
     write_app_dir,
 )
-from simulations.reports import (
+from fedcare.simulations.reports import (
     MetricRow,
     baseline_rows,
     personal_rows,
     write_metrics_csv,
     write_run_plots,
 )
-from simulations.scenario import Scenario
-from simulations.synth import synthesize
+from fedcare.simulations.scenario import Scenario
+from fedcare.simulations.synth import synthesize
 
 STATE_DIR_NAME = "state"
 """The folder of a run directory that holds its simulated sites' durable state."""
@@ -83,7 +84,7 @@ __all__ = [
 
 #: The resolved configuration a start writes into the run directory (its run id included).
 CONFIG_NAME = "config.toml"
-#: The run's long-format metrics (:mod:`simulations.reports`).
+#: The run's long-format metrics (:mod:`fedcare.simulations.reports`).
 METRICS_NAME = "metrics.csv"
 _RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -275,14 +276,14 @@ def run_experiment(
 
     Without ``superlink`` the run starts its own local simulation SuperLink in
     ``<out>/.flower`` and stops it (and everything it spawned) before returning. With a
-    :class:`~simulations.flower_driver.SharedSuperLink` (a sweep's values share one), the
+    :class:`~fedcare.simulations.flower_driver.SharedSuperLink` (a sweep's values share one), the
     run is submitted to that SuperLink, started by the first run that asks, and left
     running for the next; the run is still its own Flower run, with its own run directory
     and ledger state.
 
     The run is over once its ServerApp has written its record and summary: its
     ``flwr-simulation`` and Ray processes are then killed
-    (:meth:`~simulations.flower_driver.SuperLinkHandle.end_run`) instead of waiting
+    (:meth:`~fedcare.simulations.flower_driver.SuperLinkHandle.end_run`) instead of waiting
     seconds for Flower to shut them down.
 
     The run gets a fresh id from :func:`new_run_id` unless the scenario (or ``overrides``)
@@ -290,7 +291,7 @@ def run_experiment(
     recorded in ``out`` (:func:`recorded_run_id`) is continued from its last completed round,
     under its own id and with the configuration it started with.
 
-    ``out`` is locked (:class:`common.locks.FolderLock`, ``<out>/.lock``) before anything in
+    ``out`` is locked (:class:`fedcare.common.locks.FolderLock`, ``<out>/.lock``) before anything in
     it is read or changed and until the run returns, so a second run on the same ``out``
     (with or without ``resume``) is refused at once, naming the process that holds it; the
     kernel drops the lock when that process ends, however it ends. ``resume`` on an ``out``
@@ -386,8 +387,8 @@ def _run_locked(
     app_dir = write_app_dir(
         out / ".flower" / "app",
         config_defaults=RUN_CONFIG_DEFAULTS,
-        serverapp="server.app:app",
-        clientapp="client.app:app",
+        serverapp="fedcare.server.app:app",
+        clientapp="fedcare.client.app:app",
     )
     gpus = scenario.gpus_per_site if _cuda_available() else 0.0
     progress_file = run_dir / "progress.jsonl"
@@ -482,7 +483,7 @@ def _cuda_available() -> bool:
 
 def metric_rows(record: dict[str, Any], baselines: dict[str, Any]) -> list[MetricRow]:
     """The rows of ``metrics.csv``: every round's global and per-site numbers, the sites'
-    personalized models' (``personal:<site id>``, :func:`simulations.reports.personal_rows`)
+    personalized models' (``personal:<site id>``, :func:`fedcare.simulations.reports.personal_rows`)
     where the round recorded them, then the baselines' metrics at the run's last planned round.
 
     Parameters

@@ -6,10 +6,10 @@ Example (``simulations/scenarios/demo.toml``)::
     sites = 4
     seed = 0
 
-    [synth]                      # simulations.synth.SynthConfig knobs
+    [synth]                      # fedcare.simulations.synth.SynthConfig knobs
     patients_per_site = 300
 
-    [federation]                 # run-config keys (common.federation.FederationConfig)
+    [federation]                 # run-config keys (fedcare.common.federation.FederationConfig)
     task = "multimodal_outcome"
     num-server-rounds = 3
     target-epsilon = 8.0
@@ -32,11 +32,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.errors import ConfigError
-from common.federation import FederationConfig
-from common.spec import format_validation_error
-from common.tomlcompat import tomllib
-from simulations.synth import SynthConfig
+from fedcare.common.errors import ConfigError
+from fedcare.common.federation import FederationConfig
+from fedcare.common.spec import format_validation_error
+from fedcare.common.tomlcompat import tomllib
+from fedcare.simulations.synth import SynthConfig
 
 __all__ = ["Scenario", "Sweep", "SweepValue", "load_scenario", "SCENARIO_DIR"]
 

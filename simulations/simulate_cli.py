@@ -15,28 +15,28 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common import keys, stopping
-from common.errors import ConfigError
-from common.locks import FolderLock
-from common.spec import SPEC_FILENAME, format_validation_error, load_site_spec
-from common.summary import Privacy, RunSummary, SiteResult
-from common.tomlcompat import tomllib
-from simulations.flower_driver import SharedSuperLink
-from simulations.reports import (
+from fedcare.common import keys, stopping
+from fedcare.common.errors import ConfigError
+from fedcare.common.locks import FolderLock
+from fedcare.common.spec import SPEC_FILENAME, format_validation_error, load_site_spec
+from fedcare.common.summary import Privacy, RunSummary, SiteResult
+from fedcare.common.tomlcompat import tomllib
+from fedcare.simulations.flower_driver import SharedSuperLink
+from fedcare.simulations.reports import (
     MissingMetric,
     missing_cell,
     missing_metric_notes,
     missing_reason,
 )
-from simulations.runner import (
+from fedcare.simulations.runner import (
     CONFIG_NAME,
     RunOutcome,
     make_out_dir,
     recorded_run_id,
     run_experiment,
 )
-from simulations.scenario import Scenario, Sweep, load_scenario
-from simulations.synth.tasks import TASKS as SYNTH_TASKS
+from fedcare.simulations.scenario import Scenario, Sweep, load_scenario
+from fedcare.simulations.synth.tasks import TASKS as SYNTH_TASKS
 
 __all__ = [
     "simulate",
@@ -170,7 +170,8 @@ def privacy_notes(summary: RunSummary) -> list[str]:
 def _site_min_count(run_dir: Path) -> int | None:
     """The simulated sites' minimum count (``site-min-count``) the run recorded, if readable.
 
-    Every simulated site enforces that one count (:func:`client.policy.simulated_site_policy`),
+    Every simulated site enforces that one count
+    (:func:`fedcare.client.policy.simulated_site_policy`),
     the local-only baseline too. ``None`` where the run directory holds no readable record.
     """
     try:
@@ -256,7 +257,7 @@ def _global_cell(summary: RunSummary, name: str, *, min_count: int | None) -> st
 
 def missing_notes(outcome: RunOutcome) -> list[str]:
     """Lines that say why some cells of :func:`results_table` have no value, and how to get
-    them (:func:`simulations.reports.missing_metric_notes`); empty when none is missing."""
+    them (:func:`fedcare.simulations.reports.missing_metric_notes`); empty when none is missing."""
     min_count = _site_min_count(outcome.run_dir)
     return missing_metric_notes(_missing(outcome.summary), min_count=min_count)
 
@@ -483,7 +484,7 @@ def simulate(
         )
     plan = scenario.sweep_plan()  # every value validated before the first one trains
     _check_tasks(scenario, [run.config.task for run in plan])
-    from simulations.reports import plot_privacy_utility
+    from fedcare.simulations.reports import plot_privacy_utility
 
     key = scenario.sweep.key
     points: list[tuple[float | None, float]] = []

@@ -9,10 +9,10 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from common import keys
-from common.encoding import input_dims
-from common.spec import load_site_spec
-from models import build_model, default_model_for
+from fedcare.common import keys
+from fedcare.common.encoding import input_dims
+from fedcare.common.spec import load_site_spec
+from fedcare.models import build_model, default_model_for
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ dataset                item
 :class:`MultimodalDataset`  ``(x_ehr, x_img, x_gen, mask: float32[3], y)``
 =====================  ==========================================================
 
-``mask`` flags which modalities a patient has, in :data:`common.spec.MODALITIES` order
+``mask`` flags which modalities a patient has, in :data:`fedcare.common.spec.MODALITIES` order
 (ehr, imaging, genomics); a missing modality's tensor is all zeros. A modality the task does
 not read is a zero-width tensor (shape ``(0,)``) with mask 0.
 
@@ -33,9 +33,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from common.encoding import task_ehr_features
-from common.errors import ConfigError, DataError
-from common.spec import MODALITIES, TaskSpec
+from fedcare.common.encoding import task_ehr_features
+from fedcare.common.errors import ConfigError, DataError
+from fedcare.common.spec import MODALITIES, TaskSpec
 
 from .preprocess import GenomicsEncoder, ImageNormalizer, TabularEncoder
 from .site import SiteData
@@ -65,7 +65,7 @@ def _float_tensor(x: TensorLike, what: str, ndim: int) -> torch.Tensor:
     if t.ndim != ndim:
         raise ValueError(f"{what} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{what} holds NaN or inf; encode it with client.data.preprocess")
+        raise ValueError(f"{what} holds NaN or inf; encode it with fedcare.client.data.preprocess")
     return t
 
 
@@ -151,7 +151,7 @@ class MultimodalDataset(TensorDataset):
     x_gen:
         ``(n, g)`` encoded genomics, or ``(n, 0)``.
     mask:
-        ``(n, 3)`` 0/1 flags in :data:`common.spec.MODALITIES` order.
+        ``(n, 3)`` 0/1 flags in :data:`fedcare.common.spec.MODALITIES` order.
     y:
         ``(n,)`` labels, 0.0 or 1.0.
     """
@@ -373,7 +373,7 @@ class TaskData:
     task:
         The task's spec.
     modalities:
-        The modalities the task reads, in :data:`common.spec.MODALITIES` order.
+        The modalities the task reads, in :data:`fedcare.common.spec.MODALITIES` order.
     train, val, test:
         The datasets; single-modality tasks get a :class:`TabularDataset` (ehr, genomics)
         or :class:`ImageDataset`, multimodal ones a :class:`MultimodalDataset`.
@@ -405,7 +405,7 @@ class TaskData:
         return len(self.modalities) > 1
 
     def dataset(self, split: str) -> Dataset[Any]:
-        """The dataset of ``split`` (one of :data:`client.data.split.SPLIT_NAMES`)."""
+        """The dataset of ``split`` (one of :data:`fedcare.client.data.split.SPLIT_NAMES`)."""
         if split not in SPLIT_NAMES:
             raise KeyError(f"no split {split!r}; the splits are {', '.join(SPLIT_NAMES)}")
         ds: Dataset[Any] = getattr(self, split)

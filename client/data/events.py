@@ -2,7 +2,7 @@
 
 An events table has the patient-id column and ``time``, ``code``, ``value``. ``time`` is
 either numeric (any unit: days since admission, hours...) or ISO-8601 datetimes. Each
-:class:`~common.spec.EventFeature` aggregates the events carrying its ``code``:
+:class:`~fedcare.common.spec.EventFeature` aggregates the events carrying its ``code``:
 
 ``mean``, ``min``, ``max``
     over the events' non-missing values; NaN for a patient with none.
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from client.data.tables import as_text, to_numbers
-from common.spec import EventFeature
+from fedcare.client.data.tables import as_text, to_numbers
+from fedcare.common.spec import EventFeature
 
 if TYPE_CHECKING:
     from pandas.api.typing import SeriesGroupBy
@@ -91,7 +91,7 @@ class ParsedEvents:
 
 
 def parse_events(raw: pd.DataFrame, *, id_column: str) -> ParsedEvents:
-    """Parse a raw events table (as :func:`~client.data.tables.read_table` returns it).
+    """Parse a raw events table (as :func:`~fedcare.client.data.tables.read_table` returns it).
 
     The table must have ``id_column`` and ``time``, ``code``, ``value``.
     """

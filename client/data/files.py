@@ -1,7 +1,7 @@
 """A site's files, each read at most once per validation or load, and never from outside.
 
 :class:`SiteFiles` is created per call (it is not a module-level cache): validation
-reads every table and image through it, and :func:`~client.data.loaders.load_site`
+reads every table and image through it, and :func:`~fedcare.client.data.loaders.load_site`
 hands the same object to the loaders, so nothing is parsed twice.
 
 Every path a site names (in ``site.toml`` or in its imaging labels table) is confined to
@@ -20,9 +20,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 import pandas as pd
 
-from client.data.images import read_image
-from client.data.tables import read_table
-from common.errors import DataError
+from fedcare.client.data.images import read_image
+from fedcare.client.data.tables import read_table
+from fedcare.common.errors import DataError
 
 __all__ = [
     "CONFINEMENT_FIX",

@@ -16,10 +16,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from client.data.files import SiteFiles, image_relpath, normalize_relpath
-from client.data.tables import as_text
-from common.errors import DataError
-from common.spec import SiteSpec
+from fedcare.client.data.files import SiteFiles, image_relpath, normalize_relpath
+from fedcare.client.data.tables import as_text
+from fedcare.common.errors import DataError
+from fedcare.common.spec import SiteSpec
 
 __all__ = ["FINGERPRINT_VERSION", "spec_tables", "image_paths", "data_files", "dataset_fingerprint"]
 
@@ -101,7 +101,7 @@ def dataset_fingerprint(spec: SiteSpec, root: str | Path, *, files: SiteFiles | 
     ------
     DataError
         When a named file is missing or unreadable, or lies outside the site folder
-        (:class:`~client.data.files.PathOutsideSite`).
+        (:class:`~fedcare.client.data.files.PathOutsideSite`).
     """
     files = files if files is not None else SiteFiles(Path(root), id_column=spec.patient_id)
     canonical = json.dumps(

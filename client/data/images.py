@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import DataError
+from fedcare.common.errors import DataError
 
 __all__ = ["ImageReader", "register_image_reader", "image_suffixes", "read_image"]
 

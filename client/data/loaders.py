@@ -1,6 +1,6 @@
-"""Loading a site's files into :class:`~client.data.site.SiteData`.
+"""Loading a site's files into :class:`~fedcare.client.data.site.SiteData`.
 
-:func:`load_site` validates the site first (:func:`~client.data.validation.validate_site`)
+:func:`load_site` validates the site first (:func:`~fedcare.client.data.validation.validate_site`)
 and refuses, with every problem listed, when anything is wrong; the per-modality loaders
 below then only convert. Called on their own, the loaders do not validate: a cell that
 does not convert becomes NaN.
@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from client.data.events import aggregate_events, parse_events
-from client.data.files import SiteFiles
-from client.data.fingerprint import dataset_fingerprint, image_paths
-from client.data.site import SiteData
-from client.data.tables import as_text, binary_label, columns_to_numbers, to_numbers
-from client.data.validation import validate_and_open
-from common.errors import DataValidationError
-from common.spec import Feature, SiteSpec
+from fedcare.client.data.events import aggregate_events, parse_events
+from fedcare.client.data.files import SiteFiles
+from fedcare.client.data.fingerprint import dataset_fingerprint, image_paths
+from fedcare.client.data.site import SiteData
+from fedcare.client.data.tables import as_text, binary_label, columns_to_numbers, to_numbers
+from fedcare.client.data.validation import validate_and_open
+from fedcare.common.errors import DataValidationError
+from fedcare.common.spec import Feature, SiteSpec
 
 __all__ = [
     "MODALITY_LOADERS",
@@ -81,7 +81,7 @@ def load_ehr(
     pandas.DataFrame or None
         Indexed by patient id (``str``, sorted). Numeric and binary columns are float;
         categorical ones ``object`` holding ``str`` (NaN where missing); event features
-        are float (see :mod:`client.data.events`). None when the site has no EHR.
+        are float (see :mod:`fedcare.client.data.events`). None when the site has no EHR.
     """
     if spec.ehr is None:
         return None
@@ -196,7 +196,7 @@ def load_site(path: str | Path) -> SiteData:
     ------
     DataValidationError
         When validation finds any error; ``problems`` holds every
-        :class:`~client.data.validation.Problem` (warnings included).
+        :class:`~fedcare.client.data.validation.Problem` (warnings included).
     """
     report, files = validate_and_open(path)
     if not report.ok or report.spec is None or files is None:

@@ -30,9 +30,9 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from common.encoding import MISSING_CATEGORY, MISSING_SUFFIX, encoded_names
-from common.errors import ConfigError, DataError
-from common.spec import EventFeature, Feature, GenomicsSchema
+from fedcare.common.encoding import MISSING_CATEGORY, MISSING_SUFFIX, encoded_names
+from fedcare.common.errors import ConfigError, DataError
+from fedcare.common.spec import EventFeature, Feature, GenomicsSchema
 
 __all__ = [
     "DEFAULT_CLIP",
@@ -298,7 +298,7 @@ class TabularEncoder:
     Examples
     --------
     >>> import pandas as pd
-    >>> from common.spec import Feature
+    >>> from fedcare.common.spec import Feature
     >>> enc = TabularEncoder([
     ...     Feature(name="age", kind="numeric"),
     ...     Feature(name="sex", kind="categorical", categories=("F", "M")),

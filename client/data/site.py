@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.spec import SiteSpec
+from fedcare.common.spec import SiteSpec
 
 __all__ = ["SiteData"]
 

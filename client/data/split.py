@@ -8,7 +8,7 @@ uses the same seed (no patient is in one task's train set and another task's tes
 
 The split is *not* stratified by label: stratifying needs a ranking within each class, which
 would make a patient's split depend on the other patients. Class balance therefore follows
-the site's prevalence only in expectation; :func:`client.data.datasets.build_task_data`
+the site's prevalence only in expectation; :func:`fedcare.client.data.datasets.build_task_data`
 refuses a train split holding one class only.
 
 One exception keeps small sites usable: with three or more patients every split is made
@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from common.errors import ConfigError, DataError
+from fedcare.common.errors import ConfigError, DataError
 
 __all__ = ["SPLIT_NAMES", "DEFAULT_FRACTIONS", "Split", "patient_hash", "split_patients"]
 

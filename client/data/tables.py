@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from common.errors import DataError
+from fedcare.common.errors import DataError
 
 __all__ = [
     "TABLE_SUFFIXES",

@@ -11,7 +11,7 @@ The report is local to the site's own machine: messages show row numbers and, fo
 schema check, the offending cell value; nothing else about a patient.
 
 Checks are registered with :func:`_check`, in the order they run; each reads the files
-through one :class:`~client.data.files.SiteFiles`, so every file is parsed once.
+through one :class:`~fedcare.client.data.files.SiteFiles`, so every file is parsed once.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from client.data.events import EVENT_COLUMNS, aggregate_events, parse_events
-from client.data.files import CONFINEMENT_FIX, PathOutsideSite, SiteFiles, normalize_relpath
-from client.data.fingerprint import image_paths, spec_tables
-from client.data.tables import (
+from fedcare.client.data.events import EVENT_COLUMNS, aggregate_events, parse_events
+from fedcare.client.data.files import CONFINEMENT_FIX, PathOutsideSite, SiteFiles, normalize_relpath
+from fedcare.client.data.fingerprint import image_paths, spec_tables
+from fedcare.client.data.tables import (
     TableLayoutError,
     as_text,
     binary_label,
@@ -38,9 +38,9 @@ from client.data.tables import (
     ends_with_newline,
     to_numbers,
 )
-from common.errors import DataError
-from common.spec import MODALITIES, SPEC_FILENAME, Feature, SiteSpec
-from common.tomlcompat import tomllib
+from fedcare.common.errors import DataError
+from fedcare.common.spec import MODALITIES, SPEC_FILENAME, Feature, SiteSpec
+from fedcare.common.tomlcompat import tomllib
 
 __all__ = [
     "ROWS_SHOWN",

@@ -3,7 +3,7 @@ and the site's durable store of personal state.
 
 A strategy says three things (:class:`Personalization`):
 
-* **its privacy plan**, which :class:`client.local.SiteTrainer` folds into the run's noise
+* **its privacy plan**, which :class:`fedcare.client.local.SiteTrainer` folds into the run's noise
   calibration from the first training round on: how many DP-SGD copies one training round
   runs under its single charge (:meth:`~Personalization.copies_per_round`), how many epochs
   the post-federation fine-tune takes (:meth:`~Personalization.finetune_epochs`), and after
@@ -34,10 +34,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from client.training import StepHook
-from common.errors import ConfigError
-from common.federation import PERSONALIZATIONS, FederationConfig
-from common.files import write_private_atomic
+from fedcare.client.training import StepHook
+from fedcare.common.errors import ConfigError
+from fedcare.common.federation import PERSONALIZATIONS, FederationConfig
+from fedcare.common.files import write_private_atomic
 
 __all__ = [
     "HEAD_PREFIX",
@@ -69,7 +69,7 @@ class PersonalSettings(BaseModel):
 
     ``personal_epochs``: the epochs of ``finetune``'s post-federation fine-tune.
     ``ditto_lambda``: the strength of ``ditto``'s pull of the personal model toward the
-    global one (the proximal ``mu`` of :class:`client.training.ProximalTerm`).
+    global one (the proximal ``mu`` of :class:`fedcare.client.training.ProximalTerm`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -154,7 +154,7 @@ class NoPersonalization(Personalization):
 
 
 REGISTRY: dict[str, type[Personalization]] = {}
-"""Strategy name -> class; the names are :data:`common.federation.PERSONALIZATIONS`."""
+"""Strategy name -> class; the names are :data:`fedcare.common.federation.PERSONALIZATIONS`."""
 
 
 def register(cls: type[Personalization]) -> type[Personalization]:
@@ -162,7 +162,7 @@ def register(cls: type[Personalization]) -> type[Personalization]:
     if cls.name not in PERSONALIZATIONS:
         raise ConfigError(
             f"personalization {cls.name!r} is not a run-config value; add it to "
-            "common.federation.PERSONALIZATIONS first"
+            "fedcare.common.federation.PERSONALIZATIONS first"
         )
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise ConfigError(f"personalization {cls.name!r} is registered twice")
@@ -188,7 +188,7 @@ def personalization(settings: PersonalSettings) -> Personalization:
 class PersonalStore:
     """A site's personal states, one file per (dataset, run, strategy), in ``folder``.
 
-    Files are mode 0600, written atomically (:func:`common.files.write_private_atomic`), in
+    Files are mode 0600, written atomically (:func:`fedcare.common.files.write_private_atomic`), in
     the site's private state folder; their names are hashes, so they say nothing about the
     run. Each holds the round it was written after and the weights.
     """

@@ -3,7 +3,7 @@
 The site keeps a personal model ``v`` (initially the first global model it received). Each
 round, after the usual DP-SGD training of the global copy, it trains ``v`` with DP-SGD for
 the same local epochs, with the proximal pull ``lambda/2 ||v - w_global||^2`` toward the
-weights it received (:class:`client.training.ProximalTerm` with ``mu = ditto-lambda``: an
+weights it received (:class:`fedcare.client.training.ProximalTerm` with ``mu = ditto-lambda``: an
 exact proximal step after each noisy step, independent of any patient, so DP holds).
 
 Both trainings use the same noise multiplier and Poisson rate, so the round is one
@@ -18,8 +18,8 @@ from collections.abc import Mapping
 
 import torch
 
-from client.personal.base import Personalization, State, TrainCopy, register
-from client.training import ProximalTerm
+from fedcare.client.personal.base import Personalization, State, TrainCopy, register
+from fedcare.client.training import ProximalTerm
 
 __all__ = ["Ditto"]
 

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import torch
 
-from client.personal.base import HEAD_PREFIX, Personalization, State, TrainCopy, register
+from fedcare.client.personal.base import HEAD_PREFIX, Personalization, State, TrainCopy, register
 
 __all__ = ["FedPer"]
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from client.personal.base import Personalization, State, register
+from fedcare.client.personal.base import Personalization, State, register
 
 __all__ = ["FineTune"]
 

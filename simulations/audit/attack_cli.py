@@ -2,8 +2,9 @@
 
 A plain typer-annotated function; :mod:`fedcare.cli` mounts it. Prints one table per site
 (attack, AUC, TPR at 0.1% and 1% FPR; the canary ε lower bound against the claimed ε) and
-saves the :class:`~simulations.audit.findings.AttackReport` as ``RUNDIR/audit/attacks.json``.
-Errors are :class:`~common.errors.FedcareError` and become one line on stderr there.
+saves the :class:`~fedcare.simulations.audit.findings.AttackReport` as
+``RUNDIR/audit/attacks.json``.
+Errors are :class:`~fedcare.common.errors.FedcareError` and become one line on stderr there.
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from simulations.audit.attacks import (
+from fedcare.simulations.audit.attacks import (
     AttackOptions,
     CanaryOptions,
     audit_run,
     write_attack_report,
 )
-from simulations.audit.findings import AttackReport
+from fedcare.simulations.audit.findings import AttackReport
 
 __all__ = ["audit_attack", "report_tables"]
 

@@ -2,7 +2,7 @@
 
 Sites account with Opacus (PRV by default). This audit takes the mechanisms the logs record
 (noise multiplier, sample rate, steps) and recomputes ε after each round with Google's
-``dp_accounting`` PLD accountant (:func:`client.accounting.independent_epsilon`), which
+``dp_accounting`` PLD accountant (:func:`fedcare.client.accounting.independent_epsilon`), which
 shares no code with Opacus.
 
 Where a site's own log is at hand it is the source: it holds the **whole history** of the
@@ -31,15 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client.accounting import (
+from fedcare.client.accounting import (
     PLD_DISCRETIZATION,
     Mechanism,
     independent_epsilon,
     merge_mechanisms,
 )
-from common.audit import read_entries
-from simulations.audit.findings import EpsilonAudit, EpsilonRow
-from simulations.audit.verify import SERVER_WRITER, find_run_logs, run_config
+from fedcare.common.audit import read_entries
+from fedcare.simulations.audit.findings import EpsilonAudit, EpsilonRow
+from fedcare.simulations.audit.verify import SERVER_WRITER, find_run_logs, run_config
 
 __all__ = [
     "TOLERANCE",
@@ -184,7 +184,8 @@ def recompute_epsilon(run_dir: Path) -> EpsilonAudit:
     ----------
     run_dir:
         A run directory (its ``audit/server.jsonl`` and the site logs found through
-        ``sites.json`` / ``state-root``; see :func:`~simulations.audit.verify.find_run_logs`).
+        ``sites.json`` / ``state-root``; see
+        :func:`~fedcare.simulations.audit.verify.find_run_logs`).
 
     Returns
     -------

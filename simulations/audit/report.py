@@ -43,17 +43,17 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from common.errors import ConfigError, FedcareError
-from common.spec import format_validation_error
-from common.summary import RECORD_NAME, SUMMARY_NAME, RunSummary, load_summary
-from simulations.audit.findings import (
+from fedcare.common.errors import ConfigError, FedcareError
+from fedcare.common.spec import format_validation_error
+from fedcare.common.summary import RECORD_NAME, SUMMARY_NAME, RunSummary, load_summary
+from fedcare.simulations.audit.findings import (
     ATTACKS_FILE,
     AttackReport,
     EpsilonAudit,
     LogCheck,
     VerifyResult,
 )
-from simulations.audit.html_charts import (
+from fedcare.simulations.audit.html_charts import (
     DASHES,
     PALETTE,
     Axis,
@@ -97,7 +97,7 @@ ATTENTION: Final = "ATTENTION"
 #: The page's ``<meta name="generator">``: marks a file as a report that a new one may replace.
 REPORT_GENERATOR: Final = "fedcare audit report"
 
-#: Event kinds that need a reader's attention (all of :data:`common.summary.EVENT_KINDS`).
+#: Event kinds that need a reader's attention (all of :data:`fedcare.common.summary.EVENT_KINDS`).
 _EVENT_ORDER: Final = (
     "rejected",
     "diverged",
@@ -1105,8 +1105,8 @@ def _code_hash(run_dir: Path) -> str | None:
     Only entries that verify count; ``None`` when there is no log or no such entry (the
     verification section says why).
     """
-    from common.audit import check_log
-    from server.audit import SERVER_LOG
+    from fedcare.common.audit import check_log
+    from fedcare.server.audit import SERVER_LOG
 
     path = run_dir / SERVER_LOG
     if not path.is_file():
@@ -1147,8 +1147,8 @@ def load_report_inputs(run_dir: Path) -> ReportInputs:
         If ``run_dir`` is not a folder, or its summary, record or attack results cannot be
         read; the message names the file and the fix.
     """
-    from simulations.audit.epsilon import recompute_epsilon
-    from simulations.audit.verify import verify_paths
+    from fedcare.simulations.audit.epsilon import recompute_epsilon
+    from fedcare.simulations.audit.verify import verify_paths
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

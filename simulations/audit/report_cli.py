@@ -1,7 +1,7 @@
 """``fedcare audit report RUNDIR --out report.html``: the run's privacy audit as one HTML page.
 
 A plain typer-annotated function; :mod:`fedcare.cli` mounts it. Errors are
-:class:`~common.errors.FedcareError` and become one line on stderr there.
+:class:`~fedcare.common.errors.FedcareError` and become one line on stderr there.
 
 The page never replaces a file of the run it reports on: an ``--out`` that is an existing
 file inside the run directory (its summary, its signed audit log, a checkpoint, ...) is
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import typer
 
-from common.errors import ConfigError
-from common.files import atomic_private
-from simulations.audit.report import REPORT_GENERATOR, load_report_inputs
+from fedcare.common.errors import ConfigError
+from fedcare.common.files import atomic_private
+from fedcare.simulations.audit.report import REPORT_GENERATOR, load_report_inputs
 
 __all__ = ["audit_report", "check_report_out", "write_text_atomic"]
 

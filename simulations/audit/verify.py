@@ -1,6 +1,6 @@
 """``fedcare audit verify``: check a run's audit logs and cross-check server against sites.
 
-Each log is verified on its own (:func:`common.audit.check_log`: every line intact, in
+Each log is verified on its own (:func:`fedcare.common.audit.check_log`: every line intact, in
 sequence, chained and signed by the key its log-open entry declares, or by the trusted key
 given for its writer). A ``recovery`` entry (the writer cut an incomplete last line that a
 crash or a full disk left, and recorded the cut) is printed as a notice, not an error.
@@ -48,7 +48,7 @@ from typing import Any
 
 import typer
 
-from common.audit import (
+from fedcare.common.audit import (
     LoggedEntry,
     LogHead,
     LogVerification,
@@ -56,11 +56,11 @@ from common.audit import (
     hash_arrays,
     load_public_key_file,
 )
-from common.errors import ConfigError, FedcareError
-from common.spec import load_site_spec
-from common.summary import RECORD_NAME
-from common.tomlcompat import tomllib
-from simulations.audit.findings import LogCheck, VerifyResult
+from fedcare.common.errors import ConfigError, FedcareError
+from fedcare.common.spec import load_site_spec
+from fedcare.common.summary import RECORD_NAME
+from fedcare.common.tomlcompat import tomllib
+from fedcare.simulations.audit.findings import LogCheck, VerifyResult
 
 __all__ = [
     "SERVER_WRITER",

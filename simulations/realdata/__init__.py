@@ -10,11 +10,11 @@ in the formats fedcare's loaders read; see each module for its preprocessing cho
 
 from __future__ import annotations
 
-from common.errors import ConfigError
-from simulations.realdata.base import Hospital, RealDataset
-from simulations.realdata.framingham import Framingham
-from simulations.realdata.heart_disease import HeartDisease
-from simulations.realdata.writer import MANIFEST_FILENAME, write_real_sites
+from fedcare.common.errors import ConfigError
+from fedcare.simulations.realdata.base import Hospital, RealDataset
+from fedcare.simulations.realdata.framingham import Framingham
+from fedcare.simulations.realdata.heart_disease import HeartDisease
+from fedcare.simulations.realdata.writer import MANIFEST_FILENAME, write_real_sites
 
 __all__ = [
     "DATASETS",

@@ -1,12 +1,12 @@
 """What a real public dataset provides to become fedcare sites: :class:`RealDataset`.
 
 A dataset reads one CSV that an installed package ships (no download at run time), converts
-its cells into the values the shared :class:`~common.spec.FeatureSchema` declares, and cuts
+its cells into the values the shared :class:`~fedcare.common.spec.FeatureSchema` declares, and cuts
 the patients into :class:`Hospital` groups. Writing the groups as site folders is
-:func:`simulations.realdata.writer.write_real_sites`'s job, the same for every dataset.
+:func:`fedcare.simulations.realdata.writer.write_real_sites`'s job, the same for every dataset.
 
 A new dataset is one file with one :class:`RealDataset` subclass and one line in
-:data:`simulations.realdata.DATASETS`.
+:data:`fedcare.simulations.realdata.DATASETS`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
-from common.errors import ConfigError, DataError
-from common.spec import FeatureSchema
+from fedcare.common.errors import ConfigError, DataError
+from fedcare.common.spec import FeatureSchema
 
 __all__ = [
     "PATIENT_ID",

@@ -1,6 +1,6 @@
 """``fedcare data real NAME --out DIR``, as a plain typer-annotated function.
 
-``fedcare/cli.py`` mounts it; errors are raised as :class:`~common.errors.ConfigError` and
+``fedcare/cli.py`` mounts it; errors are raised as :class:`~fedcare.common.errors.ConfigError` and
 printed there as one line.
 """
 
@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from simulations.realdata import DATASETS, MANIFEST_FILENAME, dataset, write_real_sites
+from fedcare.simulations.realdata import DATASETS, MANIFEST_FILENAME, dataset, write_real_sites
 
 __all__ = ["data_real"]
 

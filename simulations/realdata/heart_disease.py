@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from common.spec import Feature, FeatureSchema
-from simulations.realdata.base import (
+from fedcare.common.spec import Feature, FeatureSchema
+from fedcare.simulations.realdata.base import (
     PATIENT_ID,
     Hospital,
     RealDataset,

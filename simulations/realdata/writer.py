@@ -1,4 +1,4 @@
-"""Writes a :class:`~simulations.realdata.base.RealDataset` as fedcare site folders.
+"""Writes a :class:`~fedcare.simulations.realdata.base.RealDataset` as fedcare site folders.
 
 Layout of ``out/`` (the same as ``fedcare data synth`` writes, EHR only)::
 
@@ -25,10 +25,10 @@ from typing import Any
 
 import tomli_w
 
-from client.data.split import split_patients
-from client.data.validation import validate_site
-from common.errors import ConfigError, DataError
-from common.spec import (
+from fedcare.client.data.split import split_patients
+from fedcare.client.data.validation import validate_site
+from fedcare.common.errors import ConfigError, DataError
+from fedcare.common.spec import (
     SPEC_FILENAME,
     EHRFiles,
     LabelSpec,
@@ -37,11 +37,11 @@ from common.spec import (
     SplitSpec,
     TaskSpec,
 )
-from simulations.realdata.base import PATIENT_ID, Hospital, RealDataset
-from simulations.synth.manifest import MANIFEST_FILENAME as SYNTH_MANIFEST
-from simulations.synth.manifest import TRUTH_FILENAME as SYNTH_TRUTH
-from simulations.synth.manifest import write_manifest
-from simulations.synth.writer import TABLE_WRITERS
+from fedcare.simulations.realdata.base import PATIENT_ID, Hospital, RealDataset
+from fedcare.simulations.synth.manifest import MANIFEST_FILENAME as SYNTH_MANIFEST
+from fedcare.simulations.synth.manifest import TRUTH_FILENAME as SYNTH_TRUTH
+from fedcare.simulations.synth.manifest import write_manifest
+from fedcare.simulations.synth.writer import TABLE_WRITERS
 
 __all__ = ["MANIFEST_FILENAME", "EHR_TABLE", "build_site_spec", "write_real_sites"]
 
@@ -59,7 +59,7 @@ def build_site_spec(
     """The ``site.toml`` of ``hospital``: EHR only, one binary task, a seeded split.
 
     ``simulated`` adds the ``[simulation]`` opt-ins a synthetic site carries (reproducible
-    DP noise, exact evaluation metrics; see :class:`~common.spec.SimulationSpec`).
+    DP noise, exact evaluation metrics; see :class:`~fedcare.common.spec.SimulationSpec`).
     """
     return SiteSpec(
         site_id=hospital.site_id,
@@ -159,7 +159,7 @@ def write_real_sites(
     Parameters
     ----------
     dataset:
-        The real dataset (see :data:`simulations.realdata.DATASETS`).
+        The real dataset (see :data:`fedcare.simulations.realdata.DATASETS`).
     out:
         A new or empty folder (created when missing).
     seed:
@@ -203,7 +203,7 @@ def write_real_sites(
             _validate(folder)
             summaries.append(_site_summary(i, hospital, dataset, spec))
         manifest = {
-            "generator": "simulations.realdata",
+            "generator": "fedcare.simulations.realdata",
             "dataset": dataset.name,
             "title": dataset.title,
             "source": {

@@ -3,13 +3,13 @@
 ``synthesize(out, n_sites=4)`` writes ``out/site-<i>/`` folders (each with a valid
 ``site.toml``), ``out/synth.json`` (manifest with the Bayes-optimal AUROC per task) and
 ``out/synth_truth.csv`` (true probabilities; never read by a site). The generative model is
-documented in :mod:`simulations.synth.latent` and :mod:`simulations.synth.tasks`.
+documented in :mod:`fedcare.simulations.synth.latent` and :mod:`fedcare.simulations.synth.tasks`.
 """
 
-from simulations.synth.config import IMAGE_FORMATS, TABLE_FORMATS, SynthConfig
-from simulations.synth.generator import build_schema, synthesize
-from simulations.synth.manifest import MANIFEST_FILENAME, TRUTH_FILENAME
-from simulations.synth.tasks import TASKS
+from fedcare.simulations.synth.config import IMAGE_FORMATS, TABLE_FORMATS, SynthConfig
+from fedcare.simulations.synth.generator import build_schema, synthesize
+from fedcare.simulations.synth.manifest import MANIFEST_FILENAME, TRUTH_FILENAME
+from fedcare.simulations.synth.tasks import TASKS
 
 __all__ = [
     "SynthConfig",

@@ -1,7 +1,7 @@
 """One synthetic site in memory: patients, tables, images and true label probabilities.
 
 :func:`simulate_site` is pure (its randomness comes from ``rng_for(seed, ..., site)``
-streams); :mod:`simulations.synth.writer` turns its result into files.
+streams); :mod:`fedcare.simulations.synth.writer` turns its result into files.
 """
 
 from __future__ import annotations
@@ -11,23 +11,29 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from simulations.synth.config import SynthConfig
-from simulations.synth.ehr import (
+from fedcare.simulations.synth.config import SynthConfig
+from fedcare.simulations.synth.ehr import (
     aggregate_events,
     apply_missingness,
     clean_ehr_table,
     draw_events,
 )
-from simulations.synth.genomics import (
+from fedcare.simulations.synth.genomics import (
     GeneBiology,
     apply_batch,
     draw_batch,
     draw_expression,
     driver_scores,
 )
-from simulations.synth.imaging import Scanner, apply_scanner, draw_scanner, render_clean
-from simulations.synth.latent import SiteShift, draw_patients, draw_site_shift, rng_for, sigmoid
-from simulations.synth.tasks import TASKS, true_logits
+from fedcare.simulations.synth.imaging import Scanner, apply_scanner, draw_scanner, render_clean
+from fedcare.simulations.synth.latent import (
+    SiteShift,
+    draw_patients,
+    draw_site_shift,
+    rng_for,
+    sigmoid,
+)
+from fedcare.simulations.synth.tasks import TASKS, true_logits
 
 __all__ = ["SyntheticSite", "site_sizes", "simulate_site", "MIN_SITE_PATIENTS"]
 

@@ -1,6 +1,6 @@
 """EHR: the per-patient table, its missing values, and the longitudinal events file.
 
-The clean table holds the rounded values of :mod:`simulations.synth.latent`; the label
+The clean table holds the rounded values of :mod:`fedcare.simulations.synth.latent`; the label
 logits read that clean table, and only then are cells removed (see
 :func:`apply_missingness`). Events are vital-sign rounds (HR, SBP, TEMP) at several
 times of the stay; the schema aggregates them into per-patient event features.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from common.spec import EventFeature, Feature
-from simulations.synth.latent import ADMISSION, COMORBIDITIES, LABS, SEXES, SMOKING, sigmoid
+from fedcare.common.spec import EventFeature, Feature
+from fedcare.simulations.synth.latent import ADMISSION, COMORBIDITIES, LABS, SEXES, SMOKING, sigmoid
 
 __all__ = [
     "EVENT_CODES",

@@ -11,21 +11,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from common.errors import ConfigError
-from common.spec import FeatureSchema, ImagingSchema
-from models.metrics import auroc
-from simulations.synth.cohort import SyntheticSite, simulate_site, site_sizes
-from simulations.synth.config import SynthConfig
-from simulations.synth.ehr import MISSABLE, ehr_features, event_features
-from simulations.synth.genomics import GeneBiology, draw_biology, genomics_schema
-from simulations.synth.latent import rng_for
-from simulations.synth.manifest import (
+from fedcare.common.errors import ConfigError
+from fedcare.common.spec import FeatureSchema, ImagingSchema
+from fedcare.models.metrics import auroc
+from fedcare.simulations.synth.cohort import SyntheticSite, simulate_site, site_sizes
+from fedcare.simulations.synth.config import SynthConfig
+from fedcare.simulations.synth.ehr import MISSABLE, ehr_features, event_features
+from fedcare.simulations.synth.genomics import GeneBiology, draw_biology, genomics_schema
+from fedcare.simulations.synth.latent import rng_for
+from fedcare.simulations.synth.manifest import (
     MANIFEST_FILENAME,
     TRUTH_FILENAME,
     write_manifest,
 )
-from simulations.synth.tasks import TASKS
-from simulations.synth.writer import TABLE_WRITERS, write_site
+from fedcare.simulations.synth.tasks import TASKS
+from fedcare.simulations.synth.writer import TABLE_WRITERS, write_site
 
 __all__ = ["synthesize", "build_schema", "MAX_SITES"]
 
@@ -141,7 +141,7 @@ def synthesize(
 ) -> list[Path]:
     """Write ``n_sites`` synthetic hospitals under ``out``; returns their folders.
 
-    Writes ``out/site-<i>/`` (see :mod:`simulations.synth.writer` for the layout),
+    Writes ``out/site-<i>/`` (see :mod:`fedcare.simulations.synth.writer` for the layout),
     ``out/synth.json`` (seed, config, per-site sizes and prevalences, per-task Bayes
     AUROC and what carries the signal) and ``out/synth_truth.csv`` (every patient's true
     probabilities and labels; not part of any site). Everything is generated in a
@@ -206,7 +206,7 @@ def synthesize(
         truth = pd.concat(truths, ignore_index=True)
         TABLE_WRITERS["csv"].write(staged / TRUTH_FILENAME, truth)
         manifest = {
-            "generator": "simulations.synth",
+            "generator": "fedcare.simulations.synth",
             "seed": seed,
             "n_sites": n_sites,
             "config": config.model_dump(mode="json"),

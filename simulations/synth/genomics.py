@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.spec import GenomicsSchema
+from fedcare.common.spec import GenomicsSchema
 
 __all__ = [
     "N_DRIVERS",

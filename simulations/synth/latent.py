@@ -1,7 +1,7 @@
 r"""The latent patient model behind every synthetic hospital.
 
 Everything below is exact: the constants named here are the module constants, and the
-label logits are computed by :mod:`simulations.synth.tasks` from the *clean observable*
+label logits are computed by :mod:`fedcare.simulations.synth.tasks` from the *clean observable*
 values listed there, so the Bayes-optimal predictor of each label is known.
 
 Notation: ``N(m, s)`` is a normal draw with mean ``m`` and sd ``s``; ``z`` is a fresh
@@ -32,7 +32,7 @@ vital baselines  ``hr_base = 78 + 5 F + 8 z``; ``sbp_base = 128 - 4 F + 14 z``;
                  ``temp_base = 36.9 + 0.25 max(F, 0) + 0.3 z``
 length of stay   ``los_hours = 24 * exp(0.8 + 0.3 F + 0.4 z)``, clipped to [12, 720]
 
-Longitudinal events (:mod:`simulations.synth.ehr`)
+Longitudinal events (:mod:`fedcare.simulations.synth.ehr`)
 --------------------------------------------------
 ``n_vitals = 2 + Poisson(2 + 4 sigmoid(F))`` vital-sign rounds at sorted times
 ``Uniform(0, los_hours)``; each round records ``HR = hr_base + N(0, 7)``,
@@ -40,7 +40,7 @@ Longitudinal events (:mod:`simulations.synth.ehr`)
 The event features are exact aggregates of these rows: ``hr_mean``, ``hr_max``,
 ``n_hr`` (count), ``sbp_last``, ``sbp_min``, ``temp_max``.
 
-Tumour (imaging, :mod:`simulations.synth.imaging`)
+Tumour (imaging, :mod:`fedcare.simulations.synth.imaging`)
 --------------------------------------------------
 tumour load      ``T = 0.45 age_z + 0.3 [former] + 0.6 [current] + z``
 lesion present   ``[T > 0.3]``
@@ -48,9 +48,9 @@ lesion radius    ``r32 = clip(1.6 + 1.2 (T - 0.3) + 0.5 z, 1.2, 6)`` pixels of a
                  image (``r32 * image_size / 32`` pixels on the real grid); 0 when absent
 lesion contrast  ``Uniform(0.22, 0.38)`` (nuisance: carries no label signal)
 The lesion is a bright soft-edged disc inside a body ellipse; the site's scanner then
-blurs, scales, offsets and adds noise (see :mod:`simulations.synth.imaging`).
+blurs, scales, offsets and adds noise (see :mod:`fedcare.simulations.synth.imaging`).
 
-Gene expression (:mod:`simulations.synth.genomics`)
+Gene expression (:mod:`fedcare.simulations.synth.genomics`)
 ---------------------------------------------------
 Clean log-expression ``x_g = mu_g + L_g . f + sigma_g z`` with federation-wide
 ``mu_g``, loadings ``L_g`` (5 factors) and ``sigma_g``, and patient factors ``f ~ N(0, I)``.
@@ -58,7 +58,7 @@ Six *driver* genes ``d_0..d_5`` have standard scores ``u_j = (x_dj - mu_dj) / sd
 ``sd_dj = sqrt(|L_dj|^2 + sigma_dj^2)`` (exact population sd). The file holds the
 site-batched values ``mu_g + shift_sg + scale_sg (x_g - mu_g)``.
 
-Labels (:mod:`simulations.synth.tasks`)
+Labels (:mod:`fedcare.simulations.synth.tasks`)
 ---------------------------------------
 Each label is ``Bernoulli(sigmoid(eta))`` where ``eta`` adds the site's intercept shift
 ``delta_{s,task} ~ N(0, prevalence_skew)`` to a function of clean observables only:

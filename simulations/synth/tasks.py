@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from common.spec import Modality
-from simulations.synth.latent import sigmoid
+from fedcare.common.spec import Modality
+from fedcare.simulations.synth.latent import sigmoid
 
 __all__ = ["TaskDef", "TASKS", "LABEL_TABLES", "true_logits"]
 

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import tomli_w
 
-from common.spec import (
+from fedcare.common.spec import (
     SPEC_FILENAME,
     EHRFiles,
     FeatureSchema,
@@ -35,9 +35,9 @@ from common.spec import (
     SplitSpec,
     TaskSpec,
 )
-from simulations.synth.cohort import SyntheticSite
-from simulations.synth.imaging import ENCODERS
-from simulations.synth.tasks import TASKS
+from fedcare.simulations.synth.cohort import SyntheticSite
+from fedcare.simulations.synth.imaging import ENCODERS
+from fedcare.simulations.synth.tasks import TASKS
 
 __all__ = ["TableWriter", "TABLE_WRITERS", "IMAGING_FOLDER", "build_site_spec", "write_site"]
 

@@ -1,4 +1,4 @@
-"""client.accounting against independent references.
+"""fedcare.client.accounting against independent references.
 
 References, none of them the code under test:
 
@@ -32,7 +32,7 @@ from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from client.accounting import (
+from fedcare.client.accounting import (
     MIN_NOISE_MULTIPLIER,
     PLD_DISCRETIZATION,
     PRV_EPS_ERROR,
@@ -46,7 +46,7 @@ from client.accounting import (
     merge_mechanisms,
     prv_eps_error,
 )
-from common.errors import ConfigError, PrivacyBudgetExceeded
+from fedcare.common.errors import ConfigError, PrivacyBudgetExceeded
 
 DELTA = 1e-5
 M = Mechanism
@@ -440,7 +440,7 @@ def test_prv_domain_is_at_least_opacus_s_on_opacus_s_mesh(name: str) -> None:
 
 
 def test_each_history_is_accounted_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    from client import accounting
+    from fedcare.client import accounting
 
     calls: list[tuple[Mechanism, ...]] = []
     real = accounting.ACCOUNTANTS["prv"]

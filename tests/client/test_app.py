@@ -14,12 +14,12 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 
-from client.app import handle_evaluate, handle_train
-from client.ledger import PrivacyLedger
-from common import keys
-from common.federation import FederationConfig
-from common.spec import load_site_spec
-from simulations.synth import SynthConfig, synthesize
+from fedcare.client.app import handle_evaluate, handle_train
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.common import keys
+from fedcare.common.federation import FederationConfig
+from fedcare.common.spec import load_site_spec
+from fedcare.simulations.synth import SynthConfig, synthesize
 from tests._flower import server_message, task_identity
 
 ROOT_SITES = 2

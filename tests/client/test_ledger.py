@@ -1,4 +1,4 @@
-"""client.ledger: ε against an independent accountant, cohort composition, atomic refusal,
+"""fedcare.client.ledger: ε against an independent accountant, cohort composition, atomic refusal,
 crash safety, races, schema migration.
 
 ε reported by the ledger is compared with Google's ``dp_accounting`` PLD accountant run on
@@ -32,16 +32,16 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from client.accounting import (
+from fedcare.client.accounting import (
     PLD_DISCRETIZATION,
     Mechanism,
     epsilon,
     independent_epsilon,
     prv_eps_error,
 )
-from client.budget_cli import budget_show
-from client.ledger import SCHEMA_VERSION, PrivacyLedger
-from common.errors import ConfigError, PolicyViolation, PrivacyBudgetExceeded
+from fedcare.client.budget_cli import budget_show
+from fedcare.client.ledger import SCHEMA_VERSION, PrivacyLedger
+from fedcare.common.errors import ConfigError, PolicyViolation, PrivacyBudgetExceeded
 
 DELTA = 1e-5
 COHORT = tuple(f"p{i:03d}" for i in range(20))
@@ -743,7 +743,7 @@ def test_failed_migration_leaves_the_v1_file_as_it_was(ledger_path: Path) -> Non
 def build_v2_ledger(path: Path) -> list[tuple[Any, ...]]:
     """A v2 ledger (v3's schema without the 'personalize' kind) holding one train and one
     evaluate charge of a registered cohort; returns its charge rows."""
-    from client import ledger as ledger_module
+    from fedcare.client import ledger as ledger_module
 
     v3 = "'train', 'evaluate', 'personalize'"
     v2_schema = [st.replace(v3, "'train', 'evaluate'") for st in ledger_module._SCHEMA]
@@ -848,8 +848,8 @@ def _charge_then_train(path: str, key: str, conn: Any) -> None:
 _SUBPROCESS_CHILD = textwrap.dedent(
     """
     import sys, time
-    from client.accounting import Mechanism
-    from client.ledger import PrivacyLedger
+    from fedcare.client.accounting import Mechanism
+    from fedcare.client.ledger import PrivacyLedger
     receipt = PrivacyLedger(sys.argv[1]).charge(
         fingerprint=sys.argv[2], budget_epsilon=10.0, delta=1e-5, accountant="prv",
         mechanism=Mechanism(1.0, 0.02, 50), run_id="run-k", round=0)

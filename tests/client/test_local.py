@@ -1,12 +1,12 @@
-"""client.local.SiteTrainer: one site's round, checked against the ledger and references.
+"""fedcare.client.local.SiteTrainer: one site's round, checked against the ledger and references.
 
-A tiny synthetic hospital (written once per session by ``simulations.synth``, loaded with
+A tiny synthetic hospital (written once per session by ``fedcare.simulations.synth``, loaded with
 the real loader) is trained for one epoch at a time. Most tests fix the noise multiplier and
 account with RDP (milliseconds per ε); the calibration test uses the default PRV accountant
 and checks ε against Google's ``dp_accounting`` PLD accountant (tolerance as in
 ``test_accounting.py``: ``pld - 1e-3 <= prv <= pld + 2 * eps_error + 1e-3``).
 
-``client.local.fit`` is replaced by a spy where a test must know whether, or when, training
+``fedcare.client.local.fit`` is replaced by a spy where a test must know whether, or when, training
 ran: the spy sees the ledger exactly as training would.
 """
 
@@ -20,18 +20,23 @@ from typing import Any
 import pytest
 import torch
 
-import client.local as local_module
-from client.accounting import PLD_DISCRETIZATION, Mechanism, independent_epsilon, prv_eps_error
-from client.data.loaders import load_site
-from client.data.site import SiteData
-from client.ledger import ChargeReceipt, PrivacyLedger
-from client.local import RoundRequest, RoundResult, SiteTrainer
-from client.policy import SitePolicy
-from client.privacy import DPConfig, GradSampleMode
-from client.training import TrainConfig, TrainStats
-from common import keys
-from common.errors import ConfigError, PolicyViolation, PrivacyBudgetExceeded, RoundFailed
-from models import build_model, default_model_for
+import fedcare.client.local as local_module
+from fedcare.client.accounting import (
+    PLD_DISCRETIZATION,
+    Mechanism,
+    independent_epsilon,
+    prv_eps_error,
+)
+from fedcare.client.data.loaders import load_site
+from fedcare.client.data.site import SiteData
+from fedcare.client.ledger import ChargeReceipt, PrivacyLedger
+from fedcare.client.local import RoundRequest, RoundResult, SiteTrainer
+from fedcare.client.policy import SitePolicy
+from fedcare.client.privacy import DPConfig, GradSampleMode
+from fedcare.client.training import TrainConfig, TrainStats
+from fedcare.common import keys
+from fedcare.common.errors import ConfigError, PolicyViolation, PrivacyBudgetExceeded, RoundFailed
+from fedcare.models import build_model, default_model_for
 
 pytestmark = [
     # Opacus's expected notices for seeded (non-secure) DP-SGD and for ghost clipping.
@@ -52,7 +57,7 @@ CALIBRATION_RTOL = 0.005
 @pytest.fixture(scope="session")
 def site(tmp_path_factory: pytest.TempPathFactory) -> SiteData:
     """One small hospital (every modality, tiny images and gene panel), synthesized once."""
-    from simulations.synth import SynthConfig, synthesize
+    from fedcare.simulations.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("local-site")
     config = SynthConfig(patients_per_site=160, size_skew=0.0, n_genes=12, image_size=16)
@@ -88,7 +93,7 @@ def _expected_mechanism(n_train: int, *, sigma: float, epochs: int = 1) -> Mecha
 
 
 class FitSpy:
-    """Stands in for ``client.local.fit``: records each call, then trains or raises."""
+    """Stands in for ``fedcare.client.local.fit``: records each call, then trains or raises."""
 
     def __init__(self, real: Callable[..., TrainStats], *, error: BaseException | None = None):
         self.real = real

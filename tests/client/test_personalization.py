@@ -6,7 +6,7 @@ one epoch a round. The strategy tests fix the noise and account with RDP (millis
 models still lands on its target ε, against Google's ``dp_accounting`` PLD accountant
 (tolerance as in ``test_accounting.py``: ``pld - 1e-3 <= prv <= pld + 2 * eps_error + 1e-3``).
 
-``client.local.fit`` is wrapped by a spy that records the weights each training starts from.
+``fedcare.client.local.fit`` is wrapped by a spy that records the weights each training starts from.
 """
 
 from __future__ import annotations
@@ -20,21 +20,26 @@ from typing import Any
 import pytest
 import torch
 
-import client.local as local_module
-from client.accounting import PLD_DISCRETIZATION, Mechanism, independent_epsilon, prv_eps_error
-from client.data.loaders import load_site
-from client.data.site import SiteData
-from client.ledger import PrivacyLedger
-from client.local import RoundRequest, SiteTrainer
-from client.personal import HEAD_PREFIX, REGISTRY, PersonalSettings, personal_settings
-from client.policy import SitePolicy
-from client.privacy import DPConfig
-from client.training import TrainConfig, TrainStats
-from common import keys
-from common.errors import PolicyViolation
-from common.federation import PERSONALIZATIONS, FederationConfig
-from common.spec import SimulationSpec
-from simulations.audit.epsilon import audit_charges, site_log_charges
+import fedcare.client.local as local_module
+from fedcare.client.accounting import (
+    PLD_DISCRETIZATION,
+    Mechanism,
+    independent_epsilon,
+    prv_eps_error,
+)
+from fedcare.client.data.loaders import load_site
+from fedcare.client.data.site import SiteData
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.client.local import RoundRequest, SiteTrainer
+from fedcare.client.personal import HEAD_PREFIX, REGISTRY, PersonalSettings, personal_settings
+from fedcare.client.policy import SitePolicy
+from fedcare.client.privacy import DPConfig
+from fedcare.client.training import TrainConfig, TrainStats
+from fedcare.common import keys
+from fedcare.common.errors import PolicyViolation
+from fedcare.common.federation import PERSONALIZATIONS, FederationConfig
+from fedcare.common.spec import SimulationSpec
+from fedcare.simulations.audit.epsilon import audit_charges, site_log_charges
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
@@ -63,7 +68,7 @@ State = dict[str, torch.Tensor]
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> SiteData:
     """One small hospital as a real site holds it (no ``[simulation]`` table)."""
-    from simulations.synth import SynthConfig, synthesize
+    from fedcare.simulations.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("personal-site")
     config = SynthConfig(
@@ -79,7 +84,7 @@ def ledger(tmp_path: Path) -> PrivacyLedger:
 
 
 class FitSpy:
-    """Wraps ``client.local.fit``: records the weights every training starts from."""
+    """Wraps ``fedcare.client.local.fit``: records the weights every training starts from."""
 
     def __init__(self, real: Callable[..., TrainStats]) -> None:
         self.real = real
@@ -415,7 +420,7 @@ def test_a_site_reports_its_personal_model_only_where_validation_says_it_helps()
     """Personalization never serves a site a model its own validation patients found worse
     than the global one: the reported personal metrics are then the global model's, marked
     ``personal.own = 0`` (a choice among already-released numbers: no charge)."""
-    from client.local import keep_better_on_validation
+    from fedcare.client.local import keep_better_on_validation
 
     glob = {"val.auroc": 0.71, "test.auroc": 0.74, "test.n": 40.0, "test.hist.0.0": 3.0}
     better = {"personal.val.auroc": 0.75, "personal.test.auroc": 0.70}

@@ -1,7 +1,7 @@
 """DP-SGD at ε = 8 learns every synthetic task (slow): AUROC against the generator's truth.
 
 One synthetic hospital of 1,000 patients (about 700 train, 300 held out) is written once;
-each task is trained through :class:`client.local.SiteTrainer` exactly as a site would
+each task is trained through :class:`fedcare.client.local.SiteTrainer` exactly as a site would
 (policy, ledger, PRV accountant, noise calibrated for the whole run at ε = 8, δ = 1e-5) with
 the settings in :data:`SETTINGS`, then scored on the held-out patients.
 
@@ -28,14 +28,14 @@ import numpy as np
 import pytest
 import torch
 
-from client.data.loaders import load_site
-from client.data.site import SiteData
-from client.ledger import PrivacyLedger
-from client.local import RoundRequest, SiteTrainer
-from client.policy import SitePolicy
-from client.privacy import DPConfig
-from client.training import TrainConfig, predict
-from models import binary_metrics
+from fedcare.client.data.loaders import load_site
+from fedcare.client.data.site import SiteData
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.client.local import RoundRequest, SiteTrainer
+from fedcare.client.policy import SitePolicy
+from fedcare.client.privacy import DPConfig
+from fedcare.client.training import TrainConfig, predict
+from fedcare.models import binary_metrics
 
 pytestmark = [
     pytest.mark.slow,
@@ -93,7 +93,7 @@ MIN_FRACTION: dict[str, float] = {
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[SiteData, dict[str, float]]:
     """The site and each task's Bayes AUROC from the generator's manifest."""
-    from simulations.synth import MANIFEST_FILENAME, SynthConfig, synthesize
+    from fedcare.simulations.synth import MANIFEST_FILENAME, SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("utility")
     config = SynthConfig(
@@ -106,7 +106,7 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[SiteData, dict[
 
 
 def test_every_synthetic_task_is_covered() -> None:
-    from simulations.synth import TASKS
+    from fedcare.simulations.synth import TASKS
 
     assert set(SETTINGS) == set(TASKS) == set(MIN_FRACTION)
 

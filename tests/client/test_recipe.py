@@ -13,17 +13,17 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client import recipe
-from client.data.loaders import load_site
-from client.data.site import SiteData
-from client.ledger import PrivacyLedger
-from client.local import RoundRequest, SiteTrainer, settings_from_run
-from client.policy import SitePolicy
-from client.privacy import DPConfig, sampling
-from client.training import TrainConfig, make_optimizer, predict
-from common.errors import ConfigError
-from common.federation import FederationConfig
-from models import binary_metrics
+from fedcare.client import recipe
+from fedcare.client.data.loaders import load_site
+from fedcare.client.data.site import SiteData
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.client.local import RoundRequest, SiteTrainer, settings_from_run
+from fedcare.client.policy import SitePolicy
+from fedcare.client.privacy import DPConfig, sampling
+from fedcare.client.training import TrainConfig, make_optimizer, predict
+from fedcare.common.errors import ConfigError
+from fedcare.common.federation import FederationConfig
+from fedcare.models import binary_metrics
 
 
 @given(st.integers(min_value=1, max_value=100_000))
@@ -72,7 +72,7 @@ PATIENTS = 300  # a small hospital: about 210 training patients
 
 @pytest.fixture(scope="module")
 def small_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[SiteData, float]:
-    from simulations.synth import MANIFEST_FILENAME, SynthConfig, synthesize
+    from fedcare.simulations.synth import MANIFEST_FILENAME, SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("recipe")
     config = SynthConfig(patients_per_site=PATIENTS, size_skew=0.0, table_format="csv")

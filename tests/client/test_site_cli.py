@@ -20,11 +20,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from client.site_cli import Check, run_site_checks, site_check, site_keygen
-from client.site_config import SiteConfig, load_site_config
-from common.certs import CertPaths, generate_node_keypair, init_certificates
-from common.errors import ConfigError
-from common.run_signing import RUN_PUBLIC_KEY_NAME, write_public_key
+from fedcare.client.site_cli import Check, run_site_checks, site_check, site_keygen
+from fedcare.client.site_config import SiteConfig, load_site_config
+from fedcare.common.certs import CertPaths, generate_node_keypair, init_certificates
+from fedcare.common.errors import ConfigError
+from fedcare.common.run_signing import RUN_PUBLIC_KEY_NAME, write_public_key
 from tests.common.test_certs import TLSServer
 
 # --------------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ from tests.common.test_certs import TLSServer
 @pytest.fixture(scope="module")
 def synth_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny valid site folder written by the synthetic generator (site id ``site-0``)."""
-    from simulations.synth import SynthConfig, synthesize
+    from fedcare.simulations.synth import SynthConfig, synthesize
 
     out = tmp_path_factory.mktemp("synth") / "sites"
     config = SynthConfig(

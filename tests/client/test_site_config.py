@@ -13,17 +13,17 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from client.policy import SitePolicy
-from client.site_config import (
+from fedcare.client.policy import SitePolicy
+from fedcare.client.site_config import (
     SITE_CONFIG_FILENAME,
     Problem,
     SiteConfig,
     load_site_config,
     split_address,
 )
-from common.certs import generate_node_keypair, init_certificates
-from common.errors import ConfigError, PolicyViolation
-from common.run_signing import RUN_PUBLIC_KEY_NAME, write_public_key
+from fedcare.common.certs import generate_node_keypair, init_certificates
+from fedcare.common.errors import ConfigError, PolicyViolation
+from fedcare.common.run_signing import RUN_PUBLIC_KEY_NAME, write_public_key
 
 if sys.version_info >= (3, 11):
     import tomllib

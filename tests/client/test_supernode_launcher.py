@@ -10,8 +10,8 @@ from flwr.supercore.inflatable import inflatable_utils
 from flwr.superlink.grid import http_grid
 from flwr.supernode import start_client_internal as loop
 
-from client import supernode
-from server import executor
+from fedcare.client import supernode
+from fedcare.server import executor
 
 
 def test_the_launcher_shortens_the_supernode_s_waits(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,7 +83,7 @@ def test_the_site_worker_gives_flowers_pull_task_input_short_waits(
     from flwr.supercore.inflatable import inflatable_utils
     from flwr.supernode.runtime import run_clientapp
 
-    from client.worker import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S, prompt_object_pulls
+    from fedcare.client.worker import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S, prompt_object_pulls
 
     original = inflatable_utils.pull_and_inflate_object_from_tree
     monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", original)
@@ -103,7 +103,7 @@ def test_the_site_worker_refuses_a_flower_that_inflates_messages_otherwise(
 ) -> None:
     from flwr.supernode.runtime import run_clientapp
 
-    from client.worker import prompt_object_pulls
+    from fedcare.client.worker import prompt_object_pulls
 
     monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", lambda *a, **k: None)
     with pytest.raises(RuntimeError, match="site worker needs updating"):

@@ -1,6 +1,6 @@
 """A site's data kept warm between messages: loaded once while unchanged, afresh when not.
 
-Checked for the cache itself (:class:`client.warm.WarmSites`: its bounds, what pickling it
+Checked for the cache itself (:class:`fedcare.client.warm.WarmSites`: its bounds, what pickling it
 carries) and for the ClientApp's handlers, which keep every simulated site a process serves.
 """
 
@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-import client.app as client_app
-import client.warm as warm_module
-from client.data.loaders import load_site
-from client.data.site import SiteData
-from client.ledger import PrivacyLedger
-from client.warm import WarmSites, site_nbytes
-from common import keys
-from common.federation import FederationConfig
-from simulations.synth import SynthConfig, synthesize
+import fedcare.client.app as client_app
+import fedcare.client.warm as warm_module
+from fedcare.client.data.loaders import load_site
+from fedcare.client.data.site import SiteData
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.client.warm import WarmSites, site_nbytes
+from fedcare.common import keys
+from fedcare.common.federation import FederationConfig
+from fedcare.simulations.synth import SynthConfig, synthesize
 from tests._flower import server_message, task_identity
 
 
@@ -43,7 +43,7 @@ def sites(synthetic: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def loaded(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The folders :mod:`client.warm` loaded from disk, in order."""
+    """The folders :mod:`fedcare.client.warm` loaded from disk, in order."""
     folders: list[Path] = []
 
     def counting(folder: Path) -> SiteData:

@@ -21,7 +21,7 @@ from flwr.common.serde import array_record_from_proto, array_record_to_proto
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.audit import (
+from fedcare.common.audit import (
     GENESIS,
     AuditLog,
     AuditLogError,

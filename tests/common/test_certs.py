@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from typer.testing import CliRunner
 
-from common.certs import (
+from fedcare.common.certs import (
     CertPaths,
     describe_certificate,
     fingerprint,
@@ -38,8 +38,8 @@ from common.certs import (
     ssh_fingerprint,
     verify_signed_by,
 )
-from common.errors import ConfigError
-from server.certs_cli import certs_init
+from fedcare.common.errors import ConfigError
+from fedcare.server.certs_cli import certs_init
 
 HOSTS = ["fl.example.org", "10.1.2.3", "[2001:db8::7]"]
 

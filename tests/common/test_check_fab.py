@@ -17,9 +17,9 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 from flwr.cli.config_utils import get_fab_metadata
 
-from common.errors import PolicyViolation
-from common.federation import RUN_CONFIG_DEFAULTS
-from common.flower_app import APP_COMPONENTS, check_fab, fedcare_version, write_app_dir
+from fedcare.common.errors import PolicyViolation
+from fedcare.common.federation import RUN_CONFIG_DEFAULTS
+from fedcare.common.flower_app import APP_COMPONENTS, check_fab, fedcare_version, write_app_dir
 
 
 def _thin_app(folder: Path, **overrides: str) -> Path:
@@ -86,7 +86,7 @@ def test_another_version_is_refused(tmp_path: Path) -> None:
     ("overrides", "reason"),
     [
         ({"serverapp": "evilmod:app"}, "components are"),
-        ({"clientapp": "client.app:other"}, "components are"),
+        ({"clientapp": "fedcare.client.app:other"}, "components are"),
     ],
 )
 def test_other_components_are_refused(

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import ConfigError
-from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
+from fedcare.common.errors import ConfigError
+from fedcare.common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -10,7 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from common.processes import Child, supervise_group
+from fedcare.common.processes import Child, supervise_group
 
 PY = sys.executable
 
@@ -80,7 +80,7 @@ def test_sigterm_stops_every_child_and_what_it_spawned(tmp_path: Path) -> None:
         f"""
         import os, sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
-        from common.processes import Child, supervise_group
+        from fedcare.common.processes import Child, supervise_group
         children = [Child("a", [sys.executable, "-c", {child_code!r}]),
                     Child("b", [sys.executable, "-c", {child_code!r}], restart=True)]
         raise SystemExit(supervise_group(children, env=dict(os.environ), grace_s=5))

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from common.errors import ConfigError
-from common.spec import FeatureSchema, SiteSpec, load_site_spec
+from fedcare.common.errors import ConfigError
+from fedcare.common.spec import FeatureSchema, SiteSpec, load_site_spec
 
 VALID = {
     "spec_version": 1,

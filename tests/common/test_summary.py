@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from common import keys
-from common.errors import ConfigError
-from common.summary import (
+from fedcare.common import keys
+from fedcare.common.errors import ConfigError
+from fedcare.common.summary import (
     EVALUATION_MODES,
     EVENT_KINDS,
     NOISE_SOURCES,

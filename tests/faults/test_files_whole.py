@@ -28,25 +28,25 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Message, RecordDict
 
-import common.audit as audit_module
-from client.app import handle_train
-from client.audit import AUDIT_LOG_NAME, SiteAudit, audited_charges
-from client.ledger import PrivacyLedger
-from common import keys
-from common.audit import RECOVERY, AuditLog, AuditLogError, check_log, read_entries
-from common.errors import ConfigError, FedcareError
-from common.federation import FederationConfig
-from server.audit import ServerAudit, server_log_path
-from server.checkpoint import (
+import fedcare.common.audit as audit_module
+from fedcare.client.app import handle_train
+from fedcare.client.audit import AUDIT_LOG_NAME, SiteAudit, audited_charges
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.common import keys
+from fedcare.common.audit import RECOVERY, AuditLog, AuditLogError, check_log, read_entries
+from fedcare.common.errors import ConfigError, FedcareError
+from fedcare.common.federation import FederationConfig
+from fedcare.server.audit import ServerAudit, server_log_path
+from fedcare.server.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
-from simulations.audit.verify import verify_paths
-from simulations.runner import recorded_run_id
-from simulations.synth import SynthConfig, synthesize
+from fedcare.simulations.audit.verify import verify_paths
+from fedcare.simulations.runner import recorded_run_id
+from fedcare.simulations.synth import SynthConfig, synthesize
 from tests._flower import server_message, task_identity
 
 pytestmark = [

@@ -23,22 +23,22 @@ import pytest
 import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-import client.deploy_cli as deploy_cli
-import simulations.runner as runner
-from common.errors import FedcareError
-from common.locks import LOCK_NAME, FolderInUse, FolderLock
-from common.run_signing import RUN_PUBLIC_KEY_NAME, write_public_key
+import fedcare.client.deploy_cli as deploy_cli
+import fedcare.simulations.runner as runner
 from fedcare.cli import main
-from simulations.runner import CONFIG_NAME, recorded_run_id, run_experiment
-from simulations.scenario import Scenario
-from simulations.synth import SynthConfig, synthesize
+from fedcare.common.errors import FedcareError
+from fedcare.common.locks import LOCK_NAME, FolderInUse, FolderLock
+from fedcare.common.run_signing import RUN_PUBLIC_KEY_NAME, write_public_key
+from fedcare.simulations.runner import CONFIG_NAME, recorded_run_id, run_experiment
+from fedcare.simulations.scenario import Scenario
+from fedcare.simulations.synth import SynthConfig, synthesize
 
 #: Takes the lock of argv[1] as `fedcare simulate` would, says so, and holds it until
 #: its stdin closes or it is killed.
 HOLDER = """
 import sys
 from pathlib import Path
-from common.locks import FolderLock
+from fedcare.common.locks import FolderLock
 FolderLock(Path(sys.argv[1]), command="fedcare simulate --out " + sys.argv[1]).acquire()
 print("locked", flush=True)
 sys.stdin.read()
@@ -49,8 +49,8 @@ sys.stdin.read()
 RUNNER = """
 import contextlib, sys
 from pathlib import Path
-import simulations.runner as runner
-from simulations.scenario import Scenario
+import fedcare.simulations.runner as runner
+from fedcare.simulations.scenario import Scenario
 
 class Link:
     def submit(self, app_dir, **_):
@@ -128,7 +128,7 @@ def test_a_second_process_is_refused_naming_the_first_until_it_is_killed(
         [
             sys.executable,
             "-c",
-            "import sys; from pathlib import Path; from common.locks import FolderLock; "
+            "import sys; from pathlib import Path; from fedcare.common.locks import FolderLock; "
             "FolderLock(Path(sys.argv[1])).acquire()",
             str(tmp_path),
         ],

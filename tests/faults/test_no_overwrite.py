@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import ConfigError
-from common.federation import FederationConfig
 from fedcare.cli import main
-from server.audit import ServerAudit
-from server.checkpoint import Checkpoint, save_checkpoint
-from simulations.audit.report_cli import check_report_out
+from fedcare.common.errors import ConfigError
+from fedcare.common.federation import FederationConfig
+from fedcare.server.audit import ServerAudit
+from fedcare.server.checkpoint import Checkpoint, save_checkpoint
+from fedcare.simulations.audit.report_cli import check_report_out
 
 SAMPLE = Path(__file__).parents[1] / "simulations" / "audit_report" / "data"
 CFG = FederationConfig.from_run_config({"task": "readmission"})

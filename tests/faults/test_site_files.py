@@ -1,6 +1,6 @@
 """A site's files, broken the way a careless or hostile user breaks them.
 
-Each case starts from a small synthetic hospital (``simulations.synth``), breaks one thing,
+Each case starts from a small synthetic hospital (``fedcare.simulations.synth``), breaks one thing,
 and checks what a user sees: ``fedcare data check`` exits non-zero with no traceback, the
 problem names the file or site.toml field and the fix, and nothing outside the site folder
 is read or quoted. Loading (``load_site``, ``SiteFiles``, the dataset fingerprint) refuses
@@ -19,12 +19,13 @@ from typing import Any
 import pytest
 import tomli_w
 
-from client.data.files import PathOutsideSite, SiteFiles
-from client.data.fingerprint import dataset_fingerprint
-from client.data.loaders import load_site
-from client.data.validation import validate_site
-from common.errors import DataError, DataValidationError
-from common.spec import (
+from fedcare.cli import main
+from fedcare.client.data.files import PathOutsideSite, SiteFiles
+from fedcare.client.data.fingerprint import dataset_fingerprint
+from fedcare.client.data.loaders import load_site
+from fedcare.client.data.validation import validate_site
+from fedcare.common.errors import DataError, DataValidationError
+from fedcare.common.spec import (
     EventFeature,
     Feature,
     FeatureSchema,
@@ -34,8 +35,7 @@ from common.spec import (
     load_site_spec,
     schema_differences,
 )
-from fedcare.cli import main
-from simulations.synth import SynthConfig, synthesize
+from fedcare.simulations.synth import SynthConfig, synthesize
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -118,11 +118,11 @@ def _rounds(out: Path) -> int:
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
 def test_each_stop_signal_becomes_a_clean_stop(sig: signal.Signals) -> None:
-    """SIGTERM and SIGHUP raise :class:`common.stopping.Stopped` (so every ``finally`` that
+    """SIGTERM and SIGHUP raise :class:`fedcare.common.stopping.Stopped` (so every ``finally`` that
     owns a process runs), as SIGINT raises KeyboardInterrupt; a second one is ignored."""
     code = f"""
 import os, signal, time
-from common import stopping
+from fedcare.common import stopping
 # A child of a background job inherits SIGINT ignored (Python then installs no handler):
 # put back the one a terminal's Python has.
 signal.signal(signal.SIGINT, signal.default_int_handler)

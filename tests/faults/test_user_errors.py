@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import tomli_w
 
-import simulations.simulate_cli as simulate_cli
+import fedcare.simulations.simulate_cli as simulate_cli
 from fedcare.cli import main
 
 

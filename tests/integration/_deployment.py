@@ -26,12 +26,23 @@ from typing import Any
 
 import tomli_w
 
-from common.audit import load_or_create_signing_key
-from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
-from common.processes import family_pids, family_sessions, flower_env, free_port, stop_family
-from common.run_signing import RUN_KEY_NAME, RUN_PUBLIC_KEY_NAME, RUN_SIGNATURE_KEY, sign_run
-from simulations.flower_driver import write_app_dir
-from simulations.synth import SynthConfig, synthesize
+from fedcare.common.audit import load_or_create_signing_key
+from fedcare.common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
+from fedcare.common.processes import (
+    family_pids,
+    family_sessions,
+    flower_env,
+    free_port,
+    stop_family,
+)
+from fedcare.common.run_signing import (
+    RUN_KEY_NAME,
+    RUN_PUBLIC_KEY_NAME,
+    RUN_SIGNATURE_KEY,
+    sign_run,
+)
+from fedcare.simulations.flower_driver import write_app_dir
+from fedcare.simulations.synth import SynthConfig, synthesize
 
 BIN = Path(sys.executable).parent
 CONNECTION = "hospitals"
@@ -273,8 +284,8 @@ class Deployment:
         app = write_app_dir(
             self.root / "centre" / "app",
             config_defaults=RUN_CONFIG_DEFAULTS,
-            serverapp="server.app:app",
-            clientapp="client.app:app",
+            serverapp="fedcare.server.app:app",
+            clientapp="fedcare.client.app:app",
         )
         run_config = {
             "run-id": run_id,

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from client.accounting import Mechanism, independent_epsilon
-from common.summary import load_summary
 from fedcare.cli import main
-from simulations.audit.findings import ATTACKS_FILE, AttackReport
-from simulations.runner import run_experiment
-from simulations.scenario import Scenario
-from simulations.synth import SynthConfig, synthesize
+from fedcare.client.accounting import Mechanism, independent_epsilon
+from fedcare.common.summary import load_summary
+from fedcare.simulations.audit.findings import ATTACKS_FILE, AttackReport
+from fedcare.simulations.runner import run_experiment
+from fedcare.simulations.scenario import Scenario
+from fedcare.simulations.synth import SynthConfig, synthesize
 from tests.simulations.audit_report.test_report_browser import _FLAGS as CHROMIUM_FLAGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -93,7 +93,7 @@ def test_a_whole_audit_of_a_real_dp_run(tmp_path: Path) -> None:
     assert verify.stdout.count(", OK") == 3  # server + two sites
 
     # 2. The audit's recomputed ε equals this test's own PLD call on the summary's mechanisms.
-    from simulations.audit.epsilon import recompute_epsilon
+    from fedcare.simulations.audit.epsilon import recompute_epsilon
 
     audit = recompute_epsilon(run)
     assert audit.ok

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from client.ledger import PrivacyLedger
-from common.processes import family_pids
-from common.summary import load_summary
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.common.processes import family_pids
+from fedcare.common.summary import load_summary
 from tests.integration._deployment import CONNECTION, Deployment, processes_under
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -65,14 +65,14 @@ def _online_nodes(dep: Deployment) -> int:
 
 
 def _worker_pids(dep: Deployment, site: int) -> set[int]:
-    """The pids of hospital ``site``'s site worker (``python -m client.worker``)."""
+    """The pids of hospital ``site``'s site worker (``python -m fedcare.client.worker``)."""
     found = set()
     for pid in family_pids(dep.processes[f"site-{site}"].proc.pid):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"client.worker" in cmdline:
+        if b"fedcare.client.worker" in cmdline:
             found.add(pid)
     return found
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from client.audit import AUDIT_LOG_NAME
-from common.audit import check_log, read_entries
-from common.processes import venv_bin
+from fedcare.client.audit import AUDIT_LOG_NAME
+from fedcare.common.audit import check_log, read_entries
+from fedcare.common.processes import venv_bin
 from tests.integration._deployment import Deployment, processes_under
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from client.ledger import PrivacyLedger
-from common.summary import load_summary
-from simulations.audit.epsilon import recompute_epsilon
-from simulations.audit.verify import verify_paths
-from simulations.runner import run_experiment
-from simulations.scenario import Scenario
-from simulations.synth import SynthConfig, synthesize
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.common.summary import load_summary
+from fedcare.simulations.audit.epsilon import recompute_epsilon
+from fedcare.simulations.audit.verify import verify_paths
+from fedcare.simulations.runner import run_experiment
+from fedcare.simulations.scenario import Scenario
+from fedcare.simulations.synth import SynthConfig, synthesize
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from client.accounting import Mechanism, independent_epsilon
-from client.data.loaders import load_site
-from client.ledger import PrivacyLedger
-from common.summary import load_summary
-from simulations.reports import COLUMNS, read_metrics_csv
-from simulations.runner import run_experiment
-from simulations.scenario import Scenario
-from simulations.synth import SynthConfig, synthesize
+from fedcare.client.accounting import Mechanism, independent_epsilon
+from fedcare.client.data.loaders import load_site
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.common.summary import load_summary
+from fedcare.simulations.reports import COLUMNS, read_metrics_csv
+from fedcare.simulations.runner import run_experiment
+from fedcare.simulations.scenario import Scenario
+from fedcare.simulations.synth import SynthConfig, synthesize
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import keys
-from common.errors import ConfigError
-from models.evaluation import (
+from fedcare.common import keys
+from fedcare.common.errors import ConfigError
+from fedcare.models.evaluation import (
     LOSS_CLIP,
     SENSITIVITY,
     MalformedRelease,
@@ -25,7 +25,7 @@ from models.evaluation import (
     releases_from_wire,
     threshold_from_release,
 )
-from models.metrics import MetricInputError, accuracy, auprc, balanced_accuracy, brier, ece
+from fedcare.models.metrics import MetricInputError, accuracy, auprc, balanced_accuracy, brier, ece
 
 
 def _quantised(p: np.ndarray, bins: int) -> np.ndarray:
@@ -66,7 +66,7 @@ def test_exact_mode_agrees_with_independent_references(bins: int, seed: int) -> 
 
 
 def test_binned_auroc_is_close_to_the_exact_one_for_smooth_scores() -> None:
-    from models.metrics import auroc
+    from fedcare.models.metrics import auroc
 
     y, p = _sample(np.random.default_rng(5), 2000)
     assert metrics_from_release(exact_sums(y, p))["auroc"] == pytest.approx(auroc(y, p), abs=0.02)
@@ -249,7 +249,7 @@ def test_release_threshold_is_youden_on_the_validation_histogram() -> None:
     """The decision threshold maximises sensitivity + specificity over the bin edges of the
     validation release (checked against a brute force over the exact scores quantised to
     bin edges), and the test split's accuracy uses it, not 0.5."""
-    from models.metrics import accuracy
+    from fedcare.models.metrics import accuracy
 
     rng = np.random.default_rng(11)
     y = (rng.random(400) < 0.2).astype(float)

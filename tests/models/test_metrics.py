@@ -14,9 +14,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from common.errors import DataError
-from common.keys import TASK_METRICS
-from models.metrics import (
+from fedcare.common.errors import DataError
+from fedcare.common.keys import TASK_METRICS
+from fedcare.models.metrics import (
     BINARY_METRICS,
     MetricInputError,
     UndefinedMetricError,

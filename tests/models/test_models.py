@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from models import available_models, build_model, model_info
+from fedcare.models import available_models, build_model, model_info
 
 # Opacus's own warnings (insecure RNG in tests; full backward hooks on inputs without grad).
 pytestmark = [

@@ -10,11 +10,11 @@ import torch
 from pydantic import PositiveInt
 from torch import nn
 
-import models
-from common.errors import ConfigError
-from common.keys import TASK_METRICS
-from common.spec import MODALITIES, TaskSpec
-from models import (
+from fedcare import models
+from fedcare.common.errors import ConfigError
+from fedcare.common.keys import TASK_METRICS
+from fedcare.common.spec import MODALITIES, TaskSpec
+from fedcare.models import (
     BinaryClassification,
     HParams,
     ModelRegistry,
@@ -28,7 +28,7 @@ from models import (
     task_definition,
     task_kind,
 )
-from models.registry import init_parameters
+from fedcare.models.registry import init_parameters
 
 DIMS = {"ehr": 6, "imaging": (1, 8, 8), "genomics": 30}
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from client.data.loaders import load_site
-from client.data.site import SiteData
+from fedcare.client.data.loaders import load_site
+from fedcare.client.data.site import SiteData
 
 TASK = "readmission"
 
@@ -22,7 +22,7 @@ TASK = "readmission"
 def synthetic_site(tmp_path_factory: pytest.TempPathFactory) -> SiteData:
     """One small synthetic hospital as written by ``fedcare data synth`` (with its
     ``[simulation]`` opt-ins)."""
-    from simulations.synth import SynthConfig, synthesize
+    from fedcare.simulations.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("security-site")
     config = SynthConfig(patients_per_site=200, size_skew=0.0, n_genes=12, image_size=16)

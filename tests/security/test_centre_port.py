@@ -31,9 +31,9 @@ from flwr.supercore.control.control_http_client import ControlHttpClient
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
 from flwr.supercore.runtime import RuntimeHttpClient
 
-from common.federation import RUN_CONFIG_DEFAULTS
-from common.flower_app import APP_COMPONENTS, fedcare_version, write_app_dir
-from common.processes import flower_env, free_port
+from fedcare.common.federation import RUN_CONFIG_DEFAULTS
+from fedcare.common.flower_app import APP_COMPONENTS, fedcare_version, write_app_dir
+from fedcare.common.processes import flower_env, free_port
 from tests.integration._deployment import BIN, Process, fedcare, processes_under
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -282,8 +282,8 @@ def test_stopping_the_centre_stops_all_three(centre: Centre) -> None:
     SIGTERM stops the SuperLink, the gateway, the executor."""
     c = centre
     families = [p for p in processes_under(c.root) if "server." in p or "superlink" in p]
-    assert any("server.gateway" in p for p in families), families
-    assert any("server.executor" in p for p in families), families
+    assert any("fedcare.server.gateway" in p for p in families), families
+    assert any("fedcare.server.executor" in p for p in families), families
     assert any("flower-superlink" in p for p in families), families
     # Flower launches nothing itself (in `subprocess` isolation a flower-superexec would run).
     assert not [p for p in processes_under(c.root) if "flower-superexec" in p], families

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from client.accounting import Mechanism, epsilon
-from common import keys
-from models.evaluation import (
+from fedcare.client.accounting import Mechanism, epsilon
+from fedcare.common import keys
+from fedcare.models.evaluation import (
     SENSITIVITY,
     SplitSums,
     add_noise,

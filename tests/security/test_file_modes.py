@@ -19,19 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.audit import AUDIT_KEY_NAME, AUDIT_LOG_NAME, SiteAudit
-from common.audit import AuditLog, AuditLogError, load_or_create_signing_key
-from common.certs import generate_node_keypair, init_certificates
-from common.federation import FederationConfig
-from common.files import (
+from fedcare.client.audit import AUDIT_KEY_NAME, AUDIT_LOG_NAME, SiteAudit
+from fedcare.common.audit import AuditLog, AuditLogError, load_or_create_signing_key
+from fedcare.common.certs import generate_node_keypair, init_certificates
+from fedcare.common.federation import FederationConfig
+from fedcare.common.files import (
     atomic_private,
     open_private,
     private_dir,
     write_private_atomic,
 )
-from server.audit import SERVER_KEY, SERVER_LOG, ServerAudit
-from server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
-from server.deploy import prepare_database
+from fedcare.server.audit import SERVER_KEY, SERVER_LOG, ServerAudit
+from fedcare.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+from fedcare.server.deploy import prepare_database
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = sorted((REPO / "deploy" / "systemd").glob("*.service"))
@@ -61,7 +61,7 @@ def _no_temp_files(folder: Path) -> bool:
     return not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
-# ------------------------------------------------------------------ common.files
+# ------------------------------------------------------------------ fedcare.common.files
 
 
 def test_private_dir_creates_0700_and_parents_as_mkdir_p(tmp_path: Path, umask: int) -> None:

@@ -21,10 +21,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from client.accounting import Mechanism, epsilon
-from client.data.loaders import load_site
-from client.ledger import PrivacyLedger
-from common.errors import ConfigError, PrivacyBudgetExceeded
+from fedcare.client.accounting import Mechanism, epsilon
+from fedcare.client.data.loaders import load_site
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.common.errors import ConfigError, PrivacyBudgetExceeded
 from tests.client.data._builders import build_site, edit_csv
 
 DELTA = 1e-5

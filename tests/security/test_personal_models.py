@@ -29,22 +29,22 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
-from client.app import handle_evaluate, handle_train
-from client.audit import AUDIT_LOG_NAME, audited_charges
-from client.data.site import SiteData
-from client.ledger import PrivacyLedger
-from client.local import RUN_CEILING_TOLERANCE, RoundRequest, SiteTrainer
-from client.personal import HEAD_PREFIX, PersonalSettings
-from client.policy import SitePolicy
-from client.privacy import DPConfig
-from client.training import TrainConfig
-from common import keys
-from common.audit import public_key_raw, read_entries
-from common.errors import PolicyViolation, PrivacyBudgetExceeded
-from common.federation import FederationConfig
-from common.run_signing import RUN_SIGNATURE_KEY, sign_run, verify_run
-from simulations.audit.epsilon import audit_charges, site_log_charges
-from simulations.synth import SynthConfig, synthesize
+from fedcare.client.app import handle_evaluate, handle_train
+from fedcare.client.audit import AUDIT_LOG_NAME, audited_charges
+from fedcare.client.data.site import SiteData
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.client.local import RUN_CEILING_TOLERANCE, RoundRequest, SiteTrainer
+from fedcare.client.personal import HEAD_PREFIX, PersonalSettings
+from fedcare.client.policy import SitePolicy
+from fedcare.client.privacy import DPConfig
+from fedcare.client.training import TrainConfig
+from fedcare.common import keys
+from fedcare.common.audit import public_key_raw, read_entries
+from fedcare.common.errors import PolicyViolation, PrivacyBudgetExceeded
+from fedcare.common.federation import FederationConfig
+from fedcare.common.run_signing import RUN_SIGNATURE_KEY, sign_run, verify_run
+from fedcare.simulations.audit.epsilon import audit_charges, site_log_charges
+from fedcare.simulations.synth import SynthConfig, synthesize
 from tests._flower import server_message, task_identity
 from tests.security.conftest import TASK
 
@@ -188,7 +188,7 @@ def test_personalization_switched_on_after_calibration_hits_the_runs_ceiling(
     """A centre that let the site calibrate its noise for plain training, then asks for
     Ditto's second copy (twice the steps): the charge would pass the run's target, so it is
     refused before anything trains."""
-    from client.data.loaders import load_site
+    from fedcare.client.data.loaders import load_site
 
     site: SiteData = load_site(sites / "site-0")
     trainer = SiteTrainer(
@@ -237,8 +237,8 @@ def test_a_fine_tune_s_charge_is_audited_even_when_the_evaluation_after_it_fails
     """The fine-tune is its own charge: the site logs it before the evaluation runs, so a
     refused or failed evaluation cannot leave a completed charge the audit log does not prove
     (which would blind the site's ledger-rollback check to it)."""
-    from client.local import SiteTrainer
-    from common.errors import RoundFailed
+    from fedcare.client.local import SiteTrainer
+    from fedcare.common.errors import RoundFailed
 
     ctx = _context(sites, tmp_path, personalization="finetune")
     state = None

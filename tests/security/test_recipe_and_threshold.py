@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.evaluation import release, releases_from_wire, threshold_from_release
+from fedcare.models.evaluation import release, releases_from_wire, threshold_from_release
 
 
 def test_the_reported_threshold_is_a_function_of_the_released_validation_sums() -> None:

@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 import tomli_w
 
-import simulations.runner as runner
-from common.errors import ConfigError
-from server.checkpoint import Checkpoint, save_checkpoint
-from simulations.runner import new_run_id, recorded_run_id, run_experiment
-from simulations.scenario import Scenario, Sweep
+import fedcare.simulations.runner as runner
+from fedcare.common.errors import ConfigError
+from fedcare.server.checkpoint import Checkpoint, save_checkpoint
+from fedcare.simulations.runner import new_run_id, recorded_run_id, run_experiment
+from fedcare.simulations.scenario import Scenario, Sweep
 
 RUN_ID = re.compile(r"^it-\d{8}T\d{6}Z-[0-9a-f]{8}$")
 

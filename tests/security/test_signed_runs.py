@@ -18,13 +18,18 @@ import tomli_w
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import Context, Message, RecordDict
 
-from client.app import handle_train
-from client.audit import AUDIT_LOG_NAME
-from common import keys
-from common.audit import check_log, read_entries
-from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
-from common.run_signing import RUN_PUBLIC_KEY_NAME, RUN_SIGNATURE_KEY, sign_run, write_public_key
-from simulations.synth import SynthConfig, synthesize
+from fedcare.client.app import handle_train
+from fedcare.client.audit import AUDIT_LOG_NAME
+from fedcare.common import keys
+from fedcare.common.audit import check_log, read_entries
+from fedcare.common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
+from fedcare.common.run_signing import (
+    RUN_PUBLIC_KEY_NAME,
+    RUN_SIGNATURE_KEY,
+    sign_run,
+    write_public_key,
+)
+from fedcare.simulations.synth import SynthConfig, synthesize
 from tests._flower import server_message, task_identity
 
 pytestmark = [

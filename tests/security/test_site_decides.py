@@ -22,14 +22,14 @@ from typing import Any
 import pytest
 import torch
 
-from client.data.site import SiteData
-from client.ledger import PrivacyLedger
-from client.local import RoundRequest, SiteTrainer
-from client.policy import SitePolicy
-from client.privacy import DPConfig
-from client.training import TrainConfig
-from common import keys
-from common.errors import PolicyViolation, PrivacyBudgetExceeded, RoundFailed
+from fedcare.client.data.site import SiteData
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.client.local import RoundRequest, SiteTrainer
+from fedcare.client.policy import SitePolicy
+from fedcare.client.privacy import DPConfig
+from fedcare.client.training import TrainConfig
+from fedcare.common import keys
+from fedcare.common.errors import PolicyViolation, PrivacyBudgetExceeded, RoundFailed
 from tests.security.conftest import TASK
 
 pytestmark = [
@@ -243,7 +243,7 @@ def test_a_round_that_failed_after_its_charge_is_not_retried_for_free(
     real_site: SiteData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Whether a round fails can depend on the patients: the failed key is spent."""
-    import client.local as local_module
+    import fedcare.client.local as local_module
 
     trainer = _trainer(real_site, tmp_path)
     start = _initial(trainer)

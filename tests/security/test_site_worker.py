@@ -27,16 +27,21 @@ from flwr.cli.build import build_fab_from_disk
 from flwr.cli.config_utils import get_fab_metadata
 from flwr.common.constant import SubStatus
 
-from client.audit import AUDIT_LOG_NAME
-from client.deploy import supernode_command, write_secret
-from client.site_config import load_site_config
-from client.worker import SiteWorker
-from common import keys
-from common.audit import check_log, read_entries
-from common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
-from common.flower_app import write_app_dir
-from common.run_signing import RUN_PUBLIC_KEY_NAME, RUN_SIGNATURE_KEY, sign_run, write_public_key
-from simulations.synth import SynthConfig, synthesize
+from fedcare.client.audit import AUDIT_LOG_NAME
+from fedcare.client.deploy import supernode_command, write_secret
+from fedcare.client.site_config import load_site_config
+from fedcare.client.worker import SiteWorker
+from fedcare.common import keys
+from fedcare.common.audit import check_log, read_entries
+from fedcare.common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
+from fedcare.common.flower_app import write_app_dir
+from fedcare.common.run_signing import (
+    RUN_PUBLIC_KEY_NAME,
+    RUN_SIGNATURE_KEY,
+    sign_run,
+    write_public_key,
+)
+from fedcare.simulations.synth import SynthConfig, synthesize
 from tests._flower import server_message, task_identity
 
 pytestmark = [
@@ -88,8 +93,8 @@ def _fedcare_fab(tmp_path: Path) -> bytes:
     app = write_app_dir(
         tmp_path / "fedcare-app",
         config_defaults=RUN_CONFIG_DEFAULTS,
-        serverapp="server.app:app",
-        clientapp="client.app:app",
+        serverapp="fedcare.server.app:app",
+        clientapp="fedcare.client.app:app",
     )
     return build_fab_from_disk(app)
 
@@ -101,7 +106,7 @@ def _foreign_fab(tmp_path: Path, marker: Path) -> bytes:
     app.mkdir()
     (app / "pyproject.toml").write_text(
         (_app_pyproject(tmp_path)).replace(
-            'clientapp = "client.app:app"', f'clientapp = "{MARKER_MODULE}:app"'
+            'clientapp = "fedcare.client.app:app"', f'clientapp = "{MARKER_MODULE}:app"'
         )
     )
     (app / f"{MARKER_MODULE}.py").write_text(
@@ -115,8 +120,8 @@ def _app_pyproject(tmp_path: Path) -> str:
     app = write_app_dir(
         tmp_path / "template",
         config_defaults=RUN_CONFIG_DEFAULTS,
-        serverapp="server.app:app",
-        clientapp="client.app:app",
+        serverapp="fedcare.server.app:app",
+        clientapp="fedcare.client.app:app",
     )
     return (app / "pyproject.toml").read_text()
 
@@ -170,7 +175,7 @@ def _other_component(tmp_path: Path) -> bytes:
     app = tmp_path / "other-component"
     app.mkdir()
     text = _app_pyproject(tmp_path).replace(
-        'clientapp = "client.app:app"', f'clientapp = "{MARKER_MODULE}:app"'
+        'clientapp = "fedcare.client.app:app"', f'clientapp = "{MARKER_MODULE}:app"'
     )
     (app / "pyproject.toml").write_text(text)
     return build_fab_from_disk(app)

@@ -1,6 +1,6 @@
 """The centre's public port forwards Flower's Fleet API and nothing else (``server/gateway.py``).
 
-The gateway runs as ``fedcare server start`` runs it (``python -m server.gateway``, TLS with
+The gateway runs as ``fedcare server start`` runs it (``python -m fedcare.server.gateway``, TLS with
 the centre's certificate) in front of a stand-in SuperLink that records every request it
 gets. Requests are written byte for byte on a TLS socket, so path tricks reach the gateway
 exactly as an attacker would send them (no client library normalises them first).
@@ -27,10 +27,10 @@ import uvicorn
 from flwr.common.constant import TIMESTAMP_HEADER
 from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
 
-from common.certs import CertPaths, init_certificates
-from common.processes import free_port, stop_family
-from server.deploy import SuperLinkSettings, gateway_command
-from server.gateway import FleetGateway
+from fedcare.common.certs import CertPaths, init_certificates
+from fedcare.common.processes import free_port, stop_family
+from fedcare.server.deploy import SuperLinkSettings, gateway_command
+from fedcare.server.gateway import FleetGateway
 
 pytestmark = pytest.mark.integration
 
@@ -332,7 +332,7 @@ def test_health_follows_the_superlink(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_one_clear_line(tmp_path: Path) -> None:
-    base = [sys.executable, "-m", "server.gateway"]
+    base = [sys.executable, "-m", "fedcare.server.gateway"]
     cases = [
         (
             ["--listen", "0.0.0.0", "--upstream", "127.0.0.1:1", "--certs", str(tmp_path)],

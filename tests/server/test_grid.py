@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from server import grid as grid_module
-from server.grid import PromptGrid, prompt
+from fedcare.server import grid as grid_module
+from fedcare.server.grid import PromptGrid, prompt
 
 
 class _SlowGrid:

@@ -11,10 +11,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from common import keys
-from common.federation import FederationConfig
-from server.checkpoint import load_checkpoint
-from server.guard import GuardedStrategy, weighted_global_metrics
+from fedcare.common import keys
+from fedcare.common.federation import FederationConfig
+from fedcare.server.checkpoint import load_checkpoint
+from fedcare.server.guard import GuardedStrategy, weighted_global_metrics
 from tests._flower import task_identity
 
 REF = {"w": np.zeros((2, 2), dtype=np.float32)}

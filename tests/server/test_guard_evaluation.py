@@ -12,16 +12,16 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from common import keys
-from common.federation import FederationConfig
-from models.evaluation import (
+from fedcare.common import keys
+from fedcare.common.federation import FederationConfig
+from fedcare.models.evaluation import (
     exact_sums,
     metrics_from_release,
     release,
     releases_from_wire,
     threshold_from_release,
 )
-from server.guard import GuardedStrategy, global_evaluate_metrics, weighted_global_metrics
+from fedcare.server.guard import GuardedStrategy, global_evaluate_metrics, weighted_global_metrics
 from tests._flower import task_identity
 
 NODES = {"site-a": 11, "site-b": 12, "site-c": 13}

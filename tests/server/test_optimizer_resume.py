@@ -1,6 +1,6 @@
 """The server optimizer's state survives a resume (FedAdam, FedYogi, FedAdagrad).
 
-A run is driven through :class:`~server.guard.GuardedStrategy` and Flower's own
+A run is driven through :class:`~fedcare.server.guard.GuardedStrategy` and Flower's own
 ``Strategy.start`` loop by a grid whose two sites answer deterministically (each update is a
 fixed function of the model received, the absolute round and the site). A run interrupted
 after round 2 and resumed from its checkpoint must end with the model an uninterrupted run
@@ -32,11 +32,11 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-import server.checkpoint as checkpoint_module
-from common import keys
-from common.federation import FederationConfig
-from server.app import FINAL_MODEL_NAME, RECORD_NAME, run_federation
-from server.checkpoint import (
+import fedcare.server.checkpoint as checkpoint_module
+from fedcare.common import keys
+from fedcare.common.federation import FederationConfig
+from fedcare.server.app import FINAL_MODEL_NAME, RECORD_NAME, run_federation
+from fedcare.server.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
     CheckpointError,
@@ -44,8 +44,8 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from server.guard import GuardedStrategy, arrays_to_numpy
-from server.strategies import (
+from fedcare.server.guard import GuardedStrategy, arrays_to_numpy
+from fedcare.server.strategies import (
     OPTIMIZER_MOMENTS,
     inner_strategy,
     optimizer_state,
@@ -94,7 +94,7 @@ class _Sites:
     ``crash_at``, the server "dies" when it sends that (absolute) round's training.
     """
 
-    pull_interval = 0.0  # like Flower's InMemoryGrid: server.grid.prompt keeps it as is
+    pull_interval = 0.0  # like Flower's InMemoryGrid: fedcare.server.grid.prompt keeps it as is
 
     def __init__(self, crash_at: int | None = None) -> None:
         self.crash_at = crash_at
@@ -503,7 +503,7 @@ def test_a_checkpoint_from_a_newer_fedcare_is_a_checkpoint_error(tmp_path: Path)
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from simulations.synth import SynthConfig, synthesize
+    from fedcare.simulations.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("sites")
     synthesize(root, n_sites=len(NODES), seed=5, config=SynthConfig(patients_per_site=60))
@@ -559,7 +559,7 @@ def test_the_server_app_resumes_fedadam_where_it_stopped(
 
     # Control: the same resume with the moments forgotten ends elsewhere.
     _crash_after_cut(sites, tmp_path / "forgot")
-    monkeypatch.setattr("server.app.restore_optimizer_state", lambda *a, **k: None)
+    monkeypatch.setattr("fedcare.server.app.restore_optimizer_state", lambda *a, **k: None)
     run_federation(_Sites(), _federation(sites, tmp_path / "forgot"))  # type: ignore[arg-type]
     forgot = _final_model(tmp_path / "forgot")
     assert any(not torch.allclose(forgot[k], expected[k]) for k in expected)
@@ -574,7 +574,7 @@ def test_the_server_app_resumes_an_old_checkpoint_and_says_so_once(
     del payload["format"], payload["optimizer"]  # as fedcare wrote it before
     torch.save(payload, path)
 
-    caplog.set_level(logging.WARNING, logger="server.app")
+    caplog.set_level(logging.WARNING, logger="fedcare.server.app")
     record = run_federation(_Sites(), _federation(sites, tmp_path))  # type: ignore[arg-type]
     notes = [r for r in caplog.records if "older fedcare" in r.getMessage()]
     assert len(notes) == 1 and "FedAdam's moments start again from zero" in notes[0].getMessage()

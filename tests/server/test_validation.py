@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.errors import UpdateRejected
-from server.validation import update_norm, validate_update
+from fedcare.common.errors import UpdateRejected
+from fedcare.server.validation import update_norm, validate_update
 
 REF = {"w": np.zeros((3, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
 

@@ -1,4 +1,4 @@
-"""A tiny Message-API Flower app for tests of :mod:`simulations.flower_driver`.
+"""A tiny Message-API Flower app for tests of :mod:`fedcare.simulations.flower_driver`.
 
 The "model" is 3 numbers. Client ``p`` (its partition id) moves the global model a step
 ``lr`` towards its own target :func:`target` and weighs its reply with :func:`num_examples`,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.synth import SynthConfig, synthesize
+from fedcare.simulations.synth import SynthConfig, synthesize
 
 #: Four sites with every default knob: covers png, npy, dicom and csv, parquet.
 DEFAULT_SITES = 4

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from client.accounting import PLD_DISCRETIZATION, Mechanism, independent_epsilon
-from simulations.audit.epsilon import (
+from fedcare.client.accounting import PLD_DISCRETIZATION, Mechanism, independent_epsilon
+from fedcare.simulations.audit.epsilon import (
     audit_charges,
     recompute_epsilon,
     server_log_charges,

@@ -25,24 +25,24 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from typer.testing import CliRunner
 
-from client.accounting import Mechanism, independent_epsilon, merge_mechanisms
-from client.audit import AUDIT_KEY_NAME, AUDIT_LOG_NAME, SiteAudit, record_sha256
-from client.ledger import PrivacyLedger
-from client.local import EvaluationResult, RoundResult
-from common import keys
-from common.audit import (
+from fedcare.client.accounting import Mechanism, independent_epsilon, merge_mechanisms
+from fedcare.client.audit import AUDIT_KEY_NAME, AUDIT_LOG_NAME, SiteAudit, record_sha256
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.client.local import EvaluationResult, RoundResult
+from fedcare.common import keys
+from fedcare.common.audit import (
     canonical_json,
     check_log,
     line_hash,
     public_key_fingerprint,
     public_key_raw,
 )
-from common.errors import ConfigError
-from common.federation import FederationConfig
-from server.audit import SERVER_KEY, SERVER_LOG, ServerAudit
-from server.guard import GuardedStrategy
-from simulations.audit.findings import VerifyResult
-from simulations.audit.verify import audit_verify, verify_paths
+from fedcare.common.errors import ConfigError
+from fedcare.common.federation import FederationConfig
+from fedcare.server.audit import SERVER_KEY, SERVER_LOG, ServerAudit
+from fedcare.server.guard import GuardedStrategy
+from fedcare.simulations.audit.findings import VerifyResult
+from fedcare.simulations.audit.verify import audit_verify, verify_paths
 from tests._flower import task_identity
 
 DELTA = 1e-5
@@ -457,10 +457,10 @@ def test_json_output_and_user_errors(run: tuple[Path, list[Path]], tmp_path: Pat
 
 
 def test_the_client_app_logs_what_it_receives_sends_and_refuses(tmp_path: Path) -> None:
-    from client.app import handle_evaluate, handle_train
-    from client.data.loaders import load_site
-    from common.audit import code_hash, config_hash, load_or_create_signing_key
-    from simulations.synth import SynthConfig, synthesize
+    from fedcare.client.app import handle_evaluate, handle_train
+    from fedcare.client.data.loaders import load_site
+    from fedcare.common.audit import code_hash, config_hash, load_or_create_signing_key
+    from fedcare.simulations.synth import SynthConfig, synthesize
     from tests.client.test_app import _context, _message
 
     sites = tmp_path / "sites"

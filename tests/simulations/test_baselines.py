@@ -12,15 +12,15 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.data.datasets import build_task_data
-from client.data.loaders import load_site
-from client.data.site import SiteData
-from client.ledger import PrivacyLedger
-from client.privacy import DPConfig
-from client.training import TrainConfig
-from common.errors import ConfigError
-from simulations.baselines import LOCAL_ONLY_RUN_ID, local_only, pooled
-from simulations.synth import SynthConfig, synthesize
+from fedcare.client.data.datasets import build_task_data
+from fedcare.client.data.loaders import load_site
+from fedcare.client.data.site import SiteData
+from fedcare.client.ledger import PrivacyLedger
+from fedcare.client.privacy import DPConfig
+from fedcare.client.training import TrainConfig
+from fedcare.common.errors import ConfigError
+from fedcare.simulations.baselines import LOCAL_ONLY_RUN_ID, local_only, pooled
+from fedcare.simulations.synth import SynthConfig, synthesize
 
 TASK = "readmission"
 SEED = 0

@@ -1,4 +1,5 @@
-"""simulations.flower_driver: real ``flwr run`` on a SuperLink we start, and nothing left behind.
+"""fedcare.simulations.flower_driver: real ``flwr run`` on a SuperLink we start, and nothing left
+behind.
 
 The two integration tests start Flower and Ray (15-40 s each). The SuperLink's family is
 watched from /proc by this file's own scan (not the driver's): every process that descends
@@ -20,9 +21,9 @@ import pytest
 from flwr.common.config import parse_config_args
 from flwr.supercore.utils import simulation_config_from_json
 
-from common.errors import ConfigError
-from simulations import flower_driver
-from simulations.flower_driver import (
+from fedcare.common.errors import ConfigError
+from fedcare.simulations import flower_driver
+from fedcare.simulations.flower_driver import (
     FlowerRunError,
     SuperLinkHandle,
     _federation_config,
@@ -142,7 +143,9 @@ def test_write_app_dir_is_a_thin_flower_app(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="stale.py"):
         _app(tmp_path)
     with pytest.raises(ConfigError, match="module:attribute"):
-        write_app_dir(tmp_path / "x", config_defaults={}, serverapp="server.app", clientapp="c:a")
+        write_app_dir(
+            tmp_path / "x", config_defaults={}, serverapp="fedcare.server.app", clientapp="c:a"
+        )
     with pytest.raises(ConfigError, match="'rates'"):
         write_app_dir(
             tmp_path / "y",

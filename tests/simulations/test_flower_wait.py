@@ -23,8 +23,8 @@ from flwr.proto.control_pb2 import (
 )
 from flwr.proto.run_pb2 import Run, RunStatus
 
-from simulations import flower_driver
-from simulations.flower_driver import FlowerRunError, SuperLinkHandle
+from fedcare.simulations import flower_driver
+from fedcare.simulations.flower_driver import FlowerRunError, SuperLinkHandle
 
 RUN_ID = 7
 

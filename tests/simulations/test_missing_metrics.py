@@ -12,18 +12,18 @@ import pytest
 import tomli_w
 from rich.console import Console
 
-from common import keys
-from common.federation import FederationConfig
-from common.summary import RunSummary
-from models.evaluation import release
-from simulations.reports import (
+from fedcare.common import keys
+from fedcare.common.federation import FederationConfig
+from fedcare.common.summary import RunSummary
+from fedcare.models.evaluation import release
+from fedcare.simulations.reports import (
     MissingMetric,
     missing_cell,
     missing_metric_notes,
     missing_reason,
 )
-from simulations.runner import CONFIG_NAME, RunOutcome
-from simulations.simulate_cli import missing_notes, print_results, results_table
+from fedcare.simulations.runner import CONFIG_NAME, RunOutcome
+from fedcare.simulations.simulate_cli import missing_notes, print_results, results_table
 
 FULL = {
     "test.n": 40.0,
@@ -38,7 +38,7 @@ FULL = {
 
 
 def test_a_split_a_site_released_nothing_of_is_withheld_not_undefined() -> None:
-    # What a site's evaluation really sends (models.evaluation.release), as the server keeps
+    # What a site's evaluation really sends (fedcare.models.evaluation.release), as the server keeps
     # it (the release sums dropped): a 6-patient test split leaves no test.* key at all.
     rng = np.random.default_rng(0)
     y = {"val": rng.integers(0, 2, 30), "test": rng.integers(0, 2, 6)}

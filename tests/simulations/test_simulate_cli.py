@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-import simulations.simulate_cli as simulate_cli
-from common.summary import RunSummary
+import fedcare.simulations.simulate_cli as simulate_cli
 from fedcare.cli import main
-from simulations.runner import RunOutcome
-from simulations.scenario import SCENARIO_DIR, Scenario, Sweep, load_scenario
+from fedcare.common.summary import RunSummary
+from fedcare.simulations.runner import RunOutcome
+from fedcare.simulations.scenario import SCENARIO_DIR, Scenario, Sweep, load_scenario
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

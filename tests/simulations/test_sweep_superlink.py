@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-import simulations.simulate_cli as simulate_cli
-from common.locks import FolderInUse, FolderLock
-from common.summary import load_summary
+import fedcare.simulations.simulate_cli as simulate_cli
 from fedcare.cli import main
-from simulations import flower_driver, runner
-from simulations.flower_driver import SharedSuperLink
-from simulations.runner import CONFIG_NAME, STATE_DIR_NAME, RunOutcome, run_experiment
-from simulations.scenario import Scenario
-from simulations.synth import SynthConfig
+from fedcare.common.locks import FolderInUse, FolderLock
+from fedcare.common.summary import load_summary
+from fedcare.simulations import flower_driver, runner
+from fedcare.simulations.flower_driver import SharedSuperLink
+from fedcare.simulations.runner import CONFIG_NAME, STATE_DIR_NAME, RunOutcome, run_experiment
+from fedcare.simulations.scenario import Scenario
+from fedcare.simulations.synth import SynthConfig
 from tests.simulations.test_flower_driver import FamilyWatch
 from tests.simulations.test_simulate_cli import _summary
 

@@ -20,9 +20,9 @@ import tomli_w
 import typer
 from typer.testing import CliRunner
 
-from client.data.loaders import load_site
-from common.errors import ConfigError
-from common.spec import (
+from fedcare.client.data.loaders import load_site
+from fedcare.common.errors import ConfigError
+from fedcare.common.spec import (
     EHRFiles,
     FeatureSchema,
     GenomicsFiles,
@@ -30,9 +30,9 @@ from common.spec import (
     SiteSpec,
     load_site_spec,
 )
-from models.metrics import auroc
-from simulations.cli import data_synth
-from simulations.synth import SynthConfig, synthesize
+from fedcare.models.metrics import auroc
+from fedcare.simulations.cli import data_synth
+from fedcare.simulations.synth import SynthConfig, synthesize
 
 TASK_NAMES = ("readmission", "malignancy", "drug_response", "multimodal_outcome")
 # The documented contract (see simulations/synth/ehr.py): only these EHR columns miss values.
@@ -600,7 +600,7 @@ def test_refuses_a_non_empty_site_folder_unless_forced(
 def test_a_failure_half_way_leaves_the_output_untouched(
     tmp_path: Path, tiny_config: SynthConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import simulations.synth.generator as generator
+    import fedcare.simulations.synth.generator as generator
 
     real = generator.write_site
     calls = []
@@ -716,7 +716,9 @@ def test_cli_rejects_unknown_knob_in_config_file(tmp_path: Path) -> None:
 
 
 def test_fedcare_command_mounts_data_synth(tmp_path: Path) -> None:
-    pytest.importorskip("client.cli", reason="client/cli.py (fedcare data check) not written yet")
+    pytest.importorskip(
+        "fedcare.client.cli", reason="client/cli.py (fedcare data check) not written yet"
+    )
     from fedcare.cli import main
 
     main(["data", "synth", "--out", str(tmp_path / "o"), "--sites", "1", "--patients", "15"])

@@ -2,7 +2,7 @@
 
 Importing the package registers the attacks (``loss-threshold``, ``rmia``). Entry point:
 :func:`audit_run` (``fedcare audit attack RUNDIR``), which returns the
-:class:`~simulations.audit.findings.AttackReport` saved as ``<run>/audit/attacks.json``.
+:class:`~fedcare.simulations.audit.findings.AttackReport` saved as ``<run>/audit/attacks.json``.
 
 One file per piece: :mod:`.roc` (ROC, AUC, TPR at low FPR), :mod:`.signals` (per-patient
 loss), :mod:`.training` (training as a site trained), :mod:`.loss_threshold`, :mod:`.rmia`,
@@ -12,7 +12,7 @@ loss), :mod:`.training` (training as a site trained), :mod:`.loss_threshold`, :m
 
 from __future__ import annotations
 
-from simulations.audit.attacks.base import (
+from fedcare.simulations.audit.attacks.base import (
     AttackOptions,
     AttackTarget,
     MembershipAttack,
@@ -20,25 +20,25 @@ from simulations.audit.attacks.base import (
     get_attack,
     register_attack,
 )
-from simulations.audit.attacks.canary import CanaryOptions, canary_audit, guess
-from simulations.audit.attacks.canary_bound import (
+from fedcare.simulations.audit.attacks.canary import CanaryOptions, canary_audit, guess
+from fedcare.simulations.audit.attacks.canary_bound import (
     bonferroni_beta,
     canary_p_value,
     epsilon_lower_bound,
 )
-from simulations.audit.attacks.loss_threshold import LossThreshold
-from simulations.audit.attacks.rmia import RMIA, rmia_log_ratio
-from simulations.audit.attacks.roc import (
+from fedcare.simulations.audit.attacks.loss_threshold import LossThreshold
+from fedcare.simulations.audit.attacks.rmia import RMIA, rmia_log_ratio
+from fedcare.simulations.audit.attacks.roc import (
     attack_result,
     downsample_roc,
     roc_auc,
     roc_curve,
     tpr_at_fpr,
 )
-from simulations.audit.attacks.run import audit_run, read_attack_report, write_attack_report
-from simulations.audit.attacks.run_dir import RunArtifacts, load_run
-from simulations.audit.attacks.signals import example_losses
-from simulations.audit.attacks.training import SiteMechanism, train_site_model
+from fedcare.simulations.audit.attacks.run import audit_run, read_attack_report, write_attack_report
+from fedcare.simulations.audit.attacks.run_dir import RunArtifacts, load_run
+from fedcare.simulations.audit.attacks.signals import example_losses
+from fedcare.simulations.audit.attacks.training import SiteMechanism, train_site_model
 
 __all__ = [
     "AttackOptions",

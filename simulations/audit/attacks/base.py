@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from common.errors import ConfigError
-from models.tasks import TaskKind
-from simulations.audit.attacks.training import ModelFactory, SiteMechanism
+from fedcare.common.errors import ConfigError
+from fedcare.models.tasks import TaskKind
+from fedcare.simulations.audit.attacks.training import ModelFactory, SiteMechanism
 
 __all__ = [
     "AttackTarget",

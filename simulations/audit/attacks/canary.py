@@ -8,7 +8,8 @@ The audit, at one site:
    record, so the copies are strongly memorisable, and every modality has them.
 2. **One training run.** Each canary joins the site's training split independently with
    probability 1/2 (coins from a seeded generator). One model is trained on that set with the
-   site's mechanism from the run (:class:`~simulations.audit.attacks.training.SiteMechanism`):
+   site's mechanism from the run
+   (:class:`~fedcare.simulations.audit.attacks.training.SiteMechanism`):
    for a DP run the same DP-SGD noise multiplier, sampling rate, steps per round, clipping
    norm, optimizer and learning rate; for a non-private run the same plain training (rounds x
    local epochs).
@@ -17,7 +18,7 @@ The audit, at one site:
    order, which does not depend on the coins). ``k`` is fixed in advance (default ``m // 10``),
    so no correction for choosing it is needed.
 4. **Bound.** ``v`` correct out of ``r = 2k`` guesses gives, at confidence ``1 - β``, the ε
-   lower bound of :func:`~simulations.audit.attacks.canary_bound.epsilon_lower_bound`, with
+   lower bound of :func:`~fedcare.simulations.audit.attacks.canary_bound.epsilon_lower_bound`, with
    the site's δ (the theorem's approximate-DP form).
 
 A lower bound above the claimed ε would prove the claim false (with probability ``1 - β``);
@@ -35,12 +36,12 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 
-from common.errors import ConfigError
-from simulations.audit.attacks.base import AttackTarget
-from simulations.audit.attacks.canary_bound import epsilon_lower_bound
-from simulations.audit.attacks.signals import example_losses
-from simulations.audit.attacks.training import derived_seed, train_site_model
-from simulations.audit.findings import CanaryAudit
+from fedcare.common.errors import ConfigError
+from fedcare.simulations.audit.attacks.base import AttackTarget
+from fedcare.simulations.audit.attacks.canary_bound import epsilon_lower_bound
+from fedcare.simulations.audit.attacks.signals import example_losses
+from fedcare.simulations.audit.attacks.training import derived_seed, train_site_model
+from fedcare.simulations.audit.findings import CanaryAudit
 
 __all__ = [
     "CanaryOptions",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from simulations.audit.attacks.base import (
+from fedcare.simulations.audit.attacks.base import (
     AttackOptions,
     AttackTarget,
     MembershipAttack,

@@ -31,14 +31,14 @@ import numpy as np
 from numpy.typing import ArrayLike
 from torch.utils.data import Subset
 
-from simulations.audit.attacks.base import (
+from fedcare.simulations.audit.attacks.base import (
     AttackOptions,
     AttackTarget,
     MembershipAttack,
     register_attack,
 )
-from simulations.audit.attacks.signals import example_losses
-from simulations.audit.attacks.training import derived_seed, train_site_model
+from fedcare.simulations.audit.attacks.signals import example_losses
+from fedcare.simulations.audit.attacks.training import derived_seed, train_site_model
 
 __all__ = ["RMIA", "rmia_log_ratio", "MIN_POPULATION"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from simulations.audit.findings import AttackResult, RocCurve
+from fedcare.simulations.audit.findings import AttackResult, RocCurve
 
 __all__ = [
     "MAX_ROC_POINTS",
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 MAX_ROC_POINTS = 200
-"""Most points an :class:`~simulations.audit.findings.RocCurve` keeps."""
+"""Most points an :class:`~fedcare.simulations.audit.findings.RocCurve` keeps."""
 
 
 def _scores(values: ArrayLike, what: str) -> np.ndarray:

@@ -18,16 +18,21 @@ from typing import Any
 from pydantic import ValidationError
 from torch.utils.data import ConcatDataset, Dataset
 
-from client.data.datasets import TaskData
-from client.training import resolve_device
-from common.errors import ConfigError
-from common.files import write_private_atomic
-from simulations.audit.attacks.base import AttackOptions, AttackTarget, attack_names, get_attack
-from simulations.audit.attacks.canary import CanaryOptions, canary_audit
-from simulations.audit.attacks.roc import attack_result
-from simulations.audit.attacks.run_dir import RunArtifacts, load_run
-from simulations.audit.attacks.signals import example_losses
-from simulations.audit.findings import ATTACKS_FILE, AttackReport, AttackResult, CanaryAudit
+from fedcare.client.data.datasets import TaskData
+from fedcare.client.training import resolve_device
+from fedcare.common.errors import ConfigError
+from fedcare.common.files import write_private_atomic
+from fedcare.simulations.audit.attacks.base import (
+    AttackOptions,
+    AttackTarget,
+    attack_names,
+    get_attack,
+)
+from fedcare.simulations.audit.attacks.canary import CanaryOptions, canary_audit
+from fedcare.simulations.audit.attacks.roc import attack_result
+from fedcare.simulations.audit.attacks.run_dir import RunArtifacts, load_run
+from fedcare.simulations.audit.attacks.signals import example_losses
+from fedcare.simulations.audit.findings import ATTACKS_FILE, AttackReport, AttackResult, CanaryAudit
 
 __all__ = ["audit_run", "write_attack_report", "read_attack_report", "SkipFn"]
 

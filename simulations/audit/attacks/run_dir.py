@@ -18,18 +18,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.data.datasets import TaskData, build_task_data
-from client.data.loaders import load_site
-from client.local import settings_from_run
-from client.privacy import DPPlan
-from common.errors import ConfigError, FedcareError
-from common.federation import FederationConfig
-from common.summary import SUMMARY_NAME, RunSummary, SiteResult, load_summary
-from common.tomlcompat import tomllib
-from models import build_model
-from models.tasks import TaskKind, task_definition
-from server.app import FINAL_MODEL_NAME
-from simulations.audit.attacks.training import ModelFactory, SiteMechanism
+from fedcare.client.data.datasets import TaskData, build_task_data
+from fedcare.client.data.loaders import load_site
+from fedcare.client.local import settings_from_run
+from fedcare.client.privacy import DPPlan
+from fedcare.common.errors import ConfigError, FedcareError
+from fedcare.common.federation import FederationConfig
+from fedcare.common.summary import SUMMARY_NAME, RunSummary, SiteResult, load_summary
+from fedcare.common.tomlcompat import tomllib
+from fedcare.models import build_model
+from fedcare.models.tasks import TaskKind, task_definition
+from fedcare.server.app import FINAL_MODEL_NAME
+from fedcare.simulations.audit.attacks.training import ModelFactory, SiteMechanism
 
 __all__ = ["RunArtifacts", "load_run", "CONFIG_FILE", "SUMMARY_FILE", "SITES_FILE"]
 

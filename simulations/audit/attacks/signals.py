@@ -1,6 +1,6 @@
 """What an attacker reads from a model: each patient's loss under the task's own loss.
 
-The loss is the task kind's training criterion (:meth:`models.tasks.TaskKind.make_loss`),
+The loss is the task kind's training criterion (:meth:`fedcare.models.tasks.TaskKind.make_loss`),
 applied to one patient at a time (``torch.func.vmap`` over a batch), so an attack sees exactly
 the quantity training minimised. For a likelihood loss (binary cross-entropy today)
 ``exp(-loss)`` is the model's probability of the patient's true label, the ``Pr(x | θ)`` of
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from models.tasks import TaskKind
+from fedcare.models.tasks import TaskKind
 
 __all__ = ["example_losses"]
 
@@ -39,7 +39,7 @@ def example_losses(
         The model (an Opacus wrapper is unwrapped); evaluated in eval mode and left in the
         mode it was in.
     dataset:
-        Items ``(*inputs, y)``, as :mod:`client.data.datasets` builds them.
+        Items ``(*inputs, y)``, as :mod:`fedcare.client.data.datasets` builds them.
     kind:
         The task kind whose criterion defines the loss.
     device:
@@ -51,7 +51,7 @@ def example_losses(
     --------
     >>> import torch
     >>> from torch.utils.data import TensorDataset
-    >>> from models.tasks import task_kind
+    >>> from fedcare.models.tasks import task_kind
     >>> net = torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Flatten(0))
     >>> _ = torch.nn.init.zeros_(net[0].weight), torch.nn.init.zeros_(net[0].bias)
     >>> ds = TensorDataset(torch.zeros(3, 2), torch.tensor([0.0, 1.0, 1.0]))

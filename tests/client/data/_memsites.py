@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from client.data.site import SiteData
-from common.spec import SiteSpec
+from fedcare.client.data.site import SiteData
+from fedcare.common.spec import SiteSpec
 
 SHAPE = (8, 8)
 GENES = ("g1", "g2", "g3", "g4", "g5")

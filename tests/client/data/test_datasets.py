@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from client.data.datasets import (
+from fedcare.client.data.datasets import (
     ImageDataset,
     MultimodalDataset,
     TabularDataset,
     build_task_data,
 )
-from client.data.preprocess import TabularEncoder
-from client.data.split import SPLIT_NAMES, split_patients
-from common.errors import ConfigError, DataError
+from fedcare.client.data.preprocess import TabularEncoder
+from fedcare.client.data.split import SPLIT_NAMES, split_patients
+from fedcare.common.errors import ConfigError, DataError
 from tests.client.data._memsites import EHR_COLUMNS, GENES, SHAPE, make_site
 
 SITE, TRUTH = make_site(80, seed=1)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from client.data.files import SiteFiles
-from client.data.fingerprint import data_files, dataset_fingerprint
-from common.errors import DataError
-from common.spec import SiteSpec, load_site_spec
+from fedcare.client.data.files import SiteFiles
+from fedcare.client.data.fingerprint import data_files, dataset_fingerprint
+from fedcare.common.errors import DataError
+from fedcare.common.spec import SiteSpec, load_site_spec
 from tests.client.data._builders import BuiltSite
 
 

@@ -11,13 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.data.events import aggregate_events, parse_event_times
-from client.data.fingerprint import dataset_fingerprint
-from client.data.images import read_image
-from client.data.loaders import load_ehr, load_genomics, load_images, load_labels, load_site
-from client.data.tables import binary_label, read_table
-from common.errors import DataError, DataValidationError
-from common.spec import EventFeature, SiteSpec
+from fedcare.client.data.events import aggregate_events, parse_event_times
+from fedcare.client.data.fingerprint import dataset_fingerprint
+from fedcare.client.data.images import read_image
+from fedcare.client.data.loaders import load_ehr, load_genomics, load_images, load_labels, load_site
+from fedcare.client.data.tables import binary_label, read_table
+from fedcare.common.errors import DataError, DataValidationError
+from fedcare.common.spec import EventFeature, SiteSpec
 from tests.client.data._builders import (
     EVENT_FEATURES,
     GENES,

@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.data.preprocess import (
+from fedcare.client.data.preprocess import (
     DEFAULT_CLIP,
     GenomicsEncoder,
     ImageNormalizer,
     TabularEncoder,
 )
-from common.errors import ConfigError, DataError
-from common.spec import EventFeature, Feature, GenomicsSchema
+from fedcare.common.errors import ConfigError, DataError
+from fedcare.common.spec import EventFeature, Feature, GenomicsSchema
 
 AGE = Feature(name="age", kind="numeric", min=0, max=120)
 COLOUR = Feature(name="colour", kind="categorical", categories=("red", "blue", "green"))

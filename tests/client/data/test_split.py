@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.data.split import SPLIT_NAMES, Split, patient_hash, split_patients
-from common.errors import ConfigError, DataError
+from fedcare.client.data.split import SPLIT_NAMES, Split, patient_hash, split_patients
+from fedcare.common.errors import ConfigError, DataError
 
 IDS = [f"patient-{i:05d}" for i in range(10_000)]
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from client.data.validation import (
+from fedcare.client.data.validation import (
     PROBLEMS_PER_GROUP,
     ROWS_SHOWN,
     RULES,

@@ -1,1 +1,1 @@
-"""Tests of the privacy audit (simulations.audit)."""
+"""Tests of the privacy audit (fedcare.simulations.audit)."""

@@ -12,15 +12,15 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from client.accounting import Mechanism, calibrate_noise, epsilon
-from client.data.datasets import TaskData, build_task_data
-from client.data.loaders import load_site
-from client.privacy import DPPlan, sampling
-from client.training import TrainConfig
-from models import build_model
-from models.tasks import task_definition
-from simulations.audit.attacks import AttackTarget, SiteMechanism, example_losses
-from simulations.synth import SynthConfig, synthesize
+from fedcare.client.accounting import Mechanism, calibrate_noise, epsilon
+from fedcare.client.data.datasets import TaskData, build_task_data
+from fedcare.client.data.loaders import load_site
+from fedcare.client.privacy import DPPlan, sampling
+from fedcare.client.training import TrainConfig
+from fedcare.models import build_model
+from fedcare.models.tasks import task_definition
+from fedcare.simulations.audit.attacks import AttackTarget, SiteMechanism, example_losses
+from fedcare.simulations.synth import SynthConfig, synthesize
 
 TASK = "drug_response"
 MODEL = "genomics_mlp"
@@ -143,8 +143,8 @@ def fake_run_dir(
 
     import tomli_w
 
-    from common.federation import FederationConfig
-    from common.summary import RunSummary, write_summary
+    from fedcare.common.federation import FederationConfig
+    from fedcare.common.summary import RunSummary, write_summary
 
     out.mkdir(parents=True, exist_ok=True)
     cfg = FederationConfig(

@@ -9,8 +9,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from simulations.audit.attacks.canary import guess
-from simulations.audit.attacks.canary_bound import (
+from fedcare.simulations.audit.attacks.canary import guess
+from fedcare.simulations.audit.attacks.canary_bound import (
     bonferroni_beta,
     canary_p_value,
     epsilon_lower_bound,

@@ -15,12 +15,12 @@ import typer
 from click.testing import Result
 from typer.testing import CliRunner
 
-from client.data.datasets import TaskData
-from common.errors import ConfigError
-from common.summary import load_summary
-from simulations.audit.attack_cli import audit_attack
-from simulations.audit.attacks import CanaryOptions, audit_run, read_attack_report
-from simulations.audit.findings import ATTACKS_FILE, AttackReport
+from fedcare.client.data.datasets import TaskData
+from fedcare.common.errors import ConfigError
+from fedcare.common.summary import load_summary
+from fedcare.simulations.audit.attack_cli import audit_attack
+from fedcare.simulations.audit.attacks import CanaryOptions, audit_run, read_attack_report
+from fedcare.simulations.audit.findings import ATTACKS_FILE, AttackReport
 from tests.simulations.audit._attack_fixtures import DELTA, fake_run_dir, tiny_federation
 
 FAST = ["--reference-models", "1", "--canaries", "40", "--device", "cpu"]

@@ -16,11 +16,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from common.summary import load_summary
-from simulations.audit.attack_cli import audit_attack
-from simulations.audit.findings import ATTACKS_FILE, AttackReport
-from simulations.runner import run_experiment
-from simulations.scenario import Scenario
+from fedcare.common.summary import load_summary
+from fedcare.simulations.audit.attack_cli import audit_attack
+from fedcare.simulations.audit.findings import ATTACKS_FILE, AttackReport
+from fedcare.simulations.runner import run_experiment
+from fedcare.simulations.scenario import Scenario
 from tests.simulations.audit._attack_fixtures import DELTA, TASK, tiny_federation
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

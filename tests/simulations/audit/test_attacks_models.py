@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from torch.utils.data import ConcatDataset, Dataset
 
-from models.tasks import task_definition
-from simulations.audit.attacks import (
+from fedcare.models.tasks import task_definition
+from fedcare.simulations.audit.attacks import (
     AttackOptions,
     AttackTarget,
     CanaryOptions,
@@ -30,7 +30,7 @@ from simulations.audit.attacks import (
     get_attack,
     train_site_model,
 )
-from simulations.audit.findings import AttackResult, CanaryAudit
+from fedcare.simulations.audit.findings import AttackResult, CanaryAudit
 from tests.simulations.audit._attack_fixtures import (
     CPU,
     DELTA,

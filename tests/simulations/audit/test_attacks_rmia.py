@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.errors import ConfigError
-from simulations.audit.attacks import attack_names, get_attack
-from simulations.audit.attacks.loss_threshold import loss_scores
-from simulations.audit.attacks.rmia import rmia_log_ratio
+from fedcare.common.errors import ConfigError
+from fedcare.simulations.audit.attacks import attack_names, get_attack
+from fedcare.simulations.audit.attacks.loss_threshold import loss_scores
+from fedcare.simulations.audit.attacks.rmia import rmia_log_ratio
 
 
 def test_ratio_is_the_formula() -> None:

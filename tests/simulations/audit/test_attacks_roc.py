@@ -7,14 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulations.audit.attacks.roc import (
+from fedcare.simulations.audit.attacks.roc import (
     attack_result,
     downsample_roc,
     roc_auc,
     roc_curve,
     tpr_at_fpr,
 )
-from simulations.audit.findings import AttackResult
+from fedcare.simulations.audit.findings import AttackResult
 
 
 def pairwise_auc(pos: np.ndarray, neg: np.ndarray) -> float:

@@ -1,15 +1,15 @@
 """Hand-built findings of a 3-site x 2-round DP run, with the numbers the page must show.
 
 Every value here is chosen by hand; ``EXPECTED_*`` are the strings the page prints for them
-(three decimals, see ``simulations.audit.report``), written out literally, not computed.
+(three decimals, see ``fedcare.simulations.audit.report``), written out literally, not computed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from common.summary import RunSummary
-from simulations.audit.findings import (
+from fedcare.common.summary import RunSummary
+from fedcare.simulations.audit.findings import (
     AttackReport,
     AttackResult,
     CanaryAudit,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from simulations.audit.html_charts import (
+from fedcare.simulations.audit.html_charts import (
     Axis,
     Bar,
     BarGroup,

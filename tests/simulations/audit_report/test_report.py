@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from common.errors import ConfigError
-from simulations.audit.findings import CanaryAudit, LogCheck, VerifyResult
-from simulations.audit.report import SECTION_IDS, build_report, compute_verdict
+from fedcare.common.errors import ConfigError
+from fedcare.simulations.audit.findings import CanaryAudit, LogCheck, VerifyResult
+from fedcare.simulations.audit.report import SECTION_IDS, build_report, compute_verdict
 from tests.simulations.audit_report import _builders as b
 from tests.simulations.audit_report._dom import parse, section_rows, section_text
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from simulations.audit.report import build_report
+from fedcare.simulations.audit.report import build_report
 from tests.simulations.audit_report import _builders as b
 from tests.simulations.audit_report._dom import section_rows, section_text
 

@@ -1,7 +1,8 @@
 """Loading a run directory and ``fedcare audit report``: files in, page out, clear errors.
 
 The verifier and the ε recomputation are other modules' work: here they are stand-ins
-(injected as ``simulations.audit.verify`` / ``simulations.audit.epsilon``), so these tests
+(injected as ``fedcare.simulations.audit.verify`` / ``fedcare.simulations.audit.epsilon``), so
+these tests
 check only what this module does with a run directory.
 """
 
@@ -16,10 +17,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from common.errors import ConfigError
-from simulations.audit.findings import ATTACKS_FILE
-from simulations.audit.report import load_report_inputs, render_run_report
-from simulations.audit.report_cli import audit_report
+from fedcare.common.errors import ConfigError
+from fedcare.simulations.audit.findings import ATTACKS_FILE
+from fedcare.simulations.audit.report import load_report_inputs, render_run_report
+from fedcare.simulations.audit.report_cli import audit_report
 from tests.simulations.audit_report import _builders as b
 from tests.simulations.audit_report._dom import section_rows, section_text
 
@@ -52,12 +53,12 @@ def audit_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
             raise state["epsilon_error"]  # type: ignore[misc]
         return b.epsilon_audit()
 
-    verify = types.ModuleType("simulations.audit.verify")
+    verify = types.ModuleType("fedcare.simulations.audit.verify")
     verify.verify_paths = verify_paths  # type: ignore[attr-defined]
-    epsilon = types.ModuleType("simulations.audit.epsilon")
+    epsilon = types.ModuleType("fedcare.simulations.audit.epsilon")
     epsilon.recompute_epsilon = recompute_epsilon  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "simulations.audit.verify", verify)
-    monkeypatch.setitem(sys.modules, "simulations.audit.epsilon", epsilon)
+    monkeypatch.setitem(sys.modules, "fedcare.simulations.audit.verify", verify)
+    monkeypatch.setitem(sys.modules, "fedcare.simulations.audit.epsilon", epsilon)
     return state
 
 
@@ -128,9 +129,9 @@ def test_unexpected_errors_are_not_swallowed(
 
 def _signed_server_log(run: Path) -> str:
     """Write the server's audit log of a run start (as a run does); return its code hash."""
-    from common.audit import code_hash
-    from common.federation import FederationConfig
-    from server.audit import ServerAudit
+    from fedcare.common.audit import code_hash
+    from fedcare.common.federation import FederationConfig
+    from fedcare.server.audit import ServerAudit
 
     cfg = FederationConfig()
     ServerAudit.open(run, cfg, run_id="default-0").run_start(
