@@ -6,6 +6,7 @@ other project using those names; these tests build the real wheel and read what 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -51,9 +52,13 @@ def test_the_folders_are_mapped_under_fedcare_and_nothing_else() -> None:
 @pytest.mark.slow
 def test_the_wheel_installs_only_fedcare(tmp_path: Path) -> None:
     """``pip install .`` puts one package in site-packages: fedcare (plus its metadata)."""
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns(".*", "build", "dist", "runs", "*.egg-info", "__pycache__")
+    shutil.copytree(ROOT, source, ignore=skip)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
-        + ["--wheel-dir", str(tmp_path), str(ROOT)],
+        + ["--wheel-dir", str(tmp_path), str(source)],
         check=True,
         capture_output=True,
     )
