@@ -18,7 +18,8 @@ minus the simulation's within the same repeat (same sites, same compute); the ta
 the medians over ``--repeats``. Goal (issue 11): <= 2 s per round.
 
 It also measures what an idle site costs: the CPU time of one site's processes (SuperNode,
-worker) over ``--idle`` seconds after the runs, as a share of one core.
+worker) over ``--idle`` seconds, starting ``BUSY_WINDOW_S`` (10 s) after the run ended (a site
+polls faster for that long after its last message), as a share of one core.
 
 Run from the repository root::
 
@@ -41,6 +42,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedcare.client.supernode import BUSY_WINDOW_S
 from fedcare.common.processes import family_pids
 from fedcare.simulations.runner import run_experiment
 from fedcare.simulations.scenario import Scenario
@@ -89,7 +91,9 @@ def _cpu_seconds(pids: set[int]) -> float:
 
 
 def _idle_share(dep: Deployment, seconds: float) -> float:
-    """CPU share of one core used by site 0's processes while nothing runs."""
+    """CPU share of one core used by site 0's processes while nothing runs (measured once
+    the site's fast polling after its last message, BUSY_WINDOW_S, is over)."""
+    time.sleep(BUSY_WINDOW_S)
     pids = family_pids(dep.processes["site-0"].proc.pid)
     before, start = _cpu_seconds(pids), time.perf_counter()
     time.sleep(seconds)
@@ -206,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Median overhead per round: **{over:+.2f} s** (federated evaluation every round; "
         f"ratio deployment/simulation {ratio:.2f}), **{over_e:+.2f} s** (evaluate-every = R).",
         "",
-        f"Idle site (SuperNode + worker, {args.idle:g} s after the run, median of repeats): "
+        f"Idle site (SuperNode + worker, {args.idle:g} s from {BUSY_WINDOW_S:g} s after the "
+        "run, median of repeats): "
         f"**{100 * statistics.median(idle_shares):.1f} % of one core**.",
         "",
     ]

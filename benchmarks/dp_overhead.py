@@ -7,7 +7,7 @@ times one local epoch (the same number of optimizer steps either way) of
   (:meth:`fedcare.models.tasks.TaskKind.make_loss`),
   :func:`fedcare.client.training.make_optimizer`, and
   :func:`fedcare.client.training.fit` -- what ``SiteTrainer.train_round`` runs with DP off;
-* **DP-SGD** through :func:`fedcare.client.privacy.make_private` (Poisson sampling at
+* **DP-SGD** through :func:`fedcare.client.dpsgd.make_private` (Poisson sampling at
   ``q = 1 / ceil(n / batch_size)``, so an epoch is the same number of steps), then the same
   :func:`fedcare.client.training.fit` -- once in the grad-sample mode fedcare picks (``"ghost"``
   where
@@ -58,8 +58,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedcare.client.data.datasets import ImageDataset, MultimodalDataset, TabularDataset
-from fedcare.client.local import resolve_grad_sample_mode
-from fedcare.client.privacy import DPPlan, make_private, sampling
+from fedcare.client.dpsgd import DPPlan, make_private, resolve_grad_sample_mode, sampling
 from fedcare.client.training import TrainConfig, fit, make_optimizer, resolve_device
 from fedcare.common.errors import ConfigError
 from fedcare.common.spec import MODALITIES
@@ -253,7 +252,7 @@ class Run:
 
 
 def resolve_mode(mode: str, model: str) -> str:
-    """``auto`` -> what fedcare picks (:func:`fedcare.client.local.resolve_grad_sample_mode`)."""
+    """``auto`` -> what fedcare picks (:func:`fedcare.client.dpsgd.resolve_grad_sample_mode`)."""
     return resolve_grad_sample_mode(mode, model)
 
 
@@ -268,8 +267,8 @@ def build_run(
 ) -> Run:
     """A fresh model, optimizer, loss and loader for ``mode`` (``"non-private"`` or a DP mode).
 
-    The DP path is :func:`fedcare.client.privacy.make_private` with a plan from
-    :func:`fedcare.client.privacy.sampling`, as ``SiteTrainer.train_round`` builds it.
+    The DP path is :func:`fedcare.client.dpsgd.make_private` with a plan from
+    :func:`fedcare.client.dpsgd.sampling`, as ``SiteTrainer.train_round`` builds it.
     """
     model = build_model(
         case.model, input_dims=case.input_dims, generator=torch.Generator().manual_seed(seed)

@@ -478,7 +478,8 @@ def run_method(
             )
             grid = InProcessGrid(cfg, n_sites=len(folders), run_id=flower_run_id)
             with _server_identity(flower_run_id):
-                record = run_federation(grid, cfg)  # type: ignore[arg-type]
+                # The record in its JSON form, as server_record.json holds it.
+                record = run_federation(grid, cfg).to_dict()  # type: ignore[arg-type]
             last = max(record["rounds"], key=lambda e: e["round"]) if record["rounds"] else {}
             server_global = _slim(last.get("metrics", {}))
             events = _event_counts(record["events"])

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcare.client.accounting import AccountantName
@@ -61,6 +62,7 @@ from fedcare.common.errors import (
 )
 from fedcare.common.federation import FederationConfig
 from fedcare.common.files import private_dir
+from fedcare.common.packed_arrays import pack_record, unpack_record
 from fedcare.common.run_signing import verify_run
 from fedcare.common.spec import FeatureSchema, describe_schema_difference, load_site_spec
 
@@ -246,6 +248,19 @@ def _request(cfg: FederationConfig, run_cfg: FederationConfig, msg: Message) -> 
     )
 
 
+def _received_state(msg: Message) -> dict[str, torch.Tensor]:
+    """The model the server sent, as tensors by name (packed on the wire:
+    :mod:`fedcare.common.packed_arrays`); a malformed or missing one is refused."""
+    record = msg.content.array_records.get(keys.REC_ARRAYS)
+    if record is None:
+        raise ConfigError(f"the server's message has no {keys.REC_ARRAYS!r} model arrays")
+    try:
+        arrays = unpack_record(record)
+    except ValueError as e:
+        raise ConfigError(f"the server's model arrays are malformed: {e}") from e
+    return {name: torch.from_numpy(value) for name, value in arrays.items()}
+
+
 def _check_schema(trainer: SiteTrainer, msg: Message) -> None:
     """Refuse a federation whose feature schema is not this site's, naming what differs
     when the server sent its schema (the schema holds no patient data)."""
@@ -419,7 +434,7 @@ def handle_train(msg: Message, context: Context, *, warm: WarmSites | None = Non
         audit = _open_audit(here, run_cfg, msg)
         _check_schema(trainer, msg)
         request = _request(cfg, run_cfg, msg)
-        state = msg.content.array_records[keys.REC_ARRAYS].to_torch_state_dict()
+        state = _received_state(msg)
         result = trainer.train_round(request, state)
         privacy = _privacy_numbers(result.epsilon, result.delta, result.run_epsilon)
         if result.mechanism is not None and privacy is None:
@@ -428,7 +443,7 @@ def handle_train(msg: Message, context: Context, *, warm: WarmSites | None = Non
                 "withheld (report this as a fedcare bug)"
             )
         evaluation = trainer.evaluation_mode(request.dp)
-        arrays = ArrayRecord(result.state)
+        arrays = pack_record(result.state)
         sent = record_sha256(arrays)
         head = audit.train(msg, result, sent_sha256=sent, accountant=cfg.accountant)
     except FedcareError as e:
@@ -491,7 +506,7 @@ def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = 
         audit = _open_audit(here, run_cfg, msg)
         _check_schema(trainer, msg)
         request = _request(cfg, run_cfg, msg)
-        state = msg.content.array_records[keys.REC_ARRAYS].to_torch_state_dict()
+        state = _received_state(msg)
         # A fine-tune (its own charge) is run and logged before the evaluation, so its charge
         # is in the audit log even if the evaluation is then refused or fails.
         tuned = trainer.personalize(request, state)

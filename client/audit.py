@@ -43,6 +43,9 @@ and ``run_epsilon`` (what this run has added).
     ``offset``, ``length``, ``sha256`` of an incomplete last line (a crash or a full disk in
     mid-write) that the next append cut.
 
+Every kind and its fields are declared in :mod:`fedcare.common.audit_kinds`
+(:data:`~fedcare.common.audit_kinds.SITE_ENTRIES`); each entry is checked against it.
+
 A ``train`` entry is written after training and before the update leaves: an update that
 cannot be logged is withheld (the round becomes a refusal, whose reason names the log, the
 cause and the fix); its ledger charge, written before training, stays.
@@ -60,6 +63,7 @@ from flwr.app import ArrayRecord, Message
 from fedcare.client.accounting import Mechanism
 from fedcare.client.data.site import SiteData
 from fedcare.client.local import EvaluationResult, PersonalizeResult, RoundResult, SiteTrainer
+from fedcare.common import audit_kinds as kinds
 from fedcare.common import keys
 from fedcare.common.audit import (
     AuditLog,
@@ -73,6 +77,8 @@ from fedcare.common.audit import (
     versions,
 )
 from fedcare.common.federation import FederationConfig
+from fedcare.common.packed_arrays import unpack_record
+from fedcare.common.run_files import SITE_AUDIT_KEY, SITE_AUDIT_LOG, SITE_STATE_DIR
 
 __all__ = [
     "AUDIT_LOG_NAME",
@@ -86,10 +92,10 @@ __all__ = [
     "record_sha256",
 ]
 
-AUDIT_LOG_NAME = "audit.jsonl"
+AUDIT_LOG_NAME = SITE_AUDIT_LOG
 #: The entry kinds that record a ledger charge (when they carry a mechanism, not replayed).
-CHARGED_ENTRY_KINDS = ("train", "evaluate", "personalize")
-AUDIT_KEY_NAME = "audit-key.pem"
+CHARGED_ENTRY_KINDS = kinds.SITE_CHARGED_KINDS
+AUDIT_KEY_NAME = SITE_AUDIT_KEY
 MAX_REASON = 1000
 
 
@@ -101,13 +107,19 @@ def site_state_dir(cfg: FederationConfig, site: SiteData) -> Path:
     """
     if cfg.state_root:
         return Path(cfg.state_root) / site.spec.site_id
-    return site.root / ".fedcare"
+    return site.root / SITE_STATE_DIR
 
 
 def record_sha256(arrays: ArrayRecord) -> str:
     """:func:`~fedcare.common.audit.hash_arrays` of a Flower ``ArrayRecord`` (as sent or
     received)."""
-    return hash_arrays({name: array.numpy() for name, array in arrays.items()})
+    try:
+        named = unpack_record(arrays)
+    except ValueError:
+        # A malformed packing is refused by the ClientApp (it names the problem); the audit
+        # entry of that refusal still records what arrived: the raw arrays' hash.
+        named = {name: array.numpy() for name, array in arrays.items()}
+    return hash_arrays(named)
 
 
 class SiteAudit:
@@ -150,6 +162,25 @@ class SiteAudit:
 
     # ------------------------------------------------------------------ entries
 
+    def _append(
+        self,
+        kind: str,
+        data: dict[str, Any],
+        *,
+        run_id: str | None,
+        once_per: tuple[str, ...] | None = None,
+    ) -> LogHead | None:
+        """Append one entry, checked against its declaration (``fedcare.common.audit_kinds``)."""
+        kinds.SITE_ENTRIES.check(kind, data)
+        return self.log.append(kind, data, run_id=run_id, once_per=once_per)
+
+    def _logged(self, kind: str, data: dict[str, Any], *, run_id: str | None) -> LogHead:
+        """:meth:`_append` of an entry that is always written; the log's new head."""
+        head = self._append(kind, data, run_id=run_id)
+        if head is None:  # AuditLog.append skips an entry only under ``once_per``
+            raise AssertionError(f"the audit log did not write a {kind!r} entry")
+        return head
+
     def start_run(self, msg: Message, *, run_config: Mapping[str, Any]) -> None:
         """Log ``run-start`` unless the log holds one for this run id, server key, config and
         dataset; checks the log's tail either way."""
@@ -162,7 +193,7 @@ class SiteAudit:
             "versions": versions(),
         }
         once = ("server_key", "config_sha256", "dataset_fingerprint")
-        self.log.append("run-start", data, run_id=run_id, once_per=once)
+        self._append(kinds.RUN_START, data, run_id=run_id, once_per=once)
 
     def train(
         self, msg: Message, result: RoundResult, *, sent_sha256: str, accountant: str
@@ -188,9 +219,7 @@ class SiteAudit:
             "server_head": server_head,
             "server_key": server_key,
         }
-        head = self.log.append("train", data, run_id=run_id)
-        assert head is not None
-        return head
+        return self._logged(kinds.TRAIN, data, run_id=run_id)
 
     def evaluate(
         self, msg: Message, result: EvaluationResult, *, delta: float, accountant: str
@@ -212,9 +241,7 @@ class SiteAudit:
             "server_head": server_head,
             "server_key": server_key,
         }
-        head = self.log.append("evaluate", data, run_id=run_id)
-        assert head is not None
-        return head
+        return self._logged(kinds.EVALUATE, data, run_id=run_id)
 
     def personalize(
         self, msg: Message, result: PersonalizeResult, *, delta: float, accountant: str
@@ -235,9 +262,7 @@ class SiteAudit:
             "server_head": server_head,
             "server_key": server_key,
         }
-        head = self.log.append("personalize", data, run_id=run_id)
-        assert head is not None
-        return head
+        return self._logged(kinds.PERSONALIZE, data, run_id=run_id)
 
     def refused(self, msg: Message, *, phase: str, code: int, reason: str) -> LogHead:
         """Log a refusal and its reason (cut to :data:`MAX_REASON` characters)."""
@@ -251,9 +276,7 @@ class SiteAudit:
             "server_head": server_head,
             "server_key": server_key,
         }
-        head = self.log.append("refused", data, run_id=run_id)
-        assert head is not None
-        return head
+        return self._logged(kinds.REFUSED, data, run_id=run_id)
 
 
 def open_site_audit(

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fedcare.client.data.validation import ValidationReport, validate_site
+from fedcare.client.data.data_checks import ValidationReport, validate_site
 from fedcare.common.errors import DataError
 from fedcare.common.spec import SPEC_FILENAME, schema_differences
 

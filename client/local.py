@@ -15,7 +15,7 @@ round goes:
    the run's ceiling, so a crash never under-counts and no run can take more than it was
    allowed; any failure after the charge marks the charge failed;
 5. DP-SGD (Opacus, Poisson sampling) trains the model with randomness from the site's own
-   OS entropy (:func:`fedcare.client.privacy.site_generators`);
+   OS entropy (:func:`fedcare.client.dpsgd.site_generators`);
 6. the released weights are stored at the site and the charge marked completed before they
    leave. A stored release is sent again only to the request that earned it: the same run,
    round, received model and run config (a coordinating server that crashed and resumed).
@@ -53,6 +53,14 @@ from torch import nn
 from fedcare.client.accounting import PRV_EPS_ERROR, Mechanism, calibrate_noise, epsilon
 from fedcare.client.data.datasets import TaskData, build_task_data
 from fedcare.client.data.site import SiteData
+from fedcare.client.dpsgd import (
+    DPConfig,
+    DPPlan,
+    make_private,
+    resolve_grad_sample_mode,
+    sampling,
+    site_generators,
+)
 from fedcare.client.ledger import ChargeReceipt, PrivacyLedger
 from fedcare.client.personal import (
     Personalization,
@@ -63,7 +71,6 @@ from fedcare.client.personal import (
     personalization,
 )
 from fedcare.client.policy import SitePolicy
-from fedcare.client.privacy import DPConfig, DPPlan, make_private, sampling, site_generators
 from fedcare.client.training import (
     ProximalTerm,
     StepHook,
@@ -85,7 +92,7 @@ from fedcare.common.errors import (
 )
 from fedcare.common.federation import FederationConfig
 from fedcare.common.files import write_private_atomic
-from fedcare.models import build_model, default_model_for, model_info
+from fedcare.models import build_model, default_model_for
 from fedcare.models.evaluation import release as evaluation_release
 from fedcare.models.metrics import split_metrics
 from fedcare.models.tasks import task_definition
@@ -96,7 +103,6 @@ __all__ = [
     "EvaluationResult",
     "PersonalizeResult",
     "SiteTrainer",
-    "resolve_grad_sample_mode",
     "settings_from_run",
     "keep_better_on_validation",
     "RUN_CEILING_TOLERANCE",
@@ -1239,17 +1245,3 @@ def _dp_fit(
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-
-
-def resolve_grad_sample_mode(requested: str, model_name: str) -> str:
-    """``auto``: ghost clipping where every layer has a ghost-norm sampler, else hooks.
-
-    Measured on this CPU at batch 256 (benchmarks/dp_overhead.py): ghost halves or better
-    the DP overhead of the MLPs (ehr 3.4x -> 2.0x, genomics g=2000 38x -> 2.1x), but for
-    models with convolutions Opacus 1.6 still materialises their per-sample gradients in
-    ghost mode and adds a second backward pass, so hooks are faster there (CNN 2.0x -> 1.6x,
-    fusion 2.1x -> 1.7x).
-    """
-    if requested != "auto":
-        return requested
-    return "ghost" if model_info(model_name).ghost_norm_only else "hooks"

@@ -24,7 +24,6 @@ Every field is documented in ``deploy/site-config.example.toml``::
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import re
@@ -33,7 +32,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -48,14 +47,18 @@ from pydantic import (
 from fedcare.client.policy import SitePolicy
 from fedcare.common.audit import AuditLogError, load_public_key_file
 from fedcare.common.certs import describe_certificate, load_node_private_key
-from fedcare.common.errors import ConfigError
+from fedcare.common.errors import ConfigError, format_validation_error
+from fedcare.common.run_files import LEDGER_NAME
 from fedcare.common.spec import SPEC_FILENAME
 from fedcare.common.tomlcompat import tomllib
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 __all__ = [
     "SITE_CONFIG_FILENAME",
     "EXAMPLE_PATH",
-    "Problem",
+    "SiteConfigProblem",
     "PrivacySection",
     "PolicySection",
     "SuperLinkSection",
@@ -73,7 +76,7 @@ _NAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
 @dataclass(frozen=True)
-class Problem:
+class SiteConfigProblem:
     """One thing wrong with a site's configuration, found by :meth:`SiteConfig.check_files`.
 
     Attributes
@@ -302,7 +305,7 @@ class SiteConfig(_Section):
 
     def ledger_path(self) -> Path:
         """The privacy ledger: ``ledger`` if set, else ``<state_dir>/ledger.sqlite``."""
-        return self.ledger if self.ledger is not None else self.state_dir / "ledger.sqlite"
+        return self.ledger if self.ledger is not None else self.state_dir / LEDGER_NAME
 
     def policy(self) -> SitePolicy:
         """The :class:`SitePolicy` this site enforces (``[privacy]`` + ``[policy]``)."""
@@ -330,7 +333,7 @@ class SiteConfig(_Section):
     # Files on disk (not checked at parse time: the file may be validated elsewhere)
     # ----------------------------------------------------------------------------------
 
-    def check_files(self) -> list[Problem]:
+    def check_files(self) -> list[SiteConfigProblem]:
         """Check every file and folder the config names; return every problem found.
 
         The data folder must hold a ``site.toml``; the state folder (and the ledger's) must
@@ -339,10 +342,10 @@ class SiteConfig(_Section):
         OpenSSH EC key on a NIST curve. The data's contents are not checked here
         (``fedcare data check`` / ``fedcare site check`` do that).
         """
-        problems: list[Problem] = []
+        problems: list[SiteConfigProblem] = []
         if not self.data.is_dir():
             problems.append(
-                Problem(
+                SiteConfigProblem(
                     "error",
                     "data",
                     f"{self.data} is not a folder",
@@ -351,7 +354,7 @@ class SiteConfig(_Section):
             )
         elif not (self.data / SPEC_FILENAME).is_file():
             problems.append(
-                Problem(
+                SiteConfigProblem(
                     "error",
                     "data",
                     f"{self.data} holds no {SPEC_FILENAME}",
@@ -365,7 +368,7 @@ class SiteConfig(_Section):
         if self.ledger is not None:
             if self.ledger.is_dir():
                 problems.append(
-                    Problem(
+                    SiteConfigProblem(
                         "error",
                         "ledger",
                         f"{self.ledger} is a folder",
@@ -401,30 +404,30 @@ class SiteConfig(_Section):
                 "run-signing.pub there"
             ) from e
 
-    def _check_run_key(self) -> list[Problem]:
+    def _check_run_key(self) -> list[SiteConfigProblem]:
         try:
             self.run_public_key()
         except ConfigError as e:
             fix = "copy the centre's run-signing.pub (from `fedcare certs init`) and set it"
-            return [Problem("error", "superlink.run_signing_key", str(e), fix)]
+            return [SiteConfigProblem("error", "superlink.run_signing_key", str(e), fix)]
         return []
 
-    def _check_ca(self) -> list[Problem]:
+    def _check_ca(self) -> list[SiteConfigProblem]:
         path = self.superlink.root_certificates
         if path is None:
             return []
         field = "superlink.root_certificates"
         fix = "copy the ca.crt the coordinating centre made with `fedcare certs init`"
         if not path.is_file():
-            return [Problem("error", field, f"{path} does not exist", fix)]
+            return [SiteConfigProblem("error", field, f"{path} does not exist", fix)]
         try:
             info = describe_certificate(path)
         except ConfigError as e:
-            return [Problem("error", field, str(e), fix)]
+            return [SiteConfigProblem("error", field, str(e), fix)]
         problems = []
         if not info.is_ca:
             problems.append(
-                Problem(
+                SiteConfigProblem(
                     "warning",
                     field,
                     f"{path} is not a CA certificate ({info.subject})",
@@ -433,7 +436,7 @@ class SiteConfig(_Section):
             )
         if info.expired():
             problems.append(
-                Problem(
+                SiteConfigProblem(
                     "error",
                     field,
                     f"{path} is valid only from {info.not_before:%Y-%m-%d} to "
@@ -444,14 +447,14 @@ class SiteConfig(_Section):
             )
         return problems
 
-    def _check_key(self) -> list[Problem]:
+    def _check_key(self) -> list[SiteConfigProblem]:
         path = self.superlink.auth_private_key
         if path is None:
             return []
         field = "superlink.auth_private_key"
         if not path.is_file():
             return [
-                Problem(
+                SiteConfigProblem(
                     "error",
                     field,
                     f"{path} does not exist",
@@ -463,7 +466,7 @@ class SiteConfig(_Section):
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
             problems.append(
-                Problem(
+                SiteConfigProblem(
                     "error",
                     field,
                     f"{path} has mode {mode:04o}: other users of this machine can read it",
@@ -474,12 +477,12 @@ class SiteConfig(_Section):
             load_node_private_key(path)
         except ConfigError as e:
             problems.append(
-                Problem("error", field, str(e), "use the key `fedcare site keygen` wrote")
+                SiteConfigProblem("error", field, str(e), "use the key `fedcare site keygen` wrote")
             )
         return problems
 
 
-def _simulation_table(spec_path: Path) -> list[Problem]:
+def _simulation_table(spec_path: Path) -> list[SiteConfigProblem]:
     """A deployed site's ``site.toml`` must not carry the simulation-only ``[simulation]``
     opt-ins (reproducible DP noise, exact evaluation): the ClientApp refuses every round."""
     try:
@@ -489,7 +492,7 @@ def _simulation_table(spec_path: Path) -> list[Problem]:
     if "simulation" not in raw:
         return []
     return [
-        Problem(
+        SiteConfigProblem(
             "error",
             "data",
             f"{spec_path} has a [simulation] table (reproducible noise or exact evaluation), "
@@ -500,17 +503,17 @@ def _simulation_table(spec_path: Path) -> list[Problem]:
     ]
 
 
-def _writable_folder(folder: Path, field: str) -> list[Problem]:
+def _writable_folder(folder: Path, field: str) -> list[SiteConfigProblem]:
     """A folder this process can create files in, or can create (its nearest parent is)."""
     if folder.exists():
         if not folder.is_dir():
-            return [Problem("error", field, f"{folder} is a file", "set a folder path")]
+            return [SiteConfigProblem("error", field, f"{folder} is a file", "set a folder path")]
         try:
             with tempfile.TemporaryFile(dir=folder):
                 pass
         except OSError as e:
             return [
-                Problem(
+                SiteConfigProblem(
                     "error",
                     field,
                     f"cannot write in {folder} ({e.strerror})",
@@ -523,7 +526,7 @@ def _writable_folder(folder: Path, field: str) -> list[Problem]:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         return [
-            Problem(
+            SiteConfigProblem(
                 "error",
                 field,
                 f"{folder} does not exist and cannot be created ({parent} is not writable)",
@@ -531,7 +534,7 @@ def _writable_folder(folder: Path, field: str) -> list[Problem]:
             )
         ]
     return [
-        Problem(
+        SiteConfigProblem(
             "warning",
             field,
             f"{folder} does not exist yet",
@@ -560,25 +563,11 @@ def _known_keys(loc: Sequence[int | str]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def _format_errors(path: Path, err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            known = _known_keys(loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-            msg = f"unknown key; remove it or fix its spelling ({hint})"
-        elif e["type"] == "missing":
-            msg = f"missing; add it (every field is described in {EXAMPLE_PATH})"
-        elif e["type"] == "string_pattern_mismatch" and loc == ("site_id",):
-            msg = f"{e['input']!r} is not a site id; use letters, digits, '_', '.' and '-' only"
-        elif e["type"] != "value_error" and not isinstance(e["input"], dict):
-            msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"{path}: field {dotted}: {msg}")
-    return "\n".join(lines)
+def _site_id_problem(error: ErrorDetails) -> str | None:
+    """The wording of a site id that is not one (pydantic would quote its pattern)."""
+    if error["type"] == "string_pattern_mismatch" and tuple(error["loc"]) == ("site_id",):
+        return f"{error['input']!r} is not a site id; use letters, digits, '_', '.' and '-' only"
+    return None
 
 
 def load_site_config(path: str | Path) -> SiteConfig:
@@ -615,4 +604,11 @@ def load_site_config(path: str | Path) -> SiteConfig:
     try:
         return SiteConfig.model_validate(raw, context={_BASE_DIR: path.resolve().parent})
     except ValidationError as e:
-        raise ConfigError(_format_errors(path, e)) from e
+        message = format_validation_error(
+            str(path),
+            e,
+            known_keys=_known_keys,
+            reference=EXAMPLE_PATH,
+            explain=_site_id_problem,
+        )
+        raise ConfigError(message) from e

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedcare.client import recipe
+from fedcare.client.dpsgd import finite_per_sample_grads
 from fedcare.common.errors import ConfigError
 
 __all__ = [
@@ -170,7 +171,7 @@ def fit(
             logits = model(*inputs)
             loss = criterion(logits, y)
             loss.backward()
-            _finite_per_sample_grads(model)
+            finite_per_sample_grads(model)
             if clip_norm is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             optimizer.step()
@@ -182,23 +183,6 @@ def fit(
             samples += n
             steps += 1
     return TrainStats(steps=steps, samples=samples, mean_loss=loss_sum / max(samples, 1))
-
-
-@torch.no_grad()
-def _finite_per_sample_grads(model: nn.Module) -> None:
-    """Zero the non-finite entries of Opacus's per-sample gradients, in place.
-
-    Weights crafted to overflow on one patient would otherwise turn that patient's gradient
-    into NaN, and through clipping the whole step: a failure that tells the sender which
-    patients exist. Each per-sample gradient depends on its own patient only, so sanitising
-    it before clipping keeps DP-SGD's sensitivity bound. (Ghost clipping keeps no
-    per-sample gradients; there a non-finite step still fails the round, which spends the
-    round's charge: see ``fedcare.client.ledger``.)
-    """
-    for param in model.parameters():
-        grad_sample = getattr(param, "grad_sample", None)
-        if isinstance(grad_sample, torch.Tensor):
-            torch.nan_to_num_(grad_sample, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @torch.no_grad()

@@ -43,12 +43,13 @@ from fedcare.client.data.datasets import TaskData
 from fedcare.client.data.loaders import load_site
 from fedcare.client.data.site import SiteData
 from fedcare.client.site_config import SiteConfig
+from fedcare.common.run_files import SITE_STATE_DIR
 
 __all__ = ["WarmSites", "data_signature", "site_nbytes"]
 
 #: Folders under a data folder that hold state, not data (a simulated site keeps its ledger
 #: in ``.fedcare/``); writes there do not make the data cold.
-_STATE_FOLDERS = frozenset({".fedcare"})
+_STATE_FOLDERS = frozenset({SITE_STATE_DIR})
 
 #: Default bounds of one process's cache (see the module docstring).
 DEFAULT_MAX_SITES = 128

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -57,6 +58,7 @@ from flwr.supernode.runtime.run_clientapp import (
 from fedcare.client.app import handle_evaluate, handle_train, refuse
 from fedcare.client.deploy import secret_path
 from fedcare.client.site_config import load_site_config
+from fedcare.client.supernode import BUSY_WINDOW_S
 from fedcare.client.warm import WarmSites
 from fedcare.common import keys
 from fedcare.common.audit import running_code_hash, versions
@@ -68,6 +70,9 @@ __all__ = ["SiteWorker", "main"]
 
 log = logging.getLogger(__name__)
 
+
+#: The poll of the SuperNode (loopback) while a run is on; see :meth:`SiteWorker.serve`.
+BUSY_POLL_S = 0.05
 
 #: How much of a message type (chosen by the centre) goes into a refusal and the audit log.
 _MAX_PHASE = 40
@@ -250,11 +255,22 @@ class SiteWorker:
             log.warning("answered with a refusal: %s", reply.error.reason)
         return reply, SubStatus.COMPLETED, ""
 
-    def serve(self, *, poll_s: float, stop: Callable[[], bool] = lambda: False) -> None:
-        """Poll every ``poll_s`` seconds until ``stop()`` (or SIGTERM in :func:`main`)."""
+    def serve(
+        self,
+        *,
+        poll_s: float,
+        busy_poll_s: float = BUSY_POLL_S,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Poll every ``poll_s`` seconds until ``stop()`` (or SIGTERM in :func:`main`); every
+        ``busy_poll_s`` for :data:`~fedcare.client.supernode.BUSY_WINDOW_S` after a task,
+        when the run's next message is seconds away (the SuperNode is on loopback)."""
+        busy_until = -math.inf
         while not stop():
-            if not self.poll():
-                time.sleep(poll_s)
+            if self.poll():
+                busy_until = time.monotonic() + BUSY_WINDOW_S
+                continue
+            time.sleep(min(busy_poll_s, poll_s) if time.monotonic() < busy_until else poll_s)
 
 
 def _orphaned(parent: int) -> Callable[[], bool]:

@@ -74,6 +74,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from fedcare.common.audit_kinds import LOG_OPEN, RECOVERY
 from fedcare.common.errors import FedcareError
 from fedcare.common.files import fsync_dir, open_private, private_dir
 
@@ -108,8 +109,6 @@ __all__ = [
 
 AUDIT_FORMAT = "fedcare-audit-v1"
 GENESIS = "0" * 64
-LOG_OPEN = "log-open"
-RECOVERY = "recovery"
 ENTRY_FIELDS = frozenset({"seq", "time", "kind", "writer", "run_id", "data", "prev", "sig"})
 CODE_PACKAGES = ("fedcare.common", "fedcare.models", "fedcare.client", "fedcare.server")
 """The packages whose sources :func:`code_hash` covers (the code that runs in a round)."""

@@ -26,9 +26,7 @@ import base64
 import datetime as dt
 import hashlib
 import ipaddress
-import os
 import re
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcare.common.errors import ConfigError
-from fedcare.common.files import PRIVATE_FILE_MODE, private_dir
+from fedcare.common.files import PRIVATE_FILE_MODE, private_dir, write_atomic_files
 
 __all__ = [
     "CA_CERT",
@@ -228,36 +226,19 @@ def _check_targets(paths: Sequence[Path], *, force: bool) -> None:
 
 
 def _write_all(files: Sequence[tuple[Path, bytes, int]]) -> None:
-    """Write every ``(path, data, mode)`` to a temporary name, then rename all into place.
+    """Write every ``(path, data, mode)``, all or none
+    (:func:`fedcare.common.files.write_atomic_files`).
 
-    The mode is given to ``os.open`` at creation, so a private key is never readable by
-    others; if any write fails, every temporary file is removed and no target is touched.
+    A private key is created 0600 and never readable by others; if any write fails, no
+    target is touched and nothing is left behind.
     """
-    temps: list[tuple[Path, Path]] = []
     try:
-        for path, data, mode in files:
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            except OSError as e:
-                raise ConfigError(
-                    f"cannot write {path} ({e.strerror}); choose a folder you can write"
-                ) from e
-            temps.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                if mode != _PRIVATE_MODE:
-                    # Public files: exactly 0644 whatever the umask (a private file keeps
-                    # the mode it was created with, which the umask can only narrow).
-                    os.fchmod(f.fileno(), mode)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in temps:
-            os.replace(tmp, path)
-        temps = []
-    finally:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)
+        write_atomic_files(files)
+    except PermissionError as e:
+        folder = files[0][0].parent if files else Path(".")
+        raise ConfigError(
+            f"cannot write into {folder} ({e.strerror}); choose a folder you can write"
+        ) from e
 
 
 def _make_folder(out: Path) -> None:

@@ -10,12 +10,16 @@ umask of 022 (a login shell's) gives the same modes as systemd's ``UMask=0077``.
   owns is tightened, unless ``tighten=False``).
 * :func:`open_private`: ``os.open`` with ``O_CREAT`` and mode 0600; an existing file this
   process owns loses its group and other bits.
-* :func:`atomic_private` / :func:`write_private_atomic`: a 0600 file written under a
-  temporary name in the same folder (created 0700 if missing), flushed to disk, then renamed
-  into place: a reader sees the old file or the new one, never half of one.
+* :func:`atomic_file` / :func:`atomic_private` / :func:`write_private_atomic`: a file
+  written under a temporary name in the same folder (created 0700 if missing), fsynced, then
+  renamed into place and its folder fsynced: a reader sees the old file or the new one,
+  never half of one, and a failure removes the temporary file and leaves the old one.
+* :func:`write_atomic_files`: the same for several files at once, all or none: every one is
+  written and fsynced under its temporary name before any is renamed.
 
-Public material (``ca.crt``, ``*.pub``) is not written here: :mod:`fedcare.common.certs` writes it
-0644 on purpose.
+These are fedcare's one way to replace a file. A file is private (0600) unless a caller
+names another mode: public material (``ca.crt``, ``*.pub``) is written 0644 on purpose by
+:mod:`fedcare.common.certs`. The mode is exact, whatever the umask.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import contextlib
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,8 +37,10 @@ __all__ = [
     "PRIVATE_FILE_MODE",
     "private_dir",
     "open_private",
+    "atomic_file",
     "atomic_private",
     "write_private_atomic",
+    "write_atomic_files",
     "fsync_dir",
 ]
 
@@ -120,28 +126,44 @@ def open_private(path: Path | str, flags: int) -> int:
     return fd
 
 
+def _temporary(path: Path, mode: int) -> tuple[Path, int]:
+    """A new ``.<name>.<random>.tmp`` beside ``path``, open for writing, mode exactly
+    ``mode``; its name and file descriptor."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    # Created no wider than 0600, then set exactly: the umask may have narrowed it (even the
+    # owner's bits), and a public file's wider bits are added only once it is ours.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode & PRIVATE_FILE_MODE)
+    try:
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, fd
+
+
 @contextlib.contextmanager
-def atomic_private(path: Path | str) -> Iterator[BinaryIO]:
-    """A binary file to write ``path`` through: mode 0600, renamed into place on success.
+def atomic_file(path: Path | str, *, mode: int = PRIVATE_FILE_MODE) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through, renamed into place on success.
 
     The file is ``.<name>.<random>.tmp`` in the same folder (created with mode 0700 if
-    missing; an existing folder keeps its mode); when the block ends without an exception it
-    is flushed, fsynced and renamed over ``path``, and the folder is fsynced; otherwise it is
-    removed and ``path`` is left as it was.
+    missing; an existing folder keeps its mode), created with mode ``mode`` (default 0600);
+    when the block ends without an exception it is flushed, fsynced and renamed over
+    ``path``, and the folder is fsynced; otherwise it is removed and ``path`` is left as it
+    was.
 
     Examples
     --------
     >>> import tempfile
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     with atomic_private(Path(tmp) / "checkpoint.pt") as f:
-    ...         _ = f.write(b"weights")
-    ...     (Path(tmp) / "checkpoint.pt").read_bytes()
-    b'weights'
+    ...     with atomic_file(Path(tmp) / "ca.crt", mode=0o644) as f:
+    ...         _ = f.write(b"certificate")
+    ...     oct((Path(tmp) / "ca.crt").stat().st_mode & 0o777)
+    '0o644'
     """
     path = Path(path)
     private_dir(path.parent, tighten=False)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    tmp, fd = _temporary(path, mode)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -152,6 +174,63 @@ def atomic_private(path: Path | str) -> Iterator[BinaryIO]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)  # the new name survives a power cut too
+
+
+@contextlib.contextmanager
+def atomic_private(path: Path | str) -> Iterator[BinaryIO]:
+    """:func:`atomic_file` with mode 0600.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     with atomic_private(Path(tmp) / "checkpoint.pt") as f:
+    ...         _ = f.write(b"weights")
+    ...     (Path(tmp) / "checkpoint.pt").read_bytes()
+    b'weights'
+    """
+    with atomic_file(path, mode=PRIVATE_FILE_MODE) as f:
+        yield f
+
+
+def write_atomic_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
+    """Write every ``(path, data, mode)``, all or none.
+
+    Each file is written to a temporary name beside its path (mode exactly ``mode``) and
+    fsynced; only then are all renamed into place, and their folders fsynced. If any write
+    fails, every temporary file is removed and no path is touched. The folders must exist.
+
+    Raises
+    ------
+    OSError
+        A file could not be written (its ``filename`` is the temporary file's).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     folder = Path(tmp)
+    ...     write_atomic_files([(folder / "a.key", b"k", 0o600), (folder / "a.pub", b"p", 0o644)])
+    ...     sorted(oct(p.stat().st_mode & 0o777) for p in Path(tmp).iterdir())
+    ['0o600', '0o644']
+    """
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, data, mode in files:
+            tmp, fd = _temporary(Path(path), mode)
+            temps.append((tmp, Path(path)))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
+        renamed, temps = temps, []
+    finally:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+    for folder in dict.fromkeys(path.parent for _, path in renamed):
+        fsync_dir(folder)
 
 
 def fsync_dir(folder: Path | str) -> None:

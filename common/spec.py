@@ -47,7 +47,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedcare.common.errors import ConfigError
+from fedcare.common.errors import ConfigError, format_validation_error
 from fedcare.common.tomlcompat import tomllib
 
 __all__ = [
@@ -354,18 +354,6 @@ class SiteSpec(_Frozen):
             if label.name == name:
                 return label
         raise ConfigError(f"site {self.site_id!r} defines no label {name!r}")
-
-
-def format_validation_error(source: str, err: ValidationError) -> str:
-    """One readable message per pydantic error: ``source: field a.b: reason``."""
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling"
-        lines.append(f"{source}: field {loc}: {msg}")
-    return "\n".join(lines)
 
 
 def load_site_spec(path: str | Path) -> SiteSpec:

@@ -43,14 +43,18 @@ True
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, Literal, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from fedcare.common.errors import ConfigError
+from fedcare.common.errors import ConfigError, format_validation_error
 from fedcare.common.files import write_private_atomic
-from fedcare.common.spec import format_validation_error
+from fedcare.common.run_files import RECORD_NAME, SUMMARY_NAME
+
+if TYPE_CHECKING:  # run_record builds on this module's types: imported for annotations only
+    from fedcare.common.run_record import RunRecord
 
 __all__ = [
     "RECORD_NAME",
@@ -80,12 +84,6 @@ __all__ = [
 ]
 
 #: The version of the schema this module writes (and reads).
-RECORD_NAME = "server_record.json"
-"""The ServerApp's full run record in a run folder (what the summary is built from)."""
-
-SUMMARY_NAME = "summary.json"
-"""The run summary in a run folder (this module's schema)."""
-
 SCHEMA_VERSION: Final = 3
 #: Older versions :func:`load_summary` still reads: version 1 lacks ``privacy.run_epsilon``,
 #: ``privacy.noise`` and ``privacy.evaluation``, which read as null (not recorded); versions
@@ -320,6 +318,64 @@ class RunSummary(_Strict):
                 f"global.rounds has round(s) {beyond} beyond rounds_planned={self.rounds_planned}"
             )
         return self
+
+    @classmethod
+    def from_record(
+        cls,
+        record: RunRecord,
+        *,
+        fedcare_version: str,
+        flwr_version: str,
+        baselines: Mapping[str, Any] | None = None,
+    ) -> RunSummary:
+        """The summary of the run ``record`` describes (``server_record.json``).
+
+        Sites are listed by site id, rounds in order; a site's mechanisms keep the round
+        order and drop their round number; the final metrics are the last round's.
+
+        Parameters
+        ----------
+        record:
+            The server's run record.
+        fedcare_version, flwr_version:
+            The versions that ran the federation.
+        baselines:
+            ``{"local_only": {site_id: metrics}, "pooled": metrics}``; default: empty.
+
+        Raises
+        ------
+        pydantic.ValidationError
+            The record does not make a valid summary (say, a site not completed without a
+            reason).
+        """
+        rounds = sorted(record.rounds, key=lambda e: e.round)
+        sites = []
+        for site_id in sorted(record.sites):
+            site = record.sites[site_id].model_dump(mode="json")
+            mechanisms = sorted(site["privacy"]["mechanisms"], key=lambda m: m["round"])
+            site["privacy"]["mechanisms"] = [
+                {k: m[k] for k in Mechanism.model_fields} for m in mechanisms
+            ]
+            sites.append(site)
+        return cls.model_validate(
+            {
+                "run_id": record.run_id,
+                "fedcare_version": fedcare_version,
+                "flwr_version": flwr_version,
+                "task": record.task,
+                "strategy": record.strategy,
+                "personalization": record.personalization,
+                "rounds_planned": record.rounds_planned,
+                "rounds_completed": record.rounds_completed,
+                "sites": sites,
+                "global": {
+                    "rounds": [{"round": e.round, "metrics": e.metrics} for e in rounds],
+                    "final": rounds[-1].metrics if rounds else {},
+                },
+                "baselines": dict(baselines) if baselines else {"local_only": {}, "pooled": {}},
+                "events": [e.model_dump(mode="json") for e in record.events],
+            }
+        )
 
     def to_json(self) -> str:
         """The summary as indented JSON, keyed by alias (``global``)."""

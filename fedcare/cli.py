@@ -63,7 +63,7 @@ COMMANDS: tuple[tuple[str | None, str, str], ...] = (
     ("site", "keygen", "fedcare.client.site_cli:site_keygen"),
     ("site", "check", "fedcare.client.site_cli:site_check"),
     ("site", "start", "fedcare.client.deploy_cli:site_start"),
-    ("audit", "verify", "fedcare.simulations.audit.verify:audit_verify"),
+    ("audit", "verify", "fedcare.simulations.audit.verify_cli:audit_verify"),
     ("audit", "attack", "fedcare.simulations.audit.attack_cli:audit_attack"),
     ("audit", "report", "fedcare.simulations.audit.report_cli:audit_report"),
 )

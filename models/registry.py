@@ -35,7 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from fedcare.common.errors import ConfigError
+from fedcare.common.errors import ConfigError, format_validation_error
 from fedcare.common.spec import MODALITIES
 
 __all__ = [
@@ -206,14 +206,12 @@ class ModelRegistry:
             config = entry.info.config_cls(**hparams)
         except ValidationError as e:
             fields = ", ".join(entry.info.config_cls.model_fields)
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-                for err in e.errors()
+            problems = format_validation_error(
+                f"hyper-parameters of model {name!r}",
+                e,
+                known_keys=lambda _: list(entry.info.config_cls.model_fields),
             )
-            raise ConfigError(
-                f"invalid hyper-parameters for model {name!r}: {problems}. "
-                f"Its hyper-parameters are: {fields}"
-            ) from e
+            raise ConfigError(f"{problems} (model {name!r} takes: {fields})") from e
         # Build without storage (no draw from the global RNG), then draw every initial
         # weight from the injected generator.
         with torch.device("meta"):

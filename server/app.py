@@ -19,32 +19,33 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedcare.common.audit import hash_arrays
 from fedcare.common.encoding import input_dims
 from fedcare.common.errors import ConfigError
 from fedcare.common.federation import FederationConfig
-from fedcare.common.files import atomic_private, private_dir, write_private_atomic
+from fedcare.common.files import atomic_private, private_dir
+from fedcare.common.packed_arrays import pack_record, unpack_record
+from fedcare.common.run_files import FINAL_MODEL_NAME, RECORD_NAME, SUMMARY_NAME
+from fedcare.common.run_record import OptimizerReset, RunRecord, write_run_record
 from fedcare.common.spec import SiteSpec, load_site_spec
-from fedcare.common.summary import RECORD_NAME, SUMMARY_NAME, write_summary
+from fedcare.common.summary import write_summary
 from fedcare.models import build_model, default_model_for
 from fedcare.models.tasks import task_definition
-from fedcare.server.audit import ServerAudit, record_sha256
+from fedcare.server.audit import ServerAudit
 from fedcare.server.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fedcare.server.grid import prompt
-from fedcare.server.guard import GuardedStrategy, new_record
+from fedcare.server.guard import GuardedStrategy
 from fedcare.server.strategies import build_strategy, restore_optimizer_state
 from fedcare.server.summary import build_summary
 
 __all__ = ["app", "run_federation", "federation_spec", "RECORD_NAME", "FINAL_MODEL_NAME"]
 
 log = logging.getLogger(__name__)
-
-FINAL_MODEL_NAME = "final_model.pt"
 
 
 def federation_spec(cfg: FederationConfig) -> SiteSpec:
@@ -85,36 +86,39 @@ def _wait_for_sites(grid: Grid, cfg: FederationConfig) -> int:
         time.sleep(0.5)
 
 
-def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
+#: The run's facts a resume takes from its own start (the rest comes from the checkpoint).
+_RUN_FACTS = {"run_id", "task", "model", "strategy", "personalization", "rounds_planned", "config"}
+
+
+def run_federation(grid: Grid, cfg: FederationConfig) -> RunRecord:
     """Run (or resume) the federation described by ``cfg``; returns the run record."""
-    grid = prompt(grid)  # replies collected every 0.25 s, not Flower's deployment 3 s
+    grid = prompt(grid)  # replies collected every 0.1 s, not Flower's deployment 3 s
     run_id = cfg.run_id or uuid.uuid4().hex[:12]
     run_dir = Path(cfg.run_dir or f"runs/{run_id}").resolve()
     private_dir(run_dir, tighten=False)  # a folder the operator may have named: not re-moded
     spec = federation_spec(cfg)
     model_name, state = initial_state(cfg, spec)
     model_arrays = {k: v.numpy() for k, v in state.items()}  # what the run's sites train
-    record = new_record()
+    record = RunRecord.start(
+        run_id=run_id,
+        task=cfg.task,
+        model=model_name,
+        strategy=cfg.strategy,
+        personalization=cfg.personalization,
+        rounds_planned=cfg.num_server_rounds,
+        config=cfg.to_run_config(),
+    )
     offset = 0
     checkpoint = load_checkpoint(run_dir)
     if checkpoint is not None and checkpoint.run_id == run_id:
-        offset, record = checkpoint.round, checkpoint.record
+        offset = checkpoint.round
+        saved = RunRecord.from_dict(checkpoint.record, source=str(run_dir / CHECKPOINT_NAME))
+        facts = record.model_dump(include=_RUN_FACTS)  # this start's, as a fresh run's
+        record = saved.model_copy(update={**facts, "resumed_from": offset})
         state = {k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()}
         log.warning("resuming run %s after round %d", run_id, offset)
-    record.update(
-        {
-            "run_id": run_id,
-            "task": cfg.task,
-            "model": model_name,
-            "strategy": cfg.strategy,
-            "personalization": cfg.personalization,
-            "rounds_planned": cfg.num_server_rounds,
-            "config": cfg.to_run_config(),
-            "resumed_from": offset if offset else record.get("resumed_from"),
-        }
-    )
     audit = ServerAudit.open(run_dir, cfg, run_id=run_id)
-    start_sha256 = record_sha256(ArrayRecord(state))
+    start_sha256 = hash_arrays(state)
     if offset:
         audit.run_resume(cfg, model=model_name, model_sha256=start_sha256, after_round=offset)
     else:
@@ -129,7 +133,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
             )
             if note is not None:
                 log.warning("resuming run %s: %s", run_id, note)
-                record["optimizer_reset"] = {"after_round": offset, "reason": note}
+                record.optimizer_reset = OptimizerReset(after_round=offset, reason=note)
         guard = GuardedStrategy(
             strategy,
             cfg=cfg,
@@ -142,10 +146,10 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
             audit=audit,
         )
         if offset == 0:
-            guard.evaluate_initial(grid, ArrayRecord(state))
+            guard.evaluate_initial(grid, pack_record(state))
         result = guard.start(
             grid=grid,
-            initial_arrays=ArrayRecord(state),
+            initial_arrays=pack_record(state),
             num_rounds=remaining,
             timeout=cfg.round_timeout,
             train_config=ConfigRecord({}),
@@ -153,20 +157,17 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> dict[str, Any]:
             evaluate_fn=guard.after_round,
         )
         if len(result.arrays) > 0:
-            state = result.arrays.to_torch_state_dict()
-    record["rounds_completed"] = max((e["round"] for e in record["rounds"]), default=0)
-    record["rounds"] = sorted(record["rounds"], key=lambda e: e["round"])
+            state = {k: torch.from_numpy(v) for k, v in unpack_record(result.arrays).items()}
+    record.finish()
     audit.run_end(
-        rounds_completed=record["rounds_completed"],
-        model_sha256=record_sha256(ArrayRecord(state)),
+        rounds_completed=record.rounds_completed,
+        model_sha256=hash_arrays(state),
     )
     with atomic_private(run_dir / FINAL_MODEL_NAME) as out:
         torch.save({"model": model_name, "task": cfg.task, "state_dict": state}, out)
     # These two stay the last writes: once both exist, a simulation's runner ends the run's
     # processes at once (fedcare.simulations.runner, SuperLinkHandle.end_run).
-    write_private_atomic(
-        run_dir / RECORD_NAME, json.dumps(record, indent=2, sort_keys=True).encode("utf-8")
-    )
+    write_run_record(run_dir / RECORD_NAME, record)
     write_summary(build_summary(record), run_dir / SUMMARY_NAME)
     return record
 

@@ -20,7 +20,7 @@ Entries (round numbers are the run's absolute rounds; every entry carries the ru
     null when the arrays were unreadable), ``num_examples``, ``site`` (what the site
     reported: ``dp``, ``epsilon``, ``delta``, ``accountant``, ``noise_multiplier``,
     ``sample_rate``, ``steps``, ``replayed``, ``key_fingerprint``, ``audit_head``).
-``refused`` / ``dropped`` / ``round-skipped`` / ``evaluate-failed``
+``refused`` / ``failed`` / ``diverged`` / ``dropped`` / ``round-skipped`` / ``evaluate-failed``
     ``round``, ``site_id`` (``"*"`` for the whole round), ``reason``.
 ``aggregate``
     ``round``, ``model_sha256`` (the new global model; the old one when the round was
@@ -30,6 +30,9 @@ Entries (round numbers are the run's absolute rounds; every entry carries the ru
 ``recovery`` (written by :mod:`fedcare.common.audit` itself, run id null)
     ``offset``, ``length``, ``sha256``: an incomplete last line (a crash or a full disk in
     mid-write) that the next append cut; so a resumed run appends to a log that verifies.
+
+Every kind and its fields are declared in :mod:`fedcare.common.audit_kinds`
+(:data:`~fedcare.common.audit_kinds.SERVER_ENTRIES`); each entry is checked against it.
 
 A write that fails (a full disk) leaves the log at its last whole entry and stops the run
 with an :class:`~fedcare.common.audit.AuditLogError` naming the file and the fix.
@@ -44,6 +47,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 
+from fedcare.common import audit_kinds as kinds
 from fedcare.common import keys
 from fedcare.common.audit import (
     AuditLog,
@@ -56,6 +60,8 @@ from fedcare.common.audit import (
     versions,
 )
 from fedcare.common.federation import FederationConfig
+from fedcare.common.packed_arrays import unpack_record
+from fedcare.common.run_files import SERVER_AUDIT_KEY, SERVER_AUDIT_LOG
 
 __all__ = [
     "SERVER_WRITER",
@@ -69,9 +75,9 @@ __all__ = [
     "site_report",
 ]
 
-SERVER_WRITER = "server"
-SERVER_LOG = "audit/server.jsonl"
-SERVER_KEY = "audit/server-key.pem"
+SERVER_WRITER = kinds.SERVER_WRITER
+SERVER_LOG = SERVER_AUDIT_LOG
+SERVER_KEY = SERVER_AUDIT_KEY
 MAX_REASON = 1000
 
 _REPORT_KEYS: tuple[tuple[str, str, type], ...] = (
@@ -103,7 +109,7 @@ def server_key_path(run_dir: Path, cfg: FederationConfig) -> Path:
 
 def record_sha256(arrays: ArrayRecord) -> str:
     """:func:`~fedcare.common.audit.hash_arrays` of a Flower ``ArrayRecord``."""
-    return hash_arrays({name: array.numpy() for name, array in arrays.items()})
+    return hash_arrays(unpack_record(arrays))
 
 
 #: Characters kept of any text value a site reports about itself.
@@ -177,6 +183,7 @@ class ServerAudit:
         return "" if self._head is None else str(self._head)
 
     def _append(self, kind: str, data: Mapping[str, Any]) -> None:
+        kinds.SERVER_ENTRIES.check(kind, data)
         head = self.log.append(kind, data, run_id=self.run_id)
         if head is not None:
             self._head = head
@@ -200,16 +207,17 @@ class ServerAudit:
     # ------------------------------------------------------------------ entries
 
     def run_start(self, cfg: FederationConfig, *, model: str, model_sha256: str) -> None:
-        self._append("run-start", self._start_data(cfg, model=model, model_sha256=model_sha256))
+        data = self._start_data(cfg, model=model, model_sha256=model_sha256)
+        self._append(kinds.RUN_START, data)
 
     def run_resume(
         self, cfg: FederationConfig, *, model: str, model_sha256: str, after_round: int
     ) -> None:
         data = self._start_data(cfg, model=model, model_sha256=model_sha256)
-        self._append("run-resume", {**data, "after_round": after_round})
+        self._append(kinds.RUN_RESUME, {**data, "after_round": after_round})
 
     def round_start(self, rnd: int, *, model_sha256: str) -> None:
-        self._append("round-start", {"round": rnd, "model_sha256": model_sha256})
+        self._append(kinds.ROUND_START, {"round": rnd, "model_sha256": model_sha256})
 
     def update(
         self,
@@ -224,7 +232,7 @@ class ServerAudit:
     ) -> None:
         """An update that passed validation and goes to aggregation."""
         self._append(
-            "update",
+            kinds.UPDATE,
             {
                 "round": rnd,
                 "site_id": site_id,
@@ -248,7 +256,7 @@ class ServerAudit:
     ) -> None:
         """An update that failed validation (it is not aggregated)."""
         self._append(
-            "rejected",
+            kinds.REJECTED,
             {
                 "round": rnd,
                 "site_id": site_id,
@@ -260,13 +268,16 @@ class ServerAudit:
         )
 
     def event(self, rnd: int, *, kind: str, site_id: str, reason: str) -> None:
-        """A refusal, drop-out, skipped round or failed evaluation."""
+        """A refusal, failure, drop-out, skipped round or failed evaluation: one of
+        :data:`fedcare.common.audit_kinds.SERVER_EVENT_KINDS`."""
+        if kind not in kinds.SERVER_EVENT_KINDS:
+            raise ValueError(f"{kind!r} is not a server event kind ({kinds.SERVER_EVENT_KINDS})")
         self._append(kind, {"round": rnd, "site_id": site_id, "reason": reason[:MAX_REASON]})
 
     def aggregate(self, rnd: int, *, model_sha256: str, updates: int) -> None:
-        self._append("aggregate", {"round": rnd, "model_sha256": model_sha256, "updates": updates})
+        data = {"round": rnd, "model_sha256": model_sha256, "updates": updates}
+        self._append(kinds.AGGREGATE, data)
 
     def run_end(self, *, rounds_completed: int, model_sha256: str) -> None:
-        self._append(
-            "run-end", {"rounds_completed": rounds_completed, "model_sha256": model_sha256}
-        )
+        data = {"rounds_completed": rounds_completed, "model_sha256": model_sha256}
+        self._append(kinds.RUN_END, data)

@@ -36,6 +36,7 @@ import torch
 
 from fedcare.common.errors import ConfigError
 from fedcare.common.files import atomic_private, private_dir
+from fedcare.common.run_files import CHECKPOINT_NAME
 
 __all__ = [
     "Checkpoint",
@@ -48,7 +49,6 @@ __all__ = [
     "CHECKPOINT_FORMAT",
 ]
 
-CHECKPOINT_NAME = "checkpoint.pt"
 #: 1: model arrays and run record (fedcare before the optimizer state); 2: + ``optimizer``.
 CHECKPOINT_FORMAT = 2
 

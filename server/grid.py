@@ -3,9 +3,10 @@
 Flower's deployment grid (the one a ServerApp gets from a real SuperLink) checks for replies
 every 3 seconds, so every message round trip waits 1.5 s on average after the last site has
 answered, twice per round (training, then evaluation). :class:`PromptGrid` wraps any grid
-and polls every ``poll_s`` (default 0.25 s) instead; everything else is the wrapped grid's
-own behaviour. The simulation's in-memory grid already polls quickly and is used as is
-(:func:`prompt`).
+and polls every ``poll_s`` instead (default 0.1 s: ten small requests a second to the
+SuperLink on the same machine, only while a round waits for replies); everything else is
+the wrapped grid's own behaviour. The simulation's in-memory grid already polls quickly
+and is used as is (:func:`prompt`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ __all__ = ["PromptGrid", "prompt"]
 class PromptGrid(Grid):
     """Delegates to ``grid``; :meth:`send_and_receive` polls every ``poll_s`` seconds."""
 
-    def __init__(self, grid: Grid, *, poll_s: float = 0.25) -> None:
+    def __init__(self, grid: Grid, *, poll_s: float = 0.1) -> None:
         if poll_s <= 0:
             raise ValueError(f"poll_s must be > 0, got {poll_s}")
         self._grid = grid

@@ -15,24 +15,24 @@ what a hospital federation needs on every round:
   and left out), or a patient-weighted mean where a site sent no release;
 * after every round the global model, the run record and the server optimizer's state
   (FedAdam's and FedYogi's moments; ``server/strategies.py``) are checkpointed atomically,
-  in one file, and a progress line is appended to ``progress.jsonl``;
+  in one file, and a progress line is appended to ``progress.jsonl``
+  (:class:`~fedcare.server.recorder.RunRecorder`);
 * with a :class:`~fedcare.server.audit.ServerAudit`, each of these events also becomes a signed
   entry of the server's audit log (model hashes sent and aggregated, each update's hash,
   norm and the site's privacy report, refusals, rejections, drop-outs), and every message
   to the sites carries the log's head.
 
-The run record is plain JSON-ready data (see :func:`new_record`), the source of the run's
-``summary.json``.
+What the guard finds goes into the run record (:class:`~fedcare.common.run_record.RunRecord`,
+the source of ``server_record.json`` and the run's ``summary.json``), which the run recorder
+(:mod:`fedcare.server.recorder`) keeps and checkpoints; the guard itself keeps no record.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +42,14 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedcare.common import audit_kinds as kinds
 from fedcare.common import keys
 from fedcare.common.audit import hash_arrays
 from fedcare.common.errors import UpdateRejected
 from fedcare.common.federation import FederationConfig
+from fedcare.common.packed_arrays import is_packed, layout_of, pack_record, unpack_record
+from fedcare.common.run_record import RunRecord
+from fedcare.common.summary import ALL_SITES, EvaluationMode, EventKind, NoiseSource
 from fedcare.models.evaluation import (
     SplitSums,
     metrics_from_release,
@@ -53,11 +57,11 @@ from fedcare.models.evaluation import (
     threshold_from_release,
 )
 from fedcare.server.audit import ServerAudit, record_sha256
-from fedcare.server.checkpoint import Checkpoint, save_checkpoint
+from fedcare.server.recorder import DPReport, EndStatus, RunRecorder, TrainReport
 from fedcare.server.strategies import optimizer_state
-from fedcare.server.validation import validate_update
+from fedcare.server.update_checks import validate_update
 
-__all__ = ["GuardedStrategy", "new_record", "arrays_to_numpy"]
+__all__ = ["GuardedStrategy", "arrays_to_numpy"]
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +75,34 @@ _UNREACHABLE = frozenset(
         ErrorCode.CLIENT_APP_CRASHED,
     }
 )
-_AUDITED_EVENTS = frozenset(
-    {"refused", "failed", "diverged", "dropped", "round-skipped", "evaluate-failed"}
-)
+_AUDITED_EVENTS = frozenset(kinds.SERVER_EVENT_KINDS)
 #: A site's error reply after its charge: a failure or a divergence, not a refusal.
-_STATUS_OF_CODE = {keys.ERR_FAILED: "failed", keys.ERR_DIVERGED: "diverged"}
-
-
-def new_record() -> dict[str, Any]:
-    """An empty run record: sites, rounds, events."""
-    return {"sites": {}, "rounds": [], "events": [], "nodes": {}}
+_STATUS_OF_CODE: dict[int, EndStatus] = {
+    keys.ERR_FAILED: kinds.FAILED,
+    keys.ERR_DIVERGED: kinds.DIVERGED,
+}
 
 
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    """Named numpy arrays of an ArrayRecord (copies)."""
-    return {name: np.array(arr.numpy()) for name, arr in arrays.items()}
+    """Named numpy arrays (copies) of an ArrayRecord, packed on the wire or not
+    (:mod:`fedcare.common.packed_arrays`); :class:`ValueError` if its packing is malformed."""
+    return unpack_record(arrays)
+
+
+def in_layout(
+    named: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], *, packed: bool = True
+) -> ArrayRecord:
+    """``named`` in ``reference``'s order, packed exactly as ``reference`` is (same groups,
+    order and names), or as plain named arrays where the round sent them plain.
+
+    What the strategy aggregates is then one layout, whatever order or packing a site's
+    reply used: Flower aggregates packed arrays number by number, so two layouts of the
+    same tensors must never meet there.
+    """
+    ordered = {name: named[name] for name in reference}
+    if packed:
+        return pack_record(ordered, layout=layout_of(reference))
+    return ArrayRecord({name: Array(np.asarray(value)) for name, value in ordered.items()})
 
 
 def with_model_dtypes(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> ArrayRecord:
@@ -103,7 +120,9 @@ def with_model_dtypes(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> 
         name: value.astype(reference[name].dtype) if name in reference else value
         for name, value in current.items()
     }
-    return ArrayRecord({name: Array(value) for name, value in cast.items()})
+    if set(cast) != set(reference):
+        return ArrayRecord({name: Array(value) for name, value in cast.items()})
+    return in_layout(cast, reference, packed=any(is_packed(name) for name in arrays))
 
 
 class GuardedStrategy(Strategy):
@@ -116,14 +135,14 @@ class GuardedStrategy(Strategy):
     cfg:
         The run's configuration.
     run_dir:
-        Where checkpoints and progress go.
+        Where checkpoints and progress go (:class:`~fedcare.server.recorder.RunRecorder`).
     run_id:
         The run's id (sites key their ledger charges on it).
     round_offset:
         Rounds completed before this start (resume); round ``r`` of Flower's loop is round
         ``round_offset + r`` of the run.
     record:
-        The run record to extend (a checkpoint's, when resuming).
+        The run record to extend (a checkpoint's, when resuming); a new one by default.
     schema_fingerprint:
         The federation's feature-schema fingerprint, sent to every site.
     schema_json:
@@ -141,7 +160,7 @@ class GuardedStrategy(Strategy):
         run_dir: Path,
         run_id: str,
         round_offset: int = 0,
-        record: dict[str, Any] | None = None,
+        record: RunRecord | None = None,
         schema_fingerprint: str = "",
         schema_json: str = "",
         audit: ServerAudit | None = None,
@@ -152,60 +171,35 @@ class GuardedStrategy(Strategy):
         self.run_dir = run_dir
         self.run_id = run_id
         self.round_offset = round_offset
-        self.record = record if record is not None else new_record()
+        self.recorder = RunRecorder(cfg=cfg, run_dir=run_dir, run_id=run_id, record=record)
         self.schema_fingerprint = schema_fingerprint
         self.schema_json = schema_json
         self.audit = audit
         self._reference: dict[str, np.ndarray] = {}
+        #: Whether the round sent its model packed (fedcare's ServerApp always does).
+        self._sent_packed = False
         self._expected: set[int] = set()
         self._skip_evaluation = False
-        self._t0 = time.monotonic()
 
     # ------------------------------------------------------------------ helpers
+
+    @property
+    def record(self) -> RunRecord:
+        """The run record (the recorder's)."""
+        return self.recorder.record
 
     def absolute(self, server_round: int) -> int:
         return self.round_offset + server_round
 
     def _site_of(self, node_id: int) -> str:
-        return self.record["nodes"].get(str(node_id), f"node-{node_id}")
+        return self.recorder.site_of(node_id)
 
-    def _event(self, server_round: int, site_id: str, kind: str, detail: str) -> None:
-        event = {
-            "round": self.absolute(server_round),
-            "site_id": site_id,
-            "kind": kind,
-            "detail": detail,
-        }
-        self.record["events"].append(event)
-        log.warning("round %s: site %s %s: %s", event["round"], site_id, kind, detail)
+    def _event(self, server_round: int, site_id: str, kind: EventKind, detail: str) -> None:
+        rnd = self.absolute(server_round)
+        self.recorder.event(rnd, site_id=site_id, kind=kind, detail=detail)
+        log.warning("round %s: site %s %s: %s", rnd, site_id, kind, detail)
         if self.audit is not None and kind in _AUDITED_EVENTS:
-            rnd = self.absolute(server_round)
             self.audit.event(rnd, kind=kind, site_id=site_id, reason=detail)
-
-    def _site(self, site_id: str) -> dict[str, Any]:
-        return self.record["sites"].setdefault(
-            site_id,
-            {
-                "site_id": site_id,
-                "n_train": 0,
-                "n_test": 0,
-                "status": "completed",
-                "reason": None,
-                "rounds_participated": [],
-                "privacy": {
-                    "enabled": self.cfg.dp,
-                    "epsilon": None,
-                    "run_epsilon": None,
-                    "delta": None,
-                    "accountant": self.cfg.accountant if self.cfg.dp else None,
-                    "noise": None,
-                    "evaluation": None,
-                    "mechanisms": [],
-                },
-                "metrics": {},
-                "personal_metrics": {},
-            },
-        )
 
     def _with_round(self, config: ConfigRecord, server_round: int) -> ConfigRecord:
         out = ConfigRecord(dict(config))
@@ -225,6 +219,7 @@ class GuardedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._reference = arrays_to_numpy(arrays)
+        self._sent_packed = any(is_packed(name) for name in arrays)
         if self.audit is not None:
             self.audit.round_start(
                 self.absolute(server_round), model_sha256=hash_arrays(self._reference)
@@ -255,18 +250,17 @@ class GuardedStrategy(Strategy):
             if reply.has_error():
                 text, epsilon, delta = keys.ledger_epsilon(reply.error.reason or "")
                 site_id, reason = _split_reason(text, self._site_of(node))
-                self.record["nodes"][str(node)] = site_id
-                site = self._site(site_id)
-                status = _STATUS_OF_CODE.get(int(reply.error.code), "refused")
-                site["status"], site["reason"] = status, reason
-                if epsilon is not None and self.cfg.dp:  # the site's ledger, as it reports
-                    site["privacy"].update({"enabled": True, "epsilon": epsilon, "delta": delta})
+                self.recorder.node_is(node, site_id)
+                status = _STATUS_OF_CODE.get(int(reply.error.code), kinds.REFUSED)
+                # epsilon: the site's ledger, as it reports it (kept in a DP run)
+                self.recorder.site_ended(
+                    site_id, status=status, reason=reason, epsilon=epsilon, delta=delta
+                )
                 self._event(server_round, site_id, status, reason)
                 continue
             info = reply.content.config_records.get(keys.REC_SITE)
             site_id = _reported_site_id(info, self._site_of(node))
-            self.record["nodes"][str(node)] = site_id
-            site = self._site(site_id)
+            self.recorder.node_is(node, site_id)
             sha256: str | None = None
             try:
                 update = arrays_to_numpy(reply.content.array_records[keys.REC_ARRAYS])
@@ -274,14 +268,18 @@ class GuardedStrategy(Strategy):
                 norm = validate_update(update, self._reference, max_norm=self.cfg.max_update_norm)
                 report = _train_report(reply.content[keys.REC_METRICS], info)
             except UpdateRejected as e:
-                self._reject(server_round, site, node, sha256, str(e), info)
+                self._reject(server_round, site_id, node, sha256, str(e), info)
                 continue
             except (KeyError, TypeError, ValueError) as e:
                 detail = f"malformed reply ({type(e).__name__}: {str(e)[:200]})"
-                self._reject(server_round, site, node, sha256, detail, info)
+                self._reject(server_round, site_id, node, sha256, detail, info)
                 continue
+            # The strategy aggregates the update in the layout the round sent.
+            reply.content[keys.REC_ARRAYS] = in_layout(
+                update, self._reference, packed=self._sent_packed
+            )
             kept.append(reply)
-            self._record_train(server_round, site, report, norm)
+            self.recorder.trained(self.absolute(server_round), site_id, report, norm=norm)
             if self.audit is not None and sha256 is not None:
                 self.audit.update(
                     self.absolute(server_round),
@@ -289,24 +287,23 @@ class GuardedStrategy(Strategy):
                     node_id=node,
                     sha256=sha256,
                     norm=norm,
-                    num_examples=report["num_examples"],
+                    num_examples=report.num_examples,
                     info=info,
                 )
         for node in sorted(self._expected - answered):
             site_id = self._site_of(node)
-            site = self._site(site_id)
-            site["status"], site["reason"] = (
-                "dropped",
+            reason = (
                 f"went offline: {lost[node]}"
                 if node in lost
-                else f"no reply within round-timeout={self.cfg.round_timeout:g} s",
+                else f"no reply within round-timeout={self.cfg.round_timeout:g} s"
             )
-            self._event(server_round, site_id, "dropped", site["reason"])
+            self.recorder.site_ended(site_id, status=kinds.DROPPED, reason=reason)
+            self._event(server_round, site_id, kinds.DROPPED, reason)
         if len(kept) < self.cfg.min_sites:
             self._event(
                 server_round,
-                "*",
-                "round-skipped",
+                ALL_SITES,
+                kinds.ROUND_SKIPPED,
                 f"only {len(kept)} valid update(s), fewer than min-sites={self.cfg.min_sites}; "
                 "the global model is unchanged",
             )
@@ -322,18 +319,18 @@ class GuardedStrategy(Strategy):
     def _reject(
         self,
         server_round: int,
-        site: dict[str, Any],
+        site_id: str,
         node: int,
         sha256: str | None,
         detail: str,
         info: ConfigRecord | None,
     ) -> None:
-        site["status"], site["reason"] = "rejected", detail
-        self._event(server_round, site["site_id"], "rejected", detail)
+        self.recorder.site_ended(site_id, status=kinds.REJECTED, reason=detail)
+        self._event(server_round, site_id, kinds.REJECTED, detail)
         if self.audit is not None:
             self.audit.rejected(
                 self.absolute(server_round),
-                site_id=site["site_id"],
+                site_id=site_id,
                 node_id=node,
                 sha256=sha256,
                 reason=detail,
@@ -346,54 +343,6 @@ class GuardedStrategy(Strategy):
             return
         sha256 = record_sha256(arrays) if arrays is not None else hash_arrays(self._reference)
         self.audit.aggregate(self.absolute(server_round), model_sha256=sha256, updates=n)
-
-    def _record_train(
-        self,
-        server_round: int,
-        site: dict[str, Any],
-        report: dict[str, Any],
-        norm: float,
-    ) -> None:
-        rnd = self.absolute(server_round)
-        site["n_train"] = report["num_examples"]
-        if rnd not in site["rounds_participated"]:
-            site["rounds_participated"].append(rnd)
-        if site["status"] != "refused":
-            site["status"], site["reason"] = "completed", None
-        entry = self._round_entry(rnd)
-        numbers = {"update-norm": norm, "num-examples": report["num_examples"]}
-        if report["train_loss"] is not None:
-            numbers["train-loss"] = report["train_loss"]
-        entry["sites"].setdefault(site["site_id"], {}).update(numbers)
-        privacy = site["privacy"]
-        if report["evaluation"] is not None:
-            privacy["evaluation"] = report["evaluation"]
-        if report["dp"]:
-            privacy["enabled"] = True
-            privacy["epsilon"] = report["epsilon"]
-            privacy["run_epsilon"] = report["run_epsilon"]
-            privacy["delta"] = report["delta"]
-            privacy["accountant"] = report["accountant"]
-            privacy["noise"] = report["noise"]
-            mechanism = {
-                "round": rnd,
-                "noise_multiplier": report["noise_multiplier"],
-                "sample_rate": report["sample_rate"],
-                "steps": report["steps"],
-            }
-            if all(m["round"] != rnd for m in privacy["mechanisms"]):
-                privacy["mechanisms"].append(mechanism)
-            entry["sites"][site["site_id"]]["epsilon"] = privacy["epsilon"]
-            if privacy["run_epsilon"] is not None:
-                entry["sites"][site["site_id"]]["run-epsilon"] = privacy["run_epsilon"]
-
-    def _round_entry(self, rnd: int) -> dict[str, Any]:
-        for entry in self.record["rounds"]:
-            if entry["round"] == rnd:
-                return entry
-        entry = {"round": rnd, "metrics": {}, "sites": {}}
-        self.record["rounds"].append(entry)
-        return entry
 
     # ------------------------------------------------------------------ evaluate
 
@@ -413,7 +362,7 @@ class GuardedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         rnd = self.absolute(server_round)
-        entry = self._round_entry(rnd)
+        self.recorder.round_recorded(rnd)
         if self._skip_evaluation:
             self._skip_evaluation = False
             return None
@@ -424,7 +373,7 @@ class GuardedStrategy(Strategy):
             if reply.has_error():
                 text, _, _ = keys.ledger_epsilon(reply.error.reason or "")
                 site_id, reason = _split_reason(text, self._site_of(node))
-                self._event(server_round, site_id, "evaluate-failed", reason)
+                self._event(server_round, site_id, kinds.EVALUATE_FAILED, reason)
                 continue
             info = reply.content.config_records.get(keys.REC_SITE)
             site_id = _reported_site_id(info, self._site_of(node))
@@ -435,7 +384,7 @@ class GuardedStrategy(Strategy):
                 releases[site_id] = releases_from_wire(metrics)
             except (KeyError, TypeError, ValueError) as e:
                 detail = f"malformed reply ({type(e).__name__}: {str(e)[:200]})"
-                self._event(server_round, site_id, "evaluate-failed", detail)
+                self._event(server_round, site_id, kinds.EVALUATE_FAILED, detail)
                 continue
             values = {  # the site's own metrics; its release's sums only feed the global ones
                 k: float(v)
@@ -451,17 +400,19 @@ class GuardedStrategy(Strategy):
             personal = _personal_metrics(values)
             values = {k: v for k, v in values.items() if not keys.is_personal_metric(k)}
             per_site[site_id] = values
-            site = self._site(site_id)
-            site["metrics"] = values
-            if personal:
-                site["personal_metrics"] = personal
-                entry.setdefault("personal", {})[site_id] = personal
-            _record_evaluation_privacy(site["privacy"], info)
-            if "test.n" in values:
-                site["n_test"] = int(values["test.n"])
-            entry["sites"].setdefault(site_id, {}).update(values)
+            evaluation, epsilon, run_epsilon, delta = _evaluation_report(info)
+            self.recorder.evaluated(
+                rnd,
+                site_id,
+                metrics=values,
+                personal=personal,
+                evaluation=evaluation,
+                epsilon=epsilon,
+                run_epsilon=run_epsilon,
+                delta=delta,
+            )
         global_metrics = global_evaluate_metrics(per_site, releases)
-        entry["metrics"] = global_metrics
+        self.recorder.global_metrics(rnd, global_metrics)
         return MetricRecord(dict(global_metrics)) if global_metrics else None
 
     def evaluate_initial(self, grid: Grid, arrays: ArrayRecord) -> None:
@@ -475,29 +426,16 @@ class GuardedStrategy(Strategy):
     # ------------------------------------------------------------------ after each round
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """``evaluate_fn`` hook: checkpoint and report progress (round 0 = start)."""
+        """``evaluate_fn`` hook: checkpoint and report progress (round 0 = start).
+
+        Flower calls it last in every round, so a caller's record in its JSON form is
+        brought up to date here."""
         rnd = self.absolute(server_round)
         if server_round == 0 and self.round_offset > 0:
             return None
-        save_checkpoint(
-            self.run_dir,
-            Checkpoint(
-                run_id=self.run_id,
-                round=rnd,
-                arrays=arrays_to_numpy(arrays),
-                record=self.record,
-                optimizer=optimizer_state(self.strategy),
-            ),
+        self.recorder.checkpoint(
+            rnd, arrays=arrays_to_numpy(arrays), optimizer=optimizer_state(self.strategy)
         )
-        progress: dict[str, Any] = {
-            "round": rnd,
-            "of": self.cfg.num_server_rounds,
-            "elapsed_s": round(time.monotonic() - self._t0, 2),
-            "metrics": next((e["metrics"] for e in self.record["rounds"] if e["round"] == rnd), {}),
-            "events": [e for e in self.record["events"] if e["round"] == rnd],
-        }
-        with open(self.run_dir / "progress.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(progress) + "\n")
         return None
 
     def summary(self) -> None:
@@ -591,45 +529,60 @@ def _number(record: MetricRecord | ConfigRecord, key: str, kind: type[int] | typ
     return kind(value)
 
 
-def _train_report(metrics: Any, info: ConfigRecord | None) -> dict[str, Any]:
+def _train_report(metrics: Any, info: ConfigRecord | None) -> TrainReport:
     """The numbers a training reply reports, checked before the update is accepted."""
     if not isinstance(metrics, MetricRecord):
         raise TypeError("the reply has no metrics record")
-    report: dict[str, Any] = {
-        "num_examples": _number(metrics, keys.M_NUM_EXAMPLES, int),
-        # A site sends its training loss only where its evaluation is exact (a statistic of
-        # its patients under weights the server chose): absent is normal, malformed is not.
-        "train_loss": (
-            _number(metrics, keys.M_TRAIN_LOSS, float) if keys.M_TRAIN_LOSS in metrics else None
-        ),
-        "dp": False,
-        "evaluation": _choice(info, keys.S_EVALUATION, (keys.EVAL_DP, keys.EVAL_EXACT)),
-    }
+    dp: DPReport | None = None
     if info is not None and info.get(keys.S_DP) is True:
-        report["dp"] = True
         accountant = info[keys.S_ACCOUNTANT]
         if not isinstance(accountant, str) or len(accountant) > 32:
             raise TypeError("the site's accountant is not a short name")
         delta = _number(info, keys.S_DELTA, float)
         if not 0 < delta < 1:
             raise ValueError(f"{keys.S_DELTA} = {delta} is not in (0, 1)")
-        report.update(
-            {
-                "epsilon": _epsilon(info, keys.S_EPSILON),
-                "run_epsilon": (
-                    _epsilon(info, keys.S_RUN_EPSILON) if keys.S_RUN_EPSILON in info else None
-                ),
-                "delta": delta,
-                "accountant": accountant,
-                "noise": _choice(
-                    info, keys.S_NOISE, (keys.NOISE_OS_ENTROPY, keys.NOISE_REPRODUCIBLE)
-                ),
-                "noise_multiplier": _number(info, keys.S_NOISE_MULTIPLIER, float),
-                "sample_rate": _number(info, keys.S_SAMPLE_RATE, float),
-                "steps": _number(info, keys.S_STEPS, int),
-            }
+        noise = _choice(info, keys.S_NOISE, (keys.NOISE_OS_ENTROPY, keys.NOISE_REPRODUCIBLE))
+        dp = DPReport(
+            epsilon=_epsilon(info, keys.S_EPSILON),
+            run_epsilon=(
+                _epsilon(info, keys.S_RUN_EPSILON) if keys.S_RUN_EPSILON in info else None
+            ),
+            delta=delta,
+            accountant=accountant,
+            noise=_noise_source(noise),
+            noise_multiplier=_number(info, keys.S_NOISE_MULTIPLIER, float),
+            sample_rate=_number(info, keys.S_SAMPLE_RATE, float),
+            steps=_number(info, keys.S_STEPS, int),
         )
-    return report
+    evaluation = _choice(info, keys.S_EVALUATION, (keys.EVAL_DP, keys.EVAL_EXACT))
+    return TrainReport(
+        num_examples=_number(metrics, keys.M_NUM_EXAMPLES, int),
+        # A site sends its training loss only where its evaluation is exact (a statistic of
+        # its patients under weights the server chose): absent is normal, malformed is not.
+        train_loss=(
+            _number(metrics, keys.M_TRAIN_LOSS, float) if keys.M_TRAIN_LOSS in metrics else None
+        ),
+        evaluation=_evaluation_mode(evaluation),
+        dp=dp,
+    )
+
+
+def _noise_source(value: str | None) -> NoiseSource | None:
+    """A checked noise source (one of ``keys.NOISE_*``) as its type."""
+    if value == keys.NOISE_OS_ENTROPY:
+        return "os-entropy"
+    if value == keys.NOISE_REPRODUCIBLE:
+        return "reproducible"
+    return None
+
+
+def _evaluation_mode(value: str | None) -> EvaluationMode | None:
+    """A checked evaluation mode (one of ``keys.EVAL_*``) as its type."""
+    if value == keys.EVAL_DP:
+        return "dp"
+    if value == keys.EVAL_EXACT:
+        return "exact"
+    return None
 
 
 def _epsilon(info: ConfigRecord, key: str) -> float:
@@ -693,23 +646,25 @@ def _drop_partial_metric(replies: list[Message], name: str) -> None:
             del reply.content[keys.REC_METRICS][name]
 
 
-def _record_evaluation_privacy(privacy: dict[str, Any], info: ConfigRecord | None) -> None:
-    """A private evaluation is charged too: keep the site's ε as its evaluation reply states
-    it (the later of training's and evaluation's, both cumulative); values that are not
-    finite non-negative numbers are ignored (the train reply's checks name a bad site)."""
+def _evaluation_report(
+    info: ConfigRecord | None,
+) -> tuple[EvaluationMode | None, float | None, float | None, float | None]:
+    """What an evaluation reply states about its release: the evaluation mode, ε, the run's
+    ε and δ (``None`` each where it did not say). A private evaluation is charged too, so the
+    recorder keeps the later ε (:meth:`~fedcare.server.recorder.RunRecorder.evaluated`);
+    values that are not finite non-negative numbers (δ: not in (0, 1)) are left out (the
+    train reply's checks name a bad site)."""
     if info is None:
-        return
+        return None, None, None, None
     mode = info.get(keys.S_EVALUATION)
-    if isinstance(mode, str) and mode in (keys.EVAL_DP, keys.EVAL_EXACT):
-        privacy["evaluation"] = mode
-    for wire, name in ((keys.S_EPSILON, "epsilon"), (keys.S_RUN_EPSILON, "run_epsilon")):
+    evaluation = _evaluation_mode(mode) if isinstance(mode, str) else None
+
+    def epsilon(wire: str) -> float | None:
         value = info.get(wire)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if math.isfinite(float(value)) and value >= 0:
-            previous = privacy.get(name)
-            privacy[name] = max(float(value), float(previous or 0.0))
+            return None
+        return float(value) if math.isfinite(float(value)) and value >= 0 else None
+
     delta = info.get(keys.S_DELTA)
-    unset = privacy.get("epsilon") is not None and privacy.get("delta") is None
-    if unset and isinstance(delta, float) and 0 < delta < 1:
-        privacy["delta"] = delta
+    valid_delta = delta if isinstance(delta, float) and 0 < delta < 1 else None
+    return evaluation, epsilon(keys.S_EPSILON), epsilon(keys.S_RUN_EPSILON), valid_delta

@@ -1,6 +1,10 @@
 """Aggregation strategies by name: Flower's own, configured from a run's config.
 
-A new strategy is one entry in :data:`_BUILDERS`. Every strategy sends each round to every
+Each strategy is registered under the name a run config's ``strategy`` gives, with a
+builder: :func:`register_strategy`. fedcare registers Flower's FedAvg, FedProx, FedAdam,
+FedYogi, FedMedian, FedTrimmedAvg and Krum below; a plug-in (:mod:`fedcare.common.plugins`)
+registers more in every process that builds one, and :func:`build_strategy` refuses a name
+no strategy is registered under, listing those that are. Every strategy sends each round to every
 connected site (a hospital federation is small and every site matters) and goes on as long as
 ``min-sites`` are connected: the ServerApp waits for all ``num-sites`` before round 1, and a site
 lost later (no reply within the round timeout, or gone offline) is recorded as a drop-out by
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.serverapp.strategy import (
@@ -34,7 +39,8 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 from fedcare.common.errors import ConfigError
-from fedcare.common.federation import STRATEGIES, FederationConfig
+from fedcare.common.federation import STRATEGY_NAME, FederationConfig
+from fedcare.common.packed_arrays import layout_of, pack, unpack
 from fedcare.server.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -43,6 +49,10 @@ from fedcare.server.checkpoint import (
 )
 
 __all__ = [
+    "StrategyBuilder",
+    "register_strategy",
+    "available_strategies",
+    "strategy_builder",
     "build_strategy",
     "inner_strategy",
     "optimizer_state",
@@ -58,29 +68,120 @@ __all__ = [
 #: ``eta``, ``beta_1``, ``beta_2`` and ``tau`` come from the run's configuration.
 OPTIMIZER_MOMENTS = ("m_t", "v_t")
 
-Builder = Callable[[FederationConfig, dict], Strategy]
+StrategyBuilder = Callable[[FederationConfig, dict[str, Any]], Strategy]
+"""Builds a strategy: ``builder(cfg, quorum) -> flwr.serverapp.strategy.Strategy``.
 
-_BUILDERS: dict[str, Builder] = {
-    "fedavg": lambda cfg, common: FedAvg(**common),
-    "fedprox": lambda cfg, common: FedProx(proximal_mu=cfg.proximal_mu, **common),
-    "fedadam": lambda cfg, common: FedAdam(eta=cfg.server_learning_rate, **common),
-    "fedyogi": lambda cfg, common: FedYogi(eta=cfg.server_learning_rate, **common),
-    "fedmedian": lambda cfg, common: FedMedian(**common),
-    "fedtrimmedavg": lambda cfg, common: FedTrimmedAvg(beta=cfg.trim_beta, **common),
-    "krum": lambda cfg, common: Krum(num_malicious_nodes=cfg.krum_malicious, **common),
-}
-assert set(_BUILDERS) == set(STRATEGIES), "every configurable strategy needs a builder"
+``cfg`` is the run's :class:`~fedcare.common.federation.FederationConfig` (its knobs:
+``server_learning_rate``, ``proximal_mu``, ...); ``quorum`` holds the keyword arguments every
+Flower strategy takes for how many sites it needs (``min_train_nodes``,
+``min_evaluate_nodes``, ``min_available_nodes``), to pass on as ``**quorum``."""
+
+#: Name -> builder: the strategies a run config may name (:func:`register_strategy`).
+_BUILDERS: dict[str, StrategyBuilder] = {}
+
+
+def register_strategy(name: str, builder: StrategyBuilder) -> StrategyBuilder:
+    """Register ``builder`` as the strategy a run config names ``name``.
+
+    Parameters
+    ----------
+    name:
+        Lowercase letters, digits, ``-`` or ``_``, starting with a letter
+        (:data:`fedcare.common.federation.STRATEGY_NAME`).
+    builder:
+        See :data:`StrategyBuilder`. The hospital-level DP wrapper (``hospital-dp-noise``)
+        and fedcare's update checks go around whatever it builds.
+
+    Returns
+    -------
+    StrategyBuilder
+        ``builder``, unchanged.
+
+    Raises
+    ------
+    ConfigError
+        The name is malformed or already registered, or ``builder`` is not callable.
+
+    Examples
+    --------
+    >>> "fedavg" in available_strategies()
+    True
+    >>> register_strategy("fedavg", lambda cfg, quorum: FedAvg(**quorum))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    fedcare.common.errors.ConfigError: a strategy named 'fedavg' is already registered; ...
+    """
+    if not isinstance(name, str) or not STRATEGY_NAME.fullmatch(name):
+        raise ConfigError(
+            f"strategy name {name!r}: use lowercase letters, digits, '-' or '_', starting "
+            "with a letter (e.g. 'fedavgm')"
+        )
+    if name in _BUILDERS:
+        raise ConfigError(
+            f"a strategy named {name!r} is already registered; pick another name for the "
+            "new strategy"
+        )
+    if not callable(builder):
+        raise ConfigError(
+            f"strategy {name!r}: the builder must be callable as builder(cfg, quorum), got "
+            f"{type(builder).__name__}"
+        )
+    _BUILDERS[name] = builder
+    return builder
+
+
+def available_strategies() -> tuple[str, ...]:
+    """The names a run config's ``strategy`` may take, sorted."""
+    return tuple(sorted(_BUILDERS))
+
+
+def strategy_builder(name: str) -> StrategyBuilder:
+    """The builder registered under ``name``.
+
+    Raises
+    ------
+    ConfigError
+        No strategy is registered under ``name``; the message lists those that are.
+    """
+    try:
+        return _BUILDERS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown strategy {name!r}; registered strategies: "
+            f"{', '.join(available_strategies())}. A plug-in registers another with "
+            "fedcare.server.strategies.register_strategy (FEDCARE_PLUGINS, or the "
+            "'fedcare.plugins' entry point group: see docs/api.md)"
+        ) from None
+
+
+register_strategy("fedavg", lambda cfg, quorum: FedAvg(**quorum))
+register_strategy("fedprox", lambda cfg, quorum: FedProx(proximal_mu=cfg.proximal_mu, **quorum))
+register_strategy("fedadam", lambda cfg, quorum: FedAdam(eta=cfg.server_learning_rate, **quorum))
+register_strategy("fedyogi", lambda cfg, quorum: FedYogi(eta=cfg.server_learning_rate, **quorum))
+register_strategy("fedmedian", lambda cfg, quorum: FedMedian(**quorum))
+register_strategy("fedtrimmedavg", lambda cfg, quorum: FedTrimmedAvg(beta=cfg.trim_beta, **quorum))
+register_strategy(
+    "krum", lambda cfg, quorum: Krum(num_malicious_nodes=cfg.krum_malicious, **quorum)
+)
 
 
 def build_strategy(cfg: FederationConfig, *, n_sites: int) -> Strategy:
     """The run's aggregation strategy, optionally wrapped in hospital-level DP.
 
+    The strategy is the one registered under ``cfg.strategy`` (:func:`register_strategy`).
     Hospital-level DP uses Flower's server-side fixed clipping: each site's update is clipped
     to ``hospital_dp_clip`` and Gaussian noise of ``hospital_dp_noise x clip`` is added to
     the aggregate, protecting whole hospitals on top of the record-level DP-SGD at each site.
+
+    Raises
+    ------
+    ConfigError
+        No site, no strategy registered under ``cfg.strategy`` (the registered ones are
+        listed), or its builder returned something that is not a Flower ``Strategy``.
     """
     if n_sites < 1:
         raise ConfigError("a federation needs at least one site")
+    builder = strategy_builder(cfg.strategy)
     # Flower waits, without a timeout, until ``min_available_nodes`` are connected: with all
     # n_sites there, one site going offline would stall the whole federation.
     quorum = max(1, min(cfg.min_sites, n_sites))
@@ -89,7 +190,12 @@ def build_strategy(cfg: FederationConfig, *, n_sites: int) -> Strategy:
         "min_evaluate_nodes": quorum,
         "min_available_nodes": quorum,
     }
-    strategy = _BUILDERS[cfg.strategy](cfg, common)
+    strategy = builder(cfg, common)
+    if not isinstance(strategy, Strategy):
+        raise ConfigError(
+            f"strategy {cfg.strategy!r}: its builder returned {type(strategy).__name__}, not a "
+            "flwr.serverapp.strategy.Strategy; make it return one (e.g. FedAvg(**quorum))"
+        )
     if cfg.hospital_dp_noise > 0:
         strategy = DifferentialPrivacyServerSideFixedClipping(
             strategy,
@@ -137,7 +243,8 @@ def optimizer_state(strategy: Strategy) -> OptimizerState | None:
     for name in OPTIMIZER_MOMENTS:
         value = getattr(inner, name)
         if value:  # FedOpt starts a moment from zeros where it is None or empty
-            moments[name] = {k: np.array(v, copy=True) for k, v in value.items()}
+            # Kept by tensor name, whatever packing the wire used (a checkpoint outlives it).
+            moments[name] = {k: np.array(v, copy=True) for k, v in unpack(value).items()}
     return OptimizerState(strategy=type(inner).__name__, moments=moments)
 
 
@@ -210,5 +317,7 @@ def restore_optimizer_state(
         )
     for moment in OPTIMIZER_MOMENTS:
         arrays = saved.moments.get(moment)
-        setattr(inner, moment, None if not arrays else {k: np.array(v) for k, v in arrays.items()})
+        # Packed as the model is on the wire, so each moment meets its own numbers.
+        packed = None if not arrays else pack(arrays, layout=layout_of(model))
+        setattr(inner, moment, packed)
     return None

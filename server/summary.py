@@ -1,16 +1,19 @@
 """The run's ``summary.json``, built from the server's run record.
 
 The ServerApp writes it at the end of every run (a deployment has no other writer); a
-simulation rewrites it with its baselines added. Its schema is :mod:`fedcare.common.summary`.
+simulation rewrites it with its baselines added. Its schema is :mod:`fedcare.common.summary`;
+the record it is built from, :mod:`fedcare.common.run_record`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
 import flwr
 
+from fedcare.common.run_record import RunRecord
 from fedcare.common.summary import SUMMARY_NAME, RunSummary
 
 __all__ = ["build_summary", "fedcare_version", "SUMMARY_NAME"]
@@ -24,34 +27,19 @@ def fedcare_version() -> str:
         return "0.0.0+unknown"
 
 
-def build_summary(record: dict[str, Any], baselines: dict[str, Any] | None = None) -> RunSummary:
-    """The validated ``summary.json`` of a run, from the server's record and the baselines."""
-    rounds = sorted(record["rounds"], key=lambda e: e["round"])
-    sites = []
-    for site_id in sorted(record["sites"]):
-        site = record["sites"][site_id]
-        privacy = dict(site["privacy"])
-        privacy["mechanisms"] = [
-            {k: m[k] for k in ("noise_multiplier", "sample_rate", "steps")}
-            for m in sorted(privacy["mechanisms"], key=lambda m: m["round"])
-        ]
-        sites.append({**site, "privacy": privacy})
-    final = rounds[-1]["metrics"] if rounds else {}
-    data = {
-        "run_id": record["run_id"],
-        "fedcare_version": fedcare_version(),
-        "flwr_version": flwr.__version__,
-        "task": record["task"],
-        "strategy": record["strategy"],
-        "personalization": record.get("personalization", "none"),  # older records: none
-        "rounds_planned": record["rounds_planned"],
-        "rounds_completed": record["rounds_completed"],
-        "sites": sites,
-        "global": {
-            "rounds": [{"round": e["round"], "metrics": e["metrics"]} for e in rounds],
-            "final": final,
-        },
-        "baselines": baselines or {"local_only": {}, "pooled": {}},
-        "events": record["events"],
-    }
-    return RunSummary.model_validate(data)
+def build_summary(
+    record: RunRecord | Mapping[str, Any], baselines: Mapping[str, Any] | None = None
+) -> RunSummary:
+    """The validated ``summary.json`` of a run, from the server's record and the baselines.
+
+    ``record`` is a :class:`~fedcare.common.run_record.RunRecord`, or its JSON form (the
+    ServerApp's, until it keeps the typed record itself), validated first.
+    """
+    if not isinstance(record, RunRecord):
+        record = RunRecord.from_dict(dict(record), source="the run record")
+    return RunSummary.from_record(
+        record,
+        fedcare_version=fedcare_version(),
+        flwr_version=flwr.__version__,
+        baselines=baselines,
+    )

@@ -32,12 +32,13 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from fedcare.client.data.datasets import TaskData
 from fedcare.client.data.site import SiteData
+from fedcare.client.dpsgd import DPConfig
 from fedcare.client.ledger import PrivacyLedger
 from fedcare.client.local import RoundRequest, SiteTrainer
 from fedcare.client.policy import SitePolicy
-from fedcare.client.privacy import DPConfig
 from fedcare.client.training import TrainConfig, fit, make_optimizer, predict, resolve_device
 from fedcare.common.errors import ConfigError
+from fedcare.common.run_files import LEDGER_NAME
 from fedcare.models import build_model
 from fedcare.models.metrics import split_metrics
 from fedcare.models.tasks import task_definition
@@ -57,8 +58,8 @@ def local_only(
     train: TrainConfig,
     dp: DPConfig,
     rounds: int,
+    policy: SitePolicy,
     seed: int = 0,
-    policy: SitePolicy | None = None,
     ledger_dir: Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """Train every site alone for the federation's budget; its metrics on its own splits.
@@ -83,10 +84,9 @@ def local_only(
         Split, initialisation, batch-sampling and noise seed (the federation's seed, so the
         splits match it).
     policy:
-        The site policy to apply at every site. ``None``: the default :class:`SitePolicy`
-        (budget, noise floor, ``min_count``) with ``delta``, ``accountant`` and
-        ``require_dp`` taken from ``dp`` and ``max_local_epochs`` raised to
-        ``train.epochs`` if needed.
+        The policy every site applies: a simulated site's, built by
+        :func:`fedcare.client.policy.simulated_site_policy` from the run's config, so the
+        baseline enforces exactly what the federation's sites enforce.
     ledger_dir:
         Where the throwaway ledgers go: each call makes a new folder
         ``ledger_dir/local-only-*/`` holding ``<site_id>/ledger.sqlite`` and the stored
@@ -108,7 +108,6 @@ def local_only(
     """
     _check_sites(sites)
     _check_rounds(rounds)
-    site_policy = policy if policy is not None else _default_policy(train, dp)
     if dp.enabled and ledger_dir is not None:
         _check_outside_sites(Path(ledger_dir), sites)
     results: dict[str, dict[str, float]] = {}
@@ -116,8 +115,8 @@ def local_only(
         for site in sites:
             ledger = None
             if root is not None:
-                ledger = PrivacyLedger(root / site.spec.site_id / "ledger.sqlite")
-            trainer = SiteTrainer(site=site, policy=site_policy, ledger=ledger, seed=seed)
+                ledger = PrivacyLedger(root / site.spec.site_id / LEDGER_NAME)
+            trainer = SiteTrainer(site=site, policy=policy, ledger=ledger, seed=seed)
             state: Mapping[str, torch.Tensor] | None = None
             for rnd in range(1, rounds + 1):
                 request = RoundRequest(
@@ -181,6 +180,8 @@ def pooled(
     """
     _check_sites(sites)
     _check_rounds(rounds)
+    # Not a site's policy: the pooled reference trains no site's model and asks no site's
+    # consent; its trainers only encode each site's data (SitePolicy's defaults, no DP).
     trainers = [
         SiteTrainer(site=s, policy=SitePolicy(require_dp=False), ledger=None, seed=seed)
         for s in sites
@@ -221,17 +222,6 @@ def pooled(
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _default_policy(train: TrainConfig, dp: DPConfig) -> SitePolicy:
-    """The federation's default site policy, accounting as ``dp`` does."""
-    default = SitePolicy()
-    return SitePolicy(
-        delta=dp.delta,
-        accountant=dp.accountant,
-        require_dp=dp.enabled,
-        max_local_epochs=max(train.epochs, default.max_local_epochs),
-    )
 
 
 @contextmanager

@@ -56,6 +56,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 from fedcare.common import keys
 from fedcare.common.errors import DataError
 from fedcare.common.files import write_private_atomic
+from fedcare.common.run_files import METRICS_NAME, PLOTS_DIR
 
 __all__ = [
     "COLUMNS",
@@ -779,15 +780,15 @@ def write_run_plots(run_dir: Path, *, splits: Sequence[Split] = ("test",)) -> li
         ``metrics.csv`` is missing or invalid.
     """
     run_dir = Path(run_dir)
-    frame = read_metrics_csv(run_dir / "metrics.csv")
+    frame = read_metrics_csv(run_dir / METRICS_NAME)
     written = []
     for split, metric in run_plot_specs(frame, splits=splits):
-        path = run_dir / "plots" / f"{split}_{metric}.png"
+        path = run_dir / PLOTS_DIR / f"{split}_{metric}.png"
         plot_metric_per_round(frame, metric, path, split=split)
         written.append(path)
     personal = frame[_is_personal(frame) & (frame["metric"] == SITE_MODELS_METRIC)]
     for split in (s for s in splits if (personal["split"] == s).any()):
-        path = run_dir / "plots" / f"{split}_{SITE_MODELS_METRIC}_per_site.png"
+        path = run_dir / PLOTS_DIR / f"{split}_{SITE_MODELS_METRIC}_per_site.png"
         plot_site_models(frame, path, metric=SITE_MODELS_METRIC, split=split)
         written.append(path)
     return written

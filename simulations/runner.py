@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import secrets
 import shutil
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import tomli_w
 
@@ -44,8 +43,20 @@ from fedcare.client.policy import simulated_site_policy
 from fedcare.common.errors import ConfigError, DataError
 from fedcare.common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
 from fedcare.common.locks import FolderLock
+from fedcare.common.run_files import (
+    BASELINE_LEDGERS_DIR,
+    CONFIG_NAME,
+    METRICS_NAME,
+    PROGRESS_NAME,
+    RECORD_NAME,
+    SITES_DIR,
+    SITES_MANIFEST_NAME,
+    STATE_DIR,
+    SUMMARY_NAME,
+)
+from fedcare.common.run_record import RunRecord, load_run_record
 from fedcare.common.spec import SPEC_FILENAME, describe_schema_difference
-from fedcare.common.summary import RECORD_NAME, SUMMARY_NAME, RunSummary, write_summary
+from fedcare.common.summary import RunSummary, write_summary
 from fedcare.common.tomlcompat import tomllib
 from fedcare.server.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from fedcare.server.summary import build_summary
@@ -58,6 +69,7 @@ from fedcare.simulations.flower_driver import (
 )
 from fedcare.simulations.reports import (
     MetricRow,
+    Split,
     baseline_rows,
     personal_rows,
     write_metrics_csv,
@@ -66,7 +78,7 @@ from fedcare.simulations.reports import (
 from fedcare.simulations.scenario import Scenario
 from fedcare.simulations.synth import synthesize
 
-STATE_DIR_NAME = "state"
+STATE_DIR_NAME = STATE_DIR
 """The folder of a run directory that holds its simulated sites' durable state."""
 
 __all__ = [
@@ -82,10 +94,6 @@ __all__ = [
     "METRICS_NAME",
 ]
 
-#: The resolved configuration a start writes into the run directory (its run id included).
-CONFIG_NAME = "config.toml"
-#: The run's long-format metrics (:mod:`fedcare.simulations.reports`).
-METRICS_NAME = "metrics.csv"
 _RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -194,7 +202,7 @@ def prepare_sites(scenario: Scenario, out: Path, *, reuse: bool = False) -> list
     With ``reuse`` (resuming), the folders an earlier start listed in ``sites.json`` are kept
     as they are, ledgers included.
     """
-    manifest = out / "sites.json"
+    manifest = out / SITES_MANIFEST_NAME
     if reuse and manifest.is_file():
         return [Path(p) for p in json.loads(manifest.read_text(encoding="utf-8"))]
     if scenario.data_root:
@@ -209,7 +217,11 @@ def prepare_sites(scenario: Scenario, out: Path, *, reuse: bool = False) -> list
             )
         return sites
     return synthesize(
-        out / "sites", n_sites=scenario.sites, seed=scenario.seed, config=scenario.synth, force=True
+        out / SITES_DIR,
+        n_sites=scenario.sites,
+        seed=scenario.seed,
+        config=scenario.synth,
+        force=True,
     )
 
 
@@ -358,7 +370,7 @@ def _run_locked(
             "state-root": str(state_root),
             "run-id": run_id,
             "run-dir": str(run_dir),
-            "sites-manifest": str(out / "sites.json"),
+            "sites-manifest": str(out / SITES_MANIFEST_NAME),
             "num-sites": len(sites),
             "min-sites": min(cfg.min_sites, len(sites)),
         }
@@ -370,14 +382,16 @@ def _run_locked(
     else:  # a new run: nothing of an earlier one may be mistaken for its results
         stale = (
             CHECKPOINT_NAME,
-            "progress.jsonl",
+            PROGRESS_NAME,
             RECORD_NAME,
             SUMMARY_NAME,
             METRICS_NAME,
         )
     for name in stale:
         (run_dir / name).unlink(missing_ok=True)
-    (out / "sites.json").write_text(json.dumps([str(f.resolve()) for f in folders], indent=1))
+    (out / SITES_MANIFEST_NAME).write_text(
+        json.dumps([str(f.resolve()) for f in folders], indent=1)
+    )
     resolved = {
         "scenario": scenario.model_dump(mode="json", exclude_none=True),
         "federation": cfg.to_run_config(),
@@ -391,7 +405,7 @@ def _run_locked(
         clientapp="fedcare.client.app:app",
     )
     gpus = scenario.gpus_per_site if _cuda_available() else 0.0
-    progress_file = run_dir / "progress.jsonl"
+    progress_file = run_dir / PROGRESS_NAME
     seen = (
         len(progress_file.read_text(encoding="utf-8").splitlines())
         if progress_file.is_file()
@@ -413,7 +427,7 @@ def _run_locked(
 
         def poll() -> None:
             nonlocal seen
-            progress = run_dir / "progress.jsonl"
+            progress = run_dir / PROGRESS_NAME
             if on_progress is None or not progress.is_file():
                 return
             lines = progress.read_text(encoding="utf-8").splitlines()
@@ -446,7 +460,7 @@ def _run_locked(
     if own_link:
         shutil.rmtree(out / ".flower" / "home", ignore_errors=True)
 
-    record = json.loads((run_dir / RECORD_NAME).read_text(encoding="utf-8"))
+    record = load_run_record(run_dir / RECORD_NAME)
     baselines: dict[str, Any] = {"local_only": {}, "pooled": {}}
     if scenario.baselines:
         train, dp = settings_from_run(cfg, proximal_mu=0.0)  # baselines train plainly
@@ -457,7 +471,7 @@ def _run_locked(
             dp=dp,
             rounds=cfg.num_server_rounds,
             seed=cfg.seed,
-            ledger_dir=out / "baseline-ledgers",
+            ledger_dir=out / BASELINE_LEDGERS_DIR,
             policy=simulated_site_policy(cfg),  # the policy the ClientApp's sites enforce
         )
         baselines["pooled"] = pooled(
@@ -481,7 +495,7 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def metric_rows(record: dict[str, Any], baselines: dict[str, Any]) -> list[MetricRow]:
+def metric_rows(record: RunRecord, baselines: dict[str, Any]) -> list[MetricRow]:
     """The rows of ``metrics.csv``: every round's global and per-site numbers, the sites'
     personalized models' (``personal:<site id>``, :func:`fedcare.simulations.reports.personal_rows`)
     where the round recorded them, then the baselines' metrics at the run's last planned round.
@@ -489,28 +503,28 @@ def metric_rows(record: dict[str, Any], baselines: dict[str, Any]) -> list[Metri
     Parameters
     ----------
     record:
-        The server's run record (``server_record.json``).
+        The server's run record (``server_record.json``, :mod:`fedcare.common.run_record`).
     baselines:
         ``{"local_only": {site_id: metrics}, "pooled": metrics}``, either may be empty.
     """
     rows: list[MetricRow] = []
-    for entry in sorted(record["rounds"], key=lambda e: e["round"]):
-        rnd = entry["round"]
-        for name, value in entry["metrics"].items():
+    for entry in sorted(record.rounds, key=lambda e: e.round):
+        rnd = entry.round
+        for name, value in entry.metrics.items():
             split, _, metric = name.partition(".")
-            rows.append(MetricRow(rnd, "global", split, metric, float(value)))
-        for site_id, values in sorted(entry["sites"].items()):
+            rows.append(MetricRow(rnd, "global", cast(Split, split), metric, value))
+        for site_id, values in sorted(entry.sites.items()):
             for name, value in values.items():
                 if "." in name:
                     split, _, metric = name.partition(".")
                 else:
                     split, metric = "train", name
-                if isinstance(value, (int, float)) and math.isfinite(float(value)):
-                    rows.append(MetricRow(rnd, site_id, split, metric, float(value)))
-        rows += personal_rows(entry.get("personal") or {}, round=rnd)
+                # finite (the record is typed); MetricRow checks the split
+                rows.append(MetricRow(rnd, site_id, cast(Split, split), metric, value))
+        rows += personal_rows(entry.personal, round=rnd)
     rows += baseline_rows(
         local_only=baselines.get("local_only") or {},
         pooled=baselines.get("pooled") or {},
-        round=int(record["rounds_planned"]),
+        round=record.rounds_planned,
     )
     return rows

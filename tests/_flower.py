@@ -6,11 +6,13 @@ import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedcare.common import keys
 from fedcare.common.encoding import input_dims
+from fedcare.common.packed_arrays import pack_record, unpack_record
 from fedcare.common.spec import load_site_spec
 from fedcare.models import build_model, default_model_for
 
@@ -48,9 +50,15 @@ def server_message(
     )
     TaskIdentity.node_id = 1  # the server's side
     msg = Message(
-        RecordDict({keys.REC_ARRAYS: ArrayRecord(model.state_dict()), keys.REC_CONFIG: config}),
+        RecordDict({keys.REC_ARRAYS: pack_record(model.state_dict()), keys.REC_CONFIG: config}),
         dst_node_id=100,
         message_type=kind,
     )
     TaskIdentity.node_id = 100  # the site's side, for its reply
     return msg
+
+
+def model_of(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The named tensors a message's model arrays carry (packed on the wire, as fedcare's
+    server and sites send them; plain named arrays pass through)."""
+    return {name: torch.from_numpy(value) for name, value in unpack_record(arrays).items()}

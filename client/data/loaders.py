@@ -1,6 +1,6 @@
 """Loading a site's files into :class:`~fedcare.client.data.site.SiteData`.
 
-:func:`load_site` validates the site first (:func:`~fedcare.client.data.validation.validate_site`)
+:func:`load_site` validates the site first (:func:`~fedcare.client.data.data_checks.validate_site`)
 and refuses, with every problem listed, when anything is wrong; the per-modality loaders
 below then only convert. Called on their own, the loaders do not validate: a cell that
 does not convert becomes NaN.
@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fedcare.client.data.data_checks import validate_and_open
 from fedcare.client.data.events import aggregate_events, parse_events
 from fedcare.client.data.files import SiteFiles
 from fedcare.client.data.fingerprint import dataset_fingerprint, image_paths
 from fedcare.client.data.site import SiteData
 from fedcare.client.data.tables import as_text, binary_label, columns_to_numbers, to_numbers
-from fedcare.client.data.validation import validate_and_open
 from fedcare.common.errors import DataValidationError
 from fedcare.common.spec import Feature, SiteSpec
 
@@ -196,7 +196,7 @@ def load_site(path: str | Path) -> SiteData:
     ------
     DataValidationError
         When validation finds any error; ``problems`` holds every
-        :class:`~fedcare.client.data.validation.Problem` (warnings included).
+        :class:`~fedcare.client.data.data_checks.DataProblem` (warnings included).
     """
     report, files = validate_and_open(path)
     if not report.ok or report.spec is None or files is None:

@@ -37,6 +37,7 @@ from fedcare.client.accounting import (
     independent_epsilon,
     merge_mechanisms,
 )
+from fedcare.common import audit_kinds as kinds
 from fedcare.common.audit import read_entries
 from fedcare.simulations.audit.findings import EpsilonAudit, EpsilonRow
 from fedcare.simulations.audit.verify import SERVER_WRITER, find_run_logs, run_config
@@ -69,7 +70,7 @@ class Charge:
     accountant: str
     # "evaluate": a private evaluation release (joins the history only); "personalize": the
     # DP fine-tune of a site's personal model (a row of its own, like a training round).
-    kind: str = "train"
+    kind: str = kinds.TRAIN
 
 
 def _mechanism(data: dict[str, Any]) -> Mechanism:
@@ -91,8 +92,8 @@ def site_log_charges(entries: Sequence[dict[str, Any]]) -> list[Charge]:
         d = e["data"]
         if d.get("mechanism") is None:
             continue
-        charged = e["kind"] in ("evaluate", "personalize")
-        if not (charged or (e["kind"] == "train" and d.get("dp"))):
+        charged = e["kind"] in (kinds.EVALUATE, kinds.PERSONALIZE)
+        if not (charged or (e["kind"] == kinds.TRAIN and d.get("dp"))):
             continue
         key = (str(d["dataset_fingerprint"]), str(e["run_id"]), int(d["round"]), e["kind"])
         if key in seen:
@@ -122,7 +123,7 @@ def server_log_charges(entries: Sequence[dict[str, Any]]) -> list[Charge]:
     for e in entries:
         d = e["data"]
         report = d.get("site") or {}
-        if e["kind"] not in ("update", "rejected") or report.get("dp") is not True:
+        if e["kind"] not in kinds.SERVER_UPDATE_KINDS or report.get("dp") is not True:
             continue
         key = (str(d["site_id"]), str(e["run_id"]), int(d["round"]))
         if key in seen:
@@ -156,7 +157,7 @@ def audit_charges(
         past = history.setdefault((c.site_id, c.dataset), [])
         past.append(c.mechanism)
         key = (c.site_id, c.run_id, c.round, c.kind)
-        if c.kind not in ("train", "personalize"):
+        if c.kind not in (kinds.TRAIN, kinds.PERSONALIZE):
             continue  # an evaluation's charge counts in the history; rows are per round
         if (run_ids is not None and c.run_id not in run_ids) or key in done:
             continue
@@ -171,7 +172,7 @@ def audit_charges(
                 recomputed_epsilon=recomputed,
                 difference=recomputed - c.reported_epsilon,
                 flagged=c.reported_epsilon < recomputed - TOLERANCE,
-                kind="personalize" if c.kind == "personalize" else "train",
+                kind=kinds.PERSONALIZE if c.kind == kinds.PERSONALIZE else kinds.TRAIN,
             )
         )
     return rows
@@ -199,7 +200,8 @@ def recompute_epsilon(run_dir: Path) -> EpsilonAudit:
     """
     logs = find_run_logs(Path(run_dir))
     server_entries = read_entries(logs.server) if logs.server is not None else []
-    run_ids = {str(e["run_id"]) for e in server_entries if e["kind"] in ("run-start", "run-resume")}
+    starts = kinds.SERVER_START_KINDS
+    run_ids = {str(e["run_id"]) for e in server_entries if e["kind"] in starts}
     if not run_ids:
         configured = str(run_config(Path(run_dir)).get("run-id") or "")
         run_ids = {configured} if configured else set()
@@ -216,8 +218,8 @@ def recompute_epsilon(run_dir: Path) -> EpsilonAudit:
         rows.extend(audit_charges(charges, run_ids=run_ids or None))
     # The server's reports of its latest start of the run (an earlier start in the same
     # folder may have had other sites).
-    starts = [i for i, e in enumerate(server_entries) if e["kind"] == "run-start"]
-    latest = server_entries[starts[-1] :] if starts else server_entries
+    first = [i for i, e in enumerate(server_entries) if e["kind"] == kinds.RUN_START]
+    latest = server_entries[first[-1] :] if first else server_entries
     fallback = [c for c in server_log_charges(latest) if c.site_id not in covered]
     accountants.update(c.accountant for c in fallback)
     rows.extend(audit_charges(fallback, run_ids=run_ids or None))

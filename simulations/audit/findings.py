@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedcare.common.run_files import ATTACKS_NAME
+
 __all__ = [
     "LogCheck",
     "VerifyResult",
@@ -24,7 +26,7 @@ __all__ = [
     "ATTACKS_FILE",
 ]
 
-ATTACKS_FILE = "audit/attacks.json"
+ATTACKS_FILE = ATTACKS_NAME
 
 
 class _Frozen(BaseModel):

@@ -1,4 +1,4 @@
-"""``fedcare audit verify``: check a run's audit logs and cross-check server against sites.
+"""Check a run's audit logs and cross-check server against sites (``fedcare audit verify``).
 
 Each log is verified on its own (:func:`fedcare.common.audit.check_log`: every line intact, in
 sequence, chained and signed by the key its log-open entry declares, or by the trusted key
@@ -35,10 +35,14 @@ Limits: a log alone cannot show that its last whole entries were cut off (the an
 above and ``run-end`` do, up to the last head the other side recorded), and a log replaced
 wholesale by one signed with another key is only caught where the other side's log
 covers the same session, or with ``--key``: publish each writer's key fingerprint.
+
+This module is the verifier, a library; the command is
+:func:`fedcare.simulations.audit.verify_cli.audit_verify`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,19 +50,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import typer
-
-from fedcare.common.audit import (
-    LoggedEntry,
-    LogHead,
-    LogVerification,
-    check_log,
-    hash_arrays,
-    load_public_key_file,
-)
+from fedcare.common import audit_kinds as kinds
+from fedcare.common.audit import LoggedEntry, LogHead, LogVerification, check_log, hash_arrays
 from fedcare.common.errors import ConfigError, FedcareError
+from fedcare.common.run_files import (
+    CONFIG_NAME,
+    FINAL_MODEL_NAME,
+    RECORD_NAME,
+    SERVER_AUDIT_LOG,
+    SITE_AUDIT_LOG,
+    SITE_STATE_DIR,
+    SITES_MANIFEST_NAME,
+)
+from fedcare.common.run_record import load_run_record
 from fedcare.common.spec import load_site_spec
-from fedcare.common.summary import RECORD_NAME
 from fedcare.common.tomlcompat import tomllib
 from fedcare.simulations.audit.findings import LogCheck, VerifyResult
 
@@ -72,13 +77,11 @@ __all__ = [
     "run_config",
     "verify_paths",
     "cross_check",
-    "audit_verify",
 ]
 
-SERVER_WRITER = "server"
-SERVER_LOG = "audit/server.jsonl"
-SITE_LOG = "audit.jsonl"
-_SITE_STATE = ".fedcare"
+SERVER_WRITER = kinds.SERVER_WRITER
+SERVER_LOG = SERVER_AUDIT_LOG
+SITE_LOG = SITE_AUDIT_LOG
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,10 @@ class RunLogs:
 
 
 #: Server events about one site in one round, matched against the site's own refusals.
-_SITE_EVENTS = frozenset({"refused", "failed", "diverged", "dropped", "evaluate-failed"})
+_SITE_EVENTS = frozenset(kinds.SERVER_EVENT_KINDS) - {kinds.ROUND_SKIPPED}
+#: What the server logs when a site refused (or failed) training, or evaluation.
+_TRAIN_REFUSALS = frozenset({kinds.REFUSED, kinds.FAILED, kinds.DIVERGED, kinds.DROPPED})
+_EVALUATE_REFUSALS = frozenset({kinds.EVALUATE_FAILED, kinds.DROPPED})
 
 
 def _lenient_entries(path: Path) -> list[dict[str, Any]]:
@@ -112,17 +118,19 @@ def _lenient_entries(path: Path) -> list[dict[str, Any]]:
 
 def run_config(run_dir: Path) -> dict[str, Any]:
     """The run config of a run directory: from the server's audit log, else ``config.toml``
-    (``[federation]``), else ``server_record.json``; ``{}`` when none is there."""
+    (``[federation]``), else ``server_record.json``; ``{}`` when none is readable.
+
+    Only used to locate files: a damaged record is reported by :func:`run_dir_problems`."""
     run_dir = Path(run_dir)
     server = run_dir / SERVER_LOG
     if server.is_file():
         for entry in _lenient_entries(server):
             data = entry.get("data")
-            if entry.get("kind") in ("run-start", "run-resume") and isinstance(data, dict):
+            if entry.get("kind") in kinds.SERVER_START_KINDS and isinstance(data, dict):
                 config = data.get("config")
                 if isinstance(config, dict):
                     return config
-    toml = run_dir / "config.toml"
+    toml = run_dir / CONFIG_NAME
     if toml.is_file():
         try:
             federation = tomllib.loads(toml.read_text(encoding="utf-8")).get("federation")
@@ -132,12 +140,8 @@ def run_config(run_dir: Path) -> dict[str, Any]:
             return federation
     record = run_dir / RECORD_NAME
     if record.is_file():
-        try:
-            config = json.loads(record.read_text(encoding="utf-8")).get("config")
-        except (ValueError, UnicodeDecodeError):
-            config = None
-        if isinstance(config, dict):
-            return config
+        with contextlib.suppress(ConfigError):  # damaged: run_dir_problems says so
+            return dict(load_run_record(record).config)
     return {}
 
 
@@ -147,7 +151,7 @@ def find_run_logs(run_dir: Path) -> RunLogs:
     server = run_dir / SERVER_LOG
     state_root = str(run_config(run_dir).get("state-root") or "")
     folders: list[Path] = []
-    manifest = run_dir / "sites.json"
+    manifest = run_dir / SITES_MANIFEST_NAME
     if manifest.is_file():
         try:
             folders = [Path(p) for p in json.loads(manifest.read_text(encoding="utf-8"))]
@@ -158,7 +162,7 @@ def find_run_logs(run_dir: Path) -> RunLogs:
             ) from e
     sites: list[Path] = []
     for folder in folders:
-        sites.append(folder / _SITE_STATE / SITE_LOG)
+        sites.append(folder / SITE_STATE_DIR / SITE_LOG)
         if state_root:
             try:
                 site_id = load_site_spec(folder).site_id
@@ -204,7 +208,7 @@ def _expand(paths: Iterable[Path]) -> list[Path]:
             if not found:
                 raise ConfigError(
                     f"{path}: no audit log found (neither {SERVER_LOG} nor site logs via "
-                    "sites.json); give the .jsonl files themselves"
+                    f"{SITES_MANIFEST_NAME}); give the .jsonl files themselves"
                 )
             out.extend(found)
         elif path.is_file():
@@ -269,11 +273,11 @@ def run_dir_problems(run_dir: Path, server: LogVerification | None) -> list[str]
     if server is None or not record_path.is_file():
         return []
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        run_id, rounds = str(record["run_id"]), int(record["rounds_completed"])
-    except (ValueError, KeyError, TypeError) as e:
-        return [f"{record_path} is unreadable ({e}); it cannot be compared with the audit log"]
-    ends = [e for e in server.entries if e.kind == "run-end" and e.run_id == run_id]
+        record = load_run_record(record_path)
+    except ConfigError as e:
+        return [f"{e}; it cannot be compared with the audit log"]
+    run_id, rounds = record.run_id, record.rounds_completed
+    ends = [e for e in server.entries if e.kind == kinds.RUN_END and e.run_id == run_id]
     if not ends:
         if not server.ok:
             return []  # already reported: the log is broken before its end
@@ -288,7 +292,7 @@ def run_dir_problems(run_dir: Path, server: LogVerification | None) -> list[str]
             f"{record_path.name} says {rounds} rounds completed, the server log's run-end "
             f"(line {end.line}) says {end.data.get('rounds_completed')}"
         )
-    model_path = run_dir / "final_model.pt"
+    model_path = run_dir / FINAL_MODEL_NAME
     if model_path.is_file():
         import torch  # heavy; only needed here
 
@@ -341,7 +345,7 @@ class _ServerIndex:
         for e in log.entries:
             run, d = e.run_id or "", e.data
             rnd: Any = d.get("round")
-            if e.kind == "run-start" or (e.kind == "run-resume" and run not in current):
+            if e.kind == kinds.RUN_START or (e.kind == kinds.RUN_RESUME and run not in current):
                 current[run] = _Session(run, e.line)
                 index.sessions.append(current[run])
             session = current.get(run)
@@ -365,24 +369,24 @@ class _ServerIndex:
         return before[-1] if before else None
 
 
-_ROUND_KINDS = frozenset({"round-start", "aggregate", "update", "rejected"})
+_ROUND_KINDS = frozenset({kinds.ROUND_START, kinds.AGGREGATE, *kinds.SERVER_UPDATE_KINDS})
 
 
 def _index_entry(session: _Session, e: LoggedEntry, problems: list[str]) -> None:
     d = e.data
     rnd: Any = d.get("round")
-    if e.kind in ("run-start", "run-resume"):
+    if e.kind in kinds.SERVER_START_KINDS:
         session.config.add(str(d.get("config_sha256")))
-        if e.kind == "run-start":
+        if e.kind == kinds.RUN_START:
             session.initial.add(str(d.get("model_sha256")))
         else:
             session.aggregated[int(d.get("after_round", 0))].add(str(d.get("model_sha256")))
-    elif e.kind == "round-start":
+    elif e.kind == kinds.ROUND_START:
         session.sent[int(rnd)].add(str(d.get("model_sha256")))
-    elif e.kind == "aggregate":
+    elif e.kind == kinds.AGGREGATE:
         session.aggregated[int(rnd)].add(str(d.get("model_sha256")))
         session.last_aggregate = str(d.get("model_sha256"))
-    elif e.kind in ("update", "rejected"):
+    elif e.kind in kinds.SERVER_UPDATE_KINDS:
         site_id = str(d.get("site_id"))
         session.updates[(site_id, int(rnd))].append(e)
         fingerprint = (d.get("site") or {}).get("key_fingerprint")
@@ -391,7 +395,7 @@ def _index_entry(session: _Session, e: LoggedEntry, problems: list[str]) -> None
     elif e.kind in _SITE_EVENTS and rnd is not None:
         session.events[(str(d.get("site_id")), int(rnd))].add(e.kind)
     elif (
-        e.kind == "run-end"
+        e.kind == kinds.RUN_END
         and session.last_aggregate is not None
         and d.get("model_sha256") != session.last_aggregate
     ):
@@ -424,7 +428,7 @@ def _anchor(head: Any, target: LogVerification, who: str, where: str) -> str | N
     return None  # the target log is already reported broken before that line
 
 
-_REPORT_FIELDS = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps")
+_REPORT_FIELDS = ("epsilon", "delta", *kinds.MECHANISM_FIELDS)
 
 
 def _report_differs(site_data: dict[str, Any], server_site: dict[str, Any]) -> list[str]:
@@ -432,7 +436,7 @@ def _report_differs(site_data: dict[str, Any], server_site: dict[str, Any]) -> l
     mine = {
         "epsilon": site_data.get("epsilon"),
         "delta": site_data.get("delta"),
-        **{k: mechanism.get(k) for k in ("noise_multiplier", "sample_rate", "steps")},
+        **{k: mechanism.get(k) for k in kinds.MECHANISM_FIELDS},
     }
     if not site_data.get("dp"):
         return [] if not server_site.get("dp") else ["dp"]
@@ -456,7 +460,7 @@ def _check_site(server: _ServerIndex, site: LogVerification) -> list[str]:
                 f"is {str(key)[:16]}..., but the server log {server.log.path} is signed with "
                 f"{server.log.key_fingerprint[:16]}...: the server log was replaced or re-keyed"
             )
-        if e.kind == "run-start":
+        if e.kind == kinds.RUN_START:
             configs = [s.config for s in server.sessions if s.run_id == (e.run_id or "")]
             key = e.data.get("server_key")
             if (
@@ -518,27 +522,23 @@ def _check_session(
             problems.append(problem)
         if rnd is None:
             continue
-        if e.kind == "train":
+        if e.kind == kinds.TRAIN:
             sent[int(rnd)].add(str(d.get("sent_sha256")))
             problems.extend(_check_train(session, w, e, where))
-        elif e.kind in ("evaluate", "personalize"):  # personalize: a fine-tune of it
+        elif e.kind in (kinds.EVALUATE, kinds.PERSONALIZE):  # personalize: a fine-tune of it
             models = session.initial if int(rnd) == 0 else session.aggregated[int(rnd)]
             if d.get("received_sha256") not in models:
-                what = "evaluated" if e.kind == "evaluate" else "fine-tuned"
+                what = "evaluated" if e.kind == kinds.EVALUATE else "fine-tuned"
                 problems.append(
                     f"{where}: {what} a model (round {rnd}) that is not the global model the "
                     "server's log records for that round"
                 )
-        elif e.kind == "refused":
+        elif e.kind == kinds.REFUSED:
             refusals.add((int(rnd), str(d.get("phase"))))
     for rnd, phase in sorted(refusals):
-        kinds = session.events.get((w, rnd), set())
-        wanted = (
-            {"evaluate-failed", "dropped"}
-            if phase == "evaluate"
-            else {"refused", "failed", "diverged", "dropped"}
-        )
-        if not kinds & wanted:
+        logged = session.events.get((w, rnd), set())
+        wanted = _EVALUATE_REFUSALS if phase == "evaluate" else _TRAIN_REFUSALS
+        if not logged & wanted:
             problems.append(
                 f"site {w} logged refusing {phase} in round {rnd} of run {run}, but the "
                 "server's log has no refusal from it in that round"
@@ -582,7 +582,7 @@ def _check_train(session: _Session, w: str, e: LoggedEntry, where: str) -> list[
         u for u in session.updates.get((w, rnd), []) if u.data.get("sha256") == d.get("sent_sha256")
     ]
     if not matches:
-        if "dropped" not in session.events.get((w, rnd), set()):
+        if kinds.DROPPED not in session.events.get((w, rnd), set()):
             problems.append(
                 f"{where}: sent an update in round {rnd} that the server's log does not "
                 "record receiving (nor a drop-out of the site)"
@@ -615,68 +615,3 @@ def cross_check(logs: Sequence[LogVerification]) -> list[str]:
         for site in sites:
             problems.extend(_check_site(server, site))
     return list(dict.fromkeys(problems))
-
-
-# --------------------------------------------------------------------------- command
-
-
-def _trusted_keys(specs: Sequence[Path]) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    for spec in specs:
-        writer, sep, file = str(spec).partition("=")
-        if not sep or not writer or not file:
-            raise ConfigError(
-                f"--key {spec}: give WRITER=KEYFILE, e.g. --key server=/secure/server-key.pub "
-                "or --key site-0=site-0-audit-key.pem"
-            )
-        out[writer] = load_public_key_file(Path(file))
-    return out
-
-
-def audit_verify(
-    paths: list[Path] = typer.Argument(  # noqa: B008
-        ..., help="Audit logs (.jsonl) and/or run directories."
-    ),
-    key: list[Path] = typer.Option(  # noqa: B008
-        [],
-        "--key",
-        help=(
-            "WRITER=KEYFILE: the trusted public key of a writer ('server' or a site id), as a "
-            "PEM public or private key or the raw key in base64/hex. That writer's log must "
-            "be signed with it. Repeatable."
-        ),
-    ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
-    """Verify audit logs: each one intact and signed, and server and sites consistent.
-
-    Exits 0 only when every log verifies and no cross-check fails; 1 otherwise.
-
-    Raises
-    ------
-    ConfigError
-        If a path does not exist or a --key is malformed.
-    """
-    result = verify_paths(paths, trusted_keys=_trusted_keys(key))
-    if json_out:
-        typer.echo(result.model_dump_json(indent=2))
-    else:
-        for log in result.logs:
-            status = "OK" if log.ok else f"FIRST BAD LINE {log.first_bad_line}: {log.problem}"
-            writer = log.writer or "?"
-            typer.echo(
-                f"{log.path}: writer {writer}, {log.entries} entries, key "
-                f"{log.key_fingerprint or '?'}, {status}"
-            )
-            for notice in log.notices:
-                typer.echo(f"  notice: {notice}")
-        for problem in result.cross_check_problems:
-            typer.echo(f"cross-check: {problem}")
-        if not key:
-            typer.echo(
-                "note: no --key given: each log was checked against the key in its own first "
-                "entry; compare the key fingerprints above with the ones each writer published"
-            )
-        typer.echo("verified: OK" if result.ok else "verified: FAILED")
-    if not result.ok:
-        raise typer.Exit(1)

@@ -25,8 +25,8 @@ from typing import Any
 
 import tomli_w
 
+from fedcare.client.data.data_checks import validate_site
 from fedcare.client.data.split import split_patients
-from fedcare.client.data.validation import validate_site
 from fedcare.common.errors import ConfigError, DataError
 from fedcare.common.spec import (
     SPEC_FILENAME,

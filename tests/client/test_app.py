@@ -20,7 +20,7 @@ from fedcare.common import keys
 from fedcare.common.federation import FederationConfig
 from fedcare.common.spec import load_site_spec
 from fedcare.simulations.synth import SynthConfig, synthesize
-from tests._flower import server_message, task_identity
+from tests._flower import model_of, server_message, task_identity
 
 ROOT_SITES = 2
 
@@ -73,11 +73,11 @@ def test_train_reply_holds_only_arrays_aggregates_and_site_record(
     sites: Path, tmp_path: Path
 ) -> None:
     msg = _message(sites, "train")
-    sent = msg.content[keys.REC_ARRAYS].to_torch_state_dict()
+    sent = model_of(msg.content[keys.REC_ARRAYS])
     reply = handle_train(msg, _context(sites, tmp_path))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     _assert_only_aggregates(reply)
-    arrays = reply.content[keys.REC_ARRAYS].to_torch_state_dict()
+    arrays = model_of(reply.content[keys.REC_ARRAYS])
     assert set(arrays) == set(sent)  # the model's own parameter names, no "_module." prefix
     assert all(arrays[k].shape == sent[k].shape for k in sent)
     assert any(not torch.equal(arrays[k], sent[k]) for k in sent)

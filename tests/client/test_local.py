@@ -29,10 +29,10 @@ from fedcare.client.accounting import (
 )
 from fedcare.client.data.loaders import load_site
 from fedcare.client.data.site import SiteData
+from fedcare.client.dpsgd import DPConfig, GradSampleMode
 from fedcare.client.ledger import ChargeReceipt, PrivacyLedger
 from fedcare.client.local import RoundRequest, RoundResult, SiteTrainer
 from fedcare.client.policy import SitePolicy
-from fedcare.client.privacy import DPConfig, GradSampleMode
 from fedcare.client.training import TrainConfig, TrainStats
 from fedcare.common import keys
 from fedcare.common.errors import ConfigError, PolicyViolation, PrivacyBudgetExceeded, RoundFailed

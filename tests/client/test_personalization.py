@@ -29,11 +29,11 @@ from fedcare.client.accounting import (
 )
 from fedcare.client.data.loaders import load_site
 from fedcare.client.data.site import SiteData
+from fedcare.client.dpsgd import DPConfig
 from fedcare.client.ledger import PrivacyLedger
 from fedcare.client.local import RoundRequest, SiteTrainer
 from fedcare.client.personal import HEAD_PREFIX, REGISTRY, PersonalSettings, personal_settings
 from fedcare.client.policy import SitePolicy
-from fedcare.client.privacy import DPConfig
 from fedcare.client.training import TrainConfig, TrainStats
 from fedcare.common import keys
 from fedcare.common.errors import PolicyViolation

@@ -30,10 +30,10 @@ import torch
 
 from fedcare.client.data.loaders import load_site
 from fedcare.client.data.site import SiteData
+from fedcare.client.dpsgd import DPConfig
 from fedcare.client.ledger import PrivacyLedger
 from fedcare.client.local import RoundRequest, SiteTrainer
 from fedcare.client.policy import SitePolicy
-from fedcare.client.privacy import DPConfig
 from fedcare.client.training import TrainConfig, predict
 from fedcare.models import binary_metrics
 

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from fedcare.client import recipe
 from fedcare.client.data.loaders import load_site
 from fedcare.client.data.site import SiteData
+from fedcare.client.dpsgd import DPConfig, sampling
 from fedcare.client.ledger import PrivacyLedger
 from fedcare.client.local import RoundRequest, SiteTrainer, settings_from_run
 from fedcare.client.policy import SitePolicy
-from fedcare.client.privacy import DPConfig, sampling
 from fedcare.client.training import TrainConfig, make_optimizer, predict
 from fedcare.common.errors import ConfigError
 from fedcare.common.federation import FederationConfig

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from fedcare.client.site_cli import Check, run_site_checks, site_check, site_keygen
+from fedcare.client.site_checks import Check
+from fedcare.client.site_cli import run_site_checks, site_check, site_keygen
 from fedcare.client.site_config import SiteConfig, load_site_config
 from fedcare.common.certs import CertPaths, generate_node_keypair, init_certificates
 from fedcare.common.errors import ConfigError

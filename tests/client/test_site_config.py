@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from fedcare.client.policy import SitePolicy
 from fedcare.client.site_config import (
     SITE_CONFIG_FILENAME,
-    Problem,
     SiteConfig,
+    SiteConfigProblem,
     load_site_config,
     split_address,
 )
@@ -335,7 +335,7 @@ def deployed(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     return base, raw
 
 
-def _problems(base: Path, raw: dict[str, Any]) -> list[Problem]:
+def _problems(base: Path, raw: dict[str, Any]) -> list[SiteConfigProblem]:
     return load_site_config(write(base, raw)).check_files()
 
 

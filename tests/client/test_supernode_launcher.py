@@ -108,3 +108,21 @@ def test_the_site_worker_refuses_a_flower_that_inflates_messages_otherwise(
     monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", lambda *a, **k: None)
     with pytest.raises(RuntimeError, match="site worker needs updating"):
         prompt_object_pulls()
+
+
+def test_a_site_polls_fast_only_while_a_run_is_on() -> None:
+    """After answering a message the SuperNode polls every ``busy_poll_s`` (the run's next
+    message is seconds away); once BUSY_WINDOW_S passed without one, every ``poll_s``."""
+    now = [100.0]
+    faster = supernode.FasterPolls(
+        poll_s=0.5, reply_poll_s=0.1, busy_poll_s=0.1, clock=lambda: now[0]
+    )
+    assert faster.idle_wait() == 0.5  # idle from the start
+    faster.sleep(supernode._REPLY_WAIT_S)  # Flower waits for a reply: it took a message
+    assert faster.idle_wait() == 0.1
+    now[0] += supernode.BUSY_WINDOW_S - 0.01
+    assert faster.idle_wait() == 0.1
+    now[0] += 0.02
+    assert faster.idle_wait() == 0.5
+    # A busy poll never exceeds the idle one.
+    assert supernode.FasterPolls(poll_s=0.05, reply_poll_s=0.1, busy_poll_s=0.1).busy_poll_s == 0.05

@@ -20,10 +20,10 @@ import pytest
 import tomli_w
 
 from fedcare.cli import main
+from fedcare.client.data.data_checks import validate_site
 from fedcare.client.data.files import PathOutsideSite, SiteFiles
 from fedcare.client.data.fingerprint import dataset_fingerprint
 from fedcare.client.data.loaders import load_site
-from fedcare.client.data.validation import validate_site
 from fedcare.common.errors import DataError, DataValidationError
 from fedcare.common.spec import (
     EventFeature,

@@ -27,25 +27,26 @@ from typing import Any
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 
 from fedcare.client.app import handle_evaluate, handle_train
 from fedcare.client.audit import AUDIT_LOG_NAME, audited_charges
 from fedcare.client.data.site import SiteData
+from fedcare.client.dpsgd import DPConfig
 from fedcare.client.ledger import PrivacyLedger
 from fedcare.client.local import RUN_CEILING_TOLERANCE, RoundRequest, SiteTrainer
 from fedcare.client.personal import HEAD_PREFIX, PersonalSettings
 from fedcare.client.policy import SitePolicy
-from fedcare.client.privacy import DPConfig
 from fedcare.client.training import TrainConfig
 from fedcare.common import keys
 from fedcare.common.audit import public_key_raw, read_entries
 from fedcare.common.errors import PolicyViolation, PrivacyBudgetExceeded
 from fedcare.common.federation import FederationConfig
+from fedcare.common.packed_arrays import pack_record
 from fedcare.common.run_signing import RUN_SIGNATURE_KEY, sign_run, verify_run
 from fedcare.simulations.audit.epsilon import audit_charges, site_log_charges
 from fedcare.simulations.synth import SynthConfig, synthesize
-from tests._flower import server_message, task_identity
+from tests._flower import model_of, server_message, task_identity
 from tests.security.conftest import TASK
 
 pytestmark = [
@@ -94,13 +95,13 @@ def _context(sites: Path, state: Path, **run_config: Any) -> Context:
 def _message(sites: Path, kind: str, rnd: int, state: dict[str, torch.Tensor] | None) -> Message:
     msg = server_message(sites / "site-0", kind=kind, rnd=rnd, task=TASK)
     if state is not None:
-        msg.content[keys.REC_ARRAYS] = ArrayRecord(state)
+        msg.content[keys.REC_ARRAYS] = pack_record(state)
     return msg
 
 
 def _arrays(reply: Message) -> dict[str, torch.Tensor]:
     assert not reply.has_error(), reply.error.reason
-    return reply.content[keys.REC_ARRAYS].to_torch_state_dict()
+    return model_of(reply.content[keys.REC_ARRAYS])
 
 
 def _run(sites: Path, ctx: Context) -> tuple[list[Message], list[dict[str, torch.Tensor]]]:
@@ -111,7 +112,7 @@ def _run(sites: Path, ctx: Context) -> tuple[list[Message], list[dict[str, torch
     state = None
     for rnd in range(1, ROUNDS + 1):
         msg = _message(sites, "train", rnd, state)
-        sent.append(msg.content[keys.REC_ARRAYS].to_torch_state_dict())
+        sent.append(model_of(msg.content[keys.REC_ARRAYS]))
         replies.append(handle_train(msg, ctx))
         state = _arrays(replies[-1])
     replies.append(handle_evaluate(_message(sites, "evaluate", ROUNDS, state), ctx))
@@ -136,7 +137,7 @@ def test_no_reply_carries_a_personal_model(strategy: str, sites: Path, tmp_path:
         assert all(keys.is_allowed_metric(k) for k in content[keys.REC_METRICS])
         if keys.REC_ARRAYS not in content:
             continue
-        for array in content[keys.REC_ARRAYS].to_torch_state_dict().values():
+        for array in model_of(content[keys.REC_ARRAYS]).values():
             assert not any(a.shape == array.shape and torch.equal(a, array) for a in secret)
     assert keys.REC_ARRAYS not in replies[-1].content
     # The personal model left only as metrics: a second Gaussian release under the one

@@ -23,10 +23,10 @@ import pytest
 import torch
 
 from fedcare.client.data.site import SiteData
+from fedcare.client.dpsgd import DPConfig
 from fedcare.client.ledger import PrivacyLedger
 from fedcare.client.local import RoundRequest, SiteTrainer
 from fedcare.client.policy import SitePolicy
-from fedcare.client.privacy import DPConfig
 from fedcare.client.training import TrainConfig
 from fedcare.common import keys
 from fedcare.common.errors import PolicyViolation, PrivacyBudgetExceeded, RoundFailed

@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedcare.common import keys
 from fedcare.common.federation import FederationConfig
+from fedcare.common.packed_arrays import PACKED_PREFIX, pack_record, unpack_record
 from fedcare.server.checkpoint import load_checkpoint
 from fedcare.server.guard import GuardedStrategy, weighted_global_metrics
 from tests._flower import task_identity
@@ -79,12 +80,12 @@ def test_bad_updates_rejected_refusals_and_dropouts_recorded_round_goes_on(tmp_p
     arrays, metrics = guard.aggregate_train(1, replies)
     assert arrays is not None and metrics is not None
     np.testing.assert_allclose(arrays["w"].numpy(), np.ones((2, 2)))  # only site-a aggregated
-    sites = guard.record["sites"]
-    assert sites["site-a"]["status"] == "completed"
-    assert sites["site-b"]["status"] == "rejected" and "NaN" in sites["site-b"]["reason"]
-    assert sites["site-c"]["status"] == "refused" and sites["site-c"]["reason"] == "budget spent"
-    assert sites["node-14"]["status"] == "dropped"
-    kinds = sorted(e["kind"] for e in guard.record["events"])
+    sites = guard.record.sites
+    assert sites["site-a"].status == "completed"
+    assert sites["site-b"].status == "rejected" and "NaN" in (sites["site-b"].reason or "")
+    assert sites["site-c"].status == "refused" and sites["site-c"].reason == "budget spent"
+    assert sites["node-14"].status == "dropped"
+    kinds = sorted(e.kind for e in guard.record.events)
     assert kinds == ["dropped", "refused", "rejected"]
 
 
@@ -99,10 +100,10 @@ def test_a_failed_or_diverged_round_is_recorded_as_such_not_as_a_refusal(tmp_pat
         TaskIdentity.node_id = node
         replies.append(Message(Error(code=code, reason=text), reply_to=_instruction(node)))
     guard.aggregate_train(1, replies)
-    sites = guard.record["sites"]
-    assert sites["site-b"]["status"] == "diverged" and "diverged" in sites["site-b"]["reason"]
-    assert sites["site-c"]["status"] == "failed"
-    assert sorted(e["kind"] for e in guard.record["events"]) == ["diverged", "failed"]
+    sites = guard.record.sites
+    assert sites["site-b"].status == "diverged" and "diverged" in (sites["site-b"].reason or "")
+    assert sites["site-c"].status == "failed"
+    assert sorted(e.kind for e in guard.record.events) == ["diverged", "failed"]
 
 
 def test_a_refusing_site_is_shown_with_its_ledger_epsilon(tmp_path: Path) -> None:
@@ -112,9 +113,9 @@ def test_a_refusing_site_is_shown_with_its_ledger_epsilon(tmp_path: Path) -> Non
     reason = keys.with_ledger_epsilon("site-c: budget spent", epsilon=7.5, delta=1e-5)
     refusal = Message(Error(code=keys.ERR_BUDGET, reason=reason), reply_to=_instruction(13))
     guard.aggregate_train(1, [_reply(11, "site-a", np.ones((2, 2), np.float32)), refusal])
-    site = guard.record["sites"]["site-c"]
-    assert site["status"] == "refused" and site["reason"] == "budget spent"
-    assert site["privacy"]["epsilon"] == 7.5 and site["privacy"]["delta"] == 1e-5
+    site = guard.record.sites["site-c"]
+    assert site.status == "refused" and site.reason == "budget spent"
+    assert site.privacy.epsilon == 7.5 and site.privacy.delta == 1e-5
 
 
 def test_wrong_shape_rejected_and_too_few_sites_keep_the_model(tmp_path: Path) -> None:
@@ -125,8 +126,8 @@ def test_wrong_shape_rejected_and_too_few_sites_keep_the_model(tmp_path: Path) -
         _reply(12, "b", np.ones((3, 2), np.float32)),
     ]
     assert guard.aggregate_train(1, replies) == (None, None)
-    assert any(e["kind"] == "round-skipped" for e in guard.record["events"])
-    assert guard.record["sites"]["b"]["reason"].startswith("array 'w' has shape (3, 2)")
+    assert any(e.kind == "round-skipped" for e in guard.record.events)
+    assert (guard.record.sites["b"].reason or "").startswith("array 'w' has shape (3, 2)")
 
 
 def test_after_round_checkpoints_atomically_with_absolute_rounds(tmp_path: Path) -> None:
@@ -162,15 +163,15 @@ def test_flower_error_for_an_offline_site_is_a_drop_out_not_a_refusal(tmp_path: 
         Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"),
         reply_to=_instruction(12),
     )
-    guard.record["nodes"]["12"] = "site-b"
+    guard.record.nodes["12"] = "site-b"
     arrays, _ = guard.aggregate_train(
         1, [_reply(11, "site-a", np.ones((2, 2), np.float32)), offline]
     )
     assert arrays is not None
-    kinds = {(e["site_id"], e["kind"]) for e in guard.record["events"]}
+    kinds = {(e.site_id, e.kind) for e in guard.record.events}
     assert ("site-b", "dropped") in kinds
     assert ("site-b", "refused") not in kinds
-    assert "went offline" in guard.record["sites"]["site-b"]["reason"]
+    assert "went offline" in (guard.record.sites["site-b"].reason or "")
 
 
 class _Grid:
@@ -204,8 +205,8 @@ def test_a_hostile_site_record_cannot_reach_the_log_unbounded(tmp_path: Path) ->
     )
     arrays, _ = guard.aggregate_train(1, [bad, refusal])
     assert arrays is not None
-    assert all(len(site) <= 128 for site in guard.record["sites"])
-    assert all(len(e["detail"]) <= 1000 for e in guard.record["events"])
+    assert all(len(site) <= 128 for site in guard.record.sites)
+    assert all(len(e.detail) <= 1000 for e in guard.record.events)
 
 
 def test_wrongly_typed_reported_numbers_reject_the_update_not_the_run(tmp_path: Path) -> None:
@@ -217,6 +218,37 @@ def test_wrongly_typed_reported_numbers_reject_the_update_not_the_run(tmp_path: 
     bad.content[keys.REC_SITE][keys.S_EPSILON] = "not a number"
     arrays, _ = guard.aggregate_train(1, [good, bad])
     assert arrays is not None
-    assert guard.record["sites"]["site-b"]["status"] == "rejected"
-    assert "malformed reply" in guard.record["sites"]["site-b"]["reason"]
-    assert guard.record["sites"]["site-a"]["status"] == "completed"
+    assert guard.record.sites["site-b"].status == "rejected"
+    assert "malformed reply" in (guard.record.sites["site-b"].reason or "")
+    assert guard.record.sites["site-a"].status == "completed"
+
+
+def test_replies_packed_in_another_order_are_aggregated_in_the_rounds_layout(
+    tmp_path: Path,
+) -> None:
+    """Flower averages packed arrays number by number: a site that packs its tensors in
+    another order (or sends them plain) must not scramble the model, and a malformed
+    packing is a rejected reply, never a crash."""
+    reference = {"a": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
+    guard = _guard(tmp_path)
+    guard._reference, guard._sent_packed = reference, True
+    guard._expected = {11, 12, 13}
+    ones = {"a": np.ones((2, 2), np.float32), "b": np.full(3, 2.0, np.float32)}
+    threes = {"b": np.full(3, 4.0, np.float32), "a": np.full((2, 2), 3.0, np.float32)}
+    replies = [
+        _reply(11, "site-a", np.zeros(0)),
+        _reply(12, "site-b", np.zeros(0)),
+        _reply(13, "site-c", np.zeros(0)),
+    ]
+    replies[0].content[keys.REC_ARRAYS] = pack_record(ones)
+    replies[1].content[keys.REC_ARRAYS] = pack_record(threes)  # b before a
+    replies[2].content[keys.REC_ARRAYS] = ArrayRecord(
+        {PACKED_PREFIX + '[["a",[9]]]': Array(np.zeros(4, np.float32))}
+    )
+    arrays, _ = guard.aggregate_train(1, replies)
+    assert arrays is not None and list(arrays) == list(pack_record(reference))
+    mean = unpack_record(arrays)
+    np.testing.assert_allclose(mean["a"], np.full((2, 2), 2.0))
+    np.testing.assert_allclose(mean["b"], np.full(3, 3.0))
+    site_c = guard.record.sites["site-c"]
+    assert site_c.status == "rejected" and "malformed reply" in (site_c.reason or "")

@@ -119,12 +119,12 @@ def test_global_metrics_of_noisy_sites_are_those_of_the_summed_noisy_release(
     for split, total in totals.items():
         assert _split_keys(out, split) == metrics_from_release(total, threshold=threshold)
     # The run record keeps each site's derived metrics, never its release's sums.
-    entry = guard.record["rounds"][0]
-    assert set(entry["metrics"]) == set(out.keys())
-    for site, values in entry["sites"].items():
+    entry = guard.record.rounds[0]
+    assert set(entry.metrics) == set(out.keys())
+    for site, values in entry.sites.items():
         assert not [k for k in values if keys.is_release_metric(k)], site
-        assert not [k for k in guard.record["sites"][site]["metrics"] if keys.is_release_metric(k)]
-    assert all(k.split(".", 1)[1] in keys.TASK_METRICS for k in entry["metrics"])
+        assert not [k for k in guard.record.sites[site].metrics if keys.is_release_metric(k)]
+    assert all(k.split(".", 1)[1] in keys.TASK_METRICS for k in entry.metrics)
 
 
 def test_a_malformed_release_is_refused_and_the_others_are_pooled(tmp_path: Path) -> None:
@@ -139,10 +139,10 @@ def test_a_malformed_release_is_refused_and_the_others_are_pooled(tmp_path: Path
     assert _split_keys(out, "test") == metrics_from_release(
         parsed["test"], threshold=threshold_from_release(parsed["val"])
     )
-    [event] = guard.record["events"]
-    assert event["site_id"] == "site-b" and event["kind"] == "evaluate-failed"
-    assert "malformed reply" in event["detail"] and "test.hist.4.1" in event["detail"]
-    assert "site-b" not in guard.record["rounds"][0]["sites"]
+    [event] = guard.record.events
+    assert event.site_id == "site-b" and event.kind == "evaluate-failed"
+    assert "malformed reply" in event.detail and "test.hist.4.1" in event.detail
+    assert "site-b" not in guard.record.rounds[0].sites
 
 
 def test_a_reply_without_metrics_is_refused_not_a_crash(tmp_path: Path) -> None:
@@ -154,7 +154,7 @@ def test_a_reply_without_metrics_is_refused_not_a_crash(tmp_path: Path) -> None:
     )
     guard = _guard(tmp_path)
     assert guard.aggregate_evaluate(1, [reply]) is None
-    assert guard.record["events"][0]["kind"] == "evaluate-failed"
+    assert guard.record.events[0].kind == "evaluate-failed"
 
 
 def test_a_site_without_a_release_falls_back_to_the_weighted_mean() -> None:
@@ -195,12 +195,12 @@ def test_a_private_evaluations_epsilon_is_the_sites_latest(tmp_path: Path) -> No
         keys.S_DELTA: 1e-5,
     }
     guard.aggregate_evaluate(1, [_reply("site-a", values, dp_info)])
-    privacy = guard.record["sites"]["site-a"]["privacy"]
-    assert (privacy["epsilon"], privacy["run_epsilon"], privacy["delta"]) == (7.9, 4.0, 1e-5)
-    assert privacy["evaluation"] == keys.EVAL_DP
+    privacy = guard.record.sites["site-a"].privacy
+    assert (privacy.epsilon, privacy.run_epsilon, privacy.delta) == (7.9, 4.0, 1e-5)
+    assert privacy.evaluation == keys.EVAL_DP
     lower = {**dp_info, keys.S_EPSILON: 3.0, keys.S_RUN_EPSILON: float("nan")}
     guard.aggregate_evaluate(2, [_reply("site-a", values, lower)])
-    assert (privacy["epsilon"], privacy["run_epsilon"]) == (7.9, 4.0)
+    assert (privacy.epsilon, privacy.run_epsilon) == (7.9, 4.0)
 
 
 def test_personal_metrics_are_reported_per_site_and_never_pooled(tmp_path: Path) -> None:
@@ -216,13 +216,13 @@ def test_personal_metrics_are_reported_per_site_and_never_pooled(tmp_path: Path)
     assert out is not None and plain is not None
     assert dict(out) == dict(plain)  # the global metrics do not move
     assert not any(keys.is_personal_metric(k) for k in out)
-    sites = guard.record["sites"]
-    assert sites["site-a"]["personal_metrics"] == {"test.auroc": 0.99, "test.n": 40.0}
-    assert sites["site-b"]["personal_metrics"] == {}
-    assert not any(keys.is_personal_metric(k) for k in sites["site-a"]["metrics"])
-    (entry,) = guard.record["rounds"]
-    assert entry["personal"] == {"site-a": {"test.auroc": 0.99, "test.n": 40.0}}
-    assert not any(keys.is_personal_metric(k) for k in entry["sites"]["site-a"])
+    sites = guard.record.sites
+    assert sites["site-a"].personal_metrics == {"test.auroc": 0.99, "test.n": 40.0}
+    assert sites["site-b"].personal_metrics == {}
+    assert not any(keys.is_personal_metric(k) for k in sites["site-a"].metrics)
+    (entry,) = guard.record.rounds
+    assert entry.personal == {"site-a": {"test.auroc": 0.99, "test.n": 40.0}}
+    assert not any(keys.is_personal_metric(k) for k in entry.sites["site-a"])
 
 
 def test_splits_released_on_other_grids_than_validation_do_not_stop_the_server() -> None:

@@ -35,6 +35,7 @@ from flwr.supercore.task_identity import TaskIdentity
 import fedcare.server.checkpoint as checkpoint_module
 from fedcare.common import keys
 from fedcare.common.federation import FederationConfig
+from fedcare.common.packed_arrays import pack_record, unpack
 from fedcare.server.app import FINAL_MODEL_NAME, RECORD_NAME, run_federation
 from fedcare.server.checkpoint import (
     CHECKPOINT_NAME,
@@ -177,7 +178,7 @@ def _run(
     )
     result = guard.start(
         grid=grid or _Sites(),  # type: ignore[arg-type]
-        initial_arrays=ArrayRecord({k: Array(v) for k, v in start.items()}),
+        initial_arrays=pack_record(start),  # as fedcare's ServerApp sends it
         num_rounds=rounds,
         timeout=5,
         evaluate_fn=guard.after_round,
@@ -187,7 +188,11 @@ def _run(
 
 def _moments(strategy: Strategy) -> dict[str, dict[str, np.ndarray] | None]:
     inner = inner_strategy(strategy)
-    return {name: getattr(inner, name) for name in OPTIMIZER_MOMENTS}
+    # By tensor name: the strategy keeps them packed, as the model travels.
+    return {
+        name: None if getattr(inner, name) is None else unpack(getattr(inner, name))
+        for name in OPTIMIZER_MOMENTS
+    }
 
 
 def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
@@ -550,7 +555,7 @@ def test_the_server_app_resumes_fedadam_where_it_stopped(
     _crash_after_cut(sites, tmp_path / "cut")
     grid = _Sites()
     record = run_federation(grid, _federation(sites, tmp_path / "cut"))  # type: ignore[arg-type]
-    assert record["resumed_from"] == CUT and "optimizer_reset" not in record
+    assert record.resumed_from == CUT and record.optimizer_reset is None
     assert sorted(set(grid.rounds_sent)) == list(range(CUT + 1, ROUNDS + 1))
     got = _final_model(tmp_path / "cut")
     assert got.keys() == expected.keys()
@@ -578,11 +583,11 @@ def test_the_server_app_resumes_an_old_checkpoint_and_says_so_once(
     record = run_federation(_Sites(), _federation(sites, tmp_path))  # type: ignore[arg-type]
     notes = [r for r in caplog.records if "older fedcare" in r.getMessage()]
     assert len(notes) == 1 and "FedAdam's moments start again from zero" in notes[0].getMessage()
-    assert record["rounds_completed"] == ROUNDS
-    assert record["optimizer_reset"]["after_round"] == CUT
-    assert "older fedcare" in record["optimizer_reset"]["reason"]
+    assert record.rounds_completed == ROUNDS
+    assert record.optimizer_reset.after_round == CUT
+    assert "older fedcare" in record.optimizer_reset.reason
     on_disk = json.loads((tmp_path / RECORD_NAME).read_text(encoding="utf-8"))
-    assert on_disk["optimizer_reset"] == record["optimizer_reset"]
+    assert on_disk["optimizer_reset"] == record.optimizer_reset.model_dump()
     final = load_checkpoint(tmp_path)
     assert final is not None and final.format == 2 and final.optimizer is not None
 
@@ -600,5 +605,5 @@ def test_fedadam_keeps_the_model_s_dtype_so_no_site_update_is_rejected(tmp_path:
         evaluate_fn=guard.after_round,
     )
     assert {v.dtype for v in arrays_to_numpy(result.arrays).values()} == {np.dtype(np.float32)}
-    kinds = [e.get("kind") for e in guard.record["events"]]
-    assert "rejected" not in kinds and "round-skipped" not in kinds, guard.record["events"]
+    kinds = [e.kind for e in guard.record.events]
+    assert "rejected" not in kinds and "round-skipped" not in kinds, guard.record.events

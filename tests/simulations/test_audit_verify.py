@@ -42,7 +42,8 @@ from fedcare.common.federation import FederationConfig
 from fedcare.server.audit import SERVER_KEY, SERVER_LOG, ServerAudit
 from fedcare.server.guard import GuardedStrategy
 from fedcare.simulations.audit.findings import VerifyResult
-from fedcare.simulations.audit.verify import audit_verify, verify_paths
+from fedcare.simulations.audit.verify import run_dir_problems, verify_paths
+from fedcare.simulations.audit.verify_cli import audit_verify
 from tests._flower import task_identity
 
 DELTA = 1e-5
@@ -185,9 +186,8 @@ def run_federation(run_dir: Path, sites: Sequence[FakeSite], *, run_id: str, rou
     )
     audit.run_end(rounds_completed=rounds, model_sha256=record_sha256(result.arrays))
     torch.save({"state_dict": result.arrays.to_torch_state_dict()}, run_dir / "final_model.pt")
-    (run_dir / "server_record.json").write_text(
-        json.dumps({"run_id": run_id, "rounds_completed": rounds})
-    )
+    guard.recorder.finish()
+    guard.recorder.write()  # server_record.json, as the ServerApp writes it after run-end
     return run_dir
 
 
@@ -322,6 +322,24 @@ def test_a_site_log_cut_after_an_update_is_found_by_the_server_anchor(
     text = "\n".join(result.cross_check_problems)
     assert "entries were cut off the site site-a log" in text
     assert "does not record sending" in text
+
+
+def test_a_damaged_run_record_is_named_not_compared(
+    run: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    run_dir, _ = run
+    record = run_dir / "server_record.json"
+    good = record.read_text()
+    try:
+        raw = json.loads(good)
+        raw["rounds_completed"] = "three"
+        record.write_text(json.dumps(raw))
+        problems = run_dir_problems(run_dir, check_log(run_dir / SERVER_LOG))
+    finally:
+        record.write_text(good)
+    assert len(problems) == 1, problems
+    assert f"{record}: field rounds_completed: Input should be a valid integer" in problems[0]
+    assert "cannot be compared with the audit log" in problems[0]
 
 
 def test_a_server_log_cut_is_found_by_the_sites_and_the_run_record(

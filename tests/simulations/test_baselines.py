@@ -15,10 +15,12 @@ from opacus.accountants import RDPAccountant
 from fedcare.client.data.datasets import build_task_data
 from fedcare.client.data.loaders import load_site
 from fedcare.client.data.site import SiteData
+from fedcare.client.dpsgd import DPConfig
 from fedcare.client.ledger import PrivacyLedger
-from fedcare.client.privacy import DPConfig
+from fedcare.client.policy import SitePolicy, simulated_site_policy
 from fedcare.client.training import TrainConfig
 from fedcare.common.errors import ConfigError
+from fedcare.common.federation import FederationConfig
 from fedcare.simulations.baselines import LOCAL_ONLY_RUN_ID, local_only, pooled
 from fedcare.simulations.synth import SynthConfig, synthesize
 
@@ -31,6 +33,18 @@ NO_DP = DPConfig(enabled=False)
 # noise is planned for the whole run, not per round.
 TARGET_EPSILON = 4.0
 DP = DPConfig(target_epsilon=TARGET_EPSILON, delta=1e-5, accountant="rdp")
+
+
+def _policy(dp: DPConfig) -> SitePolicy:
+    """The policy the federation's simulated sites would enforce for a run like this one."""
+    cfg = FederationConfig(
+        dp=dp.enabled,
+        accountant=dp.accountant,
+        target_delta=dp.delta,
+        local_epochs=TRAIN.epochs,
+        num_server_rounds=ROUNDS,
+    )
+    return simulated_site_policy(cfg)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,7 +75,9 @@ def _files(folder: Path) -> set[Path]:
 
 @pytest.fixture(scope="module")
 def local_plain(sites: list[SiteData]) -> dict[str, dict[str, float]]:
-    return local_only(sites, task=TASK, train=TRAIN, dp=NO_DP, rounds=ROUNDS, seed=SEED)
+    return local_only(
+        sites, task=TASK, train=TRAIN, dp=NO_DP, policy=_policy(NO_DP), rounds=ROUNDS, seed=SEED
+    )
 
 
 @dataclass(frozen=True)
@@ -81,7 +97,14 @@ def local_dp(
     before = {d: _files(d) for d in site_dirs}
     ledger_dir = tmp_path_factory.mktemp("baseline-ledgers")
     result = local_only(
-        sites, task=TASK, train=TRAIN, dp=DP, rounds=ROUNDS, seed=SEED, ledger_dir=ledger_dir
+        sites,
+        task=TASK,
+        train=TRAIN,
+        dp=DP,
+        policy=_policy(DP),
+        rounds=ROUNDS,
+        seed=SEED,
+        ledger_dir=ledger_dir,
     )
     (run_folder,) = [p for p in ledger_dir.iterdir() if p.is_dir()]
     return DPRun(result, ledger_dir, run_folder, before)
@@ -160,6 +183,7 @@ def test_local_only_each_call_gets_fresh_ledgers_and_repeats(
         task=TASK,
         train=TRAIN,
         dp=DP,
+        policy=_policy(DP),
         rounds=ROUNDS,
         seed=SEED,
         ledger_dir=local_dp.ledger_dir,
@@ -177,7 +201,9 @@ def test_local_only_without_ledger_dir_leaves_nothing(
     sites: list[SiteData], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    result = local_only(sites[:1], task=TASK, train=TRAIN, dp=DP, rounds=1, seed=SEED)
+    result = local_only(
+        sites[:1], task=TASK, train=TRAIN, dp=DP, policy=_policy(DP), rounds=1, seed=SEED
+    )
     assert set(result) == {sites[0].spec.site_id}
     assert list(tmp_path.iterdir()) == []
 
@@ -185,7 +211,9 @@ def test_local_only_without_ledger_dir_leaves_nothing(
 def test_local_only_is_deterministic(
     local_plain: dict[str, dict[str, float]], sites: list[SiteData]
 ) -> None:
-    again = local_only(sites, task=TASK, train=TRAIN, dp=NO_DP, rounds=ROUNDS, seed=SEED)
+    again = local_only(
+        sites, task=TASK, train=TRAIN, dp=NO_DP, policy=_policy(NO_DP), rounds=ROUNDS, seed=SEED
+    )
     assert again == local_plain
 
 
@@ -198,6 +226,7 @@ def test_local_only_refuses_a_ledger_dir_inside_a_site(
             task=TASK,
             train=TRAIN,
             dp=DP,
+            policy=_policy(DP),
             rounds=1,
             ledger_dir=site_dirs[1] / ".fedcare",
         )
@@ -233,11 +262,13 @@ def test_rounds_must_be_positive(sites: list[SiteData], rounds: int) -> None:
     with pytest.raises(ConfigError, match="rounds"):
         pooled(sites, task=TASK, train=TRAIN, rounds=rounds)
     with pytest.raises(ConfigError, match="rounds"):
-        local_only(sites, task=TASK, train=TRAIN, dp=NO_DP, rounds=rounds)
+        local_only(sites, task=TASK, train=TRAIN, dp=NO_DP, policy=_policy(NO_DP), rounds=rounds)
 
 
 def test_sites_must_be_given_once_each(sites: list[SiteData]) -> None:
     with pytest.raises(ConfigError, match="at least one site"):
         pooled([], task=TASK, train=TRAIN, rounds=1)
     with pytest.raises(ConfigError, match="more than once"):
-        local_only([sites[0], sites[0]], task=TASK, train=TRAIN, dp=NO_DP, rounds=1)
+        local_only(
+            [sites[0], sites[0]], task=TASK, train=TRAIN, dp=NO_DP, policy=_policy(NO_DP), rounds=1
+        )

@@ -12,10 +12,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from fedcare.client.data.data_checks import validate_site
 from fedcare.client.data.datasets import build_task_data
 from fedcare.client.data.loaders import load_site
 from fedcare.client.data.split import split_patients
-from fedcare.client.data.validation import validate_site
 from fedcare.common.errors import ConfigError
 from fedcare.common.spec import describe_schema_difference, load_site_spec
 from fedcare.simulations.realdata import DATASETS, MANIFEST_FILENAME, dataset, write_real_sites

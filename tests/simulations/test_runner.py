@@ -18,6 +18,7 @@ from rich.console import Console
 
 from fedcare.common import keys
 from fedcare.common.federation import FederationConfig
+from fedcare.common.run_record import RunRecord
 from fedcare.common.summary import load_summary, write_summary
 from fedcare.models.evaluation import release
 from fedcare.server.guard import GuardedStrategy
@@ -30,23 +31,24 @@ from tests._flower import task_identity
 REF = {"w": np.zeros((2, 2), dtype=np.float32)}
 
 
-def _record() -> dict[str, Any]:
-    """A server record of a 2-round run, as server/guard.py builds it."""
+def _record() -> RunRecord:
+    """A server record of a 2-round run (``server_record.json``)."""
     site = {"train-loss": 0.5, "update-norm": 1.0, "num-examples": 40, "epsilon": 3.0}
-    return {
-        "run_id": "r1",
-        "task": "readmission",
-        "strategy": "fedavg",
-        "rounds_planned": 2,
-        "rounds_completed": 2,
-        "sites": {},
-        "events": [],
-        "rounds": [
-            {"round": 0, "metrics": {"test.auroc": 0.5}, "sites": {"a": {"test.auroc": 0.5}}},
-            {"round": 1, "metrics": {}, "sites": {"a": site}},
-            {"round": 2, "metrics": {"test.auroc": 0.7}, "sites": {"a": {"test.auroc": 0.7}}},
-        ],
-    }
+    record = RunRecord.start(
+        run_id="r1",
+        task="readmission",
+        model="ehr_mlp",
+        strategy="fedavg",
+        personalization="none",
+        rounds_planned=2,
+        config={},
+    )
+    record.round_entry(0).metrics = {"test.auroc": 0.5}
+    record.round_entry(0).sites = {"a": {"test.auroc": 0.5}}
+    record.round_entry(1).sites = {"a": site}
+    record.round_entry(2).metrics = {"test.auroc": 0.7}
+    record.round_entry(2).sites = {"a": {"test.auroc": 0.7}}
+    return record
 
 
 def test_metrics_csv_holds_the_baselines(tmp_path: Path) -> None:
@@ -81,10 +83,8 @@ def test_without_baselines_only_the_federation_rows_are_written() -> None:
 
 def test_metrics_csv_holds_the_personalized_models_beside_the_global_one(tmp_path: Path) -> None:
     record = _record()
-    record["personalization"] = "finetune"
-    record["rounds"][2]["personal"] = {
-        "a": {"test.auroc": 0.8, "val.auroc": 0.75, "own": 1.0, "test.ece": float("nan")}
-    }
+    record.personalization = "finetune"
+    record.rounds[2].personal = {"a": {"test.auroc": 0.8, "val.auroc": 0.75, "own": 1.0}}
     baselines = {"local_only": {"a": {"test.auroc": 0.6}}, "pooled": {"test.auroc": 0.85}}
     write_metrics_csv(metric_rows(record, baselines), tmp_path / "metrics.csv")
     frame = read_metrics_csv(tmp_path / "metrics.csv")
@@ -158,9 +158,6 @@ def _guard(tmp_path: Path, nodes: set[int]) -> GuardedStrategy:
     )
     guard._reference = {k: v.copy() for k, v in REF.items()}
     guard._expected = nodes
-    guard.record.update(
-        run_id="r1", task="readmission", strategy="fedavg", rounds_planned=2, rounds_completed=2
-    )
     return guard
 
 
@@ -229,7 +226,7 @@ def test_a_site_that_evaluates_with_dp_keeps_its_training_loss_and_is_accepted(
         ],
     )
     assert arrays is not None
-    assert [s["status"] for s in guard.record["sites"].values()] == ["completed"] * 2
+    assert [s.status for s in guard.record.sites.values()] == ["completed"] * 2
     rows = {(r.site, r.metric) for r in metric_rows(guard.record, {})}
     assert ("site-a", "num-examples") in rows and ("site-a", "train-loss") not in rows
 
@@ -320,6 +317,6 @@ def test_a_malformed_privacy_report_rejects_the_update_not_the_run(
         ],
     )
     assert arrays is not None
-    site = guard.record["sites"]["site-b"]
-    assert site["status"] == "rejected" and needle in site["reason"], site["reason"]
+    site = guard.record.sites["site-b"]
+    assert site.status == "rejected" and needle in (site.reason or ""), site.reason
     build_summary(guard.record)  # the record still makes a valid summary

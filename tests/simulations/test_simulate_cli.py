@@ -95,12 +95,12 @@ def runs(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         (
             "target-epsilon=2,-1,0,4",
             [
-                "sweep target-epsilon=-1: target-epsilon: Input should be greater than 0",
-                "sweep target-epsilon=0: target-epsilon",
+                "sweep target-epsilon=-1: field target-epsilon: Input should be greater than 0",
+                "sweep target-epsilon=0: field target-epsilon",
             ],
         ),
-        ("colour=1,2", ["sweep colour=1: colour: unknown key"]),
-        ("strategy=fedavg,fedsgd", ["sweep strategy=fedsgd: strategy"]),
+        ("colour=1,2", ["sweep colour=1: field colour: unknown key"]),
+        ("strategy=fedavg,fedsgd", ["sweep strategy=fedsgd: field strategy"]),
         ("target-epsilon=1,2,1", ["value(s) 1 appear more than once"]),
     ],
 )

@@ -20,7 +20,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from fedcare.client.data.datasets import TaskData
 from fedcare.client.training import resolve_device
-from fedcare.common.errors import ConfigError
+from fedcare.common.errors import ConfigError, format_validation_error
 from fedcare.common.files import write_private_atomic
 from fedcare.simulations.audit.attacks.base import (
     AttackOptions,
@@ -207,6 +207,7 @@ def read_attack_report(run_dir: Path) -> AttackReport:
         ) from e
     except ValidationError as e:
         raise ConfigError(
-            f"{path}: not an attack report ({e.error_count()} problem(s), first: "
-            f"{e.errors()[0]['msg']}); rerun `fedcare audit attack {run_dir}`"
+            format_validation_error(str(path), e)
+            + f"; it is not an attack report this fedcare reads: rerun `fedcare audit attack "
+            f"{run_dir}` to rewrite it"
         ) from e

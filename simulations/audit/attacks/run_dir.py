@@ -20,8 +20,8 @@ from torch import nn
 
 from fedcare.client.data.datasets import TaskData, build_task_data
 from fedcare.client.data.loaders import load_site
+from fedcare.client.dpsgd import DPPlan
 from fedcare.client.local import settings_from_run
-from fedcare.client.privacy import DPPlan
 from fedcare.common.errors import ConfigError, FedcareError
 from fedcare.common.federation import FederationConfig
 from fedcare.common.summary import SUMMARY_NAME, RunSummary, SiteResult, load_summary

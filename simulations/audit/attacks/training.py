@@ -1,7 +1,7 @@
 """Train a model the way a site trained in a run: the project's own loop, DP-SGD or not.
 
 Reference models and the canary run are trained here, with :func:`fedcare.client.training.fit` and,
-for DP, :func:`fedcare.client.privacy.make_private` (Opacus, Poisson sampling): no second training
+for DP, :func:`fedcare.client.dpsgd.make_private` (Opacus, Poisson sampling): no second training
 loop. A :class:`SiteMechanism` is what one site did in one run, round by round: the local
 training settings and, with DP, the ``(σ, q, steps)`` of each round (``summary.json``).
 Every round starts a fresh optimizer from the previous round's weights, as the federation
@@ -26,8 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedcare.client.local import resolve_grad_sample_mode
-from fedcare.client.privacy import DPPlan, make_private
+from fedcare.client.dpsgd import DPPlan, make_private, resolve_grad_sample_mode
 from fedcare.client.training import TrainConfig, fit, make_optimizer
 from fedcare.common.errors import ConfigError
 from fedcare.models.tasks import TaskKind

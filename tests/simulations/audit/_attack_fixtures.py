@@ -15,7 +15,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from fedcare.client.accounting import Mechanism, calibrate_noise, epsilon
 from fedcare.client.data.datasets import TaskData, build_task_data
 from fedcare.client.data.loaders import load_site
-from fedcare.client.privacy import DPPlan, sampling
+from fedcare.client.dpsgd import DPPlan, sampling
 from fedcare.client.training import TrainConfig
 from fedcare.models import build_model
 from fedcare.models.tasks import task_definition

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedcare.common.run_record import RunRecord
 from fedcare.common.summary import RunSummary
 from fedcare.simulations.audit.findings import (
     AttackReport,
@@ -127,8 +128,8 @@ def summary(*, events: list[dict[str, Any]] | None = None, dp: bool = True) -> R
     )
 
 
-def record(*, max_update_norm: float = 0.0) -> dict[str, Any]:
-    """The parts of ``server_record.json`` the page reads (shape of ``server/guard.py``)."""
+def record(*, max_update_norm: float = 0.0) -> RunRecord:
+    """The run's ``server_record.json`` (its rounds hold what the page reads)."""
     rounds: list[dict[str, Any]] = [
         {"round": 0, "metrics": {}, "sites": {s: {"test.n": 30.0} for s in SITES}}
     ]
@@ -148,14 +149,21 @@ def record(*, max_update_norm: float = 0.0) -> dict[str, Any]:
                 },
             }
         )
-    return {
-        "config": {"max-update-norm": max_update_norm, "target-epsilon": 8.0, "dp": True},
-        "model": "ehr_mlp",
-        "rounds": rounds,
-        "events": [],
-        "nodes": {},
-        "sites": {},
-    }
+    return RunRecord.from_dict(
+        {
+            "record_version": 2,
+            "run_id": RUN_ID,
+            "task": "readmission",
+            "model": "ehr_mlp",
+            "strategy": "fedavg",
+            "personalization": "none",
+            "rounds_planned": 2,
+            "rounds_completed": 2,
+            "config": {"max-update-norm": max_update_norm, "target-epsilon": 8.0, "dp": True},
+            "rounds": rounds,
+        },
+        source="the test's record",
+    )
 
 
 def verify_ok() -> VerifyResult:

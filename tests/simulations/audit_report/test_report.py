@@ -7,6 +7,7 @@ how the page computes or formats a number fails here.
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from fedcare.common.errors import ConfigError
+from fedcare.common.run_record import load_run_record
 from fedcare.simulations.audit.findings import CanaryAudit, LogCheck, VerifyResult
 from fedcare.simulations.audit.report import SECTION_IDS, build_report, compute_verdict
 from tests.simulations.audit_report import _builders as b
@@ -311,6 +313,24 @@ def test_page_is_self_contained() -> None:
     assert page.startswith("<!DOCTYPE html>")
 
 
-def test_malformed_record_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="server_record.json: 'rounds' must be a list"):
-        _page(record={"rounds": {"1": {}}})
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda r: r.update(rounds={"1": {}}), "field rounds: Input should be a valid list"),
+        (
+            lambda r: r["rounds"][1]["sites"]["site-0"].update(epsilon="high"),
+            "field rounds.1.sites.site-0.epsilon: Input should be a valid number",
+        ),
+        (lambda r: r.update(colour="red"), "field colour: unknown key"),
+        (lambda r: r.update(record_version=9), "field record_version: version 9"),
+    ],
+)
+def test_malformed_record_is_one_config_error_naming_file_and_field(
+    tmp_path: Path, change: Any, field: str
+) -> None:
+    raw = b.record().to_dict()
+    change(raw)
+    path = tmp_path / "server_record.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {field}")):
+        load_run_record(path)

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fedcare.client.data.validation import (
+from fedcare.client.data.data_checks import (
     PROBLEMS_PER_GROUP,
     ROWS_SHOWN,
     RULES,
-    Problem,
+    DataProblem,
     validate_site,
 )
 from tests.client.data._builders import BuiltSite, build_site, edit_csv
@@ -649,7 +649,7 @@ def test_a_million_row_style_report_stays_readable(tmp_path: Path) -> None:
 
 
 def test_problem_is_frozen_and_report_serialises() -> None:
-    p = Problem("error", "ehr.csv", "age", 3, "bad", "fix it", "not_numeric")
+    p = DataProblem("error", "ehr.csv", "age", 3, "bad", "fix it", "not_numeric")
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.row = 4  # type: ignore[misc]
 

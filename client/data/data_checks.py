@@ -1,7 +1,7 @@
 """Validation of a site's data folder against its ``site.toml``: every problem, at once.
 
 :func:`validate_site` runs every registered check and collects every problem before
-reporting; nothing stops at the first one. A :class:`Problem` names the file, the column
+reporting; nothing stops at the first one. A :class:`DataProblem` names the file, the column
 and the first offending row (1-based data row: row 1 is the first row under the header),
 says what is wrong and how to fix it. Row lists are capped (the first
 :data:`ROWS_SHOWN` rows and a count), and so is the number of problems of one kind in
@@ -38,7 +38,7 @@ from fedcare.client.data.tables import (
     ends_with_newline,
     to_numbers,
 )
-from fedcare.common.errors import DataError
+from fedcare.common.errors import DataError, validation_problems
 from fedcare.common.spec import MODALITIES, SPEC_FILENAME, Feature, SiteSpec
 from fedcare.common.tomlcompat import tomllib
 
@@ -47,7 +47,7 @@ __all__ = [
     "PROBLEMS_PER_GROUP",
     "RULES",
     "Severity",
-    "Problem",
+    "DataProblem",
     "SiteSummary",
     "ValidationReport",
     "validate_site",
@@ -92,7 +92,7 @@ RULES: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class Problem:
+class DataProblem:
     """One thing wrong with a site's files.
 
     Attributes
@@ -142,15 +142,15 @@ class ValidationReport:
 
     path: Path
     spec: SiteSpec | None
-    problems: tuple[Problem, ...]
+    problems: tuple[DataProblem, ...]
     summary: SiteSummary
 
     @property
-    def errors(self) -> tuple[Problem, ...]:
+    def errors(self) -> tuple[DataProblem, ...]:
         return tuple(p for p in self.problems if p.severity == "error")
 
     @property
-    def warnings(self) -> tuple[Problem, ...]:
+    def warnings(self) -> tuple[DataProblem, ...]:
         return tuple(p for p in self.problems if p.severity == "warning")
 
     @property
@@ -243,7 +243,7 @@ class _Context:
     def __init__(self, spec: SiteSpec, files: SiteFiles) -> None:
         self.spec = spec
         self.files = files
-        self.problems: list[Problem] = []
+        self.problems: list[DataProblem] = []
         # modality -> ids of patients holding it (only for modalities whose table read).
         self.present: dict[str, set[str]] = {}
         self.label_ids: set[str] = set()
@@ -263,7 +263,7 @@ class _Context:
         severity: Severity = "error",
     ) -> None:
         self.problems.append(
-            Problem(
+            DataProblem(
                 severity=severity,
                 file=file,
                 column=column,
@@ -960,11 +960,11 @@ def _check_coverage(ctx: _Context) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _spec_problems(path: Path) -> tuple[SiteSpec | None, list[Problem]]:
+def _spec_problems(path: Path) -> tuple[SiteSpec | None, list[DataProblem]]:
     """Parse site.toml; one problem per invalid field."""
     if not path.is_file():
         return None, [
-            Problem(
+            DataProblem(
                 "error",
                 SPEC_FILENAME,
                 None,
@@ -977,7 +977,7 @@ def _spec_problems(path: Path) -> tuple[SiteSpec | None, list[Problem]]:
         ]
     if path.suffix.lower() != ".toml":
         return None, [
-            Problem(
+            DataProblem(
                 "error",
                 path.name,
                 None,
@@ -992,7 +992,7 @@ def _spec_problems(path: Path) -> tuple[SiteSpec | None, list[Problem]]:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         return None, [
-            Problem(
+            DataProblem(
                 "error",
                 SPEC_FILENAME,
                 None,
@@ -1005,24 +1005,25 @@ def _spec_problems(path: Path) -> tuple[SiteSpec | None, list[Problem]]:
     try:
         return SiteSpec.model_validate(raw), []
     except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or None
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg, fix = "unknown key", "remove it or check its spelling"
-            elif err["type"] == "missing":
-                fix = "add the field"
-            else:
-                fix = "correct the value (the format is documented in common/spec.py)"
-            problems.append(Problem("error", SPEC_FILENAME, loc, None, msg, fix, "spec"))
-        return None, problems
+        reference = "common/spec.py"
+        return None, [
+            DataProblem(
+                "error",
+                SPEC_FILENAME,
+                p.field,
+                None,
+                p.problem,
+                p.fix or f"correct the value (the format is documented in {reference})",
+                "spec",
+            )
+            for p in validation_problems(e, reference=reference)
+        ]
 
 
-def _cap(problems: list[Problem]) -> tuple[Problem, ...]:
+def _cap(problems: list[DataProblem]) -> tuple[DataProblem, ...]:
     """Keep the first PROBLEMS_PER_GROUP problems of each (rule, file); count the rest."""
-    kept: list[Problem] = []
-    dropped: dict[tuple[str, str], list[Problem]] = defaultdict(list)
+    kept: list[DataProblem] = []
+    dropped: dict[tuple[str, str], list[DataProblem]] = defaultdict(list)
     seen: dict[tuple[str, str], int] = defaultdict(int)
     for p in problems:
         key = (p.rule, p.file)
@@ -1034,7 +1035,7 @@ def _cap(problems: list[Problem]) -> tuple[Problem, ...]:
     for (rule, file), rest in dropped.items():
         severity: Severity = "error" if any(p.severity == "error" for p in rest) else "warning"
         kept.append(
-            Problem(
+            DataProblem(
                 severity,
                 file,
                 None,

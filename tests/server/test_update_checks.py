@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fedcare.common.errors import UpdateRejected
-from fedcare.server.validation import update_norm, validate_update
+from fedcare.server.update_checks import update_norm, validate_update
 
 REF = {"w": np.zeros((3, 2), dtype=np.float32), "b": np.zeros(2, dtype=np.float32)}
 
