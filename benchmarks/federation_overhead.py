@@ -89,6 +89,7 @@ from fedcare.client.local import RoundRequest, SiteTrainer, settings_from_run
 from fedcare.client.policy import simulated_site_policy
 from fedcare.client.warm import WarmSites
 from fedcare.common.federation import FederationConfig
+from fedcare.common.run_files import LEDGER_NAME
 from fedcare.common.summary import RECORD_NAME
 from fedcare.server.app import federation_spec, initial_state
 from fedcare.server.guard import weighted_global_metrics
@@ -459,7 +460,7 @@ def measure_compute(
     ledgers = []
     for site in sites:
         (state_root / site.spec.site_id).mkdir(parents=True, exist_ok=True)
-        ledgers.append(PrivacyLedger(state_root / site.spec.site_id / "ledger.sqlite"))
+        ledgers.append(PrivacyLedger(state_root / site.spec.site_id / LEDGER_NAME))
     ledger_open = time.perf_counter() - t
     trainers = [
         SiteTrainer(
@@ -481,7 +482,7 @@ def measure_compute(
         return statistics.fmean(_median_s(make(i), reload_repeats) for i in range(len(sites)))
 
     def open_ledger() -> None:
-        PrivacyLedger(scratch / "ledger.sqlite").count_charges()
+        PrivacyLedger(scratch / LEDGER_NAME).count_charges()
 
     cold = {
         "load (WarmSites, cold)": site_mean(lambda i: lambda: WarmSites().load(folders[i])),

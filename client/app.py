@@ -63,6 +63,7 @@ from fedcare.common.errors import (
 from fedcare.common.federation import FederationConfig
 from fedcare.common.files import private_dir
 from fedcare.common.packed_arrays import pack_record, unpack_record
+from fedcare.common.run_files import LEDGER_NAME
 from fedcare.common.run_signing import verify_run
 from fedcare.common.spec import FeatureSchema, describe_schema_difference, load_site_spec
 
@@ -205,7 +206,7 @@ def _open_site(context: Context, cfg: FederationConfig, warm: WarmSites | None =
         site, tasks = warm.load(folder, skip=[Path(cfg.state_root)] if cfg.state_root else [])
     state_dir = site_state_dir(cfg, site)
     _private_state(state_dir, site.spec.site_id)
-    ledger = _open_ledger(state_dir / "ledger.sqlite", state_dir, site.spec.site_id)
+    ledger = _open_ledger(state_dir / LEDGER_NAME, state_dir, site.spec.site_id)
     policy = simulated_site_policy(cfg)
     trainer = SiteTrainer(site=site, policy=policy, ledger=ledger, seed=cfg.seed, task_data=tasks)
     return _Site(trainer, cfg, state_dir)

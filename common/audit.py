@@ -77,6 +77,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from fedcare.common.audit_kinds import LOG_OPEN, RECOVERY
 from fedcare.common.errors import FedcareError
 from fedcare.common.files import fsync_dir, open_private, private_dir
+from fedcare.common.plugins import plugin_code_modules
 
 __all__ = [
     "AUDIT_FORMAT",
@@ -378,6 +379,12 @@ def code_hash(packages: Sequence[str] = CODE_PACKAGES) -> str:
     for package in sorted(packages):
         spec = importlib.util.find_spec(package)
         locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if not locations and spec is not None and str(spec.origin or "").endswith(".py"):
+            # A plug-in that is one module, not a package: its one file.
+            source = Path(str(spec.origin))
+            rel = f"{package}/{source.name}"
+            digest.update(canonical_json([rel, hashlib.sha256(source.read_bytes()).hexdigest()]))
+            continue
         if not locations:
             raise AuditLogError(f"cannot find the package {package!r} to hash its code")
         root = Path(locations[0])
@@ -393,13 +400,14 @@ def code_hash(packages: Sequence[str] = CODE_PACKAGES) -> str:
 
 @functools.cache
 def running_code_hash() -> str:
-    """:func:`code_hash` of fedcare's packages, taken once per process.
+    """:func:`code_hash` of fedcare's packages and of the plug-in modules this process
+    loads (:func:`fedcare.common.plugins.plugin_code_modules`), taken once per process.
 
     Every message's ``run-start`` entry records it, and hashing every source costs ~12 ms.
     It names the code as it was on disk when this process first asked, close to the code
     the process imported when it started, not code installed later while it runs.
     """
-    return code_hash()
+    return code_hash((*CODE_PACKAGES, *plugin_code_modules()))
 
 
 def versions() -> dict[str, str]:

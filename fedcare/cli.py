@@ -104,9 +104,11 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
-    _mount(list(sys.argv[1:] if argv is None else argv))
     stopping.install()
     try:
+        # Mounting imports the command's module, and so the plug-ins (fedcare.common.plugins):
+        # a broken one is one line, like any other configuration error.
+        _mount(list(sys.argv[1:] if argv is None else argv))
         rc = app(args=argv, standalone_mode=False)
     except FedcareError as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)

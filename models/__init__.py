@@ -1,12 +1,14 @@
 """Models and tasks: Opacus-valid ``nn.Module``s per modality, a registry, binary metrics.
 
 Importing the package registers every model (``ehr_mlp``, ``imaging_cnn``,
-``genomics_mlp``, ``fusion``). Build one with :func:`build_model`; see
-:mod:`fedcare.models.registry` for the input convention.
+``genomics_mlp``, ``fusion``), then loads the plug-ins that add more models, task kinds or
+strategies (:func:`fedcare.common.plugins.load_plugins`). Build one with
+:func:`build_model`; see :mod:`fedcare.models.registry` for the input convention.
 """
 
 from __future__ import annotations
 
+from fedcare.common.plugins import load_plugins
 from fedcare.models.ehr_mlp import EHRMLP, EHRMLPConfig
 from fedcare.models.fusion import FusionConfig, FusionModel
 from fedcare.models.genomics_mlp import GenomicsMLP, GenomicsMLPConfig
@@ -90,3 +92,7 @@ __all__ = [
     "task_definition",
     "task_kind",
 ]
+
+# Last: a plug-in registers beside fedcare's own models and task kinds, in every process
+# that imports this package (a plug-in that clashes with a name is refused, naming it).
+load_plugins()

@@ -35,7 +35,7 @@ def test_round_trip_through_flat_run_config() -> None:
     [
         ({"num-server-round": 3}, "num-server-round: unknown key"),
         ({"num-server-rounds": 0}, "num-server-rounds: Input should be greater than or equal to 1"),
-        ({"strategy": "fedsgd"}, "strategy: Input should be"),
+        ({"strategy": "Fed SGD"}, "is not a strategy name"),
         ({"target-delta": 2.0}, "target-delta"),
         ({"strategy": "fedprox"}, "needs proximal-mu > 0"),
         ({"device": "tpu"}, "device"),
