@@ -93,6 +93,7 @@ from fedcare.client.data.site import SiteData
 from fedcare.client.local import SiteTrainer, settings_from_run
 from fedcare.client.policy import simulated_site_policy
 from fedcare.common.federation import FederationConfig
+from fedcare.common.files import atomic_file
 from fedcare.common.spec import SPEC_FILENAME, SimulationSpec, load_site_spec
 from fedcare.models.metrics import auroc, split_metrics
 from fedcare.server.app import run_federation
@@ -689,15 +690,8 @@ def render_markdown(summary: Mapping[str, Any], header: str) -> str:
 
 def _atomic_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # a result to share, not mkstemp's private 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=1, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_file(path, mode=0o644) as f:  # a result to share, not a private 0600 file
+        f.write((json.dumps(payload, indent=1, default=str) + "\n").encode("utf-8"))
         raise
 
 

@@ -92,6 +92,7 @@ from fedcare.common.errors import (
 )
 from fedcare.common.federation import FederationConfig
 from fedcare.common.files import write_private_atomic
+from fedcare.common.run_files import RELEASES_DIR
 from fedcare.models import build_model, default_model_for
 from fedcare.models.evaluation import release as evaluation_release
 from fedcare.models.metrics import split_metrics
@@ -224,7 +225,7 @@ class SiteTrainer:
         self.ledger = ledger
         self.seed = seed
         if release_dir is None and ledger is not None:
-            release_dir = Path(ledger.path).parent / "releases"
+            release_dir = Path(ledger.path).parent / RELEASES_DIR
         self.release_dir = release_dir
         # Personal models (client/personal/) live beside the ledger too; they never leave.
         self.personal_store = (

@@ -59,7 +59,6 @@ from fedcare.common.spec import SPEC_FILENAME, describe_schema_difference
 from fedcare.common.summary import RunSummary, write_summary
 from fedcare.common.tomlcompat import tomllib
 from fedcare.server.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from fedcare.server.strategies import strategy_builder
 from fedcare.server.summary import build_summary
 from fedcare.simulations.baselines import local_only, pooled
 from fedcare.simulations.flower_driver import (
@@ -320,7 +319,6 @@ def run_experiment(
     """
     out = out.resolve()
     cfg = scenario.federation_config(**(overrides or {}))
-    strategy_builder(cfg.strategy)  # an unknown strategy is refused here, not in the ServerApp
     if resume and not out.is_dir():
         recorded_run_id(out)  # raises: there is no earlier run, and nothing is created
     make_out_dir(out, "be the run directory")

@@ -36,6 +36,7 @@ from fedcare.common.errors import ConfigError
 from fedcare.common.federation import FederationConfig
 from fedcare.common.spec import format_validation_error
 from fedcare.common.tomlcompat import tomllib
+from fedcare.server.strategies import strategy_builder
 from fedcare.simulations.synth import SynthConfig
 
 __all__ = ["Scenario", "Sweep", "SweepValue", "load_scenario", "SCENARIO_DIR"]
@@ -116,7 +117,12 @@ class Scenario(BaseModel):
     def _config(self, overrides: dict[str, Any], *, source: str) -> FederationConfig:
         merged = {**self.federation, **overrides}
         merged.setdefault("seed", self.seed)
-        return FederationConfig.from_run_config(merged, source=source)
+        config = FederationConfig.from_run_config(merged, source=source)
+        try:  # registered strategies (plug-ins included) are known only here, not in common
+            strategy_builder(config.strategy)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: field strategy: {e}") from e
+        return config
 
     def sweep_plan(self) -> tuple[SweepValue, ...]:
         """Every value of the sweep as its own run, each one's config validated up front.

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedcare.common import keys, stopping
+from fedcare.common.audit_kinds import EVALUATE_FAILED
 from fedcare.common.errors import ConfigError
 from fedcare.common.locks import FolderLock
 from fedcare.common.spec import SPEC_FILENAME, format_validation_error, load_site_spec
@@ -192,9 +193,7 @@ def _not_evaluated_detail(summary: RunSummary, site: SiteResult) -> str:
     """Why a site has no evaluation, in words: its status, else its last failed evaluation."""
     if site.status != "completed" and site.reason:
         return f"{site.status}: {site.reason}"
-    failed = [
-        e for e in summary.events if e.site_id == site.site_id and e.kind == "evaluate-failed"
-    ]
+    failed = [e for e in summary.events if e.site_id == site.site_id and e.kind == EVALUATE_FAILED]
     if failed:
         return f"its evaluation failed in round {failed[-1].round}: {failed[-1].detail}"
     return "it answered no evaluation request"

@@ -24,6 +24,7 @@ from fedcare.client.dpsgd import DPPlan
 from fedcare.client.local import settings_from_run
 from fedcare.common.errors import ConfigError, FedcareError
 from fedcare.common.federation import FederationConfig
+from fedcare.common.run_files import CONFIG_NAME, SITES_MANIFEST_NAME
 from fedcare.common.summary import SUMMARY_NAME, RunSummary, SiteResult, load_summary
 from fedcare.common.tomlcompat import tomllib
 from fedcare.models import build_model
@@ -33,9 +34,9 @@ from fedcare.simulations.audit.attacks.training import ModelFactory, SiteMechani
 
 __all__ = ["RunArtifacts", "load_run", "CONFIG_FILE", "SUMMARY_FILE", "SITES_FILE"]
 
-CONFIG_FILE = "config.toml"
+CONFIG_FILE = CONFIG_NAME
 SUMMARY_FILE = SUMMARY_NAME
-SITES_FILE = "sites.json"
+SITES_FILE = SITES_MANIFEST_NAME
 
 
 @dataclass(frozen=True)
