@@ -34,8 +34,8 @@ class FederationConfig(BaseModel):
 
     ``noise_multiplier`` 0 means "calibrate from ``target_epsilon``"; ``target_epsilon`` is
     the cumulative ε each site's dataset may reach by the end of the run (each site's own
-    budget caps it). ``hospital_dp_noise`` > 0 adds site-level DP on top (Flower's server-side
-    fixed-clipping wrapper, clipping norm ``hospital_dp_clip``).
+    budget caps it). ``hospital_dp_noise`` z > 0 adds hospital-level DP on top (fedavg/fedprox:
+    updates clipped to ``hospital_dp_clip`` C, uniform mean, noise z C / n for n averaged).
     ``audit_key`` is the server's Ed25519 audit signing key (PEM); empty means
     ``<run-dir>/audit/server-key.pem``, created on first use (see ``server/audit.py``).
     ``evaluate_every`` k runs federated evaluation after every k-th round and the last one

@@ -10,8 +10,8 @@ concatenated, in the model's order, into one array whose name is its layout::
 
 The name travels with the array through Flower's strategies: they aggregate an
 ``ArrayRecord`` array by array and keep the names, and every strategy fedcare offers
-(FedAvg, FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, Krum, and Flower's clipping
-for hospital-level DP) works on the same numbers elementwise or on their concatenation,
+(FedAvg, FedProx, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, Krum, and hospital-level DP's
+clipping) works on the same numbers elementwise or on their concatenation,
 so a packed model aggregates exactly as its tensors would.
 
 The layout is data from the other side, never trusted: :func:`unpack` checks it (names,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,  # noqa: F401 (inner_strategy's example)
     FedAdam,
     FedAvg,
     FedMedian,
@@ -47,6 +47,7 @@ from fedcare.server.checkpoint import (
     OptimizerState,
     optimizer_mismatch,
 )
+from fedcare.server.hospital_dp import HospitalDP, check_hospital_dp
 
 __all__ = [
     "StrategyBuilder",
@@ -89,8 +90,8 @@ def register_strategy(name: str, builder: StrategyBuilder) -> StrategyBuilder:
         Lowercase letters, digits, ``-`` or ``_``, starting with a letter
         (:data:`fedcare.common.federation.STRATEGY_NAME`).
     builder:
-        See :data:`StrategyBuilder`. The hospital-level DP wrapper (``hospital-dp-noise``)
-        and fedcare's update checks go around whatever it builds.
+        See :data:`StrategyBuilder`. fedcare's update checks go around whatever it builds;
+        hospital-level DP (``hospital-dp-noise``) takes only ``fedavg`` and ``fedprox``.
 
     Returns
     -------
@@ -169,15 +170,22 @@ def build_strategy(cfg: FederationConfig, *, n_sites: int) -> Strategy:
     """The run's aggregation strategy, optionally wrapped in hospital-level DP.
 
     The strategy is the one registered under ``cfg.strategy`` (:func:`register_strategy`).
-    Hospital-level DP uses Flower's server-side fixed clipping: each site's update is clipped
-    to ``hospital_dp_clip`` and Gaussian noise of ``hospital_dp_noise x clip`` is added to
-    the aggregate, protecting whole hospitals on top of the record-level DP-SGD at each site.
+    With ``hospital_dp_noise`` z > 0 it is wrapped in fedcare's hospital-level DP
+    (:class:`~fedcare.server.hospital_dp.HospitalDP`): each site's update is clipped to
+    ``hospital_dp_clip`` C, the clipped updates are averaged with uniform weights (not by
+    patients) over the n updates the round actually averages, and Gaussian noise of standard
+    deviation z C / n is added to every coordinate, so each whole hospital gets noise
+    multiplier z, on top of the record-level DP-SGD at each site. The noise comes from OS
+    entropy, never from the run config. Only the mean strategies ``fedavg`` and ``fedprox``
+    take it: one hospital moves a median, a trimmed mean, Krum's choice or a server
+    optimizer's step by more than C / n.
 
     Raises
     ------
     ConfigError
         No site, no strategy registered under ``cfg.strategy`` (the registered ones are
-        listed), or its builder returned something that is not a Flower ``Strategy``.
+        listed), its builder returned something that is not a Flower ``Strategy``, or
+        ``hospital_dp_noise`` > 0 with a strategy other than ``fedavg`` or ``fedprox``.
     """
     if n_sites < 1:
         raise ConfigError("a federation needs at least one site")
@@ -197,11 +205,11 @@ def build_strategy(cfg: FederationConfig, *, n_sites: int) -> Strategy:
             "flwr.serverapp.strategy.Strategy; make it return one (e.g. FedAvg(**quorum))"
         )
     if cfg.hospital_dp_noise > 0:
-        strategy = DifferentialPrivacyServerSideFixedClipping(
+        check_hospital_dp(cfg)
+        strategy = HospitalDP(
             strategy,
             noise_multiplier=cfg.hospital_dp_noise,
             clipping_norm=cfg.hospital_dp_clip,
-            num_sampled_clients=n_sites,
         )
     return strategy
 

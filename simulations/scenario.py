@@ -36,6 +36,7 @@ from fedcare.common.errors import ConfigError
 from fedcare.common.federation import FederationConfig
 from fedcare.common.spec import format_validation_error
 from fedcare.common.tomlcompat import tomllib
+from fedcare.server.hospital_dp import check_hospital_dp
 from fedcare.server.strategies import strategy_builder
 from fedcare.simulations.synth import SynthConfig
 
@@ -120,6 +121,7 @@ class Scenario(BaseModel):
         config = FederationConfig.from_run_config(merged, source=source)
         try:  # registered strategies (plug-ins included) are known only here, not in common
             strategy_builder(config.strategy)
+            check_hospital_dp(config)
         except ConfigError as e:
             raise ConfigError(f"{source}: field strategy: {e}") from e
         return config

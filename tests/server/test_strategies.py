@@ -25,7 +25,6 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     FedYogi,
     Krum,
-    Strategy,
 )
 
 from fedcare.common import keys
@@ -34,6 +33,7 @@ from fedcare.common.federation import FederationConfig
 from fedcare.common.packed_arrays import unpack
 from fedcare.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from fedcare.server.guard import GuardedStrategy
+from fedcare.server.hospital_dp import HospitalDP
 from fedcare.server.strategies import (
     available_strategies,
     build_strategy,
@@ -386,11 +386,11 @@ def test_krum_s_choice_does_not_depend_on_the_global_model_the_updates_are_added
 
 
 def test_inner_strategy_looks_through_the_guard_and_the_dp_wrapper(tmp_path: Path) -> None:
-    strategy = build_strategy(_cfg("fedyogi", hospital_dp_noise=1.0), n_sites=2)
-    assert isinstance(strategy, DifferentialPrivacyServerSideFixedClipping)
-    guard = GuardedStrategy(strategy, cfg=_cfg("fedyogi"), run_dir=tmp_path, run_id="r")
+    strategy = build_strategy(_cfg("fedprox", hospital_dp_noise=1.0, proximal_mu=0.1), n_sites=2)
+    assert isinstance(strategy, HospitalDP)
+    guard = GuardedStrategy(strategy, cfg=_cfg("fedprox"), run_dir=tmp_path, run_id="r")
     assert inner_strategy(guard) is strategy.strategy
-    assert type(inner_strategy(guard)) is FedYogi
+    assert type(inner_strategy(guard)) is FedProx
     plain = build_strategy(_cfg("krum"), n_sites=4)
     assert inner_strategy(plain) is plain
 
@@ -406,8 +406,11 @@ def test_inner_strategy_of_a_wrapper_that_wraps_itself_ends() -> None:
 # ------------------------------------------------------------------ optimizer state
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum"])
-@pytest.mark.parametrize("noise", [0.0, 1.0])
+@pytest.mark.parametrize(
+    "name, noise",
+    [(n, 0.0) for n in ("fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum")]
+    + [("fedavg", 1.0), ("fedprox", 1.0)],  # hospital-level DP takes only the mean strategies
+)
 def test_stateless_strategies_keep_no_optimizer_state(name: str, noise: float) -> None:
     strategy = build_strategy(_cfg(name, hospital_dp_noise=noise), n_sites=2)
     assert optimizer_state(strategy) is None
@@ -459,20 +462,7 @@ def test_moments_saved_and_restored_take_the_step_the_original_takes(
     assert any(not np.allclose(steps["fresh"][k], steps["original"][k]) for k in x1)  # type: ignore[index]
 
 
-def test_a_strategy_with_state_restored_into_a_dp_wrapper_reaches_the_inner_optimizer(
-    tmp_path: Path,
-) -> None:
-    cfg = _cfg("fedadam")
-    x = _model(np.random.default_rng(90))
-    original = build_strategy(cfg, n_sites=2)
-    train_round(original, 1, x, _sites(x, 2, seed=91), [1, 1])
-    state = optimizer_state(original)
-    checkpoint = Checkpoint("run", 1, x, optimizer=state)
-    wrapped = build_strategy(_cfg("fedadam", hospital_dp_noise=0.5), n_sites=2)
-    assert isinstance(wrapped, DifferentialPrivacyServerSideFixedClipping)
-    assert restore_optimizer_state(wrapped, checkpoint, model=x, path=tmp_path / "c.pt") is None
-    inner: Strategy = inner_strategy(wrapped)
-    assert state is not None
-    for moment in ("m_t", "v_t"):
-        for k, saved in state.moments[moment].items():
-            np.testing.assert_array_equal(unpack(getattr(inner, moment))[k], saved)
+def test_a_server_optimizer_is_refused_with_hospital_dp() -> None:
+    """A server optimizer's step moves by more than C / n per hospital: no calibrated noise."""
+    with pytest.raises(ConfigError, match="fedadam"):
+        build_strategy(_cfg("fedadam", hospital_dp_noise=0.5), n_sites=2)

@@ -1,9 +1,9 @@
 """The strategy registry: a strategy is a name and a builder; a plug-in adds one anywhere.
 
 ``register_strategy`` is how fedcare's seven strategies are offered and how a plug-in adds
-an eighth; ``build_strategy`` builds whatever the run config names, wraps it in
-hospital-level DP as it wraps Flower's own, and refuses a name nobody registered, listing
-those there are. The run config checks only that ``strategy`` is a well-formed name: a site
+an eighth; ``build_strategy`` builds whatever the run config names (hospital-level DP only
+around the mean strategies, fedavg and fedprox), and refuses a name nobody registered,
+listing those there are. The run config checks only that ``strategy`` is a well-formed name: a site
 never builds a strategy, so it needs no centre's plug-in to accept a run.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedcare.common.errors import ConfigError
 from fedcare.common.federation import FederationConfig
@@ -27,7 +27,6 @@ from fedcare.server import strategies
 from fedcare.server.strategies import (
     available_strategies,
     build_strategy,
-    inner_strategy,
     register_strategy,
     strategy_builder,
 )
@@ -72,14 +71,13 @@ def test_a_registered_strategy_is_built_from_the_run_config_with_the_quorum() ->
     }
 
 
-def test_a_registered_strategy_gets_hospital_dp_as_flower_s_own_do() -> None:
+def test_a_registered_strategy_is_refused_with_hospital_dp() -> None:
+    """Hospital-level DP calibrates its noise for a uniform mean; a plug-in's aggregate may
+    move by more than C / n per hospital, so it is refused, naming the strategy."""
     register_strategy("marked", Marked)
     cfg = _cfg(strategy="marked", **{"hospital-dp-noise": 0.7, "hospital-dp-clip": 3.0})
-    wrapped = build_strategy(cfg, n_sites=4)
-    assert isinstance(wrapped, DifferentialPrivacyServerSideFixedClipping)
-    assert isinstance(inner_strategy(wrapped), Marked)
-    assert (wrapped.noise_multiplier, wrapped.clipping_norm) == (0.7, 3.0)
-    assert wrapped.num_sampled_clients == 4
+    with pytest.raises(ConfigError, match="'marked'"):
+        build_strategy(cfg, n_sites=4)
 
 
 def test_an_unknown_strategy_is_refused_naming_every_registered_one() -> None:
