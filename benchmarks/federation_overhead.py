@@ -437,6 +437,7 @@ def _clear_epsilon_memo() -> None:
     """Empty this process's ε and RDP memos, as a fresh Ray actor's are."""
     client_accounting._memoized_epsilon.cache_clear()
     client_accounting._rdp_per_step.cache_clear()
+    client_accounting._integer_rdp_per_step.cache_clear()
 
 
 def measure_compute(

@@ -1,0 +1,401 @@
+"""What privacy accounting costs: one ε, one noise calibration, and a round's accounting.
+
+Three measurements, each for this checkout's :mod:`fedcare.client.accounting` and, with
+``--baseline REV``, for the same file at a git revision (``git show REV:client/accounting.py``,
+loaded beside it as a separate module; its ``Mechanism`` is this checkout's, the class is
+unchanged), taken in alternation so that drift on a shared machine hits both alike:
+
+1. **ε per call**: :func:`~fedcare.client.accounting.epsilon` of realistic histories (a round
+   of a small site and its evaluation release, a long run at a large site, several runs, 20
+   blocks), every per-process cache emptied first (the ε memo and the per-``(σ, q)`` RDP
+   vectors): what a new history costs a fresh process.
+2. **Calibration per call**: :func:`~fedcare.client.accounting.calibrate_noise` of realistic
+   plans (σ from 0.5 to 12, q = batch / n for n from 100 to 2000, 12 to 600 planned steps,
+   histories of 1 to 11 blocks), caches emptied first, with the number of ε it computed (the
+   memo's misses).
+3. **A round**: :func:`benchmarks.federation_overhead.measure_compute` replays a small
+   federation in this process (``--sites`` synthetic hospitals of ``--patients``, task
+   ``readmission``, DP at ε 8 with PRV, ``--rounds`` rounds, evaluation every round), and
+   per round the seconds of privacy accounting (``calibrate_noise``, the plan's ε check and
+   the ledger's calls, its SQLite transactions included) are set against that round's
+   compute (``train_round`` + ``evaluate``, accounting included). The replay runs every
+   site in one process, so sites of equal size share the ε memo; on its own, a site
+   computes one new ε per round after the first (its charge's ε after; the ε before is the
+   previous charge's, from the memo), whose cost is that of table 1.
+
+Medians over ``--repeats``. Run from the repository root (opacus installs a top-level package
+also named ``benchmarks``)::
+
+    .venv/bin/python -m benchmarks.accounting
+    .venv/bin/python -m benchmarks.accounting --baseline HEAD --repeats 5
+
+Writes ``benchmarks/results/accounting.json`` (``--out``) and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import fedcare.client.accounting as current
+from fedcare.client.accounting import Mechanism
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "accounting.json"
+DELTA = 1e-5
+M = Mechanism
+
+#: Per-process caches of the accounting module (those a version has), emptied before a call.
+_CACHES = ("_memoized_epsilon", "_rdp_per_step", "_integer_rdp_per_step")
+
+#: History name -> history. Evaluation releases are ``M(5.0, 1.0, k)`` (the site default).
+EPSILON_CASES: dict[str, list[Mechanism]] = {
+    "300 patients, round 1 + its evaluation": [M(1.1, 64 / 200, 4), M(5.0, 1.0, 1)],
+    "300 patients, round 3 + 4 evaluations": [M(1.1, 64 / 200, 12), M(5.0, 1.0, 4)],
+    "100 patients, 200 steps in one round": [M(2.0, 0.64, 200), M(5.0, 1.0, 2)],
+    "2000 patients, 20 rounds x 30 steps": [M(0.8, 64 / 2000, 600), M(5.0, 1.0, 21)],
+    "5 runs at 1000 patients": [
+        *(M(0.8 + 0.2 * i, 64 / 1000, 60) for i in range(5)),
+        M(5.0, 1.0, 20),
+    ],
+    "20 blocks": [M(1.0 + 0.05 * i, 0.02 + 0.001 * i, 50) for i in range(20)],
+}
+
+#: Plan name -> (target ε, q, planned steps, history).
+CALIBRATION_CASES: dict[str, tuple[float, float, int, list[Mechanism]]] = {
+    "300 patients, 3 rounds x 4 steps, ε 8": (8.0, 64 / 200, 12, [M(5.0, 1.0, 4)]),
+    "300 patients, 3 rounds x 4 steps, ε 2": (2.0, 64 / 200, 12, [M(5.0, 1.0, 4)]),
+    "100 patients, 3 rounds x 200 steps, ε 8": (8.0, 0.64, 600, [M(5.0, 1.0, 4)]),
+    "2000 patients, 20 rounds x 30 steps, ε 8": (8.0, 64 / 2000, 600, [M(5.0, 1.0, 21)]),
+    "second run after 5, 1000 patients, ε 8": (
+        8.0,
+        64 / 1000,
+        60,
+        [*(M(1.6 + 0.2 * i, 64 / 1000, 60) for i in range(5)), M(5.0, 1.0, 20)],
+    ),
+    "after 10 runs, 11 blocks, ε 8": (
+        8.0,
+        0.2,
+        90,
+        [M(5.0, 1.0, 21), *(M(1.0 + 0.1 * i, 0.05, 20) for i in range(10))],
+    ),
+}
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def load_revision(rev: str) -> ModuleType:
+    """``client/accounting.py`` at git revision ``rev``, as a module of its own.
+
+    Its ``Mechanism`` is replaced by this checkout's (the class is the same in every
+    revision this benchmark compares), so the histories built here pass its checks.
+    """
+    source = subprocess.run(
+        ["git", "show", f"{rev}:client/accounting.py"],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+        path = f.name
+    try:
+        name = f"fedcare_accounting_at_{rev}".replace("~", "_").replace("^", "_")
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise RuntimeError(f"cannot load {path} as a module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        os.unlink(path)
+    module.Mechanism = Mechanism  # type: ignore[attr-defined]
+    return module
+
+
+def clear_caches(module: ModuleType) -> None:
+    """Empty every per-process cache ``module`` has (see ``_CACHES``)."""
+    for name in _CACHES:
+        cached = getattr(module, name, None)
+        if cached is not None:
+            cached.cache_clear()
+
+
+def _cold_ms(module: ModuleType, fn: Callable[[], object]) -> float:
+    """Milliseconds of one ``fn()`` with ``module``'s caches emptied first."""
+    clear_caches(module)
+    t = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t)
+
+
+def _computed(module: ModuleType, fn: Callable[[], object]) -> int:
+    """How many ε ``fn`` computed (misses of ``module``'s memo), caches emptied first."""
+    clear_caches(module)
+    fn()
+    return int(module._memoized_epsilon.cache_info().misses)
+
+
+def _epsilon(module: ModuleType, history: list[Mechanism]) -> float:
+    return float(module.epsilon(history, delta=DELTA))
+
+
+def _calibrate(module: ModuleType, plan: tuple[float, float, int, list[Mechanism]]) -> float:
+    target, q, steps, history = plan
+    return float(
+        module.calibrate_noise(
+            target_epsilon=target, delta=DELTA, sample_rate=q, steps=steps, history=history
+        )
+    )
+
+
+# --------------------------------------------------------------------------- per call
+
+
+def time_epsilon(versions: dict[str, ModuleType], repeats: int) -> dict[str, dict[str, Any]]:
+    """Per history: ε and median ms per version, alternating the versions per repeat."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, history in EPSILON_CASES.items():
+        row: dict[str, Any] = {"blocks": len(history), "steps": sum(m.steps for m in history)}
+        samples: dict[str, list[float]] = {v: [] for v in versions}
+        for _ in range(repeats):
+            for label, module in versions.items():
+                samples[label].append(_cold_ms(module, partial(_epsilon, module, history)))
+        for label, module in versions.items():
+            row[label] = {
+                "epsilon": _epsilon(module, history),
+                "ms": statistics.median(samples[label]),
+            }
+        out[name] = row
+    return out
+
+
+def time_calibration(versions: dict[str, ModuleType], repeats: int) -> dict[str, dict[str, Any]]:
+    """Per plan: σ, its reported ε, ε computed, and median ms per version."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, plan in CALIBRATION_CASES.items():
+        target, q, steps, history = plan
+        row: dict[str, Any] = {"target_epsilon": target, "sample_rate": q, "steps": steps}
+        samples: dict[str, list[float]] = {v: [] for v in versions}
+        for _ in range(repeats):
+            for label, module in versions.items():
+                samples[label].append(_cold_ms(module, partial(_calibrate, module, plan)))
+        for label, module in versions.items():
+            sigma = _calibrate(module, plan)
+            row[label] = {
+                "sigma": sigma,
+                "epsilon": _epsilon(module, [*history, M(sigma, q, steps)]),
+                "epsilons_computed": _computed(module, partial(_calibrate, module, plan)),
+                "ms": statistics.median(samples[label]),
+            }
+        out[name] = row
+    return out
+
+
+# --------------------------------------------------------------------------- a round
+
+
+@contextlib.contextmanager
+def accounting_of(module: ModuleType) -> Iterator[None]:
+    """Make the round's callers (and the replay's memo counters) use ``module``."""
+    import fedcare.client.ledger as client_ledger
+    import fedcare.client.local as client_local
+
+    patched = [
+        (client_local, "calibrate_noise"),
+        (client_local, "epsilon"),
+        (client_ledger, "epsilon"),
+        *((current, name) for name in _CACHES),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in patched]
+    for owner, name in patched:
+        if hasattr(module, name):  # an older version may lack a cache
+            setattr(owner, name, getattr(module, name))
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def time_rounds(
+    versions: dict[str, ModuleType], *, sites: int, patients: int, rounds: int, repeats: int
+) -> dict[str, Any]:
+    """Per version: per round, median seconds of accounting and of compute over repeats."""
+    from benchmarks.federation_overhead import measure_compute
+    from fedcare.common.federation import FederationConfig
+    from fedcare.simulations.synth import SynthConfig, synthesize
+
+    samples: dict[str, list[list[dict[str, float]]]] = {v: [] for v in versions}
+    parts: dict[str, list[dict[str, tuple[int, float]]]] = {v: [] for v in versions}
+    counts: dict[str, tuple[int, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="fedcare-accounting-") as tmp:
+        work = Path(tmp)
+        folders = synthesize(
+            work / "sites",
+            n_sites=sites,
+            seed=0,
+            config=SynthConfig(patients_per_site=patients),
+            force=True,
+        )
+        cfg = FederationConfig(
+            task="readmission", num_server_rounds=rounds, seed=0, data_root=str(work / "sites")
+        )
+        for i in range(repeats):
+            for label, module in versions.items():
+                for version in versions.values():
+                    clear_caches(version)
+                with accounting_of(module):
+                    compute = measure_compute(
+                        folders,
+                        cfg,
+                        run_id=f"accounting-{label}-{i}",
+                        state_root=work / f"state-{label}-{i}",
+                        reload_repeats=1,
+                    )
+                samples[label].append(compute.rounds)
+                parts[label].append(compute.parts)
+                counts[label] = (compute.epsilon_asked, compute.epsilon_computed)
+    out: dict[str, Any] = {}
+    for label in versions:
+        per_round = []
+        for r in range(rounds + 1):
+            accounting = statistics.median(run[r]["accounting_s"] for run in samples[label])
+            compute_s = statistics.median(
+                run[r]["train_s"] + run[r]["evaluate_s"] for run in samples[label]
+            )
+            share = statistics.median(
+                run[r]["accounting_s"] / (run[r]["train_s"] + run[r]["evaluate_s"])
+                for run in samples[label]
+            )
+            per_round.append(
+                {
+                    "round": r,
+                    "accounting_ms": 1e3 * accounting,
+                    "compute_ms": 1e3 * compute_s,
+                    "accounting_share": share,
+                }
+            )
+        names = sorted({name for run in parts[label] for name in run})
+        out[label] = {
+            "rounds": per_round,
+            "parts_ms": {  # every timed call of the replay, all rounds and sites: calls, ms
+                name: [
+                    statistics.median(run.get(name, (0, 0.0))[0] for run in parts[label]),
+                    1e3 * statistics.median(run.get(name, (0, 0.0))[1] for run in parts[label]),
+                ]
+                for name in names
+            },
+            "epsilon_asked": counts[label][0],
+            "epsilon_computed": counts[label][1],
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _summary(result: dict[str, Any]) -> str:
+    labels = result["versions"]
+    lines = [f"ε per call, ms (median of {result['repeats']}, caches emptied):"]
+    for name, row in result["epsilon"].items():
+        cells = "  ".join(f"{v} {row[v]['ms']:8.1f} (ε {row[v]['epsilon']:.6f})" for v in labels)
+        lines.append(f"  {name:44s} {cells}")
+    lines.append("calibration per call, ms (ε computed):")
+    for name, row in result["calibration"].items():
+        cells = "  ".join(
+            f"{v} {row[v]['ms']:8.1f} ({row[v]['epsilons_computed']:2d}, σ {row[v]['sigma']:.4f})"
+            for v in labels
+        )
+        lines.append(f"  {name:44s} {cells}")
+    lines.append("a round: accounting ms / compute ms (share), median over repeats:")
+    for v in labels:
+        rounds = result["rounds"][v]["rounds"]
+        cells = "  ".join(
+            f"r{r['round']} {r['accounting_ms']:.1f}/{r['compute_ms']:.1f} "
+            f"({100 * r['accounting_share']:.0f} %)"
+            for r in rounds
+        )
+        lines.append(f"  {v:9s} {cells}")
+        timed = result["rounds"][v]["parts_ms"]
+        lines.append(
+            "            "
+            + ", ".join(f"{name} {ms:.0f} ms/{calls:.0f}" for name, (calls, ms) in timed.items())
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accounting", description=__doc__)
+    parser.add_argument("--baseline", default=None, help="git revision to compare against")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--patients", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--round-repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if min(args.repeats, args.sites, args.rounds, args.round_repeats) < 1:
+        print("--repeats, --sites, --rounds and --round-repeats must be >= 1", file=sys.stderr)
+        return 2
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    import torch
+
+    torch.set_num_threads(1)  # as a Ray client actor (OMP_NUM_THREADS=1)
+    versions: dict[str, ModuleType] = {}
+    if args.baseline:
+        versions[args.baseline] = load_revision(args.baseline)
+    versions["checkout"] = current
+    for module in versions.values():  # first use imports Opacus and SciPy: not timed
+        module.epsilon([M(1.0, 0.05, 20)], delta=DELTA)
+    loadavg = {"start": [round(x, 2) for x in os.getloadavg()]}
+    result: dict[str, Any] = {
+        "versions": list(versions),
+        "repeats": args.repeats,
+        "delta": DELTA,
+        "cpus": len(os.sched_getaffinity(0)),
+        "epsilon": time_epsilon(versions, args.repeats),
+        "calibration": time_calibration(versions, args.repeats),
+        "round_settings": {
+            "task": "readmission",
+            "sites": args.sites,
+            "patients_per_site": args.patients,
+            "rounds": args.rounds,
+            "repeats": args.round_repeats,
+            "target_epsilon": 8.0,
+            "accountant": "prv",
+        },
+        "rounds": time_rounds(
+            versions,
+            sites=args.sites,
+            patients=args.patients,
+            rounds=args.rounds,
+            repeats=args.round_repeats,
+        ),
+    }
+    loadavg["end"] = [round(x, 2) for x in os.getloadavg()]
+    result["loadavg"] = loadavg
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print(_summary(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
