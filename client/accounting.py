@@ -132,7 +132,7 @@ class Mechanism:
         if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0 < q <= 1:
             raise ConfigError(
                 f"sample rate must be in (0, 1], got {q!r}; it is 1 / number of batches "
-                "per epoch (see fedcare.client.privacy.sampling)"
+                "per epoch (see fedcare.client.dpsgd.sampling)"
             )
         if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")

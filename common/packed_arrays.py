@@ -42,6 +42,7 @@ from flwr.app import Array, ArrayRecord
 
 __all__ = [
     "PACKED_PREFIX",
+    "MAX_LAYOUT_CHARS",
     "Layout",
     "is_packed",
     "layout_of",
@@ -54,6 +55,10 @@ __all__ = [
 
 #: The name of a packed array starts with this; the rest is its layout as JSON.
 PACKED_PREFIX = "fedcare-packed-v1:"
+
+#: The longest layout read (about 20,000 tensors of typical names): a longer one is refused
+#: before it is parsed.
+MAX_LAYOUT_CHARS = 1_000_000
 
 #: A packed array's layout: its tensors' names and shapes, in order.
 Layout = tuple[tuple[str, tuple[int, ...]], ...]
@@ -172,10 +177,17 @@ def _name(group: Layout) -> str:
 
 
 def _parse(name: str) -> Layout:
+    text = name[len(PACKED_PREFIX) :]
+    if len(text) > MAX_LAYOUT_CHARS:
+        raise ValueError(
+            f"a packed array's layout is {len(text)} characters, over {MAX_LAYOUT_CHARS}"
+        )
     try:
-        raw = json.loads(name[len(PACKED_PREFIX) :])
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"a packed array's layout is not JSON ({e.msg})") from e
+    except RecursionError as e:  # nesting deep enough to exhaust the parser's stack
+        raise ValueError("a packed array's layout nests too deeply to be a layout") from e
     if not isinstance(raw, list) or not raw:
         raise ValueError("a packed array's layout must be a non-empty list of [name, shape]")
     layout = []

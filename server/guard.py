@@ -114,14 +114,15 @@ def with_model_dtypes(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> 
     are the round's reference, so the aggregate is cast back to them (a no-op for FedAvg).
     """
     current = arrays_to_numpy(arrays)
-    if all(name in reference and current[name].dtype == reference[name].dtype for name in current):
+    if set(current) != set(reference):  # the guard hands every strategy the round's tensors
+        raise ValueError(
+            "the strategy's aggregate holds other tensors than the model it was sent "
+            f"({sorted(set(current) ^ set(reference))[:5]}); a strategy must return the "
+            "model's arrays"
+        )
+    if all(current[name].dtype == reference[name].dtype for name in current):
         return arrays
-    cast = {
-        name: value.astype(reference[name].dtype) if name in reference else value
-        for name, value in current.items()
-    }
-    if set(cast) != set(reference):
-        return ArrayRecord({name: Array(value) for name, value in cast.items()})
+    cast = {name: value.astype(reference[name].dtype) for name, value in current.items()}
     return in_layout(cast, reference, packed=any(is_packed(name) for name in arrays))
 
 
@@ -263,6 +264,9 @@ class GuardedStrategy(Strategy):
             self.recorder.node_is(node, site_id)
             sha256: str | None = None
             try:
+                extra = set(reply.content) - {keys.REC_ARRAYS, keys.REC_METRICS, keys.REC_SITE}
+                if extra:  # Flower's strategies refuse the whole round over one such reply
+                    raise ValueError(f"the reply carries records fedcare never sends: {extra}")
                 update = arrays_to_numpy(reply.content.array_records[keys.REC_ARRAYS])
                 sha256 = hash_arrays(update)
                 norm = validate_update(update, self._reference, max_norm=self.cfg.max_update_norm)
@@ -394,6 +398,7 @@ class GuardedStrategy(Strategy):
                 and k != keys.M_NUM_EXAMPLES
                 and isinstance(v, (int, float))
                 and math.isfinite(float(v))
+                and not (k.endswith(".n") and float(v) < 0)  # a count is never negative
             }
             # A site's personalized model (client/personal/) is its own: reported per site,
             # never pooled into the global metrics.
@@ -536,12 +541,21 @@ def _train_report(metrics: Any, info: ConfigRecord | None) -> TrainReport:
     dp: DPReport | None = None
     if info is not None and info.get(keys.S_DP) is True:
         accountant = info[keys.S_ACCOUNTANT]
-        if not isinstance(accountant, str) or len(accountant) > 32:
+        if not isinstance(accountant, str) or not 0 < len(accountant) <= 32:
             raise TypeError("the site's accountant is not a short name")
         delta = _number(info, keys.S_DELTA, float)
         if not 0 < delta < 1:
             raise ValueError(f"{keys.S_DELTA} = {delta} is not in (0, 1)")
         noise = _choice(info, keys.S_NOISE, (keys.NOISE_OS_ENTROPY, keys.NOISE_REPRODUCIBLE))
+        noise_multiplier = _number(info, keys.S_NOISE_MULTIPLIER, float)
+        sample_rate = _number(info, keys.S_SAMPLE_RATE, float)
+        steps = _number(info, keys.S_STEPS, int)
+        # The run record's bounds (common/run_record.py): a reply outside them is malformed.
+        if not (noise_multiplier > 0 and 0 < sample_rate <= 1 and steps >= 1):
+            raise ValueError(
+                f"the reported mechanism (noise multiplier {noise_multiplier}, sample rate "
+                f"{sample_rate}, steps {steps}) is not a DP-SGD mechanism"
+            )
         dp = DPReport(
             epsilon=_epsilon(info, keys.S_EPSILON),
             run_epsilon=(
@@ -550,13 +564,16 @@ def _train_report(metrics: Any, info: ConfigRecord | None) -> TrainReport:
             delta=delta,
             accountant=accountant,
             noise=_noise_source(noise),
-            noise_multiplier=_number(info, keys.S_NOISE_MULTIPLIER, float),
-            sample_rate=_number(info, keys.S_SAMPLE_RATE, float),
-            steps=_number(info, keys.S_STEPS, int),
+            noise_multiplier=noise_multiplier,
+            sample_rate=sample_rate,
+            steps=steps,
         )
     evaluation = _choice(info, keys.S_EVALUATION, (keys.EVAL_DP, keys.EVAL_EXACT))
+    num_examples = _number(metrics, keys.M_NUM_EXAMPLES, int)
+    if num_examples < 0:
+        raise ValueError(f"{keys.M_NUM_EXAMPLES} = {num_examples} is negative")
     return TrainReport(
-        num_examples=_number(metrics, keys.M_NUM_EXAMPLES, int),
+        num_examples=num_examples,
         # A site sends its training loss only where its evaluation is exact (a statistic of
         # its patients under weights the server chose): absent is normal, malformed is not.
         train_loss=(
@@ -629,8 +646,11 @@ def _split_reason(reason: str, fallback: str) -> tuple[str, str]:
     """Sites prefix an error reason with ``<site-id>: ``."""
     head, sep, rest = reason.partition(": ")
     if sep and _SITE_ID.fullmatch(head):
-        return head, rest[:_MAX_REASON]
-    return fallback, reason[:_MAX_REASON]
+        site_id, text = head, rest
+    else:
+        site_id, text = fallback, reason
+    # A site that gives no reason still ended its round: the record says so in words.
+    return site_id, (text.strip() or "(the site gave no reason)")[:_MAX_REASON]
 
 
 def _drop_partial_metric(replies: list[Message], name: str) -> None:

@@ -28,13 +28,12 @@ from typing import Any, Literal
 import numpy as np
 
 from fedcare.common.federation import FederationConfig
-from fedcare.common.run_files import PROGRESS_NAME, RECORD_NAME
+from fedcare.common.run_files import PROGRESS_NAME
 from fedcare.common.run_record import (
     RecordMechanism,
     RunRecord,
     SitePrivacy,
     SiteRecord,
-    write_run_record,
 )
 from fedcare.common.summary import (
     EvaluationMode,
@@ -289,12 +288,3 @@ class RunRecorder:
         }
         with open(self.run_dir / PROGRESS_NAME, "a", encoding="utf-8") as f:
             f.write(json.dumps(progress) + "\n")
-
-    def finish(self) -> RunRecord:
-        """The record at the end of the run: rounds in order, ``rounds_completed`` set."""
-        self.record.finish()
-        return self.record
-
-    def write(self) -> Path:
-        """Write ``<run_dir>/server_record.json`` (atomically, validated); return its path."""
-        return write_run_record(self.run_dir / RECORD_NAME, self.record)

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 from flwr.serverapp.strategy import (
-    DifferentialPrivacyServerSideFixedClipping,  # noqa: F401 (inner_strategy's example)
     FedAdam,
     FedAvg,
     FedMedian,
@@ -217,17 +216,15 @@ def build_strategy(cfg: FederationConfig, *, n_sites: int) -> Strategy:
 def inner_strategy(strategy: Strategy) -> Strategy:
     """The aggregation strategy inside any wrappers.
 
-    fedcare's :class:`~fedcare.server.guard.GuardedStrategy` and Flower's DP wrappers
-    (``DifferentialPrivacyServerSideFixedClipping``, ...) keep the strategy they wrap in
-    ``.strategy``; follow it down to the one that aggregates.
+    fedcare's :class:`~fedcare.server.guard.GuardedStrategy` and
+    :class:`~fedcare.server.hospital_dp.HospitalDP` (like Flower's own DP wrappers) keep the
+    strategy they wrap in ``.strategy``; follow it down to the one that aggregates.
 
     Examples
     --------
-    >>> fedadam = FedAdam()
-    >>> wrapped = DifferentialPrivacyServerSideFixedClipping(
-    ...     fedadam, noise_multiplier=0.0, clipping_norm=1.0, num_sampled_clients=2
-    ... )
-    >>> inner_strategy(wrapped) is fedadam
+    >>> fedavg = FedAvg()
+    >>> wrapped = HospitalDP(fedavg, noise_multiplier=1.0, clipping_norm=1.0)
+    >>> inner_strategy(wrapped) is fedavg
     True
     """
     seen: set[int] = set()

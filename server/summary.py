@@ -32,8 +32,8 @@ def build_summary(
 ) -> RunSummary:
     """The validated ``summary.json`` of a run, from the server's record and the baselines.
 
-    ``record`` is a :class:`~fedcare.common.run_record.RunRecord`, or its JSON form (the
-    ServerApp's, until it keeps the typed record itself), validated first.
+    ``record`` is a :class:`~fedcare.common.run_record.RunRecord` (the ServerApp's), or its
+    JSON form as ``server_record.json`` holds it, validated first.
     """
     if not isinstance(record, RunRecord):
         record = RunRecord.from_dict(dict(record), source="the run record")

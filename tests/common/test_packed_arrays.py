@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from fedcare.common import keys
 from fedcare.common.audit import hash_arrays
 from fedcare.common.packed_arrays import (
+    MAX_LAYOUT_CHARS,
     PACKED_PREFIX,
     layout_of,
     pack,
@@ -132,6 +133,8 @@ def test_a_layout_packs_values_of_another_dtype_under_the_same_names() -> None:
         (PACKED_PREFIX + json.dumps([["w", [3]]]), np.zeros(4), "needs a flat array of 3"),
         (PACKED_PREFIX + json.dumps([["w", [2]], ["w", [2]]]), np.zeros(4), "twice"),
         (PACKED_PREFIX + json.dumps([["w", [2]]]), np.zeros((1, 2)), "flat array"),
+        (PACKED_PREFIX + "[" * 5000, np.zeros(1), "nests too deeply"),
+        (PACKED_PREFIX + " " * (MAX_LAYOUT_CHARS + 1), np.zeros(1), "characters, over"),
     ],
 )
 def test_a_malformed_layout_is_named_never_read(name: str, value: np.ndarray, match: str) -> None:

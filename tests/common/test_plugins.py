@@ -287,3 +287,23 @@ def test_the_audit_code_hash_covers_the_plug_ins_a_process_loads(
     plugin.write_text("X = 2\n")
     changed = code_hash((*CODE_PACKAGES, *plugins.plugin_code_modules()))
     assert len({fedcare_only, with_plugin, changed}) == 3
+
+
+def test_a_plug_in_s_whole_package_is_in_the_code_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``lab.plugin`` registers a model that lives in ``lab/models.py``: a change there is
+    a change of the code the site runs, so the hash covers the top-level package."""
+    from fedcare.common.audit import CODE_PACKAGES, code_hash
+
+    package = tmp_path / "lab_pkg_for_hash"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "plugin.py").write_text("from lab_pkg_for_hash import models\n")
+    (package / "models.py").write_text("W = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(plugins.PLUGINS_ENV, "lab_pkg_for_hash.plugin")
+    assert plugins.plugin_code_modules() == ("lab_pkg_for_hash",)
+    before = code_hash((*CODE_PACKAGES, *plugins.plugin_code_modules()))
+    (package / "models.py").write_text("W = 2\n")
+    assert code_hash((*CODE_PACKAGES, *plugins.plugin_code_modules())) != before

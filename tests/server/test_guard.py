@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -252,3 +253,51 @@ def test_replies_packed_in_another_order_are_aggregated_in_the_rounds_layout(
     np.testing.assert_allclose(mean["b"], np.full(3, 3.0))
     site_c = guard.record.sites["site-c"]
     assert site_c.status == "rejected" and "malformed reply" in (site_c.reason or "")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda m: m.content.__setitem__("extra", MetricRecord({"x": 1})), "never sends"),
+        (lambda m: m.content[keys.REC_METRICS].__setitem__(keys.M_NUM_EXAMPLES, -5), "negative"),
+        (lambda m: m.content[keys.REC_SITE].__setitem__(keys.S_NOISE_MULTIPLIER, 0.0), "DP-SGD"),
+        (lambda m: m.content[keys.REC_SITE].__setitem__(keys.S_SAMPLE_RATE, 2.0), "DP-SGD"),
+        (lambda m: m.content[keys.REC_SITE].__setitem__(keys.S_STEPS, 0), "DP-SGD"),
+        (lambda m: m.content[keys.REC_SITE].__setitem__(keys.S_ACCOUNTANT, ""), "short name"),
+    ],
+)
+def test_a_reply_the_run_record_could_not_hold_is_rejected_not_a_crash(
+    tmp_path: Path, change: Any, reason: str
+) -> None:
+    """What a site reports must fit the typed run record; anything else is a malformed
+    reply (rejected, recorded), never an exception that ends the centre's run."""
+    guard = _guard(tmp_path)
+    guard._expected = {11, 12}
+    good, bad = _reply(11, "a", np.ones((2, 2), np.float32)), _reply(12, "b", REF["w"])
+    bad.content[keys.REC_SITE] = ConfigRecord(
+        {
+            keys.S_SITE_ID: "b",
+            keys.S_DP: True,
+            keys.S_REPLAYED: False,
+            keys.S_EPSILON: 1.0,
+            keys.S_DELTA: 1e-5,
+            keys.S_ACCOUNTANT: "prv",
+            keys.S_NOISE_MULTIPLIER: 1.0,
+            keys.S_SAMPLE_RATE: 0.1,
+            keys.S_STEPS: 3,
+        }
+    )
+    change(bad)
+    arrays, _ = guard.aggregate_train(1, [good, bad])
+    assert arrays is not None
+    site = guard.record.sites["b"]
+    assert site.status == "rejected" and reason in site.reason
+
+
+def test_a_refusal_without_a_reason_still_ends_in_a_summary(tmp_path: Path) -> None:
+    guard = _guard(tmp_path)
+    guard._expected = {11, 13}
+    TaskIdentity.node_id = 13
+    refusal = Message(Error(code=keys.ERR_BUDGET, reason="site-c: "), reply_to=_instruction(13))
+    guard.aggregate_train(1, [_reply(11, "site-a", np.ones((2, 2), np.float32)), refusal])
+    assert guard.record.sites["site-c"].reason == "(the site gave no reason)"

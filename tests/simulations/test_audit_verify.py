@@ -39,6 +39,8 @@ from fedcare.common.audit import (
 )
 from fedcare.common.errors import ConfigError
 from fedcare.common.federation import FederationConfig
+from fedcare.common.run_files import RECORD_NAME
+from fedcare.common.run_record import write_run_record
 from fedcare.server.audit import SERVER_KEY, SERVER_LOG, ServerAudit
 from fedcare.server.guard import GuardedStrategy
 from fedcare.simulations.audit.findings import VerifyResult
@@ -186,8 +188,8 @@ def run_federation(run_dir: Path, sites: Sequence[FakeSite], *, run_id: str, rou
     )
     audit.run_end(rounds_completed=rounds, model_sha256=record_sha256(result.arrays))
     torch.save({"state_dict": result.arrays.to_torch_state_dict()}, run_dir / "final_model.pt")
-    guard.recorder.finish()
-    guard.recorder.write()  # server_record.json, as the ServerApp writes it after run-end
+    guard.record.finish()  # server_record.json, as the ServerApp writes it after run-end
+    write_run_record(run_dir / RECORD_NAME, guard.record)
     return run_dir
 
 
