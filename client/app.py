@@ -249,16 +249,36 @@ def _request(cfg: FederationConfig, run_cfg: FederationConfig, msg: Message) -> 
     )
 
 
-def _received_state(msg: Message) -> dict[str, torch.Tensor]:
+def _received_state(
+    msg: Message, trainer: SiteTrainer, request: RoundRequest, model: str
+) -> dict[str, torch.Tensor]:
     """The model the server sent, as tensors by name (packed on the wire:
-    :mod:`fedcare.common.packed_arrays`); a malformed or missing one is refused."""
+    :mod:`fedcare.common.packed_arrays`), checked against this site's own model for the
+    task (names, shapes, dtypes); a malformed, missing or foreign one is refused."""
     record = msg.content.array_records.get(keys.REC_ARRAYS)
     if record is None:
         raise ConfigError(f"the server's message has no {keys.REC_ARRAYS!r} model arrays")
     try:
         arrays = unpack_record(record)
-    except ValueError as e:
-        raise ConfigError(f"the server's model arrays are malformed: {e}") from e
+    except Exception as e:  # anything the centre's bytes make numpy raise: its fault, refused
+        raise ConfigError(
+            f"the server's model arrays are malformed ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
+    own = trainer.build_model(request.task, model or None).state_dict()
+    differ = [
+        name
+        for name in sorted(set(own) | set(arrays))
+        if name not in own
+        or name not in arrays
+        or tuple(arrays[name].shape) != tuple(own[name].shape)
+        or str(arrays[name].dtype) != str(own[name].dtype).removeprefix("torch.")
+    ]
+    if differ:
+        raise ConfigError(
+            f"the server's model does not fit this site's {request.task!r} model: "
+            f"{len(differ)} tensor(s) differ in name, shape or dtype (e.g. {differ[:3]}); "
+            "every site and the server must run the same fedcare version and model"
+        )
     return {name: torch.from_numpy(value) for name, value in arrays.items()}
 
 
@@ -435,7 +455,7 @@ def handle_train(msg: Message, context: Context, *, warm: WarmSites | None = Non
         audit = _open_audit(here, run_cfg, msg)
         _check_schema(trainer, msg)
         request = _request(cfg, run_cfg, msg)
-        state = _received_state(msg)
+        state = _received_state(msg, trainer, request, cfg.model)
         result = trainer.train_round(request, state)
         privacy = _privacy_numbers(result.epsilon, result.delta, result.run_epsilon)
         if result.mechanism is not None and privacy is None:
@@ -507,7 +527,7 @@ def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = 
         audit = _open_audit(here, run_cfg, msg)
         _check_schema(trainer, msg)
         request = _request(cfg, run_cfg, msg)
-        state = _received_state(msg)
+        state = _received_state(msg, trainer, request, cfg.model)
         # A fine-tune (its own charge) is run and logged before the evaluation, so its charge
         # is in the audit log even if the evaluation is then refused or fails.
         tuned = trainer.personalize(request, state)

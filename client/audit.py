@@ -53,6 +53,7 @@ cause and the fix); its ledger charge, written before training, stays.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -115,10 +116,13 @@ def record_sha256(arrays: ArrayRecord) -> str:
     received)."""
     try:
         named = unpack_record(arrays)
-    except ValueError:
-        # A malformed packing is refused by the ClientApp (it names the problem); the audit
-        # entry of that refusal still records what arrived: the raw arrays' hash.
-        named = {name: array.numpy() for name, array in arrays.items()}
+    except Exception:  # noqa: BLE001 - malformed bytes are refused by the ClientApp, named
+        # The audit entry of that refusal still records what arrived: the SHA-256 of the
+        # raw serialized arrays (names and bytes), which needs no parsing.
+        digest = hashlib.sha256(b"fedcare-raw-arrays-v1\n")
+        for name in sorted(arrays):
+            digest.update(name.encode("utf-8", "replace") + b"\0" + bytes(arrays[name].data))
+        return digest.hexdigest()
     return hash_arrays(named)
 
 

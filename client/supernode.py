@@ -42,6 +42,9 @@ _IDLE_WAIT_S, _REPLY_WAIT_S = 3, 0.5
 
 #: Waits between tries for a message object the centre does not hold yet: first, longest.
 PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 1.0
+#: Tries per object before the SuperNode gives the message up (Flower's own default is 500
+#: at waits of up to 10 s).
+PULL_MAX_TRIES = 600
 
 #: For this long after the site last answered a message, it polls every ``busy_poll_s``:
 #: a run's next message (the evaluation after training, the next round) comes within
@@ -112,9 +115,10 @@ def install(*, poll_s: float, reply_poll_s: float, busy_poll_s: float | None = N
         inflatable_utils.pull_objects,
         initial_backoff=PULL_BACKOFF_S,
         backoff_cap=PULL_BACKOFF_CAP_S,
-        # Shorter waits, not a shorter wait: Flower stops after 500 tries per object (80 min
-        # at its own waits, 2 min at these); its overall limit (max_time, 2 h) still holds.
-        max_tries_per_object=None,
+        # Shorter waits, not a shorter wait, but not an endless one either: a centre that
+        # announces objects it never serves holds the SuperNode ~10 min (at the 1 s cap),
+        # not Flower's whole 2 h limit.
+        max_tries_per_object=PULL_MAX_TRIES,
     )
     return faster
 

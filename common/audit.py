@@ -398,16 +398,30 @@ def code_hash(packages: Sequence[str] = CODE_PACKAGES) -> str:
     return digest.hexdigest()
 
 
-@functools.cache
 def running_code_hash() -> str:
     """:func:`code_hash` of fedcare's packages and of the plug-in modules this process
     loads (:func:`fedcare.common.plugins.plugin_code_modules`), taken once per process.
 
     Every message's ``run-start`` entry records it, and hashing every source costs ~12 ms.
     It names the code as it was on disk when this process first asked, close to the code
-    the process imported when it started, not code installed later while it runs.
+    the process imported when it started, not code installed later while it runs. A
+    plug-in named later in the process (``fedcare.load_plugins`` after a change of
+    ``FEDCARE_PLUGINS``) is a new set of code and gets its own hash.
     """
-    return code_hash((*CODE_PACKAGES, *plugin_code_modules()))
+    installed = _entry_point_packages()
+    named = plugin_code_modules(entry_points=False)
+    return _code_hash_of(tuple(dict.fromkeys((*installed, *named))))
+
+
+@functools.cache
+def _entry_point_packages() -> tuple[str, ...]:
+    """The entry-point plug-ins' packages, looked up once (installing one needs a restart)."""
+    return plugin_code_modules(environ={})
+
+
+@functools.cache
+def _code_hash_of(plugins: tuple[str, ...]) -> str:
+    return code_hash((*CODE_PACKAGES, *plugins))
 
 
 def versions() -> dict[str, str]:
@@ -728,9 +742,11 @@ def _fsync_dir_quietly(folder: Path) -> None:
 
 
 def _parse_line(line: bytes) -> dict[str, Any] | None:
+    """The JSON object a line holds; ``None`` if it holds none (not UTF-8 or not JSON, an
+    integer too long to read, or nesting too deep for the parser: never an entry)."""
     try:
         value = json.loads(line.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 

@@ -96,12 +96,16 @@ def plugin_modules(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def plugin_code_modules(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+def plugin_code_modules(
+    environ: Mapping[str, str] | None = None, *, entry_points: bool = True
+) -> tuple[str, ...]:
     """The top-level package (or lone module) of every plug-in a process imports (entry
     points', then :data:`PLUGINS_ENV`'s): the code the audit log's ``code_sha256`` covers
     beside fedcare's (:func:`fedcare.common.audit.running_code_hash`). The whole top-level
     package, because a plug-in module imports its package's other modules (its models)."""
-    names = [ep.value.partition(":")[0].strip() for ep in plugin_entry_points()]
+    names = (
+        [ep.value.partition(":")[0].strip() for ep in plugin_entry_points()] if entry_points else []
+    )
     tops = [name.partition(".")[0] for name in [*names, *plugin_modules(environ)]]
     return tuple(dict.fromkeys(tops))
 

@@ -274,14 +274,17 @@ class GuardedStrategy(Strategy):
             except UpdateRejected as e:
                 self._reject(server_round, site_id, node, sha256, str(e), info)
                 continue
-            except (KeyError, TypeError, ValueError) as e:
+            except Exception as e:  # any failure to read a site's reply is that reply's fault
                 detail = f"malformed reply ({type(e).__name__}: {str(e)[:200]})"
                 self._reject(server_round, site_id, node, sha256, detail, info)
                 continue
-            # The strategy aggregates the update in the layout the round sent.
+            # The strategy aggregates the update in the layout the round sent, and the metrics
+            # fedcare's strategies read, rebuilt from checked scalars (Flower refuses a round
+            # whose replies' metric records differ, and divides by their total weight).
             reply.content[keys.REC_ARRAYS] = in_layout(
                 update, self._reference, packed=self._sent_packed
             )
+            reply.content[keys.REC_METRICS] = _checked_metrics(report)
             kept.append(reply)
             self.recorder.trained(self.absolute(server_round), site_id, report, norm=norm)
             if self.audit is not None and sha256 is not None:
@@ -317,6 +320,18 @@ class GuardedStrategy(Strategy):
         arrays, metrics = self.strategy.aggregate_train(self.absolute(server_round), kept)
         if arrays is not None:
             arrays = with_model_dtypes(arrays, self._reference)
+            if not all(np.isfinite(v).all() for v in arrays_to_numpy(arrays).values()):
+                # Finite updates can still sum past float32 (one site sending ±3e38): a
+                # non-finite model would make every site charge and diverge next round.
+                self._event(
+                    server_round,
+                    ALL_SITES,
+                    kinds.ROUND_SKIPPED,
+                    "the aggregate is not finite (an update too large for the model's dtype; "
+                    "bound updates with max-update-norm); the global model is unchanged",
+                )
+                self._audit_aggregate(server_round, None, 0)
+                return None, None
         self._audit_aggregate(server_round, arrays, len(kept) if arrays is not None else 0)
         return arrays, metrics
 
@@ -570,8 +585,8 @@ def _train_report(metrics: Any, info: ConfigRecord | None) -> TrainReport:
         )
     evaluation = _choice(info, keys.S_EVALUATION, (keys.EVAL_DP, keys.EVAL_EXACT))
     num_examples = _number(metrics, keys.M_NUM_EXAMPLES, int)
-    if num_examples < 0:
-        raise ValueError(f"{keys.M_NUM_EXAMPLES} = {num_examples} is negative")
+    if num_examples < 1:  # the strategy's weight: a site that trained on no one has no update
+        raise ValueError(f"{keys.M_NUM_EXAMPLES} = {num_examples} is not a positive count")
     return TrainReport(
         num_examples=num_examples,
         # A site sends its training loss only where its evaluation is exact (a statistic of
@@ -582,6 +597,15 @@ def _train_report(metrics: Any, info: ConfigRecord | None) -> TrainReport:
         evaluation=_evaluation_mode(evaluation),
         dp=dp,
     )
+
+
+def _checked_metrics(report: TrainReport) -> MetricRecord:
+    """The metrics a kept reply gives the strategy: its checked number of examples (a
+    positive weight) and training loss, nothing the site added."""
+    numbers: dict[str, int | float] = {keys.M_NUM_EXAMPLES: report.num_examples}
+    if report.train_loss is not None:
+        numbers[keys.M_TRAIN_LOSS] = report.train_loss
+    return MetricRecord(numbers)
 
 
 def _noise_source(value: str | None) -> NoiseSource | None:

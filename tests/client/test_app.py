@@ -9,15 +9,18 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 
 from fedcare.client.app import handle_evaluate, handle_train
 from fedcare.client.ledger import PrivacyLedger
 from fedcare.common import keys
+from fedcare.common.audit import read_entries
 from fedcare.common.federation import FederationConfig
+from fedcare.common.packed_arrays import pack_record
 from fedcare.common.spec import load_site_spec
 from fedcare.simulations.synth import SynthConfig, synthesize
 from tests._flower import model_of, server_message, task_identity
@@ -134,6 +137,35 @@ def test_a_schema_mismatch_names_the_features_that_differ(sites: Path, tmp_path:
     msg.content[keys.REC_CONFIG][keys.CFG_SCHEMA] = theirs.model_dump_json()
     reply = handle_train(msg, _context(sites, tmp_path))
     assert reply.has_error() and dropped in reply.error.reason, reply.error.reason
+
+
+@pytest.mark.parametrize(
+    ("arrays", "reason"),
+    [
+        (lambda state: pack_record({f"x.{k}": v for k, v in state.items()}), "does not fit"),
+        (lambda state: pack_record({k: v[..., :1] for k, v in state.items()}), "does not fit"),
+        (lambda state: _undecodable(pack_record(state)), "malformed"),
+    ],
+)
+def test_a_model_the_site_cannot_read_is_a_refusal_with_an_audit_entry(
+    sites: Path, tmp_path: Path, arrays: Any, reason: str
+) -> None:
+    """Whatever model bytes the centre sends, the site answers with a refusal naming why,
+    logs it, and charges nothing; it never raises."""
+    msg = _message(sites, "train")
+    msg.content[keys.REC_ARRAYS] = arrays(model_of(msg.content[keys.REC_ARRAYS]))
+    reply = handle_train(msg, _context(sites, tmp_path))
+    assert reply.has_error() and reason in reply.error.reason, reply.error.reason
+    kinds = [e["kind"] for e in read_entries(tmp_path / "site-0" / "audit.jsonl")]
+    assert kinds[-1] == "refused"
+    ledger = tmp_path / "site-0" / "ledger.sqlite"
+    assert not ledger.exists() or PrivacyLedger(ledger, create=False).count_charges() == 0
+
+
+def _undecodable(record: ArrayRecord) -> ArrayRecord:
+    for array in record.values():
+        array.data = b"\x93NUMPY not an array"
+    return record
 
 
 def test_a_data_error_never_sends_or_logs_patient_values(sites: Path, tmp_path: Path) -> None:

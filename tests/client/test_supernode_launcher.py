@@ -24,7 +24,7 @@ def test_the_launcher_shortens_the_supernode_s_waits(monkeypatch: pytest.MonkeyP
     assert pull.keywords == {  # type: ignore[attr-defined]
         "initial_backoff": supernode.PULL_BACKOFF_S,
         "backoff_cap": supernode.PULL_BACKOFF_CAP_S,
-        "max_tries_per_object": None,  # Flower's overall time limit still holds
+        "max_tries_per_object": supernode.PULL_MAX_TRIES,  # ~10 min at the 1 s cap
     }
 
 

@@ -259,7 +259,9 @@ def test_replies_packed_in_another_order_are_aggregated_in_the_rounds_layout(
     ("change", "reason"),
     [
         (lambda m: m.content.__setitem__("extra", MetricRecord({"x": 1})), "never sends"),
-        (lambda m: m.content[keys.REC_METRICS].__setitem__(keys.M_NUM_EXAMPLES, -5), "negative"),
+        (lambda m: m.content[keys.REC_METRICS].__setitem__(keys.M_NUM_EXAMPLES, -5), "positive"),
+        (lambda m: m.content[keys.REC_METRICS].__setitem__(keys.M_NUM_EXAMPLES, 0), "positive"),
+        (lambda m: m.content[keys.REC_ARRAYS]["w"].__setattr__("data", b""), "malformed"),
         (lambda m: m.content[keys.REC_SITE].__setitem__(keys.S_NOISE_MULTIPLIER, 0.0), "DP-SGD"),
         (lambda m: m.content[keys.REC_SITE].__setitem__(keys.S_SAMPLE_RATE, 2.0), "DP-SGD"),
         (lambda m: m.content[keys.REC_SITE].__setitem__(keys.S_STEPS, 0), "DP-SGD"),
@@ -301,3 +303,33 @@ def test_a_refusal_without_a_reason_still_ends_in_a_summary(tmp_path: Path) -> N
     refusal = Message(Error(code=keys.ERR_BUDGET, reason="site-c: "), reply_to=_instruction(13))
     guard.aggregate_train(1, [_reply(11, "site-a", np.ones((2, 2), np.float32)), refusal])
     assert guard.record.sites["site-c"].reason == "(the site gave no reason)"
+
+
+def test_metrics_a_site_adds_never_reach_the_strategy(tmp_path: Path) -> None:
+    """Flower refuses a round whose replies' metric records differ; the guard hands the
+    strategy only the checked numbers, so one site's extra or list-valued metric is inert."""
+    guard = _guard(tmp_path)
+    guard._expected = {11, 12}
+    odd = _reply(12, "b", np.full((2, 2), 3.0, np.float32))
+    odd.content[keys.REC_METRICS]["extra"] = [1.0, 2.0]
+    arrays, _ = guard.aggregate_train(1, [_reply(11, "a", np.ones((2, 2), np.float32)), odd])
+    assert arrays is not None
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 2), 2.0))
+
+
+def test_a_non_finite_aggregate_keeps_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finite updates can still aggregate past float32 (one site sending ±3e38 into a
+    weighted sum): the round is skipped, not the model replaced by inf, which would make
+    every site charge and diverge next round."""
+    guard = _guard(tmp_path)
+    guard._expected = {11, 12}
+    inf = ArrayRecord({"w": Array(np.full((2, 2), np.inf, np.float32))})
+    monkeypatch.setattr(guard.strategy, "aggregate_train", lambda *a: (inf, MetricRecord({})))
+    ones = np.ones((2, 2), np.float32)
+    assert guard.aggregate_train(1, [_reply(11, "a", ones), _reply(12, "b", ones)]) == (
+        None,
+        None,
+    )
+    assert any(e.kind == "round-skipped" for e in guard.record.events)
