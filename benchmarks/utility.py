@@ -692,7 +692,6 @@ def _atomic_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path, mode=0o644) as f:  # a result to share, not a private 0600 file
         f.write((json.dumps(payload, indent=1, default=str) + "\n").encode("utf-8"))
-        raise
 
 
 def _parse_list(text: str, known: Iterable[str], what: str) -> list[str]:
