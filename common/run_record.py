@@ -354,7 +354,8 @@ def load_run_record(path: Path) -> RunRecord:
     Raises
     ------
     ConfigError
-        The file is missing, is not JSON, or is not a run record of a version this fedcare
+        The file is missing, is not JSON (or JSON fedcare never writes: nested too deeply,
+        an integer too long to read), or is not a run record of a version this fedcare
         reads; the message names the file (and the field) and the fix.
     """
     path = Path(path)
@@ -365,9 +366,15 @@ def load_run_record(path: Path) -> RunRecord:
             f"{path}: no such file; the server writes it at the end of a run: pass the run "
             "directory of a finished `fedcare simulate` or deployment run"
         ) from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e}); check the path and permissions") from e
+    except (ValueError, RecursionError) as e:
+        # ValueError: not UTF-8, not JSON, or an integer too long to convert;
+        # RecursionError: nested too deeply for the parser. Nothing fedcare writes.
+        reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)
         raise ConfigError(
-            f"{path}: cannot read it as JSON ({e}); the file is damaged: rerun the federation"
+            f"{path}: cannot read it as JSON ({reason}); the file is damaged or is not a "
+            "fedcare run's: rerun the federation"
         ) from e
     return RunRecord.from_dict(raw, source=str(path))
 

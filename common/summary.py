@@ -413,7 +413,8 @@ def load_summary(path: Path) -> RunSummary:
     Raises
     ------
     ConfigError
-        The file is missing, is not JSON, has a schema version this fedcare does not read, or
+        The file is missing, is not JSON (or JSON fedcare never writes: nested too deeply,
+        an integer too long to read), has a schema version this fedcare does not read, or
         does not match the schema; the message names the file and every offending field.
 
     Notes
@@ -430,11 +431,15 @@ def load_summary(path: Path) -> RunSummary:
         raise ConfigError(
             f"{path}: no such file; a finished run writes summary.json into its run directory"
         ) from e
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ConfigError(f"{path}: cannot read it ({e}); check the path and permissions") from e
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
+        # ValueError: not UTF-8, not JSON, or an integer too long to convert;
+        # RecursionError: nested too deeply for the parser. Nothing fedcare writes.
+        reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)
         raise ConfigError(
-            f"{path}: not valid JSON ({e}); rewrite it with write_summary or rerun"
+            f"{path}: not valid JSON ({reason}); the file is damaged or is not a fedcare "
+            "run's: rewrite it with write_summary or rerun"
         ) from e
     if isinstance(raw, dict) and "schema_version" in raw:
         version = raw["schema_version"]

@@ -97,6 +97,28 @@ def _guarded(step: Callable[[], Any]) -> tuple[Any, str | None]:
         return None, str(e)
 
 
+#: What the ε recomputation raises on a log entry that lacks a field, or holds one of a type
+#: fedcare never writes (it reads the logs unverified: a hand-edited or forged log).
+_MALFORMED_ENTRY_ERRORS = (KeyError, TypeError, ValueError, AttributeError)
+
+
+def _recomputed_epsilon(run_dir: Path) -> tuple[EpsilonAudit | None, str | None]:
+    """The ε recomputation, or why it failed: a user-fixable failure, or a log entry no
+    fedcare wrote (a reason on the page, never a traceback)."""
+    from fedcare.simulations.audit.epsilon import recompute_epsilon
+
+    try:
+        return recompute_epsilon(run_dir), None
+    except FedcareError as e:
+        return None, str(e)
+    except _MALFORMED_ENTRY_ERRORS as e:
+        return None, (
+            f"an audit log of the run holds an entry that fedcare never writes ({type(e).__name__}"
+            f": {str(e)[:200]}); the logs are not a fedcare run's as written: run `fedcare audit "
+            f"verify {run_dir}` to find the entry"
+        )
+
+
 def _code_hash(run_dir: Path) -> str | None:
     """The code hash(es) the server's audit log signed at run start and resumes.
 
@@ -142,7 +164,6 @@ def load_report_inputs(run_dir: Path) -> ReportInputs:
         If ``run_dir`` is not a folder, or its summary, record or attack results cannot be
         read; the message names the file and the fix.
     """
-    from fedcare.simulations.audit.epsilon import recompute_epsilon
     from fedcare.simulations.audit.verify import verify_paths
 
     run_dir = Path(run_dir)
@@ -159,7 +180,7 @@ def load_report_inputs(run_dir: Path) -> ReportInputs:
         verify = VerifyResult(
             ok=False, logs=[], cross_check_problems=[f"the logs cannot be verified: {verify_error}"]
         )
-    epsilon, epsilon_error = _guarded(lambda: recompute_epsilon(run_dir))
+    epsilon, epsilon_error = _recomputed_epsilon(run_dir)
     return ReportInputs(
         summary=summary,
         record=record,

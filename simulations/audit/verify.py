@@ -19,6 +19,9 @@ it recorded. For every session a site's log has entries in:
 * the log heads each side recorded from the other exist in that log: a log whose last
   entries were cut off, or that was rewritten and re-signed, shows here.
 
+An entry that verifies but has a field of a type fedcare never writes (a forged log, or one
+edited and re-signed) is a problem of its own and takes no part in the cross-checks.
+
 In a session a site's log has no entry in (its state was reset since, or the log predates
 it), only updates the server logged with that log's key must be in it. Every site
 ``run-start`` must carry a config hash the server logged for the run. For a run directory,
@@ -109,7 +112,7 @@ def _lenient_entries(path: Path) -> list[dict[str, Any]]:
     for line in content.split(b"\n"):
         try:
             entry = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, an overlong integer, too deep
             continue
         if isinstance(entry, dict):
             out.append(entry)
@@ -134,7 +137,7 @@ def run_config(run_dir: Path) -> dict[str, Any]:
     if toml.is_file():
         try:
             federation = tomllib.loads(toml.read_text(encoding="utf-8")).get("federation")
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        except (OSError, ValueError, RecursionError):  # unreadable, not TOML, too deep
             federation = None
         if isinstance(federation, dict):
             return federation
@@ -153,13 +156,7 @@ def find_run_logs(run_dir: Path) -> RunLogs:
     folders: list[Path] = []
     manifest = run_dir / SITES_MANIFEST_NAME
     if manifest.is_file():
-        try:
-            folders = [Path(p) for p in json.loads(manifest.read_text(encoding="utf-8"))]
-        except (ValueError, TypeError) as e:
-            raise ConfigError(
-                f"{manifest} is not a JSON list of site folders ({e}); give the site logs "
-                "as paths instead"
-            ) from e
+        folders = _manifest_folders(manifest)
     sites: list[Path] = []
     for folder in folders:
         sites.append(folder / SITE_STATE_DIR / SITE_LOG)
@@ -173,6 +170,27 @@ def find_run_logs(run_dir: Path) -> RunLogs:
         sites.extend(sorted(Path(state_root).glob(f"*/{SITE_LOG}")))
     found = list(dict.fromkeys(p.resolve() for p in sites if p.is_file()))
     return RunLogs(server if server.is_file() else None, tuple(found))
+
+
+def _manifest_folders(manifest: Path) -> list[Path]:
+    """The site folders ``sites.json`` lists.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read, or is not a JSON list of folder names.
+    """
+    fix = "the file is damaged or is not a fedcare run's: give the site logs as paths instead"
+    try:
+        listed: Any = json.loads(manifest.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{manifest}: cannot read it ({e}); {fix}") from e
+    except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, an overlong integer, too deep
+        reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ConfigError(f"{manifest}: not JSON ({reason}); {fix}") from e
+    if not isinstance(listed, list) or not all(isinstance(p, str) and p for p in listed):
+        raise ConfigError(f"{manifest}: not a JSON list of site folder names; {fix}")
+    return [Path(p) for p in listed]
 
 
 def _as_check(v: LogVerification) -> LogCheck:
@@ -192,7 +210,7 @@ def _declared_writer(path: Path) -> str | None:
     try:
         with open(path, "rb") as f:
             first = json.loads(f.readline())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # check_log names what is wrong
         return None
     writer = first.get("writer") if isinstance(first, dict) else None
     return writer if isinstance(writer, str) else None
@@ -309,6 +327,104 @@ def run_dir_problems(run_dir: Path, server: LogVerification | None) -> list[str]
     return problems
 
 
+# --------------------------------------------------------------------------- entry types
+
+
+@dataclass(frozen=True)
+class _FieldType:
+    """What a data field the cross-checks read must hold: one of ``types`` (a JSON
+    ``true``/``false`` is never an integer), described as ``expected``."""
+
+    types: tuple[type, ...]
+    expected: str
+
+    def admits(self, value: Any) -> bool:
+        if isinstance(value, bool) and bool not in self.types:
+            return False
+        return isinstance(value, self.types)
+
+
+_NULL = type(None)
+_INT = _FieldType((int,), "an integer")
+_INT_OR_NULL = _FieldType((int, _NULL), "an integer or null")
+_STR = _FieldType((str,), "a string")
+_STR_OR_NULL = _FieldType((str, _NULL), "a string or null")
+_OBJECT_OR_NULL = _FieldType((dict, _NULL), "an object or null")
+
+#: The type of each entry data field the cross-checks read, in whichever kind of entry it
+#: stands: what the writers (``server/audit.py``, ``client/audit.py``) always write.
+_FIELD_TYPES: dict[str, _FieldType] = {
+    "round": _INT_OR_NULL,
+    "after_round": _INT,
+    "rounds_completed": _INT,
+    "site_id": _STR,
+    "phase": _STR,
+    "site": _OBJECT_OR_NULL,
+    "mechanism": _OBJECT_OR_NULL,
+    **dict.fromkeys(
+        (
+            "config_sha256",
+            "model_sha256",
+            "sha256",
+            "sent_sha256",
+            "received_sha256",
+            "server_head",
+            "server_key",
+        ),
+        _STR_OR_NULL,
+    ),
+}
+#: The same for the fields of a server ``update``/``rejected`` entry's ``site`` object.
+_SITE_REPORT_TYPES: dict[str, _FieldType] = {
+    "key_fingerprint": _STR_OR_NULL,
+    "audit_head": _STR_OR_NULL,
+}
+
+_SHOWN_CHARS = 40
+
+
+def _shown(value: Any) -> str:
+    """A short description of a field's value for a problem (a container by its type only:
+    it may be long or nested deep)."""
+    if isinstance(value, (list, dict)):
+        return "a list" if isinstance(value, list) else "an object"
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def _type_problem(data: Mapping[str, Any]) -> str | None:
+    """Which field of an entry's data has a type fedcare never writes (``None``: none)."""
+    site = data.get("site")
+    for fields, types, prefix in ((data, _FIELD_TYPES, ""), (site, _SITE_REPORT_TYPES, "site.")):
+        if not isinstance(fields, dict):
+            continue  # a ``site`` that is not an object is a problem of ``data`` already
+        for name, rule in types.items():
+            if name in fields and not rule.admits(fields[name]):
+                return f"{prefix}{name} is {_shown(fields[name])}, not {rule.expected}"
+    return None
+
+
+def _typed_entries(log: LogVerification, who: str) -> tuple[list[LoggedEntry], list[str]]:
+    """The verified entries of ``log`` whose fields have the types fedcare writes, and a
+    problem naming each entry that has another (it is left out of the cross-checks).
+
+    Such an entry verifies (it was signed with the log's key) but no fedcare wrote it: a
+    forged log, or one edited and re-signed."""
+    entries: list[LoggedEntry] = []
+    problems: list[str] = []
+    for e in log.entries:
+        problem = _type_problem(e.data)
+        if problem is None:
+            entries.append(e)
+        else:
+            problems.append(
+                f"{who} log line {e.line}: its {e.kind!r} entry's {problem}: fedcare never "
+                "writes that, so the entry was forged or edited and re-signed; it is left out "
+                "of the cross-checks"
+            )
+    return entries, problems
+
+
 # --------------------------------------------------------------------------- cross-checks
 
 
@@ -340,9 +456,10 @@ class _ServerIndex:
 
     @classmethod
     def build(cls, log: LogVerification) -> _ServerIndex:
-        index = cls(log)
+        entries, problems = _typed_entries(log, "server")
+        index = cls(log, problems=problems)
         current: dict[str, _Session] = {}
-        for e in log.entries:
+        for e in entries:
             run, d = e.run_id or "", e.data
             rnd: Any = d.get("round")
             if e.kind == kinds.RUN_START or (e.kind == kinds.RUN_RESUME and run not in current):
@@ -443,14 +560,17 @@ def _report_differs(site_data: dict[str, Any], server_site: dict[str, Any]) -> l
     return [k for k in _REPORT_FIELDS if server_site.get(k) != mine[k]]
 
 
-def _check_site(server: _ServerIndex, site: LogVerification) -> list[str]:
-    """Cross-check one site's log against one server log, session by session."""
+def _check_site(
+    server: _ServerIndex, site: LogVerification, entries: Sequence[LoggedEntry]
+) -> list[str]:
+    """Cross-check one site's log (its well-typed ``entries``) against one server log,
+    session by session."""
     problems: list[str] = []
     w = site.writer
     by_session: dict[int, list[LoggedEntry]] = defaultdict(list)
     server_runs = {s.run_id for s in server.sessions}
     rekeyed: set[str] = set()
-    for e in site.entries:
+    for e in entries:
         key = e.data.get("server_key")
         run = e.run_id or ""
         if key and key != server.log.key_fingerprint and run in server_runs and run not in rekeyed:
@@ -600,18 +720,27 @@ def _check_train(session: _Session, w: str, e: LoggedEntry, where: str) -> list[
 def cross_check(logs: Sequence[LogVerification]) -> list[str]:
     """Problems found between server and site logs (see the module docstring).
 
-    Only verified entries take part (those before a log's first bad line). A server log is
-    split into sessions (each ``run-start``, with its ``run-resume`` entries); a site
-    entry belongs to the session its recorded server head falls in. Where a site's log has
-    entries in a session, the two logs must agree on it; where it has none (the site's
-    state was reset, or this log predates it), only updates the server logged with this
-    log's key are required to be in it.
+    Only verified entries take part (those before a log's first bad line), and of those
+    only the ones whose fields have the types fedcare writes: an entry with another (an
+    integer round that is text, a ``site`` that is not an object, ...) is a problem of its
+    own, named by its log and line. A server log is split into sessions (each
+    ``run-start``, with its ``run-resume`` entries); a site entry belongs to the session
+    its recorded server head falls in. Where a site's log has entries in a session, the two
+    logs must agree on it; where it has none (the site's state was reset, or this log
+    predates it), only updates the server logged with this log's key are required to be
+    in it.
     """
     servers = [_ServerIndex.build(v) for v in logs if v.writer == SERVER_WRITER]
-    sites = [v for v in logs if v.writer and v.writer != SERVER_WRITER]
     problems: list[str] = []
     for server in servers:
         problems.extend(server.problems)
-        for site in sites:
-            problems.extend(_check_site(server, site))
+    sites: list[tuple[LogVerification, list[LoggedEntry]]] = []
+    for v in logs:
+        if v.writer and v.writer != SERVER_WRITER:
+            entries, typing_problems = _typed_entries(v, f"site {v.writer}")
+            sites.append((v, entries))
+            problems.extend(typing_problems)
+    for server in servers:
+        for site, entries in sites:
+            problems.extend(_check_site(server, site, entries))
     return list(dict.fromkeys(problems))

@@ -161,3 +161,45 @@ def test_rounds_are_kept_in_order_and_counted_when_finished() -> None:
     record.finish()
     assert [e.round for e in record.rounds] == [0, 1, 2]
     assert record.round_or_none(5) is None
+
+
+#: JSON no fedcare writes, that makes ``json.loads`` raise something other than a decode
+#: error: an integer over Python's digit limit (ValueError) or nesting deeper than the
+#: parser's stack (RecursionError).
+HOSTILE_JSON = [
+    pytest.param('{"rounds_planned": ' + "9" * 5000 + "}", "Exceeds the limit", id="long-int"),
+    pytest.param("[" * 200_000, "it nests too deeply", id="deep-array"),
+    pytest.param('{"a":' * 200_000, "it nests too deeply", id="deep-object"),
+    pytest.param("[" * 5_000 + "]" * 5_000, "it nests too deeply", id="deep-closed-array"),
+]
+
+
+@pytest.mark.parametrize(("content", "reason"), HOSTILE_JSON)
+@pytest.mark.parametrize(
+    ("name", "load", "what"),
+    [
+        ("server_record.json", load_run_record, "cannot read it as JSON"),
+        ("summary.json", load_summary, "not valid JSON"),
+    ],
+)
+def test_a_hostile_record_or_summary_is_one_config_error_naming_the_file(
+    tmp_path: Path, content: str, reason: str, name: str, load: Any, what: str
+) -> None:
+    """A run directory an auditor receives may hold anything: never a traceback."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {what} ({reason}"), message
+    assert "the file is damaged or is not a fedcare run's" in message
+    assert "\n" not in message
+
+
+def test_a_record_nested_deep_but_parseable_is_a_validation_error(tmp_path: Path) -> None:
+    raw = _v2()
+    raw["config"] = {"x": json.loads("[" * 900 + "]" * 900)}
+    path = tmp_path / "server_record.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: field config.x")):
+        load_run_record(path)

@@ -9,8 +9,11 @@ two-site simulation and tampers with what it wrote.
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +34,15 @@ from fedcare.client.ledger import PrivacyLedger
 from fedcare.client.local import EvaluationResult, RoundResult
 from fedcare.common import keys
 from fedcare.common.audit import (
+    AuditLog,
+    AuditLogError,
     canonical_json,
     check_log,
     line_hash,
+    load_or_create_signing_key,
     public_key_fingerprint,
     public_key_raw,
+    read_entries,
 )
 from fedcare.common.errors import ConfigError
 from fedcare.common.federation import FederationConfig
@@ -44,7 +51,7 @@ from fedcare.common.run_record import write_run_record
 from fedcare.server.audit import SERVER_KEY, SERVER_LOG, ServerAudit
 from fedcare.server.guard import GuardedStrategy
 from fedcare.simulations.audit.findings import VerifyResult
-from fedcare.simulations.audit.verify import run_dir_problems, verify_paths
+from fedcare.simulations.audit.verify import run_config, run_dir_problems, verify_paths
 from fedcare.simulations.audit.verify_cli import audit_verify
 from tests._flower import task_identity
 
@@ -471,6 +478,209 @@ def test_json_output_and_user_errors(run: tuple[Path, list[Path]], tmp_path: Pat
         verify_paths([tmp_path / "empty"])
     out = _cli(str(run_dir), "--key", str(run_dir / SERVER_KEY))
     assert isinstance(out.exception, ConfigError) and "WRITER=KEYFILE" in str(out.exception)
+
+
+# ------------------------------------------------------------------ hostile run directories
+
+# What an auditor receives may hold anything; each file gives one clear error or a named
+# verification problem, never a traceback. ``json.loads`` raises ValueError on an integer
+# over Python's digit limit and RecursionError on nesting deeper than its stack.
+_LONG_INT = "9" * 5000
+_DEEP_ARRAY = "[" * 200_000
+_DEEP_OBJECT = '{"a":' * 200_000
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        pytest.param(_DEEP_ARRAY.encode(), "not JSON (it nests too deeply)", id="deep-array"),
+        pytest.param(_DEEP_OBJECT.encode(), "not JSON (it nests too deeply)", id="deep-object"),
+        pytest.param(f"[{_LONG_INT}]".encode(), "not JSON (Exceeds the limit", id="long-int"),
+        pytest.param(b"\xff\xfe[]", "not JSON ('utf-8' codec", id="not-utf8"),
+        pytest.param(b'{"site-a": "x"}', "not a JSON list of site folder names", id="object"),
+        pytest.param(b'["a", 3]', "not a JSON list of site folder names", id="not-names"),
+    ],
+)
+def test_a_hostile_sites_manifest_is_one_clear_error(
+    run: tuple[Path, list[Path]], content: bytes, reason: str
+) -> None:
+    run_dir, _ = run
+    manifest = run_dir / "sites.json"
+    manifest.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        verify_paths([run_dir])
+    message = str(info.value)
+    assert message.startswith(f"{manifest}: {reason}"), message
+    assert message.endswith(
+        "the file is damaged or is not a fedcare run's: give the site logs as paths instead"
+    )
+
+
+def test_the_command_prints_one_line_for_a_hostile_run_directory(
+    run: tuple[Path, list[Path]],
+) -> None:
+    run_dir, _ = run
+    (run_dir / "sites.json").write_text(_DEEP_ARRAY)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedcare.cli", "audit", "verify", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "NO_COLOR": "1"},
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"error: {run_dir / 'sites.json'}: not JSON (it nests too deeply)")
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        pytest.param('{"rounds_planned": ' + _LONG_INT + "}", "Exceeds the limit", id="long-int"),
+        pytest.param(_DEEP_ARRAY, "it nests too deeply", id="deep-array"),
+    ],
+)
+def test_a_hostile_run_record_is_named_not_compared(
+    run: tuple[Path, list[Path]], content: str, reason: str
+) -> None:
+    run_dir, _ = run
+    record = run_dir / RECORD_NAME
+    record.write_text(content)
+    result = verify_paths([run_dir])
+    assert not result.ok and all(log.ok for log in result.logs)
+    assert any(
+        p.startswith(f"{record}: cannot read it as JSON ({reason}")
+        and "not a fedcare run's" in p
+        and p.endswith("cannot be compared with the audit log")
+        for p in result.cross_check_problems
+    ), result.cross_check_problems
+    # Without the server's log, the run config (to locate logs) would come from the record.
+    (run_dir / SERVER_LOG).unlink()
+    assert run_config(run_dir) == {}
+    assert verify_paths([run_dir]).ok  # the sites' logs, on their own
+
+
+@pytest.mark.parametrize(
+    ("which", "line", "content"),
+    [
+        pytest.param("server", 3, _DEEP_ARRAY, id="server-deep-array"),
+        pytest.param("site", 1, _DEEP_OBJECT, id="site-first-line-deep-object"),
+        pytest.param("server", None, '{"seq":' + _LONG_INT + "}", id="server-long-int-appended"),
+        pytest.param("site", 4, "[" * 5_000 + "]" * 5_000, id="site-deep-closed-array"),
+    ],
+)
+def test_a_hostile_audit_log_line_is_the_first_bad_line(
+    run: tuple[Path, list[Path]], which: str, line: int | None, content: str
+) -> None:
+    run_dir, sites = run
+    path = run_dir / SERVER_LOG if which == "server" else _site_log(sites[0])
+    lines = _lines(path)
+    if line is None:
+        lines.append(content.encode())
+        line = len(lines)
+    else:
+        lines[line - 1] = content.encode()
+    _write_lines(path, lines)
+    result = verify_paths([run_dir])
+    bad = next(log for log in result.logs if Path(log.path).resolve() == path.resolve())
+    assert not result.ok and bad.first_bad_line == line
+    assert (
+        bad.problem == f"line {line} not a JSON entry: its bytes were altered or the line was cut"
+    )
+    out = _cli(str(run_dir))
+    assert out.exit_code == 1 and f"FIRST BAD LINE {line}: " in out.output, out.output
+    with pytest.raises(AuditLogError, match=f"line {line} is not an audit entry"):
+        read_entries(path)  # the unverified reader (the ε recomputation's)
+
+
+def _retype(kind: str, field: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """An edit for :func:`resign`: set ``field`` (``a.b`` inside an object) of the first
+    ``kind`` entry's data to ``value``."""
+    done: list[bool] = []
+
+    def edit(entry: dict[str, Any]) -> None:
+        if entry["kind"] != kind or done:
+            return
+        *outer, name = field.split(".")
+        data = entry["data"]
+        for key in outer:
+            data = data[key]
+        data[name] = value
+        done.append(True)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("which", "kind", "field", "value", "problem"),
+    [
+        ("server", "round-start", "round", "one", "round is 'one', not an integer or null"),
+        ("server", "aggregate", "round", True, "round is True, not an integer or null"),
+        ("server", "update", "round", [1], "round is a list, not an integer or null"),
+        ("server", "update", "site", "not-a-dict", "site is 'not-a-dict', not an object or null"),
+        ("server", "update", "site_id", 7, "site_id is 7, not a string"),
+        ("server", "update", "sha256", {"a": 1}, "sha256 is an object, not a string or null"),
+        (
+            "server",
+            "update",
+            "site.key_fingerprint",
+            ["k"],
+            "site.key_fingerprint is a list, not a string or null",
+        ),
+        ("server", "run-end", "rounds_completed", "2", "rounds_completed is '2', not an integer"),
+        ("site", "train", "round", "one", "round is 'one', not an integer or null"),
+        ("site", "train", "mechanism", "dp", "mechanism is 'dp', not an object or null"),
+        ("site", "train", "received_sha256", ["x"], "received_sha256 is a list, not a string"),
+        ("site", "evaluate", "round", 1.0, "round is 1.0, not an integer or null"),
+        ("site", "run-start", "config_sha256", {}, "config_sha256 is an object, not a string"),
+        ("site", "train", "server_head", 3, "server_head is 3, not a string or null"),
+    ],
+)
+def test_a_signed_entry_of_the_wrong_type_fails_verification_naming_it(
+    run: tuple[Path, list[Path]], which: str, kind: str, field: str, value: Any, problem: str
+) -> None:
+    """The log's own key signed it, so the log verifies; no fedcare wrote it, so the run
+    does not."""
+    run_dir, sites = run
+    if which == "server":
+        path, key_file, who = run_dir / SERVER_LOG, run_dir / SERVER_KEY, "server"
+    else:
+        path, key_file = _site_log(sites[0]), sites[0] / ".fedcare" / AUDIT_KEY_NAME
+        who = "site site-a"
+    line = _line_of_kind(path, kind, 0)
+    resign(path, load_or_create_signing_key(key_file), _retype(kind, field, value))
+    result = verify_paths([run_dir])
+    assert all(log.ok for log in result.logs)
+    assert not result.ok
+    named = f"{who} log line {line}: its {kind!r} entry's {problem}"
+    assert any(p.startswith(named) for p in result.cross_check_problems), (
+        result.cross_check_problems
+    )
+    out = _cli(str(run_dir))
+    assert out.exit_code == 1 and "verified: FAILED" in out.output, out.output
+
+
+def test_a_resume_entry_of_the_wrong_type_appended_by_the_real_writer(
+    run: tuple[Path, list[Path]],
+) -> None:
+    import fedcare
+
+    run_dir, _ = run
+    key = load_or_create_signing_key(run_dir / SERVER_KEY)
+    log = AuditLog(run_dir / SERVER_LOG, writer="server", key=key)
+    data = {"config_sha256": "c", "model_sha256": "m", "config": {}, "after_round": [1]}
+    log.append("run-resume", data, run_id="r1")
+    line = len(_lines(run_dir / SERVER_LOG))
+    result = fedcare.verify_run(run_dir)
+    assert all(log.ok for log in result.logs) and not result.ok
+    assert any(
+        p.startswith(
+            f"server log line {line}: its 'run-resume' entry's after_round is a list, not an "
+            "integer: fedcare never writes that"
+        )
+        for p in result.cross_check_problems
+    ), result.cross_check_problems
 
 
 # ------------------------------------------------------------------ the real ClientApp

@@ -3,12 +3,15 @@
 The verifier and the ε recomputation are other modules' work: here they are stand-ins
 (injected as ``fedcare.simulations.audit.verify`` / ``fedcare.simulations.audit.epsilon``), so
 these tests
-check only what this module does with a run directory.
+check only what this module does with a run directory; the last test runs the real ones on
+a hostile audit log.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -209,3 +212,100 @@ def test_cli_refuses_a_folder_as_output(tmp_path: Path, audit_steps: dict[str, o
     result = CliRunner().invoke(_app(), [str(run), "--out", str(tmp_path)])
     assert isinstance(result.exception, ConfigError)
     assert "is a folder; pass a file name" in str(result.exception)
+
+
+# What an auditor receives may hold anything: ``json.loads`` raises ValueError on an integer
+# over Python's digit limit and RecursionError on nesting deeper than its stack.
+_HOSTILE = {
+    "long-int": ('{"schema_version": ' + "9" * 5000 + "}", "Exceeds the limit"),
+    "deep-array": ("[" * 200_000, "it nests too deeply"),
+    "deep-object": ('{"a":' * 200_000, "it nests too deeply"),
+}
+
+
+@pytest.mark.parametrize("hostile", sorted(_HOSTILE))
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [("summary.json", "not valid JSON"), ("server_record.json", "cannot read it as JSON")],
+)
+def test_a_hostile_summary_or_record_is_one_clear_error(
+    tmp_path: Path, audit_steps: dict[str, object], hostile: str, name: str, what: str
+) -> None:
+    run = _sample_run(tmp_path)
+    content, reason = _HOSTILE[hostile]
+    (run / name).write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_report_inputs(run)
+    message = str(info.value)
+    assert message.startswith(f"{run / name}: {what} ({reason}"), message
+    assert "the file is damaged or is not a fedcare run's" in message and "\n" not in message
+
+
+def test_the_command_prints_one_line_for_a_hostile_run_directory(tmp_path: Path) -> None:
+    run = _sample_run(tmp_path)
+    (run / "summary.json").write_text(_HOSTILE["deep-array"][0])
+    out = tmp_path / "report.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "fedcare.cli", "audit", "report", str(run), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "NO_COLOR": "1"},
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"error: {run / 'summary.json'}: not valid JSON (it nests too")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        AttributeError("'str' object has no attribute 'get'"),
+        TypeError("float() argument must be a string or a real number, not 'list'"),
+        ValueError("invalid literal for int() with base 10: 'one'"),
+        KeyError("epsilon"),
+    ],
+    ids=type,
+)
+def test_a_log_entry_the_epsilon_step_cannot_read_becomes_a_reason(
+    tmp_path: Path, audit_steps: dict[str, object], error: Exception
+) -> None:
+    """The ε recomputation reads the logs unverified: an entry no fedcare wrote (a field
+    missing, or of another type) is a reason on the page, never a traceback."""
+    run = _sample_run(tmp_path)
+    audit_steps["epsilon_error"] = error
+    inputs = load_report_inputs(run)
+    reasons = {c.key: c.detail for c in inputs.verdict().reasons}
+    assert reasons["epsilon"].startswith(
+        "ε could not be recomputed: an audit log of the run holds an entry that fedcare never "
+        f"writes ({type(error).__name__}: "
+    )
+    assert reasons["epsilon"].endswith(f"run `fedcare audit verify {run}` to find the entry")
+    assert inputs.html().startswith("<!DOCTYPE html>")
+
+
+def test_a_self_signed_server_log_of_the_wrong_types_gives_a_page_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """The real verifier and ε step (no stand-ins): a log signed by its own key, with an
+    update whose ``site`` is text, fails verification naming the entry."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedcare.common.audit import AuditLog
+
+    run = _sample_run(tmp_path)
+    log = AuditLog(
+        run / "audit" / "server.jsonl", writer="server", key=Ed25519PrivateKey.generate()
+    )
+    start = {"config_sha256": "c", "model_sha256": "m", "config": {}}
+    log.append("run-start", start, run_id="default-0")
+    log.append("update", {"round": 1, "site_id": "site-0", "site": "text"}, run_id="default-0")
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(_app(), [str(run), "--out", str(out)])
+    assert result.exit_code == 0 and result.exception is None, result.output
+    assert "verdict: ATTENTION" in result.output
+    assert "server log line 3: its 'update' entry's site is 'text', not an object" in result.output
+    assert "an audit log of the run holds an entry that fedcare never writes" in result.output
+    assert out.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
