@@ -19,10 +19,12 @@ demo: $(STAMP)
 	$(VENV)/bin/fedcare demo --out runs/demo
 
 # ruff (pinned in constraints.txt) gates the tests: a lint or format finding fails `make test`.
+# The tests run in two processes (pytest-xdist): most of the suite's time is real processes
+# waiting, which the second process fills.
 test: $(STAMP)
 	$(VENV)/bin/ruff check --quiet .
 	$(VENV)/bin/ruff format --check --quiet .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # mypy checks the namespace as installed, `fedcare.*`: the folders are mapped onto it in
 # pyproject.toml, so a tree of links under build/ shows mypy the same mapping.
