@@ -602,7 +602,9 @@ def _train_report(metrics: Any, info: ConfigRecord | None) -> TrainReport:
 def _checked_metrics(report: TrainReport) -> MetricRecord:
     """The metrics a kept reply gives the strategy: its checked number of examples (a
     positive weight) and training loss, nothing the site added."""
-    numbers: dict[str, int | float] = {keys.M_NUM_EXAMPLES: report.num_examples}
+    numbers: dict[str, int | float | list[int] | list[float]] = {
+        keys.M_NUM_EXAMPLES: report.num_examples
+    }
     if report.train_loss is not None:
         numbers[keys.M_TRAIN_LOSS] = report.train_loss
     return MetricRecord(numbers)
