@@ -32,7 +32,6 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     FedYogi,
-    Krum,
     Strategy,
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
@@ -47,6 +46,7 @@ from fedcare.server.checkpoint import (
     optimizer_mismatch,
 )
 from fedcare.server.hospital_dp import HospitalDP, check_hospital_dp
+from fedcare.server.krum import Krum
 
 __all__ = [
     "StrategyBuilder",

@@ -30,7 +30,6 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     FedYogi,
-    Krum,
     Strategy,
 )
 from flwr.supercore.task_identity import TaskIdentity
@@ -38,11 +37,12 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedcare.common import keys
 from fedcare.common.federation import FederationConfig
 from fedcare.common.packed_arrays import pack_record, unpack_record
+from fedcare.server.krum import Krum as FedcareKrum
 
 Arrays = dict[str, np.ndarray]
 
-#: The seven of Flower's strategies fedcare offers by name (issue 15: every one exercised),
-#: and the Flower class each name must build.
+#: The seven strategies fedcare offers by name (issue 15: every one exercised), and the class
+#: each name must build: Flower's own, but Krum's, which is Flower's with float64 distances.
 CLASSES: dict[str, type[Strategy]] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
@@ -50,7 +50,7 @@ CLASSES: dict[str, type[Strategy]] = {
     "fedyogi": FedYogi,
     "fedmedian": FedMedian,
     "fedtrimmedavg": FedTrimmedAvg,
-    "krum": Krum,
+    "krum": FedcareKrum,
 }
 STRATEGIES = tuple(CLASSES)
 

@@ -24,7 +24,6 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     FedYogi,
-    Krum,
 )
 
 from fedcare.common import keys
@@ -34,6 +33,7 @@ from fedcare.common.packed_arrays import unpack
 from fedcare.server.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
 from fedcare.server.guard import GuardedStrategy
 from fedcare.server.hospital_dp import HospitalDP
+from fedcare.server.krum import Krum as FedcareKrum
 from fedcare.server.strategies import (
     available_strategies,
     build_strategy,
@@ -156,7 +156,8 @@ EXPECTED = {
     "fedyogi": (FedYogi, {"eta": 0.05, "beta_1": BETA_1, "beta_2": BETA_2, "tau": TAU}),
     "fedmedian": (FedMedian, {}),
     "fedtrimmedavg": (FedTrimmedAvg, {"beta": 0.25}),
-    "krum": (Krum, {"num_malicious_nodes": 1, "num_nodes_to_select": 1}),
+    # fedcare's Krum: Flower's, with float64 distances (server/krum.py)
+    "krum": (FedcareKrum, {"num_malicious_nodes": 1, "num_nodes_to_select": 1}),
 }
 
 
@@ -351,20 +352,12 @@ def test_krum_selects_the_update_nearest_its_n_minus_f_minus_2_neighbours(
     assert metrics[keys.M_TRAIN_LOSS] == pytest.approx(0.1 * (1 + KRUM_OFFSETS.index(chosen)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Flower 1.42's Krum (flwr/serverapp/strategy/multikrum.py, compute_distances) "
-    "computes squared distances as |x|^2 + |y|^2 - 2 x.y in the models' float32: for "
-    "updates small against the model's norm the cancellation swamps the distances and "
-    "Krum picks a site its definition does not (at 1e-4 scale even the outlier). "
-    "fedcare's 'krum' strategy inherits it; distances of float64 updates (x - global) "
-    "would fix it.",
-)
 def test_krum_s_choice_does_not_depend_on_the_global_model_the_updates_are_added_to() -> None:
     """Krum's scores are distances between models: adding the same global model to every
     update changes none of them. Float32 models of 100 000 weights of size ~0.1 (norm ~30),
-    updates of norm 1e-4..2e-3 (late rounds, small learning rates)."""
+    updates of norm 1e-4..2e-3 (late rounds, small learning rates). Flower 1.42's own Krum
+    (|x|^2 + |y|^2 - 2 x.y in float32) picked the outlier here; fedcare's (server/krum.py)
+    sums squared differences in float64."""
     rng = np.random.default_rng(0)
     d = 100_000
     direction = rng.normal(size=d)
