@@ -82,6 +82,10 @@ POLL_INTERVAL_S = 0.5
 #: waits 1 s, 2 s, 4 s..., which holds a reply up to a second after it is complete; these
 #: are requests to the SuperLink on this machine.
 PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.25
+#: Tries per reply object (~10 min at the 0.25 s cap): a site that announces a reply and
+#: never uploads its objects gets Flower's error reply for it (a drop-out), instead of
+#: holding the round for Flower's whole 2 h limit.
+PULL_MAX_TRIES = 2400
 _TOKEN = re.compile(r"[0-9a-f]{16,256}")
 
 
@@ -314,9 +318,7 @@ def _prompt_object_pulls() -> None:
         inflatable_utils.pull_objects,
         initial_backoff=PULL_BACKOFF_S,
         backoff_cap=PULL_BACKOFF_CAP_S,
-        # Shorter waits, not a shorter wait: Flower stops after 500 tries per object (80 min
-        # at its own waits, 2 min at these); its overall limit (max_time, 2 h) still holds.
-        max_tries_per_object=None,
+        max_tries_per_object=PULL_MAX_TRIES,
     )
 
 

@@ -63,7 +63,7 @@ def test_the_executor_s_grid_pulls_replies_with_short_waits(
     pull = http_grid.pull_objects
     assert pull.func is inflatable_utils.pull_objects  # type: ignore[attr-defined]
     assert pull.keywords["initial_backoff"] == executor.PULL_BACKOFF_S  # type: ignore[attr-defined]
-    assert pull.keywords["max_tries_per_object"] is None  # type: ignore[attr-defined]
+    assert pull.keywords["max_tries_per_object"] == executor.PULL_MAX_TRIES  # type: ignore[attr-defined]
 
 
 def test_the_executor_keeps_flower_s_waits_when_its_grid_changed(
