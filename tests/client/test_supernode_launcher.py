@@ -3,7 +3,9 @@ that are not there yet (1 s, 2 s, ... in Flower), and nothing else."""
 
 from __future__ import annotations
 
+import threading
 import time
+import types
 
 import pytest
 from flwr.supercore.inflatable import inflatable_utils
@@ -35,16 +37,32 @@ def test_the_launcher_refuses_a_loop_it_does_not_know(monkeypatch: pytest.Monkey
         supernode.install(poll_s=0.5, reply_poll_s=0.1)
 
 
-def test_a_supernode_pulls_an_object_soon_after_it_is_there() -> None:
-    tries: list[float] = []
+class _WaitRecorder(threading.Event):
+    """An Event whose waits are recorded instead of slept (no wall clock in the test)."""
+
+    waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        _WaitRecorder.waits.append(float(timeout or 0.0))
+        return self.is_set()
+
+
+def test_a_supernode_pulls_an_object_soon_after_it_is_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the launcher's backoff, an object that appears on the third try is waited for
+    about 0.05 s + 0.1 s (±20 % jitter), where Flower's defaults wait 1 s + 2 s."""
+    tries: list[str] = []
 
     def pull(object_id: str) -> bytes:
-        tries.append(time.monotonic())
+        tries.append(object_id)
         if len(tries) < 3:
             raise inflatable_utils.ObjectUnavailableError(object_id)
         return b"content"
 
-    start = time.monotonic()
+    _WaitRecorder.waits = []
+    fake = types.SimpleNamespace(Lock=threading.Lock, Event=_WaitRecorder)
+    monkeypatch.setattr(inflatable_utils, "threading", fake)
     got = inflatable_utils.pull_objects(
         ["a"],
         pull,
@@ -52,7 +70,9 @@ def test_a_supernode_pulls_an_object_soon_after_it_is_there() -> None:
         backoff_cap=supernode.PULL_BACKOFF_CAP_S,
     )
     assert got == {"a": b"content"}
-    assert time.monotonic() - start < 0.5  # Flower's defaults: 1 s + 2 s
+    first, second = _WaitRecorder.waits
+    assert first == pytest.approx(supernode.PULL_BACKOFF_S, rel=0.2)
+    assert second == pytest.approx(2 * supernode.PULL_BACKOFF_S, rel=0.2)
 
 
 def test_the_executor_s_grid_pulls_replies_with_short_waits(
