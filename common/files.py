@@ -25,12 +25,15 @@ names another mode: public material (``ca.crt``, ``*.pub``) is written 0644 on p
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from fedcare.common.errors import ConfigError
 
 __all__ = [
     "PRIVATE_DIR_MODE",
@@ -42,6 +45,7 @@ __all__ = [
     "write_private_atomic",
     "write_atomic_files",
     "fsync_dir",
+    "read_json_file",
 ]
 
 PRIVATE_DIR_MODE = 0o700
@@ -247,3 +251,34 @@ def write_private_atomic(path: Path | str, data: bytes) -> Path:
     with atomic_private(path) as f:
         f.write(data)
     return Path(path)
+
+
+def read_json_file(path: Path | str, *, fix: str, missing: str | None = None) -> Any:
+    """The JSON value ``path`` holds; otherwise one :class:`ConfigError` naming the file.
+
+    A file fedcare reads back (a run record, a summary, a manifest) may come from anyone who
+    hands an auditor a run directory: unreadable bytes, not UTF-8 or JSON, an integer too
+    long to convert, or nesting too deep for the parser each say so, with ``fix`` (or
+    ``missing`` for a file that is not there).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     p = Path(tmp) / "x.json"
+    ...     _ = p.write_text("[" * 100_000)
+    ...     read_json_file(p, fix="rerun")
+    Traceback (most recent call last):
+    ...
+    fedcare.common.errors.ConfigError: .../x.json: not valid JSON (it nests too deeply); rerun
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: no such file; {missing or fix}") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e}); check the path and permissions") from e
+    except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, an overlong integer, too deep
+        reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ConfigError(f"{path}: not valid JSON ({reason}); {fix}") from e

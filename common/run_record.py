@@ -57,7 +57,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedcare.common.errors import ConfigError, format_validation_error
-from fedcare.common.files import write_private_atomic
+from fedcare.common.files import read_json_file, write_private_atomic
 from fedcare.common.run_files import RECORD_NAME
 from fedcare.common.summary import EvaluationMode, Event, Metrics, NoiseSource, SiteStatus
 
@@ -359,23 +359,12 @@ def load_run_record(path: Path) -> RunRecord:
         reads; the message names the file (and the field) and the fix.
     """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(
-            f"{path}: no such file; the server writes it at the end of a run: pass the run "
-            "directory of a finished `fedcare simulate` or deployment run"
-        ) from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e}); check the path and permissions") from e
-    except (ValueError, RecursionError) as e:
-        # ValueError: not UTF-8, not JSON, or an integer too long to convert;
-        # RecursionError: nested too deeply for the parser. Nothing fedcare writes.
-        reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)
-        raise ConfigError(
-            f"{path}: cannot read it as JSON ({reason}); the file is damaged or is not a "
-            "fedcare run's: rerun the federation"
-        ) from e
+    raw = read_json_file(
+        path,
+        fix="the file is damaged or is not a fedcare run's: rerun the federation",
+        missing="the server writes it at the end of a run: pass the run directory of a "
+        "finished `fedcare simulate` or deployment run",
+    )
     return RunRecord.from_dict(raw, source=str(path))
 
 

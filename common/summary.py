@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fedcare.common.errors import ConfigError, format_validation_error
-from fedcare.common.files import write_private_atomic
+from fedcare.common.files import read_json_file, write_private_atomic
 from fedcare.common.run_files import RECORD_NAME, SUMMARY_NAME
 
 if TYPE_CHECKING:  # run_record builds on this module's types: imported for annotations only
@@ -425,22 +425,11 @@ def load_summary(path: Path) -> RunSummary:
     every ``personal_metrics`` empty (that fedcare kept no personal models).
     """
     path = Path(path)
-    try:
-        raw: Any = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(
-            f"{path}: no such file; a finished run writes summary.json into its run directory"
-        ) from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e}); check the path and permissions") from e
-    except (ValueError, RecursionError) as e:
-        # ValueError: not UTF-8, not JSON, or an integer too long to convert;
-        # RecursionError: nested too deeply for the parser. Nothing fedcare writes.
-        reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)
-        raise ConfigError(
-            f"{path}: not valid JSON ({reason}); the file is damaged or is not a fedcare "
-            "run's: rewrite it with write_summary or rerun"
-        ) from e
+    raw: Any = read_json_file(
+        path,
+        fix="the file is damaged or is not a fedcare run's: rewrite it with write_summary or rerun",
+        missing="a finished run writes summary.json into its run directory",
+    )
     if isinstance(raw, dict) and "schema_version" in raw:
         version = raw["schema_version"]
         readable = (*OLDER_READABLE_VERSIONS, SCHEMA_VERSION)

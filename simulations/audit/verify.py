@@ -56,6 +56,7 @@ from typing import Any
 from fedcare.common import audit_kinds as kinds
 from fedcare.common.audit import LoggedEntry, LogHead, LogVerification, check_log, hash_arrays
 from fedcare.common.errors import ConfigError, FedcareError
+from fedcare.common.files import read_json_file
 from fedcare.common.run_files import (
     CONFIG_NAME,
     FINAL_MODEL_NAME,
@@ -181,13 +182,7 @@ def _manifest_folders(manifest: Path) -> list[Path]:
         The file cannot be read, or is not a JSON list of folder names.
     """
     fix = "the file is damaged or is not a fedcare run's: give the site logs as paths instead"
-    try:
-        listed: Any = json.loads(manifest.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{manifest}: cannot read it ({e}); {fix}") from e
-    except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, an overlong integer, too deep
-        reason = "it nests too deeply" if isinstance(e, RecursionError) else str(e)
-        raise ConfigError(f"{manifest}: not JSON ({reason}); {fix}") from e
+    listed: Any = read_json_file(manifest, fix=fix)
     if not isinstance(listed, list) or not all(isinstance(p, str) and p for p in listed):
         raise ConfigError(f"{manifest}: not a JSON list of site folder names; {fix}")
     return [Path(p) for p in listed]

@@ -130,7 +130,7 @@ def test_a_malformed_record_is_one_config_error_naming_the_source_and_field(
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(None, "no such file"), ("{oops", "cannot read it as JSON"), ("[1, 2]", "not a run record")],
+    [(None, "no such file"), ("{oops", "not valid JSON"), ("[1, 2]", "not a run record")],
 )
 def test_an_unreadable_record_file_names_the_file_and_the_fix(
     tmp_path: Path, content: str | None, message: str
@@ -178,7 +178,7 @@ HOSTILE_JSON = [
 @pytest.mark.parametrize(
     ("name", "load", "what"),
     [
-        ("server_record.json", load_run_record, "cannot read it as JSON"),
+        ("server_record.json", load_run_record, "not valid JSON"),
         ("summary.json", load_summary, "not valid JSON"),
     ],
 )

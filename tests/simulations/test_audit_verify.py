@@ -493,10 +493,12 @@ _DEEP_OBJECT = '{"a":' * 200_000
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        pytest.param(_DEEP_ARRAY.encode(), "not JSON (it nests too deeply)", id="deep-array"),
-        pytest.param(_DEEP_OBJECT.encode(), "not JSON (it nests too deeply)", id="deep-object"),
-        pytest.param(f"[{_LONG_INT}]".encode(), "not JSON (Exceeds the limit", id="long-int"),
-        pytest.param(b"\xff\xfe[]", "not JSON ('utf-8' codec", id="not-utf8"),
+        pytest.param(_DEEP_ARRAY.encode(), "not valid JSON (it nests too deeply)", id="deep-array"),
+        pytest.param(
+            _DEEP_OBJECT.encode(), "not valid JSON (it nests too deeply)", id="deep-object"
+        ),
+        pytest.param(f"[{_LONG_INT}]".encode(), "not valid JSON (Exceeds the limit", id="long-int"),
+        pytest.param(b"\xff\xfe[]", "not valid JSON ('utf-8' codec", id="not-utf8"),
         pytest.param(b'{"site-a": "x"}', "not a JSON list of site folder names", id="object"),
         pytest.param(b'["a", 3]', "not a JSON list of site folder names", id="not-names"),
     ],
@@ -531,7 +533,8 @@ def test_the_command_prints_one_line_for_a_hostile_run_directory(
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert lines[0].startswith(f"error: {run_dir / 'sites.json'}: not JSON (it nests too deeply)")
+    expected = f"error: {run_dir / 'sites.json'}: not valid JSON (it nests too deeply)"
+    assert lines[0].startswith(expected)
 
 
 @pytest.mark.parametrize(
@@ -550,7 +553,7 @@ def test_a_hostile_run_record_is_named_not_compared(
     result = verify_paths([run_dir])
     assert not result.ok and all(log.ok for log in result.logs)
     assert any(
-        p.startswith(f"{record}: cannot read it as JSON ({reason}")
+        p.startswith(f"{record}: not valid JSON ({reason}")
         and "not a fedcare run's" in p
         and p.endswith("cannot be compared with the audit log")
         for p in result.cross_check_problems

@@ -167,7 +167,7 @@ def test_a_forged_code_hash_is_not_shown(tmp_path: Path, audit_steps: dict[str, 
         ("no-dir", "no such run directory"),
         ("no-summary", "summary.json: no such file"),
         ("no-record", "server_record.json: no such file"),
-        ("bad-record", "server_record.json: cannot read it as JSON"),
+        ("bad-record", "server_record.json: not valid JSON"),
     ],
 )
 def test_unreadable_run_names_the_path(
@@ -226,7 +226,7 @@ _HOSTILE = {
 @pytest.mark.parametrize("hostile", sorted(_HOSTILE))
 @pytest.mark.parametrize(
     ("name", "what"),
-    [("summary.json", "not valid JSON"), ("server_record.json", "cannot read it as JSON")],
+    [("summary.json", "not valid JSON"), ("server_record.json", "not valid JSON")],
 )
 def test_a_hostile_summary_or_record_is_one_clear_error(
     tmp_path: Path, audit_steps: dict[str, object], hostile: str, name: str, what: str
