@@ -59,7 +59,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fedcare.common.errors import ConfigError, format_validation_error
 from fedcare.common.files import read_json_file, write_private_atomic
 from fedcare.common.run_files import RECORD_NAME
-from fedcare.common.summary import EvaluationMode, Event, Metrics, NoiseSource, SiteStatus
+from fedcare.common.summary import (
+    EvaluationMode,
+    Event,
+    Mechanism,
+    Metrics,
+    NoiseSource,
+    SiteStatus,
+)
 
 __all__ = [
     "RECORD_NAME",
@@ -94,17 +101,13 @@ class _Record(BaseModel):
     )
 
 
-class RecordMechanism(_Record):
-    """A DP-SGD mechanism a site reported for one round."""
+class RecordMechanism(Mechanism):
+    """A DP-SGD mechanism a site reported for one round: the summary's
+    :class:`~fedcare.common.summary.Mechanism` (σ, q, steps) and the round (frozen once
+    reported)."""
 
     round: int = Field(ge=1)
     """The round it was applied in."""
-    noise_multiplier: float = Field(gt=0)
-    """σ: the noise standard deviation over the clipping norm."""
-    sample_rate: float = Field(gt=0, le=1)
-    """q: the Poisson sampling probability of one record per step."""
-    steps: int = Field(ge=1)
-    """Noisy gradient steps taken with this σ and q."""
 
 
 class SitePrivacy(_Record):
