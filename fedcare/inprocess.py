@@ -58,8 +58,6 @@ from fedcare.common.processes import flower_env, live_processes
 from fedcare.simulations.flower_driver import (
     FlowerRunError,
     RunStatus,
-    SharedSuperLink,
-    SuperLinkHandle,
 )
 
 __all__ = ["InProcessFlower", "InProcessHandle", "centre_app", "site_app", "check_telemetry_off"]
@@ -198,7 +196,7 @@ class _Submission:
     gpus_per_client: float
 
 
-class InProcessHandle(SuperLinkHandle):
+class InProcessHandle:
     """What the runner submits to and waits on, running each run in this process.
 
     It keeps the three methods :func:`~fedcare.simulations.runner.run_experiment` calls on a
@@ -212,7 +210,6 @@ class InProcessHandle(SuperLinkHandle):
     """
 
     def __init__(self, *, work_dir: Path) -> None:
-        # Not SuperLinkHandle.__init__: no SuperLink process, port or environment to hold.
         self.work_dir = Path(work_dir)
         self._runs: dict[int, _Submission] = {}
 
@@ -310,7 +307,7 @@ class InProcessHandle(SuperLinkHandle):
         self._runs.pop(run_id, None)
 
 
-class InProcessFlower(SharedSuperLink):
+class InProcessFlower:
     """Stands for a SuperLink in :func:`~fedcare.simulations.runner.run_experiment`: its
     runs go through :class:`InProcessHandle`, in this process.
 
@@ -321,9 +318,8 @@ class InProcessFlower(SharedSuperLink):
     """
 
     def __init__(self, *, work_dir: Path) -> None:
-        super().__init__(work_dir=work_dir)
         self._in_process = InProcessHandle(work_dir=work_dir)
 
-    def handle(self) -> SuperLinkHandle:
+    def handle(self) -> InProcessHandle:
         """The in-process handle (nothing is started)."""
         return self._in_process

@@ -50,7 +50,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import tomli_w
@@ -68,6 +68,8 @@ from fedcare.common.tomlcompat import tomllib
 
 __all__ = [
     "FlowerRunError",
+    "RunHandle",
+    "RunSource",
     "RunStatus",
     "SharedSuperLink",
     "SuperLinkHandle",
@@ -113,6 +115,41 @@ class RunStatus:
     status: str
     details: str
     elapsed: float
+
+
+class RunHandle(Protocol):
+    """What :func:`fedcare.simulations.runner.run_experiment` asks of a SuperLink: submit a
+    run of the thin app, wait for it, end it. :class:`SuperLinkHandle` is one; an
+    in-process runner (``fedcare.inprocess``) is another."""
+
+    def submit(
+        self,
+        app_dir: Path,
+        *,
+        run_config: Mapping[str, ConfigValue],
+        num_supernodes: int,
+        cpus_per_client: float = 1,
+        gpus_per_client: float = 0,
+    ) -> int: ...
+
+    def wait(
+        self,
+        run_id: int,
+        *,
+        timeout_s: float,
+        poll_s: float = 0.25,
+        on_poll: Callable[[], None] | None = None,
+        done: Callable[[], bool] | None = None,
+    ) -> RunStatus: ...
+
+    def end_run(self, run_id: int, *, timeout_s: float = 30.0) -> None: ...
+
+
+class RunSource(Protocol):
+    """Where a run goes when it does not start its own SuperLink (:class:`SharedSuperLink`,
+    or an in-process runner)."""
+
+    def handle(self) -> RunHandle: ...
 
 
 class SuperLinkHandle:

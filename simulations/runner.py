@@ -63,7 +63,7 @@ from fedcare.server.summary import build_summary
 from fedcare.simulations.baselines import local_only, pooled
 from fedcare.simulations.flower_driver import (
     FlowerRunError,
-    SharedSuperLink,
+    RunSource,
     local_superlink,
     write_app_dir,
 )
@@ -282,7 +282,7 @@ def run_experiment(
     on_progress: ProgressFn | None = None,
     timeout_s: float = 3600.0,
     resume: bool = False,
-    superlink: SharedSuperLink | None = None,
+    superlink: RunSource | None = None,
 ) -> RunOutcome:
     """Run one federated experiment into ``out`` (see the module docstring).
 
@@ -342,7 +342,7 @@ def _run_locked(
     on_progress: ProgressFn | None,
     timeout_s: float,
     resume: bool,
-    superlink: SharedSuperLink | None,
+    superlink: RunSource | None,
 ) -> RunOutcome:
     """:func:`run_experiment` once ``out`` is locked."""
     if resume:
