@@ -17,13 +17,17 @@ unchanged), taken in alternation so that drift on a shared machine hits both ali
    federation in this process (``--sites`` synthetic hospitals of ``--patients``, task
    ``readmission``, DP at ε 8 with PRV, ``--rounds`` rounds, evaluation every round), and
    per round the seconds of privacy accounting (``calibrate_noise``, the plan's ε check and
-   the ledger's calls, its SQLite transactions included) are set against that round's
-   compute (``train_round`` + ``evaluate``, accounting included). The replay runs every
+   the ledger's calls, its SQLite transactions included; and of it, the accountant alone:
+   the calibration and every ε, without the SQLite) are set against that round's compute
+   (``train_round`` + ``evaluate``, accounting included), and so are the whole run's (all
+   rounds, and rounds 2..R). The replay runs every
    site in one process, so sites of equal size share the ε memo; on its own, a site
    computes one new ε per round after the first (its charge's ε after; the ε before is the
    previous charge's, from the memo), whose cost is that of table 1.
 
-Medians over ``--repeats``. Run from the repository root (opacus installs a top-level package
+Medians over ``--repeats``, in wall seconds, or with ``--clock cpu`` in this process's CPU
+seconds (steadier where other jobs keep the machine busy; it leaves out the time the ledger
+waits for its fsyncs). Run from the repository root (opacus installs a top-level package
 also named ``benchmarks``)::
 
     .venv/bin/python -m benchmarks.accounting
@@ -57,6 +61,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "accounting.json"
 DELTA = 1e-5
 M = Mechanism
+
+#: ``--clock``: wall seconds, or this process's CPU seconds.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 #: Per-process caches of the accounting module (those a version has), emptied before a call.
 _CACHES = ("_memoized_epsilon", "_rdp_per_step", "_integer_rdp_per_step")
@@ -136,12 +143,12 @@ def clear_caches(module: ModuleType) -> None:
             cached.cache_clear()
 
 
-def _cold_ms(module: ModuleType, fn: Callable[[], object]) -> float:
-    """Milliseconds of one ``fn()`` with ``module``'s caches emptied first."""
+def _cold_ms(module: ModuleType, fn: Callable[[], object], clock: Callable[[], float]) -> float:
+    """Milliseconds of one ``fn()`` on ``clock`` with ``module``'s caches emptied first."""
     clear_caches(module)
-    t = time.perf_counter()
+    t = clock()
     fn()
-    return 1e3 * (time.perf_counter() - t)
+    return 1e3 * (clock() - t)
 
 
 def _computed(module: ModuleType, fn: Callable[[], object]) -> int:
@@ -167,7 +174,9 @@ def _calibrate(module: ModuleType, plan: tuple[float, float, int, list[Mechanism
 # --------------------------------------------------------------------------- per call
 
 
-def time_epsilon(versions: dict[str, ModuleType], repeats: int) -> dict[str, dict[str, Any]]:
+def time_epsilon(
+    versions: dict[str, ModuleType], repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, dict[str, Any]]:
     """Per history: ε and median ms per version, alternating the versions per repeat."""
     out: dict[str, dict[str, Any]] = {}
     for name, history in EPSILON_CASES.items():
@@ -175,7 +184,7 @@ def time_epsilon(versions: dict[str, ModuleType], repeats: int) -> dict[str, dic
         samples: dict[str, list[float]] = {v: [] for v in versions}
         for _ in range(repeats):
             for label, module in versions.items():
-                samples[label].append(_cold_ms(module, partial(_epsilon, module, history)))
+                samples[label].append(_cold_ms(module, partial(_epsilon, module, history), clock))
         for label, module in versions.items():
             row[label] = {
                 "epsilon": _epsilon(module, history),
@@ -185,7 +194,9 @@ def time_epsilon(versions: dict[str, ModuleType], repeats: int) -> dict[str, dic
     return out
 
 
-def time_calibration(versions: dict[str, ModuleType], repeats: int) -> dict[str, dict[str, Any]]:
+def time_calibration(
+    versions: dict[str, ModuleType], repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, dict[str, Any]]:
     """Per plan: σ, its reported ε, ε computed, and median ms per version."""
     out: dict[str, dict[str, Any]] = {}
     for name, plan in CALIBRATION_CASES.items():
@@ -194,7 +205,7 @@ def time_calibration(versions: dict[str, ModuleType], repeats: int) -> dict[str,
         samples: dict[str, list[float]] = {v: [] for v in versions}
         for _ in range(repeats):
             for label, module in versions.items():
-                samples[label].append(_cold_ms(module, partial(_calibrate, module, plan)))
+                samples[label].append(_cold_ms(module, partial(_calibrate, module, plan), clock))
         for label, module in versions.items():
             sigma = _calibrate(module, plan)
             row[label] = {
@@ -234,7 +245,13 @@ def accounting_of(module: ModuleType) -> Iterator[None]:
 
 
 def time_rounds(
-    versions: dict[str, ModuleType], *, sites: int, patients: int, rounds: int, repeats: int
+    versions: dict[str, ModuleType],
+    *,
+    sites: int,
+    patients: int,
+    rounds: int,
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Per version: per round, median seconds of accounting and of compute over repeats."""
     from benchmarks.federation_overhead import measure_compute
@@ -267,6 +284,7 @@ def time_rounds(
                         run_id=f"accounting-{label}-{i}",
                         state_root=work / f"state-{label}-{i}",
                         reload_repeats=1,
+                        clock=clock,
                     )
                 samples[label].append(compute.rounds)
                 parts[label].append(compute.parts)
@@ -283,17 +301,26 @@ def time_rounds(
                 run[r]["accounting_s"] / (run[r]["train_s"] + run[r]["evaluate_s"])
                 for run in samples[label]
             )
+            # The accountant alone (calibration and every ε), without the ledger's SQLite.
+            epsilon_s = statistics.median(run[r]["epsilon_s"] for run in samples[label])
+            epsilon_share = statistics.median(
+                run[r]["epsilon_s"] / (run[r]["train_s"] + run[r]["evaluate_s"])
+                for run in samples[label]
+            )
             per_round.append(
                 {
                     "round": r,
                     "accounting_ms": 1e3 * accounting,
+                    "epsilon_ms": 1e3 * epsilon_s,
                     "compute_ms": 1e3 * compute_s,
                     "accounting_share": share,
+                    "epsilon_share": epsilon_share,
                 }
             )
         names = sorted({name for run in parts[label] for name in run})
         out[label] = {
             "rounds": per_round,
+            "run": _run_shares(samples[label]),
             "parts_ms": {  # every timed call of the replay, all rounds and sites: calls, ms
                 name: [
                     statistics.median(run.get(name, (0, 0.0))[0] for run in parts[label]),
@@ -307,12 +334,36 @@ def time_rounds(
     return out
 
 
+def _run_shares(runs: Sequence[Sequence[dict[str, float]]]) -> dict[str, float]:
+    """Medians over repeats of the whole run's shares of compute (every round, as
+    ``federation_overhead`` counts them, and rounds 2..R): the accounting (accountant and
+    ledger), and the accountant alone."""
+
+    def share(run: Sequence[dict[str, float]], key: str, first: int) -> float:
+        later = run[first:]
+        return sum(r[key] for r in later) / sum(r["train_s"] + r["evaluate_s"] for r in later)
+
+    return {
+        "accounting_share": statistics.median(share(run, "accounting_s", 0) for run in runs),
+        "epsilon_share": statistics.median(share(run, "epsilon_s", 0) for run in runs),
+        "epsilon_share_after_round_1": statistics.median(
+            share(run, "epsilon_s", 2) for run in runs
+        ),
+        "accounting_share_after_round_1": statistics.median(
+            share(run, "accounting_s", 2) for run in runs
+        ),
+    }
+
+
 # --------------------------------------------------------------------------- report
 
 
 def _summary(result: dict[str, Any]) -> str:
     labels = result["versions"]
-    lines = [f"ε per call, ms (median of {result['repeats']}, caches emptied):"]
+    lines = [
+        f"ε per call, ms on the {result['clock']} clock (median of {result['repeats']}, caches "
+        "emptied):"
+    ]
     for name, row in result["epsilon"].items():
         cells = "  ".join(f"{v} {row[v]['ms']:8.1f} (ε {row[v]['epsilon']:.6f})" for v in labels)
         lines.append(f"  {name:44s} {cells}")
@@ -323,15 +374,25 @@ def _summary(result: dict[str, Any]) -> str:
             for v in labels
         )
         lines.append(f"  {name:44s} {cells}")
-    lines.append("a round: accounting ms / compute ms (share), median over repeats:")
+    lines.append(
+        "a round: accounting ms (of which the accountant) / compute ms (share), median over "
+        "repeats:"
+    )
     for v in labels:
         rounds = result["rounds"][v]["rounds"]
         cells = "  ".join(
-            f"r{r['round']} {r['accounting_ms']:.1f}/{r['compute_ms']:.1f} "
+            f"r{r['round']} {r['accounting_ms']:.1f} ({r['epsilon_ms']:.1f})/{r['compute_ms']:.1f} "
             f"({100 * r['accounting_share']:.0f} %)"
             for r in rounds
         )
         lines.append(f"  {v:9s} {cells}")
+        run = result["rounds"][v]["run"]
+        lines.append(
+            f"            whole run: accounting {100 * run['accounting_share']:.1f} % of compute "
+            f"({100 * run['accounting_share_after_round_1']:.1f} % over rounds 2..R), the "
+            f"accountant alone {100 * run['epsilon_share']:.1f} % "
+            f"({100 * run['epsilon_share_after_round_1']:.1f} %)"
+        )
         timed = result["rounds"][v]["parts_ms"]
         lines.append(
             "            "
@@ -348,8 +409,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--patients", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-repeats", type=int, default=3)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or this process's CPU seconds (steadier on a busy machine; blind "
+        "to the ledger's fsync waits)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    clock = CLOCKS[args.clock]
     if min(args.repeats, args.sites, args.rounds, args.round_repeats) < 1:
         print("--repeats, --sites, --rounds and --round-repeats must be >= 1", file=sys.stderr)
         return 2
@@ -369,8 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "repeats": args.repeats,
         "delta": DELTA,
         "cpus": len(os.sched_getaffinity(0)),
-        "epsilon": time_epsilon(versions, args.repeats),
-        "calibration": time_calibration(versions, args.repeats),
+        "clock": args.clock,
+        "epsilon": time_epsilon(versions, args.repeats, clock),
+        "calibration": time_calibration(versions, args.repeats, clock),
         "round_settings": {
             "task": "readmission",
             "sites": args.sites,
@@ -386,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             patients=args.patients,
             rounds=args.rounds,
             repeats=args.round_repeats,
+            clock=clock,
         ),
     }
     loadavg["end"] = [round(x, 2) for x in os.getloadavg()]

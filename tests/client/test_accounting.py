@@ -770,3 +770,69 @@ def test_discretisation_skips_only_cells_where_opacus_s_cdf_is_settled(
     floor, ceiling = _saturated(sigma, q)
     skipped = np.mean((edges <= floor) | (edges >= ceiling))
     assert skipped > 0.2  # the shortcut is taken (else this test checks nothing new)
+
+
+# ------------------------------------------------------------------ ε read-out
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [M(0.884, 0.25, 4)],
+        [M(0.884, 0.25, 12), M(5.0, 1.0, 4)],
+        [M(0.8, 64 / 2000, 600), M(5.0, 1.0, 21)],
+        [M(1.0 + 0.05 * i, 0.02 + 0.001 * i, 50) for i in range(5)],
+        [M(50.0, 0.01, 1)],  # ε about 0: the answer lies at t <= 0, Opacus's read-out answers
+        [M(0.7, 0.3, 20)],
+    ],
+    ids=["round", "run-and-evaluations", "long-run", "five-blocks", "tiny-epsilon", "weaker"],
+)
+def test_the_read_out_is_opacus_s_to_the_bit(
+    history: list[Mechanism], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every grid the accountant reads ε from (the fine one, and the coarse stand-in's while
+    # calibrating) gives the float Opacus's DiscretePRV.compute_epsilon gives on it.
+    from opacus.accountants.analysis.prv.prvs import DiscretePRV
+
+    from fedcare.client import accounting
+
+    seen: list[tuple[np.ndarray, Domain, dict[str, float], float]] = []
+    real = accounting._read_upper_epsilon
+
+    def recording(pmf: np.ndarray, domain: Domain, **kw: float) -> float:
+        value = real(pmf, domain, **kw)
+        seen.append((pmf, domain, kw, value))
+        return value
+
+    monkeypatch.setattr(accounting, "_read_upper_epsilon", recording)
+    _memoized_epsilon.cache_clear()
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        epsilon(history, delta=DELTA)
+        target = epsilon(history, delta=DELTA, accountant="rdp") * 1.5
+        calibrate_noise(
+            target_epsilon=target, delta=DELTA, sample_rate=0.1, steps=30, history=history
+        )
+        assert len(seen) >= 3
+        for pmf, domain, kw, value in seen:
+            _, _, upper = DiscretePRV(pmf=pmf, domain=domain).compute_epsilon(
+                DELTA, kw["delta_error"], kw["eps_error"]
+            )
+            assert value == float(upper)
+        # The suffix at t >= 0 answered (an ε above the first cell there), not only Opacus.
+        assert any(value - kw["eps_error"] > 2 * domain.dt for _, domain, kw, value in seen)
+
+
+def test_solve_decreasing_bisects_where_the_function_is_not_a_positive_number() -> None:
+    # An infinite value below the root, and values at or below zero above it: the solver
+    # bisects there (no log to interpolate) and still lands on the root, within rtol in f.
+    def overflowing(s: float) -> float:
+        return math.inf if s < 2.4 else 10.0 / s
+
+    root, value = _solve_decreasing(overflowing, 4.0, lo=1.0, hi=3.0, least=MIN_NOISE_MULTIPLIER)
+    assert root == pytest.approx(2.5, rel=1e-3) and abs(value - 4.0) <= 5e-4 * 4.0
+
+    def negative(s: float) -> float:
+        return 4.5 - s
+
+    root, value = _solve_decreasing(negative, 4.0, lo=0.2, hi=10.0, least=MIN_NOISE_MULTIPLIER)
+    assert root == pytest.approx(0.5, rel=1e-3) and abs(value - 4.0) <= 5e-4 * 4.0
