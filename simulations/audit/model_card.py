@@ -1,0 +1,424 @@
+"""``fedcare report model``: a run's model card, one self-contained HTML page.
+
+What the model is for and how well it does, for the clinicians and committees who decide
+whether to use it, built from what a finished run left (``summary.json`` and
+``server_record.json``): only numbers the sites released (counts, aggregate metrics, ε),
+never anything per patient. Like the audit report, the page needs no network (inline CSS and
+SVG, no script, a Content-Security-Policy that forbids every fetch).
+
+Sections are data-driven: :data:`SECTIONS` lists :class:`CardSection` entries, each a
+function of the run's :class:`CardInputs` that returns the section's body, or ``None`` when
+the run has nothing for it (so no section is ever a placeholder). Adding a section (feature
+attributions, survival curves) is one function and one entry. The sections now:
+
+``model``
+    Task, model, strategy, personalization, rounds, versions.
+``data``
+    Per site: status, and the patient counts it released (train, validation, test).
+``performance``
+    Test metrics of the global model (federated), of the global model on each site's own
+    test split, of each site's personalized model and local-only model, and of the pooled,
+    non-private model, where the run has them.
+``calibration``
+    The global model's test calibration curve (pooled release): chart and table.
+``groups``
+    Per group attribute: the global model's test metrics per group and the largest gap,
+    and each site's largest gaps (:mod:`fedcare.models.fairness`).
+``privacy``
+    Per site: DP on or off, the ε this run added and the lifetime ε (δ), the accountant,
+    where the noise came from and how evaluation was released.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from fedcare.common import keys
+from fedcare.common.errors import ConfigError
+from fedcare.common.run_files import MODEL_CARD_NAME, RECORD_NAME, SUMMARY_NAME
+from fedcare.common.run_record import RunRecord, load_run_record
+from fedcare.common.summary import GroupInfo, Metrics, RunSummary, SiteResult, load_summary
+from fedcare.models.fairness import CALIBRATION_BINS
+from fedcare.simulations.audit.html_charts import PALETTE, Axis, Series, legend, line_chart
+from fedcare.simulations.audit.report_format import fmt_g, fmt_num
+from fedcare.simulations.audit.report_html import _CSP, _CSS, _e, _p, _table
+
+__all__ = [
+    "MODEL_CARD_GENERATOR",
+    "MODEL_CARD_NAME",
+    "CardInputs",
+    "CardSection",
+    "SECTIONS",
+    "GroupRow",
+    "group_rows",
+    "GROUP_COLUMNS",
+    "performance_rows",
+    "load_card_inputs",
+    "build_model_card",
+    "model_card_href",
+]
+
+#: The page's ``<meta name="generator">``: marks a file as a model card a new one may replace.
+MODEL_CARD_GENERATOR: Final = "fedcare model card"
+
+#: The per-group metrics the card shows, in column order (``fedcare.common.keys.GROUP_METRICS``).
+GROUP_COLUMNS: Final = (
+    "n",
+    "auroc",
+    "tpr",
+    "fpr",
+    "ece",
+    "mean_predicted",
+    "observed",
+    "calibration_error",
+)
+_GROUP_HEADERS: Final = (
+    "n",
+    "AUROC",
+    "TPR",
+    "FPR",
+    "ECE",
+    "mean predicted",
+    "observed",
+    "calibration error",
+)
+
+
+@dataclass(frozen=True)
+class CardInputs:
+    """What the card is built from: the run's summary and record."""
+
+    summary: RunSummary
+    record: RunRecord
+    run_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class CardSection:
+    """One section: its element ``id``, its title, and its body (``None``: not shown)."""
+
+    id: str
+    title: str
+    render: Callable[[CardInputs], str | None]
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    """One group's metrics (``label`` a group, or ``largest gap``)."""
+
+    label: str
+    values: dict[str, float]
+
+
+def group_rows(metrics: Metrics, group: GroupInfo, *, split: str = "test") -> list[GroupRow]:
+    """The rows of one attribute's table: every group with a released count, then the
+    largest gap (where there is one), from ``metrics`` (``<split>.group.<a>.<g>.<metric>``,
+    ``<split>.gap.<a>.<metric>``).
+
+    Examples
+    --------
+    >>> info = GroupInfo(name="sex", column="sex", labels=("F", "M", "unknown"))
+    >>> m = {"test.group.sex.0.n": 40.0, "test.group.sex.0.auroc": 0.6,
+    ...      "test.group.sex.1.n": 38.0, "test.group.sex.1.auroc": 0.8,
+    ...      "test.gap.sex.auroc": 0.2}
+    >>> [(r.label, r.values.get("auroc")) for r in group_rows(m, info)]
+    [('F', 0.6), ('M', 0.8), ('largest gap', 0.2)]
+    """
+    rows = []
+    for g, label in enumerate(group.labels):
+        prefix = keys.group_prefix(split, group.name, g)
+        values = {c: metrics[f"{prefix}.{c}"] for c in GROUP_COLUMNS if f"{prefix}.{c}" in metrics}
+        if "n" in values:
+            rows.append(GroupRow(label, values))
+    gap = {
+        c: metrics[keys.gap_key(split, group.name, c)]
+        for c in keys.GAP_METRICS
+        if keys.gap_key(split, group.name, c) in metrics
+    }
+    if gap:
+        rows.append(GroupRow("largest gap", gap))
+    return rows
+
+
+def _test_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``test.<name>`` (one level: no per-group keys) -> value, without the prefix."""
+    return {
+        k.removeprefix("test."): v
+        for k, v in metrics.items()
+        if k.startswith("test.") and k.count(".") == 1
+    }
+
+
+def performance_rows(summary: RunSummary) -> list[tuple[str, dict[str, float]]]:
+    """``(model, its test metrics)`` for every model the run reports: the global model
+    (federated), the global model on each site's test split, each site's personalized and
+    local-only model, the pooled non-private model; rows without a metric left out."""
+    rows = [("global model (federated)", _test_metrics(summary.global_.final))]
+    rows += [(f"global model on {s.site_id}", _test_metrics(s.metrics)) for s in summary.sites]
+    rows += [
+        (f"personalized, {s.site_id}", _test_metrics(s.personal_metrics)) for s in summary.sites
+    ]
+    rows += [
+        (f"local-only, {site}", _test_metrics(m))
+        for site, m in sorted(summary.baselines.local_only.items())
+    ]
+    rows.append(("pooled, non-private", _test_metrics(summary.baselines.pooled)))
+    return [(name, values) for name, values in rows if values]
+
+
+def _columns(rows: Sequence[Mapping[str, float]]) -> list[str]:
+    present = {k for r in rows for k in r}
+    ordered = [m for m in keys.TASK_METRICS if m in present]
+    return ordered + sorted(present - set(ordered))
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def _model_html(card: CardInputs) -> str:
+    s, r = card.summary, card.record
+    facts = [
+        ("Run id", s.run_id),
+        ("Task", s.task),
+        ("Model", r.model or "—"),
+        ("Strategy", s.strategy),
+        ("Personalization", s.personalization),
+        ("Rounds", f"{s.rounds_completed} of {s.rounds_planned}"),
+        ("Sites", str(len(s.sites))),
+        ("fedcare version", s.fedcare_version),
+        ("Flower version", s.flwr_version),
+    ]
+    dl = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts)
+    return f'<dl class="facts">{dl}</dl>'
+
+
+def _count(metrics: Mapping[str, float], name: str) -> str:
+    return str(int(metrics[name])) if name in metrics else "withheld"
+
+
+def _data_html(card: CardInputs) -> str:
+    rows = [
+        (
+            s.site_id,
+            s.status,
+            s.n_train,
+            _count(s.metrics, "val.n"),
+            _count(s.metrics, "test.n"),
+            s.privacy.evaluation or "—",
+        )
+        for s in card.summary.sites
+    ]
+    return _p(
+        "Patient counts as each site released them: the training count it trained on, and "
+        "its validation and test counts from its last evaluation (noisy where evaluation is "
+        "private; a split below the site's minimum count is withheld)."
+    ) + _table(
+        ["Site", "Status", "n train", "n validation", "n test", "evaluation"], rows, cls="numeric"
+    )
+
+
+def _metric_cell(values: Mapping[str, float], column: str) -> str:
+    if column == "n" and column in values:
+        return str(int(values[column]))
+    return fmt_num(values.get(column))
+
+
+def _performance_html(card: CardInputs) -> str | None:
+    rows = performance_rows(card.summary)
+    if not rows:
+        return None
+    columns = _columns([values for _, values in rows])
+    body = [[name, *(_metric_cell(values, c) for c in columns)] for name, values in rows]
+    return _p(
+        "Test metrics (decision threshold chosen on the validation split). Federated and "
+        "per-site numbers come from the sites' released evaluations; the local-only and pooled "
+        "models are the run's baselines."
+    ) + _table(["Model", *columns], body, cls="numeric")
+
+
+def _bin_label(b: int) -> str:
+    return f"{b / CALIBRATION_BINS:.1f}–{(b + 1) / CALIBRATION_BINS:.1f}"
+
+
+def _calibration_html(card: CardInputs) -> str | None:
+    curve = card.summary.global_.calibration
+    if not curve:
+        return None
+    chart = line_chart(
+        [
+            Series(
+                "global model",
+                tuple((c.mean_predicted, c.observed) for c in curve),
+                PALETTE[0],
+            )
+        ],
+        x=Axis("mean predicted probability", lo=0.0, hi=1.0),
+        y=Axis("observed rate", lo=0.0, hi=1.0),
+        title="Calibration of the global model (test, pooled over sites)",
+        width=480,
+        height=360,
+        diagonal=True,
+    )
+    rows = [
+        (_bin_label(c.bin), fmt_num(c.mean_predicted), fmt_num(c.observed), str(int(c.n)))
+        for c in curve
+    ]
+    return (
+        _p(
+            "Mean predicted probability against the observed rate of positives, per score bin "
+            "of the sites' pooled test releases; the diagonal is perfect calibration."
+        )
+        + chart
+        + legend([("global model", PALETTE[0], ""), ("perfect calibration", "#888888", "")])
+        + _table(["score bin", "mean predicted", "observed", "n"], rows, cls="numeric")
+    )
+
+
+def _group_cell(row: GroupRow, column: str) -> str:
+    if column == "n":
+        return str(int(row.values["n"])) if "n" in row.values else ""
+    signed = column == "calibration_error" and row.label != "largest gap"
+    return fmt_num(row.values.get(column), signed=signed)
+
+
+def _site_gaps(site: SiteResult, group: GroupInfo) -> list[str] | None:
+    names = [keys.gap_key("test", group.name, m) for m in keys.GAP_METRICS]
+    if not any(n in site.metrics for n in names):
+        return None
+    return [site.site_id, group.name, *(fmt_num(site.metrics.get(n)) for n in names)]
+
+
+def _groups_html(card: CardInputs) -> str | None:
+    s = card.summary
+    if not s.groups:
+        return None
+    parts = [
+        _p(
+            "The global model's test metrics per patient group, from the sites' pooled group "
+            "releases (TPR and FPR at the decision threshold), and the largest difference "
+            "across the groups. A group a site held fewer patients of than its minimum count is "
+            "withheld there."
+        )
+    ]
+    shown = False
+    for group in s.groups:
+        rows = group_rows(s.global_.final, group)
+        if not rows:
+            continue
+        shown = True
+        body = [[r.label, *(_group_cell(r, c) for c in GROUP_COLUMNS)] for r in rows]
+        parts.append(f"<h3>{_e(group.name)} <small>(column {_e(group.column)})</small></h3>")
+        parts.append(
+            _table(["group", *_GROUP_HEADERS], body, cls=f"numeric groups group-{group.name}")
+        )
+    found = (_site_gaps(site, group) for site in s.sites for group in s.groups)
+    sites = [row for row in found if row is not None]
+    if sites:
+        shown = True
+        parts.append("<h3>Largest gap at each site</h3>")
+        parts.append(
+            _table(
+                ["site", "attribute", "AUROC", "TPR", "FPR", "ECE", "calibration error"],
+                sites,
+                cls="numeric site-gaps",
+            )
+        )
+    return "".join(parts) if shown else None
+
+
+def _privacy_html(card: CardInputs) -> str:
+    rows = []
+    for site in card.summary.sites:
+        p = site.privacy
+        rows.append(
+            (
+                site.site_id,
+                "on" if p.enabled else "off",
+                fmt_num(p.run_epsilon) if p.enabled else "off",
+                fmt_num(p.epsilon) if p.enabled else "off",
+                fmt_g(p.delta),
+                p.accountant or "—",
+                p.noise or "—",
+                p.evaluation or "—",
+            )
+        )
+    return _p(
+        "Record-level differential privacy at each site, as its own ledger reports it: the ε "
+        "this run added and the lifetime ε of the site's dataset (all runs), at δ."
+    ) + _table(
+        ["Site", "DP", "run ε", "lifetime ε", "δ", "accountant", "noise", "evaluation"],
+        rows,
+        cls="numeric",
+    )
+
+
+#: The card's sections, in page order; see the module docstring.
+SECTIONS: tuple[CardSection, ...] = (
+    CardSection("model", "Model and task", _model_html),
+    CardSection("data", "Data per site", _data_html),
+    CardSection("performance", "Performance", _performance_html),
+    CardSection("calibration", "Calibration", _calibration_html),
+    CardSection("groups", "Performance across patient groups", _groups_html),
+    CardSection("privacy", "Privacy spent per site", _privacy_html),
+)
+
+
+def build_model_card(card: CardInputs, *, sections: Sequence[CardSection] = SECTIONS) -> str:
+    """The model card of one run, as one self-contained HTML page (a pure function)."""
+    s = card.summary
+    parts = []
+    for section in sections:
+        body = section.render(card)
+        if body is not None:
+            parts.append(
+                f'<section id="{_e(section.id)}"><h2>{_e(section.title)}</h2>{body}</section>'
+            )
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        f'<meta http-equiv="Content-Security-Policy" content="{_e(_CSP)}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<meta name="generator" content="{MODEL_CARD_GENERATOR}">'
+        f"<title>fedcare model card: {_e(s.run_id)}</title>"
+        f"<style>{_CSS}</style></head><body><main>"
+        f"<h1>Model card: {_e(s.task)} ({_e(s.run_id)})</h1>"
+        + "".join(parts)
+        + f"<footer>fedcare {_e(s.fedcare_version)} model card</footer>"
+        "</main></body></html>\n"
+    )
+
+
+def load_card_inputs(run_dir: Path) -> CardInputs:
+    """The run's summary and record, validated.
+
+    Raises
+    ------
+    ConfigError
+        ``run_dir`` is not a folder, or its summary or record is missing or invalid; the
+        message names the file and the fix.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(
+            f"{run_dir}: no such run directory; pass the folder a run wrote "
+            "(`fedcare simulate --out DIR`)"
+        )
+    return CardInputs(
+        summary=load_summary(run_dir / SUMMARY_NAME),
+        record=load_run_record(run_dir / RECORD_NAME),
+        run_dir=run_dir,
+    )
+
+
+def model_card_href(run_dir: Path, page: Path | None) -> str | None:
+    """A link from ``page`` (``None``: absolute) to the run's model card, where it exists."""
+    card = Path(run_dir) / MODEL_CARD_NAME
+    if not card.is_file():
+        return None
+    if page is None:
+        return card.resolve().as_uri()
+    return Path(os.path.relpath(card.resolve(), Path(page).resolve().parent)).as_posix()
