@@ -11,11 +11,15 @@ rounds, one local epoch) runs
    data loaded between messages), the run submitted with ``flwr run``.
 
 Per-round time is the gap between consecutive ``progress.jsonl`` entries (the server writes
-one after each round's training, aggregation and federated evaluation); the figure is the
-median over rounds 2..R (round 1 is left out: it includes the simulation's Ray start and the
-workers' first load of their data). The **overhead** of a deployment is its per-round time
-minus the simulation's within the same repeat (same sites, same compute); the table gives
-the medians over ``--repeats``. Goal (issue 11): <= 2 s per round.
+one after each round's training, aggregation and federated evaluation). Round r's evaluation
+travels with round r + 1's train message (``server/guard.py``), so a round is one message
+exchange, and the last round two: its training, then the run's final evaluation in a message
+of its own (a cost per run, like round 0's initial evaluation). The per-round figure is the
+median over rounds 2..R-1 (round 1 is left out: it includes the simulation's Ray start and the
+workers' first load of their data); the last round's gap is reported on its own. The
+**overhead** of a deployment is its time minus the simulation's within the same repeat (same
+sites, same compute, the same message flow); the table gives the medians over ``--repeats``.
+Goal (issue 11): <= 2 s per round.
 
 It also measures what an idle site costs: the CPU time of one site's processes (SuperNode,
 worker) over ``--idle`` seconds, starting ``BUSY_WINDOW_S`` (10 s) after the run ended (a site
@@ -24,7 +28,7 @@ polls faster for that long after its last message), as a share of one core.
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.deployment_overhead                 # 3 sites x 3 rounds
-    .venv/bin/python -m benchmarks.deployment_overhead --repeats 1 --rounds 2
+    .venv/bin/python -m benchmarks.deployment_overhead --repeats 1 --rounds 4
 
 The markdown goes to stdout and to ``--out`` (default
 ``benchmarks/results/deployment_overhead.md``).
@@ -51,14 +55,24 @@ from tests.integration._deployment import Deployment
 TASK = "readmission"
 
 
-def _round_gaps(progress: Path) -> list[float]:
+def _round_gaps(progress: Path) -> dict[int, float]:
+    """Round -> seconds since the previous round's progress entry, rounds 2..R."""
     entries = [json.loads(x) for x in progress.read_text().splitlines() if x.strip()]
     by_round = {int(e["round"]): float(e["elapsed_s"]) for e in entries}
-    rounds = sorted(by_round)
-    return [by_round[r] - by_round[r - 1] for r in rounds if r - 1 in by_round and r >= 2]
+    return {
+        r: by_round[r] - by_round[r - 1] for r in sorted(by_round) if r - 1 in by_round and r >= 2
+    }
 
 
-def _simulate(root: Path, *, sites: int, rounds: int, patients: int) -> tuple[float, list[float]]:
+def _split(gaps: dict[int, float]) -> tuple[float, float]:
+    """(median gap of rounds 2..R-1, the last round's gap)."""
+    last = max(gaps)
+    return statistics.median(g for r, g in gaps.items() if r < last), gaps[last]
+
+
+def _simulate(
+    root: Path, *, sites: int, rounds: int, patients: int
+) -> tuple[float, dict[int, float]]:
     scenario = Scenario(
         name="bench",
         sites=sites,
@@ -108,7 +122,7 @@ def _deploy(
     patients: int,
     evaluate_every: int = 1,
     idle_s: float = 0.0,
-) -> tuple[float, list[float], float]:
+) -> tuple[float, dict[int, float], float]:
     dep = Deployment.create(root, n_sites=sites, patients=patients)
     try:
         dep.start_server()
@@ -130,8 +144,6 @@ def _deploy(
         if info["status"] != "finished:completed":
             raise RuntimeError(f"deployment run failed: {info}")
         gaps = _round_gaps(dep.run_dir("bench") / "progress.jsonl")
-        if evaluate_every > 1:  # the last round evaluates; rounds 2..R-1 show the saving
-            gaps = gaps[:-1] or gaps
         idle = _idle_share(dep, idle_s) if idle_s > 0 else float("nan")
         return wall, gaps, idle
     finally:
@@ -149,11 +161,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, default=Path("benchmarks/results/deployment_overhead.md")
     )
     args = parser.parse_args(argv)
-    if args.rounds < 2:
-        parser.error("--rounds must be at least 2 (round 1 is left out of the per-round figure)")
+    if args.rounds < 3:
+        parser.error(
+            "--rounds must be at least 3 (round 1 and the last round are left out of the "
+            "per-round figure)"
+        )
 
     rows = []
     idle_shares = []
+    load_start = os.getloadavg()
     for rep in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="fedcare-bench-") as tmp:
             root = Path(tmp)
@@ -176,39 +192,53 @@ def main(argv: Sequence[str] | None = None) -> int:
             s_wall, s_gaps = _simulate(
                 root / "deploy", sites=args.sites, rounds=args.rounds, patients=args.patients
             )
-        s_round, d_round, e_round = (statistics.median(g) for g in (s_gaps, d_gaps, e_gaps))
-        rows.append((rep + 1, s_wall, d_wall, e_wall, s_round, d_round, e_round))
+        (s_round, s_last), (d_round, d_last), (e_round, e_last) = (
+            _split(g) for g in (s_gaps, d_gaps, e_gaps)
+        )
+        rows.append(
+            (rep + 1, s_wall, d_wall, e_wall, s_round, d_round, e_round, s_last, d_last, e_last)
+        )
         print(
             f"repeat {rep + 1}: simulation {s_round:.1f} s/round, deployment {d_round:.1f} "
-            f"s/round (+{d_round - s_round:.1f}), evaluating only at the end {e_round:.1f} "
-            f"s/round; idle site {100 * idle:.1f} % of a core"
+            f"s/round ({d_round - s_round:+.1f}), evaluating only at the end {e_round:.1f} "
+            f"s/round; last round {s_last:.1f} / {d_last:.1f} / {e_last:.1f} s; idle site "
+            f"{100 * idle:.1f} % of a core; load {os.getloadavg()[0]:.1f}"
         )
 
+    load_end = os.getloadavg()
     lines = [
         "# Deployment overhead: real SuperLink + SuperNodes vs simulation",
         "",
         f"{args.sites} sites x {args.rounds} rounds, `{TASK}`, DP-SGD, 1 local epoch, "
-        f"~{args.patients} patients per site; all processes on one 2-core machine. Per-round "
-        "time = median gap between consecutive rounds' progress entries (rounds 2..R); "
-        "overhead = deployment minus simulation per round, within a repeat.",
+        f"~{args.patients} patients per site; all processes on one {os.cpu_count()}-core "
+        f"machine (load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at the "
+        "end). Per-round time = median gap between consecutive rounds' progress entries, "
+        "rounds 2..R-1 (round r's evaluation goes with round r + 1's train message: one "
+        "exchange per round); the last round (its training, then the run's final evaluation "
+        "in a message of its own) is shown apart. Overhead = deployment minus simulation, "
+        "within a repeat.",
         "",
         "| repeat | simulation s/round | deployment s/round | overhead s/round | "
-        "deployment evaluate-every=R s/round | overhead s/round | walls sim / dep / dep-R (s) |",
-        "|---|---|---|---|---|---|---|",
+        "deployment evaluate-every=R s/round | overhead s/round | "
+        "last round sim / dep / dep-R (s) | walls sim / dep / dep-R (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for rep, s_wall, d_wall, e_wall, s_round, d_round, e_round in rows:
+    for rep, s_wall, d_wall, e_wall, s_round, d_round, e_round, s_last, d_last, e_last in rows:
         lines.append(
             f"| {rep} | {s_round:.2f} | {d_round:.2f} | {d_round - s_round:+.2f} | "
-            f"{e_round:.2f} | {e_round - s_round:+.2f} | {s_wall:.0f} / {d_wall:.0f} / "
-            f"{e_wall:.0f} |"
+            f"{e_round:.2f} | {e_round - s_round:+.2f} | {s_last:.2f} / {d_last:.2f} / "
+            f"{e_last:.2f} | {s_wall:.0f} / {d_wall:.0f} / {e_wall:.0f} |"
         )
     over = statistics.median(r[5] - r[4] for r in rows)
     over_e = statistics.median(r[6] - r[4] for r in rows)
+    over_last = statistics.median(r[8] - r[7] for r in rows)
     ratio = statistics.median(r[5] / r[4] for r in rows)
     lines += [
         "",
         f"Median overhead per round: **{over:+.2f} s** (federated evaluation every round; "
-        f"ratio deployment/simulation {ratio:.2f}), **{over_e:+.2f} s** (evaluate-every = R).",
+        f"ratio deployment/simulation {ratio:.2f}), **{over_e:+.2f} s** (evaluate-every = R). "
+        f"The last round, with the run's final evaluation: **{over_last:+.2f} s** over "
+        "simulation (once per run).",
         "",
         f"Idle site (SuperNode + worker, {args.idle:g} s from {BUSY_WINDOW_S:g} s after the "
         "run, median of repeats): "
