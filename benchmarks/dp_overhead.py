@@ -160,6 +160,22 @@ def synthetic_input_dims() -> dict[str, int | tuple[int, int, int]]:
     return dict(input_dims(schema, task))
 
 
+def timeline_input_dims() -> dict[str, Any]:
+    """Input sizes of the synthetic temporal task (``SynthConfig(temporal_signal=True)``,
+    task ``infection_timeline``): the EHR vector with the ``stay`` timeline appended."""
+    from fedcare.common.encoding import input_dims
+    from fedcare.simulations.synth.config import SynthConfig
+    from fedcare.simulations.synth.generator import build_schema
+    from fedcare.simulations.synth.genomics import draw_biology
+    from fedcare.simulations.synth.latent import rng_for
+    from fedcare.simulations.synth.timeline import temporal_tasks
+
+    config = SynthConfig(temporal_signal=True)
+    schema = build_schema(config, draw_biology(rng_for(0, "biology"), n_genes=config.n_genes))
+    task = temporal_tasks("outcomes.csv")[1][1]
+    return dict(input_dims(schema, task))
+
+
 def default_cases(
     models: Sequence[str] | None = None, *, genomics_widths: Sequence[int] | None = None
 ) -> tuple[Case, ...]:
@@ -186,6 +202,8 @@ def default_cases(
         info = model_info(name)
         if info.modalities == ("genomics",) and not info.multimodal:
             cases.extend(Case(name, {"genomics": g}) for g in dict.fromkeys(widths))
+        elif info.timeline and not info.multimodal:
+            cases.append(Case(name, timeline_input_dims()))
         else:
             cases.append(Case(name, {m: dims[m] for m in info.modalities}))
     return tuple(cases)

@@ -18,6 +18,12 @@ A reply carries the model arrays, aggregate numbers (``num-examples``, ``train-l
 privacy state). A refusal (budget spent, task not allowed, schema mismatch, broken data) is
 an error reply whose reason starts with the site id, never a crash of the run; a data
 problem's details (which may quote values) never leave the site.
+
+A train message may also ask for the evaluation of the round before its own
+(``keys.CFG_EVALUATE_ROUND``; the server folds round r's evaluation into round r + 1's train
+message): the site evaluates first, exactly as for an evaluate message, and the reply carries
+that evaluation in records of its own (``keys.REC_EVAL_*``) beside the update, or beside the
+training's refusal (``keys.REC_TRAIN_REFUSAL``) where the training is then refused.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedcare.client import secagg
 from fedcare.client.accounting import AccountantName
 from fedcare.client.audit import (
     AUDIT_LOG_NAME,
@@ -47,6 +54,7 @@ from fedcare.client.ledger import PrivacyLedger
 from fedcare.client.local import RoundRequest, SiteTrainer, settings_from_run
 from fedcare.client.personal import personal_settings
 from fedcare.client.policy import simulated_site_policy
+from fedcare.client.secagg import SiteHooks
 from fedcare.client.site_config import SiteConfig, load_site_config
 from fedcare.client.warm import WarmSites
 from fedcare.common import keys
@@ -67,7 +75,15 @@ from fedcare.common.run_files import LEDGER_NAME
 from fedcare.common.run_signing import verify_run
 from fedcare.common.spec import FeatureSchema, describe_schema_difference, load_site_spec
 
-__all__ = ["app", "handle_train", "handle_evaluate", "refuse", "resolve_site"]
+__all__ = [
+    "app",
+    "handle_train",
+    "handle_evaluate",
+    "handle_train_message",
+    "handle_secagg",
+    "refuse",
+    "resolve_site",
+]
 
 log = logging.getLogger(__name__)
 
@@ -334,13 +350,14 @@ def _public_reason(error: FedcareError, site_id: str) -> str:
 
 
 def _refusal(
-    msg: Message, site_id: str, error: FedcareError, ledger: tuple[float, float] | None = None
-) -> Message:
+    site_id: str, error: FedcareError, ledger: tuple[float, float] | None = None
+) -> tuple[int, str]:
+    """The error code and reason a refusal of ``error`` sends (the reason names the site)."""
     code = next(c for cls, c in _ERROR_CODES if isinstance(error, cls))
     reason = f"{site_id}: {_public_reason(error, site_id)}"
     if ledger is not None:
         reason = keys.with_ledger_epsilon(reason, epsilon=ledger[0], delta=ledger[1])
-    return Message(Error(code=code, reason=reason), reply_to=msg)
+    return code, reason
 
 
 def _ledger_epsilon(
@@ -376,6 +393,33 @@ def _early_audit(context: Context) -> SiteAudit | None:
         return None
 
 
+def _logged_refusal(
+    msg: Message,
+    site_id: str,
+    error: FedcareError,
+    audit: SiteAudit | None,
+    phase: str,
+    context: Context,
+    ledger: tuple[float, float] | None = None,
+    *,
+    round: int | None = None,
+) -> tuple[int, str]:
+    """A refusal's code and reason, logged first in the site's audit log (a deployed site's
+    log is opened for it when the refusal came before the site was loaded). ``round``: the
+    round refused where it is not the message's own (a folded evaluation's)."""
+    if audit is None:
+        audit = _early_audit(context)
+    if audit is not None:
+        code = next(c for cls, c in _ERROR_CODES if isinstance(error, cls))
+        try:
+            audit.refused(
+                msg, phase=phase, code=code, reason=_public_reason(error, site_id), round=round
+            )
+        except FedcareError as audit_error:  # a broken audit trail is the more urgent news
+            error = audit_error
+    return _refusal(site_id, error, ledger)
+
+
 def _refuse(
     msg: Message,
     site_id: str,
@@ -385,17 +429,9 @@ def _refuse(
     context: Context,
     ledger: tuple[float, float] | None = None,
 ) -> Message:
-    """The refusal reply, logged first in the site's audit log (a deployed site's log is
-    opened for it when the refusal came before the site was loaded)."""
-    if audit is None:
-        audit = _early_audit(context)
-    if audit is not None:
-        code = next(c for cls, c in _ERROR_CODES if isinstance(error, cls))
-        try:
-            audit.refused(msg, phase=phase, code=code, reason=_public_reason(error, site_id))
-        except FedcareError as audit_error:  # a broken audit trail is the more urgent news
-            error = audit_error
-    return _refusal(msg, site_id, error, ledger)
+    """The refusal reply, logged first in the site's audit log (:func:`_logged_refusal`)."""
+    code, reason = _logged_refusal(msg, site_id, error, audit, phase, context, ledger)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
 def refuse(msg: Message, context: Context, error: FedcareError, *, phase: str) -> Message:
@@ -441,11 +477,19 @@ def _site_id_guess(context: Context) -> str:
 
 
 def handle_train(msg: Message, context: Context, *, warm: WarmSites | None = None) -> Message:
-    """One round of private local training; see the module docstring."""
+    """One round of private local training; see the module docstring.
+
+    Where the message also asks for the evaluation of the round before it
+    (``keys.CFG_EVALUATE_ROUND``: the server folds round r's evaluation into round r + 1's
+    train message, whose model is the global model after round r), the site runs that
+    evaluation first, exactly as :func:`handle_evaluate` would (same policy checks, charge,
+    release and audit entries, under round r), then trains (:func:`_folded_evaluation`).
+    """
     site_id = _site_id_guess(context)
     audit: SiteAudit | None = None
     trainer: SiteTrainer | None = None
     accountant: AccountantName = "prv"
+    folded: dict[str, ConfigRecord | MetricRecord] = {}
     try:
         run_cfg = FederationConfig.from_run_config(context.run_config)
         accountant = run_cfg.accountant
@@ -456,6 +500,7 @@ def handle_train(msg: Message, context: Context, *, warm: WarmSites | None = Non
         _check_schema(trainer, msg)
         request = _request(cfg, run_cfg, msg)
         state = _received_state(msg, trainer, request, cfg.model)
+        folded = _folded_evaluation(msg, context, here, request, state, audit)
         result = trainer.train_round(request, state)
         privacy = _privacy_numbers(result.epsilon, result.delta, result.run_epsilon)
         if result.mechanism is not None and privacy is None:
@@ -469,7 +514,13 @@ def handle_train(msg: Message, context: Context, *, warm: WarmSites | None = Non
         head = audit.train(msg, result, sent_sha256=sent, accountant=cfg.accountant)
     except FedcareError as e:
         ledger = _ledger_epsilon(trainer, accountant)
-        return _refuse(msg, site_id, e, audit, "train", context, ledger)
+        if not folded:
+            return _refuse(msg, site_id, e, audit, "train", context, ledger)
+        # The evaluation before it was answered (and may have been charged): it still
+        # leaves, beside the training's refusal.
+        code, reason = _logged_refusal(msg, site_id, e, audit, "train", context, ledger)
+        refusal = ConfigRecord({keys.F_CODE: code, keys.F_REASON: reason})
+        return Message(RecordDict({**folded, keys.REC_TRAIN_REFUSAL: refusal}), reply_to=msg)
     numbers: dict[str, int | float | list[int] | list[float]] = {
         keys.M_NUM_EXAMPLES: result.n_train,
         keys.M_STEPS: result.steps,
@@ -507,9 +558,105 @@ def handle_train(msg: Message, context: Context, *, warm: WarmSites | None = Non
             keys.REC_ARRAYS: arrays,
             keys.REC_METRICS: metrics,
             keys.REC_SITE: ConfigRecord(info),
+            **folded,
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _folded_evaluation(
+    msg: Message,
+    context: Context,
+    here: _Site,
+    request: RoundRequest,
+    state: dict[str, torch.Tensor],
+    audit: SiteAudit,
+) -> dict[str, ConfigRecord | MetricRecord]:
+    """The evaluation a train message asks for before its training, as the reply's records
+    (none where it asks for none).
+
+    Only the round before the message's own may be asked for (the round whose global model
+    the message carries); the evaluation is then exactly :func:`handle_evaluate`'s under that
+    round: the site's plan (``evaluation_rounds``), its per-run evaluation cap, its budget,
+    the once-per-round release (a second request is answered with the stored release or
+    refused) and k-suppression all apply. A refused evaluation is logged in the site's audit
+    log and reported in its own record (``keys.REC_EVAL_REFUSAL``); the training goes on,
+    as it would after a separate evaluate message the site refused. A malformed
+    ``evaluate-round`` refuses the whole message.
+    """
+    config = msg.content.config_records[keys.REC_CONFIG]
+    if keys.CFG_EVALUATE_ROUND not in config:
+        return {}
+    asked = _server_value(config, keys.CFG_EVALUATE_ROUND, int)
+    trainer, cfg = here.trainer, here.cfg
+    try:
+        if asked != request.round - 1:
+            raise PolicyViolation(
+                f"site {trainer.site_id}: the train message of round {request.round} asks it "
+                f"to evaluate round {asked}; a train message may carry only the evaluation of "
+                "the round before its own (the global model it sends)"
+            )
+        metrics, info = _evaluation(
+            msg, trainer, cfg, replace(request, round=asked), state, audit, audit_round=asked
+        )
+    except FedcareError as e:
+        ledger = _ledger_epsilon(trainer, cfg.accountant)
+        code, reason = _logged_refusal(
+            msg, trainer.site_id, e, audit, "evaluate", context, ledger, round=asked
+        )
+        refusal = {keys.S_EVALUATED_ROUND: asked, keys.F_CODE: code, keys.F_REASON: reason}
+        return {keys.REC_EVAL_REFUSAL: ConfigRecord(refusal)}
+    info[keys.S_EVALUATED_ROUND] = asked
+    return {keys.REC_EVAL_METRICS: metrics, keys.REC_EVAL_SITE: ConfigRecord(info)}
+
+
+def _evaluation(
+    msg: Message,
+    trainer: SiteTrainer,
+    cfg: FederationConfig,
+    request: RoundRequest,
+    state: dict[str, torch.Tensor],
+    audit: SiteAudit,
+    *,
+    audit_round: int | None = None,
+) -> tuple[MetricRecord, dict[str, Any]]:
+    """Evaluate the received model for ``request`` (the personal model's fine-tune first,
+    where the run's personalization runs one), log both in the site's audit log (under
+    ``audit_round`` where it is not the message's own), and return the reply's metrics and site
+    record."""
+    # A fine-tune (its own charge) is run and logged before the evaluation, so its charge
+    # is in the audit log even if the evaluation is then refused or fails.
+    tuned = trainer.personalize(request, state)
+    if tuned is not None:
+        audit.personalize(
+            msg, tuned, delta=trainer.policy.delta, accountant=cfg.accountant, round=audit_round
+        )
+    result = trainer.evaluate_round(request, state)
+    audit.evaluate(
+        msg, result, delta=trainer.policy.delta, accountant=cfg.accountant, round=audit_round
+    )
+    values = result.metrics
+    n_test = max(int(round(values.get("test.n", 0))), 0)
+    metrics = MetricRecord({keys.M_NUM_EXAMPLES: n_test, **values})
+    info: dict[str, Any] = {
+        keys.S_SITE_ID: trainer.site_id,
+        keys.S_AUDIT_KEY: audit.key_fingerprint,
+        keys.S_EVALUATION: result.mode,
+    }
+    epsilon, run_epsilon = result.epsilon, result.run_epsilon
+    tuned = result.personalized  # a fine-tune's charge, the latest where evaluation is exact
+    if (
+        tuned is not None
+        and tuned.epsilon is not None
+        and tuned.run_epsilon is not None
+        and (epsilon is None or tuned.epsilon > epsilon)
+    ):
+        epsilon, run_epsilon = tuned.epsilon, tuned.run_epsilon
+    if epsilon is not None and run_epsilon is not None:
+        info[keys.S_EPSILON] = float(epsilon)
+        info[keys.S_RUN_EPSILON] = float(run_epsilon)
+        info[keys.S_DELTA] = float(trainer.policy.delta)
+    return metrics, info
 
 
 def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = None) -> Message:
@@ -528,39 +675,11 @@ def handle_evaluate(msg: Message, context: Context, *, warm: WarmSites | None = 
         _check_schema(trainer, msg)
         request = _request(cfg, run_cfg, msg)
         state = _received_state(msg, trainer, request, cfg.model)
-        # A fine-tune (its own charge) is run and logged before the evaluation, so its charge
-        # is in the audit log even if the evaluation is then refused or fails.
-        tuned = trainer.personalize(request, state)
-        if tuned is not None:
-            audit.personalize(msg, tuned, delta=trainer.policy.delta, accountant=cfg.accountant)
-        result = trainer.evaluate_round(request, state)
-        audit.evaluate(msg, result, delta=trainer.policy.delta, accountant=cfg.accountant)
+        metrics, info = _evaluation(msg, trainer, cfg, request, state, audit)
     except FedcareError as e:
         ledger = _ledger_epsilon(trainer, accountant)
         return _refuse(msg, site_id, e, audit, "evaluate", context, ledger)
-    values = result.metrics
-    n_test = max(int(round(values.get("test.n", 0))), 0)
-    metrics = MetricRecord({keys.M_NUM_EXAMPLES: n_test, **values})
-    info: dict[str, Any] = {
-        keys.S_SITE_ID: site_id,
-        keys.S_AUDIT_KEY: audit.key_fingerprint,
-        keys.S_EVALUATION: result.mode,
-    }
-    epsilon, run_epsilon = result.epsilon, result.run_epsilon
-    tuned = result.personalized  # a fine-tune's charge, the latest where evaluation is exact
-    if (
-        tuned is not None
-        and tuned.epsilon is not None
-        and tuned.run_epsilon is not None
-        and (epsilon is None or tuned.epsilon > epsilon)
-    ):
-        epsilon, run_epsilon = tuned.epsilon, tuned.run_epsilon
-    if epsilon is not None and run_epsilon is not None:
-        info[keys.S_EPSILON] = float(epsilon)
-        info[keys.S_RUN_EPSILON] = float(run_epsilon)
-        info[keys.S_DELTA] = float(trainer.policy.delta)
-    site = ConfigRecord(info)
-    content = RecordDict({keys.REC_METRICS: metrics, keys.REC_SITE: site})
+    content = RecordDict({keys.REC_METRICS: metrics, keys.REC_SITE: ConfigRecord(info)})
     return Message(content=content, reply_to=msg)
 
 
@@ -575,9 +694,44 @@ _process_sites = WarmSites()
 app = ClientApp()
 
 
+def _secagg_hooks(context: Context, warm: WarmSites | None) -> SiteHooks:
+    """What secure aggregation's site side borrows from this app (client/secagg.py)."""
+
+    def site_audit() -> SiteAudit:
+        here = _open_site(context, FederationConfig.from_run_config(context.run_config), warm)
+        trainer = here.trainer
+        return SiteAudit.open(
+            here.state_dir, site_id=trainer.site_id, dataset_fingerprint=trainer.dataset_key
+        )
+
+    return SiteHooks(
+        train=lambda m: handle_train(m, context, warm=warm),
+        audit=site_audit,
+        refuse=lambda m, e, phase: refuse(m, context, e, phase=phase),
+    )
+
+
+def handle_train_message(
+    msg: Message, context: Context, *, warm: WarmSites | None = None
+) -> Message:
+    """A train message: :func:`handle_train`, or secure aggregation's first stage where the
+    run says ``secure-aggregation = true`` (``client/secagg.py``)."""
+    return secagg.answer_train(msg, context, hooks=_secagg_hooks(context, warm))
+
+
+def handle_secagg(msg: Message, context: Context, *, warm: WarmSites | None = None) -> Message:
+    """A later stage of a secure-aggregation round (``query.secagg``)."""
+    return secagg.answer_stage(msg, context, hooks=_secagg_hooks(context, warm))
+
+
 @app.train()
 def _train(msg: Message, context: Context) -> Message:
-    return handle_train(msg, context, warm=_process_sites)
+    return handle_train_message(msg, context, warm=_process_sites)
+
+
+@app.query("secagg")
+def _secagg(msg: Message, context: Context) -> Message:
+    return handle_secagg(msg, context, warm=_process_sites)
 
 
 @app.evaluate()

@@ -20,9 +20,10 @@ and key files mode 0600, whatever the umask (:mod:`fedcare.common.files`). Entri
     fingerprint, as the request carried them: they tie the entry to one server log).
 ``evaluate``
     ``round``, ``dataset_fingerprint``, ``received_sha256``, ``evaluation`` (``dp`` or
-    ``exact``), ``mechanism`` (the Gaussian release charged, or null; ``steps`` 2 when the
-    site's personalized model was released too), ``epsilon`` and ``delta`` (the dataset's
-    cumulative ε after it), ``accountant``, ``replayed``, ``personal`` (whether the
+    ``exact``), ``mechanism`` (the Gaussian release charged, or null; ``steps``: one release
+    of the splits, one per group attribute of the task (:mod:`fedcare.models.fairness`), one
+    more when the site's personalized model was released too), ``epsilon`` and ``delta``
+    (the dataset's cumulative ε after it), ``accountant``, ``replayed``, ``personal`` (whether the
     personalized model's metrics were released), ``server_head``, ``server_key``.
 ``personalize`` (before the final ``evaluate`` of a run with ``personalization =
 "finetune"``)
@@ -226,10 +227,18 @@ class SiteAudit:
         return self._logged(kinds.TRAIN, data, run_id=run_id)
 
     def evaluate(
-        self, msg: Message, result: EvaluationResult, *, delta: float, accountant: str
+        self,
+        msg: Message,
+        result: EvaluationResult,
+        *,
+        delta: float,
+        accountant: str,
+        round: int | None = None,
     ) -> LogHead:
-        """Log an evaluation of the global model received and what its release cost."""
-        run_id, rnd, server_head, server_key = _tag(msg)
+        """Log an evaluation of the global model received and what its release cost
+        (``round``: the round evaluated, where a train message carried the evaluation of the
+        round before its own; the message's round by default)."""
+        run_id, rnd, server_head, server_key = _tag(msg, round)
         mechanism = result.mechanism
         data = {
             "round": rnd,
@@ -248,10 +257,17 @@ class SiteAudit:
         return self._logged(kinds.EVALUATE, data, run_id=run_id)
 
     def personalize(
-        self, msg: Message, result: PersonalizeResult, *, delta: float, accountant: str
+        self,
+        msg: Message,
+        result: PersonalizeResult,
+        *,
+        delta: float,
+        accountant: str,
+        round: int | None = None,
     ) -> LogHead:
-        """Log the fine-tune of the site's personal model and what it was charged."""
-        run_id, rnd, server_head, server_key = _tag(msg)
+        """Log the fine-tune of the site's personal model and what it was charged
+        (``round``: as :meth:`evaluate`'s)."""
+        run_id, rnd, server_head, server_key = _tag(msg, round)
         mechanism = result.mechanism
         data = {
             "round": rnd,
@@ -268,9 +284,12 @@ class SiteAudit:
         }
         return self._logged(kinds.PERSONALIZE, data, run_id=run_id)
 
-    def refused(self, msg: Message, *, phase: str, code: int, reason: str) -> LogHead:
-        """Log a refusal and its reason (cut to :data:`MAX_REASON` characters)."""
-        run_id, rnd, server_head, server_key = _tag(msg)
+    def refused(
+        self, msg: Message, *, phase: str, code: int, reason: str, round: int | None = None
+    ) -> LogHead:
+        """Log a refusal and its reason (cut to :data:`MAX_REASON` characters; ``round``: as
+        :meth:`evaluate`'s)."""
+        run_id, rnd, server_head, server_key = _tag(msg, round)
         data = {
             "round": rnd,
             "phase": phase,
@@ -330,13 +349,14 @@ def audited_charges(state_dir: Path) -> int:
     return count
 
 
-def _tag(msg: Message) -> tuple[str | None, int | None, str, str]:
-    """(run id, round, server log head, server key fingerprint) a request carries."""
+def _tag(msg: Message, round: int | None = None) -> tuple[str | None, int | None, str, str]:
+    """(run id, round, server log head, server key fingerprint) a request carries (``round``
+    in place of the request's own where given)."""
     config = msg.content.config_records.get(keys.REC_CONFIG)
     if config is None:
-        return None, None, "", ""
+        return None, round, "", ""
     run_id = config.get(keys.RC_RUN_ID)
-    rnd = config.get(keys.CFG_FEDCARE_ROUND)
+    rnd = config.get(keys.CFG_FEDCARE_ROUND) if round is None else round
     return (
         None if run_id is None else str(run_id),
         None if rnd is None else int(rnd),  # type: ignore[arg-type]

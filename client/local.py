@@ -24,7 +24,9 @@ round goes:
 An evaluation is a query on patient data too: unless the site's own ``site.toml`` opts into
 exact metrics (a simulated site only), it is released with differential privacy
 (:mod:`fedcare.models.evaluation`) and charged to the ledger as one Gaussian mechanism, within the
-same run allowance and under the site's per-run evaluation cap.
+same run allowance and under the site's per-run evaluation cap. A task with group attributes
+(``[[tasks]] groups``) adds one Gaussian release per attribute to that charge: its per-group
+metrics (:mod:`fedcare.models.fairness`), planned into the run's noise like the rest.
 
 Personal models (the run's ``personalization``, :mod:`fedcare.client.personal`) are planned and
 charged the same way: Ditto's second DP-SGD copy shares its round's charge (one mechanism,
@@ -94,9 +96,12 @@ from fedcare.common.federation import FederationConfig
 from fedcare.common.files import write_private_atomic
 from fedcare.common.run_files import RELEASES_DIR
 from fedcare.models import build_model, default_model_for
+from fedcare.models.evaluation import DEFAULT_BINS
 from fedcare.models.evaluation import release as evaluation_release
+from fedcare.models.fairness import declared_groups, group_codes, release_groups, release_steps
 from fedcare.models.metrics import split_metrics
-from fedcare.models.tasks import task_definition
+from fedcare.models.survival import SurvivalTask, survival_release
+from fedcare.models.tasks import TaskDefinition, task_definition
 
 __all__ = [
     "RoundRequest",
@@ -273,15 +278,51 @@ class SiteTrainer:
 
     def model_name(self, task: str, requested: str | None) -> str:
         data = self.task_data(task)
-        return requested or default_model_for(data.modalities)
+        return requested or default_model_for(
+            data.modalities, timeline=data.task.timeline is not None
+        )
+
+    def definition(self, task: str, model: str | None = None) -> TaskDefinition:
+        """The task bound to its kind (from its label: binary or survival) and model."""
+        data = self.task_data(task)
+        label = self.site.spec.label(data.task.label)
+        return task_definition(data.task, model=self.model_name(task, model), label=label)
 
     def build_model(self, task: str, model: str | None = None) -> nn.Module:
         """A fresh model for ``task``; its initial weights depend only on the seed."""
         data = self.task_data(task)
-        name = self.model_name(task, model)
-        task_definition(data.task, model=name)
+        definition = self.definition(task, model)
         generator = torch.Generator().manual_seed(self.seed)
-        return build_model(name, input_dims=data.input_dims, generator=generator)
+        net = build_model(definition.model, input_dims=data.input_dims, generator=generator)
+        return definition.kind.wrap(net)  # survival: the K interval hazards on top
+
+    def _survival_release(
+        self,
+        task: str,
+        y: dict[str, np.ndarray],
+        p: dict[str, np.ndarray],
+        *,
+        noise_multiplier: float,
+        generator: np.random.Generator | None,
+    ) -> dict[str, float] | None:
+        """A survival task's evaluation release (:func:`fedcare.models.survival.survival_release`;
+        exact metrics take the censoring distribution from the train split); ``None`` for
+        any other task kind."""
+        kind = self.definition(task).kind
+        if not isinstance(kind, SurvivalTask):
+            return None
+        train = None
+        if noise_multiplier == 0:  # exact: IPCW from the train split's censoring
+            train = self.task_data(task).train.y.numpy()  # type: ignore[attr-defined]
+        return survival_release(
+            kind,
+            y,
+            p,
+            noise_multiplier=noise_multiplier,
+            generator=generator,
+            min_count=self.policy.min_count,
+            train=train,
+        )
 
     def with_recipe(self, request: RoundRequest) -> RoundRequest:
         """``request`` with the recipe's optimizer, batch size and learning rate filled in
@@ -395,12 +436,58 @@ class SiteTrainer:
         strategy = self._personalization(request)
         later = [r for r in request.evaluation_rounds if r >= request.round]
         last = request.rounds_planned
+        groups = self._group_steps(request.task)
         return [
             self._eval_mechanism(
-                2 if strategy.releases_personal(round=r, rounds_planned=last) else 1
+                (2 if strategy.releases_personal(round=r, rounds_planned=last) else 1) + groups
             )
             for r in later
         ]
+
+    def _group_steps(self, task: str) -> int:
+        """Gaussian steps the task's per-group releases add to each private evaluation
+        (:func:`fedcare.models.fairness.release_steps`: one per group attribute)."""
+        return release_steps(len(self.site.spec.task(task).groups))
+
+    def _group_release(
+        self,
+        task: str,
+        y: Mapping[str, np.ndarray],
+        p: Mapping[str, np.ndarray],
+        released: Mapping[str, float],
+        *,
+        noise_multiplier: float,
+        generator: np.random.Generator | None,
+        bins: int,
+    ) -> dict[str, float]:
+        """The per-group metrics of the splits ``released`` holds (:mod:`fedcare.models.fairness`),
+        at its decision threshold: more Gaussian releases under the evaluation's charge."""
+        names = self.site.spec.task(task).groups
+        splits = [s for s in y if f"{s}.n" in released]
+        if not names or not splits or self.site.ehr is None:
+            return {}
+        schema = self.site.spec.feature_schema
+        ids = self.task_data(task).patient_ids
+        codes = {
+            name: {
+                s: group_codes(
+                    schema, name, self.site.ehr[schema.group(name).column].reindex(ids[s]).tolist()
+                )
+                for s in splits
+            }
+            for name in names
+        }
+        return release_groups(
+            {s: y[s] for s in splits},
+            {s: p[s] for s in splits},
+            codes,
+            declared_groups(schema, names),
+            noise_multiplier=noise_multiplier,
+            generator=generator,
+            min_count=self.policy.min_count,
+            threshold=released[f"{splits[0]}.threshold"],
+            bins=bins,
+        )
 
     # ------------------------------------------------------------------ personal models
 
@@ -453,7 +540,7 @@ class SiteTrainer:
         model = self.build_model(request.task, cfg.model)
         model.load_state_dict(dict(state))
         model.to(device)
-        criterion = task_definition(data.task, model=model_name).kind.make_loss()
+        criterion = self.definition(request.task, cfg.model).kind.make_loss()
         optimizer = make_optimizer(model.parameters(), cfg)
         sampling_gen, noise_gen = self._generators(request, device, "personalize")
         if plan is None:
@@ -625,15 +712,22 @@ class SiteTrainer:
         only the derived metrics leave (never summed into the global ones)."""
         y, p = self._predictions(request.task, state, request.train.model, device)
         exact = noise_multiplier == 0
-        metrics = evaluation_release(
-            y,
-            p,
-            noise_multiplier=noise_multiplier,
-            generator=generator,
-            min_count=self.policy.min_count,
-            **({"bins": keys.HIST_MAX_BINS} if exact else {}),
+        survival = self._survival_release(
+            request.task, y, p, noise_multiplier=noise_multiplier, generator=generator
         )
-        if exact:
+        metrics = (
+            survival
+            if survival is not None
+            else evaluation_release(
+                y,
+                p,
+                noise_multiplier=noise_multiplier,
+                generator=generator,
+                min_count=self.policy.min_count,
+                **({"bins": keys.HIST_MAX_BINS} if exact else {}),
+            )
+        )
+        if exact and survival is None:
             released = [split for split in y if f"{split}.n" in metrics]
             metrics.update(split_metrics({k: y[k] for k in released}, {k: p[k] for k in released}))
         return {
@@ -725,8 +819,7 @@ class SiteTrainer:
         )
         model.load_state_dict(personal.start)
         model.to(device)
-        definition = task_definition(data.task, model=model_name)
-        criterion = definition.kind.make_loss()
+        criterion = self.definition(request.task, cfg.model).kind.make_loss()
         optimizer = make_optimizer(model.parameters(), cfg)
         hooks: list[StepHook] = []
         if cfg.proximal_mu > 0 and initial_state is not None:
@@ -949,17 +1042,36 @@ class SiteTrainer:
             y, p = self._predictions(request.task, state, request.train.model, device)
             # Fine bins, so the server's pooled AUROC is close to the exact one; the site's own
             # metrics are the exact ones (binary_metrics), as the baselines report them.
-            metrics = evaluation_release(
-                y,
-                p,
-                noise_multiplier=0.0,
-                generator=None,
-                min_count=self.policy.min_count,
-                bins=keys.HIST_MAX_BINS,
+            survival = self._survival_release(
+                request.task, y, p, noise_multiplier=0.0, generator=None
+            )
+            metrics = (
+                survival
+                if survival is not None
+                else evaluation_release(
+                    y,
+                    p,
+                    noise_multiplier=0.0,
+                    generator=None,
+                    min_count=self.policy.min_count,
+                    bins=keys.HIST_MAX_BINS,
+                )
             )
             released = [split for split in y if f"{split}.n" in metrics]
-            exact = split_metrics({k: y[k] for k in released}, {k: p[k] for k in released})
-            metrics.update(exact)
+            if survival is None:
+                exact = split_metrics({k: y[k] for k in released}, {k: p[k] for k in released})
+                metrics.update(exact)
+                metrics.update(
+                    self._group_release(
+                        request.task,
+                        y,
+                        p,
+                        metrics,
+                        noise_multiplier=0.0,
+                        generator=None,
+                        bins=keys.HIST_MAX_BINS,
+                    )
+                )
             # Personalization: the personal model's exact metrics too (a fine-tune, where the
             # strategy runs one, is still DP training, charged as such).
             personal, tuned = self._personal_state(request, state)
@@ -994,18 +1106,42 @@ class SiteTrainer:
         # Personalization: the personal model (fine-tuned first, under its own charge, where
         # the strategy does so) is a second Gaussian release under this one charge.
         personal, tuned = self._personal_state(request, state)
-        mechanism = self._eval_mechanism(1 if personal is None else 2)
+        groups = self._group_steps(request.task)  # per-group releases: one step per attribute
+        mechanism = self._eval_mechanism((1 if personal is None else 2) + groups)
         receipt = self._charge(request, mechanism, kind="evaluate", ceiling=ceiling)
         with self._settled(receipt, f"evaluation of round {request.round}"):
             y, p = self._predictions(request.task, state, request.train.model, device)
             generator = self._numpy_generator(request)
-            metrics = evaluation_release(
+            survival = self._survival_release(
+                request.task,
                 y,
                 p,
                 noise_multiplier=mechanism.noise_multiplier,
                 generator=generator,
-                min_count=self.policy.min_count,
             )
+            metrics = (
+                survival
+                if survival is not None
+                else evaluation_release(
+                    y,
+                    p,
+                    noise_multiplier=mechanism.noise_multiplier,
+                    generator=generator,
+                    min_count=self.policy.min_count,
+                )
+            )
+            if survival is None:
+                metrics.update(
+                    self._group_release(
+                        request.task,
+                        y,
+                        p,
+                        metrics,
+                        noise_multiplier=mechanism.noise_multiplier,
+                        generator=generator,
+                        bins=DEFAULT_BINS,
+                    )
+                )
             if personal is not None:
                 own = self._personal_release(
                     request,
@@ -1086,6 +1222,9 @@ class SiteTrainer:
         suppression); the patient count of a reported split is included as ``"<split>.n"``.
         """
         ys, ps = self._predictions(task, state, model, resolve_device(device), splits)
+        survival = self._survival_release(task, ys, ps, noise_multiplier=0.0, generator=None)
+        if survival is not None:
+            return survival
         return split_metrics(ys, ps, min_count=self.policy.min_count)
 
 
@@ -1121,7 +1260,9 @@ def keep_better_on_validation(
     fallback = {
         f"{keys.PERSONAL_PREFIX}{name}": value
         for name, value in global_metrics.items()
-        if not keys.is_release_metric(name) and not keys.is_personal_metric(name)
+        if not keys.is_release_metric(name)
+        and not keys.is_personal_metric(name)
+        and not keys.is_group_metric(name)
     }
     return {**fallback, keys.M_PERSONAL_OWN: 0.0}
 

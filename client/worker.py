@@ -55,7 +55,7 @@ from flwr.supernode.runtime.run_clientapp import (
     push_task_output,
 )
 
-from fedcare.client.app import handle_evaluate, handle_train, refuse
+from fedcare.client.app import handle_evaluate, handle_secagg, handle_train_message, refuse
 from fedcare.client.deploy import secret_path
 from fedcare.client.site_config import load_site_config
 from fedcare.client.supernode import BUSY_WINDOW_S
@@ -78,7 +78,11 @@ BUSY_POLL_S = 0.05
 _MAX_PHASE = 40
 
 Handler = Callable[..., Message]
-_HANDLERS: dict[str, Handler] = {"train": handle_train, "evaluate": handle_evaluate}
+_HANDLERS: dict[str, Handler] = {
+    "train": handle_train_message,  # handle_train, or secure aggregation's first stage
+    "evaluate": handle_evaluate,
+    keys.MT_SECAGG: handle_secagg,  # secure aggregation's later stages (client/secagg.py)
+}
 
 #: Waits between tries for a message object the SuperNode does not hold yet (it hands out
 #: a task as soon as the message arrives, then fetches the message's objects from the

@@ -50,6 +50,7 @@ __all__ = [
     "TRAIN",
     "EVALUATE",
     "PERSONALIZE",
+    "SECAGG",
     "SERVER_START_KINDS",
     "SERVER_UPDATE_KINDS",
     "SERVER_EVENT_KINDS",
@@ -92,6 +93,10 @@ TRAIN: Final = "train"
 EVALUATE: Final = "evaluate"
 PERSONALIZE: Final = "personalize"
 # a site also writes RUN_START and REFUSED, with data of its own (SITE_ENTRIES)
+SECAGG: Final = "secagg"
+"""A secure-aggregation round (both logs, data of their own): the server's lists the sites
+that answered each stage and the outcome; a site's, the survivors and drop-outs it revealed
+shares for (server/secagg.py, client/secagg.py)."""
 
 SERVER_START_KINDS: Final = (RUN_START, RUN_RESUME)
 """A start of the run in the server's log (each carries the run config and code hash)."""
@@ -217,6 +222,20 @@ SERVER_ENTRIES: Final = _specs(
     *(EntrySpec(kind, _SERVER_EVENT) for kind in SERVER_EVENT_KINDS),
     EntrySpec(AGGREGATE, ("round", "model_sha256", "updates")),
     EntrySpec(RUN_END, ("rounds_completed", "model_sha256")),
+    EntrySpec(
+        SECAGG,
+        (
+            "round",
+            "threshold",
+            "advertised",
+            "shared",
+            "masked",
+            "unmasked",
+            "outcome",
+            "bytes",
+            "seconds",
+        ),
+    ),
 )
 """The server's entries (``server/audit.py`` describes each field)."""
 
@@ -278,5 +297,6 @@ SITE_ENTRIES: Final = _specs(
         ),
     ),
     EntrySpec(REFUSED, ("round", "phase", "code", "reason", "received_sha256", *_SITE_TAG)),
+    EntrySpec(SECAGG, ("round", "node_id", "threshold", "survivors", "dropped", *_SITE_TAG)),
 )
 """A site's entries (``client/audit.py`` describes each field)."""

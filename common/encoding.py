@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedcare.common.errors import ConfigError
-from fedcare.common.spec import EventFeature, Feature, FeatureSchema, TaskSpec
+from fedcare.common.spec import EventFeature, Feature, FeatureSchema, TaskSpec, TimelineSchema
 
 __all__ = [
     "MISSING_SUFFIX",
@@ -18,6 +18,10 @@ __all__ = [
     "encoded_names",
     "task_ehr_features",
     "input_dims",
+    "TIMELINE_KEY",
+    "TIMELINE_CHANNELS",
+    "task_timeline",
+    "timeline_width",
 ]
 
 MISSING_SUFFIX = "__missing"
@@ -54,16 +58,56 @@ def task_ehr_features(schema: FeatureSchema, task: TaskSpec) -> tuple[Feature | 
     return tuple(f for f in every if f.name in wanted)
 
 
-def input_dims(schema: FeatureSchema, task: TaskSpec) -> dict[str, int | tuple[int, int, int]]:
+TIMELINE_KEY = "timeline"
+"""The ``input_dims`` key of a task's timeline: ``(max_length, number of codes)``."""
+
+TIMELINE_CHANNELS: tuple[str, ...] = (
+    "code",
+    "value",
+    "value_present",
+    "gap_before",
+    "time_to_latest",
+    "present",
+)
+"""The per-event channels of an encoded timeline (:mod:`fedcare.client.data.sequences`)."""
+
+
+def task_timeline(schema: FeatureSchema, task: TaskSpec) -> TimelineSchema | None:
+    """The timeline ``task`` reads, or None."""
+    return None if task.timeline is None else schema.timeline(task.timeline)
+
+
+def timeline_width(timeline: TimelineSchema) -> int:
+    """Columns the timeline adds to the end of the EHR vector: ``max_length x channels``.
+
+    >>> from fedcare.common.spec import TimelineCode
+    >>> timeline_width(TimelineSchema(name="vitals", codes=(TimelineCode(code="HR"),),
+    ...                               max_length=8, time_unit="hours"))
+    48
+    """
+    return timeline.max_length * len(TIMELINE_CHANNELS)
+
+
+def input_dims(
+    schema: FeatureSchema, task: TaskSpec
+) -> dict[str, int | tuple[int, int] | tuple[int, int, int]]:
     """Modality -> encoded input size of ``task`` under ``schema``.
 
     EHR: the number of encoded columns; genomics: the number of genes/variants;
-    imaging: ``(1, H, W)``.
+    imaging: ``(1, H, W)``. A task reading a timeline gets its flattened sequence appended
+    to the EHR vector (:func:`timeline_width` more columns) and the key
+    :data:`TIMELINE_KEY` ``-> (max_length, number of codes)``, which tells a model where
+    the sequence starts and how to read it.
     """
-    dims: dict[str, int | tuple[int, int, int]] = {}
+    dims: dict[str, int | tuple[int, int] | tuple[int, int, int]] = {}
     for modality in task.modalities:
         if modality == "ehr":
-            dims["ehr"] = sum(len(encoded_names(f)) for f in task_ehr_features(schema, task))
+            width = sum(len(encoded_names(f)) for f in task_ehr_features(schema, task))
+            timeline = task_timeline(schema, task)
+            if timeline is not None:
+                width += timeline_width(timeline)
+                dims[TIMELINE_KEY] = (timeline.max_length, len(timeline.codes))
+            dims["ehr"] = width
         elif modality == "genomics":
             if schema.genomics is None:
                 raise ConfigError(f"task {task.name!r} reads genomics but the schema has none")

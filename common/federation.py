@@ -39,9 +39,10 @@ class FederationConfig(BaseModel):
     ``audit_key`` is the server's Ed25519 audit signing key (PEM); empty means
     ``<run-dir>/audit/server-key.pem``, created on first use (see ``server/audit.py``).
     ``evaluate_every`` k runs federated evaluation after every k-th round and the last one
-    (round 0 always): each evaluation is one more message per site, which in a deployment
-    means one more ClientApp process, and (where a site releases evaluations with DP) one
-    more charge to its ledger, planned into the run's ε.
+    (round 0 always): each evaluation is one more query per site and (where a site releases
+    evaluations with DP) one more charge to its ledger, planned into the run's ε. Round r's
+    evaluation travels with round r + 1's train message (``server/guard.py``); round 0's and
+    the last round's are messages of their own.
     ``run_signature`` is the centre's signature of the rest (``common/run_signing.py``): a
     deployed site trains only for a run its pinned run-signing key signed.
     The training defaults are the recipe (``client/recipe.py``, with the evidence behind each
@@ -98,6 +99,11 @@ class FederationConfig(BaseModel):
     personalization: Literal[PERSONALIZATIONS] = "none"  # type: ignore[valid-type]
     personal_epochs: int = Field(default=1, ge=1)
     ditto_lambda: float = Field(default=1.0, gt=0)
+    # Secure aggregation (common/secagg.py): the centre sees only the sum of the updates.
+    # secagg-threshold 0: a majority of the round's sites (at least 2); scale: 2^bits.
+    secure_aggregation: bool = False
+    secagg_threshold: int = Field(default=0, ge=0)
+    secagg_scale_bits: int = Field(default=24, ge=1, le=52)
 
     @field_validator("strategy")
     @classmethod
@@ -126,7 +132,27 @@ class FederationConfig(BaseModel):
                 "strategy 'fedprox' needs proximal-mu > 0 (e.g. 0.01; on the command line "
                 "`--set proximal-mu=0.01`)"
             )
+        if self.secure_aggregation and self.strategy != "fedavg":
+            raise ValueError(
+                f"secure-aggregation = true with strategy {self.strategy!r}: the centre then "
+                "sees only the sum of the updates, which only fedavg aggregates (a median, "
+                "trimmed mean, Krum or a server optimizer needs each update). Fix: strategy = "
+                "'fedavg', or secure-aggregation = false"
+            )
+        if self.secure_aggregation and self.secagg_bound <= 0:
+            raise ValueError(
+                "secure-aggregation = true needs a bound on each site's update, which each "
+                "site enforces before masking (the centre can no longer check one update): "
+                "set max-update-norm > 0 (e.g. 10), or use hospital-level DP "
+                "(hospital-dp-noise > 0 bounds updates by hospital-dp-clip)"
+            )
         return self
+
+    @property
+    def secagg_bound(self) -> float:
+        """The L2 bound each site clips its update to before masking (secure aggregation):
+        ``hospital-dp-clip`` with hospital-level DP, else ``max-update-norm``."""
+        return self.hospital_dp_clip if self.hospital_dp_noise > 0 else self.max_update_norm
 
     @classmethod
     def from_run_config(

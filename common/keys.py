@@ -29,6 +29,14 @@ __all__ = [
     "CFG_SCHEMA",
     "CFG_AUDIT_HEAD",
     "CFG_AUDIT_KEY",
+    "CFG_EVALUATE_ROUND",
+    "REC_EVAL_METRICS",
+    "REC_EVAL_SITE",
+    "REC_EVAL_REFUSAL",
+    "REC_TRAIN_REFUSAL",
+    "S_EVALUATED_ROUND",
+    "F_CODE",
+    "F_REASON",
     "REC_SITE",
     "S_SITE_ID",
     "S_DP",
@@ -70,11 +78,42 @@ __all__ = [
     "bin_offset_key",
     "RELEASE_METRICS",
     "is_release_metric",
+    "R_GROUP",
+    "R_GAP",
+    "GROUP_METRICS",
+    "GAP_METRICS",
+    "MAX_GROUP_INDEX",
+    "group_prefix",
+    "gap_key",
+    "is_group_metric",
+    "is_group_release_metric",
     "PERSONAL_PREFIX",
     "M_PERSONAL_OWN",
     "is_personal_metric",
     "ALLOWED_REPLY_METRICS",
     "is_allowed_metric",
+    "MT_SECAGG",
+    "REC_SECAGG",
+    "SA_STAGE",
+    "SA_ADVERTISE",
+    "SA_SHARE_KEYS",
+    "SA_MASKED_INPUT",
+    "SA_UNMASK",
+    "SA_ROUND",
+    "SA_THRESHOLD",
+    "SA_NODES",
+    "SA_ENC_KEY",
+    "SA_MASK_KEY",
+    "SA_COMMITMENT",
+    "SA_SIGNATURE",
+    "SA_SITE_KEY",
+    "SA_BOXES",
+    "SA_WEIGHT",
+    "SA_SURVIVORS",
+    "SA_DROPPED",
+    "SA_KINDS",
+    "SA_SHARES",
+    "SA_MASKED",
 ]
 
 # Run-config keys live in common/federation.py (FederationConfig); the run id also travels
@@ -99,6 +138,21 @@ CFG_SCHEMA = "schema"  # the federation's feature schema (JSON), to name what di
 # logs it, so cutting entries off the server's log shows (common/audit.py).
 CFG_AUDIT_HEAD = "server-audit-head"
 CFG_AUDIT_KEY = "server-audit-key"  # the fingerprint of the key the server's log is signed with
+# An evaluation folded into a training message (server/guard.py): the train message of round
+# r + 1 carries CFG_EVALUATE_ROUND = r, and the site evaluates the model it received (the
+# global model after round r) before it trains. Its reply carries that evaluation under
+# REC_EVAL_METRICS + REC_EVAL_SITE (the records an evaluate reply has as "metrics" and "site",
+# the site record naming S_EVALUATED_ROUND), or REC_EVAL_REFUSAL when the site refused it;
+# where the training is refused after the evaluation, REC_TRAIN_REFUSAL replaces the update.
+# A refusal record holds F_CODE (an ERR_* code) and F_REASON ("<site-id>: <why>").
+CFG_EVALUATE_ROUND = "evaluate-round"
+REC_EVAL_METRICS = "evaluate-metrics"
+REC_EVAL_SITE = "evaluate-site"
+REC_EVAL_REFUSAL = "evaluate-refusal"
+REC_TRAIN_REFUSAL = "train-refusal"
+S_EVALUATED_ROUND = "evaluated-round"
+F_CODE = "code"
+F_REASON = "reason"
 
 # The "site" ConfigRecord of a reply: who answered, and the privacy state of its dataset.
 S_SITE_ID = "site-id"
@@ -142,6 +196,7 @@ SITE_INFO_KEYS = frozenset(
         S_EVALUATION,
         S_AUDIT_KEY,
         S_AUDIT_HEAD,
+        S_EVALUATED_ROUND,
     }
 )
 
@@ -182,6 +237,11 @@ TASK_METRICS = (
     "loss",
     "n",
     "threshold",
+    # A survival task's (fedcare.models.survival; fedcare.models.survival_metrics): Harrell's
+    # C-index, the time-dependent AUC's KM-weighted mean, the integrated Brier score.
+    "c_index",
+    "td_auc",
+    "ibs",
 )
 
 # An evaluation release (models/evaluation.py): per split, the noisy sums the server adds up
@@ -219,9 +279,80 @@ ALLOWED_REPLY_METRICS = frozenset(
 )
 
 
+# Per-group evaluation (models/fairness.py): for a group attribute ``<a>`` of the schema
+# (``[[schema.groups]]``, a name of ``[a-z][a-z0-9_]*``) and its group index ``<g>`` (the
+# schema's order, the ``unknown`` group last), ``<split>.group.<a>.<g>.<metric>`` is a metric
+# of that group's patients (GROUP_METRICS), ``<split>.group.<a>.<g>.<sum>`` its release's
+# noisy sums (as a split's: hist.<b>.<y>, bin_offset.<b>, loss_sum, brier_sum), and
+# ``<split>.gap.<a>.<metric>`` the largest difference of a metric across the released groups
+# (GAP_METRICS). The group indices and bins are bounded: MAX_GROUP_INDEX, HIST_MAX_BINS.
+R_GROUP = "group"
+R_GAP = "gap"
+#: ``tpr``/``fpr``: at the evaluation's decision threshold; ``calibration_error``: the mean
+#: predicted probability minus the observed rate of positives (calibration in the large).
+GROUP_METRICS = (
+    "n",
+    "auroc",
+    "tpr",
+    "fpr",
+    "ece",
+    "brier",
+    "mean_predicted",
+    "observed",
+    "calibration_error",
+)
+GAP_METRICS = ("auroc", "tpr", "fpr", "ece", "calibration_error")
+MAX_GROUP_INDEX = 16  # common.spec.MAX_GROUPS groups, then "unknown"
+_ATTR = r"[a-z][a-z0-9_]{0,31}"
+_INDEX = r"(0|[1-9][0-9]?)"
+_SPLIT = "|".join(EVAL_SPLITS)
+_GROUP_PREFIX = rf"({_SPLIT})\.{R_GROUP}\.{_ATTR}\.(?P<g>{_INDEX})\."
+_GROUP_DERIVED = re.compile(rf"{_GROUP_PREFIX}({'|'.join(GROUP_METRICS)})")
+_GROUP_RELEASE = re.compile(
+    rf"{_GROUP_PREFIX}({R_HIST}\.(?P<b>{_INDEX})\.[01]|{R_BIN_OFFSET}\.(?P<o>{_INDEX})"
+    rf"|{R_LOSS_SUM}|{R_BRIER_SUM})"
+)
+_GAP = re.compile(rf"({_SPLIT})\.{R_GAP}\.{_ATTR}\.({'|'.join(GAP_METRICS)})")
+
+
+def group_prefix(split: str, attribute: str, g: int) -> str:
+    """``<split>.group.<attribute>.<g>``: the start of every key of one group's numbers."""
+    return f"{split}.{R_GROUP}.{attribute}.{g}"
+
+
+def gap_key(split: str, attribute: str, metric: str) -> str:
+    """``<split>.gap.<attribute>.<metric>``: the largest difference across the groups."""
+    return f"{split}.{R_GAP}.{attribute}.{metric}"
+
+
+def _group_key_match(pattern: re.Pattern[str], name: str) -> bool:
+    match = pattern.fullmatch(name)
+    if match is None:
+        return False
+    bins = [match.groupdict().get(k) for k in ("b", "o")]
+    return int(match["g"]) <= MAX_GROUP_INDEX and all(
+        b is None or int(b) < HIST_MAX_BINS for b in bins
+    )
+
+
+def is_group_release_metric(name: str) -> bool:
+    """Whether ``name`` is one of a group's release sums (``test.group.sex.0.hist.3.1``)."""
+    return _group_key_match(_GROUP_RELEASE, name)
+
+
+def is_group_metric(name: str) -> bool:
+    """Whether ``name`` is a per-group metric, its release sums or a gap across groups."""
+    return (
+        _group_key_match(_GROUP_DERIVED, name)
+        or is_group_release_metric(name)
+        or _GAP.fullmatch(name) is not None
+    )
+
+
 def is_release_metric(name: str) -> bool:
-    """Whether ``name`` is one of an evaluation release's sums (not a derived metric)."""
-    return name in RELEASE_METRICS
+    """Whether ``name`` is one of an evaluation release's sums (not a derived metric), a
+    split's or a group's."""
+    return name in RELEASE_METRICS or is_group_release_metric(name)
 
 
 def is_personal_metric(name: str) -> bool:
@@ -230,8 +361,36 @@ def is_personal_metric(name: str) -> bool:
 
 
 def is_allowed_metric(name: str) -> bool:
-    """Whether a site may send a metric called ``name``."""
-    return name in ALLOWED_REPLY_METRICS
+    """Whether a site may send a metric called ``name`` (:data:`ALLOWED_REPLY_METRICS`, or a
+    per-group key of :func:`is_group_metric`)."""
+    return name in ALLOWED_REPLY_METRICS or is_group_metric(name)
+
+
+# Secure aggregation (common/secagg.py; server/secagg.py drives it, client/secagg.py
+# answers). Stage 1 rides on the train message as a REC_SECAGG record; stages 2-4 are
+# messages of type MT_SECAGG. Every value lives in the REC_SECAGG ConfigRecord.
+MT_SECAGG = "query.secagg"
+REC_SECAGG = "secagg"
+SA_STAGE = "stage"
+SA_ADVERTISE = "advertise"
+SA_SHARE_KEYS = "share-keys"
+SA_MASKED_INPUT = "masked-input"
+SA_UNMASK = "unmask"
+SA_ROUND = "round"
+SA_THRESHOLD = "threshold"
+SA_NODES = "nodes"  # node ids, in the order of every list beside them
+SA_ENC_KEY = "enc-key"
+SA_MASK_KEY = "mask-key"
+SA_COMMITMENT = "seed-commitment"
+SA_SIGNATURE = "signature"  # the site key's Ed25519 signature of its advertised keys
+SA_SITE_KEY = "site-key"  # the site key's public half (its audit key)
+SA_BOXES = "boxes"  # AES-GCM ciphertexts of shares, one per node of SA_NODES
+SA_WEIGHT = "weight"
+SA_SURVIVORS = "survivors"
+SA_DROPPED = "dropped"
+SA_KINDS = "kinds"
+SA_SHARES = "shares"
+SA_MASKED = "masked"
 
 
 # A refusal's reason may end with the site's ledger ε: a Flower error reply carries only a

@@ -17,6 +17,7 @@ A run directory (``fedcare simulate --out DIR``, or a deployment's ``run-dir``):
     audit/server.jsonl     the server's signed audit log                 SERVER_AUDIT_LOG
     audit/server-key.pem   its signing key (a deployment keeps it out)   SERVER_AUDIT_KEY
     audit/attacks.json     the membership-inference results              ATTACKS_NAME
+    model_card.html        the model card (fedcare report model)         MODEL_CARD_NAME
     sites/                 synthesized site folders (simulations)        SITES_DIR
     state/                 the simulated sites' state folders            STATE_DIR
     baseline-ledgers/      the local-only baseline's throwaway ledgers   BASELINE_LEDGERS_DIR
@@ -54,6 +55,7 @@ __all__ = [
     "SERVER_AUDIT_LOG",
     "SERVER_AUDIT_KEY",
     "ATTACKS_NAME",
+    "MODEL_CARD_NAME",
     "SITES_DIR",
     "STATE_DIR",
     "BASELINE_LEDGERS_DIR",
@@ -77,6 +79,7 @@ PLOTS_DIR: Final = "plots"
 SERVER_AUDIT_LOG: Final = "audit/server.jsonl"
 SERVER_AUDIT_KEY: Final = "audit/server-key.pem"
 ATTACKS_NAME: Final = "audit/attacks.json"
+MODEL_CARD_NAME: Final = "model_card.html"
 SITES_DIR: Final = "sites"
 STATE_DIR: Final = "state"
 BASELINE_LEDGERS_DIR: Final = "baseline-ledgers"

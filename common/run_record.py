@@ -16,9 +16,11 @@ Every one of them reads it through :class:`RunRecord`. The full reference is
                                                           sample_rate, steps}]},
                       metrics: {name: value}, personal_metrics: {name: value}}},
     rounds: [{round, metrics: {name: value}, sites: {site_id: {name: value}},
-              personal: {site_id: {name: value}}}],
+              personal: {site_id: {name: value}},
+              calibration: [{bin, mean_predicted, observed, n}]}],
     events: [{round, site_id, kind, detail}],
-    nodes: {Flower node id: site_id}
+    nodes: {Flower node id: site_id},
+    groups: [{name, column, labels}]
 
 A round's ``sites`` hold each site's evaluation metrics (``<split>.<metric>``) and what the
 server measured of its update: ``update-norm``, ``num-examples``, ``train-loss`` and the ε
@@ -26,7 +28,10 @@ the site reported (``epsilon``, ``run-epsilon``).
 
 fedcare writes this file itself, so every model here rejects unknown keys. Versions:
 
-* 2 (:data:`RECORD_VERSION`): written now; every field present.
+* 3 (:data:`RECORD_VERSION`): written now; every field present. Adds ``groups`` (the
+  federation's group attributes, :class:`~fedcare.common.summary.GroupInfo`) and each
+  round's ``calibration`` (the global test calibration curve).
+* 2: as 3 without ``groups`` and ``calibration`` (read as ``[]``).
 * 1: fedcare before this module, whose records carry no ``record_version`` (a file, or the
   record inside a checkpoint of that fedcare). Still read (:data:`OLDER_READABLE_VERSIONS`):
   it lacks ``personalization`` (read as ``none``: that fedcare kept no personal models) and,
@@ -43,7 +48,7 @@ Examples
 ... )
 >>> record.round_entry(1).metrics["test.auroc"] = 0.71
 >>> record.rounds_completed, record.to_dict()["record_version"]
-(1, 2)
+(1, 3)
 >>> RunRecord.from_dict(record.to_dict(), source="r1").rounds[0].metrics
 {'test.auroc': 0.71}
 """
@@ -60,8 +65,10 @@ from fedcare.common.errors import ConfigError, format_validation_error
 from fedcare.common.files import read_json_file, write_private_atomic
 from fedcare.common.run_files import RECORD_NAME
 from fedcare.common.summary import (
+    CalibrationBin,
     EvaluationMode,
     Event,
+    GroupInfo,
     Mechanism,
     Metrics,
     NoiseSource,
@@ -82,9 +89,9 @@ __all__ = [
     "write_run_record",
 ]
 
-RECORD_VERSION: Final = 2
+RECORD_VERSION: Final = 3
 #: Versions :meth:`RunRecord.from_dict` still reads (see the module docstring).
-OLDER_READABLE_VERSIONS: Final = (1,)
+OLDER_READABLE_VERSIONS: Final = (1, 2)
 
 #: Run-config value types (Flower's run config: flat, scalar values).
 ConfigValue = bool | int | float | str
@@ -166,6 +173,8 @@ class RoundRecord(_Record):
     ``num-examples``, ``train-loss``, ``epsilon``, ``run-epsilon``)."""
     personal: dict[str, Metrics] = Field(default_factory=dict)
     """Site id -> its personalized model's metrics this round (empty without any)."""
+    calibration: list[CalibrationBin] = Field(default_factory=list)
+    """The global model's test calibration curve this round (from the pooled release)."""
 
 
 class OptimizerReset(_Record):
@@ -180,7 +189,7 @@ class OptimizerReset(_Record):
 class RunRecord(_Record):
     """The whole ``server_record.json`` (version :data:`RECORD_VERSION`)."""
 
-    record_version: Literal[2] = RECORD_VERSION
+    record_version: Literal[3] = RECORD_VERSION
     """Version of this record's shape."""
     run_id: str = Field(min_length=1)
     """The run's id."""
@@ -210,6 +219,8 @@ class RunRecord(_Record):
     """Refusals, failures, drop-outs, rejections and skipped rounds, in order."""
     nodes: dict[str, str] = Field(default_factory=dict)
     """Flower node id (as a string) -> the site id it reported."""
+    groups: list[GroupInfo] = Field(default_factory=list)
+    """The federation's group attributes (its schema's ``[[schema.groups]]``)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RunRecord:
@@ -327,6 +338,8 @@ class RunRecord(_Record):
             )
         if version == 1:
             raw = _from_version_1(raw)
+        elif version == 2:
+            raw = {**raw, "record_version": RECORD_VERSION}  # 2 lacks only ``groups``
         try:
             return cls.model_validate(raw)
         except ValidationError as e:

@@ -41,11 +41,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from fedcare.common.errors import ConfigError, format_validation_error
 from fedcare.common.tomlcompat import tomllib
@@ -57,6 +66,12 @@ __all__ = [
     "EventFeature",
     "GenomicsSchema",
     "ImagingSchema",
+    "GroupAttribute",
+    "MAX_GROUP_ATTRIBUTES",
+    "MAX_GROUPS",
+    "TimelineCode",
+    "TimelineSchema",
+    "TIME_UNIT_SECONDS",
     "FeatureSchema",
     "EHRFiles",
     "ImagingFiles",
@@ -158,13 +173,172 @@ class ImagingSchema(_Frozen):
         return self
 
 
+TimeUnit = Literal["seconds", "minutes", "hours", "days", "weeks"]
+
+#: Seconds per :data:`TimeUnit` (ISO-8601 event times are converted with these).
+TIME_UNIT_SECONDS: dict[str, float] = {
+    "seconds": 1.0,
+    "minutes": 60.0,
+    "hours": 3600.0,
+    "days": 86400.0,
+    "weeks": 604800.0,
+}
+
+
+class TimelineCode(_Frozen):
+    """One event code a timeline keeps, and the constants that standardise its values.
+
+    A value ``v`` is encoded as ``clip((v - center) / scale, -value_clip, value_clip)``.
+    The constants are part of the shared schema (declared, e.g. from reference ranges),
+    never fitted on one site's patients: every site encodes identically and nothing about
+    a site's patients is needed to build the model.
+    """
+
+    code: str = Field(min_length=1)
+    center: float = 0.0
+    scale: float = Field(default=1.0, gt=0)
+    unit: str | None = None
+    description: str | None = None
+
+
+class TimelineSchema(_Frozen):
+    """``[[schema.timelines]]``: a patient's event stream kept as a sequence.
+
+    ``codes`` are the event codes kept (in this order they are numbered 1, 2, ...; other
+    codes are left out); a patient's ``max_length`` most recent events with those codes
+    are kept, in time order. ``time_unit`` is the unit of the events table's numeric times
+    (ISO-8601 datetimes are converted into it); a time gap ``dt`` is encoded as
+    ``log1p(dt / time_scale)``. See :mod:`fedcare.client.data.sequences`.
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    codes: tuple[TimelineCode, ...] = Field(min_length=1)
+    max_length: int = Field(ge=1, le=1024)
+    time_unit: TimeUnit
+    time_scale: float = Field(default=1.0, gt=0)
+    value_clip: float = Field(default=5.0, gt=0)
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TimelineSchema:
+        codes = [c.code for c in self.codes]
+        dupes = sorted({c for c in codes if codes.count(c) > 1})
+        if dupes:
+            raise ValueError(
+                f"timeline {self.name!r} lists code(s) {', '.join(dupes)} more than once; "
+                "list each code once"
+            )
+        return self
+
+
+MAX_GROUP_ATTRIBUTES = 8
+"""The most ``[[schema.groups]]`` a schema may declare (each one a Gaussian release more per
+private evaluation of a task that reports it, see :mod:`fedcare.models.fairness`)."""
+
+MAX_GROUPS = 16
+"""The most groups one attribute may have (its categories, or its cut points + 1)."""
+
+
+class GroupAttribute(_Frozen):
+    """``[[schema.groups]]``: a patient attribute that evaluation reports metrics per group of.
+
+    ``column`` is an EHR feature of the schema. A ``categorical`` one has a group per
+    category, a ``binary`` one the groups ``0`` and ``1``; a ``numeric`` one is cut into bands
+    at the strictly increasing ``cuts`` (a patient with ``cuts[i-1] <= value < cuts[i]`` is in
+    band ``i``). ``labels`` optionally renames the groups (one per group, in order). A patient
+    whose value is missing is in a last group, ``unknown``, which every release carries too
+    (so the groups always partition the patients). The schema holds which groups exist,
+    never who is in them.
+
+    Examples
+    --------
+    >>> GroupAttribute(name="age_band", column="age", cuts=(50, 70)).group_labels(None)
+    ('<50', '50-70', '>=70')
+    """
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    column: str = Field(min_length=1)
+    cuts: tuple[float, ...] | None = None
+    labels: tuple[str, ...] | None = None
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> GroupAttribute:
+        if self.cuts is not None:
+            if not self.cuts or any(not math.isfinite(c) for c in self.cuts):
+                raise ValueError(f"group {self.name!r}: 'cuts' must be finite numbers")
+            if any(b <= a for a, b in zip(self.cuts, self.cuts[1:], strict=False)):
+                raise ValueError(
+                    f"group {self.name!r}: cuts {list(self.cuts)} must be strictly increasing"
+                )
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"group {self.name!r} lists a label twice")
+        return self
+
+    def group_labels(self, feature: Feature | None) -> tuple[str, ...]:
+        """The attribute's groups in order (without the final ``unknown``)."""
+        if self.labels is not None:
+            return self.labels
+        if self.cuts is not None:
+            c = [f"{x:g}" for x in self.cuts]
+            middle = (f"{a}-{b}" for a, b in zip(c, c[1:], strict=False))
+            return (f"<{c[0]}", *middle, f">={c[-1]}")
+        if feature is not None and feature.kind == "categorical" and feature.categories:
+            return feature.categories
+        return ("0", "1")
+
+
+def _check_groups(groups: Sequence[GroupAttribute], ehr: Sequence[Feature]) -> None:
+    """Each ``[[schema.groups]]`` reads an EHR feature the way its kind allows."""
+    if len(groups) > MAX_GROUP_ATTRIBUTES:
+        raise ValueError(
+            f"[[schema.groups]] declares {len(groups)} attributes; at most "
+            f"{MAX_GROUP_ATTRIBUTES} (each costs a private release per evaluation)"
+        )
+    names = [g.name for g in groups]
+    if len(set(names)) != len(names):
+        raise ValueError("two [[schema.groups]] share a name")
+    features = {f.name: f for f in ehr}
+    for g in groups:
+        feature = features.get(g.column)
+        if feature is None:
+            raise ValueError(
+                f"group {g.name!r} reads column {g.column!r}, which is not a [[schema.ehr]] "
+                f"feature (EHR features: {', '.join(features) or 'none'})"
+            )
+        if feature.kind == "numeric" and g.cuts is None:
+            raise ValueError(
+                f"group {g.name!r}: column {g.column!r} is numeric; give its bands' 'cuts', "
+                "e.g. cuts = [50, 70]"
+            )
+        if feature.kind != "numeric" and g.cuts is not None:
+            raise ValueError(
+                f"group {g.name!r}: column {g.column!r} is {feature.kind}; only a numeric "
+                "column takes 'cuts' (its groups are its categories)"
+            )
+        n = len(g.cuts) + 1 if g.cuts is not None else len(g.group_labels(feature))
+        if g.labels is not None and len(g.labels) != n:
+            raise ValueError(
+                f"group {g.name!r} has {n} groups but {len(g.labels)} labels; give one "
+                "label per group"
+            )
+        if n > MAX_GROUPS:
+            raise ValueError(f"group {g.name!r} has {n} groups; at most {MAX_GROUPS}")
+
+
 class FeatureSchema(_Frozen):
-    """The federation-wide feature schema; fixes every encoded vector's width and order."""
+    """The federation-wide feature schema; fixes every encoded vector's width and order.
+
+    ``groups`` (``[[schema.groups]]``) are the patient attributes evaluation may report
+    per-group metrics of (:class:`GroupAttribute`).
+    """
 
     ehr: tuple[Feature, ...] = ()
     events: tuple[EventFeature, ...] = ()
     genomics: GenomicsSchema | None = None
     imaging: ImagingSchema | None = None
+    timelines: tuple[TimelineSchema, ...] = ()
+    groups: tuple[GroupAttribute, ...] = ()
 
     @model_validator(mode="after")
     def _unique_names(self) -> FeatureSchema:
@@ -172,7 +346,46 @@ class FeatureSchema(_Frozen):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"schema names a feature more than once: {', '.join(dupes)}")
+        timelines = [t.name for t in self.timelines]
+        if len(set(timelines)) != len(timelines):
+            raise ValueError("two [[schema.timelines]] share a name")
+        _check_groups(self.groups, self.ehr)
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_empty_timelines(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A schema without timelines dumps (and fingerprints) as it did before they existed.
+        dumped: dict[str, Any] = handler(self)
+        if not self.timelines:
+            dumped.pop("timelines", None)
+        if not self.groups:  # likewise a schema without [[schema.groups]]
+            dumped.pop("groups", None)
+        return dumped
+
+    def group(self, name: str) -> GroupAttribute:
+        """The group attribute called ``name``; a :class:`ConfigError` lists the declared ones."""
+        for g in self.groups:
+            if g.name == name:
+                return g
+        known = ", ".join(g.name for g in self.groups) or "none"
+        raise ConfigError(f"the schema declares no group {name!r} (declared: {known})")
+
+    def group_labels(self, name: str) -> tuple[str, ...]:
+        """The groups of attribute ``name`` in wire order, ``unknown`` (missing value) last."""
+        g = self.group(name)
+        feature = next((f for f in self.ehr if f.name == g.column), None)
+        return (*g.group_labels(feature), "unknown")
+
+    def timeline(self, name: str) -> TimelineSchema:
+        """The timeline called ``name``; a :class:`ConfigError` lists the declared ones."""
+        for timeline in self.timelines:
+            if timeline.name == name:
+                return timeline
+        known = ", ".join(t.name for t in self.timelines) or "none"
+        raise ConfigError(
+            f"the schema declares no timeline {name!r} (declared: {known}); add a "
+            "[[schema.timelines]] entry to site.toml"
+        )
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical schema: equal fingerprints encode identically."""
@@ -199,23 +412,82 @@ class GenomicsFiles(_Frozen):
 
 
 class LabelSpec(_Frozen):
-    """A binary label: ``column`` of ``table``; a row is positive when it equals ``positive``."""
+    """A label: ``column`` of ``table``; a row is positive when it equals ``positive``.
+
+    ``kind = "binary"`` (the default): a binary label. ``kind = "survival"``: a right-censored
+    time to event; ``column`` is then the *event* column (``positive``: the event happened,
+    any other value: censored, and the site's data checks require 0/1 coding),
+    ``time_column`` the time to the event or to censoring (finite, >= 0, in ``time_unit``),
+    and ``cuts`` the increasing interval edges ``t_1 < ... < t_K`` of the discrete-time hazard
+    model (:mod:`fedcare.models.survival`). The cuts belong to the federation's shared spec,
+    like the feature schema: they are chosen from clinical horizons (e.g. yearly), never from
+    one site's times.
+    """
 
     name: str = Field(min_length=1)
     table: str
     column: str
     positive: int | str = 1
     description: str | None = None
+    kind: Literal["binary", "survival"] = "binary"
+    time_column: str | None = None
+    cuts: tuple[float, ...] | None = None
+    time_unit: str | None = None
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> LabelSpec:
+        if self.kind == "binary":
+            extra = [
+                k for k in ("time_column", "cuts", "time_unit") if getattr(self, k) is not None
+            ]
+            if extra:
+                raise ValueError(
+                    f"label {self.name!r} is binary; {', '.join(extra)} belong to a survival "
+                    'label: set kind = "survival" or remove them'
+                )
+            return self
+        if not self.time_column:
+            raise ValueError(
+                f"survival label {self.name!r} needs a 'time_column' (time to event or censoring)"
+            )
+        if self.time_column == self.column:
+            raise ValueError(
+                f"survival label {self.name!r}: the time column and the event column ('column') "
+                "must differ"
+            )
+        cuts = self.cuts or ()
+        if not cuts:
+            raise ValueError(
+                f"survival label {self.name!r} needs 'cuts', the interval edges of the time "
+                "axis (e.g. yearly: [365, 730, 1095])"
+            )
+        if not all(math.isfinite(c) and c > 0 for c in cuts) or any(
+            b <= a for a, b in zip(cuts, cuts[1:], strict=False)
+        ):
+            raise ValueError(
+                f"survival label {self.name!r}: cuts {list(cuts)} must be finite, above 0 and "
+                "strictly increasing"
+            )
+        return self
 
 
 class TaskSpec(_Frozen):
-    """A supervised task: a label and the modalities (and optionally EHR features) it reads."""
+    """A supervised task: a label and the modalities (and optionally EHR features) it reads.
+
+    ``groups`` names ``[[schema.groups]]`` attributes whose per-group metrics every
+    evaluation of the task reports (:mod:`fedcare.models.fairness`).
+
+    ``timeline`` names a ``[[schema.timelines]]`` entry: the task then also reads each
+    patient's event stream as a sequence (part of its EHR input; the task must read ``ehr``).
+    """
 
     name: str = Field(min_length=1)
     label: str
     modalities: tuple[Modality, ...] = Field(min_length=1)
     features: tuple[str, ...] | None = None
     description: str | None = None
+    groups: tuple[str, ...] = ()
+    timeline: str | None = None
 
 
 class SplitSpec(_Frozen):
@@ -292,6 +564,10 @@ class SiteSpec(_Frozen):
             raise ValueError("[ehr] is declared but [[schema.ehr]] lists no feature")
         if self.ehr is not None and self.feature_schema.events and self.ehr.events is None:
             raise ValueError("[[schema.events]] features need an events file: set ehr.events")
+        if self.feature_schema.timelines and (self.ehr is None or self.ehr.events is None):
+            raise ValueError(
+                "[[schema.timelines]] read the events file: declare [ehr] with ehr.events"
+            )
         if self.imaging is not None and self.feature_schema.imaging is None:
             raise ValueError("[imaging] is declared but [schema.imaging] (shape) is missing")
         if self.genomics is not None and self.feature_schema.genomics is None:
@@ -311,12 +587,47 @@ class SiteSpec(_Frozen):
                     f"task {task.name!r} uses label {task.label!r}, which no [[labels]] "
                     f"defines (defined: {', '.join(label_names) or 'none'})"
                 )
+            timelines = [t.name for t in self.feature_schema.timelines]
+            if task.timeline is not None and task.timeline not in timelines:
+                raise ValueError(
+                    f"task {task.name!r} reads timeline {task.timeline!r}, which no "
+                    f"[[schema.timelines]] declares (declared: {', '.join(timelines) or 'none'})"
+                )
+            if task.timeline is not None and "ehr" not in task.modalities:
+                raise ValueError(
+                    f"task {task.name!r} reads timeline {task.timeline!r}, part of the EHR "
+                    "input: add 'ehr' to its modalities"
+                )
             unknown = [f for f in task.features or () if f not in feature_names]
             if unknown:
                 raise ValueError(
                     f"task {task.name!r} names features not in the schema: {', '.join(unknown)}"
                 )
+            self._check_task_groups(task)
         return self
+
+    def _check_task_groups(self, task: TaskSpec) -> None:
+        declared = [g.name for g in self.feature_schema.groups]
+        unknown = [g for g in task.groups if g not in declared]
+        if unknown:
+            raise ValueError(
+                f"task {task.name!r} reports groups no [[schema.groups]] declares: "
+                f"{', '.join(unknown)} (declared: {', '.join(declared) or 'none'})"
+            )
+        if len(set(task.groups)) != len(task.groups):
+            raise ValueError(f"task {task.name!r} lists a group twice")
+        if task.groups and self.ehr is None:
+            raise ValueError(
+                f"task {task.name!r} reports groups, which are read from the EHR table; "
+                "the site declares no [ehr]"
+            )
+        labels = [label for label in self.labels if label.name == task.label]
+        if task.groups and labels and labels[0].kind != "binary":
+            raise ValueError(
+                f"task {task.name!r} reports groups, but its label {task.label!r} is "
+                f"{labels[0].kind}; per-group metrics are computed for binary labels only: "
+                "remove its 'groups'"
+            )
 
     def path_fields(self) -> tuple[tuple[str, str], ...]:
         """Every path this spec names, as ``(field, path)``, in spec order.
@@ -507,6 +818,44 @@ def _imaging_differences(
     return []
 
 
+def _group_differences(
+    a: Sequence[GroupAttribute], b: Sequence[GroupAttribute], a_name: str, b_name: str
+) -> list[str]:
+    mine, theirs = {g.name: g for g in a}, {g.name: g for g in b}
+    out = [
+        f"group {n!r} only in {name}"
+        for x, y, name in ((mine, theirs, a_name), (theirs, mine, b_name))
+        for n in x
+        if n not in y
+    ]
+    for n, g in mine.items():
+        if n in theirs:
+            change = _changed(f"group {n!r}", g, theirs[n], a_name, b_name, skip=("name",))
+            if change is not None:
+                out.append(change)
+    if not out and [g.name for g in a] != [g.name for g in b]:
+        out.append(f"groups in another order in {a_name} and {b_name}")
+    return out
+
+
+def _timeline_differences(
+    a: Sequence[TimelineSchema], b: Sequence[TimelineSchema], a_name: str, b_name: str
+) -> list[str]:
+    mine, theirs = {t.name: t for t in a}, {t.name: t for t in b}
+    out = [
+        f"timeline {n!r} only in {name}"
+        for x, y, name in ((mine, theirs, a_name), (theirs, mine, b_name))
+        for n in x
+        if n not in y
+    ]
+    for n, t in mine.items():
+        if n in theirs:
+            change = _changed(f"timeline {n!r}", t, theirs[n], a_name, b_name, skip=("name",))
+            if change is not None:
+                out.append(change)
+    return out
+
+
 def schema_differences(
     a: FeatureSchema, b: FeatureSchema, *, a_name: str = "a", b_name: str = "b"
 ) -> list[str]:
@@ -533,6 +882,8 @@ def schema_differences(
         *_named_differences("event feature", a.events, b.events, a_name, b_name),
         *_genomics_differences(a.genomics, b.genomics, a_name, b_name),
         *_imaging_differences(a.imaging, b.imaging, a_name, b_name),
+        *_timeline_differences(a.timelines, b.timelines, a_name, b_name),
+        *_group_differences(a.groups, b.groups, a_name, b_name),
     ]
 
 

@@ -1,6 +1,6 @@
 """``summary.json``: the versioned, validated record of one federated run.
 
-Field by field (version 3; the full reference with an example is ``docs/summary-schema.md``)::
+Field by field (version 4; the full reference with an example is ``docs/summary-schema.md``)::
 
     schema_version, run_id, fedcare_version, flwr_version, task, strategy, personalization,
     rounds_planned, rounds_completed,
@@ -8,9 +8,11 @@ Field by field (version 3; the full reference with an example is ``docs/summary-
              privacy: {enabled, epsilon, run_epsilon, delta, accountant, noise, evaluation,
                        mechanisms: [{noise_multiplier, sample_rate, steps}]},
              metrics: {name: value}, personal_metrics: {name: value}}],
-    global: {rounds: [{round, metrics}], final: {name: value}},
+    global: {rounds: [{round, metrics}], final: {name: value},
+             calibration: [{bin, mean_predicted, observed, n}]},
     baselines: {local_only: {site_id: {name: value}}, pooled: {name: value}},
-    events: [{round, site_id, kind, detail}]
+    events: [{round, site_id, kind, detail}],
+    groups: [{name, column, labels}]
 
 A site's ``privacy.epsilon`` is the ε of its dataset's whole ledger history at the end of
 the run, earlier runs included (its *lifetime* ε, δ = ``privacy.delta``);
@@ -21,7 +23,9 @@ this run applied, one per round, so an auditor can recompute ε independently.
 evaluation metrics without DP noise: both only ever for simulated sites, and both are stated
 wherever the run's results are shown. ``status`` is one of
 :data:`SITE_STATUSES`. Metric names are ``<split>.<metric>`` (``test.auroc``); values are
-finite floats, because JSON has no NaN or infinity.
+finite floats, because JSON has no NaN or infinity. Per-group metrics
+(:mod:`fedcare.models.fairness`) are ``<split>.group.<attribute>.<g>.<metric>`` and
+``<split>.gap.<attribute>.<metric>``, where ``g`` indexes ``groups[].labels``.
 
 The JSON key of the global results is ``global``, a Python keyword: the attribute is
 ``RunSummary.global_`` and every dump uses the alias (``serialize_by_alias``), so
@@ -75,21 +79,23 @@ __all__ = [
     "Privacy",
     "SiteResult",
     "RoundMetrics",
+    "CalibrationBin",
     "GlobalResult",
     "Baselines",
     "Event",
+    "GroupInfo",
     "RunSummary",
     "load_summary",
     "write_summary",
 ]
 
 #: The version of the schema this module writes (and reads).
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 #: Older versions :func:`load_summary` still reads: version 1 lacks ``privacy.run_epsilon``,
 #: ``privacy.noise`` and ``privacy.evaluation``, which read as null (not recorded); versions
 #: 1 and 2 lack ``personalization`` and ``sites[].personal_metrics`` (read as ``none`` and
-#: ``{}``: no personal models then).
-OLDER_READABLE_VERSIONS: Final = (1, 2)
+#: ``{}``: no personal models then); versions 1 to 3 lack ``groups`` (read as ``[]``).
+OLDER_READABLE_VERSIONS: Final = (1, 2, 3)
 
 SiteStatus = Literal["completed", "refused", "failed", "diverged", "dropped", "rejected"]
 #: ``completed``: the site's last round went through. ``refused``: the site declined
@@ -233,6 +239,19 @@ class RoundMetrics(_Strict):
     """Patient-weighted mean over the sites of each metric."""
 
 
+class CalibrationBin(_Strict):
+    """One bin of the global model's test calibration curve (from the pooled release)."""
+
+    bin: int = Field(ge=0)
+    """The score bin (of ten equal-width bins of the predicted probability)."""
+    mean_predicted: float = Field(ge=0, le=1)
+    """The bin's mean predicted probability."""
+    observed: float = Field(ge=0, le=1)
+    """The bin's observed rate of positives."""
+    n: float = Field(ge=0)
+    """The bin's (noisy, rounded) patient count."""
+
+
 class GlobalResult(_Strict):
     """The federation's global model, round by round and at the end."""
 
@@ -240,6 +259,9 @@ class GlobalResult(_Strict):
     """One entry per evaluated round, increasing."""
     final: Metrics = Field(default_factory=dict)
     """Metrics of the final global model (those of the last round)."""
+    calibration: tuple[CalibrationBin, ...] = ()
+    """The final global model's test calibration curve (the last round's), bins with a
+    count of at least 1; empty when not evaluated."""
 
     @model_validator(mode="after")
     def _increasing(self) -> GlobalResult:
@@ -271,10 +293,21 @@ class Event(_Strict):
     """The human-readable cause."""
 
 
+class GroupInfo(_Strict):
+    """A group attribute the run's evaluations could report per-group metrics of."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    """The attribute (``[[schema.groups]]`` name), as in ``<split>.group.<name>.<g>.<metric>``."""
+    column: str = Field(min_length=1)
+    """The EHR column its groups are read from."""
+    labels: tuple[str, ...] = Field(min_length=2)
+    """The groups, in index order; the last is ``unknown`` (a missing value)."""
+
+
 class RunSummary(_Strict):
     """The whole ``summary.json`` of one run (schema :data:`SCHEMA_VERSION`)."""
 
-    schema_version: Literal[3] = SCHEMA_VERSION
+    schema_version: Literal[4] = SCHEMA_VERSION
     """Version of this schema; a reader refuses a version it does not know."""
     run_id: str = Field(min_length=1)
     """The run's id."""
@@ -300,6 +333,9 @@ class RunSummary(_Strict):
     """Local-only and pooled reference results."""
     events: tuple[Event, ...] = ()
     """Refusals, drop-outs, rejections and skipped rounds, in order."""
+    groups: tuple[GroupInfo, ...] = ()
+    """The federation's group attributes (``[[schema.groups]]``): what a per-group metric's
+    attribute and group index name."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSummary:
@@ -371,9 +407,14 @@ class RunSummary(_Strict):
                 "global": {
                     "rounds": [{"round": e.round, "metrics": e.metrics} for e in rounds],
                     "final": rounds[-1].metrics if rounds else {},
+                    "calibration": [
+                        c.model_dump(mode="json")
+                        for c in (rounds[-1].calibration if rounds else [])
+                    ],
                 },
                 "baselines": dict(baselines) if baselines else {"local_only": {}, "pooled": {}},
                 "events": [e.model_dump(mode="json") for e in record.events],
+                "groups": [g.model_dump(mode="json") for g in record.groups],
             }
         )
 

@@ -47,6 +47,10 @@ audit_app = typer.Typer(
     help="Privacy audit: verify logs, attack the model, report.", no_args_is_help=True
 )
 app.add_typer(audit_app, name="audit")
+report_app = typer.Typer(
+    help="What a run produced, for its readers: the model card.", no_args_is_help=True
+)
+app.add_typer(report_app, name="report")
 
 
 #: Every command: (group or None for a top-level command, name, "module:function").
@@ -66,6 +70,7 @@ COMMANDS: tuple[tuple[str | None, str, str], ...] = (
     ("audit", "verify", "fedcare.simulations.audit.verify_cli:audit_verify"),
     ("audit", "attack", "fedcare.simulations.audit.attack_cli:audit_attack"),
     ("audit", "report", "fedcare.simulations.audit.report_cli:audit_report"),
+    ("report", "model", "fedcare.simulations.audit.model_card_cli:report_model"),
 )
 _GROUPS = {
     "data": data_app,
@@ -74,6 +79,7 @@ _GROUPS = {
     "server": server_app,
     "site": site_app,
     "audit": audit_app,
+    "report": report_app,
 }
 _mounted: set[tuple[str | None, str]] = set()
 

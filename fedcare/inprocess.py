@@ -124,11 +124,13 @@ def centre_app(run_config: Mapping[str, Any]) -> ServerApp:
 
 def site_app(run_config: Mapping[str, Any]) -> ClientApp:
     """fedcare's ClientApp (``fedcare.client.app:app``), run with ``run_config`` on its
-    ``Context``; it answers the messages fedcare's ClientApp answers (train, evaluate)."""
+    ``Context``; it answers the messages fedcare's ClientApp answers (train, evaluate, and
+    secure aggregation's ``query.secagg`` stages)."""
     app = ClientApp()
     handler = functools.partial(_run_fedcare_site, run_config=dict(run_config))
     app.train()(handler)
     app.evaluate()(handler)
+    app.query("secagg")(handler)
     return app
 
 

@@ -1,6 +1,6 @@
 """Models and tasks: Opacus-valid ``nn.Module``s per modality, a registry, binary metrics.
 
-Importing the package registers every model (``ehr_mlp``, ``imaging_cnn``,
+Importing the package registers every model (``ehr_mlp``, ``imaging_cnn``, ``timeline``,
 ``genomics_mlp``, ``fusion``), then loads the plug-ins that add more models, task kinds or
 strategies (:func:`fedcare.common.plugins.load_plugins`). Build one with
 :func:`build_model`; see :mod:`fedcare.models.registry` for the input convention.
@@ -37,6 +37,7 @@ from fedcare.models.registry import (
     model_info,
     register_model,
 )
+from fedcare.models.survival import SurvivalTask
 from fedcare.models.tasks import (
     BinaryClassification,
     TaskDefinition,
@@ -48,6 +49,7 @@ from fedcare.models.tasks import (
     task_definition,
     task_kind,
 )
+from fedcare.models.timeline import TimelineConfig, TimelineModel
 
 __all__ = [
     # registry
@@ -69,6 +71,8 @@ __all__ = [
     "GenomicsMLPConfig",
     "FusionModel",
     "FusionConfig",
+    "TimelineModel",
+    "TimelineConfig",
     # metrics
     "BINARY_METRICS",
     "MetricInputError",
@@ -83,6 +87,7 @@ __all__ = [
     "log_loss",
     # tasks
     "BinaryClassification",
+    "SurvivalTask",
     "TaskDefinition",
     "TaskKind",
     "available_task_kinds",

@@ -437,7 +437,7 @@ def _number(metrics: Mapping[str, Any], key: str) -> float:
 
 
 def _split_release(metrics: Mapping[str, Any], split: str) -> SplitSums | None:
-    names = [k for k in metrics if keys.is_release_metric(k) and k.startswith(f"{split}.")]
+    names = [k for k in metrics if k in keys.RELEASE_METRICS and k.startswith(f"{split}.")]
     if not names:
         return None
     # Whitelisted names: "<split>.hist.<b>.<y>", "<split>.bin_offset.<b>", "<split>.<sum>".

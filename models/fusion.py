@@ -14,6 +14,10 @@ input is replaced by zeros before encoding (so even NaN placeholders are harmles
 embedding is multiplied by 0. No statistic is shared across the batch, so one patient's
 output never depends on another's (a requirement of per-sample DP clipping).
 
+A task that reads a patient timeline (``input_dims["timeline"]``) gets, as its EHR
+encoder, the static MLP plus the timeline model's attention encoder
+(:class:`~fedcare.models.timeline.TimelineEHREncoder`).
+
 Ghost clipping works (``nn.Linear`` via ghost norms; the CNN's ``Conv2d``/``GroupNorm``
 via per-sample gradients), so ``ghost_norm_only=False`` because of the imaging encoder.
 """
@@ -27,12 +31,14 @@ import torch
 from pydantic import Field, PositiveInt, model_validator
 from torch import nn
 
+from fedcare.common.encoding import TIMELINE_KEY
 from fedcare.common.errors import ConfigError
 from fedcare.common.spec import MODALITIES
 from fedcare.models.ehr_mlp import mlp_trunk
 from fedcare.models.genomics_mlp import genomics_trunk
 from fedcare.models.imaging_cnn import imaging_trunk
 from fedcare.models.registry import HParams, feature_dim, image_shape, register_model
+from fedcare.models.timeline import TimelineEHREncoder, timeline_layout
 
 __all__ = ["FusionConfig", "FusionModel"]
 
@@ -81,6 +87,7 @@ class FusionConfig(HParams):
     multimodal=True,
     ghost_clipping=True,
     ghost_norm_only=False,
+    timeline=True,
 )
 class FusionModel(nn.Module):
     """Masked-mean fusion of per-modality encoders: ``(x_ehr, x_img, x_gen, mask) -> (B,)``.
@@ -139,7 +146,17 @@ class FusionModel(nn.Module):
         """Build one encoder per modality named in ``input_dims``."""
         encoders: dict[str, nn.Module] = {}
         e = config.embed_dim
-        if "ehr" in input_dims:
+        if "ehr" in input_dims and TIMELINE_KEY in input_dims:
+            static, length, n_codes = timeline_layout(input_dims, model="fusion")
+            encoders["ehr"] = TimelineEHREncoder(
+                static_width=static,
+                max_length=length,
+                n_codes=n_codes,
+                static_hidden=config.ehr_hidden,
+                embed_dim=e,
+                dropout=config.dropout,
+            )
+        elif "ehr" in input_dims:
             d = feature_dim(input_dims, "ehr", model="fusion")
             encoders["ehr"] = nn.Sequential(
                 mlp_trunk(d, config.ehr_hidden, config.dropout),

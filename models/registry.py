@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
+from fedcare.common.encoding import TIMELINE_KEY
 from fedcare.common.errors import ConfigError, format_validation_error
 from fedcare.common.spec import MODALITIES
 
@@ -93,6 +94,9 @@ class ModelInfo:
         The pydantic hyper-parameter model; its defaults are the model's default size.
     description:
         First line of the model class's docstring.
+    timeline:
+        ``True`` when the model reads a task's patient timeline (``input_dims["timeline"]``,
+        :mod:`fedcare.common.encoding`); a model that does not is refused such a task.
     """
 
     name: str
@@ -102,6 +106,7 @@ class ModelInfo:
     ghost_norm_only: bool
     config_cls: type[HParams]
     description: str
+    timeline: bool = False
 
     def default_hparams(self) -> dict[str, Any]:
         """The default hyper-parameters, as a plain dict."""
@@ -135,6 +140,7 @@ class ModelRegistry:
         ghost_clipping: bool,
         ghost_norm_only: bool,
         multimodal: bool = False,
+        timeline: bool = False,
     ) -> Callable[[M], M]:
         """Class decorator adding a model under ``name``; see :func:`register_model`."""
         if name in self._entries:
@@ -168,6 +174,7 @@ class ModelRegistry:
                 ghost_norm_only=ghost_norm_only,
                 config_cls=config_cls,
                 description=doc[0] if doc else "",
+                timeline=timeline,
             )
             self._entries[name] = _Entry(info=info, cls=cls)
             return cls
@@ -197,10 +204,16 @@ class ModelRegistry:
                 f"input_dims must be a mapping of modality -> shape, got "
                 f"{type(input_dims).__name__}; pass e.g. {{'ehr': 40}}"
             )
-        unknown = sorted(set(input_dims) - set(MODALITIES))
+        unknown = sorted(set(input_dims) - set(MODALITIES) - {TIMELINE_KEY})
         if unknown:
             raise ConfigError(
                 f"input_dims names unknown modalities {unknown}; use keys from {MODALITIES}"
+            )
+        if TIMELINE_KEY in input_dims and not entry.info.timeline:
+            readers = ", ".join(n for n in self.names() if self._entries[n].info.timeline)
+            raise ConfigError(
+                f"model {name!r} cannot read the task's patient timeline; use a model that "
+                f"does ({readers or 'none registered'}), or a task without a timeline"
             )
         try:
             config = entry.info.config_cls(**hparams)
@@ -250,6 +263,7 @@ def register_model(
     ghost_clipping: bool,
     ghost_norm_only: bool,
     multimodal: bool = False,
+    timeline: bool = False,
 ) -> Callable[[M], M]:
     """Register an ``nn.Module`` class under ``name`` in the default registry.
 
@@ -263,6 +277,8 @@ def register_model(
         See :class:`ModelInfo`; the test-suite checks both claims.
     multimodal:
         ``True`` for a ``forward(x_ehr, x_img, x_gen, mask)`` model.
+    timeline:
+        ``True`` for a model that reads a task's patient timeline (see :class:`ModelInfo`).
 
     Returns
     -------
@@ -275,6 +291,7 @@ def register_model(
         ghost_clipping=ghost_clipping,
         ghost_norm_only=ghost_norm_only,
         multimodal=multimodal,
+        timeline=timeline,
     )
 
 

@@ -1,10 +1,10 @@
 """Task definitions: what a model is trained for, its loss, its metrics, its default model.
 
 A *task kind* (:class:`TaskKind`) fixes how model outputs are read: the loss, how logits
-become scores, which metrics describe them. Only ``"binary"`` exists today (every
-:class:`~fedcare.common.spec.LabelSpec` is binary); survival or regression kinds are added by
-subclassing :class:`TaskKind` in a new file and decorating it with
-:func:`register_task_kind` — nothing else changes.
+become scores, which metrics describe them. ``"binary"`` is here; ``"survival"`` (a
+right-censored time to event, :mod:`fedcare.models.survival`) is chosen by a label's
+``kind``; more kinds are added by subclassing :class:`TaskKind` in a new file and
+decorating it with :func:`register_task_kind`.
 
 A :class:`TaskDefinition` binds a site's :class:`~fedcare.common.spec.TaskSpec` (name, label,
 modalities) to a kind and a registered model; :func:`default_model_for` picks the model
@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from numpy.typing import ArrayLike
 from torch import nn
 
 from fedcare.common.errors import ConfigError
-from fedcare.common.spec import MODALITIES, TaskSpec
+from fedcare.common.spec import MODALITIES, LabelSpec, TaskSpec
 from fedcare.models.metrics import BINARY_METRICS, binary_metrics
 from fedcare.models.registry import model_info
 
@@ -72,6 +72,15 @@ class TaskKind(ABC):
     def metric_names(self) -> tuple[str, ...]:
         """Every metric name :meth:`metrics` may return."""
 
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model this kind trains, around a registered model (default: itself).
+
+        A kind whose outputs are not the registered model's one logit (survival's ``K``
+        interval hazards, :mod:`fedcare.models.survival`) adds its head here; every place that
+        builds a task's model (site, server, baselines) calls it.
+        """
+        return model
+
 
 K = TypeVar("K", bound=type[TaskKind])
 
@@ -94,10 +103,11 @@ def available_task_kinds() -> tuple[str, ...]:
     return tuple(sorted(_TASK_KINDS))
 
 
-def task_kind(name: str) -> TaskKind:
-    """A new instance of the task kind ``name``; :class:`ConfigError` if unknown."""
+def task_kind(name: str, **options: Any) -> TaskKind:
+    """A new instance of the task kind ``name`` (``options``: its keyword arguments, e.g.
+    survival's ``cuts``); :class:`ConfigError` if unknown."""
     try:
-        return _TASK_KINDS[name]()
+        return _TASK_KINDS[name](**options)
     except KeyError:
         raise ConfigError(
             f"unknown task kind {name!r}; choose one of: {', '.join(available_task_kinds())}"
@@ -144,6 +154,7 @@ _SINGLE_MODALITY_DEFAULT: dict[str, str] = {
     "genomics": "genomics_mlp",
 }
 _MULTIMODAL_DEFAULT = "fusion"
+_TIMELINE_DEFAULT = "timeline"
 
 
 def canonical_modalities(modalities: Iterable[str]) -> tuple[str, ...]:
@@ -174,19 +185,26 @@ def canonical_modalities(modalities: Iterable[str]) -> tuple[str, ...]:
     return tuple(m for m in MODALITIES if m in mods)
 
 
-def default_model_for(modalities: Iterable[str]) -> str:
+def default_model_for(modalities: Iterable[str], *, timeline: bool = False) -> str:
     """The registered model a task reading ``modalities`` uses by default.
+
+    ``timeline``: the task also reads a patient timeline (``TaskSpec.timeline``); an
+    EHR-only task then uses the ``timeline`` model.
 
     Examples
     --------
     >>> default_model_for(("ehr",))
     'ehr_mlp'
+    >>> default_model_for(("ehr",), timeline=True)
+    'timeline'
     >>> default_model_for(("imaging", "ehr"))
     'fusion'
     """
     mods = canonical_modalities(modalities)
     if len(mods) > 1:
         return _MULTIMODAL_DEFAULT
+    if timeline and mods == ("ehr",):
+        return _TIMELINE_DEFAULT
     return _SINGLE_MODALITY_DEFAULT[mods[0]]
 
 
@@ -216,7 +234,11 @@ class TaskDefinition:
 
 
 def task_definition(
-    spec: TaskSpec, *, model: str | None = None, kind: str = "binary"
+    spec: TaskSpec,
+    *,
+    model: str | None = None,
+    kind: str = "binary",
+    label: LabelSpec | None = None,
 ) -> TaskDefinition:
     """Bind a :class:`~fedcare.common.spec.TaskSpec` to a task kind and a model.
 
@@ -227,7 +249,10 @@ def task_definition(
     model:
         A registered model name; ``None`` picks :func:`default_model_for`.
     kind:
-        A registered task kind.
+        A registered task kind (used when ``label`` is not given).
+    label:
+        The task's label from ``site.toml``: its ``kind`` decides the task kind (a
+        ``"survival"`` label: :class:`fedcare.models.survival.SurvivalTask` over its cuts).
 
     Raises
     ------
@@ -235,7 +260,9 @@ def task_definition(
         Unknown model or kind, or a model that cannot read the task's modalities.
     """
     mods = canonical_modalities(spec.modalities)
-    name = model if model is not None else default_model_for(mods)
+    name = (
+        model if model is not None else default_model_for(mods, timeline=spec.timeline is not None)
+    )
     info = model_info(name)
     missing = [m for m in mods if m not in info.modalities]
     if missing:
@@ -243,6 +270,10 @@ def task_definition(
             f"task {spec.name!r} reads {list(mods)} but model {name!r} cannot read "
             f"{missing}; use model {default_model_for(mods)!r} or drop those modalities"
         )
-    return TaskDefinition(
-        name=spec.name, label=spec.label, modalities=mods, kind=task_kind(kind), model=name
-    )
+    if label is not None and label.name != spec.label:
+        raise ConfigError(f"task {spec.name!r} uses label {spec.label!r}, not {label.name!r}")
+    if label is not None and label.kind == "survival":
+        bound = task_kind("survival", cuts=label.cuts)
+    else:
+        bound = task_kind(kind if label is None else label.kind)
+    return TaskDefinition(name=spec.name, label=spec.label, modalities=mods, kind=bound, model=name)

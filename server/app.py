@@ -40,6 +40,7 @@ from fedcare.server.audit import ServerAudit
 from fedcare.server.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from fedcare.server.grid import prompt
 from fedcare.server.guard import GuardedStrategy
+from fedcare.server.secagg import SecureGrid
 from fedcare.server.strategies import build_strategy, restore_optimizer_state
 from fedcare.server.summary import build_summary
 
@@ -63,10 +64,11 @@ def federation_spec(cfg: FederationConfig) -> SiteSpec:
 def initial_state(cfg: FederationConfig, spec: SiteSpec) -> tuple[str, dict[str, torch.Tensor]]:
     """The model name and its seeded initial weights, from the schema alone."""
     task = spec.task(cfg.task)
-    name = cfg.model or default_model_for(task.modalities)
-    task_definition(task, model=name)
+    name = cfg.model or default_model_for(task.modalities, timeline=task.timeline is not None)
+    definition = task_definition(task, model=name, label=spec.label(task.label))
     dims = input_dims(spec.feature_schema, task)
     model = build_model(name, input_dims=dims, generator=torch.Generator().manual_seed(cfg.seed))
+    model = definition.kind.wrap(model)  # a survival task's K interval hazards on top
     return name, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -124,6 +126,8 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> RunRecord:
     else:
         audit.run_start(cfg, model=model_name, model_sha256=start_sha256)
     remaining = cfg.num_server_rounds - offset
+    if cfg.secure_aggregation:  # the centre sees only the sum of the updates (server/secagg.py)
+        grid = SecureGrid(grid, cfg=cfg, audit=audit)
     if remaining > 0:
         n_sites = _wait_for_sites(grid, cfg)
         strategy = build_strategy(cfg, n_sites=n_sites)

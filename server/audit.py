@@ -281,3 +281,8 @@ class ServerAudit:
     def run_end(self, *, rounds_completed: int, model_sha256: str) -> None:
         data = {"rounds_completed": rounds_completed, "model_sha256": model_sha256}
         self._append(kinds.RUN_END, data)
+
+    def secagg(self, rnd: int, *, data: Mapping[str, Any]) -> None:
+        """A secure-aggregation round: the sites that answered each stage, the outcome
+        (``server/secagg.py``)."""
+        self._append(kinds.SECAGG, {"round": rnd, **data})

@@ -13,6 +13,15 @@ what a hospital federation needs on every round:
 * federated evaluation keeps each site's metrics; the global metrics are those of the sum
   of the sites' (noisy) evaluation releases, validated first (a malformed one is recorded
   and left out), or a patient-weighted mean where a site sent no release;
+* round r's evaluation travels with round r + 1's train message (whose model is the global
+  model after round r): the message asks for it (``keys.CFG_EVALUATE_ROUND``), each site
+  evaluates before it trains, and its reply carries the evaluation in records of its own,
+  which the guard takes out, checks and records under round r before it checks the update.
+  A deployed round is then one message exchange, not two. Only round 0 (the initial model)
+  and the last round are evaluated by evaluate messages of their own; with
+  ``evaluate-every`` k, only rounds that evaluate fold it. A reply without the evaluation it
+  was asked for, with another round's, or with a malformed one is recorded as a failed
+  evaluation of that site; its update is judged on its own;
 * after every round the global model, the run record and the server optimizer's state
   (FedAdam's and FedYogi's moments; ``server/strategies.py``) are checkpointed atomically,
   in one file, and a progress line is appended to ``progress.jsonl``
@@ -49,12 +58,19 @@ from fedcare.common.errors import UpdateRejected
 from fedcare.common.federation import FederationConfig
 from fedcare.common.packed_arrays import is_packed, layout_of, pack_record, unpack_record
 from fedcare.common.run_record import RunRecord
-from fedcare.common.summary import ALL_SITES, EvaluationMode, EventKind, NoiseSource
+from fedcare.common.spec import FeatureSchema
+from fedcare.common.summary import ALL_SITES, EvaluationMode, EventKind, GroupInfo, NoiseSource
 from fedcare.models.evaluation import (
     SplitSums,
     metrics_from_release,
     releases_from_wire,
     threshold_from_release,
+)
+from fedcare.models.fairness import (
+    declared_groups,
+    global_calibration,
+    global_fairness_metrics,
+    group_releases_from_wire,
 )
 from fedcare.server.audit import ServerAudit, record_sha256
 from fedcare.server.recorder import DPReport, EndStatus, RunRecorder, TrainReport
@@ -181,6 +197,11 @@ class GuardedStrategy(Strategy):
         self._sent_packed = False
         self._expected: set[int] = set()
         self._skip_evaluation = False
+        #: Per-group releases (models/fairness.py) of a round's evaluation, until pooled.
+        self._group_releases: dict[int, dict[str, dict[tuple[str, str, int], SplitSums]]] = {}
+        self._groups_declared: tuple[dict[str, int], list[GroupInfo]] | None = None
+        #: The (absolute) round whose evaluation this round's train messages ask for.
+        self._folded: int | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -196,7 +217,10 @@ class GuardedStrategy(Strategy):
         return self.recorder.site_of(node_id)
 
     def _event(self, server_round: int, site_id: str, kind: EventKind, detail: str) -> None:
-        rnd = self.absolute(server_round)
+        self._event_at(self.absolute(server_round), site_id, kind, detail)
+
+    def _event_at(self, rnd: int, site_id: str, kind: EventKind, detail: str) -> None:
+        """:meth:`_event` for an absolute round ``rnd``."""
         self.recorder.event(rnd, site_id=site_id, kind=kind, detail=detail)
         log.warning("round %s: site %s %s: %s", rnd, site_id, kind, detail)
         if self.audit is not None and kind in _AUDITED_EVENTS:
@@ -225,18 +249,31 @@ class GuardedStrategy(Strategy):
             self.audit.round_start(
                 self.absolute(server_round), model_sha256=hash_arrays(self._reference)
             )
+        config = self._with_round(config, server_round)
+        before = self.absolute(server_round) - 1
+        # The round before's evaluation goes with this round's model (the one it evaluates).
+        self._folded = before if self.folds_evaluation(before) else None
+        if self._folded is not None:
+            config[keys.CFG_EVALUATE_ROUND] = self._folded
         messages = list(
-            self.strategy.configure_train(
-                self.absolute(server_round), arrays, self._with_round(config, server_round), grid
-            )
+            self.strategy.configure_train(self.absolute(server_round), arrays, config, grid)
         )
         self._expected = {m.metadata.dst_node_id for m in messages}
         return messages
+
+    def folds_evaluation(self, rnd: int) -> bool:
+        """Whether round ``rnd``'s evaluation goes with round ``rnd + 1``'s train message:
+        every round the run evaluates after (``evaluation_rounds``) but round 0 (evaluated
+        before training starts) and the last (no round follows it)."""
+        return 1 <= rnd < self.cfg.num_server_rounds and rnd in self.cfg.evaluation_rounds
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        folded, self._folded = self._folded, None
+        if folded is not None:
+            self._aggregate_folded(folded, replies)
         lost = {
             r.metadata.src_node_id: r.error.reason
             for r in replies
@@ -248,11 +285,22 @@ class GuardedStrategy(Strategy):
             node = reply.metadata.src_node_id
             if reply.has_error() and reply.error.code in _UNREACHABLE:
                 continue  # Flower answered for a site that went offline: a drop-out, below
+            refusal: tuple[int, str] | None = None
             if reply.has_error():
-                text, epsilon, delta = keys.ledger_epsilon(reply.error.reason or "")
+                refusal = int(reply.error.code), reply.error.reason or ""
+            elif keys.REC_TRAIN_REFUSAL in reply.content:  # after a folded evaluation
+                try:
+                    refusal = _train_refusal(reply)
+                except (KeyError, TypeError, ValueError) as e:
+                    site_id = self._site_of(node)
+                    detail = f"malformed reply ({type(e).__name__}: {str(e)[:200]})"
+                    self._reject(server_round, site_id, node, None, detail, None)
+                    continue
+            if refusal is not None:
+                text, epsilon, delta = keys.ledger_epsilon(refusal[1])
                 site_id, reason = _split_reason(text, self._site_of(node))
                 self.recorder.node_is(node, site_id)
-                status = _STATUS_OF_CODE.get(int(reply.error.code), kinds.REFUSED)
+                status = _STATUS_OF_CODE.get(refusal[0], kinds.REFUSED)
                 # epsilon: the site's ledger, as it reports it (kept in a DP run)
                 self.recorder.site_ended(
                     site_id, status=status, reason=reason, epsilon=epsilon, delta=delta
@@ -369,9 +417,11 @@ class GuardedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         rnd = self.absolute(server_round)
-        if rnd % self.cfg.evaluate_every and rnd != self.cfg.num_server_rounds:
+        if rnd != self.cfg.num_server_rounds:
+            # evaluate-every: no evaluation this round, or it goes with the next round's train
+            # message (folds_evaluation); only the last round's has a message of its own.
             self._skip_evaluation = True
-            return []  # evaluate-every: no evaluation message this round
+            return []
         self._skip_evaluation = False
         return self.strategy.configure_evaluate(
             rnd, arrays, self._with_round(config, server_round), grid
@@ -392,48 +442,157 @@ class GuardedStrategy(Strategy):
             if reply.has_error():
                 text, _, _ = keys.ledger_epsilon(reply.error.reason or "")
                 site_id, reason = _split_reason(text, self._site_of(node))
-                self._event(server_round, site_id, kinds.EVALUATE_FAILED, reason)
+                self._event_at(rnd, site_id, kinds.EVALUATE_FAILED, reason)
                 continue
             info = reply.content.config_records.get(keys.REC_SITE)
             site_id = _reported_site_id(info, self._site_of(node))
-            try:
-                metrics = reply.content[keys.REC_METRICS]
-                if not isinstance(metrics, MetricRecord):
-                    raise TypeError("the reply has no metrics record")
-                releases[site_id] = releases_from_wire(metrics)
-            except (KeyError, TypeError, ValueError) as e:
-                detail = f"malformed reply ({type(e).__name__}: {str(e)[:200]})"
-                self._event(server_round, site_id, kinds.EVALUATE_FAILED, detail)
-                continue
-            values = {  # the site's own metrics; its release's sums only feed the global ones
-                k: float(v)
-                for k, v in metrics.items()
-                if keys.is_allowed_metric(k)
-                and not keys.is_release_metric(k)
-                and k != keys.M_NUM_EXAMPLES
-                and isinstance(v, (int, float))
-                and math.isfinite(float(v))
-                and not (k.endswith(".n") and float(v) < 0)  # a count is never negative
-            }
-            # A site's personalized model (client/personal/) is its own: reported per site,
-            # never pooled into the global metrics.
-            personal = _personal_metrics(values)
-            values = {k: v for k, v in values.items() if not keys.is_personal_metric(k)}
-            per_site[site_id] = values
-            evaluation, epsilon, run_epsilon, delta = _evaluation_report(info)
-            self.recorder.evaluated(
-                rnd,
-                site_id,
-                metrics=values,
-                personal=personal,
-                evaluation=evaluation,
-                epsilon=epsilon,
-                run_epsilon=run_epsilon,
-                delta=delta,
+            self._site_evaluated(
+                rnd, site_id, reply.content.get(keys.REC_METRICS), info, per_site, releases
             )
+        return self._global_evaluation(rnd, per_site, releases)
+
+    def _aggregate_folded(self, rnd: int, replies: list[Message]) -> None:
+        """Round ``rnd``'s evaluation, from the train replies of round ``rnd + 1`` that carry
+        it; its records are taken out of each reply (the update is checked without them).
+
+        An error reply carries none: the site's refusal or drop-out is recorded with the
+        training. A reply that lacks it, carries another round's or a malformed one is an
+        ``evaluate-failed`` event of round ``rnd``, as a malformed evaluate reply is.
+        """
+        per_site: dict[str, dict[str, float]] = {}
+        releases: dict[str, dict[str, SplitSums]] = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            node = reply.metadata.src_node_id
+            taken = {name: reply.content[name] for name in _FOLDED if name in reply.content}
+            for name in taken:
+                del reply.content[name]
+            metrics = taken.get(keys.REC_EVAL_METRICS)
+            info = taken.get(keys.REC_EVAL_SITE)
+            refusal = taken.get(keys.REC_EVAL_REFUSAL)
+            trained = reply.content.config_records.get(keys.REC_SITE)
+            site_id = _reported_site_id(
+                info if isinstance(info, ConfigRecord) else trained, self._site_of(node)
+            )
+            try:
+                if refusal is not None:
+                    if metrics is not None or info is not None:
+                        raise ValueError("it carries an evaluation and its refusal")
+                    if not isinstance(refusal, ConfigRecord):
+                        raise TypeError("its evaluation refusal is not a config record")
+                    _check_round(refusal, rnd)
+                    reason = refusal[keys.F_REASON]
+                    if not isinstance(reason, str):
+                        raise TypeError("its evaluation refusal gives no reason")
+                    text, _, _ = keys.ledger_epsilon(reason)
+                    site_id, why = _split_reason(text, site_id)
+                    self._event_at(rnd, site_id, kinds.EVALUATE_FAILED, why)
+                    continue
+                if metrics is None or info is None:
+                    raise ValueError(
+                        f"the reply carries no evaluation of round {rnd}, which its train "
+                        "message asked for"
+                    )
+                if not isinstance(info, ConfigRecord):
+                    raise TypeError("its evaluation's site record is not a config record")
+                _check_round(info, rnd)
+            except (KeyError, TypeError, ValueError) as e:
+                detail = f"malformed evaluation ({type(e).__name__}: {str(e)[:200]})"
+                self._event_at(rnd, site_id, kinds.EVALUATE_FAILED, detail)
+                continue
+            self._site_evaluated(rnd, site_id, metrics, info, per_site, releases)
+        self._global_evaluation(rnd, per_site, releases)
+
+    def _site_evaluated(
+        self,
+        rnd: int,
+        site_id: str,
+        metrics: Any,
+        info: ConfigRecord | None,
+        per_site: dict[str, dict[str, float]],
+        releases: dict[str, dict[str, SplitSums]],
+    ) -> None:
+        """Check one site's evaluation of round ``rnd`` and record it (into ``per_site`` and
+        ``releases`` too); a malformed one is an ``evaluate-failed`` event, left out."""
+        try:
+            if not isinstance(metrics, MetricRecord):
+                raise TypeError("the reply has no metrics record")
+            releases[site_id] = releases_from_wire(metrics)
+            groups = group_releases_from_wire(metrics, self._fairness()[0])
+        except (KeyError, TypeError, ValueError) as e:
+            releases.pop(site_id, None)
+            detail = f"malformed reply ({type(e).__name__}: {str(e)[:200]})"
+            self._event_at(rnd, site_id, kinds.EVALUATE_FAILED, detail)
+            return
+        self._group_releases.setdefault(rnd, {})[site_id] = groups
+        values = {  # the site's own metrics; its release's sums only feed the global ones
+            k: float(v)
+            for k, v in metrics.items()
+            if keys.is_allowed_metric(k)
+            and not keys.is_release_metric(k)
+            and k != keys.M_NUM_EXAMPLES
+            and isinstance(v, (int, float))
+            and math.isfinite(float(v))
+            and not (k.endswith(".n") and float(v) < 0)  # a count is never negative
+        }
+        # A site's personalized model (client/personal/) is its own: reported per site,
+        # never pooled into the global metrics.
+        personal = _personal_metrics(values)
+        values = {k: v for k, v in values.items() if not keys.is_personal_metric(k)}
+        per_site[site_id] = values
+        evaluation, epsilon, run_epsilon, delta = _evaluation_report(info)
+        self.recorder.evaluated(
+            rnd,
+            site_id,
+            metrics=values,
+            personal=personal,
+            evaluation=evaluation,
+            epsilon=epsilon,
+            run_epsilon=run_epsilon,
+            delta=delta,
+        )
+
+    def _global_evaluation(
+        self,
+        rnd: int,
+        per_site: dict[str, dict[str, float]],
+        releases: dict[str, dict[str, SplitSums]],
+    ) -> MetricRecord | None:
+        """Round ``rnd``'s global metrics, recorded (:func:`global_evaluate_metrics`), with the
+        per-group metrics and the calibration curve of the pooled releases
+        (:func:`fedcare.models.fairness.global_fairness_metrics`)."""
         global_metrics = global_evaluate_metrics(per_site, releases)
+        declared, described = self._fairness()
+        global_metrics = {k: v for k, v in global_metrics.items() if not keys.is_group_metric(k)}
+        global_metrics.update(
+            global_fairness_metrics(
+                releases,
+                self._group_releases.pop(rnd, {}),
+                declared,
+                threshold=global_metrics.get("test.threshold"),
+            )
+        )
+        self.recorder.groups(described)
+        self.recorder.calibration(rnd, global_calibration(releases))
         self.recorder.global_metrics(rnd, global_metrics)
         return MetricRecord(dict(global_metrics)) if global_metrics else None
+
+    def _fairness(self) -> tuple[dict[str, int], list[GroupInfo]]:
+        """The federation's group attributes (from its schema): their group counts, which
+        bound what a reply's per-group keys may name, and their descriptions for the record."""
+        if self._groups_declared is None:
+            declared: dict[str, int] = {}
+            described: list[GroupInfo] = []
+            if self.schema_json:
+                schema = FeatureSchema.model_validate_json(self.schema_json)
+                declared = declared_groups(schema)
+                described = [
+                    GroupInfo(name=g.name, column=g.column, labels=schema.group_labels(g.name))
+                    for g in schema.groups
+                ]
+            self._groups_declared = (declared, described)
+        return self._groups_declared
 
     def evaluate_initial(self, grid: Grid, arrays: ArrayRecord) -> None:
         """Federated evaluation of the starting model, recorded as round 0."""
@@ -526,6 +685,45 @@ def global_evaluate_metrics(
     out = {k: v for k, v in weighted.items() if k.split(".", 1)[0] not in pooled_splits}
     out.update(pooled)
     return out
+
+
+#: The records a train reply carries for the evaluation folded into its message.
+_FOLDED = (keys.REC_EVAL_METRICS, keys.REC_EVAL_SITE, keys.REC_EVAL_REFUSAL)
+#: The error codes a site's refusal may carry (``keys.ERR_*``).
+_SITE_CODES = frozenset(
+    {
+        keys.ERR_BUDGET,
+        keys.ERR_POLICY,
+        keys.ERR_DATA,
+        keys.ERR_CONFIG,
+        keys.ERR_FAILED,
+        keys.ERR_DIVERGED,
+    }
+)
+
+
+def _check_round(record: ConfigRecord, rnd: int) -> None:
+    """A folded evaluation's record must name the round it was asked for."""
+    said = _number(record, keys.S_EVALUATED_ROUND, int)
+    if said != rnd:
+        raise ValueError(f"it evaluated round {said}, not round {rnd} as asked")
+
+
+def _train_refusal(reply: Message) -> tuple[int, str]:
+    """The code and reason of a training refusal sent as a record (after the evaluation its
+    message carried); KeyError/TypeError/ValueError when it is malformed."""
+    if set(reply.content) != {keys.REC_TRAIN_REFUSAL}:
+        raise ValueError("a training refusal carries other records")
+    record = reply.content[keys.REC_TRAIN_REFUSAL]
+    if not isinstance(record, ConfigRecord):
+        raise TypeError("the training refusal is not a config record")
+    code = _number(record, keys.F_CODE, int)
+    if code not in _SITE_CODES:
+        raise ValueError(f"the training refusal's code {code} is not a site's error code")
+    reason = record[keys.F_REASON]
+    if not isinstance(reason, str):
+        raise TypeError("the training refusal gives no reason")
+    return code, reason
 
 
 def _personal_metrics(values: dict[str, float]) -> dict[str, float]:

@@ -13,14 +13,20 @@ of the run :meth:`RunRecorder.finish` orders the record and :meth:`RunRecorder.w
 A ``progress.jsonl`` line (one per round; round 0 is the initial evaluation)::
 
     {"round": 2, "of": 5, "elapsed_s": 12.3, "metrics": {"test.auroc": 0.71, ...},
+     "evaluated_round": 1,
      "events": [{"round": 2, "site_id": "site-1", "kind": "dropped", "detail": "..."}]}
+
+``metrics`` are the global metrics of the latest evaluation recorded so far, of round
+``evaluated_round`` (``null`` before any): round r's evaluation travels with round r + 1's
+train message (:mod:`fedcare.server.guard`), so the line written after round r usually shows
+round r - 1's, and the last round's line its own.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,9 +42,11 @@ from fedcare.common.run_record import (
     SiteRecord,
 )
 from fedcare.common.summary import (
+    CalibrationBin,
     EvaluationMode,
     Event,
     EventKind,
+    GroupInfo,
     Metrics,
     NoiseSource,
 )
@@ -249,6 +257,18 @@ class RunRecorder:
             site.n_test = int(metrics["test.n"])
         entry.sites.setdefault(site_id, {}).update(metrics)
 
+    def groups(self, groups: Sequence[GroupInfo]) -> None:
+        """The federation's group attributes, which its per-group metrics name (kept once)."""
+        if list(groups) != self.record.groups:
+            self.record.groups = list(groups)
+
+    def calibration(self, rnd: int, curve: Sequence[tuple[int, float, float, float]]) -> None:
+        """The global test calibration curve of round ``rnd``: ``(bin, mean predicted,
+        observed, n)`` per bin (:func:`fedcare.models.fairness.global_calibration`)."""
+        self.record.round_entry(rnd).calibration = [
+            CalibrationBin(bin=b, mean_predicted=m, observed=o, n=n) for b, m, o, n in curve
+        ]
+
     def global_metrics(self, rnd: int, metrics: Metrics) -> None:
         """The global metrics of round ``rnd``'s evaluation."""
         self.record.round_entry(rnd).metrics = dict(metrics)
@@ -278,12 +298,14 @@ class RunRecorder:
                 optimizer=optimizer,
             ),
         )
-        entry = self.record.round_or_none(rnd)
+        evaluated = [e for e in self.record.rounds if e.round <= rnd and e.metrics]
+        latest = max(evaluated, key=lambda e: e.round) if evaluated else None
         progress: dict[str, Any] = {
             "round": rnd,
             "of": self.cfg.num_server_rounds,
             "elapsed_s": round(time.monotonic() - self._t0, 2),
-            "metrics": entry.metrics if entry is not None else {},
+            "metrics": latest.metrics if latest is not None else {},
+            "evaluated_round": latest.round if latest is not None else None,
             "events": [e.model_dump(mode="json") for e in self.record.events if e.round == rnd],
         }
         with open(self.run_dir / PROGRESS_NAME, "a", encoding="utf-8") as f:

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
@@ -41,7 +42,7 @@ from fedcare.common.errors import ConfigError
 from fedcare.common.run_files import LEDGER_NAME
 from fedcare.models import build_model
 from fedcare.models.metrics import split_metrics
-from fedcare.models.tasks import task_definition
+from fedcare.models.survival import SurvivalTask
 
 __all__ = ["LOCAL_ONLY_RUN_ID", "local_only", "pooled"]
 
@@ -189,13 +190,15 @@ def pooled(
     data = [t.task_data(task) for t in trainers]
     _check_same_inputs(data)
     name = trainers[0].model_name(task, train.model)
-    definition = task_definition(data[0].task, model=name)
+    definition = trainers[0].definition(task, train.model)  # its kind: binary or survival
     # The recipe as one site holding every site's training patients would apply it.
     n_train = sum(len(d.patient_ids.train) for d in data)
     train = train.for_site(n_train=n_train, model=name, private=False)
     device = resolve_device(train.device)
-    model = build_model(
-        name, input_dims=data[0].input_dims, generator=torch.Generator().manual_seed(seed)
+    model = definition.kind.wrap(
+        build_model(
+            name, input_dims=data[0].input_dims, generator=torch.Generator().manual_seed(seed)
+        )
     ).to(device)
     loader: DataLoader[Any] = DataLoader(
         ConcatDataset([d.train for d in data]),
@@ -218,6 +221,13 @@ def pooled(
         ys[split], ps[split] = predict(
             model, union, device=device, batch_size=train.eval_batch_size
         )
+    if isinstance(definition.kind, SurvivalTask):  # IPCW from the pooled train patients
+        targets = np.concatenate([d.train.y.numpy() for d in data])  # type: ignore[attr-defined]
+        return {
+            f"{split}.{k}": v
+            for split in _EVAL_SPLITS
+            for k, v in definition.kind.metrics(ys[split], ps[split], train=targets).items()
+        }
     return split_metrics(ys, ps)
 
 

@@ -40,6 +40,7 @@ pyplot, no backend switch, no global state. Each plotting function saves a PNG a
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass
@@ -56,7 +57,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 from fedcare.common import keys
 from fedcare.common.errors import DataError
 from fedcare.common.files import write_private_atomic
-from fedcare.common.run_files import METRICS_NAME, PLOTS_DIR
+from fedcare.common.run_files import CONFIG_NAME, METRICS_NAME, PLOTS_DIR, SITES_MANIFEST_NAME
 
 __all__ = [
     "COLUMNS",
@@ -81,6 +82,9 @@ __all__ = [
     "SITE_MODELS_METRIC",
     "write_run_plots",
     "run_plot_specs",
+    "SURVIVAL_CURVES_NAME",
+    "plot_survival_curves",
+    "write_survival_curves",
     "MissingReason",
     "MissingMetric",
     "missing_reason",
@@ -772,7 +776,8 @@ def write_run_plots(run_dir: Path, *, splits: Sequence[Split] = ("test",)) -> li
     list[pathlib.Path]
         The PNGs written, ``plots/<split>_<metric>.png``, in :func:`run_plot_specs` order;
         then, where the run kept personalized models, ``plots/<split>_auroc_per_site.png``
-        per split (:func:`plot_site_models`, :data:`SITE_MODELS_METRIC`).
+        per split (:func:`plot_site_models`, :data:`SITE_MODELS_METRIC`); for a simulated
+        survival task, ``plots/survival_curves.png`` (:func:`write_survival_curves`).
 
     Raises
     ------
@@ -791,7 +796,78 @@ def write_run_plots(run_dir: Path, *, splits: Sequence[Split] = ("test",)) -> li
         path = run_dir / PLOTS_DIR / f"{split}_{SITE_MODELS_METRIC}_per_site.png"
         plot_site_models(frame, path, metric=SITE_MODELS_METRIC, split=split)
         written.append(path)
+    written += write_survival_curves(run_dir)
     return written
+
+
+# ----------------------------------------------------- survival curves per site
+
+SURVIVAL_CURVES_NAME = "survival_curves.png"
+
+
+def plot_survival_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: Path,
+    *,
+    cuts: Sequence[float] = (),
+    time_unit: str | None = None,
+) -> Figure:
+    """Draw one Kaplan-Meier step curve per site (``site -> (event, time)``), with the
+    survival label's cut points as dotted vertical lines.
+
+    The curves are the experimenter's view of *simulated* sites, whose files are on this
+    machine: a Kaplan-Meier curve is a patient-level release (every step is a patient's
+    time), so nothing of it is ever asked of a deployed site.
+    """
+    from fedcare.models.survival_metrics import kaplan_meier  # imports torch: only when used
+
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    for site, (event, time) in sorted(curves.items()):
+        steps_t, steps_s = kaplan_meier(event, time)
+        n = len(time)
+        ax.step([0.0, *steps_t], [1.0, *steps_s], where="post", label=f"{site} (n={n})")
+    for cut in cuts:
+        ax.axvline(cut, color="0.8", linestyle=":", linewidth=0.8)
+    ax.set_xlabel(f"time ({time_unit})" if time_unit else "time")
+    ax.set_ylabel("survival (Kaplan-Meier)")
+    ax.set_ylim(0.0, 1.02)
+    ax.legend(fontsize="small")
+    ax.set_title("survival per site")
+    _save(fig, path)
+    return fig
+
+
+def write_survival_curves(run_dir: Path) -> list[Path]:
+    """``plots/survival_curves.png`` for a simulated run of a survival task: each site's
+    Kaplan-Meier curve from its own files (``sites.json``); ``[]`` for any other run."""
+    from fedcare.client.data.loaders import load_site  # the sites' files: simulations only
+    from fedcare.client.data.survival_labels import time_column
+    from fedcare.common.tomlcompat import tomllib
+
+    run_dir = Path(run_dir)
+    manifest, config = run_dir / SITES_MANIFEST_NAME, run_dir / CONFIG_NAME
+    if not manifest.is_file() or not config.is_file():
+        return []
+    task = tomllib.loads(config.read_text(encoding="utf-8")).get("federation", {}).get("task")
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]] = {}
+    cuts: Sequence[float] = ()
+    unit = None
+    for folder in json.loads(manifest.read_text(encoding="utf-8")):
+        site = load_site(folder)
+        label = site.spec.label(site.spec.task(str(task)).label)
+        if label.kind != "survival":
+            return []
+        event = site.labels[label.name].to_numpy(dtype=float)
+        time = site.labels[time_column(label.name)].to_numpy(dtype=float)
+        known = ~(pd.isna(event) | pd.isna(time))
+        curves[site.spec.site_id] = (event[known], time[known])
+        cuts, unit = label.cuts or (), label.time_unit
+    if not curves:
+        return []
+    path = run_dir / PLOTS_DIR / SURVIVAL_CURVES_NAME
+    plot_survival_curves(curves, path, cuts=cuts, time_unit=unit)
+    return [path]
 
 
 # ----------------------------------------------------- why a table has no value

@@ -46,6 +46,7 @@ __all__ = [
     "privacy_notes",
     "missing_notes",
     "print_results",
+    "fairness_table",
 ]
 
 #: The global model's metrics shown per site and for the federation: ranking, the balanced
@@ -55,6 +56,17 @@ HEADLINE = ("test.auroc", "test.balanced_accuracy", "test.auprc", "test.brier")
 LOCAL_HEADLINE = "test.auroc"
 #: The personalized model's metric shown beside the global model's and the local-only one.
 PERSONAL_HEADLINE = "test.auroc"
+#: A survival task's (fedcare.models.survival): C-index, time-dependent AUC, integrated Brier.
+SURVIVAL_HEADLINE = ("test.c_index", "test.td_auc", "test.ibs")
+
+
+def _headline(summary: RunSummary) -> tuple[tuple[str, ...], str]:
+    """The columns of the results table and the local-only/personal one: a survival run's
+    (its sites or its global metrics report a C-index) or a binary run's."""
+    reported = [summary.global_.final, *(s.metrics for s in summary.sites)]
+    if any(any(k.endswith(".c_index") for k in m) for m in reported):
+        return SURVIVAL_HEADLINE, SURVIVAL_HEADLINE[0]
+    return HEADLINE, LOCAL_HEADLINE
 
 
 def _fmt(value: Any) -> str:
@@ -83,15 +95,16 @@ def results_table(outcome: RunOutcome) -> Table:
     personalized model and its local-only baseline side by side (test AUROC).
     """
     s = outcome.summary
+    headline, local_headline = _headline(s)
     done = f"{s.rounds_completed}/{s.rounds_planned} rounds"
     title = f"run {s.run_id}: {s.task}, {s.strategy}, {done}"
     table = Table(
         title=title,
         title_justify="left",
     )
-    columns = ("", "status", "n train", "run ε", "lifetime ε (δ)", *HEADLINE)
+    columns = ("", "status", "n train", "run ε", "lifetime ε (δ)", *headline)
     personal = _personal_column(s)
-    for col in (*columns, *personal, f"local-only {LOCAL_HEADLINE}"):
+    for col in (*columns, *personal, f"local-only {local_headline}"):
         table.add_column(col)
     local = s.baselines.local_only
     min_count = _site_min_count(outcome.run_dir)
@@ -102,9 +115,9 @@ def results_table(outcome: RunOutcome) -> Table:
             site.status + (" *" if flagged else ""),
             str(site.n_train),
             *_epsilons(site.privacy),
-            *_site_cells(site, min_count=min_count),
+            *_site_cells(site, min_count=min_count, headline=headline),
             *(_fmt(site.personal_metrics.get(PERSONAL_HEADLINE)) for _ in personal),
-            _local_only_cell(local.get(site.site_id), min_count=min_count),
+            _local_only_cell(local.get(site.site_id), min_count=min_count, name=local_headline),
         )
     table.add_row(
         "[bold]federated (global)[/bold]",
@@ -112,7 +125,7 @@ def results_table(outcome: RunOutcome) -> Table:
         "",
         "",
         "",
-        *(_global_cell(s, m, min_count=min_count) for m in HEADLINE),
+        *(_global_cell(s, m, min_count=min_count) for m in headline),
         *("" for _ in personal),
         "",
     )
@@ -124,7 +137,7 @@ def results_table(outcome: RunOutcome) -> Table:
             "",
             "off",
             "off",
-            *(_fmt(pooled.get(m)) for m in HEADLINE),
+            *(_fmt(pooled.get(m)) for m in headline),
             *("" for _ in personal),
             "",
         )
@@ -203,8 +216,9 @@ def _missing(summary: RunSummary) -> list[MissingMetric]:
     """Every site and split of the results table shown without values, with the reason."""
     out = []
     local = summary.baselines.local_only
+    headline, local_headline = _headline(summary)
     for site in summary.sites:
-        for name in HEADLINE:
+        for name in headline:
             reason = missing_reason(site.metrics, name, evaluated=_evaluated(site))
             if reason is not None:
                 detail = _not_evaluated_detail(summary, site) if reason == "not evaluated" else ""
@@ -213,31 +227,35 @@ def _missing(summary: RunSummary) -> list[MissingMetric]:
                 )
         baseline = local.get(site.site_id)
         reason = (
-            None if baseline is None else missing_reason(baseline, LOCAL_HEADLINE, evaluated=True)
+            None if baseline is None else missing_reason(baseline, local_headline, evaluated=True)
         )
         if reason is not None:
-            out.append(MissingMetric(site.site_id, LOCAL_HEADLINE.split(".", 1)[0], reason, True))
+            out.append(MissingMetric(site.site_id, local_headline.split(".", 1)[0], reason, True))
     return out
 
 
-def _site_cells(site: SiteResult, *, min_count: int | None) -> list[str]:
-    """A site's :data:`HEADLINE` cells: a value, or why there is none."""
+def _site_cells(
+    site: SiteResult, *, min_count: int | None, headline: tuple[str, ...] = HEADLINE
+) -> list[str]:
+    """A site's ``headline`` cells: a value, or why there is none."""
     evaluated = _evaluated(site)
     return [
         _fmt(site.metrics[m])
         if m in site.metrics
         else missing_cell(missing_reason(site.metrics, m, evaluated=evaluated), min_count=min_count)
-        for m in HEADLINE
+        for m in headline
     ]
 
 
-def _local_only_cell(metrics: dict[str, float] | None, *, min_count: int | None) -> str:
+def _local_only_cell(
+    metrics: dict[str, float] | None, *, min_count: int | None, name: str = LOCAL_HEADLINE
+) -> str:
     """The local-only baseline's cell: a value, why there is none, or ``-`` (not run)."""
     if metrics is None:
         return "-"
-    if LOCAL_HEADLINE in metrics:
-        return _fmt(metrics[LOCAL_HEADLINE])
-    reason = missing_reason(metrics, LOCAL_HEADLINE, evaluated=True)
+    if name in metrics:
+        return _fmt(metrics[name])
+    reason = missing_reason(metrics, name, evaluated=True)
     return missing_cell(reason, min_count=min_count)
 
 
@@ -261,9 +279,37 @@ def missing_notes(outcome: RunOutcome) -> list[str]:
     return missing_metric_notes(_missing(outcome.summary), min_count=min_count)
 
 
+def fairness_table(summary: RunSummary) -> Table | None:
+    """The global model's test metrics per patient group and the largest gap, per group
+    attribute of the run (:func:`fedcare.simulations.audit.model_card.group_rows`); ``None``
+    when the run reports no group."""
+    from fedcare.simulations.audit.model_card import group_rows
+
+    table = Table(title="global model per patient group (test)", title_justify="left")
+    for col in ("attribute", "group", "n", "AUROC", "TPR", "FPR", "calibration error"):
+        table.add_column(col)
+    shown = False
+    for group in summary.groups:
+        for row in group_rows(summary.global_.final, group):
+            shown = True
+            v = row.values
+            n = v.get("n")
+            table.add_row(
+                group.name,
+                row.label,
+                "" if n is None else str(int(n)),
+                *(_fmt(v.get(m)) for m in ("auroc", "tpr", "fpr", "calibration_error")),
+            )
+    return table if shown else None
+
+
 def print_results(console: Console, outcome: RunOutcome) -> None:
-    """The results table, then the notes of :func:`privacy_notes` and :func:`missing_notes`."""
+    """The results table, then the notes of :func:`privacy_notes` and :func:`missing_notes`,
+    and the per-group table where the run has groups (:func:`fairness_table`)."""
     console.print(results_table(outcome))
+    groups = fairness_table(outcome.summary)
+    if groups is not None:
+        console.print(groups)
     for note in privacy_notes(outcome.summary):
         console.print(note, style="bold yellow", markup=False, soft_wrap=True)
     for note in missing_notes(outcome):

@@ -38,7 +38,7 @@ def server_message(
     spec = load_site_spec(site)
     task_spec = spec.task(task)
     model = build_model(
-        default_model_for(task_spec.modalities),
+        default_model_for(task_spec.modalities, timeline=task_spec.timeline is not None),
         input_dims=input_dims(spec.feature_schema, task_spec),
     )
     config = ConfigRecord(

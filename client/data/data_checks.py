@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from fedcare.client.data.events import EVENT_COLUMNS, aggregate_events, parse_events
 from fedcare.client.data.files import CONFINEMENT_FIX, PathOutsideSite, SiteFiles, normalize_relpath
 from fedcare.client.data.fingerprint import image_paths, spec_tables
+from fedcare.client.data.survival_labels import survival_label_problems, survival_values
 from fedcare.client.data.tables import (
     TableLayoutError,
     as_text,
@@ -87,6 +88,7 @@ RULES: dict[str, str] = {
     "event_value": "an event's value is not a number",
     "event_unknown_patient": "events of patients absent from the EHR table (warning: ignored)",
     "event_code_absent": "no event carries a schema feature's code (warning)",
+    "timeline_code_absent": "no event carries a code a schema timeline keeps (warning)",
     "more": "more problems of one kind in one file than the report lists",
 }
 
@@ -452,6 +454,8 @@ def _used_columns(spec: SiteSpec) -> dict[str, set[str]]:
         used[normalize_relpath(spec.genomics.matrix)].update(spec.feature_schema.genomics.features)
     for label in spec.labels:
         used[normalize_relpath(label.table)].add(label.column)
+        if label.time_column is not None:  # a survival label's times
+            used[normalize_relpath(label.table)].add(label.time_column)
     return used
 
 
@@ -676,6 +680,18 @@ def _check_events(ctx: _Context) -> None:
                 severity="warning",
             )
     codes = set(frame["code"].dropna())
+    for timeline in spec.feature_schema.timelines:
+        absent = [c.code for c in timeline.codes if c.code not in codes]
+        if absent:
+            ctx.add(
+                "timeline_code_absent",
+                rel,
+                f"no event has code(s) {', '.join(map(repr, absent))}, which timeline "
+                f"{timeline.name!r} keeps, so no timeline holds them",
+                "check the codes' spelling in [[schema.timelines]] and in the events table",
+                column="code",
+                severity="warning",
+            )
     seen_ranges: set[tuple[str, float | None, float | None]] = set()
     for feature in spec.feature_schema.events:
         if feature.code not in codes:
@@ -896,6 +912,9 @@ def _check_labels(ctx: _Context) -> None:
             _missing_column(ctx, rel, label.column, table, f"label {label.name!r} reads it")
             continue
         has_id = table[ctx.spec.patient_id].notna().to_numpy()
+        if label.kind == "survival":
+            _check_survival_label(ctx, rel, table[has_id], label)
+            continue
         y = binary_label(table[label.column], label.positive)[has_id]
         labelled = int(np.sum(~np.isnan(y)))
         positives = int(np.nansum(y))
@@ -919,6 +938,15 @@ def _check_labels(ctx: _Context) -> None:
                 "model needs both classes",
                 column=label.column,
             )
+
+
+def _check_survival_label(ctx: _Context, rel: str, table: pd.DataFrame, label: Any) -> None:
+    """A survival label's time and event columns (:mod:`fedcare.client.data.survival_labels`)."""
+    event, _ = survival_values(table, label) if label.time_column in table.columns else ([], [])
+    labelled = int(np.sum(~np.isnan(np.asarray(event, dtype=np.float64))))
+    ctx.label_stats[label.name] = (int(np.nansum(np.asarray(event, dtype=np.float64))), labelled)
+    for p in survival_label_problems(table, label):
+        ctx.add(p.rule, rel, p.message, p.fix, column=p.column, row=p.row)
 
 
 @_check("coverage")

@@ -33,13 +33,15 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from fedcare.common.encoding import task_ehr_features
+from fedcare.common.encoding import TIMELINE_KEY, task_ehr_features, task_timeline, timeline_width
 from fedcare.common.errors import ConfigError, DataError
 from fedcare.common.spec import MODALITIES, TaskSpec
 
 from .preprocess import GenomicsEncoder, ImageNormalizer, TabularEncoder
+from .sequences import encode_timelines, timeline_patients
 from .site import SiteData
 from .split import SPLIT_NAMES, Split, split_patients
+from .survival_labels import time_column
 
 __all__ = [
     "Encoder",
@@ -54,8 +56,9 @@ __all__ = [
 Encoder = TabularEncoder | GenomicsEncoder | ImageNormalizer
 """A fitted encoder of one modality."""
 
-InputDim = int | tuple[int, int, int]
-"""A modality's encoded input size: a width, or ``(1, H, W)`` for images."""
+InputDim = int | tuple[int, int] | tuple[int, int, int]
+"""A modality's encoded input size: a width, or ``(1, H, W)`` for images (and a timeline's
+``(max_length, codes)`` under :data:`fedcare.common.encoding.TIMELINE_KEY`)."""
 
 TensorLike = np.ndarray | torch.Tensor
 
@@ -67,6 +70,12 @@ def _float_tensor(x: TensorLike, what: str, ndim: int) -> torch.Tensor:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{what} holds NaN or inf; encode it with fedcare.client.data.preprocess")
     return t
+
+
+def _label_tensor(y: TensorLike) -> torch.Tensor:
+    """Labels: ``(n,)`` binary, or ``(n, 2)`` = (time, event) of a survival label."""
+    t = torch.as_tensor(y, dtype=torch.float32)
+    return _float_tensor(t, "y", 2 if t.ndim == 2 and t.shape[1] == 2 else 1)
 
 
 def _check_rows(**tensors: torch.Tensor) -> None:
@@ -95,7 +104,7 @@ class TabularDataset(TensorDataset):
     """
 
     def __init__(self, x: TensorLike, y: TensorLike) -> None:
-        xt, yt = _float_tensor(x, "x", 2), _float_tensor(y, "y", 1)
+        xt, yt = _float_tensor(x, "x", 2), _label_tensor(y)
         _check_rows(x=xt, y=yt)
         super().__init__(xt, yt)
 
@@ -120,7 +129,7 @@ class ImageDataset(TensorDataset):
     """
 
     def __init__(self, x: TensorLike, y: TensorLike) -> None:
-        xt, yt = _float_tensor(x, "x", 4), _float_tensor(y, "y", 1)
+        xt, yt = _float_tensor(x, "x", 4), _label_tensor(y)
         if xt.shape[1] != 1:
             raise ValueError(f"images must have one channel, got shape {tuple(xt.shape)}")
         _check_rows(x=xt, y=yt)
@@ -174,7 +183,7 @@ class MultimodalDataset(TensorDataset):
             unused = t.ndim == 2 and t.shape[1] == 0
             t = _float_tensor(t, what, 2 if unused else ndim)
             xs.append(t * m[:, j].reshape(-1, *([1] * (t.ndim - 1))))
-        yt = _float_tensor(y, "y", 1)
+        yt = _label_tensor(y)
         _check_rows(x_ehr=xs[0], x_img=xs[1], x_gen=xs[2], mask=m, y=yt)
         super().__init__(xs[0], xs[1], xs[2], m, yt)
 
@@ -233,9 +242,11 @@ def _not_all_missing(df: pd.DataFrame | None, columns: Sequence[str]) -> frozens
 
 @_register
 class _EHRInput(_ModalityInput):
-    """EHR + event features (the task's ``features`` if it restricts them), schema order.
+    """EHR + event features (the task's ``features`` if it restricts them), schema order,
+    then the task's timeline flattened (:mod:`fedcare.client.data.sequences`), if it reads one.
 
-    A patient has EHR when their row holds at least one of those features.
+    A patient has EHR when their row holds at least one of those features (or, for a task
+    reading a timeline, at least one of its events).
     """
 
     modality = "ehr"
@@ -250,6 +261,7 @@ class _EHRInput(_ModalityInput):
             )
         self.encoder = TabularEncoder(features)
         self.columns = [f.name for f in features]
+        self.timeline = task_timeline(site.spec.feature_schema, task)
         if site.ehr is not None:
             absent = [c for c in self.columns if c not in site.ehr.columns]
             if absent:
@@ -259,10 +271,15 @@ class _EHRInput(_ModalityInput):
                 )
 
     def input_dim(self) -> InputDim:
-        return self.encoder.width
+        extra = 0 if self.timeline is None else timeline_width(self.timeline)
+        return self.encoder.width + extra
 
     def present(self) -> frozenset[str]:
-        return _not_all_missing(self.site.ehr, self.columns)
+        present = _not_all_missing(self.site.ehr, self.columns)
+        if self.timeline is None:
+            return present
+        in_ehr = frozenset() if self.site.ehr is None else frozenset(self.site.ehr.index)
+        return present | (timeline_patients(self.site.events, self.timeline) & in_ehr)
 
     def _rows(self, ids: Sequence[str]) -> pd.DataFrame:
         if self.site.ehr is None:
@@ -273,7 +290,11 @@ class _EHRInput(_ModalityInput):
         return self.encoder.fit(self._rows(ids))
 
     def encode(self, ids: Sequence[str]) -> np.ndarray:
-        return self.encoder.transform(self._rows(ids))
+        static = self.encoder.transform(self._rows(ids))
+        if self.timeline is None:
+            return static
+        sequences = encode_timelines(self.site.events, self.timeline, patient_ids=ids)
+        return np.hstack([static, sequences.reshape(len(ids), -1)])
 
 
 @_register
@@ -420,7 +441,23 @@ def _labelled(site: SiteData, task: TaskSpec) -> pd.Series:
         )
     y = pd.to_numeric(site.labels[task.label], errors="coerce")
     y.index = [str(p) for p in y.index]
+    if site.spec.label(task.label).kind == "survival":  # labelled: an event and a time
+        time = pd.to_numeric(site.labels[time_column(task.label)], errors="coerce")
+        y = y.where(time.to_numpy() >= 0)
     return y[y.notna()].astype(np.float64)
+
+
+def _targets(site: SiteData, task: TaskSpec, labels: pd.Series, ids: Sequence[str]) -> np.ndarray:
+    """The training targets of ``ids``: ``(n,)`` 0/1, or ``(n, 2)`` (time, event) for a
+    survival label."""
+    event = labels.loc[list(ids)].to_numpy(dtype=np.float32)
+    if site.spec.label(task.label).kind != "survival":
+        return event
+    times = pd.Series(
+        site.labels[time_column(task.label)].to_numpy(dtype=np.float64),
+        index=[str(p) for p in site.labels.index],
+    )
+    return np.stack([times.loc[list(ids)].to_numpy(dtype=np.float32), event], axis=1)
 
 
 def build_task_data(
@@ -490,7 +527,14 @@ def build_task_data(
             "such patients are needed -- add patients, or leave this site out of the task"
         )
     train_classes = sorted(set(labels.loc[list(split.train)].tolist()))
-    if len(train_classes) < 2:
+    survival = spec.label(task.label).kind == "survival"
+    if survival and 1.0 not in train_classes:
+        raise DataError(
+            f"site {site_id!r}, task {task.name!r}: every one of the {sizes['train']} train "
+            "patients is censored; a hazard model needs observed events -- add patients, "
+            "try another split seed, or leave this site out of the task"
+        )
+    if not survival and len(train_classes) < 2:
         raise DataError(
             f"site {site_id!r}, task {task.name!r}: the train split holds only class "
             f"{int(train_classes[0])} ({sizes['train']} patients); both classes are needed "
@@ -514,7 +558,7 @@ def build_task_data(
     datasets: dict[str, Dataset[Any]] = {}
     for name in SPLIT_NAMES:
         ids = split[name]
-        y = labels.loc[list(ids)].to_numpy(dtype=np.float32)
+        y = _targets(site, task, labels, ids)
         if not multimodal:
             x, _ = encoded(modalities[0], ids)
             datasets[name] = _SINGLE_MODALITY_DATASETS[modalities[0]](x, y)
@@ -530,6 +574,10 @@ def build_task_data(
             xs.append(x)
         datasets[name] = MultimodalDataset(xs[0], xs[1], xs[2], mask, y)
 
+    dims = {m: inputs[m].input_dim() for m in modalities}
+    timeline = task_timeline(spec.feature_schema, task)
+    if timeline is not None:
+        dims[TIMELINE_KEY] = (timeline.max_length, len(timeline.codes))
     return TaskData(
         site_id=site_id,
         task=task,
@@ -537,7 +585,7 @@ def build_task_data(
         train=datasets["train"],
         val=datasets["val"],
         test=datasets["test"],
-        input_dims={m: inputs[m].input_dim() for m in modalities},
+        input_dims=dims,
         n=sizes,
         encoders=encoders,
         patient_ids=split,

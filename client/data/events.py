@@ -88,6 +88,8 @@ class ParsedEvents:
     frame: pd.DataFrame
     bad_time: np.ndarray
     bad_value: np.ndarray
+    times_are_datetimes: bool = False
+    """True when ``time`` was read as ISO-8601 datetimes (then in seconds since 1970)."""
 
 
 def parse_events(raw: pd.DataFrame, *, id_column: str) -> ParsedEvents:
@@ -96,6 +98,9 @@ def parse_events(raw: pd.DataFrame, *, id_column: str) -> ParsedEvents:
     The table must have ``id_column`` and ``time``, ``code``, ``value``.
     """
     times, bad_time = parse_event_times(raw["time"])
+    # Read as datetimes when a parsed time is not a number (the column has one format).
+    numbers, _ = to_numbers(raw["time"])
+    as_datetimes = bool(np.isnan(numbers[np.isfinite(times)]).any())
     values, bad_value = to_numbers(raw["value"])
     frame = pd.DataFrame(
         {
@@ -105,7 +110,9 @@ def parse_events(raw: pd.DataFrame, *, id_column: str) -> ParsedEvents:
             "value": values,
         }
     )
-    return ParsedEvents(frame=frame, bad_time=bad_time, bad_value=bad_value)
+    return ParsedEvents(
+        frame=frame, bad_time=bad_time, bad_value=bad_value, times_are_datetimes=as_datetimes
+    )
 
 
 def _mean(g: SeriesGroupBy) -> pd.Series:

@@ -19,10 +19,11 @@ import numpy as np
 import pandas as pd
 
 from fedcare.client.data.data_checks import validate_and_open
-from fedcare.client.data.events import aggregate_events, parse_events
+from fedcare.client.data.events import ParsedEvents, aggregate_events, parse_events
 from fedcare.client.data.files import SiteFiles
 from fedcare.client.data.fingerprint import dataset_fingerprint, image_paths
 from fedcare.client.data.site import SiteData
+from fedcare.client.data.survival_labels import survival_values, time_column
 from fedcare.client.data.tables import as_text, binary_label, columns_to_numbers, to_numbers
 from fedcare.common.errors import DataValidationError
 from fedcare.common.spec import Feature, SiteSpec
@@ -33,6 +34,7 @@ __all__ = [
     "load_images",
     "load_genomics",
     "load_labels",
+    "load_timeline_events",
     "load_site",
 ]
 
@@ -162,9 +164,26 @@ def load_labels(
     labels = pd.DataFrame(index=index)
     for label in spec.labels:
         rows = _one_row_per_patient(files.table(label.table), spec.patient_id)
+        if label.kind == "survival":  # the event as the label, its times beside it
+            event, time = survival_values(rows, label)
+            labels[label.name] = pd.Series(event, index=rows.index).reindex(index).to_numpy()
+            labels[time_column(label.name)] = (
+                pd.Series(time, index=rows.index).reindex(index).to_numpy(dtype=np.float64)
+            )
+            continue
         values = pd.Series(binary_label(rows[label.column], label.positive), index=rows.index)
         labels[label.name] = values.reindex(index).to_numpy(dtype=np.float64)
     return labels
+
+
+def load_timeline_events(
+    spec: SiteSpec, root: str | Path, *, files: SiteFiles | None = None
+) -> ParsedEvents | None:
+    """The parsed events table when the schema declares a timeline; None otherwise."""
+    if not spec.feature_schema.timelines or spec.ehr is None or spec.ehr.events is None:
+        return None
+    files = _files(spec, root, files)
+    return parse_events(files.table(spec.ehr.events), id_column=spec.patient_id)
 
 
 def _ids_of(value: pd.DataFrame | dict[str, np.ndarray] | None) -> set[str]:
@@ -225,4 +244,5 @@ def load_site(path: str | Path) -> SiteData:
         genomics=loaded["genomics"],
         labels=load_labels(spec, root, patient_ids=ordered, files=files),
         fingerprint=dataset_fingerprint(spec, root, files=files),
+        events=load_timeline_events(spec, root, files=files),
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedcare.client.data.events import ParsedEvents
 from fedcare.common.spec import SiteSpec
 
 __all__ = ["SiteData"]
@@ -39,6 +40,9 @@ class SiteData:
         One column per declared label: 1.0, 0.0, or NaN where the patient has no value.
     fingerprint:
         SHA-256 over ``site.toml`` and every data file it names (the privacy ledger key).
+    events:
+        The parsed events table, kept only when the schema declares a timeline
+        (:mod:`fedcare.client.data.sequences` encodes it); ``None`` otherwise.
     """
 
     spec: SiteSpec
@@ -49,3 +53,4 @@ class SiteData:
     genomics: pd.DataFrame | None
     labels: pd.DataFrame
     fingerprint: str
+    events: ParsedEvents | None = None

@@ -9,6 +9,8 @@
   (:mod:`.report_verdict`), page (:mod:`.report_html`), loading (:mod:`.report_load`) and
   number format (:mod:`.report_format`) each in its own module.
 * :mod:`.findings` -- what each step finds, as frozen models (the contract between them).
+* :mod:`.model_card` -- ``fedcare report model``: the run's model card, one self-contained
+  HTML page (:mod:`.model_card_cli`); the audit report links to it.
 
 Submodules are imported where used (the attacks import torch).
 """

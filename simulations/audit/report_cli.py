@@ -25,20 +25,21 @@ __all__ = ["audit_report", "check_report_out", "write_text_atomic"]
 _SNIFF_BYTES = 4096
 
 
-def _is_report(path: Path) -> bool:
-    """Whether ``path`` is a page this command wrote (its head names the generator)."""
+def _is_report(path: Path, generator: str = REPORT_GENERATOR) -> bool:
+    """Whether ``path`` is a page ``generator`` wrote (its head names the generator)."""
     try:
         with open(path, "rb") as f:
             head = f.read(_SNIFF_BYTES)
     except OSError:
         return False
-    marker = f'<meta name="generator" content="{REPORT_GENERATOR}">'.encode()
+    marker = f'<meta name="generator" content="{generator}">'.encode()
     return head.startswith(b"<!DOCTYPE html>") and marker in head
 
 
-def check_report_out(out: Path, run_dir: Path) -> None:
+def check_report_out(out: Path, run_dir: Path, *, generator: str = REPORT_GENERATOR) -> None:
     """Refuse an ``--out`` that is a folder, or an existing file of the run (see the module
-    docstring); symbolic links are followed to what they name.
+    docstring) that is not an earlier page of ``generator``; symbolic links are followed to
+    what they name.
 
     Raises
     ------
@@ -49,7 +50,7 @@ def check_report_out(out: Path, run_dir: Path) -> None:
     if out.is_dir():
         raise ConfigError(f"{out}: is a folder; pass a file name, e.g. --out {out}/report.html")
     target, run = out.resolve(), Path(run_dir).resolve()
-    if target.is_file() and target.is_relative_to(run) and not _is_report(target):
+    if target.is_file() and target.is_relative_to(run) and not _is_report(target, generator):
         raise ConfigError(
             f"--out {out}: that is {target.relative_to(run)}, a file of the run {run_dir}, and "
             f"the report would replace it; choose a new file, e.g. --out {run_dir}/report.html"
@@ -103,7 +104,7 @@ def audit_report(
     """
     check_report_out(out, run_dir)
     inputs = load_report_inputs(run_dir)
-    write_text_atomic(out, inputs.html())
+    write_text_atomic(out, inputs.html(out))
     verdict = inputs.verdict()
     typer.echo(f"wrote {out}")
     typer.echo(f"verdict: {verdict.label}")

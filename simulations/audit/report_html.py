@@ -35,6 +35,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
+from fedcare.common import keys
 from fedcare.common.run_record import RunRecord
 from fedcare.common.summary import RunSummary
 from fedcare.simulations.audit.findings import AttackReport, EpsilonAudit, LogCheck, VerifyResult
@@ -282,7 +283,9 @@ def _metric_tables(summary: RunSummary) -> list[str]:
                 k.split(".", 1)[1]
                 for r in summary.global_.rounds
                 for k in r.metrics
-                if k.startswith(f"{split}.") and k != f"{split}.n"
+                if k.startswith(f"{split}.")
+                and k != f"{split}.n"
+                and not keys.is_group_metric(k)  # per group: the model card's
             }
         )
         if not names:
@@ -639,6 +642,7 @@ def build_report(
     epsilon_error: str | None = None,
     run_dir: Path | None = None,
     code_hash: str | None = None,
+    model_card: str | None = None,
 ) -> str:
     """The audit report of one run, as one self-contained HTML page.
 
@@ -664,6 +668,8 @@ def build_report(
         The run directory (shown, and named in the hint to run the attacks).
     code_hash:
         The hash of the code that ran (the server log's signed ``code_sha256``), if known.
+    model_card:
+        A link to the run's model card (``fedcare report model``), where one exists.
 
     Returns
     -------
@@ -697,6 +703,12 @@ def build_report(
         f"<title>fedcare privacy audit: {_e(summary.run_id)} — {verdict.label}</title>"
         f"<style>{_CSS}</style></head><body><main>"
         f"<h1>Privacy audit of run {_e(summary.run_id)}</h1>"
+        + (
+            f'<p id="model-card-link">The run\'s model card: <a href="{_e(model_card)}">'
+            f"{_e(model_card)}</a></p>"
+            if model_card
+            else ""
+        )
         + "".join(sections)
         + f"<footer>fedcare {_e(summary.fedcare_version)} audit report</footer>"
         "</main></body></html>\n"

@@ -61,8 +61,11 @@ class ReportInputs:
             run_dir=self.run_dir,
         )
 
-    def html(self) -> str:
-        """The page (:func:`build_report`)."""
+    def html(self, out: Path | None = None) -> str:
+        """The page (:func:`build_report`), linking to the run's model card where one exists
+        (relative to ``out``, the page's path, where given)."""
+        from fedcare.simulations.audit.model_card import model_card_href
+
         return build_report(
             summary=self.summary,
             record=self.record,
@@ -72,6 +75,7 @@ class ReportInputs:
             epsilon_error=self.epsilon_error,
             run_dir=self.run_dir,
             code_hash=self.code_hash,
+            model_card=model_card_href(self.run_dir, out),
         )
 
 

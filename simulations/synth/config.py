@@ -52,10 +52,31 @@ class SynthConfig(BaseModel):
     table_format:
         ``"csv"``, ``"parquet"`` or ``"mixed"`` (site ``i`` uses
         ``("csv", "parquet")[i % 2]``), for every table of the site.
+    temporal_signal:
+        Add the temporal task (:mod:`fedcare.simulations.synth.timeline`): a blood culture
+        and an antibiotic start per patient in the events file, a label carried by their
+        order and timing, the ``stay`` timeline in the schema and the tasks ``infection``
+        (event aggregates) and ``infection_timeline`` (the timeline). Off by default, which
+        leaves the default hospitals unchanged.
     simulated:
         Write each ``site.toml`` with the simulation-only opt-ins (``[simulation]``:
         reproducible DP noise from the seed, exact evaluation metrics). Turn it off for
         hospitals used in a deployment, which refuse that table.
+    groups:
+        Declare the group attributes ``sex`` (F, M) and ``age_band`` (cut at 50 and 70
+        years) in the schema (``[[schema.groups]]``) and on every task, so every evaluation
+        reports per-group metrics (:mod:`fedcare.models.fairness`).
+    group_shift:
+        A group-dependent shift for the fairness report to find: for female patients every
+        task's true logit is shrunk toward the site's mean logit of its female patients by
+        this fraction (``eta' = m + (1 - group_shift) (eta - m)``), so the label carries less
+        signal for them (``0``: no shift; ``1``: none at all). Male patients are unchanged.
+
+    survival:
+        Add the time-to-event task (:mod:`fedcare.simulations.synth.survival`): time to
+        readmission or death, right-censored, in the outcomes table, with the survival label
+        and the EHR task ``survival``. Off by default, which leaves the default hospitals
+        unchanged.
 
     Examples
     --------
@@ -79,7 +100,11 @@ class SynthConfig(BaseModel):
     image_size: int = Field(default=32, ge=16, le=1024)
     image_format: ImageFormat = "mixed"
     table_format: TableFormat = "mixed"
+    temporal_signal: bool = False
     simulated: bool = True
+    groups: bool = False
+    group_shift: float = Field(default=0.0, ge=0.0, le=1.0)
+    survival: bool = False
 
     def image_format_for(self, *, site: int) -> str:
         """The concrete image format that site ``site`` is written in."""

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from fedcare.common.errors import ConfigError
-from fedcare.common.spec import FeatureSchema, ImagingSchema
+from fedcare.common.spec import FeatureSchema, GroupAttribute, ImagingSchema
 from fedcare.models.metrics import auroc
 from fedcare.simulations.synth.cohort import SyntheticSite, simulate_site, site_sizes
 from fedcare.simulations.synth.config import SynthConfig
@@ -25,20 +25,38 @@ from fedcare.simulations.synth.manifest import (
     write_manifest,
 )
 from fedcare.simulations.synth.tasks import TASKS
+from fedcare.simulations.synth.timeline import (
+    LABEL_COLUMN,
+    temporal_event_features,
+    timeline_schema,
+)
+from fedcare.simulations.synth.timeline import SIGNAL as TEMPORAL_SIGNAL
+from fedcare.simulations.synth.timeline import TASK as TEMPORAL_TASK
 from fedcare.simulations.synth.writer import TABLE_WRITERS, write_site
 
-__all__ = ["synthesize", "build_schema", "MAX_SITES"]
+__all__ = ["synthesize", "build_schema", "MAX_SITES", "SYNTH_GROUPS"]
 
 MAX_SITES = 1000
+
+
+#: The group attributes a synthetic federation declares with ``SynthConfig(groups=True)``.
+SYNTH_GROUPS: tuple[GroupAttribute, ...] = (
+    GroupAttribute(name="sex", column="sex", description="administrative sex"),
+    GroupAttribute(
+        name="age_band", column="age", cuts=(50.0, 70.0), description="age at admission"
+    ),
+)
 
 
 def build_schema(config: SynthConfig, biology: GeneBiology) -> FeatureSchema:
     """The federation-wide schema: identical for every site of one run."""
     return FeatureSchema(
         ehr=ehr_features(),
-        events=event_features(),
+        events=(*event_features(), *(temporal_event_features() if config.temporal_signal else ())),
         genomics=genomics_schema(biology),
         imaging=ImagingSchema(shape=(config.image_size, config.image_size)),
+        timelines=(timeline_schema(),) if config.temporal_signal else (),
+        groups=SYNTH_GROUPS if config.groups else (),
     )
 
 
@@ -85,7 +103,7 @@ def _check_args(out: Path, n_sites: int, seed: int, force: bool) -> None:
 
 
 def _site_summary(site: SyntheticSite, image_format: str, table_format: str) -> dict[str, Any]:
-    prevalence = {t: float(site.truth[f"y_{t}"].mean()) for t in TASKS}
+    prevalence = {t: float(site.truth[f"y_{t}"].mean()) for t in _tasks_in(site.truth)}
     return {
         "site_id": site.site_id,
         "folder": _site_folder(site.index),
@@ -107,19 +125,30 @@ def _site_summary(site: SyntheticSite, image_format: str, table_format: str) -> 
     }
 
 
+def _tasks_in(truth: pd.DataFrame) -> list[str]:
+    """The tasks whose labels ``truth`` holds (the temporal one only when generated)."""
+    return [*TASKS, *([TEMPORAL_TASK] if f"y_{TEMPORAL_TASK}" in truth.columns else [])]
+
+
 def _task_summary(truth: pd.DataFrame) -> dict[str, Any]:
     tasks: dict[str, Any] = {}
-    for name, task in TASKS.items():
+    for name in _tasks_in(truth):
         p = truth[f"p_{name}"].to_numpy(dtype=float)
         y = truth[f"y_{name}"].to_numpy()
         both = 0 < y.sum() < len(y)
+        if name in TASKS:
+            task = TASKS[name]
+            where = {"label_column": task.column, "label_table": task.table}
+            modalities, signal = list(task.modalities), task.signal
+        else:
+            where = {"label_column": LABEL_COLUMN, "label_table": "outcomes"}
+            modalities, signal = ["ehr"], TEMPORAL_SIGNAL
         tasks[name] = {
-            "label_column": task.column,
-            "label_table": task.table,
-            "modalities": list(task.modalities),
+            **where,
+            "modalities": modalities,
             "prevalence": float(y.mean()),
             "bayes_auroc": auroc(y, p) if both else None,
-            "signal": task.signal,
+            "signal": signal,
         }
     return tasks
 

@@ -160,6 +160,9 @@ _STREAMS: dict[str, int] = {
     "genes": 28,
     "batch": 29,
     "labels": 30,
+    "timeline": 31,
+    "timeline_labels": 32,
+    "survival": 33,
 }
 
 

@@ -30,7 +30,7 @@ import pandas as pd
 from fedcare.common.spec import Modality
 from fedcare.simulations.synth.latent import sigmoid
 
-__all__ = ["TaskDef", "TASKS", "LABEL_TABLES", "true_logits"]
+__all__ = ["TaskDef", "TASKS", "LABEL_TABLES", "true_logits", "shrink_in_group"]
 
 #: Where a label column lives: the EHR table, or the outcomes table.
 LABEL_TABLES: tuple[str, ...] = ("ehr", "outcomes")
@@ -153,3 +153,20 @@ TASKS: dict[str, TaskDef] = {
 def true_logits(clean: pd.DataFrame, intercepts: dict[str, float]) -> dict[str, np.ndarray]:
     """Each task's true logit ``eta`` for every row of ``clean`` (site shift included)."""
     return {name: task.logit(clean) + intercepts[name] for name, task in TASKS.items()}
+
+
+def shrink_in_group(eta: np.ndarray, in_group: np.ndarray, strength: float) -> np.ndarray:
+    """``eta`` with the logits of the rows ``in_group`` shrunk toward their mean by
+    ``strength`` (a group-dependent shift: the label carries less signal in the group).
+
+    Examples
+    --------
+    >>> shrink_in_group(np.array([-2.0, 2.0, -1.0, 3.0]), np.array([1, 1, 0, 0], bool), 0.75)
+    array([-0.5,  0.5, -1. ,  3. ])
+    """
+    out = np.asarray(eta, dtype=float).copy()
+    mask = np.asarray(in_group, dtype=bool)
+    if strength > 0 and mask.any():
+        mean = out[mask].mean()
+        out[mask] = mean + (1.0 - strength) * (out[mask] - mean)
+    return out

@@ -37,7 +37,10 @@ from fedcare.common.spec import (
 )
 from fedcare.simulations.synth.cohort import SyntheticSite
 from fedcare.simulations.synth.imaging import ENCODERS
+from fedcare.simulations.synth.survival import EVENT_COLUMN as SURVIVAL_EVENT
+from fedcare.simulations.synth.survival import survival_tasks
 from fedcare.simulations.synth.tasks import TASKS
+from fedcare.simulations.synth.timeline import TIMELINE_NAME, temporal_tasks
 
 __all__ = ["TableWriter", "TABLE_WRITERS", "IMAGING_FOLDER", "build_site_spec", "write_site"]
 
@@ -103,6 +106,13 @@ def build_site_spec(site: SyntheticSite, *, schema: FeatureSchema, table_suffix:
     n = site.n_patients  # every patient has an EHR row and events
     img_missing = 1.0 - len(site.image_ids) / n
     gen_missing = 1.0 - len(site.genomics) / n
+    temporal: tuple[tuple[LabelSpec, ...], tuple[TaskSpec, ...]] = ((), ())
+    if any(timeline.name == TIMELINE_NAME for timeline in schema.timelines):
+        groups = tuple(g.name for g in schema.groups)
+        temporal = temporal_tasks(table_file["outcomes"], groups=groups)
+    survival: tuple[tuple[LabelSpec, ...], tuple[TaskSpec, ...]] = ((), ())
+    if SURVIVAL_EVENT in site.outcomes.columns:  # SynthConfig(survival=True); no per-group
+        survival = survival_tasks(table_file["outcomes"])  # survival metrics (not built yet)
     return SiteSpec(
         site_id=site.site_id,
         patient_id="patient_id",
@@ -125,13 +135,21 @@ def build_site_spec(site: SyntheticSite, *, schema: FeatureSchema, table_suffix:
                 description=task.description,
             )
             for task in TASKS.values()
-        ),
+        )
+        + temporal[0]
+        + survival[0],
         tasks=tuple(
             TaskSpec(
-                name=task.name, label=task.name, modalities=task.modalities, description=task.signal
+                name=task.name,
+                label=task.name,
+                modalities=task.modalities,
+                description=task.signal,
+                groups=tuple(g.name for g in schema.groups),
             )
             for task in TASKS.values()
-        ),
+        )
+        + temporal[1]
+        + survival[1],
         schema=schema,
     )
 

@@ -253,3 +253,66 @@ def test_a_refusal_after_the_site_was_loaded_reports_its_ledger_epsilon(
     assert epsilon is not None and epsilon > 0 and delta == 1e-5
     spent = ledger.spent(summary.fingerprint, delta=1e-5, accountant="prv")
     assert epsilon == pytest.approx(spent, rel=1e-5)
+
+
+def test_a_train_message_that_carries_the_evaluation_before_it_answers_both(
+    sites: Path, tmp_path: Path
+) -> None:
+    """Round 1's evaluation inside round 2's train message is the evaluation a separate
+    evaluate message of round 1 with the same model gets (exact here, so equal), logged under
+    round 1 before the training of round 2."""
+    msg = _message(sites, "train", rnd=2)
+    msg.content[keys.REC_CONFIG][keys.CFG_EVALUATE_ROUND] = 1
+    separate = _message(sites, "evaluate", rnd=1)
+    separate.content[keys.REC_ARRAYS] = msg.content[keys.REC_ARRAYS]
+    reference = handle_evaluate(separate, _context(sites, tmp_path / "separate"))
+    assert not reference.has_error(), reference.error.reason
+
+    reply = handle_train(msg, _context(sites, tmp_path / "folded"))
+    assert not reply.has_error(), reply.error.reason
+    content = reply.content
+    assert set(content) == {
+        keys.REC_ARRAYS,
+        keys.REC_METRICS,
+        keys.REC_SITE,
+        keys.REC_EVAL_METRICS,
+        keys.REC_EVAL_SITE,
+    }
+    assert dict(content[keys.REC_EVAL_METRICS]) == dict(reference.content[keys.REC_METRICS])
+    info = dict(content[keys.REC_EVAL_SITE])
+    assert set(info) <= keys.SITE_INFO_KEYS and info.pop(keys.S_EVALUATED_ROUND) == 1
+    other = dict(reference.content[keys.REC_SITE])
+    assert {k: v for k, v in info.items() if k != keys.S_AUDIT_KEY} == {
+        k: v for k, v in other.items() if k != keys.S_AUDIT_KEY
+    }
+    entries = read_entries(tmp_path / "folded" / "site-0" / "audit.jsonl")
+    assert [(e["kind"], e["data"].get("round")) for e in entries if "round" in e["data"]] == [
+        ("evaluate", 1),
+        ("train", 2),
+    ]
+
+
+def test_a_folded_evaluation_the_site_refuses_leaves_the_training_done(
+    sites: Path, tmp_path: Path
+) -> None:
+    """Only the round before the message's own may be asked for; the refusal is logged
+    and reported in its own record, and the site still trains. A malformed request is a
+    refusal of the whole message."""
+    msg = _message(sites, "train", rnd=2)
+    msg.content[keys.REC_CONFIG][keys.CFG_EVALUATE_ROUND] = 0
+    reply = handle_train(msg, _context(sites, tmp_path))
+    assert not reply.has_error(), reply.error.reason
+    refusal = reply.content[keys.REC_EVAL_REFUSAL]
+    assert refusal[keys.F_CODE] == keys.ERR_POLICY
+    assert str(refusal[keys.F_REASON]).startswith("site-0: ")
+    assert "only the evaluation of the round before" in str(refusal[keys.F_REASON])
+    assert keys.REC_ARRAYS in reply.content and keys.REC_EVAL_METRICS not in reply.content
+    entries = read_entries(tmp_path / "site-0" / "audit.jsonl")
+    assert [(e["kind"], e["data"].get("round")) for e in entries if "round" in e["data"]] == [
+        ("refused", 0),
+        ("train", 2),
+    ]
+    bad = _message(sites, "train", rnd=2)
+    bad.content[keys.REC_CONFIG][keys.CFG_EVALUATE_ROUND] = "one"
+    reply = handle_train(bad, _context(sites, tmp_path / "2"))
+    assert reply.has_error() and keys.CFG_EVALUATE_ROUND in reply.error.reason

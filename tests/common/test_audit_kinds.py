@@ -35,6 +35,7 @@ def test_the_spellings_on_disk_are_those_of_every_existing_log() -> None:
         "evaluate-failed",
         "aggregate",
         "run-end",
+        "secagg",
     }
     assert set(kinds.SITE_ENTRIES.specs) == {
         "run-start",
@@ -42,6 +43,7 @@ def test_the_spellings_on_disk_are_those_of_every_existing_log() -> None:
         "evaluate",
         "personalize",
         "refused",
+        "secagg",
     }
     assert kinds.SERVER_WRITER == "server"
 
@@ -63,6 +65,8 @@ def test_every_server_entry_carries_exactly_its_declared_fields(tmp_path: Path) 
     for kind in kinds.SERVER_EVENT_KINDS:
         audit.event(2, kind=kind, site_id="c", reason="why")
     audit.aggregate(2, model_sha256=sha, updates=1)
+    stages = {"advertised": ["a"], "shared": ["a"], "masked": ["a"], "unmasked": ["a"]}
+    audit.secagg(2, data={"threshold": 2, **stages, "outcome": "ok", "bytes": {}, "seconds": {}})
     audit.run_end(rounds_completed=2, model_sha256=sha)
     entries = read_entries(server_log_path(tmp_path))
     assert {e["kind"] for e in entries} == {kinds.LOG_OPEN, *kinds.SERVER_ENTRIES.specs}

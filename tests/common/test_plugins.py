@@ -240,7 +240,7 @@ def test_a_plugin_named_in_the_variable_registers_in_a_fresh_process(tmp_path: P
     assert child.returncode == 0, child.stderr[-3000:]
     seen = json.loads(child.stdout.strip().splitlines()[-1])
     assert "plugged_mlp" in seen["models"] and "ehr_mlp" in seen["models"]
-    assert seen["task_kinds"] == ["binary", "plugged-binary"]
+    assert "plugged-binary" in seen["task_kinds"] and "binary" in seen["task_kinds"]
     assert "plugged-median" in seen["strategies"]
     assert seen["parameters"] == 3 * 2 + 2 + 2 + 1  # Linear(3, 2) and Linear(2, 1)
 

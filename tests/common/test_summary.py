@@ -31,7 +31,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "summary-schema.md"
 
 # A hand-written reference summary: one site completed with DP, one refused its budget.
 VALID: dict[str, Any] = {
-    "schema_version": 3,
+    "schema_version": 4,
     "run_id": "run-7",
     "fedcare_version": "0.1.0",
     "flwr_version": "1.42.0",
@@ -92,6 +92,7 @@ VALID: dict[str, Any] = {
             {"round": 2, "metrics": {"test.auroc": 0.75}},
         ],
         "final": {"test.auroc": 0.75},
+        "calibration": [{"bin": 7, "mean_predicted": 0.74, "observed": 0.7, "n": 20.0}],
     },
     "baselines": {
         "local_only": {"site-a": {"test.auroc": 0.7}, "site-b": {"test.auroc": 0.6}},
@@ -101,6 +102,7 @@ VALID: dict[str, Any] = {
         {"round": 1, "site_id": "site-b", "kind": "refused", "detail": "budget"},
         {"round": 3, "site_id": "*", "kind": "round-skipped", "detail": "too few"},
     ],
+    "groups": [{"name": "sex", "column": "sex", "labels": ["F", "M", "unknown"]}],
 }
 
 
@@ -133,7 +135,7 @@ def test_the_fields_are_exactly_those_of_the_schema() -> None:
     assert set(dumped) == {
         "schema_version", "run_id", "fedcare_version", "flwr_version", "task", "strategy",
         "personalization", "rounds_planned", "rounds_completed", "sites", "global",
-        "baselines", "events",
+        "baselines", "events", "groups",
     }  # fmt: skip
     assert set(dumped["sites"][0]) == {
         "site_id", "n_train", "n_test", "status", "reason", "rounds_participated",
@@ -143,7 +145,7 @@ def test_the_fields_are_exactly_those_of_the_schema() -> None:
         "enabled", "epsilon", "run_epsilon", "delta", "accountant", "noise", "evaluation",
         "mechanisms",
     }  # fmt: skip
-    assert set(dumped["global"]) == {"rounds", "final"}
+    assert set(dumped["global"]) == {"rounds", "final", "calibration"}
     assert set(dumped["baselines"]) == {"local_only", "pooled"}
     assert set(SITE_STATUSES) == {
         "completed",
@@ -285,18 +287,20 @@ def test_inconsistent_content_is_rejected(tmp_path: Path, mutate: Any, needle: s
 
 
 def test_the_current_version_loads_and_a_missing_one_means_it(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 3
-    assert load_summary(dump(tmp_path, VALID)).schema_version == 3
+    assert SCHEMA_VERSION == 4
+    assert load_summary(dump(tmp_path, VALID)).schema_version == 4
     data = copy.deepcopy(VALID)
     del data["schema_version"]
     assert load_summary(dump(tmp_path, data)).schema_version == SCHEMA_VERSION
 
 
 def test_a_version_1_file_reads_with_the_new_privacy_fields_unknown(tmp_path: Path) -> None:
-    assert OLDER_READABLE_VERSIONS == (1, 2)
+    assert OLDER_READABLE_VERSIONS == (1, 2, 3)
     data = copy.deepcopy(VALID)
     data["schema_version"] = 1
     del data["personalization"]
+    del data["groups"]
+    del data["global"]["calibration"]
     for site in data["sites"]:
         del site["personal_metrics"]
         for name in ("run_epsilon", "noise", "evaluation"):
@@ -326,6 +330,8 @@ def test_a_version_2_file_reads_without_personal_models(tmp_path: Path) -> None:
     data = copy.deepcopy(VALID)
     data["schema_version"] = 2
     del data["personalization"]
+    del data["groups"]
+    del data["global"]["calibration"]
     for site in data["sites"]:
         del site["personal_metrics"]
     summary = load_summary(dump(tmp_path, data))
@@ -334,7 +340,17 @@ def test_a_version_2_file_reads_without_personal_models(tmp_path: Path) -> None:
     assert all(site.personal_metrics == {} for site in summary.sites)
 
 
-@pytest.mark.parametrize("version", [4, 0, "1", True])
+def test_a_version_3_file_reads_without_group_attributes(tmp_path: Path) -> None:
+    data = copy.deepcopy(VALID)
+    data["schema_version"] = 3
+    del data["groups"]
+    del data["global"]["calibration"]
+    summary = load_summary(dump(tmp_path, data))
+    assert summary.schema_version == SCHEMA_VERSION
+    assert summary.groups == () and summary.global_.calibration == ()
+
+
+@pytest.mark.parametrize("version", [5, 0, "1", True])
 def test_another_schema_version_is_refused_with_the_fix(tmp_path: Path, version: Any) -> None:
     path = dump(tmp_path, changed(schema_version=version))
     with pytest.raises(ConfigError) as err:

@@ -22,6 +22,8 @@ import pytest
 
 from fedcare.client.ledger import PrivacyLedger
 from fedcare.common.processes import family_pids
+from fedcare.common.run_files import RECORD_NAME
+from fedcare.common.run_record import load_run_record
 from fedcare.common.summary import load_summary
 from tests.integration._deployment import CONNECTION, Deployment, processes_under
 
@@ -48,13 +50,13 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         assert not processes_under(dep.root), "processes left behind"
 
 
-def _charges(dep: Deployment, site: int, run_id: str) -> list[int]:
+def _charges(dep: Deployment, site: int, run_id: str, kind: str = "train") -> list[int]:
     ledger = PrivacyLedger(dep.root / f"hospital-{site}" / "state" / "ledger.sqlite")
     return sorted(
         c.round
         for dataset in ledger.summary()
         for c in ledger.charges(dataset.fingerprint)
-        if c.run_id == run_id and c.kind == "train"
+        if c.run_id == run_id and c.kind == kind
     )
 
 
@@ -140,6 +142,18 @@ def test_run_survives_a_dropped_site_and_a_server_restart(deployment: Deployment
     assert any(e.kind == "dropped" and e.site_id == "site-2" for e in summary.events)
     progress = (dep.run_dir(run) / "progress.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in progress] == [0, 1, 2, 3]
+    # Round r's evaluation went with round r + 1's train message: round 1's without the
+    # hospital that went dark before round 2, round 2's (asked again by the resumed run)
+    # once; every round has its global metrics, and each site paid for each evaluation once.
+    record = load_run_record(dep.run_dir(run) / RECORD_NAME)
+    assert [e.round for e in record.rounds] == [0, 1, 2, 3]
+    for entry in record.rounds:
+        assert entry.metrics, entry.round
+        dark = entry.sites.get("site-2", {})
+        assert entry.round == 0 or not [k for k in dark if k.startswith(("val.", "test."))]
+    for site in ("site-0", "site-1"):
+        assert _charges(dep, int(site[-1]), run, kind="evaluate") == [0, 1, 2, 3]
+    assert _charges(dep, 2, run, kind="evaluate") == [0]
 
 
 def test_an_unsigned_run_charges_no_hospital(deployment: Deployment) -> None:

@@ -35,8 +35,8 @@ DIMS = {"ehr": 6, "imaging": (1, 8, 8), "genomics": 30}
 # ----------------------------------------------------------------------------- registry
 
 
-def test_available_models_lists_the_four_families() -> None:
-    assert available_models() == ("ehr_mlp", "fusion", "genomics_mlp", "imaging_cnn")
+def test_available_models_lists_the_five_families() -> None:
+    assert available_models() == ("ehr_mlp", "fusion", "genomics_mlp", "imaging_cnn", "timeline")
 
 
 def test_unknown_model_name_lists_the_known_ones() -> None:
@@ -260,9 +260,9 @@ def test_binary_task_scores_and_metrics() -> None:
 
 
 def test_task_kinds_registry() -> None:
-    assert available_task_kinds() == ("binary",)
-    with pytest.raises(ConfigError, match="binary"):
-        task_kind("survival")
+    assert available_task_kinds() == ("binary", "survival")
+    with pytest.raises(ConfigError, match="binary, survival"):
+        task_kind("regression")
     with pytest.raises(ConfigError, match="already registered"):
         register_task_kind(BinaryClassification)
     with pytest.raises(TypeError):

@@ -97,17 +97,29 @@ class FakeSite:
     def log(self) -> Path:
         return self.folder / ".fedcare" / AUDIT_LOG_NAME
 
+    def _evaluate(
+        self, msg: Message, rnd: int | None = None
+    ) -> tuple[MetricRecord, dict[str, Any]]:
+        """An exact evaluation, logged (under ``rnd`` where a train message carried it)."""
+        exact = EvaluationResult({}, keys.EVAL_EXACT, None, None, None)
+        self.audit.evaluate(msg, exact, delta=DELTA, accountant="prv", round=rnd)
+        metrics = MetricRecord({keys.M_NUM_EXAMPLES: 20, "test.auroc": 0.7, "test.n": 20.0})
+        return metrics, {keys.S_SITE_ID: self.site_id, keys.S_AUDIT_KEY: self.audit.key_fingerprint}
+
     def handle(self, msg: Message, run_config: dict[str, Any]) -> Message:
         TaskIdentity.node_id = self.node
         self.audit.start_run(msg, run_config=run_config)
         if msg.metadata.message_type == MessageType.EVALUATE:
-            exact = EvaluationResult({}, keys.EVAL_EXACT, None, None, None)
-            self.audit.evaluate(msg, exact, delta=DELTA, accountant="prv")
-            metrics = MetricRecord({keys.M_NUM_EXAMPLES: 20, "test.auroc": 0.7, "test.n": 20.0})
-            site = ConfigRecord(
-                {keys.S_SITE_ID: self.site_id, keys.S_AUDIT_KEY: self.audit.key_fingerprint}
+            metrics, site = self._evaluate(msg)
+            return Message(
+                RecordDict({"metrics": metrics, "site": ConfigRecord(site)}), reply_to=msg
             )
-            return Message(RecordDict({"metrics": metrics, "site": site}), reply_to=msg)
+        folded: dict[str, Any] = {}  # the round before's evaluation, first, where asked for
+        if keys.CFG_EVALUATE_ROUND in msg.content[keys.REC_CONFIG]:
+            before = int(msg.content[keys.REC_CONFIG][keys.CFG_EVALUATE_ROUND])  # type: ignore[arg-type]
+            metrics, site = self._evaluate(msg, before)
+            folded[keys.REC_EVAL_METRICS] = metrics
+            folded[keys.REC_EVAL_SITE] = ConfigRecord({**site, keys.S_EVALUATED_ROUND: before})
         received = msg.content[keys.REC_ARRAYS]["w"].numpy()
         state = {"w": torch.from_numpy(received + np.float32(self.node / 100))}
         self.history.append(self.mechanism)
@@ -132,7 +144,9 @@ class FakeSite:
         metrics = MetricRecord(
             {keys.M_NUM_EXAMPLES: 20, keys.M_TRAIN_LOSS: 0.5, keys.M_STEPS: self.mechanism.steps}
         )
-        content = RecordDict({"arrays": arrays, "metrics": metrics, "site": ConfigRecord(info)})
+        content = RecordDict(
+            {"arrays": arrays, "metrics": metrics, "site": ConfigRecord(info), **folded}
+        )
         return Message(content, reply_to=msg)
 
 

@@ -537,6 +537,25 @@ CASES: dict[str, Case] = {
         r"no event has code 'CREAT'",
         severity="warning",
     ),
+    "timeline code absent": Case(
+        _spec(
+            lambda s: s["schema"].update(
+                timelines=[
+                    {
+                        "name": "t",
+                        "codes": [{"code": "LACTATE"}],
+                        "max_length": 4,
+                        "time_unit": "days",
+                    }
+                ]
+            )
+        ),
+        "timeline_code_absent",
+        "events.csv",
+        "code",
+        r"no event has code\(s\) 'LACTATE', which timeline 't' keeps",
+        severity="warning",
+    ),
 }
 
 
