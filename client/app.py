@@ -262,6 +262,7 @@ def _request(cfg: FederationConfig, run_cfg: FederationConfig, msg: Message) -> 
         received_sha256="" if arrays is None else record_sha256(arrays),
         config_sha256=config_hash(run_cfg.to_run_config()),
         personal=personal_settings(cfg),
+        explain=cfg.explain,
     )
 
 

@@ -17,22 +17,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedcare.client.data.datasets import TaskData
-from fedcare.common.encoding import encoded_names, task_ehr_features
 from fedcare.common.errors import ConfigError
 from fedcare.common.spec import MODALITIES, FeatureSchema
-from fedcare.models.explain import DEFAULT_STEPS, InputPart, integrated_gradients
+from fedcare.models.explain import DEFAULT_STEPS, InputPart, integrated_gradients, task_parts
 
 __all__ = ["input_parts", "site_attributions"]
-
-
-def _groups(schema: FeatureSchema, data: TaskData, modality: str) -> tuple[str, ...] | None:
-    if modality == "ehr":
-        return tuple(f.name for f in task_ehr_features(schema, data.task) for _ in encoded_names(f))
-    if modality == "genomics":
-        if schema.genomics is None:
-            raise ConfigError(f"task {data.task.name!r} reads genomics but the schema has none")
-        return tuple(schema.genomics.features)
-    return None  # an image: one feature
 
 
 def input_parts(schema: FeatureSchema, data: TaskData) -> list[InputPart | None]:
@@ -42,13 +31,10 @@ def input_parts(schema: FeatureSchema, data: TaskData) -> list[InputPart | None]
     mask)`` (:class:`fedcare.client.data.datasets.MultimodalDataset`), of which a modality
     the task does not read (a zero-width tensor) and the mask are not attributed.
     """
+    parts = {p.modality: p for p in task_parts(schema, data.task)}
     if not data.multimodal:
-        (modality,) = data.modalities
-        return [InputPart(modality, _groups(schema, data, modality))]
-    parts: list[InputPart | None] = [
-        InputPart(m, _groups(schema, data, m)) if m in data.modalities else None for m in MODALITIES
-    ]
-    return [*parts, None]  # the modality mask
+        return [parts[m] for m in MODALITIES if m in parts]
+    return [*(parts.get(m) for m in MODALITIES), None]  # None: unread modality, the mask
 
 
 def site_attributions(

@@ -63,6 +63,7 @@ from fedcare.client.dpsgd import (
     sampling,
     site_generators,
 )
+from fedcare.client.explain import site_attributions
 from fedcare.client.ledger import ChargeReceipt, PrivacyLedger
 from fedcare.client.personal import (
     Personalization,
@@ -98,6 +99,7 @@ from fedcare.common.run_files import RELEASES_DIR
 from fedcare.models import build_model, default_model_for
 from fedcare.models.evaluation import DEFAULT_BINS
 from fedcare.models.evaluation import release as evaluation_release
+from fedcare.models.explain import release as explain_release
 from fedcare.models.fairness import declared_groups, group_codes, release_groups, release_steps
 from fedcare.models.metrics import split_metrics
 from fedcare.models.survival import SurvivalTask, survival_release
@@ -142,6 +144,7 @@ class RoundRequest:
     received_sha256: str = ""
     config_sha256: str = ""
     personal: PersonalSettings = field(default_factory=PersonalSettings)
+    explain: bool = False
 
 
 @dataclass(frozen=True)
@@ -439,14 +442,65 @@ class SiteTrainer:
         groups = self._group_steps(request.task)
         return [
             self._eval_mechanism(
-                (2 if strategy.releases_personal(round=r, rounds_planned=last) else 1) + groups
+                (2 if strategy.releases_personal(round=r, rounds_planned=last) else 1)
+                + groups
+                + self._explain_steps(request, r)
             )
             for r in later
         ]
 
+    def _explain_steps(self, request: RoundRequest, rnd: int) -> int:
+        """1 when round ``rnd``'s evaluation releases the model's feature attributions (the
+        run's last, with ``explain = true``, on a binary task), else 0."""
+        explains = (
+            request.explain
+            and rnd == request.rounds_planned
+            and self.definition(request.task).kind.name == "binary"
+        )
+        return 1 if explains else 0
+
+    def _explain_release(
+        self,
+        request: RoundRequest,
+        state: Mapping[str, torch.Tensor] | None,
+        device: torch.device,
+        *,
+        noise_multiplier: float,
+        generator: np.random.Generator | None,
+    ) -> dict[str, float]:
+        """The test split's feature attributions as one Gaussian release
+        (:func:`fedcare.models.explain.release`) on the wire, or nothing when its noisy count
+        is below the site's ``min_count`` (withheld whole)."""
+        data = self.task_data(request.task)
+        net = self.build_model(request.task, request.train.model)
+        if state is not None:
+            net.load_state_dict(dict(state))
+        net.to(device)
+        rows, features, modalities = site_attributions(
+            net, self.site.spec.feature_schema, data, split="test", device=device
+        )
+        # Weights crafted to overflow on some patients must not make the release fail (a
+        # failure would say such a patient exists): a non-finite attribution counts as 0,
+        # for every patient alike, as a non-finite prediction counts as 0.5 in evaluation.
+        rows = np.where(np.isfinite(rows), rows, 0.0)
+        rel = explain_release(
+            rows,
+            features,
+            modalities,
+            noise_multiplier=noise_multiplier,
+            generator=generator,
+        )
+        if rel.n < self.policy.min_count:
+            return {}
+        wire = {keys.explain_key(j): v for j, v in enumerate(rel.sums)}
+        wire[keys.EXPLAIN_N] = rel.n
+        return wire
+
     def _group_steps(self, task: str) -> int:
         """Gaussian steps the task's per-group releases add to each private evaluation
         (:func:`fedcare.models.fairness.release_steps`: one per group attribute)."""
+        if self.definition(task).kind.name != "binary":  # per-group metrics: binary only
+            return 0
         return release_steps(len(self.site.spec.task(task).groups))
 
     def _group_release(
@@ -1072,6 +1126,12 @@ class SiteTrainer:
                         bins=keys.HIST_MAX_BINS,
                     )
                 )
+            if self._explain_steps(request, request.round):
+                metrics.update(
+                    self._explain_release(
+                        request, state, device, noise_multiplier=0.0, generator=None
+                    )
+                )
             # Personalization: the personal model's exact metrics too (a fine-tune, where the
             # strategy runs one, is still DP training, charged as such).
             personal, tuned = self._personal_state(request, state)
@@ -1107,7 +1167,8 @@ class SiteTrainer:
         # the strategy does so) is a second Gaussian release under this one charge.
         personal, tuned = self._personal_state(request, state)
         groups = self._group_steps(request.task)  # per-group releases: one step per attribute
-        mechanism = self._eval_mechanism((1 if personal is None else 2) + groups)
+        explains = self._explain_steps(request, request.round)  # attributions: one step
+        mechanism = self._eval_mechanism((1 if personal is None else 2) + groups + explains)
         receipt = self._charge(request, mechanism, kind="evaluate", ceiling=ceiling)
         with self._settled(receipt, f"evaluation of round {request.round}"):
             y, p = self._predictions(request.task, state, request.train.model, device)
@@ -1140,6 +1201,16 @@ class SiteTrainer:
                         noise_multiplier=mechanism.noise_multiplier,
                         generator=generator,
                         bins=DEFAULT_BINS,
+                    )
+                )
+            if explains:
+                metrics.update(
+                    self._explain_release(
+                        request,
+                        state,
+                        device,
+                        noise_multiplier=mechanism.noise_multiplier,
+                        generator=generator,
                     )
                 )
             if personal is not None:

@@ -104,6 +104,9 @@ class FederationConfig(BaseModel):
     secure_aggregation: bool = False
     secagg_threshold: int = Field(default=0, ge=0)
     secagg_scale_bits: int = Field(default=24, ge=1, le=52)
+    # Feature attributions of the final model (models/explain.py): one more Gaussian release
+    # in each site's last evaluation, planned into the run's ε from its first round.
+    explain: bool = False
 
     @field_validator("strategy")
     @classmethod

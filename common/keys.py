@@ -92,6 +92,11 @@ __all__ = [
     "is_personal_metric",
     "ALLOWED_REPLY_METRICS",
     "is_allowed_metric",
+    "EXPLAIN_PREFIX",
+    "EXPLAIN_N",
+    "MAX_EXPLAIN_FEATURES",
+    "explain_key",
+    "is_explain_metric",
     "MT_SECAGG",
     "REC_SECAGG",
     "SA_STAGE",
@@ -351,8 +356,8 @@ def is_group_metric(name: str) -> bool:
 
 def is_release_metric(name: str) -> bool:
     """Whether ``name`` is one of an evaluation release's sums (not a derived metric), a
-    split's or a group's."""
-    return name in RELEASE_METRICS or is_group_release_metric(name)
+    split's, a group's or an explanation's."""
+    return name in RELEASE_METRICS or is_group_release_metric(name) or is_explain_metric(name)
 
 
 def is_personal_metric(name: str) -> bool:
@@ -361,9 +366,33 @@ def is_personal_metric(name: str) -> bool:
 
 
 def is_allowed_metric(name: str) -> bool:
-    """Whether a site may send a metric called ``name`` (:data:`ALLOWED_REPLY_METRICS`, or a
-    per-group key of :func:`is_group_metric`)."""
-    return name in ALLOWED_REPLY_METRICS or is_group_metric(name)
+    """Whether a site may send a metric called ``name`` (:data:`ALLOWED_REPLY_METRICS`, a
+    per-group key of :func:`is_group_metric`, or an explanation release's sum)."""
+    return name in ALLOWED_REPLY_METRICS or is_group_metric(name) or is_explain_metric(name)
+
+
+# Feature attributions (models/explain.py): the last evaluation of a run with
+# ``explain = true`` carries one noisy sum per feature, ``explain.<j>`` (``j``: the feature's
+# index in models.explain.task_features' order, below MAX_EXPLAIN_FEATURES) and the noisy
+# patient count ``explain.n``. Release sums: never a site's own metric, only pooled.
+EXPLAIN_PREFIX = "explain."
+EXPLAIN_N = "explain.n"
+#: The most features an explanation may name (a genomics panel's genes included).
+MAX_EXPLAIN_FEATURES = 4096
+_EXPLAIN = re.compile(r"explain\.(n|0|[1-9][0-9]{0,3})")
+
+
+def explain_key(j: int) -> str:
+    """``explain.<j>``: the release's noisy sum of feature ``j``'s clipped attributions."""
+    return f"{EXPLAIN_PREFIX}{j}"
+
+
+def is_explain_metric(name: str) -> bool:
+    """Whether ``name`` is one of an explanation release's sums (or its count)."""
+    match = _EXPLAIN.fullmatch(name)
+    return match is not None and (
+        match.group(1) == "n" or int(match.group(1)) < MAX_EXPLAIN_FEATURES
+    )
 
 
 # Secure aggregation (common/secagg.py; server/secagg.py drives it, client/secagg.py

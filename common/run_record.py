@@ -68,6 +68,7 @@ from fedcare.common.summary import (
     CalibrationBin,
     EvaluationMode,
     Event,
+    Explanation,
     GroupInfo,
     Mechanism,
     Metrics,
@@ -221,6 +222,8 @@ class RunRecord(_Record):
     """Flower node id (as a string) -> the site id it reported."""
     groups: list[GroupInfo] = Field(default_factory=list)
     """The federation's group attributes (its schema's ``[[schema.groups]]``)."""
+    explanation: Explanation | None = None
+    """Feature attributions of the final model (run config ``explain``), or None."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RunRecord:

@@ -84,6 +84,7 @@ __all__ = [
     "Baselines",
     "Event",
     "GroupInfo",
+    "Explanation",
     "RunSummary",
     "load_summary",
     "write_summary",
@@ -304,6 +305,28 @@ class GroupInfo(_Strict):
     """The groups, in index order; the last is ``unknown`` (a missing value)."""
 
 
+class Explanation(_Strict):
+    """Feature attributions of the model evaluated in ``round`` (:mod:`fedcare.models.explain`):
+    each feature's mean absolute integrated-gradients attribution (clipped per patient, in
+    logit units), from the sites' noisy releases."""
+
+    round: int = Field(ge=0)
+    """The round whose global model was explained (the run's last)."""
+    features: tuple[str, ...]
+    """``<modality>:<feature>``, in the schema's order."""
+    modalities: tuple[str, ...]
+    """Each feature's modality."""
+    n: float
+    """The noisy number of test patients the global numbers come from (summed over sites)."""
+    importance: dict[str, float] = Field(default_factory=dict)
+    """Feature -> global importance, from the summed releases; empty when their noisy count
+    is below the run's ``site-min-count``."""
+    modality_shares: dict[str, float] = Field(default_factory=dict)
+    """Modality -> its share of the global importance (sums to 1)."""
+    sites: dict[str, dict[str, float]] = Field(default_factory=dict)
+    """Site id -> feature -> that site's importance (its own release)."""
+
+
 class RunSummary(_Strict):
     """The whole ``summary.json`` of one run (schema :data:`SCHEMA_VERSION`)."""
 
@@ -336,6 +359,8 @@ class RunSummary(_Strict):
     groups: tuple[GroupInfo, ...] = ()
     """The federation's group attributes (``[[schema.groups]]``): what a per-group metric's
     attribute and group index name."""
+    explanation: Explanation | None = None
+    """Feature attributions of the final model, when the run asked for them (``explain``)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSummary:
@@ -415,6 +440,11 @@ class RunSummary(_Strict):
                 "baselines": dict(baselines) if baselines else {"local_only": {}, "pooled": {}},
                 "events": [e.model_dump(mode="json") for e in record.events],
                 "groups": [g.model_dump(mode="json") for g in record.groups],
+                "explanation": (
+                    None
+                    if record.explanation is None
+                    else record.explanation.model_dump(mode="json")
+                ),
             }
         )
 

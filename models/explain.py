@@ -45,7 +45,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedcare.common.encoding import (
+    encoded_names,
+    task_ehr_features,
+    task_timeline,
+    timeline_width,
+)
 from fedcare.common.errors import ConfigError, DataError
+from fedcare.common.spec import MODALITIES, FeatureSchema, TaskSpec
 from fedcare.models.evaluation import NOISE_GRID, Generator, _gaussian
 
 __all__ = [
@@ -53,6 +60,8 @@ __all__ = [
     "DEFAULT_CLIP",
     "DEFAULT_STEPS",
     "InputPart",
+    "task_parts",
+    "task_features",
     "AttributionRelease",
     "integrated_gradients",
     "contributions",
@@ -89,6 +98,41 @@ class InputPart:
         if self.groups is None:
             return (self.modality,)
         return tuple(dict.fromkeys(self.groups))
+
+
+def _ehr_groups(schema: FeatureSchema, task: TaskSpec) -> tuple[str, ...]:
+    groups = [f.name for f in task_ehr_features(schema, task) for _ in encoded_names(f)]
+    timeline = task_timeline(schema, task)
+    if timeline is not None:  # appended to the EHR vector: one feature for the whole sequence
+        groups += [f"timeline {timeline.name}"] * timeline_width(timeline)
+    return tuple(groups)
+
+
+def task_parts(schema: FeatureSchema, task: TaskSpec) -> tuple[InputPart, ...]:
+    """The parts of ``task``'s model inputs that are patient data, in
+    :data:`~fedcare.common.spec.MODALITIES` order, named from the shared schema alone (so a
+    site and the server name the same features): an EHR feature's one-hot and missing-flag
+    columns belong to it, a timeline is one feature, a gene is one, an image is one."""
+    parts: list[InputPart] = []
+    for modality in MODALITIES:
+        if modality not in task.modalities:
+            continue
+        if modality == "ehr":
+            parts.append(InputPart("ehr", _ehr_groups(schema, task)))
+        elif modality == "genomics":
+            if schema.genomics is None:
+                raise ConfigError(f"task {task.name!r} reads genomics but the schema has none")
+            parts.append(InputPart("genomics", tuple(schema.genomics.features)))
+        else:
+            parts.append(InputPart(modality, None))
+    return tuple(parts)
+
+
+def task_features(schema: FeatureSchema, task: TaskSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(features, modalities)`` of ``task``'s attributions, as :func:`integrated_gradients`
+    and :func:`release` name them."""
+    features, modalities = _feature_layout(task_parts(schema, task))
+    return tuple(features), tuple(modalities)
 
 
 @dataclass(frozen=True)

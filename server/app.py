@@ -35,6 +35,7 @@ from fedcare.common.run_record import OptimizerReset, RunRecord, write_run_recor
 from fedcare.common.spec import SiteSpec, load_site_spec
 from fedcare.common.summary import write_summary
 from fedcare.models import build_model, default_model_for
+from fedcare.models.explain import task_features
 from fedcare.models.tasks import task_definition
 from fedcare.server.audit import ServerAudit
 from fedcare.server.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -148,6 +149,9 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> RunRecord:
             schema_fingerprint=spec.feature_schema.fingerprint(),
             schema_json=spec.feature_schema.model_dump_json(),
             audit=audit,
+            explain_features=(
+                task_features(spec.feature_schema, spec.task(cfg.task)) if cfg.explain else None
+            ),
         )
         if offset == 0:
             guard.evaluate_initial(grid, pack_record(state))

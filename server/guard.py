@@ -54,17 +54,31 @@ from flwr.serverapp.strategy import Strategy
 from fedcare.common import audit_kinds as kinds
 from fedcare.common import keys
 from fedcare.common.audit import hash_arrays
-from fedcare.common.errors import UpdateRejected
+from fedcare.common.errors import DataError, UpdateRejected
 from fedcare.common.federation import FederationConfig
 from fedcare.common.packed_arrays import is_packed, layout_of, pack_record, unpack_record
 from fedcare.common.run_record import RunRecord
 from fedcare.common.spec import FeatureSchema
-from fedcare.common.summary import ALL_SITES, EvaluationMode, EventKind, GroupInfo, NoiseSource
+from fedcare.common.summary import (
+    ALL_SITES,
+    EvaluationMode,
+    EventKind,
+    Explanation,
+    GroupInfo,
+    NoiseSource,
+)
 from fedcare.models.evaluation import (
     SplitSums,
     metrics_from_release,
     releases_from_wire,
     threshold_from_release,
+)
+from fedcare.models.explain import (
+    DEFAULT_CLIP,
+    AttributionRelease,
+    importances_from_release,
+    modality_shares,
+    sum_releases,
 )
 from fedcare.models.fairness import (
     declared_groups,
@@ -181,6 +195,7 @@ class GuardedStrategy(Strategy):
         schema_fingerprint: str = "",
         schema_json: str = "",
         audit: ServerAudit | None = None,
+        explain_features: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -202,6 +217,10 @@ class GuardedStrategy(Strategy):
         self._groups_declared: tuple[dict[str, int], list[GroupInfo]] | None = None
         #: The (absolute) round whose evaluation this round's train messages ask for.
         self._folded: int | None = None
+        #: The features a run with ``explain`` names (models.explain.task_features), and the
+        #: sites' attribution releases of a round's evaluation, until pooled.
+        self.explain_features = explain_features
+        self._explain_releases: dict[int, dict[str, AttributionRelease]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -520,12 +539,15 @@ class GuardedStrategy(Strategy):
                 raise TypeError("the reply has no metrics record")
             releases[site_id] = releases_from_wire(metrics)
             groups = group_releases_from_wire(metrics, self._fairness()[0])
-        except (KeyError, TypeError, ValueError) as e:
+            explained = self._explanation_from_wire(rnd, metrics)
+        except (KeyError, TypeError, ValueError, DataError) as e:
             releases.pop(site_id, None)
             detail = f"malformed reply ({type(e).__name__}: {str(e)[:200]})"
             self._event_at(rnd, site_id, kinds.EVALUATE_FAILED, detail)
             return
         self._group_releases.setdefault(rnd, {})[site_id] = groups
+        if explained is not None:
+            self._explain_releases.setdefault(rnd, {})[site_id] = explained
         values = {  # the site's own metrics; its release's sums only feed the global ones
             k: float(v)
             for k, v in metrics.items()
@@ -574,9 +596,41 @@ class GuardedStrategy(Strategy):
             )
         )
         self.recorder.groups(described)
+        explained = self._explain_releases.pop(rnd, {})
+        if explained:
+            self.recorder.explanation(
+                explanation_of(rnd, explained, min_count=self.cfg.site_min_count)
+            )
         self.recorder.calibration(rnd, global_calibration(releases))
         self.recorder.global_metrics(rnd, global_metrics)
         return MetricRecord(dict(global_metrics)) if global_metrics else None
+
+    def _explanation_from_wire(self, rnd: int, metrics: MetricRecord) -> AttributionRelease | None:
+        """A site's attribution release (``explain.<j>``, ``explain.n``), or None when it
+        sent none; sent when the run did not ask for one (its last round, ``explain``) or
+        with keys other than its features' is a malformed reply (ValueError)."""
+        sent = sorted(k for k in metrics if keys.is_explain_metric(k))
+        if not sent:
+            return None
+        if self.explain_features is None or rnd != self.cfg.num_server_rounds:
+            raise ValueError(f"an explanation of round {rnd}, which the run did not ask for")
+        features, modalities = self.explain_features
+        wanted = sorted([keys.EXPLAIN_N, *(keys.explain_key(j) for j in range(len(features)))])
+        if sent != wanted:
+            raise ValueError(
+                f"an explanation of {len(sent) - 1} sums where the run's task names "
+                f"{len(features)} features"
+            )
+        n = float(metrics[keys.EXPLAIN_N])  # type: ignore[arg-type]
+        if not n >= 0:
+            raise ValueError("an explanation's patient count is negative")
+        return AttributionRelease(
+            features=features,
+            modalities=modalities,
+            sums=tuple(float(metrics[keys.explain_key(j)]) for j in range(len(features))),  # type: ignore[arg-type]
+            n=n,
+            clip=DEFAULT_CLIP,
+        )
 
     def _fairness(self) -> tuple[dict[str, int], list[GroupInfo]]:
         """The federation's group attributes (from its schema): their group counts, which
@@ -619,6 +673,31 @@ class GuardedStrategy(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+
+
+def explanation_of(
+    rnd: int, releases: Mapping[str, AttributionRelease], *, min_count: int
+) -> Explanation:
+    """Round ``rnd``'s explanation: each site's importances from its own release, and the
+    global ones and modality shares from their sum (withheld below ``min_count`` patients)."""
+    total = sum_releases(list(releases.values()))
+    assert total is not None  # called with at least one release
+    importance = importances_from_release(total, min_count=min_count) or {}
+    modality_of = dict(zip(total.features, total.modalities, strict=True))
+    sites = {
+        site: own
+        for site, rel in sorted(releases.items())
+        if (own := importances_from_release(rel, min_count=1)) is not None
+    }
+    return Explanation(
+        round=rnd,
+        features=total.features,
+        modalities=total.modalities,
+        n=total.n,
+        importance=importance,
+        modality_shares=modality_shares(importance, modality_of) if importance else {},
+        sites=sites,
+    )
 
 
 def weighted_global_metrics(per_site: dict[str, dict[str, float]]) -> dict[str, float]:

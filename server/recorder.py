@@ -46,6 +46,7 @@ from fedcare.common.summary import (
     EvaluationMode,
     Event,
     EventKind,
+    Explanation,
     GroupInfo,
     Metrics,
     NoiseSource,
@@ -261,6 +262,10 @@ class RunRecorder:
         """The federation's group attributes, which its per-group metrics name (kept once)."""
         if list(groups) != self.record.groups:
             self.record.groups = list(groups)
+
+    def explanation(self, explanation: Explanation) -> None:
+        """The final model's feature attributions (:func:`fedcare.server.guard.explanation_of`)."""
+        self.record.explanation = explanation
 
     def calibration(self, rnd: int, curve: Sequence[tuple[int, float, float, float]]) -> None:
         """The global test calibration curve of round ``rnd``: ``(bin, mean predicted,

@@ -356,6 +356,47 @@ def _privacy_html(card: CardInputs) -> str:
     )
 
 
+#: The most features the attribution table lists (the largest first); the rest are counted.
+TOP_FEATURES: Final = 20
+
+
+def _explanation_html(card: CardInputs) -> str | None:
+    e = card.summary.explanation
+    if e is None:
+        return None
+    parts = [
+        _p(
+            f"Which features drove the global model of round {e.round}: each feature's mean "
+            "absolute integrated-gradients attribution (logit units, each patient's row clipped "
+            "to norm 2), computed at each site over its test patients and released as a noisy "
+            f"sum charged to its ledger; {fmt_num(e.n)} test patients in all (noisy). No "
+            "patient's attribution left a site."
+        )
+    ]
+    if e.importance:
+        ranked = sorted(e.importance.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ranked[:TOP_FEATURES]
+        site_ids = sorted(e.sites)
+        rows = [
+            (name, fmt_num(value), *(fmt_num(e.sites[s].get(name, 0.0)) for s in site_ids))
+            for name, value in shown
+        ]
+        parts.append(_table(["Feature", "global", *site_ids], rows, cls="numeric"))
+        if len(ranked) > len(shown):
+            parts.append(_p(f"{len(ranked) - len(shown)} more features, each less important."))
+        shares = [(m, fmt_num(v)) for m, v in sorted(e.modality_shares.items())]
+        parts.append(_p("Share of the total importance by modality:"))
+        parts.append(_table(["Modality", "share"], shares, cls="numeric"))
+    else:
+        parts.append(
+            _p(
+                "The sites' releases together hold fewer test patients than the run's minimum "
+                "count, so no global attribution is shown."
+            )
+        )
+    return "".join(parts)
+
+
 #: The card's sections, in page order; see the module docstring.
 SECTIONS: tuple[CardSection, ...] = (
     CardSection("model", "Model and task", _model_html),
@@ -363,6 +404,7 @@ SECTIONS: tuple[CardSection, ...] = (
     CardSection("performance", "Performance", _performance_html),
     CardSection("calibration", "Calibration", _calibration_html),
     CardSection("groups", "Performance across patient groups", _groups_html),
+    CardSection("explanation", "Feature attributions", _explanation_html),
     CardSection("privacy", "Privacy spent per site", _privacy_html),
 )
 

@@ -103,6 +103,15 @@ VALID: dict[str, Any] = {
         {"round": 3, "site_id": "*", "kind": "round-skipped", "detail": "too few"},
     ],
     "groups": [{"name": "sex", "column": "sex", "labels": ["F", "M", "unknown"]}],
+    "explanation": {
+        "round": 3,
+        "features": ["ehr:age", "genomics:g1"],
+        "modalities": ["ehr", "genomics"],
+        "n": 60.0,
+        "importance": {"ehr:age": 0.3, "genomics:g1": 0.1},
+        "modality_shares": {"ehr": 0.75, "genomics": 0.25},
+        "sites": {"site-a": {"ehr:age": 0.28, "genomics:g1": 0.12}},
+    },
 }
 
 
@@ -135,7 +144,7 @@ def test_the_fields_are_exactly_those_of_the_schema() -> None:
     assert set(dumped) == {
         "schema_version", "run_id", "fedcare_version", "flwr_version", "task", "strategy",
         "personalization", "rounds_planned", "rounds_completed", "sites", "global",
-        "baselines", "events", "groups",
+        "baselines", "events", "groups", "explanation",
     }  # fmt: skip
     assert set(dumped["sites"][0]) == {
         "site_id", "n_train", "n_test", "status", "reason", "rounds_participated",

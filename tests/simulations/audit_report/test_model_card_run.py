@@ -6,7 +6,9 @@ round. The test loads the final model (``final_model.pt``) and each site's files
 every validation and test patient, and recomputes with scikit-learn and numpy what the card
 shows: counts, the per-site and global test metrics, the calibration curve, every group's
 metrics and largest gap (its own code for the decision threshold and for small-count
-suppression), and each site's ε from its ledger's mechanisms with Google's ``dp_accounting``.
+suppression), the feature attributions (integrated gradients by a plain-autograd Riemann
+sum, clipped by hand), and each site's ε from its ledger's mechanisms with Google's
+``dp_accounting``.
 A pooled (global) number comes from 100-bin releases, so its AUROC is that of the scores
 quantised to those bins.
 """
@@ -26,6 +28,7 @@ from fedcare.client.ledger import PrivacyLedger
 from fedcare.client.local import SiteTrainer
 from fedcare.client.policy import SitePolicy
 from fedcare.client.training import predict
+from fedcare.common.encoding import encoded_names, task_ehr_features
 from fedcare.common.summary import load_summary
 from fedcare.simulations.audit.model_card_cli import report_model
 from fedcare.simulations.runner import run_experiment
@@ -82,6 +85,23 @@ def _close(cell: str, value: float | None) -> bool:
     return abs(float(cell) - value) <= 5e-4 + 1e-9
 
 
+def _near(cell: str, value: float) -> bool:
+    """Within the card's rounding and integrated gradients' quadrature error (32-point
+    Gauss-Legendre at the site against a 300-step midpoint sum here): 1 %."""
+    return abs(float(cell) - value) <= 5e-4 + 1e-2 * abs(value)
+
+
+def _riemann_ig(model: torch.nn.Module, x: torch.Tensor, steps: int = 300) -> torch.Tensor:
+    """Integrated gradients against a zero baseline by a midpoint Riemann sum."""
+    total = torch.zeros_like(x)
+    for k in range(steps):
+        point = ((k + 0.5) / steps * x).detach().requires_grad_(True)
+        model(point).sum().backward()
+        assert point.grad is not None
+        total += point.grad
+    return x * total / steps
+
+
 def test_every_number_on_a_real_runs_card_is_recomputed_from_its_files(tmp_path: Path) -> None:
     root = tmp_path / "sites"
     config = SynthConfig(
@@ -94,7 +114,7 @@ def test_every_number_on_a_real_runs_card_is_recomputed_from_its_files(tmp_path:
         sites=2,
         data_root=str(root),
         baselines=False,
-        federation={"task": TASK, "num-server-rounds": 1, "local-epochs": 2},
+        federation={"task": TASK, "num-server-rounds": 1, "local-epochs": 2, "explain": True},
     )
     run = tmp_path / "run"
     run_experiment(scenario, run)
@@ -209,6 +229,45 @@ def test_every_number_on_a_real_runs_card_is_recomputed_from_its_files(tmp_path:
         if len(aurocs) >= 2:
             gaps = [r for r in tables if r[0] == "largest gap"]
             assert any(_close(r[2], max(aurocs.values()) - min(aurocs.values())) for r in gaps)
+
+    # Feature attributions: integrated gradients by a plain-autograd Riemann sum (not Captum)
+    # over every site's test patients, grouped by schema feature, each patient's row clipped
+    # to norm 2 by hand, pooled; per site the same over its own patients.
+    per_site_rows: dict[str, np.ndarray] = {}
+    names: list[str] = []
+    for folder in sorted(root.glob("site-*")):
+        site = load_site(folder)
+        trainer = SiteTrainer(site=site, policy=SitePolicy(require_dp=False), ledger=None)
+        net = trainer.build_model(TASK)
+        net.load_state_dict(state)
+        net.eval()
+        x = trainer.task_data(TASK).test.tensors[0]  # type: ignore[attr-defined]
+        attributions = _riemann_ig(net, x).abs().detach().numpy()
+        task_spec = site.spec.task(TASK)
+        features = task_ehr_features(site.spec.feature_schema, task_spec)
+        columns = [f.name for f in features for _ in encoded_names(f)]
+        names = list(dict.fromkeys(columns))
+        rows_ = np.stack([attributions[:, [c == n for c in columns]].sum(axis=1) for n in names], 1)
+        norms = np.linalg.norm(rows_, axis=1, keepdims=True)
+        per_site_rows[site.spec.site_id] = rows_ * np.minimum(1.0, 2.0 / np.maximum(norms, 1e-300))
+    pooled_rows = np.vstack(list(per_site_rows.values()))
+    expected_global = dict(zip(names, pooled_rows.mean(axis=0), strict=True))
+    header, *shown_rows = section_rows(page, "explanation")
+    assert header == ["Feature", "global", *sorted(per_site_rows)]
+    cut = shown_rows.index(["Modality", "share"])  # the second table: shares by modality
+    shown_rows, shares = shown_rows[:cut], shown_rows[cut + 1 :]
+    assert shares == [["ehr", "1"]] or shares == [["ehr", "1.000"]], shares
+    assert 0 < len(shown_rows) <= 20
+    shown_global = [float(r[1]) for r in shown_rows]
+    assert shown_global == sorted(shown_global, reverse=True)
+    for cells in shown_rows:
+        name = cells[0].removeprefix("ehr:")
+        assert _near(cells[1], expected_global[name]), (name, cells)
+        for j, sid in enumerate(sorted(per_site_rows)):
+            own = per_site_rows[sid][:, names.index(name)].mean()
+            assert _near(cells[2 + j], own), (sid, name, cells)
+    ranked = sorted(expected_global, key=lambda n: -expected_global[n])
+    assert {r[0].removeprefix("ehr:") for r in shown_rows[:3]} <= set(ranked[:5])
 
     # Privacy: the lifetime ε of each site's ledger, recomputed with dp_accounting's PLD.
     privacy = {r[0]: r for r in section_rows(page, "privacy")[1:]}
