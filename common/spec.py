@@ -298,6 +298,16 @@ def _check_groups(groups: Sequence[GroupAttribute], ehr: Sequence[Feature]) -> N
     names = [g.name for g in groups]
     if len(set(names)) != len(names):
         raise ValueError("two [[schema.groups]] share a name")
+    columns = [g.column for g in groups]
+    shared = sorted({c for c in columns if columns.count(c) > 1})
+    if shared:
+        # Two groupings of one column (e.g. age cut at 50 and at 51) would let a centre
+        # subtract one group from another and isolate the patients between their cuts,
+        # which each attribute's own small-count suppression cannot see.
+        raise ValueError(
+            f"two [[schema.groups]] read the column {shared[0]!r}; declare one group "
+            "attribute per column (its categories, or one set of cuts)"
+        )
     features = {f.name: f for f in ehr}
     for g in groups:
         feature = features.get(g.column)

@@ -460,16 +460,25 @@ def _pooled(releases: Sequence[SplitSums], bins: int | None = None) -> SplitSums
 
 
 def global_calibration(
-    releases: Mapping[str, Mapping[str, SplitSums]], *, split: str = "test"
+    releases: Mapping[str, Mapping[str, SplitSums]],
+    *,
+    split: str = "test",
+    min_count: int = 1,
 ) -> list[tuple[int, float, float, float]]:
     """The calibration curve of the sites' summed ``split`` releases
-    (:func:`calibration_curve`, coarsened to :data:`CALIBRATION_BINS` where they divide);
-    empty when no site released the split or their bins cannot be pooled."""
+    (:func:`calibration_curve`, coarsened to :data:`CALIBRATION_BINS` where they divide),
+    without bins of fewer than ``min_count`` (noisy) patients, whose observed rate would
+    describe a handful of patients in the run's summary and card; empty when no site
+    released the split or their bins cannot be pooled."""
     total = _pooled([s[split] for s in releases.values() if split in s])
     if total is None:
         return []
     bins = CALIBRATION_BINS if total.bins % CALIBRATION_BINS == 0 else total.bins
-    return [(b, m, o, float(round(n))) for b, m, o, n in calibration_curve(coarsen(total, bins))]
+    return [
+        (b, m, o, float(round(n)))
+        for b, m, o, n in calibration_curve(coarsen(total, bins))
+        if n >= min_count
+    ]
 
 
 def calibration_curve(sums: SplitSums) -> list[tuple[int, float, float, float]]:

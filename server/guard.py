@@ -474,16 +474,26 @@ class GuardedStrategy(Strategy):
         """Round ``rnd``'s evaluation, from the train replies of round ``rnd + 1`` that carry
         it; its records are taken out of each reply (the update is checked without them).
 
-        An error reply carries none: the site's refusal or drop-out is recorded with the
-        training. A reply that lacks it, carries another round's or a malformed one is an
-        ``evaluate-failed`` event of round ``rnd``, as a malformed evaluate reply is.
+        An error reply carries none: it is an ``evaluate-failed`` event of round ``rnd`` with
+        the error's reason (as an error reply to an evaluate message is), besides the
+        training's refusal or drop-out of round ``rnd + 1``. A reply that lacks it, carries
+        another round's or a malformed one is an ``evaluate-failed`` event too.
         """
         per_site: dict[str, dict[str, float]] = {}
         releases: dict[str, dict[str, SplitSums]] = {}
         for reply in replies:
-            if reply.has_error():
-                continue
             node = reply.metadata.src_node_id
+            if reply.has_error():
+                text, _, _ = keys.ledger_epsilon(reply.error.reason or "")
+                site_id, reason = _split_reason(text, self._site_of(node))
+                self._event_at(
+                    rnd,
+                    site_id,
+                    kinds.EVALUATE_FAILED,
+                    f"its train message of round {rnd + 1}, which carried this evaluation, "
+                    f"was answered with an error: {reason}",
+                )
+                continue
             taken = {name: reply.content[name] for name in _FOLDED if name in reply.content}
             for name in taken:
                 del reply.content[name]
@@ -601,7 +611,9 @@ class GuardedStrategy(Strategy):
             self.recorder.explanation(
                 explanation_of(rnd, explained, min_count=self.cfg.site_min_count)
             )
-        self.recorder.calibration(rnd, global_calibration(releases))
+        self.recorder.calibration(
+            rnd, global_calibration(releases, min_count=self.cfg.site_min_count)
+        )
         self.recorder.global_metrics(rnd, global_metrics)
         return MetricRecord(dict(global_metrics)) if global_metrics else None
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.resources
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -140,9 +141,9 @@ class SurvivalDataset(RealDataset):
             description=self.label_description,
         )
 
+    @abstractmethod
     def features(self, source: pd.DataFrame) -> pd.DataFrame:
         """The EHR features of every source row, converted (the dataset's own)."""
-        raise NotImplementedError
 
     def genomics(self, source: pd.DataFrame) -> pd.DataFrame | None:
         """The genomics columns of every source row (``None``: no genomics)."""

@@ -93,6 +93,11 @@ def test_a_schema_without_groups_keeps_its_fingerprint() -> None:
         (GROUPS.replace("cuts = [50, 70]", "cuts = [70, 50]"), "[]", "strictly increasing"),
         (GROUPS + '\n[[schema.groups]]\nname = "sex"\ncolumn = "sex"\n', "[]", "share a name"),
         (
+            GROUPS + '\n[[schema.groups]]\nname = "age_51"\ncolumn = "age"\ncuts = [51]\n',
+            "[]",
+            "two [[schema.groups]] read the column 'age'",
+        ),  # two cuts of one column: subtracting their groups isolates the patients between
+        (
             GROUPS.replace(
                 'name = "sex"\ncolumn = "sex"', 'name = "sex"\ncolumn = "sex"\ncuts = [1]'
             ),

@@ -244,7 +244,13 @@ def test_a_site_dropping_in_the_next_round_leaves_its_evaluation_out(tmp_path: P
     guard.aggregate_train(2, replies)
     assert set(guard.record.round_entry(1).sites) == {"site-a"}
     events = {(e.round, e.site_id, e.kind) for e in guard.record.events}
-    assert events == {(2, "site-b", "dropped"), (2, "node-13", "dropped")}
+    assert events == {
+        (2, "site-b", "dropped"),
+        (2, "node-13", "dropped"),
+        # The evaluation its train message carried is missing too: said, not left silent
+        # (a node that never answered is the training's drop-out only).
+        (1, "site-b", "evaluate-failed"),
+    }
 
 
 def test_evaluation_records_in_a_reply_nobody_asked_for_reject_the_update(
