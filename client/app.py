@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -71,7 +72,7 @@ from fedcare.common.errors import (
 from fedcare.common.federation import FederationConfig
 from fedcare.common.files import private_dir
 from fedcare.common.packed_arrays import pack_record, unpack_record
-from fedcare.common.run_files import LEDGER_NAME
+from fedcare.common.run_files import LEDGER_NAME, SITE_STATE_DIR
 from fedcare.common.run_signing import verify_run
 from fedcare.common.spec import FeatureSchema, describe_schema_difference, load_site_spec
 
@@ -234,7 +235,12 @@ def _server_value(config: ConfigRecord, key: str, kind: type[Any], default: Any 
     ok = (
         isinstance(value, str)
         if kind is str
-        else (isinstance(value, (int, float)) and not isinstance(value, bool))
+        else (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (kind is not int or float(value).is_integer())
+        )
     )
     if value is None or not ok:
         raise ConfigError(
@@ -708,8 +714,37 @@ def _secagg_hooks(context: Context, warm: WarmSites | None) -> SiteHooks:
     return SiteHooks(
         train=lambda m: handle_train(m, context, warm=warm),
         audit=site_audit,
-        refuse=lambda m, e, phase: refuse(m, context, e, phase=phase),
+        refuse=lambda m, e, phase, audit: _refuse(
+            m, _site_id_guess(context), e, audit, phase, context
+        ),
+        roster=lambda: _secagg_roster(context),
     )
+
+
+def _secagg_roster(context: Context) -> dict[str, bytes]:
+    """The hospitals this site pins for secure aggregation (``SiteHooks.roster``): a
+    deployed site's peers file plus its own key; a simulated federation's sites' own keys."""
+    site_cfg = _site_config(context)
+    if site_cfg is not None:
+        return site_cfg.secagg_roster()
+    cfg = FederationConfig.from_run_config(context.run_config)
+    count = context.node_config.get("num-partitions")
+    if not isinstance(count, int) or count < 1:
+        raise ConfigError("a simulated site has no 'num-partitions' to pin its peers from")
+    sites = []
+    for pid in range(count):
+        probe = Context(
+            run_id=context.run_id,
+            node_id=context.node_id,
+            node_config={keys.NC_PARTITION_ID: pid},
+            state=RecordDict(),
+            run_config=context.run_config,
+        )
+        folder = resolve_site(probe, cfg)
+        site_id = load_site_spec(folder).site_id
+        state = Path(cfg.state_root) / site_id if cfg.state_root else folder / SITE_STATE_DIR
+        sites.append((site_id, state))
+    return secagg.audit_keys(sites)
 
 
 def handle_train_message(

@@ -9,11 +9,16 @@ update in the clear: a train message without the secure-aggregation record is re
    which Flower keeps on the site's machine between messages), clipped to the run's bound C
    (``max-update-norm``; ``hospital-dp-clip`` with hospital-level DP), and answers with its
    training reply minus the arrays, plus fresh X25519 public keys and a seed commitment,
-   signed with its site key (the key its audit log is signed with).
-2. **share-keys**: checks every peer's signature, splits its masking key and seed among the
-   round's sites, and sends each peer its shares encrypted under their pairwise key.
-3. **masked-input**: encodes ``w Δ`` (``w`` in (0, 1], the centre's weight for it) in the ring
-   and adds its self mask and pairwise masks; only the masked vector leaves.
+   signed with its site key (the key its audit log is signed with). Before training it
+   refuses a round that lists more sites than it pins (``SiteHooks.roster``) and a
+   (run, round) it already advertised keys for (a durable marker in its state dir, written
+   before it answers): a re-sent round would mask the same update under fresh keys.
+2. **share-keys**: checks every peer's signature and that every peer's signing key is a
+   pinned hospital's (none twice), splits its masking key and seed among the round's
+   sites, and sends each peer its shares encrypted under their pairwise key.
+3. **masked-input**: encodes ``[w Δ, w]`` in the ring, with its *own* weight ``w`` (its
+   training-example count; 1 with hospital-level DP), never one from the centre, and adds
+   its self mask and pairwise masks; only the masked vector leaves.
 4. **unmask**: for each site the centre says dropped, its share of that site's masking
    key; for each survivor, its share of that survivor's seed; never both for one site,
    never for a round below the threshold; then the round's secrets are erased, so a second
@@ -25,11 +30,14 @@ least threshold), never from the centre's message.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tomllib
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -38,8 +46,9 @@ from fedcare.client.audit import AUDIT_KEY_NAME, SiteAudit
 from fedcare.common import audit_kinds as kinds
 from fedcare.common import keys
 from fedcare.common.audit import load_or_create_signing_key, public_key_raw
-from fedcare.common.errors import FedcareError, PolicyViolation, RoundFailed
+from fedcare.common.errors import ConfigError, FedcareError, PolicyViolation, RoundFailed
 from fedcare.common.federation import FederationConfig
+from fedcare.common.files import private_dir, write_private_atomic
 from fedcare.common.packed_arrays import unpack_record
 from fedcare.common.secagg import (
     PublicKeys,
@@ -48,6 +57,7 @@ from fedcare.common.secagg import (
     RoundKeys,
     SecAggError,
     check_overflow,
+    input_bound,
     key_statement,
     masked_input,
     min_threshold,
@@ -56,9 +66,24 @@ from fedcare.common.secagg import (
     share_keys,
     unmask_shares,
     unpack_nodes,
+    weighted_input,
 )
 
-__all__ = ["SiteHooks", "answer_train", "answer_stage", "flat_update", "STATE_NAME"]
+__all__ = [
+    "SiteHooks",
+    "answer_train",
+    "answer_stage",
+    "flat_update",
+    "STATE_NAME",
+    "ADVERTISED_DIR",
+    "advertised_marker",
+    "load_peers_file",
+    "audit_keys",
+]
+
+#: The folder of a site's state dir that holds one marker per (run, round) it advertised
+#: keys for: a site advertises keys for a round at most once, whatever the centre re-sends.
+ADVERTISED_DIR = "secagg-advertised"
 
 #: The context-state records that hold a round's secrets and update between stages.
 STATE_NAME = "fedcare-secagg"
@@ -74,13 +99,118 @@ class SiteHooks:
     audit:
         Opens the site's audit log (its key is the site key that signs advertised keys).
     refuse:
-        The site's refusal of a message: ``refuse(msg, error, phase)``, logged and naming
-        the site.
+        The site's refusal of a message: ``refuse(msg, error, phase, audit)``, logged in
+        ``audit`` where given (else in a deployed site's log) and naming the site.
+    roster:
+        The site's pinned peers: site id -> raw Ed25519 public key of that hospital's
+        audit (and secure-aggregation) signing key, this site's own included. A deployed
+        site's comes from the peers file its ``site-config.toml`` names
+        (``secagg_peers``; ConfigError without one), a simulated site's from the simulated
+        sites' own keys (:func:`audit_keys`).
     """
 
     train: Callable[[Message], Message]
     audit: Callable[[], SiteAudit]
-    refuse: Callable[[Message, FedcareError, str], Message]
+    refuse: Callable[[Message, FedcareError, str, SiteAudit | None], Message]
+    roster: Callable[[], Mapping[str, bytes]]
+
+
+def load_peers_file(path: Path, *, origin: str) -> dict[str, bytes]:
+    """A peers file: TOML with one table ``[peers]``, site id -> the hex (64 characters) of
+    that hospital's raw Ed25519 audit public key, exchanged out of band between hospitals.
+
+    ``origin`` names where the path came from (file and field), for the error message.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, not TOML, or holds anything else; one line naming it.
+    """
+    fix = (
+        'write it as a [peers] table, one line per hospital: site-id = "<64 hex characters of '
+        'its raw Ed25519 audit public key>"'
+    )
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{origin}: cannot read the peers file {path} ({e}); {fix}") from e
+    peers = raw.get("peers")
+    if set(raw) != {"peers"} or not isinstance(peers, dict) or not peers:
+        raise ConfigError(f"{origin}: the peers file {path} has no [peers] table only; {fix}")
+    out: dict[str, bytes] = {}
+    for site, text in peers.items():
+        try:
+            key = bytes.fromhex(text) if isinstance(text, str) else b""
+            Ed25519PublicKey.from_public_bytes(key)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ConfigError(
+                f"{origin}: the peers file {path} gives site {site!r} no Ed25519 public key; {fix}"
+            )
+        out[str(site)] = key
+    if len(set(out.values())) != len(out):
+        raise ConfigError(f"{origin}: the peers file {path} gives two sites the same key; {fix}")
+    return out
+
+
+def audit_keys(sites: Iterable[tuple[str, Path]]) -> dict[str, bytes]:
+    """Each site (site id, state dir) -> the public half of its audit signing key (created
+    there first if missing, as the site would): a deployed site's own entry of its roster,
+    and a simulation's whole roster (:class:`SiteHooks`).
+
+    The simulated sites share one machine, so their roster pins what those files hold: it
+    exercises the mechanism, not an out-of-band exchange between hospitals.
+    """
+    out = {}
+    for site_id, state_dir in sites:
+        private_dir(state_dir)
+        out[site_id] = public_key_raw(load_or_create_signing_key(state_dir / AUDIT_KEY_NAME))
+    return out
+
+
+def advertised_marker(state_dir: Path, ctx: RoundContext) -> Path:
+    """The marker a site writes (atomically, before it answers) once it advertised keys for
+    ``ctx``'s run and round."""
+    run = hashlib.sha256(ctx.run_id.encode("utf-8")).hexdigest()[:32]
+    return state_dir / ADVERTISED_DIR / f"{run}-round-{ctx.round}"
+
+
+def _check_roster_size(roster: Mapping[str, bytes], nodes: list[int], least: int) -> None:
+    """Before training: the round lists no more sites than this site pins, and the pinned
+    hospitals can reach the threshold."""
+    if len(nodes) > len(roster):
+        raise PolicyViolation(
+            f"the centre's round lists {len(nodes)} sites but this site pins only "
+            f"{len(roster)} hospitals' keys: a site it does not know would take part; refused"
+        )
+    if len(roster) < least:
+        raise PolicyViolation(
+            f"this site pins {len(roster)} hospitals' keys, fewer than the threshold {least} "
+            "needs; refused"
+        )
+
+
+def _check_pinned(
+    roster: Mapping[str, bytes], nodes: list[int], site_keys: list[bytes], *, me: int, own: bytes
+) -> None:
+    """Every peer's signing key is a pinned hospital's, no hospital twice, ours for us."""
+    pinned = {key: site for site, key in roster.items()}
+    seen: dict[bytes, int] = {}
+    for node, key in zip(nodes, site_keys, strict=True):
+        if key not in pinned:
+            raise PolicyViolation(
+                f"node {node}'s keys are signed by a key this site does not pin (not a known "
+                "hospital's): a site the centre invented; refused before sharing anything"
+            )
+        if key in seen:
+            raise PolicyViolation(
+                f"nodes {seen[key]} and {node} both sign as {pinned[key]}: one hospital counted "
+                "twice; refused"
+            )
+        seen[key] = node
+        if (node == me) != (key == own):
+            raise PolicyViolation("the centre lists this site's key under another node; refused")
 
 
 def flat_update(received: dict[str, np.ndarray], trained: dict[str, np.ndarray]) -> np.ndarray:
@@ -120,13 +250,6 @@ def _int(record: ConfigRecord, key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise _malformed(key)
     return value
-
-
-def _float(record: ConfigRecord, key: str) -> float:
-    value = record.get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise _malformed(key)
-    return float(value)
 
 
 def _bytes(record: ConfigRecord, key: str) -> bytes:
@@ -185,22 +308,55 @@ def answer_train(msg: Message, context: Context, *, hooks: SiteHooks) -> Message
                 f"site takes part only with a threshold in {least}..{len(nodes)}"
             )
         check_overflow(n_sites=len(nodes), bound=cfg.secagg_bound, scale_bits=cfg.secagg_scale_bits)
+        _check_roster_size(hooks.roster(), nodes, least)
+        audit = hooks.audit()
+        marker = advertised_marker(audit.log.path.parent, ctx)
+        if marker.exists():
+            replayed = PolicyViolation(
+                f"this site already advertised keys for run {ctx.run_id!r} round {ctx.round} "
+                f"({marker}); it takes part in a round once, so a re-sent round cannot "
+                "isolate its update; refused (the round goes on without this site)"
+            )
+            return hooks.refuse(msg, replayed, "secagg-advertise", audit)
     except FedcareError as e:
-        return hooks.refuse(msg, e, "secagg-advertise")
+        return hooks.refuse(msg, e, "secagg-advertise", None)
     reply = hooks.train(msg)
     if reply.has_error() or keys.REC_ARRAYS not in reply.content.array_records:
         return reply  # refused (or only evaluated): nothing to aggregate from this site
+    # Training appended to the audit log: open it afresh to log what follows.
+    audit_now: SiteAudit | None = None
     try:
+        audit = audit_now = hooks.audit()
+        weight = _own_weight(reply, cfg)
+        check_overflow(
+            n_sites=len(nodes),
+            bound=input_bound(weight=weight, bound=cfg.secagg_bound),
+            scale_bits=cfg.secagg_scale_bits,
+        )
         received = unpack_record(msg.content.array_records[keys.REC_ARRAYS])
         trained = unpack_record(reply.content.array_records[keys.REC_ARRAYS])
         delta = _clip(flat_update(received, trained), cfg.secagg_bound)
         round_keys = new_round_keys(ctx)
-        audit = hooks.audit()
         site_key = load_or_create_signing_key(audit.log.path.parent / AUDIT_KEY_NAME)
         public = round_keys.public
         signature = site_key.sign(key_statement(ctx, context.node_id, public))
-    except FedcareError as e:
-        return hooks.refuse(msg, e, "secagg-advertise")
+        private_dir(marker.parent)
+        write_private_atomic(
+            marker,
+            json.dumps(
+                {"run_id": ctx.run_id, "round": ctx.round, "node_id": context.node_id}
+            ).encode(),
+        )
+    except (FedcareError, OSError) as e:
+        error = (
+            e
+            if isinstance(e, FedcareError)
+            else RoundFailed(
+                f"cannot record the keys advertised for this round in {marker.parent} ({e}); "
+                "make the site's state folder writable"
+            )
+        )
+        return _refuse_after_training(msg, reply, error, hooks, audit_now)
     context.state[STATE_NAME] = ConfigRecord(
         {
             "run-id": ctx.run_id,
@@ -212,6 +368,9 @@ def answer_train(msg: Message, context: Context, *, hooks: SiteHooks) -> Message
             "mask-private": round_keys.mask_private,
             "seed": round_keys.seed,
             "commitment": round_keys.seed_commitment,
+            "weight": weight,
+            "weighting": "uniform" if cfg.hospital_dp_noise > 0 else "num-examples",
+            "own-site-key": public_key_raw(site_key),
             # Where stage 4 logs its answer, without loading the site again.
             "audit-dir": str(audit.log.path.parent),
             "site-id": audit.log.writer,
@@ -231,6 +390,37 @@ def answer_train(msg: Message, context: Context, *, hooks: SiteHooks) -> Message
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _own_weight(reply: Message, cfg: FederationConfig) -> int:
+    """The weight this site gives its own update: its training-example count (FedAvg's
+    weighted mean; it reports the count in the clear anyway), or 1 with hospital-level DP
+    (a uniform mean). Never a number the centre sends."""
+    if cfg.hospital_dp_noise > 0:
+        return 1
+    metrics = reply.content.metric_records.get(keys.REC_METRICS)
+    value = metrics.get(keys.M_NUM_EXAMPLES) if metrics is not None else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RoundFailed(f"the site's own training reply has no positive {keys.M_NUM_EXAMPLES}")
+    return value
+
+
+_FOLDED = (keys.REC_EVAL_METRICS, keys.REC_EVAL_SITE, keys.REC_EVAL_REFUSAL)
+
+
+def _refuse_after_training(
+    msg: Message, reply: Message, error: FedcareError, hooks: SiteHooks, audit: SiteAudit | None
+) -> Message:
+    """The site's refusal after it trained; an evaluation folded into the message (already
+    done, in the reply) still goes back, beside the training's refusal."""
+    refused = hooks.refuse(msg, error, "secagg-advertise", audit)
+    folded = {n: reply.content[n] for n in _FOLDED if n in reply.content}
+    if not folded or not refused.has_error():
+        return refused
+    record = ConfigRecord(
+        {keys.F_CODE: int(refused.error.code), keys.F_REASON: refused.error.reason or ""}
+    )
+    return Message(RecordDict({**folded, keys.REC_TRAIN_REFUSAL: record}), reply_to=msg)
 
 
 @dataclass(frozen=True)
@@ -302,7 +492,7 @@ def answer_stage(msg: Message, context: Context, *, hooks: SiteHooks) -> Message
     except FedcareError as e:
         context.state.config_records.pop(STATE_NAME, None)  # a failed round's secrets go
         context.state.array_records.pop(_UPDATE_NAME, None)
-        return hooks.refuse(msg, e, stage)
+        return hooks.refuse(msg, e, stage, None)
     return Message(content=RecordDict({keys.REC_SECAGG: content}), reply_to=msg)
 
 
@@ -330,6 +520,7 @@ def _share_keys(
     }
     if me not in peers or peers[me] != st.keys.public:
         raise SecAggError("the centre did not forward this site's own keys unchanged")
+    _check_pinned(hooks.roster(), nodes, site_keys, me=me, own=_bytes(st.record, "own-site-key"))
     for node, signature, site_key in zip(nodes, sig, site_keys, strict=True):
         try:
             Ed25519PublicKey.from_public_bytes(site_key).verify(
@@ -362,23 +553,28 @@ def _masked_input(
     peers = _peers_from(st.record)
     sources = unpack_nodes(_bytes(request, keys.SA_NODES))
     boxes = _bytes_list(request, keys.SA_BOXES, len(sources))
-    weight = _float(request, keys.SA_WEIGHT)
     if me in sources or not set(sources) <= set(peers):
         raise SecAggError("the centre forwards shares from sites that did not advertise keys")
     if len(sources) + 1 < st.threshold:
         raise SecAggError(
             f"only {len(sources) + 1} site(s) shared keys, fewer than the threshold {st.threshold}"
         )
-    if not 0 < weight <= 1:
-        raise SecAggError(f"the centre's weight {weight} for this site is not in (0, 1]")
     update = context.state.array_records.get(_UPDATE_NAME)
     if update is None:
         raise SecAggError("this site's update for the round is gone")
     delta = update["delta"].numpy()
-    quantizer = Quantizer(scale_bits=cfg.secagg_scale_bits, bound=cfg.secagg_bound)
+    # The site's own weight, fixed when it trained; any weight in the request is ignored.
+    weight = _int(st.record, "weight")
+    quantizer = Quantizer(
+        scale_bits=cfg.secagg_scale_bits, bound=input_bound(weight=weight, bound=cfg.secagg_bound)
+    )
     round_peers = {n: peers[n] for n in [*sources, me]}
     masked = masked_input(
-        quantizer.encode(weight * delta), st.keys, me=me, peers=round_peers, ctx=st.ctx
+        quantizer.encode(weighted_input(delta, weight=weight)),
+        st.keys,
+        me=me,
+        peers=round_peers,
+        ctx=st.ctx,
     )
     record = ConfigRecord(dict(st.record))
     record["stage"] = keys.SA_MASKED_INPUT
@@ -439,6 +635,8 @@ def _site_entry(
         "threshold": st.threshold,
         "survivors": sorted(survivors),
         "dropped": sorted(dropped),
+        # What this site masked: [w Δ, w] with its own w (its num-examples, or 1: uniform).
+        "weighting": {"scheme": str(st.record["weighting"]), "weight": _int(st.record, "weight")},
         "server_head": None,
         "server_key": None,
     }

@@ -285,6 +285,10 @@ class SiteConfig(_Section):
     data: Path
     state_dir: Path
     ledger: Path | None = None
+    #: Secure aggregation's pinned peers: a TOML file, site id -> each other hospital's
+    #: audit public key (``client/secagg.py`` ``load_peers_file``), exchanged out of band.
+    #: Without it the site refuses every secure-aggregation round.
+    secagg_peers: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     privacy: PrivacySection
     rules: PolicySection = Field(default_factory=PolicySection, alias="policy")
@@ -298,10 +302,38 @@ class SiteConfig(_Section):
             raise ValueError("is empty; give a folder path")
         return _resolve(value, info)
 
-    @field_validator("ledger", mode="before")
+    @field_validator("ledger", "secagg_peers", mode="before")
     @classmethod
     def _ledger(cls, value: Any, info: ValidationInfo) -> Any:
         return _optional_path(value, info)
+
+    def secagg_roster(self) -> dict[str, bytes]:
+        """The hospitals this site pins for secure aggregation: the peers file's, plus its
+        own audit key (site id -> raw Ed25519 public key).
+
+        Raises
+        ------
+        ConfigError
+            No ``secagg_peers`` set, an unreadable or malformed peers file, or one giving
+            this site another key than its own.
+        """
+        from fedcare.client.secagg import audit_keys, load_peers_file
+
+        origin = f"site {self.site_id}: site-config secagg_peers"
+        if self.secagg_peers is None:
+            raise ConfigError(
+                f"{origin} is not set, so this site cannot tell the other hospitals from sites "
+                "the centre invents and refuses secure aggregation; set secagg_peers to a file "
+                'with a [peers] table: site-id = "<hex of that hospital\'s audit public key>"'
+            )
+        peers = load_peers_file(self.secagg_peers, origin=f"{origin} ({self.secagg_peers})")
+        own = audit_keys([(self.site_id, self.state_dir)])
+        if self.site_id in peers and peers[self.site_id] != own[self.site_id]:
+            raise ConfigError(
+                f"{origin} ({self.secagg_peers}) gives this site ({self.site_id}) another key "
+                f"than its own audit key in {self.state_dir}; fix the file"
+            )
+        return {**peers, **own}
 
     def ledger_path(self) -> Path:
         """The privacy ledger: ``ledger`` if set, else ``<state_dir>/ledger.sqlite``."""

@@ -297,6 +297,9 @@ SITE_ENTRIES: Final = _specs(
         ),
     ),
     EntrySpec(REFUSED, ("round", "phase", "code", "reason", "received_sha256", *_SITE_TAG)),
-    EntrySpec(SECAGG, ("round", "node_id", "threshold", "survivors", "dropped", *_SITE_TAG)),
+    EntrySpec(
+        SECAGG,
+        ("round", "node_id", "threshold", "survivors", "dropped", "weighting", *_SITE_TAG),
+    ),
 )
 """A site's entries (``client/audit.py`` describes each field)."""

@@ -29,7 +29,8 @@ The stages of one round (the site's function, then the centre's):
 1. advertise keys: :func:`new_round_keys` -> two X25519 public keys and a commitment to
    the self-mask seed, signed by the site (:func:`key_statement`);
 2. share keys: :func:`share_keys` -> one AES-GCM ciphertext of shares per peer;
-3. masked input: :func:`masked_input` -> ``q(w x) + PRG(b) + sum_j ±PRG(s_ij)``;
+3. masked input: :func:`masked_input` -> ``q(x) + PRG(b) + sum_j ±PRG(s_ij)``, where a
+   site's ``x`` is :func:`weighted_input`: ``[n_k Δ_k, n_k]`` with its own weight ``n_k``;
 4. unmasking: :func:`unmask_shares` -> shares of dropped sites' masking keys and of
    survivors' seeds; the centre's :func:`unmask` removes the masks and returns the sum.
 
@@ -102,6 +103,9 @@ __all__ = [
     "pack_nodes",
     "unpack_nodes",
     "min_threshold",
+    "weighted_input",
+    "weighted_mean",
+    "input_bound",
 ]
 
 DOMAIN = b"fedcare-secagg-v1"
@@ -112,6 +116,8 @@ PRIME = (1 << 521) - 1
 _FIELD_BYTES = 66  # ceil(521 / 8)
 _SECRET_BYTES = 32
 _NODE = struct.Struct(">Q")  # a Flower node id: an unsigned 64-bit integer
+#: A share box: 12-byte nonce + AES-GCM(sender, recipient, two field elements) + 16-byte tag.
+_BOX_BYTES = 12 + 2 * _NODE.size + 2 * _FIELD_BYTES + 16
 
 ShareKind = str
 #: An unmasking share of a dropped site's masking private key.
@@ -211,6 +217,56 @@ class Quantizer:
     def decode(self, ring: np.ndarray) -> np.ndarray:
         """A ring element (e.g. a sum of encoded inputs) back as float64."""
         return np.asarray(ring, np.uint64).view(np.int64).astype(np.float64) / self.scale
+
+
+def weighted_input(delta: np.ndarray, *, weight: int) -> np.ndarray:
+    """What a site masks: ``[weight * delta, weight]`` (float64), its update scaled by its
+    own weight with the weight appended, so the centre's unmasked sum gives both
+    ``Σ n_k Δ_k`` and ``Σ n_k`` and the weighted mean is their quotient
+    (:func:`weighted_mean`). The weight is the site's own (its training-example count for
+    FedAvg, 1 for a uniform mean), never one the centre sends.
+
+    Examples
+    --------
+    >>> weighted_input(np.array([0.5, -1.0]), weight=3).tolist()
+    [1.5, -3.0, 3.0]
+    """
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        raise SecAggError(f"a site's secure-aggregation weight must be a count >= 1, got {weight}")
+    v = np.asarray(delta, np.float64).ravel()
+    return np.concatenate([weight * v, [float(weight)]])
+
+
+def input_bound(*, weight: int, bound: float) -> float:
+    """The largest coordinate of :func:`weighted_input` for an update of L2 norm <= ``bound``."""
+    return weight * max(bound, 1.0)
+
+
+def weighted_mean(total: np.ndarray) -> tuple[np.ndarray, float]:
+    """``(Σ w_k Δ_k / Σ w_k, Σ w_k)`` from the decoded sum of :func:`weighted_input` vectors.
+
+    Raises
+    ------
+    SecAggError
+        The summed weight is not a positive finite number (a site masked something else).
+
+    Examples
+    --------
+    >>> s = weighted_input(np.array([1.0]), weight=1) + weighted_input(np.array([4.0]), weight=3)
+    >>> mean, weight = weighted_mean(s)
+    >>> mean.tolist(), weight
+    ([3.25], 4.0)
+    """
+    v = np.asarray(total, np.float64).ravel()
+    if v.size < 1:
+        raise SecAggError("the recovered sum holds no weight coordinate")
+    weight = float(v[-1])
+    if not (math.isfinite(weight) and weight >= 0.5):
+        raise SecAggError(
+            f"the recovered total weight {weight:.6g} is not a positive count: a site masked "
+            "something else than its weighted update"
+        )
+    return v[:-1] / weight, weight
 
 
 # ------------------------------------------------------------------ Shamir over GF(p)
@@ -448,10 +504,15 @@ def open_shares(
         if src == me:
             plain = blob
         else:
+            if not isinstance(blob, bytes) or len(blob) != _BOX_BYTES:
+                raise SecAggError(
+                    f"the shares node {src} sent are {len(blob) if isinstance(blob, bytes) else 0}"
+                    f" bytes, not the {_BOX_BYTES} of a share box: malformed; refused"
+                )
             box = AESGCM(_pair_key(keys.enc_private, peers[src].enc, ctx=ctx, label="enc"))
             try:
                 plain = box.decrypt(blob[:12], blob[12:], _aad(ctx, src, me))
-            except InvalidTag:
+            except (InvalidTag, ValueError):
                 raise SecAggError(
                     f"the shares node {src} sent do not decrypt under its pairwise key: they "
                     "were altered, or are not for this site, run and round"

@@ -485,13 +485,13 @@ class GuardedStrategy(Strategy):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 text, _, _ = keys.ledger_epsilon(reply.error.reason or "")
-                site_id, reason = _split_reason(text, self._site_of(node))
+                site_id, error = _split_reason(text, self._site_of(node))
                 self._event_at(
                     rnd,
                     site_id,
                     kinds.EVALUATE_FAILED,
                     f"its train message of round {rnd + 1}, which carried this evaluation, "
-                    f"was answered with an error: {reason}",
+                    f"was answered with an error: {error}",
                 )
                 continue
             taken = {name: reply.content[name] for name in _FOLDED if name in reply.content}

@@ -9,11 +9,14 @@ the weighted mean of the survivors' updates recovered from their masked inputs. 
 checks (finite, norm within ``max-update-norm``) then apply to that mean, and FedAvg's
 mean of identical models is the model itself; each site's own update is never seen.
 
-Weights: FedAvg's, ``w_k = n_k / Σ n`` over the sites that shared keys (``n_k`` its
-``num-examples``, which every reply reports in the clear), renormalised over the survivors;
-with hospital-level DP, uniform (``1 / n``), as :class:`~fedcare.server.hospital_dp.HospitalDP`
-needs: its clipping is then done by each site (to ``hospital-dp-clip``) before masking, and
-its noise (σ = z C / n over the survivors) is added by the centre to the unmasked mean.
+Weights are the sites' own, never the centre's: each site masks ``[n_k Δ_k, n_k]`` (``n_k``
+its ``num-examples``, which its reply reports in the clear too), so the centre unmasks
+``Σ n_k Δ_k`` and ``Σ n_k`` over the survivors and divides: FedAvg's weighted mean. With
+hospital-level DP each site masks ``[Δ_k, 1]``: a uniform mean, as
+:class:`~fedcare.server.hospital_dp.HospitalDP` needs; its clipping is then done by each site
+(to ``hospital-dp-clip``) before masking, and its noise (σ = z C / n over the survivors) is
+added by the centre to the unmasked mean. The recovered total weight must equal the
+survivors' reported counts (else the round fails).
 
 Drop-outs: a site that does not answer a stage within ``round-timeout`` leaves the round
 (each stage waits at most that long, so a round takes at most four timeouts); while at
@@ -56,11 +59,13 @@ from fedcare.common.secagg import (
     RoundContext,
     SecAggError,
     check_overflow,
+    input_bound,
     key_statement,
     min_threshold,
     pack_nodes,
     unmask,
     unpack_nodes,
+    weighted_mean,
 )
 from fedcare.server.audit import ServerAudit
 from fedcare.server.grid import PromptGrid
@@ -73,6 +78,10 @@ __all__ = ["SecureGrid", "RoundStats", "apply_mean_update", "STAGE_POLL_S"]
 STAGE_POLL_S = 0.02
 
 log = logging.getLogger(__name__)
+
+#: The records a stage-1 reply carries for an evaluation folded into the train message
+#: (``server/guard.py`` reads them).
+_FOLDED = (keys.REC_EVAL_METRICS, keys.REC_EVAL_SITE, keys.REC_EVAL_REFUSAL)
 
 _SITE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
@@ -210,6 +219,8 @@ class _SecureRound:
         n = len(msgs)
         self.threshold = self.cfg.secagg_threshold or min_threshold(n)
         self.out: dict[int, Message] = {}
+        #: Each node's stage-1 reply (its training reply minus the update).
+        self.replies: dict[int, Message] = {}
         self.site_ids: dict[int, str] = {}
         self.answered: dict[str, list[int]] = {}
         self.stats = RoundStats(sites=n)
@@ -251,9 +262,7 @@ class _SecureRound:
                 self.dropped(node, stage, f"malformed reply ({type(e).__name__}: {e})"[:300])
         for node in messages:
             if node not in got and node not in self.out:
-                self.dropped(
-                    node, stage, f"no reply within round-timeout={self.cfg.round_timeout:g} s"
-                )
+                self.dropped(node, stage, self._no_reply())
         self.stats.received[stage] = received
         self.answered[stage] = sorted(got)
         if len(got) < self.threshold:
@@ -265,12 +274,33 @@ class _SecureRound:
             )
         return got
 
+    def _no_reply(self) -> str:
+        """Why a node that sent nothing dropped: the wait this stage actually had."""
+        if self.timeout is None:
+            return "no reply (the grid returned without one; no timeout was set)"
+        return f"no reply within the round's timeout of {self.timeout:g} s"
+
+    def _lost(self, node: int, code: int, text: str) -> Message:
+        """What the guard gets for a node that leaves the round: an error reply; for a node
+        whose stage-1 reply carried a folded evaluation, that evaluation (the site sent it)
+        and the training's refusal instead (``server/guard.py``)."""
+        first = self.replies.get(node)
+        folded = {}
+        if first is not None:
+            folded = {n: first.content[n] for n in _FOLDED if n in first.content}
+        if not folded:
+            return Message(Error(code=code, reason=text), reply_to=self.msgs[node])
+        refusal = ConfigRecord({keys.F_CODE: keys.ERR_FAILED, keys.F_REASON: text})
+        return Message(
+            RecordDict({**folded, keys.REC_TRAIN_REFUSAL: refusal}), reply_to=self.msgs[node]
+        )
+
     def dropped(self, node: int, stage: str, reason: str) -> None:
         """Node leaves the round at ``stage``: the guard records it as a drop-out."""
         text = f"{self.site(node)}: left secure aggregation at stage {stage}: {reason}"
         # Before it trained it is Flower's drop-out; after, a failure after its charge.
         code = ErrorCode.NODE_UNAVAILABLE if node not in self.site_ids else keys.ERR_FAILED
-        self.out[node] = Message(Error(code=code, reason=text), reply_to=self.msgs[node])
+        self.out[node] = self._lost(node, code, text)
         log.warning("round %s: %s", self.ctx.round, text)
 
     def fail(self, nodes: Iterable[int], stage: str, reason: str) -> None:
@@ -278,9 +308,7 @@ class _SecureRound:
             if node in self.out:
                 continue
             text = f"{self.site(node)}: secure aggregation failed at stage {stage}: {reason}"
-            self.out[node] = Message(
-                Error(code=keys.ERR_FAILED, reason=text), reply_to=self.msgs[node]
-            )
+            self.out[node] = self._lost(node, keys.ERR_FAILED, text)
 
     # ---------------------------------------------------------------- stages
 
@@ -343,7 +371,7 @@ class _SecureRound:
             )
         return list(self.out.values())
 
-    def advertise(self) -> tuple[dict[int, tuple[PublicKeys, bytes, bytes]], dict[int, float]]:
+    def advertise(self) -> tuple[dict[int, tuple[PublicKeys, bytes, bytes]], dict[int, int]]:
         """Stage 1: the train messages with the round's sites and threshold."""
         nodes = pack_nodes(self.msgs)
         for msg in self.msgs.values():
@@ -357,7 +385,6 @@ class _SecureRound:
         start = time.monotonic()
         replies = self.grid._grid.send_and_receive(list(self.msgs.values()), timeout=self.timeout)
         self.stats.seconds[keys.SA_ADVERTISE] = round(time.monotonic() - start, 4)
-        self.replies: dict[int, Message] = {}
         advertised: dict[int, tuple[PublicKeys, bytes, bytes]] = {}
         examples: dict[int, int] = {}
         self.stats.received[keys.SA_ADVERTISE] = 0
@@ -382,11 +409,7 @@ class _SecureRound:
             self.replies[node] = reply
         for node in self.msgs:
             if node not in advertised and node not in self.out:
-                self.dropped(
-                    node,
-                    keys.SA_ADVERTISE,
-                    f"no reply within round-timeout={self.cfg.round_timeout:g} s",
-                )
+                self.dropped(node, keys.SA_ADVERTISE, self._no_reply())
         self.answered[keys.SA_ADVERTISE] = sorted(advertised)
         if len(advertised) < self.threshold:
             raise _RoundFailed(
@@ -395,7 +418,19 @@ class _SecureRound:
                 f"keys, fewer than the threshold {self.threshold}",
             )
         self.stats.sent[keys.SA_ADVERTISE] = sum(_payload(m.content) for m in self.msgs.values())
-        weights = {n: float(examples[n]) for n in advertised}
+        # Each site masks [w_k Δ_k, w_k] with its own weight: its num-examples (FedAvg), or
+        # 1 with hospital-level DP (a uniform mean). The centre only predicts them, to size
+        # the ring and to check the recovered total weight.
+        uniform = self.cfg.hospital_dp_noise > 0
+        weights = {n: 1 if uniform else examples[n] for n in advertised}
+        try:
+            check_overflow(
+                n_sites=len(advertised),
+                bound=input_bound(weight=max(weights.values()), bound=self.cfg.secagg_bound),
+                scale_bits=self.cfg.secagg_scale_bits,
+            )
+        except SecAggError as e:
+            raise _RoundFailed(keys.SA_ADVERTISE, str(e)) from e
         return advertised, weights
 
     def share_keys(
@@ -434,15 +469,13 @@ class _SecureRound:
         self,
         advertised: dict[int, tuple[PublicKeys, bytes, bytes]],
         shared: dict[int, dict[int, bytes]],
-        weights: dict[int, float],
+        weights: dict[int, int],
     ) -> dict[int, np.ndarray]:
-        """Stage 3: each site gets the shares addressed to it and its weight."""
-        if self.cfg.hospital_dp_noise > 0:
-            self.weight = {n: 1.0 / len(shared) for n in shared}
-        else:
-            total = sum(weights[n] for n in shared)
-            self.weight = {n: weights[n] / total for n in shared}
-        size = sum(int(np.asarray(v).size) for v in self.reference.values())
+        """Stage 3: each site gets the shares addressed to it (never a weight: each site
+        weighs its own input)."""
+        self.weight = {n: weights[n] for n in shared}
+        # The model's coordinates and the weight's.
+        size = sum(int(np.asarray(v).size) for v in self.reference.values()) + 1
         contents = {}
         for node in shared:
             sources = [j for j in sorted(shared) if j != node]
@@ -454,7 +487,6 @@ class _SecureRound:
                             keys.SA_ROUND: self.ctx.round,
                             keys.SA_NODES: pack_nodes(sources),
                             keys.SA_BOXES: [shared[j][node] for j in sources],
-                            keys.SA_WEIGHT: self.weight[node],
                         }
                     )
                 }
@@ -514,11 +546,25 @@ class _SecureRound:
             dropped=dropped,
         )
         quantizer = Quantizer(scale_bits=self.cfg.secagg_scale_bits, bound=self.cfg.secagg_bound)
-        weight = sum(self.weight[n] for n in survivors)
-        mean = quantizer.decode(total) / weight
+        rounding = quantizer.max_error(len(survivors))
+        decoded = quantizer.decode(total)
+        try:
+            _, weight = weighted_mean(decoded)
+        except SecAggError as e:
+            raise _RoundFailed(keys.SA_UNMASK, str(e)) from e
+        expected = sum(self.weight[n] for n in survivors)
+        if abs(weight - expected) > rounding:
+            raise _RoundFailed(
+                keys.SA_UNMASK,
+                f"the recovered total weight {weight:.6g} is not the survivors' reported "
+                f"{expected} ({'sites' if self.cfg.hospital_dp_noise > 0 else 'num-examples'}):"
+                " a site masked another weight than it reported; the global model is unchanged",
+            )
+        weight = float(expected)
+        mean = decoded[:-1] / weight
         # Each survivor's input has norm <= w_k C, so the weighted mean's norm is <= C, up
         # to the rounding of n inputs (n / 2^(f+1) per coordinate, divided by the weight).
-        slack = quantizer.max_error(len(survivors)) * math.sqrt(max(mean.size, 1)) / weight
+        slack = rounding * math.sqrt(max(mean.size, 1)) / weight
         norm = float(np.linalg.norm(mean))
         if not math.isfinite(norm) or norm > self.cfg.secagg_bound + slack:
             raise _RoundFailed(

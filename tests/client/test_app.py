@@ -6,6 +6,7 @@ the site record cross the wire; refusals are error replies naming the site.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -316,3 +317,16 @@ def test_a_folded_evaluation_the_site_refuses_leaves_the_training_done(
     bad.content[keys.REC_CONFIG][keys.CFG_EVALUATE_ROUND] = "one"
     reply = handle_train(bad, _context(sites, tmp_path / "2"))
     assert reply.has_error() and keys.CFG_EVALUATE_ROUND in reply.error.reason
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan, 2.5])
+def test_a_round_number_that_is_not_an_integer_is_a_refusal_not_a_crash(
+    sites: Path, tmp_path: Path, value: float
+) -> None:
+    """``int(inf)`` raises OverflowError: the site must refuse (audited), not crash."""
+    with task_identity(run_id=1):
+        msg = _message(sites, "train", rnd=2)
+        msg.content[keys.REC_CONFIG][keys.CFG_EVALUATE_ROUND] = value
+        reply = handle_train(msg, _context(sites, tmp_path))
+    assert reply.has_error() and reply.error.code == keys.ERR_CONFIG
+    assert keys.CFG_EVALUATE_ROUND in reply.error.reason

@@ -16,12 +16,16 @@ from fedcare.common.secagg import (
     check_overflow,
     combine_shares,
     expand_mask,
+    input_bound,
     masked_input,
     new_round_keys,
+    open_shares,
     share_keys,
     split_secret,
     unmask,
     unmask_shares,
+    weighted_input,
+    weighted_mean,
 )
 
 CTX = RoundContext(run_id="run-a", round=3)
@@ -198,3 +202,57 @@ def test_a_secure_run_config_is_refused_with_the_fix(settings: dict, needle: str
         FederationConfig.from_run_config({**base, **settings})
     ok = FederationConfig.from_run_config({**base, "hospital-dp-noise": 1.0, "max-update-norm": 0})
     assert ok.secagg_bound == ok.hospital_dp_clip
+
+
+@pytest.mark.parametrize("blob", [b"", b"xx", bytes(27), bytes(500)])
+def test_a_share_box_of_the_wrong_length_is_the_protocols_error(blob: bytes) -> None:
+    """cryptography raises ValueError for a ciphertext shorter than its tag: never let it
+    escape as anything but SecAggError."""
+    nodes, site_keys, public, inbox, _ = _round(3, 2)
+    me, other = nodes[0], nodes[1]
+    with pytest.raises(SecAggError, match="share box"):
+        open_shares(site_keys[me], me=me, inbox={other: blob}, peers=public, ctx=CTX)
+    # The right length, wrong bytes: still the protocol's own error.
+    with pytest.raises(SecAggError, match="do not decrypt"):
+        open_shares(
+            site_keys[me], me=me, inbox={other: bytes(len(inbox[me][other]))}, peers=public,
+            ctx=CTX,
+        )  # fmt: skip
+
+
+def test_the_weighted_mean_is_fedavgs_against_numpy() -> None:
+    """Sites mask [n_k x_k, n_k] with their own n_k; the unmasked sum gives numpy's weighted
+    average, within the rounding of the sum divided by the total weight."""
+    nodes, site_keys, public, inbox, x = _round(4, 3, d=30)
+    n = {node: 10 + 37 * i for i, node in enumerate(nodes)}
+    bound, bits = 1.0, 24
+    masked = {}
+    for node in nodes:
+        q = Quantizer(scale_bits=bits, bound=input_bound(weight=n[node], bound=bound))
+        check_overflow(n_sites=len(nodes), bound=q.bound, scale_bits=bits)
+        masked[node] = masked_input(
+            q.encode(weighted_input(x[node], weight=n[node])), site_keys[node], me=node,
+            peers=public, ctx=CTX,
+        )  # fmt: skip
+    shares = {
+        node: unmask_shares(
+            site_keys[node],
+            me=node,
+            inbox=inbox[node],
+            peers=public,
+            survivors=set(nodes),
+            dropped=set(),
+            threshold=3,
+            ctx=CTX,
+        )  # fmt: skip
+        for node in nodes
+    }
+    total = unmask(masked, public=public, shares=shares, threshold=3, ctx=CTX)
+    mean, weight = weighted_mean(Quantizer(scale_bits=bits, bound=bound).decode(total))
+    assert weight == sum(n.values())
+    reference = np.average([x[k] for k in nodes], axis=0, weights=[n[k] for k in nodes])
+    assert np.max(np.abs(mean - reference)) <= len(nodes) / 2.0 ** (bits + 1) / weight
+    with pytest.raises(SecAggError, match="count >= 1"):
+        weighted_input(x[nodes[0]], weight=0)
+    with pytest.raises(SecAggError, match="not a positive count"):
+        weighted_mean(np.array([1.0, 0.0]))

@@ -144,11 +144,12 @@ def test_run_survives_a_dropped_site_and_a_server_restart(deployment: Deployment
     assert [json.loads(x)["round"] for x in progress] == [0, 1, 2, 3]
     # Round r's evaluation went with round r + 1's train message: round 1's without the
     # hospital that went dark before round 2, round 2's (asked again by the resumed run)
-    # once; every round has its global metrics, and each site paid for each evaluation once.
+    # once; each site paid for each evaluation once. (A round's global metrics may be
+    # withheld: the sites' DP releases are noisy, and a pooled noisy count below
+    # site-min-count withholds them, so their presence is not asserted.)
     record = load_run_record(dep.run_dir(run) / RECORD_NAME)
     assert [e.round for e in record.rounds] == [0, 1, 2, 3]
     for entry in record.rounds:
-        assert entry.metrics, entry.round
         dark = entry.sites.get("site-2", {})
         assert entry.round == 0 or not [k for k in dark if k.startswith(("val.", "test."))]
     for site in ("site-0", "site-1"):

@@ -7,10 +7,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import tomli_w
+import tomllib
 
+from fedcare.client.audit import AUDIT_KEY_NAME
 from fedcare.common import audit_kinds as kinds
+from fedcare.common.audit import load_or_create_signing_key, public_key_raw
+from fedcare.common.files import private_dir
 from fedcare.common.summary import load_summary
 from fedcare.simulations.audit.verify import verify_paths
 from tests.integration._deployment import Deployment, processes_under
@@ -21,6 +27,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     dep = Deployment.create(tmp_path_factory.mktemp("secagg-deployment"), patients=80)
+    pin_peers(dep.sites)
     try:
         dep.start_server()
         for i in range(len(dep.sites)):
@@ -33,6 +40,23 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         while processes_under(dep.root) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not processes_under(dep.root), "processes left behind"
+
+
+def pin_peers(sites: list[Path]) -> None:
+    """What the hospitals exchange out of band: each one's audit public key, in a peers file
+    its own site-config.toml names (``secagg_peers``)."""
+    public = {}
+    for site in sites:
+        config = tomllib.loads((site / "site-config.toml").read_text(encoding="utf-8"))
+        state = private_dir(Path(config["state_dir"]))
+        key = load_or_create_signing_key(state / AUDIT_KEY_NAME)
+        public[str(config["site_id"])] = public_key_raw(key).hex()
+    for site in sites:
+        path = site / "site-config.toml"
+        config = tomllib.loads(path.read_text(encoding="utf-8"))
+        others = {k: v for k, v in public.items() if k != config["site_id"]}
+        (site / "peers.toml").write_text(tomli_w.dumps({"peers": others}), encoding="utf-8")
+        path.write_text(tomli_w.dumps({**config, "secagg_peers": str(site / "peers.toml")}))
 
 
 def test_a_deployed_secure_round_sums_three_hospitals(deployment: Deployment) -> None:
