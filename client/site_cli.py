@@ -1,4 +1,5 @@
-"""``fedcare site keygen`` and ``fedcare site check``: a hospital's deployment commands.
+"""``fedcare site keygen``, ``site check`` and ``site peer-key``: a hospital's deployment
+commands.
 
 Plain typer-annotated functions; :mod:`fedcare.cli` mounts them. A
 :class:`~fedcare.common.errors.FedcareError` raised here becomes one line and exit code 2 there.
@@ -33,6 +34,7 @@ __all__ = [
     "run_site_checks",
     "site_keygen",
     "site_check",
+    "site_peer_key",
 ]
 
 _STYLE: dict[str, str] = {"ok": "green", "warning": "yellow", "error": "red", "skipped": "dim"}
@@ -167,3 +169,33 @@ def site_check(
         console.print(Text(f"site {cfg.site_id}: NOT ready: {verdict}", style="red"))
         raise typer.Exit(1)
     console.print(Text(f"site {cfg.site_id}: ready: {verdict}", style="green"))
+
+
+# --------------------------------------------------------------------------------------
+# fedcare site peer-key
+# --------------------------------------------------------------------------------------
+
+
+def site_peer_key(
+    config: Path = typer.Argument(  # noqa: B008 - typer's declaration style
+        ..., help="The site's site-config.toml."
+    ),
+) -> None:
+    """Print this hospital's line for the other hospitals' secure-aggregation peers files.
+
+    The line is ``<site id> = "<hex of the site's audit public key>"`` (its state folder's
+    audit signing key, made there first if missing, as the site would). Send it to the
+    other hospitals by a channel you trust (not through the coordinating centre, which
+    could swap it); each adds it under ``[peers]`` in the file its ``secagg_peers`` names.
+
+    Raises
+    ------
+    ConfigError
+        The config is invalid, or its state folder cannot hold the key.
+    """
+    from fedcare.client.secagg import audit_keys
+
+    cfg = load_site_config(config)
+    key = audit_keys([(cfg.site_id, cfg.state_dir)])[cfg.site_id]
+    console = Console(highlight=False, soft_wrap=True, emoji=False)
+    console.print(f'{cfg.site_id} = "{key.hex()}"', markup=False, emoji=False)

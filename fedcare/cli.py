@@ -66,6 +66,7 @@ COMMANDS: tuple[tuple[str | None, str, str], ...] = (
     ("server", "submit", "fedcare.server.deploy_cli:server_submit"),
     ("site", "keygen", "fedcare.client.site_cli:site_keygen"),
     ("site", "check", "fedcare.client.site_cli:site_check"),
+    ("site", "peer-key", "fedcare.client.site_cli:site_peer_key"),
     ("site", "start", "fedcare.client.deploy_cli:site_start"),
     ("audit", "verify", "fedcare.simulations.audit.verify_cli:audit_verify"),
     ("audit", "attack", "fedcare.simulations.audit.attack_cli:audit_attack"),

@@ -380,3 +380,26 @@ def test_site_check_refuses_a_site_toml_with_simulation_opt_ins(
     problems = [p for p in config.check_files() if p.field == "data"]
     assert [p.severity for p in problems] == ["error"]
     assert "[simulation]" in problems[0].message and "--for-deployment" in problems[0].fix
+
+
+def test_peer_key_prints_the_line_another_hospital_pins(site: Site, tmp_path: Path) -> None:
+    """``fedcare site peer-key``: the site's audit public key, as a peers-file line that the
+    peers-file reader accepts and that equals the key in the site's state folder."""
+    from cryptography.hazmat.primitives import serialization
+
+    from fedcare.client.secagg import load_peers_file
+    from fedcare.client.site_cli import site_peer_key
+
+    ran = invoke(site_peer_key, [str(site.config_path)])
+    assert ran.exit_code == 0, ran.output
+    peers_file = tmp_path / "peers.toml"
+    peers_file.write_text("[peers]\n" + ran.output, encoding="utf-8")
+    pinned = load_peers_file(peers_file, origin="test")
+    key_file = site.base / "state" / "audit-key.pem"
+    private = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    raw = private.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    assert pinned == {"site-0": raw}
+    again = invoke(site_peer_key, [str(site.config_path)])
+    assert again.output == ran.output  # the same key: made once, then read
