@@ -828,41 +828,32 @@ def _imaging_differences(
     return []
 
 
-def _group_differences(
-    a: Sequence[GroupAttribute], b: Sequence[GroupAttribute], a_name: str, b_name: str
+def _entry_differences(
+    what: str,
+    a: Sequence[GroupAttribute] | Sequence[TimelineSchema],
+    b: Sequence[GroupAttribute] | Sequence[TimelineSchema],
+    a_name: str,
+    b_name: str,
+    *,
+    ordered: bool,
 ) -> list[str]:
-    mine, theirs = {g.name: g for g in a}, {g.name: g for g in b}
+    """Named schema entries (``[[schema.groups]]``, ``[[schema.timelines]]``) only on one
+    side or changed; with ``ordered``, the same names in another order too (a group's index
+    is its place)."""
+    mine, theirs = {e.name: e for e in a}, {e.name: e for e in b}
     out = [
-        f"group {n!r} only in {name}"
+        f"{what} {n!r} only in {name}"
         for x, y, name in ((mine, theirs, a_name), (theirs, mine, b_name))
         for n in x
         if n not in y
     ]
-    for n, g in mine.items():
+    for n, entry in mine.items():
         if n in theirs:
-            change = _changed(f"group {n!r}", g, theirs[n], a_name, b_name, skip=("name",))
+            change = _changed(f"{what} {n!r}", entry, theirs[n], a_name, b_name, skip=("name",))
             if change is not None:
                 out.append(change)
-    if not out and [g.name for g in a] != [g.name for g in b]:
-        out.append(f"groups in another order in {a_name} and {b_name}")
-    return out
-
-
-def _timeline_differences(
-    a: Sequence[TimelineSchema], b: Sequence[TimelineSchema], a_name: str, b_name: str
-) -> list[str]:
-    mine, theirs = {t.name: t for t in a}, {t.name: t for t in b}
-    out = [
-        f"timeline {n!r} only in {name}"
-        for x, y, name in ((mine, theirs, a_name), (theirs, mine, b_name))
-        for n in x
-        if n not in y
-    ]
-    for n, t in mine.items():
-        if n in theirs:
-            change = _changed(f"timeline {n!r}", t, theirs[n], a_name, b_name, skip=("name",))
-            if change is not None:
-                out.append(change)
+    if ordered and not out and [e.name for e in a] != [e.name for e in b]:
+        out.append(f"{what}s in another order in {a_name} and {b_name}")
     return out
 
 
@@ -892,8 +883,8 @@ def schema_differences(
         *_named_differences("event feature", a.events, b.events, a_name, b_name),
         *_genomics_differences(a.genomics, b.genomics, a_name, b_name),
         *_imaging_differences(a.imaging, b.imaging, a_name, b_name),
-        *_timeline_differences(a.timelines, b.timelines, a_name, b_name),
-        *_group_differences(a.groups, b.groups, a_name, b_name),
+        *_entry_differences("timeline", a.timelines, b.timelines, a_name, b_name, ordered=False),
+        *_entry_differences("group", a.groups, b.groups, a_name, b_name, ordered=True),
     ]
 
 

@@ -18,17 +18,15 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-__all__ = ["PromptGrid", "prompt"]
+__all__ = ["DelegatingGrid", "PromptGrid", "prompt"]
 
 
-class PromptGrid(Grid):
-    """Delegates to ``grid``; :meth:`send_and_receive` polls every ``poll_s`` seconds."""
+class DelegatingGrid(Grid):
+    """A Grid that passes every call to the grid it wraps; subclasses override what they
+    change (:class:`PromptGrid`'s polling, ``server.secagg.SecureGrid``'s train rounds)."""
 
-    def __init__(self, grid: Grid, *, poll_s: float = 0.1) -> None:
-        if poll_s <= 0:
-            raise ValueError(f"poll_s must be > 0, got {poll_s}")
+    def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self.poll_s = poll_s
 
     def set_run(self, run: Run) -> None:
         self._grid.set_run(run)
@@ -55,6 +53,21 @@ class PromptGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class PromptGrid(DelegatingGrid):
+    """Delegates to ``grid``; :meth:`send_and_receive` polls every ``poll_s`` seconds."""
+
+    def __init__(self, grid: Grid, *, poll_s: float = 0.1) -> None:
+        if poll_s <= 0:
+            raise ValueError(f"poll_s must be > 0, got {poll_s}")
+        super().__init__(grid)
+        self.poll_s = poll_s
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

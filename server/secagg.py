@@ -45,7 +45,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.app.message_type import MessageType
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedcare.common import keys
 from fedcare.common.audit import public_key_fingerprint
@@ -68,7 +67,7 @@ from fedcare.common.secagg import (
     weighted_mean,
 )
 from fedcare.server.audit import ServerAudit
-from fedcare.server.grid import PromptGrid
+from fedcare.server.grid import DelegatingGrid, PromptGrid
 
 __all__ = ["SecureGrid", "RoundStats", "apply_mean_update", "STAGE_POLL_S"]
 
@@ -140,7 +139,7 @@ class _RoundFailed(Exception):
         self.reason = reason
 
 
-class SecureGrid(Grid):
+class SecureGrid(DelegatingGrid):
     """Delegates to ``grid``; a round of train messages runs as a secure round (see the
     module docstring). Evaluation and every other message go through unchanged.
 
@@ -158,39 +157,11 @@ class SecureGrid(Grid):
     def __init__(
         self, grid: Grid, *, cfg: FederationConfig, audit: ServerAudit | None = None
     ) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.cfg = cfg
         self.audit = audit
         #: The last secure round's traffic and outcome (the benchmark reads it).
         self.last_round: RoundStats | None = None
-
-    # ---------------------------------------------------------------- delegation
-
-    def set_run(self, run: Run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
