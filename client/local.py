@@ -26,7 +26,9 @@ exact metrics (a simulated site only), it is released with differential privacy
 (:mod:`fedcare.models.evaluation`) and charged to the ledger as one Gaussian mechanism, within the
 same run allowance and under the site's per-run evaluation cap. A task with group attributes
 (``[[tasks]] groups``) adds one Gaussian release per attribute to that charge: its per-group
-metrics (:mod:`fedcare.models.fairness`), planned into the run's noise like the rest.
+metrics (:mod:`fedcare.models.fairness`; a survival task's, :mod:`fedcare.models.survival_groups`),
+planned into the run's noise like the rest. A survival task's last evaluation adds one more:
+its test split's survival curves (:mod:`fedcare.models.survival_curves`), for the model card.
 
 Personal models (the run's ``personalization``, :mod:`fedcare.client.personal`) are planned and
 charged the same way: Ditto's second DP-SGD copy shares its round's charge (one mechanism,
@@ -102,7 +104,15 @@ from fedcare.models.evaluation import release as evaluation_release
 from fedcare.models.explain import release as explain_release
 from fedcare.models.fairness import declared_groups, group_codes, release_groups, release_steps
 from fedcare.models.metrics import split_metrics
-from fedcare.models.survival import SurvivalTask, survival_release
+from fedcare.models.survival import (
+    SurvivalTask,
+    interval_index,
+    survival_curves,
+    survival_release,
+)
+from fedcare.models.survival_curves import RELEASE_STEPS as CURVE_STEPS
+from fedcare.models.survival_curves import release as curve_release
+from fedcare.models.survival_groups import release_survival_groups
 from fedcare.models.tasks import TaskDefinition, task_definition
 
 __all__ = [
@@ -445,6 +455,7 @@ class SiteTrainer:
                 (2 if strategy.releases_personal(round=r, rounds_planned=last) else 1)
                 + groups
                 + self._explain_steps(request, r)
+                + self._curve_steps(request, r)
             )
             for r in later
         ]
@@ -496,12 +507,99 @@ class SiteTrainer:
         wire[keys.EXPLAIN_N] = rel.n
         return wire
 
+    def _curve_steps(self, request: RoundRequest, rnd: int) -> int:
+        """:data:`~fedcare.models.survival_curves.RELEASE_STEPS` when round ``rnd``'s
+        evaluation releases the survival curves (the run's last, on a survival task), else 0."""
+        last = rnd == request.rounds_planned
+        return (
+            CURVE_STEPS
+            if last and isinstance(self.definition(request.task).kind, SurvivalTask)
+            else 0
+        )
+
+    def _curve_release(
+        self,
+        task: str,
+        y: Mapping[str, np.ndarray],
+        p: Mapping[str, np.ndarray],
+        *,
+        noise_multiplier: float,
+        generator: np.random.Generator | None,
+    ) -> dict[str, float]:
+        """The test split's survival curves (:func:`fedcare.models.survival_curves.release`)
+        on the wire: the noisy life table and predicted-survival sums, intervals with fewer
+        than the site's ``min_count`` at risk withheld, nothing below it at all."""
+        kind = self.definition(task).kind
+        assert isinstance(kind, SurvivalTask)
+        targets = np.asarray(y["test"], dtype=np.float64).reshape(-1, 2)  # (time, event)
+        hazards = np.asarray(p["test"], dtype=np.float64).reshape(-1, kind.intervals)
+        rel = curve_release(
+            targets[:, 1],
+            interval_index(targets[:, 0], kind.cuts),
+            survival_curves(hazards),
+            cuts=kind.cuts,
+            noise_multiplier=noise_multiplier,
+            generator=generator,
+            min_count=self.policy.min_count,
+        )
+        return {} if rel is None else rel.to_wire()
+
     def _group_steps(self, task: str) -> int:
         """Gaussian steps the task's per-group releases add to each private evaluation
-        (:func:`fedcare.models.fairness.release_steps`: one per group attribute)."""
-        if self.definition(task).kind.name != "binary":  # per-group metrics: binary only
+        (:func:`fedcare.models.fairness.release_steps`: one per group attribute; a survival
+        task's groups, :mod:`fedcare.models.survival_groups`, the same)."""
+        if self.definition(task).kind.name not in ("binary", "survival"):
             return 0
         return release_steps(len(self.site.spec.task(task).groups))
+
+    def _codes(self, task: str, splits: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+        """Attribute -> split -> each patient's group index, for the task's groups."""
+        assert self.site.ehr is not None
+        schema = self.site.spec.feature_schema
+        ids = self.task_data(task).patient_ids
+        return {
+            name: {
+                s: group_codes(
+                    schema, name, self.site.ehr[schema.group(name).column].reindex(ids[s]).tolist()
+                )
+                for s in splits
+            }
+            for name in self.site.spec.task(task).groups
+        }
+
+    def _survival_group_release(
+        self,
+        task: str,
+        y: Mapping[str, np.ndarray],
+        p: Mapping[str, np.ndarray],
+        released: Mapping[str, float],
+        *,
+        noise_multiplier: float,
+        generator: np.random.Generator | None,
+    ) -> dict[str, float]:
+        """A survival task's per-group C-index and time-dependent AUC of the splits
+        ``released`` holds (:mod:`fedcare.models.survival_groups`): one more Gaussian release
+        per attribute under the evaluation's charge; exact in exact mode."""
+        names = self.site.spec.task(task).groups
+        splits = [s for s in y if f"{s}.n" in released]
+        if not names or not splits or self.site.ehr is None:
+            return {}
+        kind = self.definition(task).kind
+        assert isinstance(kind, SurvivalTask)
+        train = None
+        if noise_multiplier == 0:  # exact: IPCW from the train split's censoring
+            train = self.task_data(task).train.y.numpy()  # type: ignore[attr-defined]
+        return release_survival_groups(
+            kind,
+            {s: y[s] for s in splits},
+            {s: p[s] for s in splits},
+            self._codes(task, splits),
+            declared_groups(self.site.spec.feature_schema, names),
+            noise_multiplier=noise_multiplier,
+            generator=generator,
+            min_count=self.policy.min_count,
+            train=train,
+        )
 
     def _group_release(
         self,
@@ -520,22 +618,11 @@ class SiteTrainer:
         splits = [s for s in y if f"{s}.n" in released]
         if not names or not splits or self.site.ehr is None:
             return {}
-        schema = self.site.spec.feature_schema
-        ids = self.task_data(task).patient_ids
-        codes = {
-            name: {
-                s: group_codes(
-                    schema, name, self.site.ehr[schema.group(name).column].reindex(ids[s]).tolist()
-                )
-                for s in splits
-            }
-            for name in names
-        }
         return release_groups(
             {s: y[s] for s in splits},
             {s: p[s] for s in splits},
-            codes,
-            declared_groups(schema, names),
+            self._codes(task, splits),
+            declared_groups(self.site.spec.feature_schema, names),
             noise_multiplier=noise_multiplier,
             generator=generator,
             min_count=self.policy.min_count,
@@ -1126,11 +1213,21 @@ class SiteTrainer:
                         bins=keys.HIST_MAX_BINS,
                     )
                 )
+            else:
+                metrics.update(
+                    self._survival_group_release(
+                        request.task, y, p, metrics, noise_multiplier=0.0, generator=None
+                    )
+                )
             if self._explain_steps(request, request.round):
                 metrics.update(
                     self._explain_release(
                         request, state, device, noise_multiplier=0.0, generator=None
                     )
+                )
+            if self._curve_steps(request, request.round):
+                metrics.update(
+                    self._curve_release(request.task, y, p, noise_multiplier=0.0, generator=None)
                 )
             # Personalization: the personal model's exact metrics too (a fine-tune, where the
             # strategy runs one, is still DP training, charged as such).
@@ -1168,7 +1265,10 @@ class SiteTrainer:
         personal, tuned = self._personal_state(request, state)
         groups = self._group_steps(request.task)  # per-group releases: one step per attribute
         explains = self._explain_steps(request, request.round)  # attributions: one step
-        mechanism = self._eval_mechanism((1 if personal is None else 2) + groups + explains)
+        curves = self._curve_steps(request, request.round)  # survival curves: one step
+        mechanism = self._eval_mechanism(
+            (1 if personal is None else 2) + groups + explains + curves
+        )
         receipt = self._charge(request, mechanism, kind="evaluate", ceiling=ceiling)
         with self._settled(receipt, f"evaluation of round {request.round}"):
             y, p = self._predictions(request.task, state, request.train.model, device)
@@ -1203,12 +1303,33 @@ class SiteTrainer:
                         bins=DEFAULT_BINS,
                     )
                 )
+            else:
+                metrics.update(
+                    self._survival_group_release(
+                        request.task,
+                        y,
+                        p,
+                        metrics,
+                        noise_multiplier=mechanism.noise_multiplier,
+                        generator=generator,
+                    )
+                )
             if explains:
                 metrics.update(
                     self._explain_release(
                         request,
                         state,
                         device,
+                        noise_multiplier=mechanism.noise_multiplier,
+                        generator=generator,
+                    )
+                )
+            if curves:
+                metrics.update(
+                    self._curve_release(
+                        request.task,
+                        y,
+                        p,
                         noise_multiplier=mechanism.noise_multiplier,
                         generator=generator,
                     )

@@ -97,6 +97,15 @@ __all__ = [
     "MAX_EXPLAIN_FEATURES",
     "explain_key",
     "is_explain_metric",
+    "CURVE_PREFIX",
+    "CURVE_AT_RISK",
+    "CURVE_EVENTS",
+    "CURVE_PREDICTED",
+    "CURVE_PARTS",
+    "MAX_CURVE_INTERVALS",
+    "curve_key",
+    "parse_curve_key",
+    "is_curve_metric",
     "MT_SECAGG",
     "REC_SECAGG",
     "SA_STAGE",
@@ -305,8 +314,11 @@ GROUP_METRICS = (
     "mean_predicted",
     "observed",
     "calibration_error",
+    # A survival task's groups (models/survival_groups.py).
+    "c_index",
+    "td_auc",
 )
-GAP_METRICS = ("auroc", "tpr", "fpr", "ece", "calibration_error")
+GAP_METRICS = ("auroc", "tpr", "fpr", "ece", "calibration_error", "c_index", "td_auc")
 MAX_GROUP_INDEX = 16  # common.spec.MAX_GROUPS groups, then "unknown"
 _ATTR = r"[a-z][a-z0-9_]{0,31}"
 _INDEX = r"(0|[1-9][0-9]?)"
@@ -357,7 +369,12 @@ def is_group_metric(name: str) -> bool:
 def is_release_metric(name: str) -> bool:
     """Whether ``name`` is one of an evaluation release's sums (not a derived metric), a
     split's, a group's or an explanation's."""
-    return name in RELEASE_METRICS or is_group_release_metric(name) or is_explain_metric(name)
+    return (
+        name in RELEASE_METRICS
+        or is_group_release_metric(name)
+        or is_explain_metric(name)
+        or is_curve_metric(name)
+    )
 
 
 def is_personal_metric(name: str) -> bool:
@@ -368,7 +385,12 @@ def is_personal_metric(name: str) -> bool:
 def is_allowed_metric(name: str) -> bool:
     """Whether a site may send a metric called ``name`` (:data:`ALLOWED_REPLY_METRICS`, a
     per-group key of :func:`is_group_metric`, or an explanation release's sum)."""
-    return name in ALLOWED_REPLY_METRICS or is_group_metric(name) or is_explain_metric(name)
+    return (
+        name in ALLOWED_REPLY_METRICS
+        or is_group_metric(name)
+        or is_explain_metric(name)
+        or is_curve_metric(name)
+    )
 
 
 # Feature attributions (models/explain.py): the last evaluation of a run with
@@ -393,6 +415,44 @@ def is_explain_metric(name: str) -> bool:
     return match is not None and (
         match.group(1) == "n" or int(match.group(1)) < MAX_EXPLAIN_FEATURES
     )
+
+
+# Survival curves (models/survival_curves.py): a survival task's last evaluation carries its
+# test split's noisy life table and predicted survival, ``curve.at_risk.<k>`` and
+# ``curve.events.<k>`` (patients at risk at the start of interval ``k`` and events in it, for
+# the leading intervals the site released) and ``curve.predicted.<k>`` (the sum of the
+# patients' predicted survival at cut ``k + 1``), ``k`` below MAX_CURVE_INTERVALS. Release
+# sums: never a site's own metric, only pooled.
+CURVE_PREFIX = "curve."
+CURVE_AT_RISK = "at_risk"
+CURVE_EVENTS = "events"
+CURVE_PREDICTED = "predicted"
+CURVE_PARTS = (CURVE_AT_RISK, CURVE_EVENTS, CURVE_PREDICTED)
+#: The most cuts (intervals) a survival curve release may describe.
+MAX_CURVE_INTERVALS = 64
+_CURVE = re.compile(rf"curve\.({'|'.join(CURVE_PARTS)})\.(0|[1-9][0-9]?)")
+
+
+def curve_key(part: str, k: int) -> str:
+    """``curve.<part>.<k>``: one number of a survival curve release.
+
+    >>> curve_key(CURVE_AT_RISK, 3), parse_curve_key("curve.at_risk.3")
+    ('curve.at_risk.3', ('at_risk', 3))
+    """
+    return f"{CURVE_PREFIX}{part}.{k}"
+
+
+def parse_curve_key(name: str) -> tuple[str, int] | None:
+    """``(part, k)`` of a survival curve release's key, or None for any other name."""
+    match = _CURVE.fullmatch(name)
+    if match is None or int(match.group(2)) >= MAX_CURVE_INTERVALS:
+        return None
+    return match.group(1), int(match.group(2))
+
+
+def is_curve_metric(name: str) -> bool:
+    """Whether ``name`` is one of a survival curve release's numbers."""
+    return parse_curve_key(name) is not None
 
 
 # Secure aggregation (common/secagg.py; server/secagg.py drives it, client/secagg.py

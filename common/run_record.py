@@ -20,7 +20,8 @@ Every one of them reads it through :class:`RunRecord`. The full reference is
               calibration: [{bin, mean_predicted, observed, n}]}],
     events: [{round, site_id, kind, detail}],
     nodes: {Flower node id: site_id},
-    groups: [{name, column, labels}]
+    groups: [{name, column, labels}],
+    explanation: {...} | null, survival: {...} | null
 
 A round's ``sites`` hold each site's evaluation metrics (``<split>.<metric>``) and what the
 server measured of its update: ``update-norm``, ``num-examples``, ``train-loss`` and the ε
@@ -28,9 +29,11 @@ the site reported (``epsilon``, ``run-epsilon``).
 
 fedcare writes this file itself, so every model here rejects unknown keys. Versions:
 
-* 3 (:data:`RECORD_VERSION`): written now; every field present. Adds ``groups`` (the
-  federation's group attributes, :class:`~fedcare.common.summary.GroupInfo`) and each
-  round's ``calibration`` (the global test calibration curve).
+* 4 (:data:`RECORD_VERSION`): written now; every field present. Adds ``survival`` (a
+  survival task's observed and predicted curves, :class:`~fedcare.common.summary.SurvivalCurves`).
+* 3: as 4 without ``survival`` (read as null). Added ``groups`` (the federation's group
+  attributes, :class:`~fedcare.common.summary.GroupInfo`) and each round's ``calibration``
+  (the global test calibration curve).
 * 2: as 3 without ``groups`` and ``calibration`` (read as ``[]``).
 * 1: fedcare before this module, whose records carry no ``record_version`` (a file, or the
   record inside a checkpoint of that fedcare). Still read (:data:`OLDER_READABLE_VERSIONS`):
@@ -48,7 +51,7 @@ Examples
 ... )
 >>> record.round_entry(1).metrics["test.auroc"] = 0.71
 >>> record.rounds_completed, record.to_dict()["record_version"]
-(1, 3)
+(1, 4)
 >>> RunRecord.from_dict(record.to_dict(), source="r1").rounds[0].metrics
 {'test.auroc': 0.71}
 """
@@ -74,6 +77,7 @@ from fedcare.common.summary import (
     Metrics,
     NoiseSource,
     SiteStatus,
+    SurvivalCurves,
 )
 
 __all__ = [
@@ -90,9 +94,9 @@ __all__ = [
     "write_run_record",
 ]
 
-RECORD_VERSION: Final = 3
+RECORD_VERSION: Final = 4
 #: Versions :meth:`RunRecord.from_dict` still reads (see the module docstring).
-OLDER_READABLE_VERSIONS: Final = (1, 2)
+OLDER_READABLE_VERSIONS: Final = (1, 2, 3)
 
 #: Run-config value types (Flower's run config: flat, scalar values).
 ConfigValue = bool | int | float | str
@@ -190,7 +194,7 @@ class OptimizerReset(_Record):
 class RunRecord(_Record):
     """The whole ``server_record.json`` (version :data:`RECORD_VERSION`)."""
 
-    record_version: Literal[3] = RECORD_VERSION
+    record_version: Literal[4] = RECORD_VERSION
     """Version of this record's shape."""
     run_id: str = Field(min_length=1)
     """The run's id."""
@@ -224,6 +228,8 @@ class RunRecord(_Record):
     """The federation's group attributes (its schema's ``[[schema.groups]]``)."""
     explanation: Explanation | None = None
     """Feature attributions of the final model (run config ``explain``), or None."""
+    survival: SurvivalCurves | None = None
+    """A survival task's observed and predicted curves of the final model, or None."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RunRecord:
@@ -341,8 +347,8 @@ class RunRecord(_Record):
             )
         if version == 1:
             raw = _from_version_1(raw)
-        elif version == 2:
-            raw = {**raw, "record_version": RECORD_VERSION}  # 2 lacks only ``groups``
+        elif version in (2, 3):  # 2 lacks only ``groups``, 3 only ``survival``
+            raw = {**raw, "record_version": RECORD_VERSION}
         try:
             return cls.model_validate(raw)
         except ValidationError as e:

@@ -631,13 +631,6 @@ class SiteSpec(_Frozen):
                 f"task {task.name!r} reports groups, which are read from the EHR table; "
                 "the site declares no [ehr]"
             )
-        labels = [label for label in self.labels if label.name == task.label]
-        if task.groups and labels and labels[0].kind != "binary":
-            raise ValueError(
-                f"task {task.name!r} reports groups, but its label {task.label!r} is "
-                f"{labels[0].kind}; per-group metrics are computed for binary labels only: "
-                "remove its 'groups'"
-            )
 
     def path_fields(self) -> tuple[tuple[str, str], ...]:
         """Every path this spec names, as ``(field, path)``, in spec order.

@@ -1,6 +1,6 @@
 """``summary.json``: the versioned, validated record of one federated run.
 
-Field by field (version 4; the full reference with an example is ``docs/summary-schema.md``)::
+Field by field (version 5; the full reference with an example is ``docs/summary-schema.md``)::
 
     schema_version, run_id, fedcare_version, flwr_version, task, strategy, personalization,
     rounds_planned, rounds_completed,
@@ -12,7 +12,10 @@ Field by field (version 4; the full reference with an example is ``docs/summary-
              calibration: [{bin, mean_predicted, observed, n}]},
     baselines: {local_only: {site_id: {name: value}}, pooled: {name: value}},
     events: [{round, site_id, kind, detail}],
-    groups: [{name, column, labels}]
+    groups: [{name, column, labels}],
+    explanation: {round, features, modalities, n, importance, modality_shares, sites} | null,
+    survival: {round, cuts, time_unit, n, at_risk, events, observed, predicted,
+               sites: {site_id: {n, observed, predicted}}} | null
 
 A site's ``privacy.epsilon`` is the ε of its dataset's whole ledger history at the end of
 the run, earlier runs included (its *lifetime* ε, δ = ``privacy.delta``);
@@ -85,18 +88,21 @@ __all__ = [
     "Event",
     "GroupInfo",
     "Explanation",
+    "SiteSurvivalCurve",
+    "SurvivalCurves",
     "RunSummary",
     "load_summary",
     "write_summary",
 ]
 
 #: The version of the schema this module writes (and reads).
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 #: Older versions :func:`load_summary` still reads: version 1 lacks ``privacy.run_epsilon``,
 #: ``privacy.noise`` and ``privacy.evaluation``, which read as null (not recorded); versions
 #: 1 and 2 lack ``personalization`` and ``sites[].personal_metrics`` (read as ``none`` and
-#: ``{}``: no personal models then); versions 1 to 3 lack ``groups`` (read as ``[]``).
-OLDER_READABLE_VERSIONS: Final = (1, 2, 3)
+#: ``{}``: no personal models then); versions 1 to 3 lack ``groups`` (read as ``[]``); versions
+#: 1 to 4 lack ``survival`` (read as null: no survival curves then).
+OLDER_READABLE_VERSIONS: Final = (1, 2, 3, 4)
 
 SiteStatus = Literal["completed", "refused", "failed", "diverged", "dropped", "rejected"]
 #: ``completed``: the site's last round went through. ``refused``: the site declined
@@ -327,10 +333,74 @@ class Explanation(_Strict):
     """Site id -> feature -> that site's importance (its own release)."""
 
 
+def _probabilities(values: tuple[float, ...], what: str) -> tuple[float, ...]:
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"{what} must be survival probabilities in [0, 1]; got {list(values)}")
+    return values
+
+
+class SiteSurvivalCurve(_Strict):
+    """One site's survival curves from its own release."""
+
+    n: float
+    """Its noisy number of test patients."""
+    observed: tuple[float, ...]
+    """Kaplan-Meier survival at the first cuts (up to its last released interval)."""
+    predicted: tuple[float, ...]
+    """The model's mean predicted survival at every cut."""
+
+    @model_validator(mode="after")
+    def _in_range(self) -> SiteSurvivalCurve:
+        _probabilities(self.observed, "observed")
+        _probabilities(self.predicted, "predicted")
+        return self
+
+
+class SurvivalCurves(_Strict):
+    """Survival curves of the test patients at the label's cuts, from the sites' noisy
+    releases (:mod:`fedcare.models.survival_curves`): the observed Kaplan-Meier curve of the
+    pooled life table, and the evaluated model's mean predicted survival."""
+
+    round: int = Field(ge=0)
+    """The round whose global model predicted (the run's last)."""
+    cuts: tuple[float, ...] = Field(min_length=1)
+    """The label's cuts ``t_1 < ... < t_K``: ``observed[k]`` and ``predicted[k]`` are at
+    ``cuts[k]``."""
+    time_unit: str | None = None
+    """The unit of the cuts (the label's ``time_unit``), when declared."""
+    n: float
+    """The noisy number of test patients of all releases together."""
+    at_risk: tuple[float, ...] = ()
+    """Pooled noisy number at risk at the start of each interval the curve covers."""
+    events: tuple[float, ...] = ()
+    """Pooled noisy events in each of those intervals."""
+    observed: tuple[float, ...] = ()
+    """Kaplan-Meier survival at ``cuts[0..L-1]``; it stops where fewer than ``site-min-count``
+    patients were at risk."""
+    predicted: tuple[float, ...] = ()
+    """Mean predicted survival at every cut."""
+    sites: dict[str, SiteSurvivalCurve] = Field(default_factory=dict)
+    """Site id -> its own curves (sites whose release was withheld are absent)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SurvivalCurves:
+        _probabilities(self.observed, "observed")
+        _probabilities(self.predicted, "predicted")
+        k = len(self.cuts)
+        sizes = {len(self.at_risk), len(self.events), len(self.observed)}
+        if len(sizes) != 1 or len(self.observed) > k or len(self.predicted) not in (0, k):
+            raise ValueError(
+                f"survival curves: {len(self.at_risk)} at-risk, {len(self.events)} event and "
+                f"{len(self.observed)} observed values, {len(self.predicted)} predicted, for "
+                f"{k} cuts"
+            )
+        return self
+
+
 class RunSummary(_Strict):
     """The whole ``summary.json`` of one run (schema :data:`SCHEMA_VERSION`)."""
 
-    schema_version: Literal[4] = SCHEMA_VERSION
+    schema_version: Literal[5] = SCHEMA_VERSION
     """Version of this schema; a reader refuses a version it does not know."""
     run_id: str = Field(min_length=1)
     """The run's id."""
@@ -361,6 +431,8 @@ class RunSummary(_Strict):
     attribute and group index name."""
     explanation: Explanation | None = None
     """Feature attributions of the final model, when the run asked for them (``explain``)."""
+    survival: SurvivalCurves | None = None
+    """Observed and predicted survival curves of a survival task's final model."""
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSummary:
@@ -444,6 +516,9 @@ class RunSummary(_Strict):
                     None
                     if record.explanation is None
                     else record.explanation.model_dump(mode="json")
+                ),
+                "survival": (
+                    None if record.survival is None else record.survival.model_dump(mode="json")
                 ),
             }
         )

@@ -32,7 +32,7 @@ from fedcare.common.files import atomic_private, private_dir
 from fedcare.common.packed_arrays import pack_record, unpack_record
 from fedcare.common.run_files import FINAL_MODEL_NAME, RECORD_NAME, SUMMARY_NAME
 from fedcare.common.run_record import OptimizerReset, RunRecord, write_run_record
-from fedcare.common.spec import SiteSpec, load_site_spec
+from fedcare.common.spec import LabelSpec, SiteSpec, load_site_spec
 from fedcare.common.summary import write_summary
 from fedcare.models import build_model, default_model_for
 from fedcare.models.explain import task_features
@@ -71,6 +71,12 @@ def initial_state(cfg: FederationConfig, spec: SiteSpec) -> tuple[str, dict[str,
     model = build_model(name, input_dims=dims, generator=torch.Generator().manual_seed(cfg.seed))
     model = definition.kind.wrap(model)  # a survival task's K interval hazards on top
     return name, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _survival_label(spec: SiteSpec, task: str) -> LabelSpec | None:
+    """The task's label when it is a survival label (its cuts: the curves' time axis)."""
+    label = spec.label(spec.task(task).label)
+    return label if label.kind == "survival" else None
 
 
 def _wait_for_sites(grid: Grid, cfg: FederationConfig) -> int:
@@ -152,6 +158,7 @@ def run_federation(grid: Grid, cfg: FederationConfig) -> RunRecord:
             explain_features=(
                 task_features(spec.feature_schema, spec.task(cfg.task)) if cfg.explain else None
             ),
+            survival_label=_survival_label(spec, cfg.task),
         )
         if offset == 0:
             guard.evaluate_initial(grid, pack_record(state))

@@ -58,7 +58,7 @@ from fedcare.common.errors import DataError, UpdateRejected
 from fedcare.common.federation import FederationConfig
 from fedcare.common.packed_arrays import is_packed, layout_of, pack_record, unpack_record
 from fedcare.common.run_record import RunRecord
-from fedcare.common.spec import FeatureSchema
+from fedcare.common.spec import FeatureSchema, LabelSpec
 from fedcare.common.summary import (
     ALL_SITES,
     EvaluationMode,
@@ -85,6 +85,11 @@ from fedcare.models.fairness import (
     global_calibration,
     global_fairness_metrics,
     group_releases_from_wire,
+)
+from fedcare.models.survival_curves import CurveRelease, release_from_wire
+from fedcare.models.survival_groups import (
+    check_survival_group_metrics,
+    global_survival_group_metrics,
 )
 from fedcare.server.audit import ServerAudit, record_sha256
 from fedcare.server.recorder import DPReport, EndStatus, RunRecorder, TrainReport
@@ -181,6 +186,11 @@ class GuardedStrategy(Strategy):
         site whose schema differs can say which features differ.
     audit:
         The server's audit log for this run (none: no audit entries).
+    explain_features:
+        The features a run with ``explain`` names (``models.explain.task_features``).
+    survival_label:
+        A survival task's label (its ``cuts`` and ``time_unit``): its last evaluation's
+        survival curve releases are pooled into the record (``models/survival_curves.py``).
     """
 
     def __init__(
@@ -196,6 +206,7 @@ class GuardedStrategy(Strategy):
         schema_json: str = "",
         audit: ServerAudit | None = None,
         explain_features: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+        survival_label: LabelSpec | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -221,6 +232,9 @@ class GuardedStrategy(Strategy):
         #: sites' attribution releases of a round's evaluation, until pooled.
         self.explain_features = explain_features
         self._explain_releases: dict[int, dict[str, AttributionRelease]] = {}
+        #: A survival task's label (its cuts), and the sites' curve releases until pooled.
+        self.survival_label = survival_label
+        self._curve_releases: dict[int, dict[str, CurveRelease]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -548,8 +562,13 @@ class GuardedStrategy(Strategy):
             if not isinstance(metrics, MetricRecord):
                 raise TypeError("the reply has no metrics record")
             releases[site_id] = releases_from_wire(metrics)
-            groups = group_releases_from_wire(metrics, self._fairness()[0])
+            if self.survival_label is None:
+                groups = group_releases_from_wire(metrics, self._fairness()[0])
+            else:  # a survival task's groups send derived metrics only (survival_groups.py)
+                check_survival_group_metrics(metrics, self._fairness()[0])
+                groups = {}
             explained = self._explanation_from_wire(rnd, metrics)
+            curve = self._curve_from_wire(rnd, metrics)
         except (KeyError, TypeError, ValueError, DataError) as e:
             releases.pop(site_id, None)
             detail = f"malformed reply ({type(e).__name__}: {str(e)[:200]})"
@@ -558,6 +577,8 @@ class GuardedStrategy(Strategy):
         self._group_releases.setdefault(rnd, {})[site_id] = groups
         if explained is not None:
             self._explain_releases.setdefault(rnd, {})[site_id] = explained
+        if curve is not None:
+            self._curve_releases.setdefault(rnd, {})[site_id] = curve
         values = {  # the site's own metrics; its release's sums only feed the global ones
             k: float(v)
             for k, v in metrics.items()
@@ -605,11 +626,22 @@ class GuardedStrategy(Strategy):
                 threshold=global_metrics.get("test.threshold"),
             )
         )
+        if self.survival_label is not None:
+            global_metrics.update(global_survival_group_metrics(per_site, declared))
         self.recorder.groups(described)
         explained = self._explain_releases.pop(rnd, {})
         if explained:
             self.recorder.explanation(
                 explanation_of(rnd, explained, min_count=self.cfg.site_min_count)
+            )
+        curves = self._curve_releases.pop(rnd, {})
+        if curves and self.survival_label is not None and self.survival_label.cuts:
+            self.recorder.survival(
+                rnd,
+                curves,
+                cuts=self.survival_label.cuts,
+                time_unit=self.survival_label.time_unit,
+                min_count=self.cfg.site_min_count,
             )
         self.recorder.calibration(
             rnd, global_calibration(releases, min_count=self.cfg.site_min_count)
@@ -643,6 +675,17 @@ class GuardedStrategy(Strategy):
             n=n,
             clip=DEFAULT_CLIP,
         )
+
+    def _curve_from_wire(self, rnd: int, metrics: MetricRecord) -> CurveRelease | None:
+        """A site's survival curve release (``curve.*``), or None when it sent none; one the
+        run did not ask for (not a survival task, not its last round) is a malformed reply
+        (ValueError), as is one of other cuts (DataError)."""
+        if not any(keys.is_curve_metric(k) for k in metrics):
+            return None
+        label = self.survival_label
+        if label is None or not label.cuts or rnd != self.cfg.num_server_rounds:
+            raise ValueError(f"survival curves of round {rnd}, which the run did not ask for")
+        return release_from_wire(dict(metrics), cuts=label.cuts)
 
     def _fairness(self) -> tuple[dict[str, int], list[GroupInfo]]:
         """The federation's group attributes (from its schema): their group counts, which

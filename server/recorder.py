@@ -50,7 +50,10 @@ from fedcare.common.summary import (
     GroupInfo,
     Metrics,
     NoiseSource,
+    SiteSurvivalCurve,
+    SurvivalCurves,
 )
+from fedcare.models.survival_curves import CurveRelease, pooled_curve, site_curve
 from fedcare.server.checkpoint import Checkpoint, OptimizerState, save_checkpoint
 
 __all__ = ["EndStatus", "DPReport", "TrainReport", "RunRecorder"]
@@ -266,6 +269,37 @@ class RunRecorder:
     def explanation(self, explanation: Explanation) -> None:
         """The final model's feature attributions (:func:`fedcare.server.guard.explanation_of`)."""
         self.record.explanation = explanation
+
+    def survival(
+        self,
+        rnd: int,
+        releases: Mapping[str, CurveRelease],
+        *,
+        cuts: Sequence[float],
+        time_unit: str | None,
+        min_count: int,
+    ) -> None:
+        """Round ``rnd``'s survival curves from the sites' releases
+        (:mod:`fedcare.models.survival_curves`): each site's own, and the pooled ones (an
+        interval's pooled count below ``min_count`` ends the observed curve)."""
+        pooled = pooled_curve(list(releases.values()), min_count=min_count)
+        if pooled is None:
+            return
+        self.record.survival = SurvivalCurves(
+            round=rnd,
+            cuts=tuple(float(c) for c in cuts),
+            time_unit=time_unit,
+            n=pooled.n,
+            at_risk=pooled.at_risk,
+            events=pooled.events,
+            observed=pooled.observed,
+            predicted=pooled.predicted,
+            sites={
+                site: SiteSurvivalCurve(n=own.n, observed=own.observed, predicted=own.predicted)
+                for site, rel in sorted(releases.items())
+                for own in (site_curve(rel),)
+            },
+        )
 
     def calibration(self, rnd: int, curve: Sequence[tuple[int, float, float, float]]) -> None:
         """The global test calibration curve of round ``rnd``: ``(bin, mean predicted,

@@ -57,7 +57,14 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 from fedcare.common import keys
 from fedcare.common.errors import DataError
 from fedcare.common.files import write_private_atomic
-from fedcare.common.run_files import CONFIG_NAME, METRICS_NAME, PLOTS_DIR, SITES_MANIFEST_NAME
+from fedcare.common.run_files import (
+    CONFIG_NAME,
+    METRICS_NAME,
+    PLOTS_DIR,
+    SITES_MANIFEST_NAME,
+    SUMMARY_NAME,
+)
+from fedcare.common.summary import SurvivalCurves, load_summary
 
 __all__ = [
     "COLUMNS",
@@ -85,6 +92,9 @@ __all__ = [
     "SURVIVAL_CURVES_NAME",
     "plot_survival_curves",
     "write_survival_curves",
+    "RELEASED_SURVIVAL_NAME",
+    "plot_released_survival",
+    "write_released_survival",
     "MissingReason",
     "MissingMetric",
     "missing_reason",
@@ -777,7 +787,9 @@ def write_run_plots(run_dir: Path, *, splits: Sequence[Split] = ("test",)) -> li
         The PNGs written, ``plots/<split>_<metric>.png``, in :func:`run_plot_specs` order;
         then, where the run kept personalized models, ``plots/<split>_auroc_per_site.png``
         per split (:func:`plot_site_models`, :data:`SITE_MODELS_METRIC`); for a simulated
-        survival task, ``plots/survival_curves.png`` (:func:`write_survival_curves`).
+        survival task, ``plots/survival_curves.png`` (:func:`write_survival_curves`); for a
+        run whose summary holds survival curves (any survival run, deployed too),
+        ``plots/survival_predicted.png`` (:func:`write_released_survival`).
 
     Raises
     ------
@@ -797,6 +809,7 @@ def write_run_plots(run_dir: Path, *, splits: Sequence[Split] = ("test",)) -> li
         plot_site_models(frame, path, metric=SITE_MODELS_METRIC, split=split)
         written.append(path)
     written += write_survival_curves(run_dir)
+    written += write_released_survival(run_dir)
     return written
 
 
@@ -867,6 +880,59 @@ def write_survival_curves(run_dir: Path) -> list[Path]:
         return []
     path = run_dir / PLOTS_DIR / SURVIVAL_CURVES_NAME
     plot_survival_curves(curves, path, cuts=cuts, time_unit=unit)
+    return [path]
+
+
+RELEASED_SURVIVAL_NAME = "survival_predicted.png"
+
+
+def plot_released_survival(curves: SurvivalCurves, path: Path) -> Figure:
+    """Draw the released survival curves of a run (``summary.json``'s ``survival``): the
+    pooled observed (Kaplan-Meier) curve against the final model's mean predicted survival,
+    and each site's observed curve, at the label's cuts (each curve starts at 1 at time 0).
+
+    Everything drawn is what the sites released (noisy, k-suppressed;
+    :mod:`fedcare.models.survival_curves`), so it serves deployed runs as well.
+    """
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    cuts = [0.0, *curves.cuts]
+    observed = [1.0, *curves.observed]
+    ax.step(cuts[: len(observed)], observed, where="post", color="C0", linewidth=2,
+            label="observed (Kaplan-Meier, pooled)")  # fmt: skip
+    predicted = [1.0, *curves.predicted]
+    ax.plot(cuts[: len(predicted)], predicted, color="C1", linestyle="--", marker="o",
+            label="predicted (mean, global model)")  # fmt: skip
+    for i, (site, own) in enumerate(sorted(curves.sites.items())):
+        values = [1.0, *own.observed]
+        ax.step(cuts[: len(values)], values, where="post", color=f"C{i + 2}", linestyle=":",
+                linewidth=1, label=f"{site} observed")  # fmt: skip
+    ax.set_xlabel(f"time ({curves.time_unit})" if curves.time_unit else "time")
+    ax.set_ylabel("survival probability")
+    ax.set_ylim(0.0, 1.02)
+    ax.legend(fontsize="small")
+    ax.set_title(f"observed and predicted survival (test, round {curves.round})")
+    _save(fig, path)
+    return fig
+
+
+def write_released_survival(run_dir: Path) -> list[Path]:
+    """``plots/survival_predicted.png`` from the run's ``summary.json`` where it holds
+    survival curves; ``[]`` otherwise (no summary, or not a survival run).
+
+    Raises
+    ------
+    ConfigError
+        ``summary.json`` exists but is invalid (:func:`fedcare.common.summary.load_summary`).
+    """
+    summary_path = Path(run_dir) / SUMMARY_NAME
+    if not summary_path.is_file():
+        return []
+    curves = load_summary(summary_path).survival
+    if curves is None:
+        return []
+    path = Path(run_dir) / PLOTS_DIR / RELEASED_SURVIVAL_NAME
+    plot_released_survival(curves, path)
     return [path]
 
 

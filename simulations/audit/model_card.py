@@ -23,7 +23,14 @@ attributions, survival curves) is one function and one entry. The sections now:
     The global model's test calibration curve (pooled release): chart and table.
 ``groups``
     Per group attribute: the global model's test metrics per group and the largest gap,
-    and each site's largest gaps (:mod:`fedcare.models.fairness`).
+    and each site's largest gaps (:mod:`fedcare.models.fairness`; a survival task's C-index
+    and time-dependent AUC per group, :mod:`fedcare.models.survival_groups`).
+``explanation``
+    The final model's feature attributions (:mod:`fedcare.models.explain`).
+``survival``
+    A survival task's test survival curves at the label's cuts: the observed Kaplan-Meier
+    curve of the sites' pooled noisy life tables against the final model's mean predicted
+    survival, pooled and per site (:mod:`fedcare.models.survival_curves`).
 ``privacy``
     Per site: DP on or off, the ε this run added and the lifetime ε (δ), the accountant,
     where the noise came from and how evaluation was released.
@@ -56,6 +63,7 @@ __all__ = [
     "GroupRow",
     "group_rows",
     "GROUP_COLUMNS",
+    "SURVIVAL_GROUP_COLUMNS",
     "performance_rows",
     "load_card_inputs",
     "build_model_card",
@@ -114,7 +122,22 @@ class GroupRow:
     values: dict[str, float]
 
 
-def group_rows(metrics: Metrics, group: GroupInfo, *, split: str = "test") -> list[GroupRow]:
+#: A survival task's per-group columns (:mod:`fedcare.models.survival_groups`).
+SURVIVAL_GROUP_COLUMNS: Final = ("n", "c_index", "td_auc")
+_SURVIVAL_GROUP_HEADERS: Final = ("n", "C-index", "td-AUC")
+#: The gaps each site's row shows, binary and survival.
+_SITE_GAPS: Final = ("auroc", "tpr", "fpr", "ece", "calibration_error")
+_SITE_GAP_HEADERS: Final = ("AUROC", "TPR", "FPR", "ECE", "calibration error")
+_SURVIVAL_SITE_GAPS: Final = ("c_index", "td_auc")
+
+
+def group_rows(
+    metrics: Metrics,
+    group: GroupInfo,
+    *,
+    split: str = "test",
+    columns: Sequence[str] = GROUP_COLUMNS,
+) -> list[GroupRow]:
     """The rows of one attribute's table: every group with a released count, then the
     largest gap (where there is one), from ``metrics`` (``<split>.group.<a>.<g>.<metric>``,
     ``<split>.gap.<a>.<metric>``).
@@ -131,7 +154,7 @@ def group_rows(metrics: Metrics, group: GroupInfo, *, split: str = "test") -> li
     rows = []
     for g, label in enumerate(group.labels):
         prefix = keys.group_prefix(split, group.name, g)
-        values = {c: metrics[f"{prefix}.{c}"] for c in GROUP_COLUMNS if f"{prefix}.{c}" in metrics}
+        values = {c: metrics[f"{prefix}.{c}"] for c in columns if f"{prefix}.{c}" in metrics}
         if "n" in values:
             rows.append(GroupRow(label, values))
     gap = {
@@ -285,8 +308,8 @@ def _group_cell(row: GroupRow, column: str) -> str:
     return fmt_num(row.values.get(column), signed=signed)
 
 
-def _site_gaps(site: SiteResult, group: GroupInfo) -> list[str] | None:
-    names = [keys.gap_key("test", group.name, m) for m in keys.GAP_METRICS]
+def _site_gaps(site: SiteResult, group: GroupInfo, gaps: Sequence[str]) -> list[str] | None:
+    names = [keys.gap_key("test", group.name, m) for m in gaps]
     if not any(n in site.metrics for n in names):
         return None
     return [site.site_id, group.name, *(fmt_num(site.metrics.get(n)) for n in names)]
@@ -296,37 +319,53 @@ def _groups_html(card: CardInputs) -> str | None:
     s = card.summary
     if not s.groups:
         return None
-    parts = [
-        _p(
+    survival = any(
+        k.startswith("test.group.") and k.endswith(".c_index")
+        for metrics in (s.global_.final, *(site.metrics for site in s.sites))
+        for k in metrics
+    )
+    columns: Sequence[str]
+    headers: Sequence[str]
+    gap_columns: Sequence[str]
+    gap_headers: Sequence[str]
+    if survival:
+        columns, headers = SURVIVAL_GROUP_COLUMNS, _SURVIVAL_GROUP_HEADERS
+        gap_columns, gap_headers = _SURVIVAL_SITE_GAPS, _SURVIVAL_GROUP_HEADERS[1:]
+        intro = (
+            "The global model's test C-index and time-dependent AUC per patient group: the "
+            "mean of the sites' values for the group, weighted by its count at each site "
+            "(each site's from its own noisy group release), and the largest difference "
+            "across the groups."
+        )
+    else:
+        columns, headers = GROUP_COLUMNS, _GROUP_HEADERS
+        gap_columns, gap_headers = _SITE_GAPS, _SITE_GAP_HEADERS
+        intro = (
             "The global model's test metrics per patient group, from the sites' pooled group "
             "releases (TPR and FPR at the decision threshold), and the largest difference "
-            "across the groups. A group a site held fewer patients of than its minimum count is "
-            "withheld there."
+            "across the groups."
+        )
+    parts = [
+        _p(
+            intro + " A group a site held fewer patients of than its minimum count is withheld "
+            "there."
         )
     ]
     shown = False
     for group in s.groups:
-        rows = group_rows(s.global_.final, group)
+        rows = group_rows(s.global_.final, group, columns=columns)
         if not rows:
             continue
         shown = True
-        body = [[r.label, *(_group_cell(r, c) for c in GROUP_COLUMNS)] for r in rows]
+        body = [[r.label, *(_group_cell(r, c) for c in columns)] for r in rows]
         parts.append(f"<h3>{_e(group.name)} <small>(column {_e(group.column)})</small></h3>")
-        parts.append(
-            _table(["group", *_GROUP_HEADERS], body, cls=f"numeric groups group-{group.name}")
-        )
-    found = (_site_gaps(site, group) for site in s.sites for group in s.groups)
+        parts.append(_table(["group", *headers], body, cls=f"numeric groups group-{group.name}"))
+    found = (_site_gaps(site, group, gap_columns) for site in s.sites for group in s.groups)
     sites = [row for row in found if row is not None]
     if sites:
         shown = True
         parts.append("<h3>Largest gap at each site</h3>")
-        parts.append(
-            _table(
-                ["site", "attribute", "AUROC", "TPR", "FPR", "ECE", "calibration error"],
-                sites,
-                cls="numeric site-gaps",
-            )
-        )
+        parts.append(_table(["site", "attribute", *gap_headers], sites, cls="numeric site-gaps"))
     return "".join(parts) if shown else None
 
 
@@ -397,6 +436,104 @@ def _explanation_html(card: CardInputs) -> str | None:
     return "".join(parts)
 
 
+def _survival_points(
+    cuts: Sequence[float], values: Sequence[float]
+) -> tuple[tuple[float, float], ...]:
+    """``(0, 1)`` then ``(cut, value)``: a survival curve starts at 1."""
+    return ((0.0, 1.0), *zip(cuts, values, strict=False))
+
+
+def _survival_html(card: CardInputs) -> str | None:
+    c = card.summary.survival
+    if c is None:
+        return None
+    unit = f" ({c.time_unit})" if c.time_unit else ""
+    series = [
+        Series("observed (Kaplan-Meier)", _survival_points(c.cuts, c.observed), PALETTE[0]),
+        Series(
+            "predicted (mean, global model)",
+            _survival_points(c.cuts, c.predicted),
+            PALETTE[1],
+            dash="6 3",
+        ),
+    ]
+    site_ids = sorted(c.sites)
+    for i, site in enumerate(site_ids):
+        own = c.sites[site]
+        color = PALETTE[(i + 2) % len(PALETTE)]
+        series.append(
+            Series(f"{site} observed", _survival_points(c.cuts, own.observed), color, "2 3", False)
+        )
+    chart = line_chart(
+        series,
+        x=Axis(f"time{unit}", lo=0.0),
+        y=Axis("survival probability", lo=0.0, hi=1.0),
+        title="Survival of the test patients: observed and predicted",
+        width=560,
+        height=360,
+    )
+    names = [
+        ("observed (Kaplan-Meier, pooled)", PALETTE[0], ""),
+        ("predicted (mean, global model)", PALETTE[1], "6 3"),
+    ]
+    names += [
+        (f"{site} observed", PALETTE[(i + 2) % len(PALETTE)], "2 3")
+        for i, site in enumerate(site_ids)
+    ]
+    starts = [0.0, *c.cuts[:-1]]
+    rows = [
+        (
+            f"{fmt_g(starts[k])}–{fmt_g(t)}",
+            str(int(round(c.at_risk[k]))) if k < len(c.at_risk) else "withheld",
+            str(int(round(c.events[k]))) if k < len(c.events) else "withheld",
+            fmt_num(c.observed[k]) if k < len(c.observed) else "withheld",
+            fmt_num(c.predicted[k]) if k < len(c.predicted) else "—",
+        )
+        for k, t in enumerate(c.cuts)
+    ]
+    per_site = [
+        (
+            site,
+            str(int(round(c.sites[site].n))),
+            *(
+                f"{fmt_num(own.observed[k]) if k < len(own.observed) else 'withheld'} / "
+                f"{fmt_num(own.predicted[k]) if k < len(own.predicted) else '—'}"
+                for k in range(len(c.cuts))
+            ),
+        )
+        for site in site_ids
+        for own in (c.sites[site],)
+    ]
+    return (
+        _p(
+            f"The final model (round {c.round}) against what happened to the test patients: "
+            "the observed survival is the Kaplan-Meier estimate of the sites' pooled life "
+            "tables (patients at risk at the start of each interval between the label's cuts, "
+            "and the events in it), the predicted survival the model's mean predicted survival "
+            f"at each cut, over {int(round(c.n))} test patients in all. Each site released its "
+            "life table and its sum of predicted survival with Gaussian noise, charged to its "
+            "ledger; an interval with fewer patients at risk than a site's minimum count, and "
+            "every later one, was withheld there, so the observed curve ends where too few "
+            "patients were followed. No patient's time or prediction left a site."
+        )
+        + chart
+        + legend(names)
+        + _table(
+            [f"interval{unit}", "at risk (start)", "events", "observed (end)", "predicted (end)"],
+            rows,
+            cls="numeric survival-curve",
+        )
+        + (
+            _p("Each site's own curves, observed / predicted at each cut:")
+            + _table(
+                ["site", "n", *(fmt_g(t) for t in c.cuts)], per_site, cls="numeric survival-sites"
+            )
+            if per_site
+            else ""
+        )
+    )
+
+
 #: The card's sections, in page order; see the module docstring.
 SECTIONS: tuple[CardSection, ...] = (
     CardSection("model", "Model and task", _model_html),
@@ -405,6 +542,7 @@ SECTIONS: tuple[CardSection, ...] = (
     CardSection("calibration", "Calibration", _calibration_html),
     CardSection("groups", "Performance across patient groups", _groups_html),
     CardSection("explanation", "Feature attributions", _explanation_html),
+    CardSection("survival", "Survival curves", _survival_html),
     CardSection("privacy", "Privacy spent per site", _privacy_html),
 )
 

@@ -111,8 +111,9 @@ def build_site_spec(site: SyntheticSite, *, schema: FeatureSchema, table_suffix:
         groups = tuple(g.name for g in schema.groups)
         temporal = temporal_tasks(table_file["outcomes"], groups=groups)
     survival: tuple[tuple[LabelSpec, ...], tuple[TaskSpec, ...]] = ((), ())
-    if SURVIVAL_EVENT in site.outcomes.columns:  # SynthConfig(survival=True); no per-group
-        survival = survival_tasks(table_file["outcomes"])  # survival metrics (not built yet)
+    if SURVIVAL_EVENT in site.outcomes.columns:  # SynthConfig(survival=True)
+        groups = tuple(g.name for g in schema.groups)  # per-group C-index (survival_groups.py)
+        survival = survival_tasks(table_file["outcomes"], groups=groups)
     return SiteSpec(
         site_id=site.site_id,
         patient_id="patient_id",

@@ -113,7 +113,7 @@ def test_a_checkpoints_version_1_record_takes_its_last_round_as_completed() -> N
             lambda r: r["events"].append({"round": 1, "site_id": "a", "kind": "x", "detail": ""}),
             "field events.0.kind",
         ),
-        (lambda r: r.update(record_version=4), "field record_version: version 4 is not one"),
+        (lambda r: r.update(record_version=5), "field record_version: version 5 is not one"),
         (lambda r: r.update(record_version=True), "field record_version: version True"),
     ],
 )

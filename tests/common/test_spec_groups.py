@@ -136,12 +136,14 @@ def test_too_many_attributes_or_groups_are_refused() -> None:
         FeatureSchema(ehr=wide, groups=(GroupAttribute(name="age", column="age", cuts=cuts),))
 
 
-def test_groups_are_refused_on_a_task_whose_label_is_not_binary(tmp_path: Path) -> None:
+def test_a_survival_task_may_report_groups(tmp_path: Path) -> None:
+    """Per-group C-index and time-dependent AUC (models/survival_groups.py)."""
     path = _write(tmp_path)
     text = path.read_text(encoding="utf-8").replace(
         'column = "readmission_30d"\n',
         'column = "event"\nkind = "survival"\ntime_column = "days"\ncuts = [30, 90]\n',
     )
     path.write_text(text, encoding="utf-8")
-    with pytest.raises(ConfigError, match="per-group metrics are computed for binary labels only"):
-        load_site_spec(path)
+    spec = load_site_spec(path)
+    task = next(t for t in spec.tasks if t.groups)
+    assert spec.label(task.label).kind == "survival"

@@ -31,7 +31,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "summary-schema.md"
 
 # A hand-written reference summary: one site completed with DP, one refused its budget.
 VALID: dict[str, Any] = {
-    "schema_version": 4,
+    "schema_version": 5,
     "run_id": "run-7",
     "fedcare_version": "0.1.0",
     "flwr_version": "1.42.0",
@@ -112,6 +112,17 @@ VALID: dict[str, Any] = {
         "modality_shares": {"ehr": 0.75, "genomics": 0.25},
         "sites": {"site-a": {"ehr:age": 0.28, "genomics:g1": 0.12}},
     },
+    "survival": {
+        "round": 3,
+        "cuts": [365.0, 730.0, 1095.0],
+        "time_unit": "days",
+        "n": 60.0,
+        "at_risk": [60.0, 41.0],
+        "events": [12.0, 8.0],
+        "observed": [0.8, 0.6439],
+        "predicted": [0.82, 0.66, 0.5],
+        "sites": {"site-a": {"n": 60.0, "observed": [0.8, 0.6439], "predicted": [0.82, 0.66, 0.5]}},
+    },
 }
 
 
@@ -144,7 +155,7 @@ def test_the_fields_are_exactly_those_of_the_schema() -> None:
     assert set(dumped) == {
         "schema_version", "run_id", "fedcare_version", "flwr_version", "task", "strategy",
         "personalization", "rounds_planned", "rounds_completed", "sites", "global",
-        "baselines", "events", "groups", "explanation",
+        "baselines", "events", "groups", "explanation", "survival",
     }  # fmt: skip
     assert set(dumped["sites"][0]) == {
         "site_id", "n_train", "n_test", "status", "reason", "rounds_participated",
@@ -268,6 +279,9 @@ def test_non_finite_metrics_are_rejected_since_json_has_no_nan(tmp_path: Path) -
     [
         (lambda d: d["sites"].append(copy.deepcopy(d["sites"][0])), "site-a appears more"),
         (lambda d: d.update(rounds_completed=4), "exceeds rounds_planned"),
+        (lambda d: d["survival"].update(observed=[0.8, 1.2]), "survival probabilities"),
+        (lambda d: d["survival"].update(events=[12.0]), "1 event and 2 observed"),
+        (lambda d: d["survival"].update(predicted=[0.8]), "1 predicted, for 3 cuts"),
         (lambda d: d["global"]["rounds"].reverse(), "distinct and increasing"),
         (lambda d: d["sites"][0].update(rounds_participated=[2, 1]), "rounds_participated"),
         (lambda d: d["sites"][0]["privacy"].update(enabled=False), "enabled is false"),
@@ -296,15 +310,15 @@ def test_inconsistent_content_is_rejected(tmp_path: Path, mutate: Any, needle: s
 
 
 def test_the_current_version_loads_and_a_missing_one_means_it(tmp_path: Path) -> None:
-    assert SCHEMA_VERSION == 4
-    assert load_summary(dump(tmp_path, VALID)).schema_version == 4
+    assert SCHEMA_VERSION == 5
+    assert load_summary(dump(tmp_path, VALID)).schema_version == 5
     data = copy.deepcopy(VALID)
     del data["schema_version"]
     assert load_summary(dump(tmp_path, data)).schema_version == SCHEMA_VERSION
 
 
 def test_a_version_1_file_reads_with_the_new_privacy_fields_unknown(tmp_path: Path) -> None:
-    assert OLDER_READABLE_VERSIONS == (1, 2, 3)
+    assert OLDER_READABLE_VERSIONS == (1, 2, 3, 4)
     data = copy.deepcopy(VALID)
     data["schema_version"] = 1
     del data["personalization"]
@@ -359,7 +373,15 @@ def test_a_version_3_file_reads_without_group_attributes(tmp_path: Path) -> None
     assert summary.groups == () and summary.global_.calibration == ()
 
 
-@pytest.mark.parametrize("version", [5, 0, "1", True])
+def test_a_version_4_file_reads_without_survival_curves(tmp_path: Path) -> None:
+    data = copy.deepcopy(VALID)
+    data["schema_version"] = 4
+    data.pop("survival", None)
+    summary = load_summary(dump(tmp_path, data))
+    assert summary.schema_version == SCHEMA_VERSION and summary.survival is None
+
+
+@pytest.mark.parametrize("version", [6, 0, "1", True])
 def test_another_schema_version_is_refused_with_the_fix(tmp_path: Path, version: Any) -> None:
     path = dump(tmp_path, changed(schema_version=version))
     with pytest.raises(ConfigError) as err:

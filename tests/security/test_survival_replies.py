@@ -119,7 +119,12 @@ def test_survival_replies_carry_no_patients_time_or_id(tmp_path: Path, simulated
 
     reply = handle_evaluate(_message(sites, "evaluate"), _context(sites, state))
     _assert_nothing_per_patient(reply, state)
-    metrics = set(reply.content[keys.REC_METRICS]) - {keys.M_NUM_EXAMPLES}
+    wire = reply.content[keys.REC_METRICS]
+    # The last evaluation's survival curves: life-table counts and predicted-survival sums of
+    # the test split, each for leading intervals only; none equals the planted time.
+    curves = {k for k in wire if keys.is_curve_metric(k)}
+    assert {keys.curve_key(keys.CURVE_AT_RISK, 0), keys.curve_key(keys.CURVE_EVENTS, 0)} <= curves
+    metrics = set(wire) - {keys.M_NUM_EXAMPLES} - curves
     if simulated:  # exact: the site opted in
         assert {"test.c_index", "test.td_auc", "test.ibs"} <= metrics
     else:  # DP: the noisy histogram's metrics only (a split whose noisy n < k is withheld)

@@ -68,7 +68,7 @@ GLOBAL = {
     "test.gap.sex.calibration_error": 0.09,
 }
 SUMMARY: dict[str, Any] = {
-    "schema_version": 4,
+    "schema_version": 5,
     "run_id": "card-run",
     "fedcare_version": "0.1.0",
     "flwr_version": "1.42.0",
