@@ -3,7 +3,9 @@
 Three measurements, each for this checkout's :mod:`fedcare.client.accounting` and, with
 ``--baseline REV``, for the same file at a git revision (``git show REV:client/accounting.py``,
 loaded beside it as a separate module; its ``Mechanism`` is this checkout's, the class is
-unchanged), taken in alternation so that drift on a shared machine hits both alike:
+unchanged), taken in alternation so that drift on a shared machine hits both alike; the
+round replay (3.) also gives each version's sites its own :mod:`fedcare.client.ledger`
+(``REV:client/ledger.py`` for the baseline), so the ledger's SQLite is compared too:
 
 1. **ε per call**: :func:`~fedcare.client.accounting.epsilon` of realistic histories (a round
    of a small site and its evaluation release, a long run at a large site, several runs, 20
@@ -66,7 +68,13 @@ M = Mechanism
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 #: Per-process caches of the accounting module (those a version has), emptied before a call.
-_CACHES = ("_memoized_epsilon", "_rdp_per_step", "_integer_rdp_per_step")
+_CACHES = (
+    "_memoized_epsilon",
+    "_memoized_calibration",
+    "_rdp_per_step",
+    "_integer_rdp_per_step",
+    "_grid_bound_of",
+)
 
 #: History name -> history. Evaluation releases are ``M(5.0, 1.0, k)`` (the site default).
 EPSILON_CASES: dict[str, list[Mechanism]] = {
@@ -105,14 +113,10 @@ CALIBRATION_CASES: dict[str, tuple[float, float, int, list[Mechanism]]] = {
 # --------------------------------------------------------------------------- versions
 
 
-def load_revision(rev: str) -> ModuleType:
-    """``client/accounting.py`` at git revision ``rev``, as a module of its own.
-
-    Its ``Mechanism`` is replaced by this checkout's (the class is the same in every
-    revision this benchmark compares), so the histories built here pass its checks.
-    """
+def _module_at(rev: str, file: str, name: str) -> ModuleType:
+    """``file`` at git revision ``rev``, loaded as a module named ``name``."""
     source = subprocess.run(
-        ["git", "show", f"{rev}:client/accounting.py"],
+        ["git", "show", f"{rev}:{file}"],
         cwd=REPO_ROOT,
         check=True,
         capture_output=True,
@@ -122,7 +126,7 @@ def load_revision(rev: str) -> ModuleType:
         f.write(source)
         path = f.name
     try:
-        name = f"fedcare_accounting_at_{rev}".replace("~", "_").replace("^", "_")
+        name = name.replace("~", "_").replace("^", "_")
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise RuntimeError(f"cannot load {path} as a module")
@@ -131,7 +135,35 @@ def load_revision(rev: str) -> ModuleType:
         spec.loader.exec_module(module)
     finally:
         os.unlink(path)
+    return module
+
+
+def load_revision(rev: str) -> ModuleType:
+    """``client/accounting.py`` at git revision ``rev``, as a module of its own.
+
+    Its ``Mechanism`` is replaced by this checkout's (the class is the same in every
+    revision this benchmark compares), so the histories built here pass its checks.
+    """
+    module = _module_at(rev, "client/accounting.py", f"fedcare_accounting_at_{rev}")
     module.Mechanism = Mechanism  # type: ignore[attr-defined]
+    return module
+
+
+def load_ledger_revision(rev: str) -> ModuleType:
+    """``client/ledger.py`` at git revision ``rev``, as a module of its own.
+
+    It imports this checkout's accounting; its ``epsilon`` forwards to
+    ``fedcare.client.ledger.epsilon``, which the round replay points at the version under
+    test (:func:`accounting_of`) and times as the ledger's ε.
+    """
+    import fedcare.client.ledger as client_ledger
+
+    module = _module_at(rev, "client/ledger.py", f"fedcare_ledger_at_{rev}")
+
+    def forwarded(*args: Any, **kwargs: Any) -> float:
+        return float(client_ledger.epsilon(*args, **kwargs))
+
+    module.epsilon = forwarded  # type: ignore[attr-defined]
     return module
 
 
@@ -222,8 +254,10 @@ def time_calibration(
 
 
 @contextlib.contextmanager
-def accounting_of(module: ModuleType) -> Iterator[None]:
-    """Make the round's callers (and the replay's memo counters) use ``module``."""
+def accounting_of(module: ModuleType, ledger: ModuleType | None = None) -> Iterator[None]:
+    """Make the round's callers (and the replay's memo counters) use ``module``, and the
+    replay's sites the ``PrivacyLedger`` of ``ledger`` (default: this checkout's)."""
+    import benchmarks.federation_overhead as replay
     import fedcare.client.ledger as client_ledger
     import fedcare.client.local as client_local
 
@@ -231,12 +265,17 @@ def accounting_of(module: ModuleType) -> Iterator[None]:
         (client_local, "calibrate_noise"),
         (client_local, "epsilon"),
         (client_ledger, "epsilon"),
+        (replay, "PrivacyLedger"),
         *((current, name) for name in _CACHES),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name in patched]
+    replacements = {
+        **{name: getattr(module, name) for _, name in patched if hasattr(module, name)},
+        "PrivacyLedger": (ledger or client_ledger).PrivacyLedger,
+    }
     for owner, name in patched:
-        if hasattr(module, name):  # an older version may lack a cache
-            setattr(owner, name, getattr(module, name))
+        if name in replacements:  # an older version may lack a cache
+            setattr(owner, name, replacements[name])
     try:
         yield
     finally:
@@ -252,8 +291,12 @@ def time_rounds(
     rounds: int,
     repeats: int,
     clock: Callable[[], float] = time.perf_counter,
+    ledgers: dict[str, ModuleType] | None = None,
 ) -> dict[str, Any]:
-    """Per version: per round, median seconds of accounting and of compute over repeats."""
+    """Per version: per round, median seconds of accounting and of compute over repeats.
+
+    ``ledgers``: the ledger module a version's sites use (:func:`load_ledger_revision`);
+    this checkout's where none is given."""
     from benchmarks.federation_overhead import measure_compute
     from fedcare.common.federation import FederationConfig
     from fedcare.simulations.synth import SynthConfig, synthesize
@@ -277,7 +320,7 @@ def time_rounds(
             for label, module in versions.items():
                 for version in versions.values():
                     clear_caches(version)
-                with accounting_of(module):
+                with accounting_of(module, (ledgers or {}).get(label)):
                     compute = measure_compute(
                         folders,
                         cfg,
@@ -427,8 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # as a Ray client actor (OMP_NUM_THREADS=1)
     versions: dict[str, ModuleType] = {}
+    ledgers: dict[str, ModuleType] = {}
     if args.baseline:
         versions[args.baseline] = load_revision(args.baseline)
+        ledgers[args.baseline] = load_ledger_revision(args.baseline)
     versions["checkout"] = current
     for module in versions.values():  # first use imports Opacus and SciPy: not timed
         module.epsilon([M(1.0, 0.05, 20)], delta=DELTA)
@@ -457,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rounds=args.rounds,
             repeats=args.round_repeats,
             clock=clock,
+            ledgers=ledgers,
         ),
     }
     loadavg["end"] = [round(x, 2) for x in os.getloadavg()]

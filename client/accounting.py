@@ -64,6 +64,8 @@ __all__ = [
     "epsilon",
     "prv_eps_error",
     "calibrate_noise",
+    "clear_caches",
+    "load_accountant",
     "independent_epsilon",
     "merge_mechanisms",
     "validate_delta",
@@ -120,6 +122,17 @@ class Mechanism:
 
     def __post_init__(self) -> None:
         sigma, q, steps = self.noise_multiplier, self.sample_rate, self.steps
+        # The usual case (plain floats and an int, in range: every row the ledger reads)
+        # without the ``numbers`` ABC checks below, which cost more than the rest of a row.
+        if (
+            type(sigma) is float
+            and type(q) is float
+            and type(steps) is int
+            and 0 < sigma < math.inf
+            and 0 < q <= 1
+            and steps >= 1
+        ):
+            return
         if (
             isinstance(sigma, bool)
             or not isinstance(sigma, numbers.Real)
@@ -281,8 +294,17 @@ def _prv_grid_bound(
 
     Mirrors ``opacus.accountants.analysis.prv.compute_safe_domain_size`` but minimises RDP
     over the *integer* members of Opacus's default orders only (a subset, hence a larger,
-    i.e. safe, ``L``) because integer orders are cheap to evaluate.
+    i.e. safe, ``L``) because integer orders are cheap to evaluate. A PRV ε asks for it
+    twice (to size the grid, then to build it): it is computed once per history.
     """
+    return _grid_bound_of(tuple(history), delta_error)
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_bound_of(
+    history: tuple[tuple[float, float, int], ...], delta_error: float
+) -> tuple[float, float]:
+    """:func:`_prv_grid_bound` of a history given as a tuple (the per-process memo)."""
     total = sum(steps for _, _, steps in history)
     l_max = _rdp_epsilon_at_integer_orders(history, delta_error / 4)
     for sigma, q, _ in history:
@@ -818,8 +840,33 @@ def calibrate_noise(
         raise ConfigError(f"rtol must be in (0, 0.5), got {rtol!r}")
     # Validates sample_rate and steps with the same messages as a Mechanism.
     plan = Mechanism(noise_multiplier=1.0, sample_rate=sample_rate, steps=steps)
-    past = merge_mechanisms(history)
+    past = tuple(m.as_history_entry() for m in merge_mechanisms(history))
+    return _memoized_calibration(
+        float(target_epsilon), delta, plan.sample_rate, plan.steps, past, accountant, rtol
+    )
 
+
+@functools.lru_cache(maxsize=256)  # a key holds its whole history: bounded by count
+def _memoized_calibration(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    history: tuple[tuple[float, float, int], ...],
+    accountant: AccountantName,
+    rtol: float,
+) -> float:
+    """:func:`calibrate_noise` of a validated plan and a merged history (blocks in order of
+    first use), computed once per process.
+
+    The calibration is a pure function of these (its search is deterministic), and sites
+    with the same plan on the same history (equal training splits, the same run) ask for
+    the same one: a process that serves several sites, as a simulation's does, calibrates
+    once for them all. Refusals (:class:`PrivacyBudgetExceeded`) are not kept: they are
+    raised again, computed again, on every call.
+    """
+    past = [Mechanism(*entry) for entry in history]
+    plan = Mechanism(noise_multiplier=1.0, sample_rate=sample_rate, steps=steps)
     spent = epsilon(past, delta=delta, accountant=accountant)
     if spent >= target_epsilon:
         raise PrivacyBudgetExceeded(
@@ -849,6 +896,34 @@ def calibrate_noise(
     if hi[0] <= MIN_NOISE_MULTIPLIER:
         return hi[0]
     return _shrink(eps_at, target_epsilon, lo, hi, rtol=rtol)
+
+
+def load_accountant(accountant: AccountantName = "prv") -> None:
+    """Import what ``accountant`` computes with (Opacus, SciPy: seconds in a fresh process,
+    tens of seconds on a busy machine), so that a caller can pay for it before it takes a
+    lock: the ledger does, before its write transaction, so that processes charging at once
+    import side by side instead of one after the other under the lock. Cheap once done."""
+    validate_accountant(accountant)
+    _opacus_orders()
+    _log_binomials()
+    if accountant == "prv":
+        from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV  # noqa: F401
+        from scipy.fft import rfft  # noqa: F401
+
+
+def clear_caches() -> None:
+    """Empty every per-process memo of this module (ε, calibrations, RDP vectors, grid
+    bounds), as a fresh process has them: for benchmarks that time what a new process pays,
+    and tests that count what a call computes. Never needed for correctness: each memo
+    holds pure functions' values."""
+    for cached in (
+        _memoized_epsilon,
+        _memoized_calibration,
+        _rdp_per_step,
+        _integer_rdp_per_step,
+        _grid_bound_of,
+    ):
+        cached.cache_clear()
 
 
 _SURROGATE_EPS_ERROR = 0.1

@@ -1,7 +1,8 @@
 """The site's durable privacy-budget ledger: every DP mechanism its patients went through.
 
-One SQLite file per site (stdlib :mod:`sqlite3`, WAL journal, ``synchronous=FULL``,
-schema versioned with ``PRAGMA user_version``).
+One SQLite file per site (stdlib :mod:`sqlite3`, WAL journal, schema versioned with
+``PRAGMA user_version``). A ledger keeps its connections open between calls (closed by
+:meth:`PrivacyLedger.close`, on garbage collection, and before the process forks).
 
 **Datasets are keyed by cohort keys.** ``key = ledger.cohort_key(site.patient_ids)`` is an
 HMAC-SHA256 over the sorted, de-duplicated patient ids, keyed by a random 32-byte salt the
@@ -57,8 +58,19 @@ its DP-SGD mechanism. Every kind counts towards ε.
 across processes; others wait up to ``busy_timeout_s``) it computes ε of the composed history
 plus the new mechanism, refuses with :class:`~fedcare.common.errors.PrivacyBudgetExceeded` (writing
 nothing) if that exceeds the budget, else inserts the charge and **commits before
-returning**. The charge therefore exists before training starts, and a crash can never
-under-count.
+returning**. The charge therefore exists before training starts, and a crash of the process
+(SIGKILL included) can never under-count.
+
+**Durability: one fsync per charge, before anything leaves.** The charge commits to the WAL
+without an fsync of its own (``synchronous=NORMAL``): every process sees it at once, and it
+survives any crash of the process, because it is in the operating system's hands. Its
+completion (:meth:`~PrivacyLedger.mark_completed`) or failure
+(:meth:`~PrivacyLedger.mark_failed`) commits with ``synchronous=FULL``: the WAL, the charge
+with it, is on disk before the call returns, and a site calls it before the round's output
+(or the report of its failure) leaves. So what a power cut can take is only a charge whose
+round never released anything; what was released is always on disk. A caller that releases
+anything computed under a charge must complete or fail it first. Every other write
+(cohorts, migrations, creation) is fsynced when it commits.
 
 Charges, datasets, members and the salt are append-only (SQL triggers reject deleting them
 or rewriting what they say); only a charge's status moves: ``charged`` -> ``completed`` or
@@ -101,6 +113,8 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,6 +126,7 @@ from fedcare.client.accounting import (
     AccountantName,
     Mechanism,
     epsilon,
+    load_accountant,
     validate_accountant,
     validate_delta,
 )
@@ -408,11 +423,154 @@ _DATASET_COLUMNS = (
 )
 
 
+def _open_connection(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    """A new autocommit connection to ``path`` with the ledger's pragmas (the synchronous
+    level is set per transaction, :meth:`PrivacyLedger._transaction`)."""
+    conn = sqlite3.connect(
+        path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+    )
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of the file at ``path`` (through symlinks); ``None`` if absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class _Connections:
+    """The SQLite connections one :class:`PrivacyLedger` keeps open between its calls.
+
+    Opening a connection for every call costs more than the call: SQLite reads the schema
+    again, and closing the last connection to a WAL database checkpoints the WAL into the
+    database and deletes it (several fsyncs and file creations per call). So a call takes an
+    idle connection (or opens one), and gives it back when its transaction has ended; two
+    threads never hold the same one at once.
+
+    A kept connection is used only while it still points at the file at the ledger's path
+    (same device and inode, checked at every take): a ledger file replaced or deleted under
+    a running site (a restored backup) is opened afresh, as a new connection would, and the
+    stale connections are closed. A kept connection never crosses a ``fork()``: SQLite
+    forbids using a connection in a child, and the child's copy of SQLite's per-file lock
+    state would be wrong for the child's own connections. So every idle connection of every
+    live ledger is closed just before the process forks (``os.register_at_fork``), and one
+    that a child inherits anyway (given back by another thread during the fork) is left
+    alone by the child, neither used nor closed.
+    """
+
+    def __init__(self, path: Path, busy_timeout_ms: int) -> None:
+        self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._lock = threading.Lock()
+        self._idle: list[tuple[sqlite3.Connection, tuple[int, int] | None]] = []
+        self._identity: dict[int, tuple[int, int] | None] = {}  # id(conn) -> its file
+        self._inherited: list[sqlite3.Connection] = []  # a parent's, never touched here
+        self._pid = os.getpid()
+        _LIVE_CONNECTIONS.add(self)
+
+    def _forked(self) -> None:
+        """In a child: forget the parent's connections without closing them (lock held)."""
+        if os.getpid() != self._pid:
+            self._inherited.extend(conn for conn, _ in self._idle)
+            self._idle.clear()
+            self._identity.clear()
+            self._pid = os.getpid()
+
+    def take(self) -> sqlite3.Connection:
+        """An idle connection to the file now at the path, or a new one."""
+        identity = _file_identity(self._path)
+        stale: list[sqlite3.Connection] = []
+        found = None
+        with self._lock:
+            self._forked()
+            while self._idle:
+                conn, its = self._idle.pop()
+                if its is not None and its == identity:
+                    found = conn
+                    break
+                self._identity.pop(id(conn), None)
+                stale.append(conn)
+        for conn in stale:
+            conn.close()
+        if found is not None:
+            return found
+        conn = _open_connection(self._path, self._busy_timeout_ms)
+        with self._lock:
+            self._identity[id(conn)] = _file_identity(self._path)
+        return conn
+
+    def give(self, conn: sqlite3.Connection) -> None:
+        """Keep ``conn`` for the next call; closed instead if it is still in a transaction
+        (a rollback that did not finish) or the process has forked since it was taken."""
+        with self._lock:
+            if os.getpid() == self._pid and not conn.in_transaction:
+                self._idle.append((conn, self._identity.get(id(conn))))
+                return
+            self._identity.pop(id(conn), None)
+            forked = os.getpid() != self._pid
+        if forked:
+            self._inherited.append(conn)  # the parent's: closing it here could harm it
+        else:
+            conn.close()
+
+    def discard(self, conn: sqlite3.Connection) -> None:
+        """Close ``conn`` (after an SQLite error) instead of keeping it."""
+        with self._lock:
+            self._identity.pop(id(conn), None)
+            forked = os.getpid() != self._pid
+        if forked:
+            self._inherited.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Close every idle connection (in this process; a parent's are left alone)."""
+        with self._lock:
+            self._forked()
+            idle = [conn for conn, _ in self._idle]
+            self._idle.clear()
+            for conn in idle:
+                self._identity.pop(id(conn), None)
+        for conn in idle:
+            conn.close()
+
+
+_LIVE_CONNECTIONS: weakref.WeakSet[_Connections] = weakref.WeakSet()
+"""Every :class:`_Connections` alive in this process, only so that their idle connections
+are closed before a ``fork()`` (:func:`_close_before_fork`)."""
+
+
+def _close_before_fork() -> None:
+    for connections in list(_LIVE_CONNECTIONS):
+        connections.close()
+
+
+def _new_locks_in_child() -> None:
+    """A lock another thread held during the fork stays held forever in the child."""
+    for connections in list(_LIVE_CONNECTIONS):
+        connections._lock = threading.Lock()
+
+
+os.register_at_fork(before=_close_before_fork, after_in_child=_new_locks_in_child)
+
+
 class PrivacyLedger:
     """A site's privacy-budget ledger in one SQLite file.
 
-    Each method opens its own short-lived connection, so one instance may be shared by
-    threads, and every process (or thread) may hold its own instance on the same file.
+    Each call runs its own transaction on a connection the instance keeps open between
+    calls (one per thread at a time, :class:`_Connections`), so one instance may be shared
+    by threads, and every process (or thread) may hold its own instance on the same file.
+    :meth:`close` (or ``with PrivacyLedger(path) as ledger``) closes them; so does garbage
+    collection.
 
     Parameters
     ----------
@@ -450,6 +608,8 @@ class PrivacyLedger:
             raise ConfigError(f"busy_timeout_s must be > 0, got {busy_timeout_s!r}")
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._clock = clock
+        self._connections = _Connections(self.path, self._busy_timeout_ms)
+        weakref.finalize(self, self._connections.close)
         if self.path.is_dir():
             raise ConfigError(
                 f"privacy ledger path {self.path} is a folder; give the ledger file, "
@@ -488,30 +648,52 @@ class PrivacyLedger:
 
     @contextmanager
     def _connect(self, path: Path | None = None) -> Iterator[sqlite3.Connection]:
+        """A connection to the ledger (kept open between calls, :class:`_Connections`), or a
+        fresh one to ``path`` that is closed after (the scratch file of :meth:`_create`)."""
+        if path is not None:
+            try:
+                conn = _open_connection(path, self._busy_timeout_ms)
+            except sqlite3.Error as e:
+                raise self._error(e) from e
+            try:
+                yield conn
+            except sqlite3.Error as e:
+                raise self._error(e) from e
+            finally:
+                conn.close()
+            return
         try:
-            conn = sqlite3.connect(
-                self.path if path is None else path,
-                timeout=self._busy_timeout_ms / 1000,
-                isolation_level=None,
-            )
+            conn = self._connections.take()
         except sqlite3.Error as e:
             raise self._error(e) from e
         try:
-            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
             yield conn
         except sqlite3.Error as e:
+            self._connections.discard(conn)
             raise self._error(e) from e
-        finally:
-            conn.close()
+        except BaseException:
+            self._connections.give(conn)
+            raise
+        self._connections.give(conn)
 
     @contextmanager
     def _transaction(
-        self, kind: Literal["IMMEDIATE", "DEFERRED"], path: Path | None = None
+        self,
+        kind: Literal["IMMEDIATE", "DEFERRED"],
+        path: Path | None = None,
+        *,
+        sync: Literal["FULL", "NORMAL"] = "FULL",
     ) -> Iterator[sqlite3.Connection]:
-        """One explicit transaction; committed on normal exit, rolled back on any error."""
+        """One explicit transaction; committed on normal exit, rolled back on any error.
+
+        ``sync="FULL"`` (the default) fsyncs the WAL before ``COMMIT`` returns: the
+        transaction survives a power cut. ``"NORMAL"`` writes it to the WAL without an
+        fsync: every process sees it at once and it survives any crash of this process
+        (SIGKILL included), but only the next ``FULL`` commit (or checkpoint) puts it on
+        disk; :meth:`charge` uses it (see its docstring), nothing else does.
+        """
         with self._connect(path) as conn:
+            conn.execute(f"PRAGMA synchronous = {sync}")
             conn.execute(f"BEGIN {kind}")
             try:
                 yield conn
@@ -520,6 +702,21 @@ class PrivacyLedger:
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close the connections this ledger keeps open between calls.
+
+        Optional: they are closed when the ledger is garbage-collected, and a ledger used
+        again after ``close()`` opens a new one. A ledger can also be used as a context
+        manager (``with PrivacyLedger(path) as ledger: ...``), which closes it on exit.
+        """
+        self._connections.close()
+
+    def __enter__(self) -> PrivacyLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _create(self) -> None:
         """Create a new ledger at ``self.path``, which did not exist a moment ago.
@@ -869,22 +1066,27 @@ class PrivacyLedger:
     def _composed(
         self, conn: sqlite3.Connection, fingerprint: str
     ) -> tuple[list[_Dataset], list[ChargeReceipt]]:
-        """The datasets ``fingerprint``'s history composes, and all their charges by id."""
+        """The datasets ``fingerprint``'s history composes, and all their charges by id.
+
+        The datasets sharing a member with it are found once (the members join is most of
+        the cost), then their rows and charges are read by key."""
         if self._has_members(conn, fingerprint):
-            prefix, where, params = (
-                _AFFECTING,
-                "WHERE fingerprint IN affecting",
-                {"key": fingerprint},
-            )
+            keys = [
+                r[0]
+                for r in conn.execute(
+                    f"{_AFFECTING} SELECT fingerprint FROM affecting", {"key": fingerprint}
+                )
+            ]
+            where = "WHERE fingerprint IN (SELECT value FROM json_each(?))"
+            params: tuple[str, ...] = (json.dumps(keys),)
         else:  # unknown membership: any patient may be in it
-            prefix, where, params = "", "", {}
+            where, params = "", ()
         datasets = conn.execute(
-            f"{prefix} SELECT {_DATASET_COLUMNS} FROM datasets {where} "
-            "ORDER BY created_at, fingerprint",
+            f"SELECT {_DATASET_COLUMNS} FROM datasets {where} ORDER BY created_at, fingerprint",
             params,
         ).fetchall()
         charges = conn.execute(
-            f"{prefix} SELECT {self._CHARGE_COLUMNS} FROM charges {where} ORDER BY id", params
+            f"SELECT {self._CHARGE_COLUMNS} FROM charges {where} ORDER BY id", params
         ).fetchall()
         return [_Dataset(*d) for d in datasets], [self._receipt(r) for r in charges]
 
@@ -1121,9 +1323,11 @@ class PrivacyLedger:
         the composed history (:meth:`history`: this dataset's charges and those of every
         dataset sharing a patient with it or of unknown membership) plus ``mechanism``;
         over ``budget_epsilon`` -> raise and write nothing; else insert the charge and
-        commit before returning. Idempotent per ``(fingerprint, run_id, round, kind)``: a
-        key already charged (and not completed) with the same mechanism returns its
-        existing receipt and pays nothing.
+        commit before returning (to the WAL, without an fsync: :meth:`mark_completed` or
+        :meth:`mark_failed`, called before anything computed under the charge leaves the
+        site, fsyncs it; see "Durability" in the module docstring). Idempotent per
+        ``(fingerprint, run_id, round, kind)``: a key already charged (and not completed)
+        with the same mechanism returns its existing receipt and pays nothing.
 
         Parameters
         ----------
@@ -1183,7 +1387,11 @@ class PrivacyLedger:
         if not isinstance(mechanism, Mechanism):
             raise ConfigError(f"expected a Mechanism, got {type(mechanism).__name__}")
 
-        with self._transaction("IMMEDIATE") as conn:
+        load_accountant(accountant)  # its imports, before the lock that others wait on
+        # NORMAL: committed to the WAL (every process sees it, a SIGKILL cannot undo it)
+        # without an fsync of its own; the completion or failure of this charge (FULL),
+        # which comes before anything computed under it leaves the site, fsyncs it.
+        with self._transaction("IMMEDIATE", sync="NORMAL") as conn:
             now = self._now()
             dataset = self._dataset(conn, fingerprint)
             if dataset is not None:
@@ -1251,7 +1459,8 @@ class PrivacyLedger:
                 (budget_epsilon, fingerprint),
             )
             charge_id = cast(int, cursor.lastrowid)  # set by every INSERT
-        # The transaction has committed: the charge is durable before training starts.
+        # The transaction has committed: every process sees the charge, and no crash of
+        # this one can undo it; its completion or failure puts it on disk (fsync).
         return ChargeReceipt(
             charge_id=charge_id,
             fingerprint=fingerprint,
@@ -1343,8 +1552,9 @@ class PrivacyLedger:
     ) -> ChargeReceipt:
         """Mark a charge's round as trained (status only; the charge still counts).
 
-        Call it before the round's update leaves the site. Completing an already completed
-        charge returns it unchanged.
+        Call it before the round's update leaves the site: when it returns, the charge and
+        its completion are on disk (the commit fsyncs the WAL). Completing an already
+        completed charge returns it unchanged.
         """
         return self._set_status(charge_id, "completed", metrics)
 
@@ -1355,7 +1565,8 @@ class PrivacyLedger:
 
         A failed key is final: :meth:`charge` refuses to retry it (whether a round failed
         can depend on the patients). A key left ``charged`` by a process that died is
-        retried without paying again.
+        retried without paying again. When it returns, the charge and its failure are on
+        disk (the commit fsyncs the WAL), so the failure may be reported.
         """
         return self._set_status(charge_id, "failed", metrics)
 

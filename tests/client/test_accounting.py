@@ -52,6 +52,7 @@ from fedcare.client.accounting import (
     _discretize,
     _fft_size,
     _integer_rdp_per_step,
+    _memoized_calibration,
     _memoized_epsilon,
     _prv_domain,
     _saturated,
@@ -91,6 +92,13 @@ def gaussian_epsilon(sigma: float, delta: float) -> float:
         return norm.cdf(a - eps * sigma) - math.exp(eps) * norm.cdf(-a - eps * sigma) - delta
 
     return float(brentq(delta_of, 0.0, 500.0, xtol=1e-12))
+
+
+@pytest.fixture(autouse=True)
+def _calibrations_computed_afresh() -> None:
+    """Every test's calibrations run their search: a σ kept from an earlier test with the
+    same plan would skip the stand-ins a test replaces and the evaluations it counts."""
+    _memoized_calibration.cache_clear()
 
 
 # --------------------------------------------------------------------------- epsilon
@@ -836,3 +844,49 @@ def test_solve_decreasing_bisects_where_the_function_is_not_a_positive_number() 
 
     root, value = _solve_decreasing(negative, 4.0, lo=0.2, hi=10.0, least=MIN_NOISE_MULTIPLIER)
     assert root == pytest.approx(0.5, rel=1e-3) and abs(value - 4.0) <= 5e-4 * 4.0
+
+
+def test_a_plan_is_calibrated_once_per_process_and_a_refusal_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Sites with the same plan on the same history (a simulation's process serves several)
+    # share one search; any other plan, history or δ is searched for on its own.
+    target, q, steps, history = PLANS["small-site"]
+    calls = _count_prv_evaluations(monkeypatch)
+    searches: list[float] = []
+    real = _CoarsePRV.__call__
+
+    def counted(self: _CoarsePRV, sigma: float) -> float:
+        searches.append(sigma)
+        return real(self, sigma)
+
+    monkeypatch.setattr(_CoarsePRV, "__call__", counted)
+
+    def calibrate(**change: object) -> float:
+        plan: dict[str, object] = {
+            "target_epsilon": target,
+            "delta": DELTA,
+            "sample_rate": q,
+            "steps": steps,
+            "history": history,
+        }
+        return calibrate_noise(**{**plan, **change})  # type: ignore[arg-type]
+
+    first = calibrate()
+    assert calls and searches
+    done = (len(calls), len(searches))
+    # The same plan, its history given unmerged: nothing computed again, the same σ.
+    assert calibrate(history=[M(5.0, 1.0, 2), M(5.0, 1.0, 2)]) == first
+    assert (len(calls), len(searches)) == done
+    # Another history, another δ: searched afresh (and more spent asks for more noise).
+    assert calibrate(history=[M(5.0, 1.0, 8)]) > first
+    assert calibrate(delta=DELTA / 10) > first
+    assert len(searches) > done[1]
+    # A refusal is not kept: asked again, it is computed and raised again.
+    spent = epsilon([M(0.5, 1.0, 40)], delta=DELTA)
+    for _ in range(2):
+        before = len(calls)
+        _memoized_epsilon.cache_clear()
+        with pytest.raises(PrivacyBudgetExceeded):
+            calibrate(target_epsilon=spent / 2, history=[M(0.5, 1.0, 40)])
+        assert len(calls) == before + 1

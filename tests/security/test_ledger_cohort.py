@@ -169,7 +169,9 @@ def test_a_new_ledger_is_private_whatever_the_umask(tmp_path: Path, umask: int) 
         assert {stat.S_IMODE(p.stat().st_mode) for p in siblings} == {0o600}
     finally:
         reader.close()
-    # Nothing else was left beside it (the ledger is built under a scratch name first).
+    # The ledger keeps its connection (and so the WAL) open until it is closed; then
+    # nothing else is left beside it (the ledger is built under a scratch name first).
+    ledger.close()
     assert {p.name for p in path.parent.iterdir()} == {"ledger.sqlite"}
 
 
