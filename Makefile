@@ -20,12 +20,14 @@ demo: $(STAMP)
 
 # ruff (pinned in constraints.txt) gates the tests: a lint or format finding fails `make test`.
 # The tests run in two processes (pytest-xdist): most of the suite's time is real processes
-# waiting, which the second process fills. Work stealing: a process that runs out takes
-# tests queued for the other, so a few long real-process tests do not end the run alone.
+# waiting, which the second process fills. loadgroup: each process is handed a few tests at a
+# time, so a few long real-process tests do not end the run alone; the tests of one
+# xdist_group (the shared real deployment, tests/integration/conftest.py) go to one process,
+# which starts that deployment once.
 test: $(STAMP)
 	$(VENV)/bin/ruff check --quiet .
 	$(VENV)/bin/ruff format --check --quiet .
-	$(PY) -m pytest -q -n 2 --dist worksteal
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # mypy checks the namespace as installed, `fedcare.*`: the folders are mapped onto it in
 # pyproject.toml, so a tree of links under build/ shows mypy the same mapping.

@@ -1,8 +1,11 @@
-"""Suite-wide settings: Flower never phones home nor installs packages at run time."""
+"""Suite-wide settings: Flower never phones home nor installs packages at run time; and the
+one real DP federation that several directories' tests read."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,3 +24,58 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+#: The xdist group of every test that reads ``audited_run``: ``--dist loadgroup`` (the
+#: Makefile's) sends them to one worker, which runs the federation once.
+AUDITED_RUN_GROUP = "audited-run"
+
+
+@dataclass(frozen=True)
+class AuditedRun:
+    """A finished simulated run (``run``) and the synthetic hospitals it trained on (``sites``).
+
+    Tests read it; one that changes a file in ``run`` puts it back before it ends.
+    """
+
+    sites: Path
+    run: Path
+    task: str
+
+
+@pytest.fixture(scope="session")
+def audited_run(tmp_path_factory: pytest.TempPathFactory) -> AuditedRun:
+    """One real DP federation (fedcare's ServerApp and ClientApp under ``flwr run`` on a local
+    simulation SuperLink), read by the privacy audit (tests/integration/test_audit.py) and
+    by the model card (tests/simulations/audit_report/test_model_card_run.py): two synthetic
+    hospitals with patient groups, exact evaluation (their ``site.toml``'s simulation opt-in),
+    two rounds of two local epochs each at a target ε of 3, feature attributions on.
+    """
+    from fedcare.simulations.runner import run_experiment
+    from fedcare.simulations.scenario import Scenario
+    from fedcare.simulations.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("audited-run")
+    sites = root / "sites"
+    config = SynthConfig(
+        patients_per_site=260, size_skew=0.0, n_genes=12, image_size=16, image_format="npy",
+        groups=True, group_shift=0.8,
+    )  # fmt: skip
+    synthesize(sites, n_sites=2, seed=21, config=config)
+    task = "readmission"
+    scenario = Scenario(
+        name="audited",
+        sites=2,
+        data_root=str(sites),
+        baselines=False,
+        federation={
+            "task": task,
+            "num-server-rounds": 2,
+            "local-epochs": 2,
+            "target-epsilon": 3.0,
+            "explain": True,
+        },
+    )
+    run = root / "run"
+    run_experiment(scenario, run)
+    return AuditedRun(sites=sites, run=run, task=task)

@@ -1,15 +1,20 @@
 """A real deployment on 127.0.0.1 for the integration tests: certificates, a SuperLink and
 SuperNodes started with fedcare's own commands, each in its own process.
 
-Everything is started through the ``fedcare`` console script (``certs init``, ``site keygen``,
-``server start``, ``site start``) and Flower's ``flwr`` CLI (``supernode register``, ``run``,
-``ls``), exactly as a coordinating centre and its hospitals would. Every process started
-here is stopped with its whole family (SuperExec, ServerApp, ClientApp processes).
+The centre and the hospitals run through the ``fedcare`` console script (``server start``,
+``site start``), each its own process, and are driven with Flower's ``flwr`` CLI
+(``supernode register``, ``run``, ``ls``), exactly as a coordinating centre and its hospitals
+would. The one-off setup commands (``certs init``, ``site keygen``) are the same command
+functions called in this process: their console script is tested in tests/server and
+tests/client, and each start of it costs seconds of CPU that a two-core test run cannot spare.
+Every process started here is stopped with its whole family (SuperExec, ServerApp, ClientApp
+processes), all of them at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -19,15 +24,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from fedcare.common.audit import load_or_create_signing_key
+from fedcare.client.audit import AUDIT_KEY_NAME
+from fedcare.client.site_cli import site_keygen
+from fedcare.common.audit import load_or_create_signing_key, public_key_raw
 from fedcare.common.federation import RUN_CONFIG_DEFAULTS, FederationConfig
+from fedcare.common.files import private_dir
 from fedcare.common.processes import (
     family_pids,
     family_sessions,
@@ -35,23 +44,34 @@ from fedcare.common.processes import (
     free_port,
     stop_family,
 )
+from fedcare.common.run_files import SUMMARY_NAME
 from fedcare.common.run_signing import (
     RUN_KEY_NAME,
     RUN_PUBLIC_KEY_NAME,
     RUN_SIGNATURE_KEY,
     sign_run,
 )
+from fedcare.common.tomlcompat import tomllib
+from fedcare.server.certs_cli import certs_init
 from fedcare.simulations.flower_driver import write_app_dir
 from fedcare.simulations.synth import SynthConfig, synthesize
 
 BIN = Path(sys.executable).parent
 CONNECTION = "hospitals"
+#: What a SuperNode logs once the SuperLink has let it in (Flower's own line).
+NODE_STARTED = "SuperNode ID:"
+#: The pytest-xdist group of every test that takes the session's shared ``deployment``
+#: (tests/integration/conftest.py): ``--dist loadgroup`` runs them in one worker, so the
+#: deployment is started once.
+DEPLOYMENT_GROUP = "deployment"
+#: pytest-timeout's limit for those tests (seconds): the first also starts the deployment.
+DEPLOYMENT_TIMEOUT_S = 600
 
 
 def fedcare(
     *args: str, env: Mapping[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    """Run a short ``fedcare`` command to completion."""
+    """Run a short ``fedcare`` command to completion (the console script, its own process)."""
     return subprocess.run(
         [str(BIN / "fedcare"), *args],
         env=dict(env),
@@ -62,6 +82,21 @@ def fedcare(
     )
 
 
+def _quietly(command: Any, **options: Any) -> None:
+    """Call a ``fedcare`` command function with its options (what the console script calls
+    after parsing them), its printout kept out of the test's output."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        command(**options)
+
+
+def _stamp(path: Path) -> int | None:
+    """When ``path`` was last written (ns), or None while it does not exist."""
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 @dataclass
 class Process:
     """A long-running command of the deployment, with its log file."""
@@ -70,6 +105,8 @@ class Process:
     proc: subprocess.Popen[bytes]
     log: Path
     sessions: set[int] = field(default_factory=set)
+    #: Where this process's lines start in ``log`` (a restarted one appends to the file).
+    offset: int = 0
 
     def stop(self, grace_s: float = 10.0) -> int:
         """SIGTERM (the fedcare supervisor stops its family), then make sure all is gone."""
@@ -91,6 +128,14 @@ class Process:
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def new_text(self) -> str:
+        """What this process (not an earlier one under the same name) has logged."""
+        if not self.log.exists():
+            return ""
+        with open(self.log, "rb") as f:
+            f.seek(self.offset)
+            return f.read().decode(errors="replace")
+
 
 @dataclass
 class Deployment:
@@ -108,6 +153,8 @@ class Deployment:
     control_port: int
     processes: dict[str, Process] = field(default_factory=dict)
     _earlier: list[Process] = field(default_factory=list)
+    #: Flower run id -> (fedcare run id, its summary.json's stamp before the submission).
+    _submitted: dict[int, tuple[str, int | None]] = field(default_factory=dict)
 
     @property
     def certs(self) -> Path:
@@ -119,7 +166,11 @@ class Deployment:
 
     # --- setup -------------------------------------------------------------------------------
     @classmethod
-    def create(cls, root: Path, *, n_sites: int = 3, patients: int = 140) -> Deployment:
+    def create(
+        cls, root: Path, *, n_sites: int = 3, patients: int = 140, epsilon_budget: float = 20.0
+    ) -> Deployment:
+        """Certificates, ``n_sites`` hospitals' data, keys and site-config.toml (each with a
+        lifetime budget of ``epsilon_budget``); nothing started yet."""
         root.mkdir(parents=True, exist_ok=True)
         home = root / "centre" / "flwr-home"
         home.mkdir(parents=True)
@@ -133,18 +184,7 @@ class Deployment:
             config=SynthConfig(patients_per_site=patients, image_format="npy", simulated=False),
         )
         dep = cls(root=root, port=free_port(), env=env, sites=[], control_port=free_port())
-        out = fedcare(
-            "certs",
-            "init",
-            "--out",
-            str(dep.certs),
-            "--host",
-            "127.0.0.1",
-            "--host",
-            "localhost",
-            env=env,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
+        _quietly(certs_init, out=dep.certs, host=["127.0.0.1", "localhost"], days=825, force=False)
         connection = {
             "address": f"127.0.0.1:{dep.control_port}",
             "root-certificates": str(dep.certs / "ca.crt"),
@@ -153,15 +193,16 @@ class Deployment:
             tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: connection}})
         )
         for i in range(n_sites):
-            dep.sites.append(dep.add_site(i, register=False))
+            dep.sites.append(dep.add_site(i, register=False, epsilon_budget=epsilon_budget))
         return dep
 
-    def add_site(self, i: int, *, register: bool, data_of: int | None = None) -> Path:
+    def add_site(
+        self, i: int, *, register: bool, data_of: int | None = None, epsilon_budget: float = 20.0
+    ) -> Path:
         """A hospital folder: its keys, its site-config.toml, and its data (already written)."""
         site = self.root / f"hospital-{i}"
         keys = site / "keys"
-        out = fedcare("site", "keygen", "--out", str(keys), env=self.env)
-        assert out.returncode == 0, out.stdout + out.stderr
+        _quietly(site_keygen, out=keys, name="supernode", force=False)
         shutil.copy(self.certs / "ca.crt", site / "ca.crt")
         shutil.copy(self.certs / RUN_PUBLIC_KEY_NAME, site / RUN_PUBLIC_KEY_NAME)
         config = {
@@ -169,7 +210,7 @@ class Deployment:
             "data": str(self.root / "data" / f"site-{i if data_of is None else data_of}"),
             "state_dir": str(site / "state"),
             "device": "cpu",
-            "privacy": {"epsilon": 20.0, "delta": 1e-5},
+            "privacy": {"epsilon": epsilon_budget, "delta": 1e-5},
             "policy": {"max_local_epochs": 3},
             "superlink": {
                 "address": f"127.0.0.1:{self.port}",
@@ -184,6 +225,23 @@ class Deployment:
             self.register(i)
         return site
 
+    def pin_peers(self) -> None:
+        """What the hospitals exchange out of band for secure aggregation: each one's audit
+        public key, in a peers file its own site-config.toml names (``secagg_peers``).
+        Before the hospitals start (each audit key is created here, where the site keeps it)."""
+        public = {}
+        for site in self.sites:
+            config = tomllib.loads((site / "site-config.toml").read_text(encoding="utf-8"))
+            state = private_dir(Path(config["state_dir"]))
+            key = load_or_create_signing_key(state / AUDIT_KEY_NAME)
+            public[str(config["site_id"])] = public_key_raw(key).hex()
+        for site in self.sites:
+            path = site / "site-config.toml"
+            config = tomllib.loads(path.read_text(encoding="utf-8"))
+            others = {k: v for k, v in public.items() if k != config["site_id"]}
+            (site / "peers.toml").write_text(tomli_w.dumps({"peers": others}), encoding="utf-8")
+            path.write_text(tomli_w.dumps({**config, "secagg_peers": str(site / "peers.toml")}))
+
     def register(self, i: int) -> None:
         """The coordinating centre registers hospital ``i``'s public key (server running)."""
         public_key = self.root / f"hospital-{i}" / "keys" / "supernode.pub"
@@ -197,6 +255,7 @@ class Deployment:
             self._earlier.append(self.processes[name])
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(exist_ok=True)
+        offset = log.stat().st_size if log.exists() else 0
         with open(log, "ab") as f:
             proc = subprocess.Popen(
                 [str(BIN / "fedcare"), *args],
@@ -206,7 +265,7 @@ class Deployment:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        p = Process(name, proc, log, {proc.pid})
+        p = Process(name, proc, log, {proc.pid}, offset)
         self.processes[name] = p
         return p
 
@@ -261,9 +320,56 @@ class Deployment:
             *extra,
         )
 
+    def online_nodes(self) -> int:
+        """How many SuperNodes the SuperLink lists as online (``flwr supernode ls``)."""
+        out = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
+        nodes = json.loads(out.stdout[out.stdout.index("{") :])["nodes"]
+        return sum(1 for n in nodes if str(n.get("status", "")).startswith("online"))
+
+    def wait_online(
+        self, n: int, timeout: float = 120, *, starting: Sequence[Process] = ()
+    ) -> None:
+        """Until the SuperLink lists ``n`` SuperNodes online.
+
+        ``starting``: hospitals just started. Each ``flwr`` call is a process that costs a
+        second of CPU, so Flower is asked only once each of them has logged its SuperNode ID
+        (or exited, or the time is up).
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+            p.proc.poll() is None and NODE_STARTED not in p.new_text() for p in starting
+        ):
+            time.sleep(0.3)
+        while (online := self.online_nodes()) < n and time.monotonic() < deadline:
+            time.sleep(1)
+        logs = "".join(f"\n--- {p.name}:\n{p.new_text()[-1500:]}" for p in starting)
+        assert online >= n, f"{online} of {n} SuperNodes online after {timeout} s{logs}"
+
+    def ensure_running(self) -> None:
+        """The centre and every hospital of ``sites`` running, and each hospital online:
+        whatever an earlier test stopped or crashed is started again (and then Flower is
+        asked until all are online; with nothing to start, the centre's health check, which
+        costs no process, is enough: the hospitals were online when the last one started)."""
+        server = self.processes.get("superlink")
+        restarted = server is None or server.proc.poll() is not None
+        if restarted:
+            self.start_server()
+        started = []
+        for i in range(len(self.sites)):
+            site = self.processes.get(f"site-{i}")
+            if site is None or site.proc.poll() is not None:
+                started.append(self.start_site(i))
+        if restarted or started:
+            self.wait_online(len(self.sites), starting=started)
+        elif not self.healthy():
+            log = self.processes["superlink"].text()[-3000:]
+            raise AssertionError(f"the SuperLink runs but does not answer:\n{log}")
+
     def stop_all(self) -> None:
-        for p in reversed([*self._earlier, *self.processes.values()]):
-            p.stop()
+        """Stop every process started here, all at once (each waits out its own grace)."""
+        everything = [*self._earlier, *self.processes.values()]
+        with ThreadPoolExecutor(max_workers=len(everything) or 1) as pool:
+            list(pool.map(Process.stop, everything))  # raises what a stop raised
 
     # --- runs ----------------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -303,9 +409,12 @@ class Deployment:
             run_config[RUN_SIGNATURE_KEY] = sign_run(resolved.to_run_config(), signer)
         path = self.root / "centre" / f"{run_id}.toml"
         path.write_text(tomli_w.dumps(run_config))
+        summary = self.run_dir(run_id) / SUMMARY_NAME
+        before = _stamp(summary)
         out = self.flwr("run", str(app), CONNECTION, "--format", "json", "--run-config", str(path))
         reply = json.loads(out.stdout[out.stdout.index("{") :])
         assert reply.get("success"), out.stdout + out.stderr
+        self._submitted[int(reply["run-id"])] = (run_id, before)
         return int(reply["run-id"])
 
     def run_dir(self, run_id: str) -> Path:
@@ -318,12 +427,26 @@ class Deployment:
         return dict(reply["runs"][0])
 
     def wait(self, flwr_run_id: int, timeout: float = 400) -> dict[str, Any]:
+        """Until Flower lists the run as finished; its status then.
+
+        Each ``flwr ls`` is a process that costs a second of CPU, so while the run's
+        ``summary.json`` (written by its ServerApp at the end) is not yet (re)written, Flower
+        is asked only every 10 s (a run that fails without a summary is still seen); once it
+        is, every half second.
+        """
+        run_id, before = self._submitted[flwr_run_id]
+        summary = self.run_dir(run_id) / SUMMARY_NAME
         deadline = time.monotonic() + timeout
+        ask_at = time.monotonic() + 10
+        info: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            info = self.status(flwr_run_id)
-            if str(info["status"]).startswith("finished"):
-                return info
-            time.sleep(2)
+            written = _stamp(summary) != before
+            if written or time.monotonic() >= ask_at:
+                info = self.status(flwr_run_id)
+                if str(info["status"]).startswith("finished"):
+                    return info
+                ask_at = time.monotonic() + (0.5 if written else 10)
+            time.sleep(0.3)
         raise AssertionError(f"run {flwr_run_id} not finished after {timeout} s: {info}")
 
     def wait_for_round(self, run_id: str, rnd: int, timeout: float = 300) -> None:

@@ -1,11 +1,13 @@
 """A whole privacy audit of one real DP federation, with the ``fedcare audit`` commands.
 
-One simulated run (Flower's engine, 2 hospitals x 2 rounds, DP at each site) is audited as
-an auditor would: ``audit verify`` (exit 0), the ε recomputation against this test's own
-PLD accountant call, ``audit attack`` (the canary audit's empirical lower bound stays below
-the claimed ε), ``audit report`` rendered in headless Chromium; then one byte of a site's
-log and of the server's log is flipped: ``audit verify`` exits 1 naming that line, and the
-report's verdict turns to ATTENTION. Slow: CI runs it too.
+One simulated run (Flower's engine, 2 hospitals x 2 rounds, DP at each site: the session's
+``audited_run`` of tests/conftest.py, whose model card
+tests/simulations/audit_report/test_model_card_run.py checks) is audited as an auditor
+would: ``audit verify`` (exit 0), the ε recomputation against this test's own PLD
+accountant call, ``audit attack`` (the canary audit's empirical lower bound stays below the
+claimed ε), ``audit report`` rendered in headless Chromium; then one byte of a site's log
+and of the server's log is flipped: ``audit verify`` exits 1 naming that line, and the
+report's verdict turns to ATTENTION (and the logs are put back). Slow: CI runs it too.
 """
 
 from __future__ import annotations
@@ -23,12 +25,10 @@ from fedcare.cli import main
 from fedcare.client.accounting import Mechanism, independent_epsilon
 from fedcare.common.summary import load_summary
 from fedcare.simulations.audit.findings import ATTACKS_FILE, AttackReport
-from fedcare.simulations.runner import run_experiment
-from fedcare.simulations.scenario import Scenario
-from fedcare.simulations.synth import SynthConfig, synthesize
+from tests.conftest import AUDITED_RUN_GROUP, AuditedRun
 from tests.simulations.audit_report.test_report_browser import _FLAGS as CHROMIUM_FLAGS
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group(AUDITED_RUN_GROUP)]
 
 
 def _fedcare(*args: str) -> subprocess.CompletedProcess[str]:
@@ -68,24 +68,10 @@ def _flip_middle_byte(path: Path, kind: str) -> int:
     return line + 1
 
 
-def test_a_whole_audit_of_a_real_dp_run(tmp_path: Path) -> None:
-    sites = tmp_path / "sites"
-    synthesize(sites, n_sites=2, seed=7, config=SynthConfig(patients_per_site=160))
-    scenario = Scenario(
-        name="audit",
-        sites=2,
-        data_root=str(sites),
-        baselines=False,
-        federation={
-            "task": "readmission",
-            "num-server-rounds": 2,
-            "local-epochs": 1,
-            "target-epsilon": 3.0,
-        },
-    )
-    run = tmp_path / "run"
-    run_experiment(scenario, run)
+def test_a_whole_audit_of_a_real_dp_run(audited_run: AuditedRun, tmp_path: Path) -> None:
+    run = audited_run.run
     summary = load_summary(run / "summary.json")
+    assert summary.rounds_completed == 2 and len(summary.sites) == 2
 
     # 1. Every log intact and signed, and server and sites agree.
     verify = _fedcare("audit", "verify", str(run))
@@ -134,10 +120,12 @@ def test_a_whole_audit_of_a_real_dp_run(tmp_path: Path) -> None:
         (run / "audit" / "server.jsonl", "aggregate"),
     ):
         original = log.read_bytes()
-        line = _flip_middle_byte(log, kind)
-        verify = _fedcare("audit", "verify", str(run))
-        assert verify.returncode == 1, verify.stdout
-        assert f"FIRST BAD LINE {line}:" in verify.stdout, verify.stdout
-        out = _fedcare("audit", "report", str(run), "--out", str(page))
-        assert "verdict: ATTENTION" in out.stdout, out.stdout
-        log.write_bytes(original)
+        try:
+            line = _flip_middle_byte(log, kind)
+            verify = _fedcare("audit", "verify", str(run))
+            assert verify.returncode == 1, verify.stdout
+            assert f"FIRST BAD LINE {line}:" in verify.stdout, verify.stdout
+            out = _fedcare("audit", "report", str(run), "--out", str(page))
+            assert "verdict: ATTENTION" in out.stdout, out.stdout
+        finally:  # the run is the session's: the model card test reads it too
+            log.write_bytes(original)

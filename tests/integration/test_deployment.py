@@ -2,8 +2,10 @@
 process started with ``fedcare server start`` / ``fedcare site start``, TLS and node
 authentication on, each site with its own data folder, site-config.toml and privacy ledger.
 
-Runs are submitted with ``flwr run`` and followed with ``flwr ls --format json``. Slow
-(real processes, TLS, three hospitals on two cores); CI runs them too.
+Runs are submitted with ``flwr run`` and followed with ``flwr ls --format json``. The
+deployment is the session's one (tests/integration/conftest.py), shared with
+test_secagg_deployment.py. Slow (real processes, TLS, three hospitals on two cores); CI runs
+them too.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,29 +26,16 @@ from fedcare.common.processes import family_pids
 from fedcare.common.run_files import RECORD_NAME
 from fedcare.common.run_record import load_run_record
 from fedcare.common.summary import load_summary
-from tests.integration._deployment import CONNECTION, Deployment, processes_under
+from tests.integration._deployment import DEPLOYMENT_GROUP, DEPLOYMENT_TIMEOUT_S, Deployment
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    dep = Deployment.create(tmp_path_factory.mktemp("deployment"))
-    try:
-        dep.start_server()
-        for i in range(len(dep.sites)):
-            dep.register(i)
-            dep.start_site(i)
-        deadline = time.monotonic() + 120
-        while _online_nodes(dep) < len(dep.sites) and time.monotonic() < deadline:
-            time.sleep(1)
-        yield dep
-    finally:
-        dep.stop_all()
-        deadline = time.monotonic() + 15
-        while processes_under(dep.root) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not processes_under(dep.root), "processes left behind"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.xdist_group(DEPLOYMENT_GROUP),
+    # The first test to ask also starts the session's deployment (a centre, three hospitals)
+    # within its time; on two loaded cores that and a three-round run pass 300 s.
+    pytest.mark.timeout(DEPLOYMENT_TIMEOUT_S),
+]
 
 
 def _charges(dep: Deployment, site: int, run_id: str, kind: str = "train") -> list[int]:
@@ -58,12 +46,6 @@ def _charges(dep: Deployment, site: int, run_id: str, kind: str = "train") -> li
         for c in ledger.charges(dataset.fingerprint)
         if c.run_id == run_id and c.kind == kind
     )
-
-
-def _online_nodes(dep: Deployment) -> int:
-    out = dep.flwr("supernode", "ls", CONNECTION, "--format", "json")
-    nodes = json.loads(out.stdout[out.stdout.index("{") :])["nodes"]
-    return sum(1 for n in nodes if str(n.get("status", "")).startswith("online"))
 
 
 def _worker_pids(dep: Deployment, site: int) -> set[int]:
@@ -119,9 +101,9 @@ def test_run_survives_a_dropped_site_and_a_server_restart(deployment: Deployment
     assert not dep.healthy(), "the SuperLink still answers after it was stopped"
     dep.start_server()
     deadline = time.monotonic() + 120
-    while _online_nodes(dep) < 2 and time.monotonic() < deadline:
+    while dep.online_nodes() < 2 and time.monotonic() < deadline:
         time.sleep(2)
-    assert _online_nodes(dep) == 2, "the SuperNodes did not reconnect to the restarted SuperLink"
+    assert dep.online_nodes() == 2, "the SuperNodes did not reconnect to the restarted SuperLink"
     second = dep.submit(run, **config)
     info = dep.wait(second)
     assert info["status"] == "finished:completed", info
@@ -172,7 +154,7 @@ def test_an_unsigned_run_charges_no_hospital(deployment: Deployment) -> None:
 
 def test_unregistered_node_is_refused(deployment: Deployment) -> None:
     dep = deployment
-    online = _online_nodes(dep)
+    online = dep.online_nodes()
     dep.add_site(3, register=False, data_of=0)
     p = dep.start_site(3)
     try:
@@ -181,12 +163,12 @@ def test_unregistered_node_is_refused(deployment: Deployment) -> None:
         pytest.fail(f"an unregistered SuperNode was admitted:\n{p.text()[-2000:]}")
     assert p.proc.returncode != 0
     assert "Failed to activate SuperNode" in p.text()
-    assert _online_nodes(dep) == online
+    assert dep.online_nodes() == online
 
 
 def test_plain_text_cannot_connect(deployment: Deployment) -> None:
     dep = deployment
-    online = _online_nodes(dep)
+    online = dep.online_nodes()
     # A plain-HTTP request to the SuperLink's port gets no answer.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
@@ -215,4 +197,4 @@ def test_plain_text_cannot_connect(deployment: Deployment) -> None:
     p.stop()
     assert "PLAIN TEXT" in text
     assert "Connection attempt failed" in text
-    assert _online_nodes(dep) == online
+    assert dep.online_nodes() == online

@@ -1,62 +1,28 @@
 """Secure aggregation in a real deployment: a centre (gateway + SuperLink, TLS, registered
 nodes) and three hospitals (SuperNode + fedcare's site worker) as real processes on this
-machine; a signed run with ``secure-aggregation = true``. Slow: real processes."""
+machine, the session's one (tests/integration/conftest.py: the hospitals' peers files are
+written before they start); a signed run with ``secure-aggregation = true``. Slow: real
+processes."""
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import tomli_w
-import tomllib
 
-from fedcare.client.audit import AUDIT_KEY_NAME
 from fedcare.common import audit_kinds as kinds
-from fedcare.common.audit import load_or_create_signing_key, public_key_raw
-from fedcare.common.files import private_dir
 from fedcare.common.summary import load_summary
 from fedcare.simulations.audit.verify import verify_paths
-from tests.integration._deployment import Deployment, processes_under
+from tests.integration._deployment import DEPLOYMENT_GROUP, DEPLOYMENT_TIMEOUT_S, Deployment
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    dep = Deployment.create(tmp_path_factory.mktemp("secagg-deployment"), patients=80)
-    pin_peers(dep.sites)
-    try:
-        dep.start_server()
-        for i in range(len(dep.sites)):
-            dep.register(i)
-            dep.start_site(i)
-        yield dep
-    finally:
-        dep.stop_all()
-        deadline = time.monotonic() + 15
-        while processes_under(dep.root) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not processes_under(dep.root), "processes left behind"
-
-
-def pin_peers(sites: list[Path]) -> None:
-    """What the hospitals exchange out of band: each one's audit public key, in a peers file
-    its own site-config.toml names (``secagg_peers``)."""
-    public = {}
-    for site in sites:
-        config = tomllib.loads((site / "site-config.toml").read_text(encoding="utf-8"))
-        state = private_dir(Path(config["state_dir"]))
-        key = load_or_create_signing_key(state / AUDIT_KEY_NAME)
-        public[str(config["site_id"])] = public_key_raw(key).hex()
-    for site in sites:
-        path = site / "site-config.toml"
-        config = tomllib.loads(path.read_text(encoding="utf-8"))
-        others = {k: v for k, v in public.items() if k != config["site_id"]}
-        (site / "peers.toml").write_text(tomli_w.dumps({"peers": others}), encoding="utf-8")
-        path.write_text(tomli_w.dumps({**config, "secagg_peers": str(site / "peers.toml")}))
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.xdist_group(DEPLOYMENT_GROUP),
+    # The first test to ask also starts the session's deployment (a centre, three hospitals)
+    # within its time; on two loaded cores that and a three-round run pass 300 s.
+    pytest.mark.timeout(DEPLOYMENT_TIMEOUT_S),
+]
 
 
 def test_a_deployed_secure_round_sums_three_hospitals(deployment: Deployment) -> None:

@@ -1,8 +1,10 @@
 """A real simulated run with patient groups: every number on its model card, recomputed
 independently from the run's files.
 
-Two synthetic hospitals (exact evaluation, their ``site.toml``'s simulation opt-in), one DP
-round. The test loads the final model (``final_model.pt``) and each site's files, predicts
+The run is the session's ``audited_run`` (tests/conftest.py: two synthetic hospitals with
+patient groups, exact evaluation by their ``site.toml``'s simulation opt-in, two DP rounds,
+attributions on), which the privacy audit of tests/integration/test_audit.py reads too. The
+test loads the final model (``final_model.pt``) and each site's files, predicts
 every validation and test patient, and recomputes with scikit-learn and numpy what the card
 shows: counts, the per-site and global test metrics, the calibration curve, every group's
 metrics and largest gap (its own code for the decision threshold and for small-count
@@ -14,8 +16,6 @@ quantised to those bins.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,14 +31,13 @@ from fedcare.client.training import predict
 from fedcare.common.encoding import encoded_names, task_ehr_features
 from fedcare.common.summary import load_summary
 from fedcare.simulations.audit.model_card_cli import report_model
-from fedcare.simulations.runner import run_experiment
-from fedcare.simulations.scenario import Scenario
-from fedcare.simulations.synth import SynthConfig, synthesize
+from tests.conftest import AUDITED_RUN_GROUP, AuditedRun
 from tests.simulations.audit_report._dom import section_rows
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.integration,
+    pytest.mark.xdist_group(AUDITED_RUN_GROUP),
     pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
     pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
 ]
@@ -102,22 +101,11 @@ def _riemann_ig(model: torch.nn.Module, x: torch.Tensor, steps: int = 300) -> to
     return x * total / steps
 
 
-def test_every_number_on_a_real_runs_card_is_recomputed_from_its_files(tmp_path: Path) -> None:
-    root = tmp_path / "sites"
-    config = SynthConfig(
-        patients_per_site=260, size_skew=0.0, n_genes=12, image_size=16, image_format="npy",
-        groups=True, group_shift=0.8,
-    )  # fmt: skip
-    synthesize(root, n_sites=2, seed=21, config=config)
-    scenario = Scenario(
-        name="card",
-        sites=2,
-        data_root=str(root),
-        baselines=False,
-        federation={"task": TASK, "num-server-rounds": 1, "local-epochs": 2, "explain": True},
-    )
-    run = tmp_path / "run"
-    run_experiment(scenario, run)
+def test_every_number_on_a_real_runs_card_is_recomputed_from_its_files(
+    audited_run: AuditedRun,
+) -> None:
+    root, run = audited_run.sites, audited_run.run
+    assert audited_run.task == TASK
     report_model(run, None)
     page = (run / "model_card.html").read_text(encoding="utf-8")
     summary = load_summary(run / "summary.json")

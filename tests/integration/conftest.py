@@ -1,0 +1,54 @@
+"""One real deployment for every deployment test: a coordinating centre (gateway + SuperLink,
+TLS, registered nodes) and three hospitals (SuperNode + fedcare's site worker, their
+secure-aggregation peers pinned), each a real process on this machine.
+
+Starting and stopping a centre and three hospitals costs a minute of two cores; no deployment
+test needs a fresh one, since each submits its own run (own run id, charges looked up by run
+id) or adds a hospital of its own. A test that needs the centre and all three hospitals up
+takes ``deployment``: whatever an earlier test crashed or stopped is started again first.
+
+A session fixture runs once per pytest-xdist worker: the modules that take it carry
+``pytest.mark.xdist_group(DEPLOYMENT_GROUP)`` (``_deployment.py``), which ``--dist loadgroup``
+(the Makefile's) sends to one worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration._deployment import Deployment, processes_under
+
+#: Every run the tests submit fits one hospital's lifetime budget together: the dropped-site
+#: run (ε 8 over three rounds, with evaluations) and the secure run (ε 8) compose to less.
+LIFETIME_EPSILON = 40.0
+
+
+@pytest.fixture(scope="session")
+def shared_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    dep = Deployment.create(
+        tmp_path_factory.mktemp("deployment"), patients=80, epsilon_budget=LIFETIME_EPSILON
+    )
+    dep.pin_peers()
+    try:
+        dep.start_server()
+        for i in range(len(dep.sites)):
+            dep.register(i)
+        started = [dep.start_site(i) for i in range(len(dep.sites))]
+        dep.wait_online(len(dep.sites), starting=started)
+        yield dep
+    finally:
+        dep.stop_all()
+        deadline = time.monotonic() + 15
+        while processes_under(dep.root) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not processes_under(dep.root), "processes left behind"
+
+
+@pytest.fixture()
+def deployment(shared_deployment: Deployment) -> Deployment:
+    """The shared deployment, its centre and all three hospitals running and online."""
+    shared_deployment.ensure_running()
+    return shared_deployment
