@@ -426,8 +426,13 @@ _DATASET_COLUMNS = (
 def _open_connection(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     """A new autocommit connection to ``path`` with the ledger's pragmas (the synchronous
     level is set per transaction, :meth:`PrivacyLedger._transaction`)."""
+    # mode=rw: a ledger file that is gone is an error, never a new empty database.
     conn = sqlite3.connect(
-        path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+        f"{Path(path).absolute().as_uri()}?mode=rw",
+        uri=True,
+        timeout=busy_timeout_ms / 1000,
+        isolation_level=None,
+        check_same_thread=False,
     )
     try:
         conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
@@ -456,10 +461,11 @@ class _Connections:
     idle connection (or opens one), and gives it back when its transaction has ended; two
     threads never hold the same one at once.
 
-    A kept connection is used only while it still points at the file at the ledger's path
-    (same device and inode, checked at every take): a ledger file replaced or deleted under
-    a running site (a restored backup) is opened afresh, as a new connection would, and the
-    stale connections are closed. A kept connection never crosses a ``fork()``: SQLite
+    A ledger file replaced or deleted under a running site (same device and inode, checked
+    at every take) is refused with a :class:`~fedcare.common.errors.ConfigError`: SQLite
+    names its ``-wal`` and ``-shm`` files by path, so a restored backup opened beside the old
+    ones would not be the backup, and a deleted one must never be re-created. Restore a
+    ledger with the site stopped. A kept connection never crosses a ``fork()``: SQLite
     forbids using a connection in a child, and the child's copy of SQLite's per-file lock
     state would be wrong for the child's own connections. So every idle connection of every
     live ledger is closed just before the process forks (``os.register_at_fork``), and one
@@ -475,6 +481,7 @@ class _Connections:
         self._identity: dict[int, tuple[int, int] | None] = {}  # id(conn) -> its file
         self._inherited: list[sqlite3.Connection] = []  # a parent's, never touched here
         self._pid = os.getpid()
+        self._file: tuple[int, int] | None = None  # the file the first connection opened
         _LIVE_CONNECTIONS.add(self)
 
     def _forked(self) -> None:
@@ -492,6 +499,13 @@ class _Connections:
         found = None
         with self._lock:
             self._forked()
+            if identity is None or (self._file is not None and identity != self._file):
+                raise ConfigError(
+                    f"privacy ledger {self._path} was "
+                    f"{'deleted' if identity is None else 'replaced'} while this site was "
+                    "running; nothing was charged. Fix: stop the site, put the ledger back "
+                    f"from the site's backup, and start it again. {_RESTORE}"
+                )
             while self._idle:
                 conn, its = self._idle.pop()
                 if its is not None and its == identity:
@@ -505,7 +519,9 @@ class _Connections:
             return found
         conn = _open_connection(self._path, self._busy_timeout_ms)
         with self._lock:
-            self._identity[id(conn)] = _file_identity(self._path)
+            self._identity[id(conn)] = opened = _file_identity(self._path)
+            if self._file is None:
+                self._file = opened
         return conn
 
     def give(self, conn: sqlite3.Connection) -> None:
@@ -532,10 +548,13 @@ class _Connections:
         else:
             conn.close()
 
-    def close(self) -> None:
-        """Close every idle connection (in this process; a parent's are left alone)."""
+    def close(self, *, forget_file: bool = False) -> None:
+        """Close every idle connection (in this process; a parent's are left alone); with
+        ``forget_file``, the next connection may open whatever file is then at the path."""
         with self._lock:
             self._forked()
+            if forget_file:
+                self._file = None
             idle = [conn for conn, _ in self._idle]
             self._idle.clear()
             for conn in idle:
@@ -708,9 +727,10 @@ class PrivacyLedger:
 
         Optional: they are closed when the ledger is garbage-collected, and a ledger used
         again after ``close()`` opens a new one. A ledger can also be used as a context
-        manager (``with PrivacyLedger(path) as ledger: ...``), which closes it on exit.
+        manager (``with PrivacyLedger(path) as ledger: ...``), which closes it on exit. A
+        ledger file replaced while the ledger was open is refused until it is closed.
         """
-        self._connections.close()
+        self._connections.close(forget_file=True)
 
     def __enter__(self) -> PrivacyLedger:
         return self
@@ -1529,7 +1549,16 @@ class PrivacyLedger:
                 )
             current = self._receipt(row)
             if current.status == status:
-                return current
+                # Settled already: by another process that took over the same key as a
+                # retry while this one still ran (charge() cannot tell a live process from
+                # a dead one), or by an earlier call. Its output may have left the site, so
+                # this caller's must not: one release per charge.
+                raise PolicyViolation(
+                    f"charge #{charge_id} ({current.kind} of run {current.run_id!r} round "
+                    f"{current.round}) is already {status!r}: another attempt at the same "
+                    "round settled it and its output may have left the site; this attempt's "
+                    "output is withheld. Fix: run one site worker per site"
+                )
             # "failed" is final: whether a round failed can depend on the patients, so a
             # failed key is never retried into a release (see _retry).
             if current.status != "charged":
@@ -1553,8 +1582,10 @@ class PrivacyLedger:
         """Mark a charge's round as trained (status only; the charge still counts).
 
         Call it before the round's update leaves the site: when it returns, the charge and
-        its completion are on disk (the commit fsyncs the WAL). Completing an already
-        completed charge returns it unchanged.
+        its completion are on disk (the commit fsyncs the WAL). A charge is settled once:
+        completing one already completed raises
+        :class:`~fedcare.common.errors.PolicyViolation` (two attempts at one round, one
+        release).
         """
         return self._set_status(charge_id, "completed", metrics)
 

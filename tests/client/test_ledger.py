@@ -386,7 +386,8 @@ def test_completed_round_cannot_be_charged_again(ledger: PrivacyLedger, key: str
     done = ledger.mark_completed(receipt.charge_id, metrics={"loss": 0.25, "n": 120})
     assert done.status == "completed" and done.metrics == {"loss": 0.25, "n": 120}
     assert done.completed_at is not None
-    assert ledger.mark_completed(receipt.charge_id) == done  # idempotent
+    with pytest.raises(PolicyViolation, match="already 'completed'"):  # settled once
+        ledger.mark_completed(receipt.charge_id)
     with pytest.raises(PolicyViolation, match="second output"):
         charge(ledger, m, fingerprint=key)
     # Completing changes the status only: the charge still counts in full.

@@ -28,7 +28,7 @@ import pytest
 from fedcare.client import ledger as ledger_module
 from fedcare.client.accounting import Mechanism
 from fedcare.client.ledger import PrivacyLedger
-from fedcare.common.errors import ConfigError
+from fedcare.common.errors import ConfigError, PolicyViolation
 
 DELTA = 1e-5
 M = Mechanism
@@ -153,7 +153,9 @@ def test_the_charge_is_on_disk_before_its_completion_returns(tmp_path: Path) -> 
     assert not [line for line in charging if "fsync" in line or "fdatasync" in line], charging
 
 
-def test_a_ledger_replaced_under_a_running_site_is_read_afresh(tmp_path: Path) -> None:
+def test_a_ledger_replaced_under_a_running_site_is_refused_until_reopened(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "ledger.sqlite"
     live = PrivacyLedger(path)
     key = live.cohort_key(["p1"])
@@ -168,7 +170,13 @@ def test_a_ledger_replaced_under_a_running_site_is_read_afresh(tmp_path: Path) -
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     os.replace(tmp_path / "backup.sqlite", path)
-    # The running site's ledger reads and writes the file now at its path, never the old one.
+    # SQLite pairs a file with its -wal/-shm by path: a running site neither reads the
+    # restored file beside the old ones nor writes to the old file; it refuses.
+    with pytest.raises(ConfigError, match="replaced while this site was running"):
+        live.count_charges()
+    with pytest.raises(ConfigError, match="replaced while this site was running"):
+        _charge(live, key, run="z")
+    live.close()  # the site restarts: the restored file is the ledger
     assert live.count_charges() == 2
     _charge(live, live.cohort_key(["p1"]), run="z")
     live.close()
@@ -184,9 +192,30 @@ def test_a_ledger_deleted_under_a_running_site_is_an_error_not_a_lost_charge(
     _charge(live, key)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{path}{suffix}").unlink()
-    # A kept connection would still write to the deleted file; the next call must not.
+    # A kept connection would still write to the deleted file; the next call must not, and
+    # nothing may re-create an empty ledger at the path.
     with pytest.raises(ConfigError, match=re.escape(str(path))):
         _charge(live, key, run="after")
+    with pytest.raises(ConfigError, match="deleted while this site was running"):
+        live.count_charges()
+    assert not path.exists()
+
+
+def test_two_attempts_at_one_round_release_once(tmp_path: Path) -> None:
+    """Two processes answering the same round: charge() takes the second for a retry of a
+    dead one (same receipt, nothing paid twice), so only one of them may settle it."""
+    path = tmp_path / "ledger.sqlite"
+    first, second = PrivacyLedger(path), PrivacyLedger(path)
+    key = first.cohort_key(["p1"])
+    a = _charge(first, key)
+    b = _charge(second, key)
+    assert a.charge_id == b.charge_id and second.count_charges() == 1
+    second.mark_completed(b.charge_id)  # the faster attempt's output may leave
+    with pytest.raises(PolicyViolation, match="already 'completed'"):
+        first.mark_completed(a.charge_id)  # the slower one's must not
+    with pytest.raises(ConfigError, match="cannot become 'failed'"):
+        first.mark_failed(a.charge_id)
+    assert second.charges(key)[0].status == "completed"
 
 
 def test_closing_leaves_only_the_file_and_the_ledger_still_answers(tmp_path: Path) -> None:
