@@ -13,7 +13,14 @@ says where the sequence starts. :class:`TimelineEncoder` reads the sequence:
    e.g., "a blood culture in the day before this antibiotic start", so the order and the
    gaps between events are visible, not only their values;
 4. ``Linear -> ReLU`` mixes each event with what it read, and the masked mean and max over
-   the patient's events (padding never counts) form the summary.
+   the patient's events (padding never counts) form the summary;
+5. the same relative-time counts, pooled per pair of codes, give the patient's **code-pair
+   timing** (:func:`pair_timing`): for codes ``a`` and ``b`` and each step, the fraction of
+   the patient's ``(a, b)`` event pairs in which ``b`` came more than that step after ``a``,
+   a number in ``[0, 1]`` with no parameter. The model reads it through one linear term
+   straight into the logit, so "an antibiotic start within a day after a culture" is a
+   difference of two inputs of one linear layer: the few noisy steps of DP-SGD learn such a
+   pattern, where the attention path needs many (``benchmarks/timelines.py``).
 
 Every parameter sits in an ``nn.Linear`` applied to ``(B, L, k)`` inputs, and nothing
 mixes patients of a batch, so Opacus computes exact per-sample gradients with hooks and
@@ -44,6 +51,7 @@ __all__ = [
     "TimelineModel",
     "timeline_layout",
     "split_timeline",
+    "pair_timing",
 ]
 
 _CHANNELS = len(TIMELINE_CHANNELS)
@@ -126,8 +134,41 @@ def relative_time_basis(seq: torch.Tensor) -> torch.Tensor:
     return ((d.unsqueeze(-1) - steps) / _STEP_WIDTH).clamp(0.0, 1.0)
 
 
+def pair_timing(seq: torch.Tensor, n_codes: int) -> torch.Tensor:
+    """Code-pair timing of each patient: ``(B, L, channels) -> (B, n_codes * steps * n_codes)``.
+
+    Entry ``(a, k, b)``: among the patient's pairs of an event of code ``a`` and another
+    event of code ``b``, the fraction in which ``b`` came more than step ``k`` of
+    :data:`_STEPS` after ``a`` (soft steps of :func:`relative_time_basis`); 0 when the patient
+    has no such pair. Every entry lies in ``[0, 1]``, padding counts nothing, and nothing
+    mixes patients.
+    """
+    present = seq[..., _PRESENT : _PRESENT + 1]  # (B, L, 1)
+    code = seq[..., _CODE].round().long().clamp(0, n_codes)
+    codes = F.one_hot(code, n_codes + 1)[..., 1:].to(seq.dtype) * present
+    basis = relative_time_basis(seq)
+    return _pair_timing(torch.einsum("bijs,bjc->bisc", basis, codes), basis, codes)
+
+
+def _pair_timing(around: torch.Tensor, basis: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """:func:`pair_timing` from the encoder's per-event counts ``around`` ``(B, L, S, C)``
+    (every event, itself included), the soft steps ``basis`` ``(B, L, L, S)`` and the
+    codes ``(B, L, C)`` (one-hot, zero at padding): no second pass over the event pairs."""
+    counts = torch.einsum("bia,bisc->basc", codes, around)
+    # An event is never paired with itself: take out its own step (the diagonal).
+    own = basis.diagonal(dim1=1, dim2=2).transpose(1, 2)  # (B, L, S)
+    counts = counts - torch.einsum("bia,bis,bic->basc", codes, own, codes)
+    n = codes.sum(dim=1)  # (B, C): the patient's events of each code
+    pairs = n[:, :, None] * n[:, None, :] - torch.einsum("bia,bic->bac", codes, codes)
+    return (counts / pairs.clamp(min=1.0)[:, :, None, :]).flatten(start_dim=1)
+
+
 class TimelineEncoder(nn.Module):
-    """Sequence summary ``(B, max_length, channels) -> (B, 2 * event_dim)``.
+    """Sequence summary ``(B, max_length, channels) -> (B, out_dim)``.
+
+    ``out_dim = 2 * event_dim + timing_dim``: the masked mean and max of the mixed events,
+    then the :func:`pair_timing` of the patient (``timing_dim = n_codes * len(_STEPS) *
+    n_codes`` numbers in ``[0, 1]``, no parameter).
 
     Parameters
     ----------
@@ -146,7 +187,8 @@ class TimelineEncoder(nn.Module):
         self.value = nn.Linear(event_dim, event_dim)
         self.relative = nn.Linear(len(_STEPS) * n_codes, event_dim)
         self.mix = nn.Linear(3 * event_dim, event_dim)
-        self.out_dim = 2 * event_dim
+        self.timing_dim = n_codes * len(_STEPS) * n_codes
+        self.out_dim = 2 * event_dim + self.timing_dim
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         present = seq[..., _PRESENT : _PRESENT + 1]  # (B, L, 1)
@@ -161,12 +203,13 @@ class TimelineEncoder(nn.Module):
         # What happened when, seen from each event: per code of the other events, how many
         # lie beyond each relative-time step (padding has no code and counts nothing).
         codes = one_hot[..., 1:] * present  # (B, L, n_codes)
-        around = torch.einsum("bijs,bjc->bisc", relative_time_basis(seq), codes)
+        basis = relative_time_basis(seq)
+        around = torch.einsum("bijs,bjc->bisc", basis, codes)
         relative = self.relative(around.flatten(start_dim=2))
         mixed = torch.relu(self.mix(torch.cat([events, context, relative], -1))) * present
         mean = mixed.sum(dim=1) / present.sum(dim=1).clamp(min=1.0)
         # Padding rows are 0 and every event row is >= 0 (ReLU): the max ignores padding.
-        return torch.cat([mean, mixed.amax(dim=1)], dim=1)
+        return torch.cat([mean, mixed.amax(dim=1), _pair_timing(around, basis, codes)], dim=1)
 
 
 @register_model(
@@ -175,7 +218,8 @@ class TimelineEncoder(nn.Module):
 class TimelineModel(nn.Module):
     """Static EHR features + self-attention over the patient's event timeline: ``(B, d) -> (B,)``.
 
-    With the defaults, 20 static columns and a timeline of 5 codes: 4,401 parameters.
+    With the defaults, 20 static columns and a timeline of 5 codes: 4,676 parameters (275 of
+    them the linear term of the code-pair timing).
 
     Parameters
     ----------
@@ -194,11 +238,15 @@ class TimelineModel(nn.Module):
         self.static_width = static_width
         self.max_length = max_length
         self.sequence = TimelineEncoder(n_codes=n_codes, event_dim=config.event_dim)
-        width = self.sequence.out_dim
+        self.timing_dim = self.sequence.timing_dim
+        width = self.sequence.out_dim - self.timing_dim
         self.static: nn.Module | None = None
         if static_width > 0:
             self.static = mlp_trunk(static_width, config.static_hidden, config.dropout)
             width += config.static_hidden[-1]
+        # The code-pair timing reaches the logit through one linear term (no bias: the
+        # head has one).
+        self.timing = nn.Linear(self.timing_dim, 1, bias=False)
         layers: list[nn.Module] = [nn.Linear(width, config.head_hidden), nn.ReLU()]
         if config.dropout > 0:
             layers.append(nn.Dropout(config.dropout))
@@ -213,10 +261,12 @@ class TimelineModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape ``(B,)`` for the EHR vector ``x`` of shape ``(B, d)``."""
-        parts = [self.sequence(split_timeline(x, self.static_width, self.max_length))]
+        summary = self.sequence(split_timeline(x, self.static_width, self.max_length))
+        events, timing = summary[:, : -self.timing_dim], summary[:, -self.timing_dim :]
+        parts = [events]
         if self.static is not None:
             parts.insert(0, self.static(x[:, : self.static_width]))
-        return self.head(torch.cat(parts, dim=1)).squeeze(-1)
+        return (self.head(torch.cat(parts, dim=1)) + self.timing(timing)).squeeze(-1)
 
 
 def split_timeline(x: torch.Tensor, static_width: int, max_length: int) -> torch.Tensor:

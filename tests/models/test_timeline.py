@@ -20,6 +20,7 @@ from fedcare.common.encoding import TIMELINE_KEY, timeline_width
 from fedcare.common.errors import ConfigError
 from fedcare.common.spec import TimelineCode, TimelineSchema
 from fedcare.models import FusionModel, build_model, default_model_for, model_info
+from fedcare.models.timeline import _STEP_WIDTH, _STEPS, pair_timing
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
@@ -191,6 +192,71 @@ def test_the_order_of_events_reaches_the_output() -> None:
     static = torch.zeros(1, STATIC)
     outs = [model(torch.cat([static, torch.tensor(s.reshape(1, -1))], 1)) for s in xs]
     assert not torch.allclose(outs[0], outs[1])
+
+
+def _reference_pair_timing(events: pd.DataFrame, patients: list[str]) -> np.ndarray:
+    """Code-pair timing counted pair by pair in numpy: for codes a, b and step k, the mean
+    over the patient's (a, b) event pairs (two distinct events) of the soft step
+    ``clip((t_b - t_a) / 24 h - k) / width, 0, 1)``."""
+    codes = [c.code for c in TIMELINE.codes]
+    out = np.zeros((len(patients), len(codes), len(_STEPS), len(codes)))
+    for r, pid in enumerate(patients):
+        rows = events[events["patient_id"] == pid]
+        t = rows["time"].to_numpy() / TIMELINE.time_scale
+        c = [codes.index(v) for v in rows["code"]]
+        for a in range(len(codes)):
+            for b in range(len(codes)):
+                pairs = [(i, j) for i in range(len(t)) for j in range(len(t))]
+                pairs = [(i, j) for i, j in pairs if i != j and c[i] == a and c[j] == b]
+                for k, step in enumerate(_STEPS):
+                    soft = [np.clip((t[j] - t[i] - step) / _STEP_WIDTH, 0, 1) for i, j in pairs]
+                    out[r, a, k, b] = np.mean(soft) if soft else 0.0
+    return out.reshape(len(patients), -1)
+
+
+def test_pair_timing_is_the_fraction_of_code_pairs_beyond_each_step() -> None:
+    """Against a pair-by-pair numpy count, on random events (up to max_length per patient, so
+    none is truncated; one patient has none), including ties and pairs of one code."""
+    rng = np.random.default_rng(11)
+    rows = []
+    patients = [f"p{p}" for p in range(12)]
+    for p, pid in enumerate(patients):
+        for _ in range(int(rng.integers(0, TIMELINE.max_length + 1)) if p else 0):
+            time = float(rng.choice([rng.uniform(0, 96), 24.0]))  # some ties
+            rows.append((pid, time, rng.choice(["A", "B"]), 0.0))
+    events = pd.DataFrame(rows, columns=["patient_id", "time", "code", "value"])
+    parsed = parse_events(events, id_column="patient_id")
+    seq = encode_timelines(parsed, TIMELINE, patient_ids=patients)
+    got = pair_timing(torch.tensor(seq, dtype=torch.float64), len(TIMELINE.codes)).numpy()
+    # The encoding stores log1p(time) in float32; the soft step's slope (1 / width = 10)
+    # scales its rounding: 1e-4 is far below any step's change.
+    np.testing.assert_allclose(got, _reference_pair_timing(events, patients), atol=1e-4)
+    assert got.min() >= 0.0 and got.max() <= 1.0
+
+
+def test_a_window_between_two_codes_is_one_linear_feature_of_the_timeline_model() -> None:
+    """A within the day before B (the temporal task's pattern) is the difference of two
+    pair-timing entries, which the model reads through one linear layer into the logit."""
+    model = build_model("timeline", input_dims=DIMS)
+    n_codes, n_steps = len(TIMELINE.codes), len(_STEPS)
+    assert model.timing.in_features == n_codes * n_steps * n_codes
+
+    def entry(f: np.ndarray, step: float) -> float:  # (B's pairs, step, with A)
+        return float(f[(1 * n_steps + _STEPS.index(step)) * n_codes + 0])
+
+    for hours_after, expected in ((12.0, 1.0), (40.0, 0.0), (-5.0, 0.0)):
+        frame = pd.DataFrame(
+            {
+                "patient_id": ["p", "p"],
+                "time": [30.0, 30.0 + hours_after],
+                "code": ["A", "B"],
+                "value": [0.0, 0.0],
+            }
+        )
+        parsed = parse_events(frame, id_column="patient_id")
+        seq = encode_timelines(parsed, TIMELINE, patient_ids=["p"])
+        f = pair_timing(torch.tensor(seq), n_codes).numpy()[0]
+        assert entry(f, -1.0) - entry(f, 0.0) == pytest.approx(expected, abs=1e-4), hours_after
 
 
 def test_models_that_cannot_read_a_timeline_are_refused() -> None:
