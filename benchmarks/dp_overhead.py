@@ -9,22 +9,26 @@ times one local epoch (the same number of optimizer steps either way) of
   :func:`fedcare.client.training.fit` -- what ``SiteTrainer.train_round`` runs with DP off;
 * **DP-SGD** through :func:`fedcare.client.dpsgd.make_private` (Poisson sampling at
   ``q = 1 / ceil(n / batch_size)``, so an epoch is the same number of steps), then the same
-  :func:`fedcare.client.training.fit` -- once in the grad-sample mode fedcare picks (``"ghost"``
-  where
-  ``model_info(name).ghost_clipping``, else ``"hooks"``) and once per extra mode asked for
-  (``"hooks"`` by default, so the gain of ghost clipping shows).
+  :func:`fedcare.client.training.fit` -- once in the grad-sample mode fedcare picks
+  (:func:`fedcare.client.dpsgd.resolve_grad_sample_mode`: ``"bookkeeping"``, one backward
+  pass, where every layer is ``nn.Linear``, else ``"hooks"``) and once per extra mode asked
+  for (``"ghost"`` and ``"hooks"`` by default, so each mode's cost shows).
 
 Protocol: one warm-up epoch per configuration (excluded), then ``repeats`` rounds in which
 every configuration runs one epoch, in an order rotated each round; the ratio is the median
 over rounds of ``DP time / non-private time`` of the same round, so slow drift of a shared
-machine cancels. Peak memory is measured in a fresh subprocess per configuration
-(``resource.getrusage`` high-water RSS; on CUDA also ``torch.cuda.max_memory_allocated``),
-since ``tracemalloc`` does not see torch's allocations.
+machine cancels. ``--clock cpu`` times an epoch by the process's CPU time
+(``time.process_time``) instead of the wall clock: on a machine shared with other work, with
+``--threads 1``, the time this process waits for a core is then left out. Peak memory is
+measured in a fresh subprocess per configuration (``resource.getrusage`` high-water RSS; on
+CUDA also ``torch.cuda.max_memory_allocated``), since ``tracemalloc`` does not see torch's
+allocations.
 
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.dp_overhead                 # all models, ~2-3 min on 2 cores
     .venv/bin/python -m benchmarks.dp_overhead --threads 1 --breakdown
+    .venv/bin/python -m benchmarks.dp_overhead --threads 1 --clock cpu --batch-size 64
     .venv/bin/python -m benchmarks.dp_overhead --models ehr_mlp --samples 512 --repeats 1
 
 The markdown table goes to stdout and to ``--out`` (default
@@ -89,7 +93,8 @@ NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
 PROBE_TIMEOUT_S = 600
 
-Mode = Literal["auto", "ghost", "hooks", "functorch"]
+Mode = Literal["auto", "bookkeeping", "ghost", "hooks", "functorch"]
+Clock = Literal["wall", "cpu"]
 
 
 # ------------------------------------------------------------------------------ cases
@@ -323,11 +328,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_epoch(run: Run, device: torch.device) -> tuple[float, int]:
+#: Epoch timers by ``--clock``: wall time, or the process's CPU time (all its threads).
+_TIMERS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def run_epoch(run: Run, device: torch.device, *, clock: Clock = "wall") -> tuple[float, int]:
     """Seconds and optimizer steps of one epoch of :func:`fedcare.client.training.fit`."""
+    timer = _TIMERS[clock]
     gc.collect()
     _sync(device)
-    start = time.perf_counter()
+    start = timer()
     stats = fit(
         run.model,
         run.loader,
@@ -337,7 +347,7 @@ def run_epoch(run: Run, device: torch.device) -> tuple[float, int]:
         device=device,
     )
     _sync(device)
-    return time.perf_counter() - start, stats.steps
+    return timer() - start, stats.steps
 
 
 # ------------------------------------------------------------------------------ phases
@@ -427,8 +437,9 @@ def phase_breakdown(run: Run, device: torch.device) -> dict[str, float]:
     """Seconds per phase of one epoch of the *unmodified* :func:`fedcare.client.training.fit`.
 
     The loader, model, loss and optimizer are wrapped in timing proxies (CUDA is
-    synchronised around each phase), so ``fit`` itself runs as fedcare runs it. Under ghost
-    clipping ``backward`` holds both backward passes and the per-sample norms; under hooks it
+    synchronised around each phase), so ``fit`` itself runs as fedcare runs it. Under
+    bookkeeping ``backward`` holds the one backward pass, the per-sample norms and the
+    clipped sum; under ghost clipping both backward passes and the norms; under hooks it
     holds the per-sample gradients and ``step`` the clipping; ``step`` always holds noise and
     the optimizer update. ``other`` is the rest of the loop (batch transfer, ``loss.item()``).
     """
@@ -463,7 +474,7 @@ class BenchConfig(BaseModel):
 
     models: tuple[str, ...] = ()
     genomics_widths: tuple[int, ...] = ()
-    modes: tuple[Mode, ...] = ("auto", "hooks")
+    modes: tuple[Mode, ...] = ("auto", "ghost", "hooks")
     samples: int = Field(default=4096, ge=1)
     batch_size: int = Field(default=256, ge=1)
     repeats: int = Field(default=5, ge=1)
@@ -471,6 +482,7 @@ class BenchConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     memory: bool = True
     breakdown: bool = False
+    clock: Clock = "wall"
     seed: int = Field(default=0, ge=0)
 
     @field_validator("genomics_widths")
@@ -532,12 +544,12 @@ def time_case(
     }
     results = {name: ConfigResult(mode=name, auto=name == auto) for name in names}
     for name in names:  # warm-up epoch, excluded
-        _, results[name].steps = run_epoch(runs[name], device)
+        _, results[name].steps = run_epoch(runs[name], device, clock=cfg.clock)
     for r in range(cfg.repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         this_round: dict[str, float] = {}
         for name in order:
-            seconds, steps = run_epoch(runs[name], device)
+            seconds, steps = run_epoch(runs[name], device, clock=cfg.clock)
             if steps != results[name].steps:
                 raise RuntimeError(f"{name} ran {steps} steps, then {results[name].steps}")
             this_round[name] = seconds
@@ -691,7 +703,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"Settings: {s['samples']} samples, batch size {s['batch_size']} "
         f"({report['steps_per_epoch']} steps per epoch either way), median of "
         f"{s['repeats']} interleaved epochs after one warm-up, Adam, noise multiplier "
-        f"{NOISE_MULTIPLIER}, max grad norm {MAX_GRAD_NORM}. *auto* marks the mode fedcare "
+        f"{NOISE_MULTIPLIER}, max grad norm {MAX_GRAD_NORM}; epochs timed by "
+        + ("the process's CPU time" if s.get("clock") == "cpu" else "the wall clock")
+        + ". *auto* marks the mode fedcare "
         "picks. Ratio = median over rounds of DP / non-private epoch time of the same round.",
         "",
         f"| model | input | params | mode | non-private s/epoch | DP s/epoch | ratio "
@@ -812,15 +826,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--modes",
         type=_csv,
-        default=("auto", "hooks"),
-        help="grad-sample modes: auto (fedcare's pick), ghost, hooks, functorch "
-        "(default: auto,hooks)",
+        default=("auto", "ghost", "hooks"),
+        help="grad-sample modes: auto (fedcare's pick), bookkeeping, ghost, hooks, functorch "
+        "(default: auto,ghost,hooks)",
     )
     p.add_argument("--samples", type=int, default=4096, help="patients per epoch (4096)")
     p.add_argument("--batch-size", type=int, default=256, help="expected batch size (256)")
     p.add_argument("--repeats", type=int, default=5, help="timed epochs per configuration (5)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (auto)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time epochs by the wall clock or by the process's CPU time (wall)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument(
         "--breakdown", action="store_true", help="also time the phases of one epoch per config"
@@ -853,6 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "device": args.device,
                 "memory": not args.no_memory,
                 "breakdown": args.breakdown,
+                "clock": args.clock,
                 "seed": args.seed,
             }
             if args.threads is not None:

@@ -4,8 +4,8 @@ This module holds the DP-SGD mechanism itself: :class:`DPConfig` (how a site app
 :class:`DPPlan` (the noise multiplier, Poisson rate, steps and clipping norm one round
 applies), :func:`sampling` (the rate and step count Opacus will run),
 :func:`site_generators` (the site's own randomness), :func:`resolve_grad_sample_mode`
-(ghost clipping or per-sample-gradient hooks, from the model registry's
-``ghost_clipping``/``ghost_norm_only`` flags, :mod:`fedcare.models.registry`),
+(one-backward bookkeeping, :mod:`fedcare.client.bookkeeping`, or per-sample-gradient hooks,
+from the model registry's ``ghost_norm_only`` flag, :mod:`fedcare.models.registry`),
 :func:`make_private` (Opacus's ``make_private`` with Poisson sampling, Gaussian noise and
 per-sample clipping) and :func:`finite_per_sample_grads` (the one step of the training loop
 that is about DP).
@@ -18,11 +18,12 @@ The path of one DP-SGD round through fedcare:
 2. the mechanism ``(sigma, q, steps)`` is charged to the durable privacy ledger
    (:mod:`fedcare.client.ledger`) *before* any training;
 3. :func:`site_generators` draws the Poisson-sampling and noise generators from the site's
-   OS entropy; :func:`resolve_grad_sample_mode` picks ghost clipping or hooks;
+   OS entropy; :func:`resolve_grad_sample_mode` picks bookkeeping or hooks;
 4. :func:`make_private` wraps model, optimizer, criterion and a Poisson loader with Opacus;
 5. each step of the one training loop (:func:`fedcare.client.training.fit`) runs the
-   forward pass and ``loss.backward()`` (with ghost clipping Opacus's loss wrapper runs
-   two backward passes and clips there; with hooks each patient's gradient is kept),
+   forward pass and ``loss.backward()`` (with bookkeeping one backward pass gives each
+   patient's gradient norm and the clipped sum; with ghost clipping Opacus's loss wrapper
+   runs two backward passes and clips there; with hooks each patient's gradient is kept),
    :func:`finite_per_sample_grads`, then Opacus's optimizer step: each patient's gradient
    clipped to ``max_grad_norm``, Gaussian noise of standard deviation
    ``sigma * max_grad_norm`` from the noise generator added, the sum divided by the
@@ -75,7 +76,7 @@ __all__ = [
     "finite_per_sample_grads",
 ]
 
-GradSampleMode = Literal["auto", "ghost", "hooks", "functorch"]
+GradSampleMode = Literal["auto", "bookkeeping", "ghost", "hooks", "functorch"]
 
 
 class DPConfig(BaseModel):
@@ -153,17 +154,20 @@ def site_generators(
 
 
 def resolve_grad_sample_mode(requested: str, model_name: str) -> str:
-    """``auto``: ghost clipping where every layer has a ghost-norm sampler, else hooks.
+    """``auto``: one-backward bookkeeping where every layer is ``nn.Linear``, else hooks.
 
-    Measured on this CPU at batch 256 (benchmarks/dp_overhead.py): ghost halves or better
-    the DP overhead of the MLPs (ehr 3.4x -> 2.0x, genomics g=2000 38x -> 2.1x), but for
-    models with convolutions Opacus 1.6 still materialises their per-sample gradients in
-    ghost mode and adds a second backward pass, so hooks are faster there (CNN 2.0x -> 1.6x,
-    fusion 2.1x -> 1.7x).
+    ``"bookkeeping"`` (:mod:`fedcare.client.bookkeeping`) takes Opacus's ghost norms and
+    forms the clipped sum in the same backward pass; it needs every trainable layer to be
+    ``nn.Linear`` (the registry's ``ghost_norm_only`` models: ``tests/client/
+    test_bookkeeping.py`` checks that each of them is). Measured on this CPU
+    (benchmarks/dp_overhead.py, README "DP-SGD overhead per model") it beats ghost clipping
+    (two backward passes) on every such model; for models with convolutions Opacus 1.6
+    still materialises their per-sample gradients in ghost mode and adds a second backward
+    pass, so hooks are faster there.
     """
     if requested != "auto":
         return requested
-    return "ghost" if model_info(model_name).ghost_norm_only else "hooks"
+    return "bookkeeping" if model_info(model_name).ghost_norm_only else "hooks"
 
 
 @dataclass
@@ -175,6 +179,7 @@ class PrivateTraining:
     criterion: Any
     loader: DataLoader
     grad_sample_mode: str
+    accountant: Any = None  #: Opacus's accountant (each step it records sigma and q)
 
     def unwrapped(self) -> nn.Module:
         """The user's module (Opacus wraps it; weights go out without ``_module.``)."""
@@ -195,13 +200,22 @@ def make_private(
 ) -> PrivateTraining:
     """Wrap model, optimizer and loader for DP-SGD with Poisson sampling.
 
-    ``grad_sample_mode`` must already be resolved (``"ghost"``, ``"hooks"`` or
-    ``"functorch"``). ``sampling_generator`` (CPU) draws the Poisson batches and
-    ``noise_generator`` (on the model's device) the Gaussian noise; at a real site both come
-    from :func:`site_generators`.
+    ``grad_sample_mode`` must already be resolved (``"bookkeeping"``, ``"ghost"``,
+    ``"hooks"`` or ``"functorch"``). ``sampling_generator`` (CPU) draws the Poisson batches
+    and ``noise_generator`` (on the model's device) the Gaussian noise; at a real site both
+    come from :func:`site_generators`.
+
+    ``"bookkeeping"`` is Opacus's ghost-clipping set-up (module validation, Poisson loader,
+    noise, accountant hook) with the second backward pass replaced:
+    :func:`fedcare.client.bookkeeping.wrap_bookkeeping` removes Opacus's norm hooks and
+    forms the clipped sum from the one backward pass.
     """
     from opacus import PrivacyEngine  # imported when used: an evaluation never needs it
 
+    from fedcare.client.bookkeeping import BOOKKEEPING, check_supported, wrap_bookkeeping
+
+    if grad_sample_mode == BOOKKEEPING:
+        check_supported(model)  # before Opacus wraps anything
     engine = PrivacyEngine(accountant="prv")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=sampling_generator)
     wrapped = engine.make_private(
@@ -213,9 +227,18 @@ def make_private(
         max_grad_norm=plan.max_grad_norm,
         poisson_sampling=True,
         noise_generator=noise_generator,
-        grad_sample_mode=grad_sample_mode,
+        grad_sample_mode="ghost" if grad_sample_mode == BOOKKEEPING else grad_sample_mode,
     )
-    if grad_sample_mode == "ghost":
+    if grad_sample_mode == BOOKKEEPING:
+        dp_model, ghost_optimizer, _, dp_loader = wrapped
+        dp_model.remove_hooks()  # Opacus's two-pass norm hooks; bookkeeping has its own
+        dp_optimizer, dp_criterion = wrap_bookkeeping(
+            module=dp_model._module,
+            optimizer=ghost_optimizer,
+            criterion=criterion,
+            max_grad_norm=plan.max_grad_norm,
+        )
+    elif grad_sample_mode == "ghost":
         dp_model, dp_optimizer, dp_criterion, dp_loader = wrapped
     else:
         dp_model, dp_optimizer, dp_loader = wrapped
@@ -226,7 +249,9 @@ def make_private(
             f"DP plan sample rate {plan.sample_rate} differs from the loader's {expected_q}; "
             "plan with fedcare.client.dpsgd.sampling() using the same batch size"
         )
-    return PrivateTraining(dp_model, dp_optimizer, dp_criterion, dp_loader, grad_sample_mode)
+    return PrivateTraining(
+        dp_model, dp_optimizer, dp_criterion, dp_loader, grad_sample_mode, engine.accountant
+    )
 
 
 @torch.no_grad()
@@ -236,9 +261,11 @@ def finite_per_sample_grads(model: nn.Module) -> None:
     Weights crafted to overflow on one patient would otherwise turn that patient's gradient
     into NaN, and through clipping the whole step: a failure that tells the sender which
     patients exist. Each per-sample gradient depends on its own patient only, so sanitising
-    it before clipping keeps DP-SGD's sensitivity bound. (Ghost clipping keeps no
-    per-sample gradients; there a non-finite step still fails the round, which spends the
-    round's charge: see ``fedcare.client.ledger``.)
+    it before clipping keeps DP-SGD's sensitivity bound. (Bookkeeping keeps no per-sample
+    gradients either; it gives a patient whose gradient norm is not finite clip factor 0,
+    :mod:`fedcare.client.bookkeeping`. Ghost clipping keeps none and sanitises nothing;
+    there a non-finite step still fails the round, which spends the round's charge: see
+    ``fedcare.client.ledger``.)
     """
     for param in model.parameters():
         grad_sample = getattr(param, "grad_sample", None)

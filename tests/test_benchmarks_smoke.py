@@ -45,12 +45,12 @@ def test_tiny_run_writes_consistent_table_and_json(tmp_path: Path) -> None:
     markdown = out.read_text()
     assert markdown in proc.stdout
     rows = [line for line in markdown.splitlines() if line.startswith("| ehr_mlp |")]
-    modes = {line.split("|")[4].strip() for line in rows[:2]}
-    assert modes == {"ghost (auto)", "hooks"}
+    modes = {line.split("|")[4].strip() for line in rows[:3]}
+    assert modes == {"bookkeeping (auto)", "ghost", "hooks"}
 
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["machine"]["threads"] == 1
-    assert [r["mode"] for r in report["rows"]] == ["ghost", "hooks"]
+    assert [r["mode"] for r in report["rows"]] == ["bookkeeping", "ghost", "hooks"]
     for row in report["rows"]:
         # Poisson sampling at q = 1/ceil(n/B) runs as many steps as the shuffled loader.
         assert row["steps"] == math.ceil(samples / batch)

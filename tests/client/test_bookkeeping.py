@@ -1,0 +1,400 @@
+"""Book-keeping DP-SGD (``grad_sample_mode="bookkeeping"``, :mod:`fedcare.client.bookkeeping`).
+
+The clipped, summed gradient before noise is checked against an independent reference: plain
+torch autograd, one patient at a time, each gradient clipped to ``C`` (``min(1, C/||g||)``),
+summed. Models are random all-Linear MLPs, the registered Linear-only models and a sequence
+model; batches mix patients whose gradient norm is far below and far above ``C``, are empty
+(Poisson) or hold a patient whose gradient is not finite. The noise and the accounting are
+checked against Opacus's ghost-clipping set-up with the same plan.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from fedcare.client.bookkeeping import BookkeepingClipper, check_supported
+from fedcare.client.dpsgd import (
+    DPPlan,
+    PrivateTraining,
+    make_private,
+    resolve_grad_sample_mode,
+    sampling,
+)
+from fedcare.client.training import fit
+from fedcare.common.encoding import TIMELINE_CHANNELS, TIMELINE_KEY
+from fedcare.common.errors import ConfigError
+from fedcare.models import available_models, build_model, model_info
+from fedcare.models.registry import init_parameters
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Secure RNG turned off:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
+]
+
+C = 1.0
+STATIC, LENGTH, CODES = 4, 5, 3
+TIMELINE_DIMS = {"ehr": STATIC + LENGTH * len(TIMELINE_CHANNELS), TIMELINE_KEY: (LENGTH, CODES)}
+
+
+# ------------------------------------------------------------------------------ reference
+
+
+def _reference_clipped_sum(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, max_norm: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum_i min(1, C/||g_i||) g_i, norms)`` by torch autograd, one patient at a time;
+    patients whose gradient is not finite are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    norms = []
+    for i in range(len(x)):
+        loss = F.binary_cross_entropy_with_logits(model(x[i : i + 1]), y[i : i + 1])
+        grads = torch.autograd.grad(loss, params)
+        flat = torch.cat([g.reshape(-1) for g in grads]).double()
+        norm = float(flat.norm())
+        norms.append(norm)
+        if math.isfinite(norm) and norm > 0:
+            total += flat * min(1.0, max_norm / norm)
+    return total, torch.tensor(norms, dtype=torch.float64)
+
+
+def _bookkeeping_clipped_sum(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, max_norm: float
+) -> torch.Tensor:
+    clipper = BookkeepingClipper(model, max_grad_norm=max_norm)
+    try:
+        per_sample = F.binary_cross_entropy_with_logits(model(x), y, reduction="none")
+        flat = clipper.clipped_sum(per_sample)
+        # The parameters' .grad are the slices of the flat sum, in parameter order.
+        grads = [p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]
+        assert torch.equal(torch.cat(grads), flat)
+        return flat.double()
+    finally:
+        clipper.remove()
+
+
+def _spread(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Scale each patient's input by 10^u, u uniform in [-3, 4]: gradient norms far below and
+    far above C in one batch."""
+    shape = (len(x),) + (1,) * (x.dim() - 1)
+    return x * 10.0 ** (torch.rand(shape, generator=gen, dtype=x.dtype) * 7 - 3)
+
+
+def _mlp(gen: torch.Generator) -> nn.Module:
+    widths = [
+        int(w)
+        for w in torch.randint(
+            4, 24, (int(torch.randint(2, 5, (1,), generator=gen)),), generator=gen
+        )
+    ]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:] + [1], strict=True)):
+        layers.append(nn.Linear(a, b, bias=bool(i % 2 == 0)))
+        layers.append(nn.ReLU())
+    model = nn.Sequential(*layers[:-1], nn.Flatten(0))
+    init_parameters(model, generator=gen)
+    return model
+
+
+class _SequenceModel(nn.Module):
+    """Linear layers on ``(B, L, k)`` inputs (positions summed in the gradient), then a head."""
+
+    def __init__(self, k: int, hidden: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(k, hidden)
+        self.mix = nn.Linear(hidden, hidden, bias=False)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.mix(torch.relu(self.embed(x))))
+        return self.head(h.mean(dim=1)).squeeze(-1)
+
+
+def _assert_matches(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    expected, norms = _reference_clipped_sum(model, x, y, max_norm=C)
+    got = _bookkeeping_clipped_sum(model, x, y, max_norm=C)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=_atol(len(x)))
+    return norms
+
+
+def _atol(n: int) -> float:
+    """Opacus's clip factor is ``C / (||g|| + 1e-6)``, the reference's the exact
+    ``min(1, C/||g||)``: a clipped patient's contribution differs by at most ``1e-6 * C``
+    in norm, so the sums by at most ``n * 1e-6 * C``. Everything else is float64."""
+    return n * 1e-6 * C
+
+
+# ------------------------------------------------------------------------------ the sum
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_clipped_sum_equals_per_patient_autograd_on_random_mlps(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    model = _mlp(gen).double()
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    x = _spread(torch.randn(17, first.in_features, generator=gen, dtype=torch.float64), gen)
+    y = torch.randint(0, 2, (17,), generator=gen).double()
+    norms = _assert_matches(model, x, y)
+    # Not vacuous: some patients are clipped hard, some not at all.
+    assert (norms > 10 * C).any() and (norms < C).any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_clipped_sum_equals_per_patient_autograd_on_sequence_inputs(seed: int) -> None:
+    gen = torch.Generator().manual_seed(100 + seed)
+    model = _SequenceModel(6, 16)
+    init_parameters(model, generator=gen)
+    model.double()
+    x = _spread(torch.randn(16, 7, 6, generator=gen, dtype=torch.float64), gen)
+    y = torch.randint(0, 2, (16,), generator=gen).double()
+    norms = _assert_matches(model, x, y)
+    assert (norms > 10 * C).any() and (norms < C).any()
+
+
+def _timeline_batch(n: int, gen: torch.Generator) -> torch.Tensor:
+    seq = torch.randn(n, LENGTH, len(TIMELINE_CHANNELS), generator=gen, dtype=torch.float64)
+    seq[..., TIMELINE_CHANNELS.index("code")] = torch.randint(
+        0, CODES + 1, (n, LENGTH), generator=gen
+    ).double()
+    seq[..., TIMELINE_CHANNELS.index("present")] = (
+        torch.rand(n, LENGTH, generator=gen, dtype=torch.float64) < 0.7
+    ).double()
+    static = torch.randn(n, STATIC, generator=gen, dtype=torch.float64)
+    return torch.cat([static, seq.reshape(n, -1)], dim=1)
+
+
+@pytest.mark.parametrize(
+    ("name", "dims"),
+    [("ehr_mlp", {"ehr": 11}), ("genomics_mlp", {"genomics": 30}), ("timeline", TIMELINE_DIMS)],
+)
+def test_clipped_sum_equals_per_patient_autograd_on_registered_models(
+    name: str, dims: dict[str, object]
+) -> None:
+    gen = torch.Generator().manual_seed(7)
+    model = build_model(name, input_dims=dims).double()
+    n = 12
+    if name == "timeline":
+        x = _timeline_batch(n, gen) * 10.0 ** (torch.rand(n, 1, generator=gen) * 4 - 2)
+    else:
+        x = _spread(torch.randn(n, next(iter(dims.values())), generator=gen).double(), gen)  # type: ignore[call-overload]
+    y = torch.randint(0, 2, (n,), generator=gen).double()
+    norms = _assert_matches(model, x, y)
+    assert (norms > C).any() and (norms < C).any()
+
+
+def test_an_empty_batch_gives_a_zero_sum() -> None:
+    model = _SequenceModel(4, 5)
+    init_parameters(model, generator=torch.Generator().manual_seed(0))
+    flat = _bookkeeping_clipped_sum(model, torch.zeros(0, 3, 4), torch.zeros(0), max_norm=C)
+    assert flat.shape == (sum(p.numel() for p in model.parameters()),)
+    assert torch.count_nonzero(flat) == 0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_patient_with_a_non_finite_gradient_is_dropped_alone(bad: float) -> None:
+    """Clip factor 0 for that patient; the others' clipped sum is exactly the reference's."""
+    gen = torch.Generator().manual_seed(3)
+    model = _mlp(gen).double()
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    x = _spread(torch.randn(8, first.in_features, generator=gen, dtype=torch.float64), gen)
+    x[2, 0] = bad
+    y = torch.randint(0, 2, (8,), generator=gen).double()
+    expected, norms = _reference_clipped_sum(model, x, y, max_norm=C)
+    assert not math.isfinite(float(norms[2])) and torch.isfinite(norms[[0, 1, 3]]).all()
+    got = _bookkeeping_clipped_sum(model, x, y, max_norm=C)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=_atol(len(x)))
+
+
+def test_a_new_clipper_replaces_the_old_and_a_forward_without_backward_is_forgotten() -> None:
+    gen = torch.Generator().manual_seed(5)
+    model = _mlp(gen).double()
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    x = _spread(torch.randn(6, first.in_features, generator=gen, dtype=torch.float64), gen)
+    y = torch.randint(0, 2, (6,), generator=gen).double()
+    old = BookkeepingClipper(model, max_grad_norm=C)
+    new = BookkeepingClipper(model, max_grad_norm=C)
+    model(x * 3)  # a forward no backward follows
+    per_sample = F.binary_cross_entropy_with_logits(model(x), y, reduction="none")
+    assert old._captured == []  # its hooks are gone
+    got = new.clipped_sum(per_sample).double()
+    new.remove()
+    expected, _ = _reference_clipped_sum(model, x, y, max_norm=C)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=_atol(len(x)))
+
+
+def test_frozen_layers_get_no_gradient_and_do_not_count_in_the_norm() -> None:
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(
+        nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 1), nn.Flatten(0)
+    )
+    init_parameters(model, generator=gen)
+    model.double()
+    model[0].weight.requires_grad_(False)
+    model[2].requires_grad_(False)  # a layer with nothing trained
+    x = _spread(torch.randn(10, 5, generator=gen, dtype=torch.float64), gen)
+    y = torch.randint(0, 2, (10,), generator=gen).double()
+    _assert_matches(model, x, y)
+    assert model[0].weight.grad is None and model[2].bias.grad is None
+
+
+def test_clipped_sum_equals_per_patient_autograd_on_four_dimensional_inputs() -> None:
+    gen = torch.Generator().manual_seed(8)
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.ReLU(), nn.Flatten(1), nn.Linear(24, 1), nn.Flatten(0)
+    )
+    init_parameters(model, generator=gen)
+    model.double()
+    x = _spread(torch.randn(10, 2, 3, 3, generator=gen, dtype=torch.float64), gen)
+    y = torch.randint(0, 2, (10,), generator=gen).double()
+    norms = _assert_matches(model, x, y)
+    assert (norms > 10 * C).any() and (norms < C).any()
+
+
+# ------------------------------------------------------------------------------ where it applies
+
+
+def test_auto_picks_bookkeeping_exactly_for_the_all_linear_models() -> None:
+    dims = {"ehr": 9, "genomics": 7, "imaging": (1, 8, 8)}
+    for name in available_models():
+        info = model_info(name)
+        single_timeline = info.timeline and not info.multimodal
+        model = build_model(
+            name,
+            input_dims=TIMELINE_DIMS if single_timeline else {m: dims[m] for m in info.modalities},
+        )
+        mode = resolve_grad_sample_mode("auto", name)
+        if info.ghost_norm_only:
+            check_supported(model)  # the registry's flag is true of the module
+            assert mode == "bookkeeping", name
+        else:
+            with pytest.raises(ConfigError, match="nn.Linear"):
+                check_supported(model)
+            assert mode == "hooks", name
+
+
+def test_a_layer_called_twice_is_refused() -> None:
+    layer = nn.Linear(3, 3)
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(torch.tanh(self.layer(x))).sum(-1)
+
+    model = Tied()
+    clipper = BookkeepingClipper(model, max_grad_norm=C)
+    loss = F.binary_cross_entropy_with_logits(
+        model(torch.ones(4, 3)), torch.ones(4), reduction="none"
+    )
+    with pytest.raises(ConfigError, match="once per"):
+        clipper.clipped_sum(loss)
+
+
+def test_make_private_refuses_bookkeeping_for_a_cnn() -> None:
+    model = build_model("imaging_cnn", input_dims={"imaging": (1, 8, 8)})
+    data = TensorDataset(torch.zeros(8, 1, 8, 8), torch.ones(8))
+    with pytest.raises(ConfigError, match="nn.Linear"):
+        _private(model, data, "bookkeeping", sigma=1.0)
+
+
+# ------------------------------------------------------------------------------ noise, accounting
+
+
+def _private(
+    model: nn.Module, data: TensorDataset, mode: str, *, sigma: float, batch: int = 4
+) -> PrivateTraining:
+    q, steps = sampling(len(data), batch_size=batch, epochs=1)
+    return make_private(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        criterion=nn.BCEWithLogitsLoss(),
+        dataset=data,
+        batch_size=batch,
+        plan=DPPlan(noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=C),
+        grad_sample_mode=mode,
+        sampling_generator=torch.Generator().manual_seed(1),
+        noise_generator=torch.Generator().manual_seed(2),
+    )
+
+
+@pytest.mark.parametrize("sigma", [0.7, 2.0])
+def test_noise_has_opacus_std_on_an_empty_batch(sigma: float) -> None:
+    """Nothing sampled: the step's gradient is the noise alone, N(0, (sigma C)^2) / E[B]."""
+    model = nn.Sequential(nn.Linear(300, 400), nn.Linear(400, 1), nn.Flatten(0))
+    init_parameters(model, generator=torch.Generator().manual_seed(0))
+    data = TensorDataset(
+        torch.randn(64, 300, generator=torch.Generator().manual_seed(1)), torch.ones(64)
+    )
+    private = _private(model, data, "bookkeeping", sigma=sigma, batch=16)
+    private.optimizer.zero_grad(set_to_none=True)
+    logits = private.model(torch.zeros(0, 300))
+    private.criterion(logits, torch.zeros(0)).backward()
+    assert torch.count_nonzero(torch.cat([p.grad.reshape(-1) for p in model.parameters()])) == 0
+    assert private.optimizer.pre_step()
+    noise = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+    expected_std = sigma * C / 16  # Opacus: std sigma * C, divided by the expected batch size
+    assert noise.numel() > 100_000
+    assert abs(float(noise.std()) / expected_std - 1) < 0.02
+    assert abs(float(noise.mean())) < 0.02 * expected_std
+
+
+def test_same_mechanism_and_epsilon_as_ghost_clipping_with_empty_poisson_batches() -> None:
+    """Same sigma, sample rate and step count in Opacus's accountant (hence the same epsilon);
+    the Poisson loader's empty batches are stepped, noise only."""
+    data = TensorDataset(
+        torch.randn(3, 5, generator=torch.Generator().manual_seed(1)), torch.ones(3)
+    )
+    seen: dict[str, object] = {}
+    for mode in ("bookkeeping", "ghost"):
+        model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 1), nn.Flatten(0))
+        init_parameters(model, generator=torch.Generator().manual_seed(0))
+        private = _private(model, data, mode, sigma=1.3, batch=2)
+        sizes: list[int] = []
+
+        def recorded(loader=private.loader, sizes=sizes):  # type: ignore[no-untyped-def]
+            for batch in loader:
+                sizes.append(len(batch[1]))
+                yield batch
+
+        for _ in range(20):
+            before = [p.detach().clone() for p in model.parameters()]
+            stats = fit(
+                private.model,
+                recorded(),
+                optimizer=private.optimizer,
+                criterion=private.criterion,
+                epochs=1,
+                device=torch.device("cpu"),
+            )
+            assert stats.steps == 2
+            moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
+            assert all(moved)
+        assert 0 in sizes and max(sizes) > 0  # empty Poisson batches were stepped too
+        seen[mode] = (private.accountant.history, private.accountant.get_epsilon(delta=1e-5))
+    assert seen["bookkeeping"][0] == [(1.3, 0.5, 40)]  # type: ignore[index]
+    assert seen["bookkeeping"] == seen["ghost"]
+
+
+def test_one_step_before_noise_equals_opacus_ghost_clipping() -> None:
+    """The clipped sum of one batch equals Opacus's two-backward ghost clipping's."""
+    gen = torch.Generator().manual_seed(9)
+    x = _spread(torch.randn(8, 6, generator=gen), gen)
+    y = torch.randint(0, 2, (8,), generator=gen).float()
+    data = TensorDataset(x, y)
+    sums = {}
+    for mode in ("bookkeeping", "ghost"):
+        model = build_model("ehr_mlp", input_dims={"ehr": 6})
+        private = _private(model, data, mode, sigma=1.0, batch=8)
+        private.optimizer.zero_grad(set_to_none=True)
+        private.criterion(private.model(x), y).backward()
+        sums[mode] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(sums["bookkeeping"], sums["ghost"], rtol=1e-4, atol=1e-6)
