@@ -64,6 +64,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -240,8 +241,14 @@ class _ProgressWatcher:
         self._thread.join()
 
 
-def measure_simulation(scenario: Scenario, out: Path, *, interval_s: float = 0.5) -> SimMeasurement:
-    """Run ``run_experiment`` with timing wrappers around its SuperLink (see module doc)."""
+def measure_simulation(
+    scenario: Scenario, out: Path, *, interval_s: float = 0.5, shared_ray: bool = True
+) -> SimMeasurement:
+    """Run ``run_experiment`` with timing wrappers around its SuperLink (see module doc).
+
+    ``shared_ray``: the run joins a Ray cluster started beside the SuperLink (fedcare's
+    default), or starts its own as Flower does (``local_superlink(shared_ray=False)``).
+    """
     marks: dict[str, float] = {}
     calls: list[FlwrCall] = []
     original_link = runner.local_superlink
@@ -253,9 +260,19 @@ def measure_simulation(scenario: Scenario, out: Path, *, interval_s: float = 0.5
     @contextlib.contextmanager
     def timed_link(**kwargs: Any) -> Iterator[Any]:
         mark("link_start")
-        with original_link(**kwargs) as handle:
-            mark("link_ready")
-            flwr, submit, wait = handle._flwr, handle.submit, handle.wait
+        with original_link(**kwargs, shared_ray=shared_ray) as handle:
+            flwr, submit, wait, ready = handle._flwr, handle.submit, handle.wait, handle.ready
+            ready_once: list[bool] = []
+
+            def timed_ready() -> None:
+                # The SuperLink and Ray start at link_start; the runner checks its sites
+                # meanwhile, and its submit waits here for whatever is not up yet.
+                if not ready_once:
+                    mark("ready_start")
+                ready()
+                if not ready_once:
+                    mark("link_ready")
+                    ready_once.append(True)
 
             def timed_flwr(*args: str) -> Any:
                 cpu, t = _children_cpu(), time.perf_counter()
@@ -280,6 +297,7 @@ def measure_simulation(scenario: Scenario, out: Path, *, interval_s: float = 0.5
             handle._flwr = timed_flwr  # type: ignore[method-assign]
             handle.submit = timed_submit  # type: ignore[method-assign]
             handle.wait = timed_wait  # type: ignore[method-assign]
+            handle.ready = timed_ready  # type: ignore[method-assign]
             try:
                 yield handle
             finally:
@@ -464,10 +482,8 @@ def _import_first_use() -> None:
 
 
 def _clear_epsilon_memo() -> None:
-    """Empty this process's ε and RDP memos, as a fresh Ray actor's are."""
-    client_accounting._memoized_epsilon.cache_clear()
-    client_accounting._rdp_per_step.cache_clear()
-    client_accounting._integer_rdp_per_step.cache_clear()
+    """Empty this process's ε, calibration and RDP memos, as a fresh Ray actor's are."""
+    client_accounting.clear_caches()
 
 
 def measure_compute(
@@ -736,6 +752,13 @@ class TaskResult:
     sim: SimMeasurement
     compute: ComputeMeasurement
     loadavg: dict[str, list[float]] = field(default_factory=dict)
+    #: ``"shared"``: the run joined a Ray cluster started beside the SuperLink (fedcare's
+    #: way); ``"per-run"``: its ``flwr-simulation`` started its own (Flower's).
+    ray: str = "shared"
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} (Ray {self.ray})"
 
     @property
     def ratio(self) -> float:
@@ -781,8 +804,9 @@ def run_task(
     work: Path,
     seed: int = 0,
     interval_s: float = 0.5,
-) -> TaskResult:
-    """Synthesize, simulate, replay; see the module docstring."""
+    rays: Sequence[str] = ("shared",),
+) -> list[TaskResult]:
+    """Synthesize, simulate (once per Ray mode in ``rays``), replay; see the module docstring."""
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     folders = synthesize(
@@ -805,26 +829,36 @@ def run_task(
             "state-root": str(work / "state-sim"),
         },
     )
-    loadavg = {"before simulation": [round(x, 2) for x in os.getloadavg()]}
-    sim = measure_simulation(scenario, work / "run", interval_s=interval_s)
-    loadavg["after simulation"] = sim.loadavg_after
+    sims: dict[str, SimMeasurement] = {}
+    loadavgs: dict[str, dict[str, list[float]]] = {}
+    for ray in rays:
+        loadavgs[ray] = {"before simulation": [round(x, 2) for x in os.getloadavg()]}
+        shutil.rmtree(work / "state-sim", ignore_errors=True)  # each run starts unspent
+        sims[ray] = measure_simulation(
+            scenario, work / "run", interval_s=interval_s, shared_ray=ray == "shared"
+        )
+        loadavgs[ray]["after simulation"] = sims[ray].loadavg_after
     cfg = FederationConfig.from_run_config(
         json.loads((work / "run" / RECORD_NAME).read_text())["config"]
     )
     compute = measure_compute(folders, cfg, run_id=cfg.run_id, state_root=work / "replay-state")
-    loadavg["after replay"] = [round(x, 2) for x in os.getloadavg()]
-    return TaskResult(
-        task=task,
-        sites=sites,
-        rounds=rounds,
-        patients_per_site=patients,
-        local_epochs=cfg.local_epochs,
-        synth_s=synth_s,
-        actors=_actor_count(scenario),
-        sim=sim,
-        compute=compute,
-        loadavg=loadavg,
-    )
+    after_replay = [round(x, 2) for x in os.getloadavg()]
+    return [
+        TaskResult(
+            task=task,
+            sites=sites,
+            rounds=rounds,
+            patients_per_site=patients,
+            local_epochs=cfg.local_epochs,
+            synth_s=synth_s,
+            actors=_actor_count(scenario),
+            sim=sims[ray],
+            compute=compute,
+            loadavg=loadavgs[ray] | {"after replay": after_replay},
+            ray=ray,
+        )
+        for ray in rays
+    ]
 
 
 # --------------------------------------------------------------------------- report
@@ -835,16 +869,32 @@ def _breakdown(r: TaskResult) -> list[tuple[str, float, str]]:
     m, c, sim = r.sim.marks, r.compute, r.sim
     seen = {int(p["round"]): p for p in sim.progress}
     rows: list[tuple[str, float, str]] = []
-    rows.append(("load + validate sites, write config", m["link_start"], "runner, before Flower"))
-    rows.append(("SuperLink start (until /health)", m["link_ready"] - m["link_start"], ""))
-    rows.append(("`flwr run` submit", m["submitted"] - m["submit_start"], "builds FAB, CLI"))
+    start = "SuperLink and Ray" if r.ray == "shared" else "SuperLink"
+    rows.append(("runner, before Flower starts", m["link_start"], "resume checks, run id"))
+    rows.append(
+        (
+            "load + validate sites, write config",
+            m["ready_start"] - m["link_start"],
+            f"runner; the {start} start meanwhile",
+        )
+    )
+    rows.append(
+        (
+            f"{start} start, beyond the sites' check",
+            m["link_ready"] - m["ready_start"],
+            "until /health" + (" and the Ray cluster takes drivers" if r.ray == "shared" else ""),
+        )
+    )
+    rows.append(("`flwr run` submit", m["submitted"] - m["link_ready"], "builds FAB, CLI"))
     if 0 in seen:
         strategy_start = seen[0]["seen_s"] - seen[0]["elapsed_s"]
         rows.append(
             (
                 "submit -> strategy start",
                 strategy_start - m["submitted"],
-                "SuperExec, flwr-simulation, Ray start, ServerApp import, sites connected",
+                "SuperExec, flwr-simulation, "
+                + ("joins Ray" if r.ray == "shared" else "Ray start")
+                + ", ServerApp import, sites connected",
             )
         )
         round0 = c.rounds[0]["evaluate_s"]
@@ -890,7 +940,8 @@ def _breakdown(r: TaskResult) -> list[tuple[str, float, str]]:
         (
             "teardown (end the run, stop SuperLink family)",
             m["link_stopped"] - m["wait_done"],
-            "SIGKILL flwr-simulation + Ray (end_run), then SuperLink + SuperExec",
+            "SIGKILL flwr-simulation + its actors (end_run), then SuperLink + SuperExec"
+            + (", then the Ray cluster" if r.ray == "shared" else ""),
         )
     )
     rows.append(("summary, metrics.csv, plots", sim.wall_s - m["link_stopped"], "runner"))
@@ -946,7 +997,7 @@ def render_markdown(
             f"{fixed / (GOAL_RATIO - k):,.0f} s" if k < GOAL_RATIO else f"never (k >= {GOAL_RATIO})"
         )
         lines.append(
-            f"| {r.task} | {r.sim.wall_s:.1f} | {c.pure_s:.2f} | **{r.ratio:.1f}** | "
+            f"| {r.label} | {r.sim.wall_s:.1f} | {c.pure_s:.2f} | **{r.ratio:.1f}** | "
             f"{c.accounting_s:.2f} | {c.accounting_share * 100:.0f} % | "
             f"{c.accounting_share_after_round_1 * 100:.0f} % | "
             f"{c.epsilon_share * 100:.1f} % / {c.epsilon_share_after_round_1 * 100:.1f} % | "
@@ -1007,7 +1058,7 @@ def _task_section(
     """One task: the wall-time breakdown, the compute by part, data, CPU, findings."""
     c, sim = r.compute, r.sim
     lines = [
-        f"## {r.task}: where the {sim.wall_s:.1f} s go",
+        f"## {r.label}: where the {sim.wall_s:.1f} s go",
         "",
         "| segment | wall s | share | note |",
         "|---|---:|---:|---|",
@@ -1088,7 +1139,8 @@ def _findings(r: TaskResult, actor: ActorStart | None = None) -> list[str]:
     strategy_start = seen[0]["seen_s"] - seen[0]["elapsed_s"]
     startup = seen[0]["seen_s"] - m["link_start"] - c.rounds[0]["evaluate_s"]
     finish = m["wait_done"] - seen[r.rounds]["seen_s"]
-    before = m["link_start"]
+    before = m["ready_start"]  # the runner's own work, the SuperLink (and Ray) starting
+    wait_start = m["link_ready"] - m["ready_start"]
     teardown = m["link_stopped"] - m["wait_done"]
     after = sim.wall_s - m["link_stopped"]
     walls = r.round_walls()
@@ -1129,9 +1181,14 @@ def _findings(r: TaskResult, actor: ActorStart | None = None) -> list[str]:
         f"Overhead = {sim.wall_s:.1f} - {c.pure_s:.1f} = {overhead:.1f} s wall, by cause:",
         "",
         f"1. Start-up to the end of round 0, less its compute: {startup:.1f} s "
-        f"({pct(startup)}): SuperLink, submit, SuperExec, `flwr-simulation` and Ray "
-        f"{strategy_start - m['link_start']:.1f} s (Flower 1.42 starts a simulation runtime "
-        f"and a Ray cluster per run), then the cold start of the {r.actors} Ray client "
+        f"({pct(startup)}): the runner's site check ({before:.1f} s, while the SuperLink"
+        + (" and the Ray cluster start" if r.ray == "shared" else " starts")
+        + f"), what their start took beyond it ({wait_start:.1f} s), submit, SuperExec, "
+        "`flwr-simulation` "
+        + ("joining the Ray cluster" if r.ray == "shared" else "and its own Ray cluster")
+        + f", ServerApp start: {strategy_start - m['link_start']:.1f} s until the strategy "
+        f"starts (Flower 1.42 starts a simulation runtime per run), then the cold start of "
+        f"the {r.actors} Ray client "
         f"actors: each imports the ClientApp{imports} and loads each site it serves the "
         f"first time ({cold:.2f} s a site). Round 0 took {round0:.1f} s; those two, about "
         f"{round0_known:.1f} s per actor (the actors run in parallel), leave "
@@ -1151,9 +1208,10 @@ def _findings(r: TaskResult, actor: ActorStart | None = None) -> list[str]:
         f"4. Finish: last round to the runner's wait returning {finish:.1f} s (the ServerApp "
         "writes `server_record.json`, then `summary.json`; the runner's next in-process "
         f"Control API poll sees both), then teardown {teardown:.1f} s (`flwr-simulation` "
-        "and Ray killed at once, SuperLink and SuperExec stopped), plus the runner's own "
-        f"{before:.1f} s before Flower (load and validate the sites, write the config) and "
-        f"{after:.1f} s after (summary, metrics.csv, plots).",
+        "and its actors killed at once, SuperLink and SuperExec stopped"
+        + (", then the Ray cluster" if r.ray == "shared" else "")
+        + f"), plus the runner's own {after:.1f} s after Flower (summary, metrics.csv, "
+        "plots).",
         "",
         f"Inside the pure compute, privacy accounting is {c.accounting_s:.2f} of "
         f"{c.pure_s:.2f} s ({c.accounting_share * 100:.0f} %), "
@@ -1172,10 +1230,18 @@ def _findings(r: TaskResult, actor: ActorStart | None = None) -> list[str]:
         "",
         "What remains, and whose it is:",
         "",
-        f"- Flower 1.42: the per-run start of SuperExec, `flwr-simulation` and a Ray cluster "
-        f"and its actors (start-up above, {startup:.1f} s with the actors' cold start). The "
-        "runner already shares one SuperLink per sweep; the simulation runtime and Ray "
-        "cannot be shared across runs, so this is fixed per run and only amortizes.",
+        (
+            "- Flower 1.42 and Ray: the per-run start of `flwr-simulation` and of the run's "
+            f"Ray actors (start-up above, {startup:.1f} s with the actors' cold start). The "
+            "SuperLink and the Ray cluster start once (per sweep) and while the runner "
+            "checks its sites; every run joins the cluster. Flower starts a simulation "
+            "runtime per run, and Ray gives each run (a job) its own worker processes, "
+            "which import the ClientApp afresh: fixed per run."
+            if r.ray == "shared"
+            else "- Flower 1.42: the per-run start of `flwr-simulation`, a Ray cluster and its "
+            f"actors (start-up above, {startup:.1f} s with the actors' cold start); fedcare's "
+            "default (`--ray shared`) starts the cluster once, beside the SuperLink."
+        ),
     ]
     if a is not None:
         lines.append(
@@ -1192,7 +1258,8 @@ def _findings(r: TaskResult, actor: ActorStart | None = None) -> list[str]:
         f"byte for the fingerprint, encode the task) once per actor and site, {fewest} to "
         f"{most} here; then a warm hit of {c.warm_hit_s * 1000:.1f} ms per message (a stat "
         "of every file of the site, so it grows with the files a site holds).",
-        f"- fedcare, runner: {before:.1f} s before Flower and {after:.1f} s after it.",
+        f"- fedcare, runner: {before:.1f} s checking the sites (Flower starting meanwhile) "
+        f"and {after:.1f} s after Flower.",
         f"- With F and k as above, the ratio {GOAL_RATIO} needs k < {GOAL_RATIO} and a run of "
         f"at least F / ({GOAL_RATIO} - k) s of compute.",
     ]
@@ -1219,7 +1286,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--json", type=Path, default=None, help="the raw numbers (default: --out with .json)"
     )
     parser.add_argument("--work", type=Path, default=None, help="keep run folders here")
+    parser.add_argument(
+        "--ray",
+        default="shared",
+        help="comma list of how each simulation gets Ray: shared (a cluster started beside "
+        "the SuperLink, fedcare's default) and/or per-run (flwr-simulation starts its own, "
+        "as Flower does); each is simulated against one replay",
+    )
     args = parser.parse_args(argv)
+    rays = [m.strip() for m in args.ray.split(",") if m.strip()]
+    if not rays or set(rays) - {"shared", "per-run"}:
+        print("--ray takes shared and/or per-run", file=sys.stderr)
+        return 2
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.sites < 1 or args.rounds < 1 or args.patients < 10 or args.threads < 1 or not tasks:
         print(
@@ -1243,22 +1321,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = args.work or Path(tmp)
         for task in tasks:
             print(f"[overhead] {task}: simulate, then replay ...", file=sys.stderr, flush=True)
-            r = run_task(
+            for r in run_task(
                 task,
                 sites=args.sites,
                 rounds=args.rounds,
                 patients=args.patients,
                 work=work / task,
                 interval_s=args.interval,
-            )
-            print(
-                f"[overhead] {task}: wall {r.sim.wall_s:.1f} s, pure compute "
-                f"{r.compute.pure_s:.2f} s, ratio {r.ratio:.1f}, leftover processes "
-                f"{len(r.sim.tree.leftover)}",
-                file=sys.stderr,
-                flush=True,
-            )
-            results.append(r)
+                rays=rays,
+            ):
+                fixed, k = r.fixed_and_per_round()
+                print(
+                    f"[overhead] {r.label}: wall {r.sim.wall_s:.1f} s, pure compute "
+                    f"{r.compute.pure_s:.2f} s, ratio {r.ratio:.1f}, F {fixed:.1f} s, "
+                    f"k {k:.2f}, leftover processes {len(r.sim.tree.leftover)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                results.append(r)
     print("[overhead] a fresh actor's imports ...", file=sys.stderr, flush=True)
     actor = measure_actor_start()
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

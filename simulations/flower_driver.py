@@ -5,12 +5,21 @@ run to it. Flower's default ``local`` connection starts a detached SuperLink tha
 stops, so fedcare starts its own (:func:`local_superlink`): on a free port on 127.0.0.1, with
 a private ``FLWR_HOME``, telemetry and run-time dependency installation off. On exit it stops
 the SuperLink *and* everything it spawned. The SuperLink's SuperExec has its own session,
-and ``flwr-simulation`` and the Ray cluster (``gcs_server``, ``raylet``, actors) live in it.
-They outlive the SuperLink when a run is still going, so they are stopped by session.
+and ``flwr-simulation`` (with its own Ray cluster, ``gcs_server``, ``raylet`` and actors,
+where a run starts one) lives in it. They outlive the SuperLink when a run is still going, so
+they are stopped by session.
 
-``flwr run --format json`` exits 0 even when it rejects a run, so
-:meth:`SuperLinkHandle.submit` reads the JSON ``success`` field. A run's outcome is only known
-from the SuperLink's Control API (what ``flwr ls`` shows): :meth:`SuperLinkHandle.wait` asks
+Every run's ``flwr-simulation`` joins one local Ray cluster that :func:`local_superlink`
+starts beside the SuperLink (:mod:`fedcare.simulations.ray_cluster`), instead of starting and
+stopping a Ray cluster of its own: Ray starts once per SuperLink, and so once per sweep.
+:func:`local_superlink` returns as soon as both processes are started; the first request
+(:meth:`SuperLinkHandle.ready`) waits until they are up, so the caller's own work (checking
+the sites) overlaps their start.
+
+:meth:`SuperLinkHandle.submit` sends what ``flwr run`` sends (the FAB built by Flower's own
+builder, the run-config overrides, the simulation config) to the SuperLink's Control API from
+this process, without a ``flwr`` CLI process (about a second each). A run's outcome is only
+known from the Control API too (what ``flwr ls`` shows): :meth:`SuperLinkHandle.wait` asks
 it in this process, with Flower's own client (:class:`flwr.supercore.control.ControlHttpClient`,
 one HTTP request of a few milliseconds), not with a ``flwr`` CLI process per poll (about a
 CPU second each, taken from the simulation). An app that writes its own final output can end
@@ -39,7 +48,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
-import json
+import hashlib
 import math
 import os
 import shutil
@@ -54,10 +63,16 @@ from typing import Any, Protocol
 
 import httpx
 import tomli_w
+from flwr.cli.build import build_fab_from_disk
+from flwr.cli.config_utils import load_and_validate
 from flwr.cli.run_utils import format_runs
-from flwr.common.serde import run_from_proto
-from flwr.proto.control_pb2 import ListRunsRequest, StopRunRequest
+from flwr.common.config import parse_config_args
+from flwr.common.constant import FAB_CONFIG_FILE
+from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
+from flwr.proto.control_pb2 import ListRunsRequest, StartRunRequest, StopRunRequest
 from flwr.supercore.control import ControlHttpClient
+from flwr.supercore.fab import Fab
+from flwr.supercore.utils import simulation_config_from_json
 
 from fedcare.common.errors import ConfigError, FedcareError
 from fedcare.common.flower_app import ConfigValue, check_values, write_app_dir
@@ -65,6 +80,7 @@ from fedcare.common.leash import leash_command
 from fedcare.common.processes import flower_env, free_port, live_processes, stop_family, venv_bin
 from fedcare.common.stopping import Stopped
 from fedcare.common.tomlcompat import tomllib
+from fedcare.simulations.ray_cluster import RayCluster, RayClusterError, local_ray_cluster
 
 __all__ = [
     "FlowerRunError",
@@ -167,16 +183,51 @@ class SuperLinkHandle:
         The SuperLink's port on 127.0.0.1.
     pid : int
         The SuperLink's process id (it leads its own session).
+    wait_ready : callable, optional
+        Returns once the SuperLink (and the Ray cluster its runs join) is up, or raises;
+        :meth:`ready` calls it once, before the first request.
+    ray_address : str, optional
+        ``127.0.0.1:PORT`` of the Ray cluster every run joins (None: each run starts its
+        own, as Flower does).
+    ray_pid : int, optional
+        The process holding that cluster (the root of its processes).
     """
 
-    def __init__(self, *, env: Mapping[str, str], work_dir: Path, port: int, pid: int) -> None:
+    def __init__(
+        self,
+        *,
+        env: Mapping[str, str],
+        work_dir: Path,
+        port: int,
+        pid: int,
+        wait_ready: Callable[[], None] | None = None,
+        ray_address: str | None = None,
+        ray_pid: int | None = None,
+    ) -> None:
         self._env = dict(env)
         self.work_dir = work_dir
         self.port = port
         self.pid = pid
+        self.ray_address = ray_address
+        self.ray_pid = ray_pid
+        self._wait_ready = wait_ready
         self._submitted = 0
         self._control: ControlHttpClient | None = None
         self._open_runs: set[int] = set()  # submitted, not yet seen finished or ended
+
+    def ready(self) -> None:
+        """Return once the SuperLink answers (and the Ray cluster takes drivers).
+
+        Called by every request; only the first one waits.
+
+        Raises
+        ------
+        FlowerRunError
+            The SuperLink or the Ray cluster exited, or was not up in time.
+        """
+        if self._wait_ready is not None:
+            self._wait_ready()
+            self._wait_ready = None
 
     def close(self) -> None:
         """Close the connection to the Control API (:func:`local_superlink` does on exit)."""
@@ -227,7 +278,8 @@ class SuperLinkHandle:
             A key of ``run_config`` is not in the app's config, a value or resource is
             invalid, or Flower rejected the run configuration.
         FlowerRunError
-            ``flwr run`` failed for another reason (Flower's message is quoted).
+            The SuperLink refused the run for another reason (Flower's message is quoted),
+            or could not be reached.
         """
         app_dir = Path(app_dir).resolve()
         _check_outside(self.flwr_home, app_dir)
@@ -236,21 +288,53 @@ class SuperLinkHandle:
         self._submitted += 1
         overrides = self.work_dir / f"run-config-{self._submitted}.toml"
         overrides.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
-        args = ["run", str(app_dir), CONNECTION, "--format", "json"]
-        args += ["--federation-config", federation, "--run-config", str(overrides)]
-        reply = self._flwr_json(*args)
-        if not reply.get("success"):
-            message = str(reply.get("error-message") or "no reason given")
+        self.ready()
+        try:
+            run_id = self._start_run(app_dir, overrides, federation)
+        except httpx.HTTPStatusError as e:
+            message = e.response.text.strip()[:500] or f"HTTP {e.response.status_code}"
             if "Invalid run configuration" in message:
                 raise ConfigError(
-                    f"Flower rejected the run config of {app_dir} ({message.strip()}): "
+                    f"Flower rejected the run config of {app_dir} ({message}): "
                     "every --run-config key must be one of its [tool.flwr.app.config] keys; "
                     f"the overrides are in {overrides}"
-                )
-            raise FlowerRunError(f"flwr run {app_dir} failed: {message.strip()}")
-        run_id = int(reply["run-id"])
+                ) from e
+            raise FlowerRunError(f"Flower refused to start a run of {app_dir}: {message}") from e
+        except httpx.HTTPError as e:
+            raise FlowerRunError(
+                f"cannot submit a run of {app_dir} to the SuperLink on 127.0.0.1:{self.port}: "
+                f"{e}; see {self.work_dir / 'superlink.log'}"
+            ) from e
         self._open_runs.add(run_id)
         return run_id
+
+    def _start_run(self, app_dir: Path, overrides: Path, federation: str) -> int:
+        """What ``flwr run APP fedcare-sim --run-config OVERRIDES --federation-config
+        FEDERATION`` sends (``flwr.cli.run.run``), sent from this process.
+
+        The same FAB (built from ``app_dir`` by Flower's builder), run-config overrides and
+        simulation config reach the SuperLink's Control API's ``StartRun``, without a
+        ``flwr`` process (about a second of start-up and CPU per run).
+        """
+        try:
+            config, _ = load_and_validate(app_dir / FAB_CONFIG_FILE)
+        except ValueError as e:
+            raise ConfigError(f"{app_dir} is not a Flower app Flower accepts: {e}") from e
+        del config  # validated; the SuperLink reads the FAB's own pyproject.toml
+        fab_bytes = build_fab_from_disk(app_dir)
+        fab = Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+        simulation = {k.replace("-", "_"): v for k, v in parse_config_args([federation]).items()}
+        request = StartRunRequest(
+            fab=fab_to_proto(fab),
+            override_config=user_config_to_proto(parse_config_args([str(overrides)])),
+            federation="",
+            override_federation_config=simulation_config_from_json(simulation),
+            app_spec="",
+        )
+        reply = self._control_api().StartRun(request)
+        if not reply.HasField("run_id"):
+            raise FlowerRunError(f"the SuperLink started no run of {app_dir} (no run id)")
+        return int(reply.run_id)
 
     def run_info(self, run_id: int) -> dict[str, Any]:
         """The run's row as ``flwr ls --run-id RUN_ID --format json`` shows it.
@@ -321,9 +405,11 @@ class SuperLinkHandle:
         After ``wait(done=...)`` returned early, Flower still spends seconds shutting the
         run's simulation down (its Ray actors, then the Ray cluster), and only then takes
         the next run. This kills the run's ``flwr-simulation`` process and everything it
-        spawned (its Ray cluster and ClientApp actors) with SIGKILL at once, then asks the
-        SuperLink to mark the run stopped, so Flower's state also says it is over. The
-        SuperLink and its SuperExec stay up for the next run.
+        spawned (its own Ray cluster, if it started one) and the run's ClientApp actors
+        (in the shared Ray cluster, they are the cluster's, not the simulation's) with
+        SIGKILL at once, then asks the SuperLink to mark the run stopped, so Flower's state
+        also says it is over. The SuperLink, its SuperExec and the shared Ray cluster stay
+        up for the next run.
 
         Safe only once the app's output is complete: each simulated site wrote its ledger
         charge before it replied, and the ServerApp wrote its output after the last reply,
@@ -350,6 +436,8 @@ class SuperLinkHandle:
             )
         try:
             _kill_simulations(self.pid, timeout_s=timeout_s)
+            if self.ray_pid is not None:  # the only run: every ClientApp actor is its
+                _kill_below(self.ray_pid, _is_client_actor, timeout_s=timeout_s)
         finally:  # killed or not, this run no longer blocks ending the next one
             self._open_runs.discard(run_id)
         with contextlib.suppress(FlowerRunError):  # the SuperLink's view only
@@ -432,11 +520,13 @@ class SuperLinkHandle:
         return RunStatus(run_id, status, details, float(row.get("elapsed") or 0.0))
 
     def _control_api(self) -> ControlHttpClient:
+        self.ready()
         if self._control is None:
             self._control = _LoopbackControl(self.port, timeout=_CONTROL_TIMEOUT_S)
         return self._control
 
     def _flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        self.ready()
         return subprocess.run(
             [venv_bin("flwr"), *args],
             cwd=self.work_dir,
@@ -446,19 +536,6 @@ class SuperLinkHandle:
             timeout=_FLWR_TIMEOUT_S,
             check=False,
         )
-
-    def _flwr_json(self, *args: str) -> dict[str, Any]:
-        result = self._flwr(*args)
-        try:
-            reply = json.loads(result.stdout)
-        except json.JSONDecodeError as e:
-            out = (result.stdout + result.stderr).strip()[-2000:]
-            raise FlowerRunError(
-                f"`flwr {args[0]}` gave no JSON (exit {result.returncode}): {out}"
-            ) from e
-        if not isinstance(reply, dict):
-            raise FlowerRunError(f"`flwr {args[0]}` gave unexpected JSON: {reply!r}")
-        return reply
 
 
 class _LoopbackControl(ControlHttpClient):
@@ -481,8 +558,12 @@ def local_superlink(
     work_dir: Path,
     startup_timeout: float = 60,
     pythonpath: Sequence[Path] = (),
+    shared_ray: bool = True,
 ) -> Iterator[SuperLinkHandle]:
     """Start a simulation SuperLink on a free 127.0.0.1 port; stop it and its family on exit.
+
+    Returns as soon as the processes are started; the handle's first request waits until
+    they are up (:meth:`SuperLinkHandle.ready`).
 
     The SuperLink runs ``--insecure`` (plain text, no TLS): it listens on the loopback
     interface only and serves a simulation on this machine. Real deployments use TLS
@@ -501,6 +582,10 @@ def local_superlink(
         Folders put in front of ``PYTHONPATH`` of the SuperLink and so of the simulation and
         Ray workers, for app components that are not installed (a test helper module).
         fedcare's own packages are installed and need none.
+    shared_ray : bool, default True
+        Start one local Ray cluster beside the SuperLink (:mod:`fedcare.simulations.ray_cluster`)
+        and let every run's simulation join it (``RAY_ADDRESS``); stopped on exit with the
+        rest. False: each run starts and stops its own Ray cluster, as Flower does.
 
     Yields
     ------
@@ -510,13 +595,17 @@ def local_superlink(
     Raises
     ------
     FlowerRunError
-        The SuperLink exited or was not healthy within ``startup_timeout``.
+        From the first request: the SuperLink exited or was not healthy within
+        ``startup_timeout``, or the Ray cluster did not start.
 
     Notes
     -----
     The environment of the SuperLink is this process's, with ``FLWR_HOME`` private,
-    ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``, no
-    ``RAY_ADDRESS`` (Ray would join that cluster) and 127.0.0.1 in ``NO_PROXY``.
+    ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``,
+    ``RAY_ADDRESS`` the shared cluster's (or ``local``: a new cluster per run; an inherited
+    address, or none at all, would make Ray join a cluster fedcare did not start, one that
+    a ``ray start`` on this machine recorded in ``/tmp/ray/ray_current_cluster``) and
+    127.0.0.1 in ``NO_PROXY``.
     Only the SuperLink is bound to 127.0.0.1: Ray, inside each simulation, starts its own
     services (GCS, raylet) on the machine's address, as ``ray.init()`` always does.
     The SuperLink leads a new session, so Ctrl-C in a terminal reaches only this process.
@@ -536,7 +625,16 @@ def local_superlink(
         encoding="utf-8",
     )
     env = flower_env(home=home, pythonpath=pythonpath)
-    with open(work_dir / "superlink.log", "ab") as log:
+    with contextlib.ExitStack() as stack:
+        # Entered first, left last: the runs' simulations (the SuperLink's family) go before
+        # the cluster they joined.
+        ray: RayCluster | None = None
+        if shared_ray:
+            ray = stack.enter_context(local_ray_cluster(work_dir=work_dir, env=env))
+            env["RAY_ADDRESS"] = ray.address
+        else:  # a new cluster per run; without it, Ray joins one `ray start` recorded
+            env["RAY_ADDRESS"] = "local"  # in /tmp/ray/ray_current_cluster, anyone's
+        log = stack.enter_context(open(work_dir / "superlink.log", "ab"))
         superlink = [venv_bin("flower-superlink"), "--insecure", "--simulation"]
         superlink += ["--host", "127.0.0.1", "--port", str(port)]
         # On a leash: if this process is SIGKILLed, the SuperLink and its simulation stop too.
@@ -549,9 +647,25 @@ def local_superlink(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        handle = SuperLinkHandle(env=env, work_dir=work_dir, port=port, pid=link.pid)
-        try:
+
+        def wait_ready() -> None:
             _wait_healthy(link, port, startup_timeout, work_dir / "superlink.log")
+            if ray is not None:
+                try:
+                    ray.ready(timeout_s=max(startup_timeout, 120.0))
+                except RayClusterError as e:
+                    raise FlowerRunError(str(e)) from e
+
+        handle = SuperLinkHandle(
+            env=env,
+            work_dir=work_dir,
+            port=port,
+            pid=link.pid,
+            wait_ready=wait_ready,
+            ray_address=None if ray is None else ray.address,
+            ray_pid=None if ray is None else ray.pid,
+        )
+        try:
             yield handle
         finally:
             handle.close()
@@ -566,10 +680,10 @@ def local_superlink(
 class SharedSuperLink:
     """One local simulation SuperLink for several runs, started when the first run asks.
 
-    A sweep submits all its values to one SuperLink: one start-up (and one FAB install
-    folder) instead of one per value. Each value is still its own Flower run, with its own
-    ``flwr-simulation`` process and Ray cluster: Flower 1.42's simulation runtime starts
-    both per run and cannot share them.
+    A sweep submits all its values to one SuperLink, whose runs all join one Ray cluster:
+    one start-up of both (and one FAB install folder) instead of one per value. Each value
+    is still its own Flower run, with its own ``flwr-simulation`` process (Flower 1.42
+    starts one per run) and its own Ray job, whose actors start afresh.
 
     Parameters
     ----------
@@ -577,6 +691,9 @@ class SharedSuperLink:
         The SuperLink's work folder (see :func:`local_superlink`).
     pythonpath : sequence of pathlib.Path, default ()
         As for :func:`local_superlink`.
+    shared_ray : bool, default True
+        As for :func:`local_superlink`: every run joins one Ray cluster started with the
+        SuperLink (False: each run starts its own, as Flower does).
 
     Examples
     --------
@@ -586,9 +703,12 @@ class SharedSuperLink:
     0
     """
 
-    def __init__(self, *, work_dir: Path, pythonpath: Sequence[Path] = ()) -> None:
+    def __init__(
+        self, *, work_dir: Path, pythonpath: Sequence[Path] = (), shared_ray: bool = True
+    ) -> None:
         self.work_dir = Path(work_dir)
         self.pythonpath = tuple(pythonpath)
+        self.shared_ray = shared_ray
         self.starts = 0
         self._stack = contextlib.ExitStack()
         self._handle: SuperLinkHandle | None = None
@@ -596,7 +716,9 @@ class SharedSuperLink:
     def handle(self) -> SuperLinkHandle:
         """The SuperLink, started on the first call (inside the ``with`` block only)."""
         if self._handle is None:
-            link = local_superlink(work_dir=self.work_dir, pythonpath=self.pythonpath)
+            link = local_superlink(
+                work_dir=self.work_dir, pythonpath=self.pythonpath, shared_ray=self.shared_ray
+            )
             self._handle = self._stack.enter_context(link)
             self.starts += 1
         return self._handle
@@ -708,8 +830,24 @@ def _is_simulation(pid: int) -> bool:
     return any(Path(a.decode(errors="replace")).name == "flwr-simulation" for a in argv[:2])
 
 
+def _is_client_actor(pid: int) -> bool:
+    """A Ray worker process that holds (or held) a Flower ClientApp actor: Ray names it
+    ``ray::ClientAppActor`` (``...ClientAppActor.run`` while it answers a message)."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    return argv0.startswith(b"ray::ClientAppActor")
+
+
 def _kill_simulations(root: int, *, timeout_s: float) -> None:
-    """SIGKILL every ``flwr-simulation`` below ``root`` and all its descendants; wait.
+    """SIGKILL every ``flwr-simulation`` below ``root`` and all its descendants; wait."""
+    _kill_below(root, _is_simulation, timeout_s=timeout_s)
+
+
+def _kill_below(root: int, match: Callable[[int], bool], *, timeout_s: float) -> None:
+    """SIGKILL every process below ``root`` that ``match`` names, and all its descendants;
+    wait until they are gone.
 
     The descendants are found by parentage while they all live (Ray's processes stay in
     the SuperExec's session, so a session cannot tell them apart from the SuperExec); each
@@ -730,7 +868,7 @@ def _kill_simulations(root: int, *, timeout_s: float) -> None:
 
     doomed: set[int] = set()
     for pid in below(root):
-        if pid not in doomed and _is_simulation(pid):
+        if pid not in doomed and match(pid):
             doomed |= {pid, *below(pid)}
     victims = {(pid, table[pid][1]) for pid in doomed}
     for pid, _ in victims:
@@ -744,7 +882,7 @@ def _kill_simulations(root: int, *, timeout_s: float) -> None:
             return
         if time.monotonic() > deadline:
             raise FlowerRunError(
-                f"the simulation processes {left} were still there {timeout_s:g} s after "
+                f"the processes {left} of the run were still there {timeout_s:g} s after "
                 "SIGKILL; stop them by hand"
             )
         time.sleep(0.05)

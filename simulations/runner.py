@@ -2,10 +2,11 @@
 
 ``run_experiment`` prepares the sites (synthesized, or existing folders), checks every site's
 data and that all share one schema, writes the resolved config, then runs fedcare's own
-ServerApp and ClientApp with ``flwr run`` against a local simulation SuperLink that it starts
-and stops, or one a sweep shares (:mod:`fedcare.simulations.flower_driver`). The run is over once
-the
-ServerApp has written its record and summary; its simulation is then ended at once. While the
+ServerApp and ClientApp with ``flwr run`` against a local simulation SuperLink (and the Ray
+cluster its runs join) that it starts and stops, or one a sweep shares
+(:mod:`fedcare.simulations.flower_driver`). The SuperLink and Ray start first, and come up
+while the runner prepares and checks the sites. The run is over once the ServerApp has
+written its record and summary; its simulation is then ended at once. While the
 run goes it shows a progress bar fed by the server's ``progress.jsonl``. Afterwards it
 computes the baselines (each site alone; all data pooled, non-private) and writes the run
 directory:
@@ -55,7 +56,7 @@ from fedcare.common.run_files import (
     SUMMARY_NAME,
 )
 from fedcare.common.run_record import RunRecord, load_run_record
-from fedcare.common.spec import SPEC_FILENAME, describe_schema_difference
+from fedcare.common.spec import SPEC_FILENAME, describe_schema_difference, load_site_spec
 from fedcare.common.summary import RunSummary, write_summary
 from fedcare.common.tomlcompat import tomllib
 from fedcare.server.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
@@ -77,6 +78,7 @@ from fedcare.simulations.reports import (
 )
 from fedcare.simulations.scenario import Scenario
 from fedcare.simulations.synth import synthesize
+from fedcare.simulations.synth.tasks import TASKS as SYNTH_TASKS
 
 STATE_DIR_NAME = STATE_DIR
 """The folder of a run directory that holds its simulated sites' durable state."""
@@ -225,6 +227,35 @@ def prepare_sites(scenario: Scenario, out: Path, *, reuse: bool = False) -> list
     )
 
 
+def _check_task(scenario: Scenario, out: Path, task: str, *, reuse: bool) -> None:
+    """Refuse a task the sites do not define, from their ``site.toml`` alone (milliseconds),
+    before Flower starts; :func:`load_sites` checks everything else while it starts.
+
+    Raises
+    ------
+    ConfigError
+        A site (or the synthesizer) defines no such task; the message lists those it does.
+    """
+    manifest = out / SITES_MANIFEST_NAME
+    if reuse and manifest.is_file():
+        folders = [Path(p) for p in json.loads(manifest.read_text(encoding="utf-8"))]
+    elif scenario.data_root:
+        root = Path(scenario.data_root)
+        if not root.is_dir():
+            return  # prepare_sites names the missing folder
+        folders = sorted(p for p in root.iterdir() if (p / SPEC_FILENAME).is_file())
+    else:
+        if task not in SYNTH_TASKS:
+            raise ConfigError(
+                f"the synthetic sites define no task {task!r} (defined: "
+                f"{', '.join(sorted(SYNTH_TASKS))}); pick one of them"
+            )
+        return
+    for folder in folders:
+        if (folder / SPEC_FILENAME).is_file():  # else load_sites says what is missing
+            load_site_spec(folder / SPEC_FILENAME).task(task)
+
+
 def load_sites(folders: list[Path], *, task: str | None = None) -> list[SiteData]:
     """Load and validate every site; all must share one schema and distinct site ids, and
     define ``task`` when it is given (checked before Flower starts)."""
@@ -286,8 +317,9 @@ def run_experiment(
 ) -> RunOutcome:
     """Run one federated experiment into ``out`` (see the module docstring).
 
-    Without ``superlink`` the run starts its own local simulation SuperLink in
-    ``<out>/.flower`` and stops it (and everything it spawned) before returning. With a
+    Without ``superlink`` the run starts its own local simulation SuperLink and Ray cluster
+    in ``<out>/.flower`` (before the sites are prepared and checked, so that they start
+    meanwhile) and stops them (and everything they spawned) before returning. With a
     :class:`~fedcare.simulations.flower_driver.SharedSuperLink` (a sweep's values share one), the
     run is submitted to that SuperLink, started by the first run that asks, and left
     running for the next; the run is still its own Flower run, with its own run directory
@@ -354,69 +386,72 @@ def _run_locked(
             )
     else:
         run_id = cfg.run_id or new_run_id(scenario.name)
-    folders = prepare_sites(scenario, out, reuse=resume)
-    sites = load_sites(folders, task=cfg.task)
-    run_dir = out
-    # Each experiment is its own simulated world: the sites' ledgers, stored releases and
-    # audit logs live in the run's folder (never in a --data-root, which stays read-only),
-    # so a sweep's values or a re-run on the same sites each start from an empty ledger. A
-    # scenario that names a state-root shares it across runs, as a real site's ledger is.
-    state_root = Path(cfg.state_root) if cfg.state_root else out / STATE_DIR_NAME
-    if not cfg.state_root and not resume:
-        shutil.rmtree(state_root, ignore_errors=True)
-    cfg = FederationConfig.from_run_config(
-        {
-            **cfg.to_run_config(),
-            "state-root": str(state_root),
-            "run-id": run_id,
-            "run-dir": str(run_dir),
-            "sites-manifest": str(out / SITES_MANIFEST_NAME),
-            "num-sites": len(sites),
-            "min-sites": min(cfg.min_sites, len(sites)),
-        }
-    )
-    if resume:
-        _check_same_run(out, cfg)
-        # The ServerApp writes these two last: their presence ends the wait for the run.
-        stale: tuple[str, ...] = (RECORD_NAME, SUMMARY_NAME)
-    else:  # a new run: nothing of an earlier one may be mistaken for its results
-        stale = (
-            CHECKPOINT_NAME,
-            PROGRESS_NAME,
-            RECORD_NAME,
-            SUMMARY_NAME,
-            METRICS_NAME,
-        )
-    for name in stale:
-        (run_dir / name).unlink(missing_ok=True)
-    (out / SITES_MANIFEST_NAME).write_text(
-        json.dumps([str(f.resolve()) for f in folders], indent=1)
-    )
-    resolved = {
-        "scenario": scenario.model_dump(mode="json", exclude_none=True),
-        "federation": cfg.to_run_config(),
-    }
-    (out / CONFIG_NAME).write_text(tomli_w.dumps(resolved), encoding="utf-8")
-
-    app_dir = write_app_dir(
-        out / ".flower" / "app",
-        config_defaults=RUN_CONFIG_DEFAULTS,
-        serverapp="fedcare.server.app:app",
-        clientapp="fedcare.client.app:app",
-    )
-    gpus = scenario.gpus_per_site if _cuda_available() else 0.0
-    progress_file = run_dir / PROGRESS_NAME
-    seen = (
-        len(progress_file.read_text(encoding="utf-8").splitlines())
-        if progress_file.is_file()
-        else 0
-    )
+    _check_task(scenario, out, cfg.task, reuse=resume)  # a wrong task never starts Flower
     own_link = superlink is None
     with (
         local_superlink(work_dir=out / ".flower")
         if superlink is None
         else contextlib.nullcontext(superlink.handle())
     ) as link:
+        # Flower's processes (SuperLink, Ray cluster) start now and come up while the
+        # sites are prepared and checked below; the submit waits for them.
+        folders = prepare_sites(scenario, out, reuse=resume)
+        sites = load_sites(folders, task=cfg.task)
+        run_dir = out
+        # Each experiment is its own simulated world: the sites' ledgers, stored releases and
+        # audit logs live in the run's folder (never in a --data-root, which stays read-only),
+        # so a sweep's values or a re-run on the same sites each start from an empty ledger. A
+        # scenario that names a state-root shares it across runs, as a real site's ledger is.
+        state_root = Path(cfg.state_root) if cfg.state_root else out / STATE_DIR_NAME
+        if not cfg.state_root and not resume:
+            shutil.rmtree(state_root, ignore_errors=True)
+        cfg = FederationConfig.from_run_config(
+            {
+                **cfg.to_run_config(),
+                "state-root": str(state_root),
+                "run-id": run_id,
+                "run-dir": str(run_dir),
+                "sites-manifest": str(out / SITES_MANIFEST_NAME),
+                "num-sites": len(sites),
+                "min-sites": min(cfg.min_sites, len(sites)),
+            }
+        )
+        if resume:
+            _check_same_run(out, cfg)
+            # The ServerApp writes these two last: their presence ends the wait for the run.
+            stale: tuple[str, ...] = (RECORD_NAME, SUMMARY_NAME)
+        else:  # a new run: nothing of an earlier one may be mistaken for its results
+            stale = (
+                CHECKPOINT_NAME,
+                PROGRESS_NAME,
+                RECORD_NAME,
+                SUMMARY_NAME,
+                METRICS_NAME,
+            )
+        for name in stale:
+            (run_dir / name).unlink(missing_ok=True)
+        (out / SITES_MANIFEST_NAME).write_text(
+            json.dumps([str(f.resolve()) for f in folders], indent=1)
+        )
+        resolved = {
+            "scenario": scenario.model_dump(mode="json", exclude_none=True),
+            "federation": cfg.to_run_config(),
+        }
+        (out / CONFIG_NAME).write_text(tomli_w.dumps(resolved), encoding="utf-8")
+
+        app_dir = write_app_dir(
+            out / ".flower" / "app",
+            config_defaults=RUN_CONFIG_DEFAULTS,
+            serverapp="fedcare.server.app:app",
+            clientapp="fedcare.client.app:app",
+        )
+        gpus = scenario.gpus_per_site if _cuda_available() else 0.0
+        progress_file = run_dir / PROGRESS_NAME
+        seen = (
+            len(progress_file.read_text(encoding="utf-8").splitlines())
+            if progress_file.is_file()
+            else 0
+        )
         flower_run = link.submit(  # Flower's own number for the run, not fedcare's run id
             app_dir,
             run_config=cfg.to_run_config(),

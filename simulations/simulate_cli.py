@@ -316,6 +316,29 @@ def print_results(console: Console, outcome: RunOutcome) -> None:
         console.print(note, markup=False, soft_wrap=True)
 
 
+def _progress_status(event: dict[str, Any]) -> str:
+    """The status shown for a ``progress.jsonl`` line (:mod:`fedcare.server.recorder`).
+
+    Its metrics are those of round ``evaluated_round``, not of the line's own round where
+    evaluation is folded into the next train message (round r's line usually shows round
+    r - 1's evaluation), so they are labelled with that round.
+
+    Examples
+    --------
+    >>> _progress_status({"round": 2, "metrics": {"test.auroc": 0.7123}, "evaluated_round": 1})
+    'evaluated round 1: test AUROC 0.712'
+    >>> _progress_status({"round": 0, "metrics": {}, "evaluated_round": None})
+    'sites connected'
+    """
+    auroc = event.get("metrics", {}).get("test.auroc")
+    if auroc is None:
+        return "sites connected"
+    evaluated = event.get("evaluated_round")
+    if evaluated is None:  # a line written before the recorder said which round it shows
+        return f"round {event['round']}: test AUROC {auroc:.3f}"
+    return f"evaluated round {evaluated}: test AUROC {auroc:.3f}"
+
+
 def run_with_progress(
     scenario: Scenario,
     out: Path,
@@ -344,13 +367,7 @@ def run_with_progress(
         bar = progress.add_task("federated rounds", total=rounds, status="starting Flower ...")
 
         def on_progress(event: dict[str, Any]) -> None:
-            metrics = event.get("metrics", {})
-            auroc = metrics.get("test.auroc")
-            status = (
-                f"round {event['round']}: test AUROC {auroc:.3f}"
-                if auroc is not None
-                else "sites connected"
-            )
+            status = _progress_status(event)
             events = event.get("events", [])
             if events:
                 status += f", {len(events)} event(s)"
@@ -372,11 +389,13 @@ def run_with_progress(
 
 @contextlib.contextmanager
 def _sweep_superlink(out: Path) -> Iterator[SharedSuperLink]:
-    """The one SuperLink of a sweep into ``out`` (in ``out/.flower``), with ``out`` locked.
+    """The one SuperLink and Ray cluster of a sweep into ``out`` (in ``out/.flower``), with
+    ``out`` locked.
 
-    The SuperLink starts with the first value and stops after the last (or on an error);
-    each value is still its own Flower run, in its own ``out/KEY=VALUE`` with its own
-    ledgers. ``out`` stays locked meanwhile: the SuperLink's ``FLWR_HOME`` is there.
+    Both start with the first value and stop after the last (or on an error); each value
+    is still its own Flower run (its own ``flwr-simulation`` and Ray actors), in its own
+    ``out/KEY=VALUE`` with its own ledgers. ``out`` stays locked meanwhile: the SuperLink's
+    ``FLWR_HOME`` is there.
     """
     make_out_dir(out, "hold the sweep")
     with FolderLock(out, what="--out"), SharedSuperLink(work_dir=out / ".flower") as link:

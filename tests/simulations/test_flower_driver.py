@@ -78,15 +78,21 @@ def _cmdline(pid: int) -> str:
 
 @dataclass
 class FamilyWatch:
-    """Everything seen descending from one root pid, and the sessions it used."""
+    """Everything seen descending from the root pids, and the sessions they used."""
 
     root: int
+    also: tuple[int, ...] = ()
     seen: dict[tuple[int, int], str] = field(default_factory=dict)
     sessions: set[int] = field(default_factory=set)
 
+    @classmethod
+    def of(cls, link: SuperLinkHandle) -> FamilyWatch:
+        """The SuperLink's family and the shared Ray cluster's (where it has one)."""
+        return cls(link.pid, also=() if link.ray_pid is None else (link.ray_pid,))
+
     def snapshot(self) -> None:
         table = _proc_table()
-        family = {self.root}
+        family = {self.root, *self.also}
         grew = True
         while grew:
             new = {p.pid for p in table.values() if p.ppid in family} - family
@@ -194,7 +200,7 @@ def test_run_completes_and_leaves_no_process(tmp_path: Path) -> None:
     result.parent.mkdir()
     work = tmp_path / "flower"
     with local_superlink(work_dir=work, pythonpath=[REPO_ROOT]) as link:
-        watch = FamilyWatch(link.pid)
+        watch = FamilyWatch.of(link)
         polls: list[float] = []
 
         def on_poll() -> None:
@@ -248,7 +254,7 @@ def test_failed_stopped_and_interrupted_runs_are_cleaned_up(tmp_path: Path) -> N
         pytest.raises(KeyboardInterrupt),
         local_superlink(work_dir=tmp_path / "flower", pythonpath=[REPO_ROOT]) as link,
     ):
-        watch = FamilyWatch(link.pid)
+        watch = FamilyWatch.of(link)
         # 1. The ServerApp raises: one line quotes Flower's status and names the run's log.
         run_id = link.submit(app, run_config={"fail": True}, num_supernodes=3)
         with pytest.raises(FlowerRunError) as failed:
@@ -295,7 +301,7 @@ def test_a_run_ended_at_its_output_frees_the_superlink_for_the_next(tmp_path: Pa
     first, second = tmp_path / "first.json", tmp_path / "second.json"
     held = Path(f"{first}.held")
     with local_superlink(work_dir=tmp_path / "flower", pythonpath=[REPO_ROOT]) as link:
-        watch = FamilyWatch(link.pid)
+        watch = FamilyWatch.of(link)
         # The ServerApp writes its result, then would hold the run (and Ray) for 600 s.
         run_1 = link.submit(
             app,
@@ -305,11 +311,12 @@ def test_a_run_ended_at_its_output_frees_the_superlink_for_the_next(tmp_path: Pa
         status = link.wait(run_1, timeout_s=240, on_poll=watch.snapshot, done=held.exists)
         watch.snapshot()
         assert status.status == "running"  # Flower had not finished it: the wait did not wait
-        assert "raylet" in "\n".join(watch.survivors())
+        assert "ray::ClientAppActor" in "\n".join(watch.survivors())
         link.end_run(run_1)
         alive = "\n".join(watch.survivors())
-        assert "flwr-simulation" not in alive and "raylet" not in alive and "ray::" not in alive
-        assert "flower-superexec" in alive  # the SuperLink and its SuperExec stay up
+        assert "flwr-simulation" not in alive and "ray::ClientAppActor" not in alive
+        # The SuperLink, its SuperExec and the Ray cluster its runs join stay up.
+        assert "flower-superexec" in alive and "raylet" in alive
         assert link.run_info(run_1)["status"] == "finished:stopped"
         assert json.loads(first.read_text(encoding="utf-8"))["train_rounds"] == [1]
         # The next run on the same SuperLink: its own simulation, to the exact FedAvg result.
@@ -325,6 +332,10 @@ def test_a_run_ended_at_its_output_frees_the_superlink_for_the_next(tmp_path: Pa
     record = json.loads(second.read_text(encoding="utf-8"))
     np.testing.assert_allclose(record["final"], _fedavg_reference(2, 3, 0.5), rtol=1e-12)
     assert watch.survivors() == []
+    # Both runs joined one Ray cluster: one raylet and one GCS were ever started.
+    programs = [c.split(" ", 1)[0] for c in watch.seen.values()]
+    assert sum(p.endswith("/raylet") for p in programs) == 1
+    assert sum(p.endswith("/gcs_server") for p in programs) == 1
 
 
 def test_end_run_refuses_while_another_run_may_be_going(

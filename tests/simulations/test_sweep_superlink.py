@@ -1,9 +1,10 @@
-"""A sweep runs all its values on one SuperLink: one start-up, each value its own run.
+"""A sweep runs all its values on one SuperLink and one Ray cluster: one start-up, each
+value its own run.
 
 The fast test counts SuperLink starts of ``fedcare simulate --sweep`` with the runs faked;
 the slow one runs a real value of fedcare's own app on a shared SuperLink and checks that it
-is its own Flower run, with its own run directory and ledgers, that the SuperLink stays up
-and idle for the next value, and that nothing is left running at the end.
+is its own Flower run, with its own run directory and ledgers, that the SuperLink and the
+Ray cluster stay up and idle for the next value, and that nothing is left running at the end.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def test_a_run_on_a_shared_superlink_leaves_it_up_and_idle_for_the_next(
     )
     with SharedSuperLink(work_dir=tmp_path / ".flower") as shared:
         link = shared.handle()
-        watch = FamilyWatch(link.pid)
+        watch = FamilyWatch.of(link)
+        assert link.ray_address is not None  # the sweep's runs join one Ray cluster
         outcome = run_experiment(
             scenario,
             tmp_path / "target-epsilon=4",
@@ -115,8 +117,8 @@ def test_a_run_on_a_shared_superlink_leaves_it_up_and_idle_for_the_next(
         watch.snapshot()
         assert shared.handle() is link  # the same SuperLink, for the next value
         alive = "\n".join(watch.survivors())
-        assert "flwr-simulation" not in alive and "raylet" not in alive and "ray::" not in alive
-        assert "flower-superexec" in alive  # up for the next value
+        assert "flwr-simulation" not in alive and "ray::ClientAppActor" not in alive
+        assert "flower-superexec" in alive and "raylet" in alive  # up for the next value
     assert len(starts) == 1 and shared.starts == 1
     summary = load_summary(outcome.run_dir / "summary.json")
     assert summary.run_id == outcome.summary.run_id
