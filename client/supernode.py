@@ -1,4 +1,5 @@
-"""Flower's SuperNode (``flower-supernode``), with shorter waits between its polls.
+"""Flower's SuperNode (``flower-supernode``), with shorter waits between its polls and none
+between it and fedcare's site worker.
 
 Flower 1.42's SuperNode loop (``flwr.supernode.start_client_internal``) sleeps a fixed 3 s
 whenever it asked the SuperLink for a message and got none, and checks for its executor's
@@ -11,8 +12,26 @@ run's next message is seconds away; an idle site polls at ``--poll``). It also g
 that module's ``pull_objects`` a first wait of 0.05 s (doubling up to 1 s) between tries
 for an object the centre does not hold yet, instead of Flower's 1 s, 2 s, 4 s...: a
 SuperNode that takes a message while the ServerApp is still uploading its objects otherwise
-waits a whole second after they are there. Nothing else in Flower changes. Each idle poll
-is one small HTTPS request to the centre.
+waits a whole second after they are there. Each idle poll is one small HTTPS request to the
+centre.
+
+Inside the SuperNode process, waits for fedcare's own site worker are event-driven
+(:class:`StateChanges`): the SuperNode's state announces every task it creates and every
+message and object it stores, and
+
+* a worker's ``AcquireTask`` is held (up to :data:`TASK_WAIT_S`) until the SuperNode has a
+  task, so the worker learns of a message the moment it arrives, and an idle worker asks
+  once per :data:`TASK_WAIT_S` instead of polling;
+* a ``PullObject`` for an object the SuperNode is still fetching from the centre is held
+  (up to :data:`OBJECT_WAIT_S`) until the object is there;
+* the SuperNode's loop wakes when the worker's reply (and each of its objects) is stored,
+  not at its next ``--reply-poll``.
+
+Holding a request only delays its answer: the answer is Flower's, after Flower's own checks
+(the secret's signature for ``AcquireTask``, the task token for ``PullObject``). Message
+objects travel :data:`~fedcare.common.superexec.OBJECT_TRANSFERS` at a time each way
+(Flower: at most one per CPU core, two on a 2-core machine). Nothing else in Flower
+changes.
 
 The launcher refuses to start when Flower is not the version whose loop it knows (the
 waits would silently be something else); upgrade fedcare with Flower.
@@ -27,12 +46,25 @@ import argparse
 import importlib.metadata
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
-from typing import Any
+from functools import partial, wraps
+from typing import Any, TypeVar
 
-__all__ = ["BUSY_WINDOW_S", "FLOWER_VERSION", "FasterPolls", "install", "main"]
+from fedcare.common.superexec import OBJECT_TRANSFERS, concurrent_object_transfers
+
+__all__ = [
+    "BUSY_WINDOW_S",
+    "FLOWER_VERSION",
+    "OBJECT_WAIT_S",
+    "TASK_WAIT_S",
+    "FasterPolls",
+    "StateChanges",
+    "hold_until",
+    "install",
+    "main",
+]
 
 FLOWER_VERSION = "1.42."
 """The Flower release line whose SuperNode loop this launcher knows."""
@@ -51,10 +83,131 @@ PULL_MAX_TRIES = 600
 #: seconds, and an idle site soon falls back to ``poll_s``.
 BUSY_WINDOW_S = 10.0
 
+#: Longest the SuperNode holds its worker's ``AcquireTask`` while it has no task: an idle
+#: worker asks this often (and a stopping SuperNode waits at most this for the request).
+TASK_WAIT_S = 2.0
+#: Longest it holds a ``PullObject`` for an object it is still fetching from the centre
+#: (the worker's own retries take over after it).
+OBJECT_WAIT_S = 1.0
+
+_T = TypeVar("_T")
+
+
+class StateChanges:
+    """A count of the SuperNode's state changes (a task created, a message or an object
+    stored) and a condition to wait for the next one."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        with self._cond:
+            return self._generation
+
+    def bump(self) -> None:
+        """Record a change and wake every waiter."""
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait(self, since: int, timeout: float) -> int:
+        """Until a change after generation ``since``, or ``timeout`` seconds; the
+        generation then (pass it as the next ``since``: no change is missed)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._generation != since, timeout)
+            return self._generation
+
+
+def hold_until(
+    changes: StateChanges,
+    ask: Callable[[], _T],
+    done: Callable[[_T], bool],
+    *,
+    hold_s: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> _T:
+    """``ask()`` again at each state change until ``done`` says so or ``hold_s`` passed;
+    the last answer."""
+    since = changes.generation  # read before asking: a change in between wakes at once
+    deadline = clock() + hold_s
+    while True:
+        answer = ask()
+        left = deadline - clock()
+        if done(answer) or left <= 0:
+            return answer
+        since = changes.wait(since, left)
+
+
+def _announcing(method: Callable[..., _T], changes: StateChanges) -> Callable[..., _T]:
+    @wraps(method)
+    def announced(*args: Any, **kwargs: Any) -> _T:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            changes.bump()
+
+    announced.__fedcare_announces__ = True  # type: ignore[attr-defined]
+    return announced
+
+
+def _announce_changes(changes: StateChanges) -> None:
+    """Make the SuperNode's state classes (this process's) bump ``changes``."""
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.supernode.nodestate import nodestate_factory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    if getattr(nodestate_factory, "InMemoryNodeState", None) is not InMemoryNodeState:
+        raise RuntimeError(
+            "flwr.supernode.nodestate no longer keeps its state in InMemoryNodeState as flwr "
+            f"{FLOWER_VERSION}x did; fedcare's SuperNode launcher needs updating"
+        )
+    for cls, name in (
+        (InMemoryNodeState, "create_task"),  # a message arrived: a task for the worker
+        (InMemoryNodeState, "store_message"),  # a message, or the worker's reply
+        (InMemoryObjectStore, "put"),  # an object from the centre, or of the reply
+    ):
+        method = getattr(cls, name)
+        if not getattr(method, "__fedcare_announces__", False):
+            setattr(cls, name, _announcing(method, changes))
+
+
+def _hold_worker_requests(changes: StateChanges) -> None:
+    """Hold the worker's ``AcquireTask`` and ``PullObject`` until they have an answer."""
+    from flwr.supernode.servicer.runtime import runtime_handlers as handlers
+
+    acquire, pull = handlers.acquire_task, handlers.pull_object
+    if getattr(acquire, "__fedcare_holds__", False):
+        return
+
+    @wraps(acquire)
+    def acquire_task(request: Any, state: Any) -> Any:
+        return hold_until(
+            changes,
+            lambda: acquire(request, state),
+            lambda res: res.HasField("task"),
+            hold_s=TASK_WAIT_S,
+        )
+
+    @wraps(pull)
+    def pull_object(request: Any, state: Any, task: Any) -> Any:
+        return hold_until(
+            changes,
+            lambda: pull(request, state, task),
+            lambda res: res.object_available or not res.object_found,
+            hold_s=OBJECT_WAIT_S,
+        )
+
+    acquire_task.__fedcare_holds__ = True  # type: ignore[attr-defined]
+    handlers.acquire_task = acquire_task  # type: ignore[assignment]
+    handlers.pull_object = pull_object  # type: ignore[assignment]
+
 
 class FasterPolls:
     """``time`` as the SuperNode module sees it: the two fixed waits shortened, and the idle
-    wait shorter still for :data:`BUSY_WINDOW_S` after the site answered a message."""
+    wait shorter still for :data:`BUSY_WINDOW_S` after the site answered a message. With
+    ``changes``, a wait for the worker's reply ends as soon as the state changes."""
 
     def __init__(
         self,
@@ -63,12 +216,15 @@ class FasterPolls:
         reply_poll_s: float,
         busy_poll_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        changes: StateChanges | None = None,
     ) -> None:
         self.poll_s = poll_s
         self.reply_poll_s = reply_poll_s
         self.busy_poll_s = poll_s if busy_poll_s is None else min(busy_poll_s, poll_s)
         self._clock = clock
         self._busy_until = -math.inf
+        self._changes = changes
+        self._seen = 0 if changes is None else changes.generation
 
     def idle_wait(self) -> float:
         """The wait after a poll that found no message."""
@@ -80,6 +236,11 @@ class FasterPolls:
         elif seconds == _REPLY_WAIT_S:
             # Flower waits for the executor's reply only when it took a message: a run is on.
             self._busy_until = self._clock() + BUSY_WINDOW_S
+            if self._changes is not None:
+                # Woken by the reply (or its next object); a change since the last wake,
+                # before Flower looked, ends the wait at once.
+                self._seen = self._changes.wait(self._seen, self.reply_poll_s)
+                return
             seconds = self.reply_poll_s
         time.sleep(seconds)
 
@@ -88,7 +249,9 @@ class FasterPolls:
 
 
 def install(*, poll_s: float, reply_poll_s: float, busy_poll_s: float | None = None) -> FasterPolls:
-    """Give Flower's SuperNode loop the shorter waits; refuse an unknown Flower."""
+    """Give Flower's SuperNode loop the shorter waits, its state the change announcements,
+    its worker-facing handlers the holds and its transfers more room; refuse an unknown
+    Flower."""
     version = importlib.metadata.version("flwr")
     if not version.startswith(FLOWER_VERSION):
         raise RuntimeError(
@@ -109,7 +272,22 @@ def install(*, poll_s: float, reply_poll_s: float, busy_poll_s: float | None = N
             "flwr.supernode.start_client_internal no longer uses flwr's pull_objects as flwr "
             f"{FLOWER_VERSION}x did; fedcare's SuperNode launcher needs updating"
         )
-    faster = FasterPolls(poll_s=poll_s, reply_poll_s=reply_poll_s, busy_poll_s=busy_poll_s)
+    if (
+        getattr(loop, "push_object_contents_from_iterable", None)
+        is not inflatable_utils.push_object_contents_from_iterable
+    ):
+        raise RuntimeError(
+            "flwr.supernode.start_client_internal no longer pushes replies with flwr's "
+            f"push_object_contents_from_iterable as flwr {FLOWER_VERSION}x did; fedcare's "
+            "SuperNode launcher needs updating"
+        )
+    changes = StateChanges()
+    _announce_changes(changes)
+    _hold_worker_requests(changes)
+    concurrent_object_transfers()
+    faster = FasterPolls(
+        poll_s=poll_s, reply_poll_s=reply_poll_s, busy_poll_s=busy_poll_s, changes=changes
+    )
     loop.time = faster  # type: ignore[assignment]
     loop.pull_objects = partial(  # type: ignore[assignment]
         inflatable_utils.pull_objects,
@@ -119,6 +297,11 @@ def install(*, poll_s: float, reply_poll_s: float, busy_poll_s: float | None = N
         # announces objects it never serves holds the SuperNode ~10 min (at the 1 s cap),
         # not Flower's whole 2 h limit.
         max_tries_per_object=PULL_MAX_TRIES,
+        max_concurrent_pulls=OBJECT_TRANSFERS,
+    )
+    loop.push_object_contents_from_iterable = partial(  # type: ignore[assignment]
+        inflatable_utils.push_object_contents_from_iterable,
+        max_concurrent_pushes=OBJECT_TRANSFERS,
     )
     return faster
 
@@ -134,7 +317,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Parse ``--poll``/``--reply-poll``, then run ``flower-supernode`` with the rest."""
     parser = argparse.ArgumentParser(prog="python -m fedcare.client.supernode")
     parser.add_argument("--poll", type=_seconds, default=0.5, help="idle poll (s), 0.05..3")
-    parser.add_argument("--reply-poll", type=_seconds, default=0.1, help="reply check (s)")
+    parser.add_argument(
+        "--reply-poll",
+        type=_seconds,
+        default=0.1,
+        help="longest wait (s) between looks for the worker's reply, which wakes it sooner",
+    )
     parser.add_argument(
         "--busy-poll",
         type=_seconds,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import sys
@@ -58,21 +57,22 @@ from flwr.supernode.runtime.run_clientapp import (
 from fedcare.client.app import handle_evaluate, handle_secagg, handle_train_message, refuse
 from fedcare.client.deploy import secret_path
 from fedcare.client.site_config import load_site_config
-from fedcare.client.supernode import BUSY_WINDOW_S
 from fedcare.client.warm import WarmSites
 from fedcare.common import keys
 from fedcare.common.audit import running_code_hash, versions
 from fedcare.common.errors import ConfigError, FedcareError, PolicyViolation, RoundFailed
 from fedcare.common.flower_app import check_fab
-from fedcare.common.superexec import read_secret, task_acquirer
+from fedcare.common.superexec import (
+    OBJECT_TRANSFERS,
+    concurrent_object_transfers,
+    read_secret,
+    task_acquirer,
+)
 
 __all__ = ["SiteWorker", "main"]
 
 log = logging.getLogger(__name__)
 
-
-#: The poll of the SuperNode (loopback) while a run is on; see :meth:`SiteWorker.serve`.
-BUSY_POLL_S = 0.05
 
 #: How much of a message type (chosen by the centre) goes into a refusal and the audit log.
 _MAX_PHASE = 40
@@ -86,30 +86,36 @@ _HANDLERS: dict[str, Handler] = {
 
 #: Waits between tries for a message object the SuperNode does not hold yet (it hands out
 #: a task as soon as the message arrives, then fetches the message's objects from the
-#: centre): first wait, and the longest. Flower's own ClientApp process waits 1 s, then
-#: 2 s, 4 s..., which holds each message up to a second after its objects are there; these
-#: are loopback requests to the SuperNode, so asking more often costs next to nothing.
+#: centre): first wait, and the longest. fedcare's SuperNode holds such a request until the
+#: object is there (up to ``OBJECT_WAIT_S``, :mod:`fedcare.client.supernode`); these waits
+#: come after it. Flower's own ClientApp process waits 1 s, then 2 s, 4 s...
 PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.25
 
 
 def prompt_object_pulls() -> None:
-    """Give Flower's ``pull_task_input`` (this process's) the waits of :data:`PULL_BACKOFF_S`.
+    """Give Flower's ``pull_task_input`` and ``push_message`` (this process's) the waits of
+    :data:`PULL_BACKOFF_S` and :data:`~fedcare.common.superexec.OBJECT_TRANSFERS` transfers
+    at once.
 
-    ``flwr.supernode.runtime.run_clientapp.pull_task_input`` inflates the task's message
-    through that module's ``pull_and_inflate_object_from_tree``; it is replaced by the same
-    function with a shorter first wait and cap. Idempotent. Refuses a Flower whose module
-    no longer uses that function (the waits would silently be Flower's again).
+    ``flwr.supernode.runtime.run_clientapp`` inflates the task's message through that
+    module's ``pull_and_inflate_object_from_tree`` and pushes the reply's objects with its
+    ``push_objects``; each is replaced by the same function with other keyword defaults.
+    Idempotent. Refuses a Flower whose module no longer uses those functions (the waits
+    would silently be Flower's again).
     """
     from flwr.supernode.runtime import run_clientapp
 
+    concurrent_object_transfers()
     current = run_clientapp.pull_and_inflate_object_from_tree
     original = inflatable_utils.pull_and_inflate_object_from_tree
+    pushes = run_clientapp.push_objects
     if isinstance(current, partial) and current.func is original:
         return
-    if current is not original:
+    if current is not original or pushes is not inflatable_utils.push_objects:
         raise RuntimeError(
             "flwr.supernode.runtime.run_clientapp no longer inflates messages with flwr's "
-            "pull_and_inflate_object_from_tree; fedcare's site worker needs updating"
+            "pull_and_inflate_object_from_tree or pushes them with its push_objects; "
+            "fedcare's site worker needs updating"
         )
     run_clientapp.pull_and_inflate_object_from_tree = partial(  # type: ignore[assignment]
         original,
@@ -118,6 +124,10 @@ def prompt_object_pulls() -> None:
         # Shorter waits, not a shorter wait: Flower stops after 500 tries per object (80 min
         # at its own waits, 2 min at these); its overall limit (max_time, 2 h) still holds.
         max_tries_per_object=None,
+        max_concurrent_pulls=OBJECT_TRANSFERS,
+    )
+    run_clientapp.push_objects = partial(  # type: ignore[assignment]
+        pushes, max_concurrent_pushes=OBJECT_TRANSFERS
     )
 
 
@@ -263,18 +273,25 @@ class SiteWorker:
         self,
         *,
         poll_s: float,
-        busy_poll_s: float = BUSY_POLL_S,
         stop: Callable[[], bool] = lambda: False,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        """Poll every ``poll_s`` seconds until ``stop()`` (or SIGTERM in :func:`main`); every
-        ``busy_poll_s`` for :data:`~fedcare.client.supernode.BUSY_WINDOW_S` after a task,
-        when the run's next message is seconds away (the SuperNode is on loopback)."""
-        busy_until = -math.inf
+        """Ask for a task until ``stop()`` (or SIGTERM in :func:`main`), at most once every
+        ``poll_s`` seconds while there is none.
+
+        fedcare's SuperNode holds each ask until it has a task (up to
+        :data:`~fedcare.client.supernode.TASK_WAIT_S`): the worker asks again at once, and
+        a message is taken the moment it arrives. A SuperNode that answers at once (one
+        not started by fedcare's launcher) is asked every ``poll_s``.
+        """
         while not stop():
+            asked = clock()
             if self.poll():
-                busy_until = time.monotonic() + BUSY_WINDOW_S
                 continue
-            time.sleep(min(busy_poll_s, poll_s) if time.monotonic() < busy_until else poll_s)
+            rest = poll_s - (clock() - asked)
+            if rest > 0:
+                sleep(rest)
 
 
 def _orphaned(parent: int) -> Callable[[], bool]:
@@ -300,7 +317,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("config", type=Path, help="the site's site-config.toml")
     parser.add_argument(
-        "--poll", type=float, default=0.25, help="seconds between polls when idle (0.01..5)"
+        "--poll",
+        type=float,
+        default=0.25,
+        help="least seconds between asks for a task (0.01..5); the SuperNode holds each ask",
     )
     return parser.parse_args(argv)
 
@@ -309,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the worker until SIGTERM/SIGINT; one clear line and exit 2 on a bad setup."""
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="site-worker: %(message)s", stream=sys.stderr)
-    # httpx logs every request at INFO: four idle polls a second would bury the site's log.
+    # httpx logs every request at INFO: an ask every 2 s would bury the site's log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         if not 0.01 <= args.poll <= 5:

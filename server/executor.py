@@ -21,7 +21,10 @@ that caller:
   app (it ships a file, names other components, another publisher, name or version) is
   refused: the task is pushed as failed with the reason, and one line says so. Otherwise it
   calls the installed ``fedcare.server.app.app``. It also shortens the waits of the task's grid
-  between tries for a reply object the SuperLink does not hold yet (:data:`PULL_BACKOFF_S`).
+  between tries for a reply object the SuperLink does not hold yet (:data:`PULL_BACKOFF_S`),
+  and lets it move :data:`~fedcare.common.superexec.OBJECT_TRANSFERS` message objects at once
+  (Flower: at most one per CPU core); its grid (:class:`CollectingGrid`) collects the replies
+  the SuperLink hands out side by side, not one site after the other.
 """
 
 from __future__ import annotations
@@ -35,32 +38,46 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from queue import Queue
-from typing import NoReturn
+from typing import NoReturn, cast
 
 import httpx
-from flwr.app import RecordDict
+from flwr.app import Message, Metadata, RecordDict
+from flwr.app.error import Error
 from flwr.app.exception import AppExitException
+from flwr.app.message import make_message
 from flwr.common.config import get_fused_config_from_fab
-from flwr.common.constant import SubStatus
+from flwr.common.constant import ErrorCode, SubStatus
 from flwr.common.serde import context_from_proto, context_to_proto, fab_from_proto, run_from_proto
-from flwr.proto.runtime_pb2 import AcquireTaskRequest, PullTaskInputRequest, PushTaskOutputRequest
+from flwr.proto.message_pb2 import ConfirmMessageReceivedRequest, ObjectTree
+from flwr.proto.message_pb2 import Message as MessageProto
+from flwr.proto.runtime_pb2 import (
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+    PushTaskOutputRequest,
+)
 from flwr.server.run_serverapp import run as run_serverapp
 from flwr.supercore.app_utils import start_parent_process_monitor
-from flwr.supercore.constant import TaskType
+from flwr.supercore.constant import SYSTEM_MESSAGE_TYPE, TaskType
+from flwr.supercore.date import now
 from flwr.supercore.exit import ExitCode, flwr_exit, register_signal_handlers
 from flwr.supercore.exit.exit_handler import trigger_exit_handlers
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
 from flwr.supercore.inflatable import inflatable_utils
+from flwr.supercore.inflatable.inflatable_object import iterate_object_tree
+from flwr.supercore.inflatable.inflatable_protobuf_utils import make_pull_object_fn_protobuf
 from flwr.supercore.logger import (
     flush_logs,
     mirror_output_to_queue,
     start_log_uploader,
     stop_log_uploader,
 )
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 from flwr.superlink.grid import HttpGrid
@@ -69,9 +86,14 @@ from flwr.superlink.grid import http_grid as _http_grid
 from fedcare.common.errors import ConfigError, PolicyViolation
 from fedcare.common.flower_app import check_fab
 from fedcare.common.processes import module_command
-from fedcare.common.superexec import read_secret, task_acquirer
+from fedcare.common.superexec import (
+    OBJECT_TRANSFERS,
+    concurrent_object_transfers,
+    read_secret,
+    task_acquirer,
+)
 
-__all__ = ["POLL_INTERVAL_S", "run_executor", "run_task", "main"]
+__all__ = ["POLL_INTERVAL_S", "CollectingGrid", "run_executor", "run_task", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +108,8 @@ PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.25
 #: never uploads its objects gets Flower's error reply for it (a drop-out), instead of
 #: holding the round for Flower's whole 2 h limit.
 PULL_MAX_TRIES = 2400
+#: Replies a ServerApp task collects side by side (each a site's, over its own requests).
+REPLY_COLLECTORS = 8
 _TOKEN = re.compile(r"[0-9a-f]{16,256}")
 
 
@@ -211,7 +235,7 @@ def run_task(
     if parent_pid is not None:
         start_parent_process_monitor(parent_pid)
     _prompt_object_pulls()
-    grid = HttpGrid(
+    grid = CollectingGrid(
         runtime_api_address=runtime_api_address,
         insecure=root_certificates is None,
         root_certificates=root_certificates,
@@ -302,12 +326,95 @@ def run_task(
     flwr_exit(code=exit_code, event_type=EventType.FLWR_SERVERAPP_RUN_LEAVE)
 
 
-def _prompt_object_pulls() -> None:
-    """Give ``HttpGrid.pull_messages`` (this task process's) :data:`PULL_BACKOFF_S`.
+class CollectingGrid(HttpGrid):
+    """Flower's ``HttpGrid``, collecting the replies one ``PullMessages`` hands out side by side.
 
-    A Flower whose grid no longer pulls through that function keeps its own waits (one
-    warning): slower replies, never a task that fails for it.
+    Flower's ``pull_messages`` takes the replies the SuperLink has (which removes them
+    there), then pulls each reply's objects and confirms it, one reply after the other, so
+    the last site's reply waits for every other's transfers. Each reply comes from its own
+    site over its own requests; here they are collected by up to :data:`REPLY_COLLECTORS`
+    threads. What is done with each reply is Flower's, line for line (flwr 1.42
+    ``HttpGrid.pull_messages``): its objects pulled (a reply whose objects never come is
+    Flower's ``MESSAGE_UNAVAILABLE`` error message, a drop-out), the reply confirmed and
+    inflated; the order of the replies is the SuperLink's.
     """
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        run_id = cast(Run, self._run).run_id
+        try:
+            res = self._runtime_client.PullMessages(PullAppMessagesRequest(message_ids=message_ids))
+            replies = list(zip(res.messages_list, res.message_object_trees, strict=True))
+            if len(replies) <= 1:
+                return [self._collect(run_id, *reply) for reply in replies]
+            with ThreadPoolExecutor(min(len(replies), REPLY_COLLECTORS)) as pool:
+                return list(pool.map(lambda reply: self._collect(run_id, *reply), replies))
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code == httpx.codes.REQUEST_ENTITY_TOO_LARGE:
+                log.error("%s", _http_grid.ERROR_MESSAGE_PULL_MESSAGES_PAYLOAD_TOO_LARGE)
+                return []
+            raise
+
+    def _collect(self, run_id: int, msg_proto: MessageProto, msg_tree: ObjectTree) -> Message:
+        msg_id = msg_proto.metadata.message_id
+        try:
+            contents = _http_grid.pull_objects(
+                object_ids=[tree.object_id for tree in iterate_object_tree(msg_tree)],
+                pull_object_fn=make_pull_object_fn_protobuf(
+                    pull_object_protobuf=self._runtime_client.PullObject,
+                    node=self.node,
+                    run_id=run_id,
+                ),
+            )
+        except inflatable_utils.ObjectPullError as e:
+            return make_message(
+                metadata=Metadata(
+                    run_id=run_id,
+                    message_id="",
+                    src_node_id=self.node.node_id,
+                    dst_node_id=self.node.node_id,
+                    message_type=SYSTEM_MESSAGE_TYPE,
+                    group_id="",
+                    ttl=0,
+                    reply_to_message_id=msg_proto.metadata.reply_to_message_id,
+                    created_at=now().timestamp(),
+                ),
+                error=Error(
+                    code=ErrorCode.MESSAGE_UNAVAILABLE,
+                    reason=(
+                        "Reply message objects are unavailable. The sender may not have "
+                        "completed the upload before the object-push session expired. "
+                        f"{e}"
+                    ),
+                ),
+            )
+        self._runtime_client.ConfirmMessageReceived(
+            ConfirmMessageReceivedRequest(node=self.node, run_id=run_id, message_object_id=msg_id)
+        )
+        message = cast(Message, inflatable_utils.inflate_object_from_contents(msg_id, contents))
+        message.metadata.__dict__["_message_id"] = msg_id
+        return message
+
+
+def _prompt_object_pulls() -> None:
+    """Give ``HttpGrid.pull_messages`` (this task process's) :data:`PULL_BACKOFF_S`, and
+    its pulls and pushes :data:`~fedcare.common.superexec.OBJECT_TRANSFERS` objects at once.
+
+    A Flower whose grid no longer moves objects through those functions keeps its own waits
+    (one warning): slower rounds, never a task that fails for it.
+    """
+    try:
+        concurrent_object_transfers()
+    except RuntimeError as e:
+        log.warning("%s; message objects move at Flower's own pace", e)
+    if getattr(_http_grid, "push_objects", None) is inflatable_utils.push_objects:
+        _http_grid.push_objects = partial(  # type: ignore[assignment]
+            inflatable_utils.push_objects, max_concurrent_pushes=OBJECT_TRANSFERS
+        )
+    elif not isinstance(_http_grid.push_objects, partial):
+        log.warning(
+            "flwr.superlink.grid.http_grid no longer uses flwr's push_objects; messages are "
+            "sent at Flower's own pace (fedcare's executor needs updating)"
+        )
     if getattr(_http_grid, "pull_objects", None) is not inflatable_utils.pull_objects:
         log.warning(
             "flwr.superlink.grid.http_grid no longer uses flwr's pull_objects; replies are "
@@ -319,6 +426,7 @@ def _prompt_object_pulls() -> None:
         initial_backoff=PULL_BACKOFF_S,
         backoff_cap=PULL_BACKOFF_CAP_S,
         max_tries_per_object=PULL_MAX_TRIES,
+        max_concurrent_pulls=OBJECT_TRANSFERS,
     )
 
 

@@ -1,5 +1,6 @@
-"""fedcare's SuperNode launcher and ServerApp executor shorten Flower's waits for objects
-that are not there yet (1 s, 2 s, ... in Flower), and nothing else."""
+"""fedcare's SuperNode launcher, site worker and ServerApp executor shorten Flower's waits for
+objects that are not there yet (1 s, 2 s, ... in Flower) and move several objects at once;
+their event-driven waits are in test_prompt_waits.py."""
 
 from __future__ import annotations
 
@@ -13,12 +14,38 @@ from flwr.superlink.grid import http_grid
 from flwr.supernode import start_client_internal as loop
 
 from fedcare.client import supernode
+from fedcare.common import superexec
 from fedcare.server import executor
 
 
-def test_the_launcher_shortens_the_supernode_s_waits(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loop, "time", time)  # restored after the test
+def _undo_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything :func:`supernode.install` changes, restored after the test."""
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+    from flwr.supernode.servicer.runtime import runtime_handlers
+
+    monkeypatch.setattr(loop, "time", time)
     monkeypatch.setattr(loop, "pull_objects", inflatable_utils.pull_objects)
+    monkeypatch.setattr(
+        loop,
+        "push_object_contents_from_iterable",
+        inflatable_utils.push_object_contents_from_iterable,
+    )
+    monkeypatch.setattr(inflatable_utils, "get_num_workers", inflatable_utils.get_num_workers)
+    for cls, name in (
+        (InMemoryNodeState, "create_task"),
+        (InMemoryNodeState, "store_message"),
+        (InMemoryObjectStore, "put"),
+    ):
+        monkeypatch.setattr(cls, name, getattr(cls, name))
+    for name in ("acquire_task", "pull_object"):
+        monkeypatch.setattr(runtime_handlers, name, getattr(runtime_handlers, name))
+
+
+def test_the_launcher_shortens_the_supernode_s_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode.servicer.runtime import runtime_handlers
+
+    _undo_install(monkeypatch)
     faster = supernode.install(poll_s=0.5, reply_poll_s=0.1)
     assert loop.time is faster
     pull = loop.pull_objects
@@ -27,11 +54,19 @@ def test_the_launcher_shortens_the_supernode_s_waits(monkeypatch: pytest.MonkeyP
         "initial_backoff": supernode.PULL_BACKOFF_S,
         "backoff_cap": supernode.PULL_BACKOFF_CAP_S,
         "max_tries_per_object": supernode.PULL_MAX_TRIES,  # ~10 min at the 1 s cap
+        "max_concurrent_pulls": superexec.OBJECT_TRANSFERS,
     }
+    push = loop.push_object_contents_from_iterable
+    assert push.keywords == {"max_concurrent_pushes": superexec.OBJECT_TRANSFERS}  # type: ignore[attr-defined]
+    assert (
+        inflatable_utils.get_num_workers(superexec.OBJECT_TRANSFERS) == superexec.OBJECT_TRANSFERS
+    )
+    # The worker-facing handlers hold their requests (tests/client/test_prompt_waits.py).
+    assert getattr(runtime_handlers.acquire_task, "__fedcare_holds__", False)
 
 
 def test_the_launcher_refuses_a_loop_it_does_not_know(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loop, "time", time)
+    _undo_install(monkeypatch)
     monkeypatch.setattr(loop, "pull_objects", lambda *a, **k: {})
     with pytest.raises(RuntimeError, match="pull_objects"):
         supernode.install(poll_s=0.5, reply_poll_s=0.1)
@@ -79,11 +114,16 @@ def test_the_executor_s_grid_pulls_replies_with_short_waits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(http_grid, "pull_objects", inflatable_utils.pull_objects)
+    monkeypatch.setattr(http_grid, "push_objects", inflatable_utils.push_objects)
+    monkeypatch.setattr(inflatable_utils, "get_num_workers", inflatable_utils.get_num_workers)
     executor._prompt_object_pulls()  # noqa: SLF001
     pull = http_grid.pull_objects
     assert pull.func is inflatable_utils.pull_objects  # type: ignore[attr-defined]
     assert pull.keywords["initial_backoff"] == executor.PULL_BACKOFF_S  # type: ignore[attr-defined]
     assert pull.keywords["max_tries_per_object"] == executor.PULL_MAX_TRIES  # type: ignore[attr-defined]
+    assert pull.keywords["max_concurrent_pulls"] == superexec.OBJECT_TRANSFERS  # type: ignore[attr-defined]
+    push = http_grid.push_objects
+    assert push.keywords == {"max_concurrent_pushes": superexec.OBJECT_TRANSFERS}  # type: ignore[attr-defined]
 
 
 def test_the_executor_keeps_flower_s_waits_when_its_grid_changed(
@@ -93,6 +133,8 @@ def test_the_executor_keeps_flower_s_waits_when_its_grid_changed(
         return {}
 
     monkeypatch.setattr(http_grid, "pull_objects", other)
+    monkeypatch.setattr(http_grid, "push_objects", inflatable_utils.push_objects)
+    monkeypatch.setattr(inflatable_utils, "get_num_workers", inflatable_utils.get_num_workers)
     executor._prompt_object_pulls()  # noqa: SLF001 - a warning, no failure
     assert http_grid.pull_objects is other
 
@@ -107,6 +149,8 @@ def test_the_site_worker_gives_flowers_pull_task_input_short_waits(
 
     original = inflatable_utils.pull_and_inflate_object_from_tree
     monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", original)
+    monkeypatch.setattr(run_clientapp, "push_objects", inflatable_utils.push_objects)
+    monkeypatch.setattr(inflatable_utils, "get_num_workers", inflatable_utils.get_num_workers)
     prompt_object_pulls()
     prompt_object_pulls()  # idempotent: not a partial of a partial
     patched = run_clientapp.pull_and_inflate_object_from_tree
@@ -115,7 +159,10 @@ def test_the_site_worker_gives_flowers_pull_task_input_short_waits(
         "initial_backoff": PULL_BACKOFF_S,
         "backoff_cap": PULL_BACKOFF_CAP_S,
         "max_tries_per_object": None,  # Flower's overall time limit still holds
+        "max_concurrent_pulls": superexec.OBJECT_TRANSFERS,
     }
+    pushes = run_clientapp.push_objects
+    assert pushes.keywords == {"max_concurrent_pushes": superexec.OBJECT_TRANSFERS}  # type: ignore[attr-defined]
 
 
 def test_the_site_worker_refuses_a_flower_that_inflates_messages_otherwise(
@@ -126,6 +173,7 @@ def test_the_site_worker_refuses_a_flower_that_inflates_messages_otherwise(
     from fedcare.client.worker import prompt_object_pulls
 
     monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", lambda *a, **k: None)
+    monkeypatch.setattr(inflatable_utils, "get_num_workers", inflatable_utils.get_num_workers)
     with pytest.raises(RuntimeError, match="site worker needs updating"):
         prompt_object_pulls()
 
