@@ -80,10 +80,15 @@ def flower_env(
     one_thread : bool, default True
         Set ``OMP_NUM_THREADS=1`` unless already set (many small trainings side by side).
 
-    Ray services started under it (a simulation's) listen on 127.0.0.1 only.
+    Ray services started under it (a simulation's) listen on 127.0.0.1 only, and
+    ``RAY_ADDRESS`` is ``local``: a Ray started under it starts its own cluster. Inherited, or
+    unset, Ray would join the cluster a ``ray start`` on this machine recorded in
+    ``/tmp/ray/ray_current_cluster``, anyone's, and run the sites' ClientApps there. (The
+    simulation's SuperLink overrides it with fedcare's own shared cluster,
+    :mod:`fedcare.simulations.ray_cluster`.)
     """
     env = dict(os.environ if base is None else base)
-    env.pop("RAY_ADDRESS", None)
+    env["RAY_ADDRESS"] = "local"
     # Inherited, these would make a SuperLink start Flower's legacy gRPC Control and Fleet
     # APIs on all interfaces, beside the loopback-only HTTP port and the gateway.
     for legacy in _LEGACY_GRPC_SWITCHES:
