@@ -29,9 +29,10 @@ Where the two ways differ, it is said here, and refused where it would be silent
 
 While the run goes, this process's environment is the one fedcare gives every Flower process
 (:func:`fedcare.common.processes.flower_env`: Ray on 127.0.0.1 only, one OpenMP thread per
-site, ``RAY_ADDRESS=local``: a new cluster, never one a ``ray start`` recorded), so the Ray cluster and its actors inherit it; it is put back
-afterwards, with the ``PYTHONPATH`` that Flower's Ray backend rewrites. A mark in it names
-the run's Ray processes, and :meth:`InProcessHandle.wait` returns only once they are gone.
+site, ``RAY_ADDRESS=local``: a new cluster, never one a ``ray start`` recorded), so the Ray
+cluster and its actors inherit it; it is put back afterwards, with the ``PYTHONPATH`` that
+Flower's Ray backend rewrites. A mark in it names the run's Ray processes, and
+:meth:`InProcessHandle.wait` returns only once they are gone.
 """
 
 from __future__ import annotations
