@@ -70,13 +70,16 @@ _ATTRIBUTE = "_fedcare_bookkeeping_clipper"
 def check_supported(module: nn.Module) -> None:
     """Refuse a module the one-backward clipping cannot handle exactly.
 
-    Every trainable parameter must be the ``weight`` or ``bias`` of an ``nn.Linear``.
+    Every trainable parameter must be the ``weight`` or ``bias`` of one ``nn.Linear``: a
+    parameter two layers share (tied weights) would get one layer's clipped sum written over
+    the other's, and its per-patient norm would miss the cross terms.
 
     Raises
     ------
     ConfigError
         Naming the first layer that is not, and what to use instead.
     """
+    owner: dict[int, str] = {}
     for name, sub in module.named_modules():
         own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
         if own and type(sub) is not nn.Linear:
@@ -85,6 +88,14 @@ def check_supported(module: nn.Module) -> None:
                 f"but {name or 'the model'} is {type(sub).__name__}; use 'auto', 'ghost' or "
                 "'hooks' for this model"
             )
+        for p in own:
+            if id(p) in owner:
+                raise ConfigError(
+                    f"grad_sample_mode 'bookkeeping' needs each trainable parameter in one "
+                    f"layer, but {name or 'the model'} shares one with {owner[id(p)]}; use "
+                    "'hooks' for this model"
+                )
+            owner[id(p)] = name or "the model"
 
 
 class BookkeepingClipper:

@@ -1562,9 +1562,9 @@ class PrivacyLedger:
             # "failed" is final: whether a round failed can depend on the patients, so a
             # failed key is never retried into a release (see _retry).
             if current.status != "charged":
-                raise ConfigError(
+                raise PolicyViolation(
                     f"charge #{charge_id} is already {current.status!r}; it cannot become "
-                    f"{status!r}"
+                    f"{status!r} (another attempt at the round settled it)"
                 )
             now = self._now()
             conn.execute(

@@ -913,7 +913,13 @@ class SiteTrainer:
         try:
             yield
         except Exception as e:
-            self.ledger.mark_failed(receipt.charge_id)
+            try:
+                self.ledger.mark_failed(receipt.charge_id)
+            except PolicyViolation as settled:  # another attempt at the round settled it
+                raise RoundFailed(
+                    f"site {self.site_id}: {what} failed after its charge was written "
+                    f"({type(e).__name__}: {e}), and {settled}"
+                ) from e
             if isinstance(e, FedcareError):
                 raise
             raise RoundFailed(
@@ -1042,11 +1048,13 @@ class SiteTrainer:
                 run_epsilon=receipt.epsilon_after - base,
                 noise=self.noise_source,
             )
-            self._store_release(request, "train", _train_payload(result))
         kept: dict[str, float | int] = {"steps": stats.steps}
         if math.isfinite(stats.mean_loss):  # NaN under weights that overflow; not a number
             kept["train_loss"] = stats.mean_loss
         self.ledger.mark_completed(receipt.charge_id, metrics=kept)
+        # Kept for a resumed server only after this attempt settled the charge: a second
+        # attempt at the round (its mark_completed raises) never replaces what was released.
+        self._store_release(request, "train", _train_payload(result))
         personal.keep()  # only now: a retried round must start from the state before it
         return result
 
@@ -1352,17 +1360,17 @@ class SiteTrainer:
                 noise=self.noise_source,
                 personalized=tuned,
             )
-            self._store_release(
-                request,
-                "evaluate",
-                {
-                    "metrics": metrics,
-                    "epsilon": result.epsilon,
-                    "run_epsilon": result.run_epsilon,
-                    "steps": mechanism.steps,
-                },
-            )
         self.ledger.mark_completed(receipt.charge_id)
+        self._store_release(  # after settling: see train_round
+            request,
+            "evaluate",
+            {
+                "metrics": metrics,
+                "epsilon": result.epsilon,
+                "run_epsilon": result.run_epsilon,
+                "steps": mechanism.steps,
+            },
+        )
         return result
 
     def _numpy_generator(self, request: RoundRequest) -> np.random.Generator:

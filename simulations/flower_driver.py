@@ -606,8 +606,9 @@ def local_superlink(
     address, or none at all, would make Ray join a cluster fedcare did not start, one that
     a ``ray start`` on this machine recorded in ``/tmp/ray/ray_current_cluster``) and
     127.0.0.1 in ``NO_PROXY``.
-    Only the SuperLink is bound to 127.0.0.1: Ray, inside each simulation, starts its own
-    services (GCS, raylet) on the machine's address, as ``ray.init()`` always does.
+    The SuperLink binds 127.0.0.1, and so do Ray's services (GCS, raylet: the environment
+    of :func:`fedcare.common.processes.flower_env`; ``tests/simulations/test_ray_cluster.py``
+    checks the shared cluster's address).
     The SuperLink leads a new session, so Ctrl-C in a terminal reaches only this process.
     On exit (normal, exception, ``KeyboardInterrupt`` or :class:`fedcare.common.stopping.Stopped`)
     the SuperLink gets SIGTERM; then every process in its session or in the session of

@@ -327,16 +327,25 @@ def _progress_status(event: dict[str, Any]) -> str:
     --------
     >>> _progress_status({"round": 2, "metrics": {"test.auroc": 0.7123}, "evaluated_round": 1})
     'evaluated round 1: test AUROC 0.712'
+    >>> _progress_status({"round": 3, "metrics": {"test.c_index": 0.68}, "evaluated_round": 2})
+    'evaluated round 2: test C-index 0.680'
     >>> _progress_status({"round": 0, "metrics": {}, "evaluated_round": None})
     'sites connected'
     """
-    auroc = event.get("metrics", {}).get("test.auroc")
-    if auroc is None:
+    metrics = event.get("metrics") or {}
+    # A binary task's headline metric, else a survival task's.
+    shown = [(label, metrics[key]) for key, label in _HEADLINE if key in metrics]
+    if not shown:
         return "sites connected"
+    label, value = shown[0]
     evaluated = event.get("evaluated_round")
     if evaluated is None:  # a line written before the recorder said which round it shows
-        return f"round {event['round']}: test AUROC {auroc:.3f}"
-    return f"evaluated round {evaluated}: test AUROC {auroc:.3f}"
+        return f"round {event['round']}: test {label} {value:.3f}"
+    return f"evaluated round {evaluated}: test {label} {value:.3f}"
+
+
+#: The metric a progress line shows, in order of preference: (metrics key, label).
+_HEADLINE = (("test.auroc", "AUROC"), ("test.c_index", "C-index"))
 
 
 def run_with_progress(

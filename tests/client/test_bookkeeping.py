@@ -299,6 +299,18 @@ def test_a_layer_called_twice_is_refused() -> None:
         clipper.clipped_sum(loss)
 
 
+def test_a_weight_two_layers_share_is_refused_before_anything_runs() -> None:
+    """Tied weights: each layer's clipped sum would be written over the other's, and the
+    per-patient norm would miss the cross terms (found by review)."""
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second)
+    with pytest.raises(ConfigError, match="shares one with"):
+        check_supported(model)
+    second.weight = nn.Parameter(first.weight.detach().clone())
+    check_supported(model)  # untied: fine
+
+
 def test_make_private_refuses_bookkeeping_for_a_cnn() -> None:
     model = build_model("imaging_cnn", input_dims={"imaging": (1, 8, 8)})
     data = TensorDataset(torch.zeros(8, 1, 8, 8), torch.ones(8))

@@ -405,7 +405,7 @@ def test_failed_round_still_counts_and_spends_its_key(ledger: PrivacyLedger, key
     assert ledger.history(key) == [m]
     with pytest.raises(PolicyViolation, match="not retried under the same charge"):
         charge(ledger, m, fingerprint=key)
-    with pytest.raises(ConfigError, match="already 'failed'"):
+    with pytest.raises(PolicyViolation, match="already 'failed'"):
         ledger.mark_completed(receipt.charge_id)
     assert ledger.history(key) == [m] and ledger.count_charges() == 1
 

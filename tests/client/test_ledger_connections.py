@@ -213,7 +213,7 @@ def test_two_attempts_at_one_round_release_once(tmp_path: Path) -> None:
     second.mark_completed(b.charge_id)  # the faster attempt's output may leave
     with pytest.raises(PolicyViolation, match="already 'completed'"):
         first.mark_completed(a.charge_id)  # the slower one's must not
-    with pytest.raises(ConfigError, match="cannot become 'failed'"):
+    with pytest.raises(PolicyViolation, match="cannot become 'failed'"):
         first.mark_failed(a.charge_id)
     assert second.charges(key)[0].status == "completed"
 

@@ -320,6 +320,32 @@ def test_replaying_a_released_round_sends_the_same_weights_and_costs_nothing(
     assert ledger.spent(ledger.cohort_key(site.patient_ids), delta=DELTA, accountant="rdp") == spent
 
 
+def test_two_attempts_at_one_round_keep_only_the_released_one_for_a_resumed_server(
+    site: SiteData, ledger: PrivacyLedger, fit_spy: FitSpy
+) -> None:
+    """Two processes answer one round (the second takes the charge for a retry of a dead
+    one): the one that settles first releases, the other's output is withheld and never
+    stored, so a resumed server is re-sent exactly what was released, nothing else."""
+    slow = SiteTrainer(site=site, policy=FAST_POLICY, ledger=ledger)
+    fast = SiteTrainer(site=site, policy=FAST_POLICY, ledger=PrivacyLedger(ledger.path))
+    released: dict[str, RoundResult] = {}
+
+    def the_other_attempt_finishes_first() -> None:
+        if fit_spy.calls == 1:  # during the slow attempt's training
+            released["fast"] = fast.train_round(_request())
+
+    fit_spy.on_call = the_other_attempt_finishes_first
+    with pytest.raises(PolicyViolation, match="already 'completed'"):
+        slow.train_round(_request())
+    assert fit_spy.calls == 2 and not released["fast"].replayed
+    key = ledger.cohort_key(site.patient_ids)
+    assert [c.status for c in ledger.charges(key)] == ["completed"]
+
+    again = SiteTrainer(site=site, policy=FAST_POLICY, ledger=ledger).train_round(_request())
+    assert again.replayed and fit_spy.calls == 2
+    assert all(torch.equal(again.state[k], released["fast"].state[k]) for k in again.state)
+
+
 # ------------------------------------------------------------------ policy
 
 
