@@ -229,6 +229,7 @@ def make_private(
         noise_generator=noise_generator,
         grad_sample_mode="ghost" if grad_sample_mode == BOOKKEEPING else grad_sample_mode,
     )
+    dp_criterion: Any  # the task's loss, or Opacus's / bookkeeping's wrapper of it
     if grad_sample_mode == BOOKKEEPING:
         dp_model, ghost_optimizer, _, dp_loader = wrapped
         dp_model.remove_hooks()  # Opacus's two-pass norm hooks; bookkeeping has its own
