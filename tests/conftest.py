@@ -17,13 +17,35 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests run only where CUDA exists; elsewhere they are skipped with the reason."""
+    """GPU tests run only where CUDA exists; elsewhere they are skipped with the reason. And
+    ``xdist_group`` works under pytest 9 (:func:`_group_for_xdist`)."""
+    _group_for_xdist(config, items)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA; no GPU on this machine")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _group_for_xdist(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give a test marked ``xdist_group(name)`` the node id ``<id>@<name>`` on an xdist worker
+    under ``--dist loadgroup``, which is how the controller sends a group to one worker.
+
+    pytest-xdist 3.8 does this by assigning ``item._nodeid``, which pytest 9 no longer reads
+    (a node id is now ``str(item._id)``): the groups were silently ignored, and the suite's
+    shared fixtures (one deployment, one audited run) started once per worker.
+    """
+    from _pytest.nodeid import NodeId
+
+    if not getattr(config.option, "loadgroup", False):  # set on xdist workers only
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})  # fmt: skip
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix):
+            item._id = NodeId.parse(item.nodeid + suffix)  # type: ignore[attr-defined]
 
 
 #: The xdist group of every test that reads ``audited_run``: ``--dist loadgroup`` (the
