@@ -567,6 +567,17 @@ class SiteTrainer:
             for name in self.site.spec.task(task).groups
         }
 
+    def _group_splits(
+        self, task: str, y: Mapping[str, np.ndarray], released: Mapping[str, float]
+    ) -> tuple[tuple[str, ...], list[str]]:
+        """The task's group attributes and the splits a group release covers: those whose
+        own release went out (``released`` holds their noisy ``n``); none without groups or
+        an EHR table to read them from."""
+        names = tuple(self.site.spec.task(task).groups)
+        if not names or self.site.ehr is None:
+            return names, []
+        return names, [s for s in y if f"{s}.n" in released]
+
     def _survival_group_release(
         self,
         task: str,
@@ -580,9 +591,8 @@ class SiteTrainer:
         """A survival task's per-group C-index and time-dependent AUC of the splits
         ``released`` holds (:mod:`fedcare.models.survival_groups`): one more Gaussian release
         per attribute under the evaluation's charge; exact in exact mode."""
-        names = self.site.spec.task(task).groups
-        splits = [s for s in y if f"{s}.n" in released]
-        if not names or not splits or self.site.ehr is None:
+        names, splits = self._group_splits(task, y, released)
+        if not splits:
             return {}
         kind = self.definition(task).kind
         assert isinstance(kind, SurvivalTask)
@@ -614,9 +624,8 @@ class SiteTrainer:
     ) -> dict[str, float]:
         """The per-group metrics of the splits ``released`` holds (:mod:`fedcare.models.fairness`),
         at its decision threshold: more Gaussian releases under the evaluation's charge."""
-        names = self.site.spec.task(task).groups
-        splits = [s for s in y if f"{s}.n" in released]
-        if not names or not splits or self.site.ehr is None:
+        names, splits = self._group_splits(task, y, released)
+        if not splits:
             return {}
         return release_groups(
             {s: y[s] for s in splits},

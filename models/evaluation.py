@@ -282,6 +282,25 @@ def _check_sigma(noise_multiplier: object) -> float:
     return float(noise_multiplier)
 
 
+def check_release_noise(noise_multiplier: object, generator: object, *, what: str) -> float:
+    """``noise_multiplier`` as a float, checked for one more Gaussian release of an
+    evaluation (an attribution, a survival curve): a finite number >= 0 (0: the exact mode
+    of a simulated site that asks for it), and a generator whenever it is above 0."""
+    if (
+        isinstance(noise_multiplier, bool)
+        or not isinstance(noise_multiplier, numbers.Real)
+        or not math.isfinite(noise_multiplier)
+        or float(noise_multiplier) < 0
+    ):
+        raise ConfigError(
+            f"the {what} noise multiplier must be a finite number >= 0, got {noise_multiplier!r}"
+        )
+    sigma = float(noise_multiplier)
+    if sigma > 0 and generator is None:
+        raise ConfigError(f"a noisy {what} release needs a generator seeded from OS entropy")
+    return sigma
+
+
 def noise_std(noise_multiplier: float) -> float:
     """Standard deviation of the noise on each released count, in patients: ``σ Δ``.
 

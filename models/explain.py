@@ -53,7 +53,7 @@ from fedcare.common.encoding import (
 )
 from fedcare.common.errors import ConfigError, DataError
 from fedcare.common.spec import MODALITIES, FeatureSchema, TaskSpec
-from fedcare.models.evaluation import NOISE_GRID, Generator, _gaussian
+from fedcare.models.evaluation import NOISE_GRID, Generator, _gaussian, check_release_noise
 
 __all__ = [
     "SENSITIVITY",
@@ -284,15 +284,7 @@ def release(
     ``σ = 0`` is the exact mode (no noise), as for the evaluation release; a site charges
     ``Mechanism(σ, 1.0, 1)`` to its ledger before calling this with ``σ > 0``.
     """
-    if isinstance(noise_multiplier, bool) or not (
-        math.isfinite(noise_multiplier) and noise_multiplier >= 0
-    ):
-        raise ConfigError(
-            f"the attribution noise multiplier must be a finite number >= 0, got "
-            f"{noise_multiplier!r}"
-        )
-    if noise_multiplier > 0 and generator is None:
-        raise ConfigError("a noisy attribution release needs a generator seeded from OS entropy")
+    check_release_noise(noise_multiplier, generator, what="attribution")
     exact = contributions(rows, clip=clip).sum(axis=0)
     if noise_multiplier > 0:
         assert generator is not None

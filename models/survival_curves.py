@@ -52,7 +52,13 @@ from numpy.typing import ArrayLike
 
 from fedcare.common import keys
 from fedcare.common.errors import ConfigError, DataError
-from fedcare.models.evaluation import MAX_RELEASE_VALUE, NOISE_GRID, Generator, _gaussian
+from fedcare.models.evaluation import (
+    MAX_RELEASE_VALUE,
+    NOISE_GRID,
+    Generator,
+    _gaussian,
+    check_release_noise,
+)
 
 __all__ = [
     "SENSITIVITY",
@@ -162,15 +168,7 @@ def release(
     site has charged ``Mechanism(σ, 1.0, 1)`` before calling this.
     """
     intervals = _intervals(cuts)
-    if isinstance(noise_multiplier, bool) or not (
-        math.isfinite(noise_multiplier) and noise_multiplier >= 0
-    ):
-        raise ConfigError(
-            f"the survival-curve noise multiplier must be a finite number >= 0, got "
-            f"{noise_multiplier!r}"
-        )
-    if noise_multiplier > 0 and generator is None:
-        raise ConfigError("a noisy survival-curve release needs a generator (OS entropy)")
+    check_release_noise(noise_multiplier, generator, what="survival-curve")
     sums = contributions(event, interval, survival, intervals=intervals).sum(axis=0)
     if sums.size == 0 or np.asarray(event).size == 0:
         sums = np.zeros((intervals + 1) * 2 + intervals)
