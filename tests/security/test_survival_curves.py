@@ -129,7 +129,11 @@ def test_only_the_last_evaluation_releases_curves_and_the_run_stays_within_its_t
     # The first round's calibration planned the curves' step: the target holds.
     assert final.run_epsilon is not None and final.run_epsilon <= 3.0 + 0.02
 
-    # What left the site: noisy counts, not the exact ones.
+    # What left the site: noisy counts, not the exact ones. (Under DP the site withholds the
+    # whole curve when the first interval's noisy at-risk count falls below min_count: a few
+    # per cent of draws at this test split's size; then nothing of it left.)
+    if not any(keys.is_curve_metric(k) for k in final.metrics):
+        return
     rel = release_from_wire(final.metrics, cuts=CUTS)
     k, _ = _test_split(trainer)
     exact = np.array([(k >= j).sum() for j in range(len(rel.at_risk))], dtype=float)
@@ -193,6 +197,11 @@ def test_weights_crafted_to_overflow_cannot_make_the_curve_release_fail(
                for k, v in trainer.build_model(TASK).state_dict().items()}  # fmt: skip
     request = _request(round=1, rounds_planned=1, evaluation_rounds=(0, 1))
     result = trainer.evaluate_round(request, crafted)
-    rel = release_from_wire(result.metrics, cuts=CUTS)
-    values = [*rel.at_risk, *rel.events, *rel.predicted]
-    assert all(math.isfinite(v) for v in values)
+    assert result.mechanism is not None  # evaluated and charged, not failed
+    # Everything released is finite. The curve may be withheld whole (its first interval's
+    # noisy at-risk count below min_count: a few per cent of DP draws), never failed.
+    assert all(math.isfinite(float(v)) for v in result.metrics.values())  # type: ignore[arg-type]
+    if any(keys.is_curve_metric(k) for k in result.metrics):
+        rel = release_from_wire(result.metrics, cuts=CUTS)
+        values = [*rel.at_risk, *rel.events, *rel.predicted]
+        assert all(math.isfinite(v) for v in values)
