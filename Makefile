@@ -21,9 +21,10 @@ demo: $(STAMP)
 # ruff (pinned in constraints.txt) gates the tests: a lint or format finding fails `make test`.
 # The tests run in two processes (pytest-xdist): most of the suite's time is real processes
 # waiting, which the second process fills. loadgroup: each process is handed a few tests at a
-# time, so a few long real-process tests do not end the run alone; the tests of one
-# xdist_group (the shared real deployment, tests/integration/conftest.py) go to one process,
-# which starts that deployment once.
+# time, so a few long real-process tests do not end the run alone (tests/conftest.py hands
+# out the modules of real-process tests first); the tests of one xdist_group (the shared real
+# deployment, tests/integration/conftest.py; the shared simulation SuperLink, tests/conftest.py)
+# go to one process, which starts it once and stops it after the group's last test.
 test: $(STAMP)
 	$(VENV)/bin/ruff check --quiet .
 	$(VENV)/bin/ruff format --check --quiet .

@@ -26,7 +26,12 @@ from fedcare.common.processes import family_pids
 from fedcare.common.run_files import RECORD_NAME
 from fedcare.common.run_record import load_run_record
 from fedcare.common.summary import load_summary
-from tests.integration._deployment import DEPLOYMENT_GROUP, DEPLOYMENT_TIMEOUT_S, Deployment
+from tests.integration._deployment import (
+    DEPLOYMENT_GROUP,
+    DEPLOYMENT_TIMEOUT_S,
+    NODE_STARTED,
+    Deployment,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -87,7 +92,8 @@ def test_run_survives_a_dropped_site_and_a_server_restart(deployment: Deployment
     on with the other two and the hospital is recorded as dropped. After round 2 the
     SuperLink is stopped and restarted: it keeps its registered SuperNodes (SQLite state),
     they reconnect on their own, and the run, submitted again with the same run id,
-    resumes with round 3. Every site is charged exactly once per round it trained.
+    resumes with round 3. Every site is charged exactly once per round it trained (or
+    started: a site charges before it computes).
     """
     dep = deployment
     _restart_worker(dep, 0)
@@ -120,7 +126,10 @@ def test_run_survives_a_dropped_site_and_a_server_restart(deployment: Deployment
     assert by_id["site-2"].status == "dropped", by_id["site-2"]
     assert by_id["site-2"].reason
     assert by_id["site-2"].rounds_participated == (1,)
-    assert _charges(dep, 2, run) == [1]
+    # Round 2's message (which also asks for round 1's evaluation) may have reached the
+    # hospital in the moment between round 1's progress line and the crash: a site charges
+    # before it computes, so it is then charged once for what it started (it never replied).
+    assert _charges(dep, 2, run) in ([1], [1, 2])
     assert any(e.kind == "dropped" and e.site_id == "site-2" for e in summary.events)
     progress = (dep.run_dir(run) / "progress.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in progress] == [0, 1, 2, 3]
@@ -136,7 +145,7 @@ def test_run_survives_a_dropped_site_and_a_server_restart(deployment: Deployment
         assert entry.round == 0 or not [k for k in dark if k.startswith(("val.", "test."))]
     for site in ("site-0", "site-1"):
         assert _charges(dep, int(site[-1]), run, kind="evaluate") == [0, 1, 2, 3]
-    assert _charges(dep, 2, run, kind="evaluate") == [0]
+    assert _charges(dep, 2, run, kind="evaluate") in ([0], [0, 1])
 
 
 def test_an_unsigned_run_charges_no_hospital(deployment: Deployment) -> None:
@@ -157,9 +166,15 @@ def test_unregistered_node_is_refused(deployment: Deployment) -> None:
     online = dep.online_nodes()
     dep.add_site(3, register=False, data_of=0)
     p = dep.start_site(3)
-    try:
-        p.proc.wait(90)
-    except Exception:  # still running: it was let in
+    # Until it gives up or is let in (Flower logs the node's ID once the SuperLink admits it).
+    deadline = time.monotonic() + 300
+    while p.proc.poll() is None and NODE_STARTED not in p.new_text():
+        if time.monotonic() > deadline:
+            p.stop()
+            pytest.fail(f"the SuperNode neither exited nor was admitted:\n{p.text()[-2000:]}")
+        time.sleep(0.3)
+    if p.proc.poll() is None:
+        p.stop()
         pytest.fail(f"an unregistered SuperNode was admitted:\n{p.text()[-2000:]}")
     assert p.proc.returncode != 0
     assert "Failed to activate SuperNode" in p.text()

@@ -1,10 +1,11 @@
 """A real simulation with personal models: fine-tuning after federation, end to end.
 
-fedcare's ServerApp and ClientApp under Flower's simulation engine, two synthetic hospitals,
-one round, ``personalization = "finetune"``: each site fine-tunes the final global model with
-DP when the final evaluation arrives (a ``personalize`` ledger charge), and ``summary.json``
-reports its personalized metrics beside the global ones; the audit trail verifies and the
-independent recomputation of ε covers the fine-tune.
+fedcare's ServerApp and ClientApp under Flower's simulation engine (the session's simulation
+SuperLink), two synthetic hospitals, one round, ``personalization = "finetune"``: each site
+fine-tunes the final global model with DP when the final evaluation arrives (a
+``personalize`` ledger charge), and ``summary.json`` reports its personalized metrics beside
+the global ones; the audit trail verifies and the independent recomputation of ε covers the
+fine-tune.
 """
 
 from __future__ import annotations
@@ -17,14 +18,22 @@ from fedcare.client.ledger import PrivacyLedger
 from fedcare.common.summary import load_summary
 from fedcare.simulations.audit.epsilon import recompute_epsilon
 from fedcare.simulations.audit.verify import verify_paths
+from fedcare.simulations.flower_driver import SharedSuperLink
 from fedcare.simulations.runner import run_experiment
 from fedcare.simulations.scenario import Scenario
 from fedcare.simulations.synth import SynthConfig, synthesize
+from tests.conftest import SHARED_SUPERLINK_GROUP
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.xdist_group(SHARED_SUPERLINK_GROUP),
+]
 
 
-def test_finetune_end_to_end_charges_reports_and_audits(tmp_path: Path) -> None:
+def test_finetune_end_to_end_charges_reports_and_audits(
+    tmp_path: Path, simulation_superlink: SharedSuperLink
+) -> None:
     sites = tmp_path / "sites"
     synthesize(sites, n_sites=2, seed=3, config=SynthConfig(patients_per_site=150))
     scenario = Scenario(
@@ -42,7 +51,7 @@ def test_finetune_end_to_end_charges_reports_and_audits(tmp_path: Path) -> None:
         },
     )
     out = tmp_path / "run"
-    run_experiment(scenario, out)
+    run_experiment(scenario, out, superlink=simulation_superlink)
     summary = load_summary(out / "summary.json")
     assert summary.personalization == "finetune"
     assert [s.status for s in summary.sites] == ["completed"] * 2

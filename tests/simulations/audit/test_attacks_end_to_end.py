@@ -1,4 +1,5 @@
-"""``audit attack`` on a real federated run: three hospitals under ``flwr run``, no DP.
+"""``audit attack`` on a real federated run: three hospitals under ``flwr run`` (on the
+session's simulation SuperLink), no DP.
 
 A non-private run must leak measurably. Settings: ``drug_response`` (genomics, 100 genes,
 about 84-167 training patients per site), 4 rounds x 5 local epochs (the sites' policy cap),
@@ -19,14 +20,22 @@ from typer.testing import CliRunner
 from fedcare.common.summary import load_summary
 from fedcare.simulations.audit.attack_cli import audit_attack
 from fedcare.simulations.audit.findings import ATTACKS_FILE, AttackReport
+from fedcare.simulations.flower_driver import SharedSuperLink
 from fedcare.simulations.runner import run_experiment
 from fedcare.simulations.scenario import Scenario
+from tests.conftest import SHARED_SUPERLINK_GROUP
 from tests.simulations.audit._attack_fixtures import DELTA, TASK, tiny_federation
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.xdist_group(SHARED_SUPERLINK_GROUP),
+]
 
 
-def test_non_private_federated_run_leaks_measurably(tmp_path: Path) -> None:
+def test_non_private_federated_run_leaks_measurably(
+    tmp_path: Path, simulation_superlink: SharedSuperLink
+) -> None:
     tiny_federation(tmp_path / "sites", patients=200, seed=0)
     scenario = Scenario(
         name="leak",
@@ -44,7 +53,7 @@ def test_non_private_federated_run_leaks_measurably(tmp_path: Path) -> None:
         },
     )
     run = tmp_path / "run"
-    run_experiment(scenario, run)
+    run_experiment(scenario, run, superlink=simulation_superlink)
 
     app = typer.Typer()
     app.command()(audit_attack)
