@@ -4,8 +4,9 @@ Three measurements, each for this checkout's :mod:`fedcare.client.accounting` an
 ``--baseline REV``, for the same file at a git revision (``git show REV:client/accounting.py``,
 loaded beside it as a separate module; its ``Mechanism`` is this checkout's, the class is
 unchanged), taken in alternation so that drift on a shared machine hits both alike; the
-round replay (3.) also gives each version's sites its own :mod:`fedcare.client.ledger`
-(``REV:client/ledger.py`` for the baseline), so the ledger's SQLite is compared too:
+round replay (3.) also gives each version's sites its own :mod:`fedcare.client.ledger` and
+site code :mod:`fedcare.client.local` (``REV:client/ledger.py`` and ``REV:client/local.py``
+for the baseline), so the ledger's SQLite and how often a round reads it are compared too:
 
 1. **ε per call**: :func:`~fedcare.client.accounting.epsilon` of realistic histories (a round
    of a small site and its evaluation release, a long run at a large site, several runs, 20
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import inspect
 import json
 import os
 import statistics
@@ -167,6 +169,14 @@ def load_ledger_revision(rev: str) -> ModuleType:
     return module
 
 
+def load_local_revision(rev: str) -> ModuleType:
+    """``client/local.py`` at git revision ``rev``, as a module of its own: the site code
+    that calls the ledger (how often a round reads it), for the baseline's replay. It
+    imports this checkout's other modules; its ``calibrate_noise`` and ``epsilon`` are
+    pointed at the version under test by :func:`accounting_of`."""
+    return _module_at(rev, "client/local.py", f"fedcare_local_at_{rev}")
+
+
 def clear_caches(module: ModuleType) -> None:
     """Empty every per-process cache ``module`` has (see ``_CACHES``)."""
     for name in _CACHES:
@@ -254,24 +264,32 @@ def time_calibration(
 
 
 @contextlib.contextmanager
-def accounting_of(module: ModuleType, ledger: ModuleType | None = None) -> Iterator[None]:
-    """Make the round's callers (and the replay's memo counters) use ``module``, and the
-    replay's sites the ``PrivacyLedger`` of ``ledger`` (default: this checkout's)."""
+def accounting_of(
+    module: ModuleType, ledger: ModuleType | None = None, local: ModuleType | None = None
+) -> Iterator[None]:
+    """Make the round's callers (and the replay's memo counters) use ``module``, the
+    replay's sites the ``PrivacyLedger`` of ``ledger`` and the ``SiteTrainer`` of ``local``
+    (default: this checkout's; the replay times the calls of that ``local``)."""
     import benchmarks.federation_overhead as replay
     import fedcare.client.ledger as client_ledger
     import fedcare.client.local as client_local
 
+    site_code = local or client_local
     patched = [
-        (client_local, "calibrate_noise"),
-        (client_local, "epsilon"),
+        (site_code, "calibrate_noise"),
+        (site_code, "epsilon"),
         (client_ledger, "epsilon"),
         (replay, "PrivacyLedger"),
+        (replay, "SiteTrainer"),
+        (replay, "client_local"),
         *((current, name) for name in _CACHES),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name in patched]
     replacements = {
         **{name: getattr(module, name) for _, name in patched if hasattr(module, name)},
         "PrivacyLedger": (ledger or client_ledger).PrivacyLedger,
+        "SiteTrainer": site_code.SiteTrainer,
+        "client_local": site_code,
     }
     for owner, name in patched:
         if name in replacements:  # an older version may lack a cache
@@ -292,11 +310,13 @@ def time_rounds(
     repeats: int,
     clock: Callable[[], float] = time.perf_counter,
     ledgers: dict[str, ModuleType] | None = None,
+    locals_: dict[str, ModuleType] | None = None,
 ) -> dict[str, Any]:
     """Per version: per round, median seconds of accounting and of compute over repeats.
 
-    ``ledgers``: the ledger module a version's sites use (:func:`load_ledger_revision`);
-    this checkout's where none is given."""
+    ``ledgers`` / ``locals_``: the ledger module a version's sites use
+    (:func:`load_ledger_revision`) and its site code (:func:`load_local_revision`); this
+    checkout's where none is given."""
     from benchmarks.federation_overhead import measure_compute
     from fedcare.common.federation import FederationConfig
     from fedcare.simulations.synth import SynthConfig, synthesize
@@ -320,7 +340,7 @@ def time_rounds(
             for label, module in versions.items():
                 for version in versions.values():
                     clear_caches(version)
-                with accounting_of(module, (ledgers or {}).get(label)):
+                with accounting_of(module, (ledgers or {}).get(label), (locals_ or {}).get(label)):
                     compute = measure_compute(
                         folders,
                         cfg,
@@ -398,6 +418,73 @@ def _run_shares(runs: Sequence[Sequence[dict[str, float]]]) -> dict[str, float]:
     }
 
 
+# --------------------------------------------------------------------------- ledger age
+
+#: Earlier charges in the ledger (train + evaluation per round of 10-round runs) before the
+#: timed rounds: a new site, and one after five such runs.
+LEDGER_AGES = (0, 100)
+
+
+def _round_reads(ledger: Any, key: str, run_id: str, rnd: int) -> None:
+    """A round's reads of its run's charges, as that ledger's version of
+    ``client/local.py`` makes them: one ``charges(key, run_id=...)`` where the ledger has it,
+    else (before it) ``has_charge`` and two reads of every charge of the key, filtered."""
+    if "run_id" in inspect.signature(ledger.charges).parameters:
+        ledger.charges(key, run_id=run_id)
+        return
+    ledger.has_charge(key, run_id, rnd)
+    for _ in range(2):
+        [c for c in ledger.charges(key) if c.run_id == run_id]
+
+
+def time_ledger_age(
+    ledgers: dict[str, ModuleType], repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, dict[str, float]]:
+    """Per ledger age (:data:`LEDGER_AGES`) and version: median ms of one site-round's
+    ledger work (its reads, the charge, the completion) on a 300-patient cohort, with every
+    ε already in the memo (computed once, untimed): the SQLite and Python alone. The
+    versions alternate per round."""
+    mech, release = M(1.0, 0.32, 4), M(5.0, 1.0, 1)
+    out: dict[str, dict[str, float]] = {}
+    rounds = max(repeats, 3) + 2
+    with tempfile.TemporaryDirectory(prefix="fedcare-ledger-age-") as tmp:
+        for age in LEDGER_AGES:
+            old = age // 2
+            for r in range(rounds + 1):  # every ε the timed rounds ask, untimed
+                history = [M(1.0, 0.32, 4 * (old + r))] if old + r else []
+                current.epsilon(history + ([M(5.0, 1.0, old)] if old else []), delta=DELTA)
+            opened = {}
+            for label, module in ledgers.items():
+                ledger = module.PrivacyLedger(Path(tmp) / f"{label}-{age}.sqlite")
+                key = ledger.cohort_key([f"p{i}" for i in range(300)])
+                for i in range(old):
+                    for m, kind in ((mech, "train"), (release, "evaluate")):
+                        receipt = ledger.charge(
+                            fingerprint=key, budget_epsilon=1e9, delta=DELTA, accountant="prv",
+                            mechanism=m, run_id=f"old-{i // 10}", round=i % 10, kind=kind,
+                        )  # fmt: skip
+                        ledger.mark_completed(receipt.charge_id)
+                opened[label] = (ledger, key)
+            samples: dict[str, list[float]] = {label: [] for label in ledgers}
+            for r in range(rounds):
+                for label, (ledger, key) in opened.items():
+                    t = clock()
+                    _round_reads(ledger, key, "new", r)
+                    receipt = ledger.charge(
+                        fingerprint=key, budget_epsilon=1e9, delta=DELTA, accountant="prv",
+                        mechanism=mech, run_id="new", round=r,
+                    )  # fmt: skip
+                    ledger.mark_completed(receipt.charge_id)
+                    if r >= 2:  # the first rounds warm the connection and statement cache
+                        samples[label].append(1e3 * (clock() - t))
+            for ledger, _ in opened.values():
+                ledger.close()
+            out[f"{age} earlier charges"] = {
+                label: statistics.median(v) for label, v in samples.items()
+            }
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -441,6 +528,11 @@ def _summary(result: dict[str, Any]) -> str:
             "            "
             + ", ".join(f"{name} {ms:.0f} ms/{calls:.0f}" for name, (calls, ms) in timed.items())
         )
+    if "ledger_age" in result:
+        lines.append("a site-round's ledger work (reads, charge, completion; ε memoised), ms:")
+        for name, row in result["ledger_age"].items():
+            cells = "  ".join(f"{v} {row[v]:6.2f}" for v in labels)
+            lines.append(f"  {name:44s} {cells}")
     return "\n".join(lines)
 
 
@@ -471,9 +563,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)  # as a Ray client actor (OMP_NUM_THREADS=1)
     versions: dict[str, ModuleType] = {}
     ledgers: dict[str, ModuleType] = {}
+    locals_: dict[str, ModuleType] = {}
     if args.baseline:
         versions[args.baseline] = load_revision(args.baseline)
         ledgers[args.baseline] = load_ledger_revision(args.baseline)
+        locals_[args.baseline] = load_local_revision(args.baseline)
     versions["checkout"] = current
     for module in versions.values():  # first use imports Opacus and SciPy: not timed
         module.epsilon([M(1.0, 0.05, 20)], delta=DELTA)
@@ -503,8 +597,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats=args.round_repeats,
             clock=clock,
             ledgers=ledgers,
+            locals_=locals_,
         ),
     }
+    import fedcare.client.ledger as client_ledger
+
+    result["ledger_age"] = time_ledger_age(
+        {label: ledgers.get(label, client_ledger) for label in versions}, args.repeats, clock
+    )
     loadavg["end"] = [round(x, 2) for x in os.getloadavg()]
     result["loadavg"] = loadavg
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,14 @@ round never released anything; what was released is always on disk. A caller tha
 anything computed under a charge must complete or fail it first. Every other write
 (cohorts, migrations, creation) is fsynced when it commits.
 
+**What a round reads and writes.** A charge reads the dataset's row, the key's own charge (a
+retry), the datasets its cohort composes with (one members join) and their charges merged
+in SQL, one row per ``(σ, q)`` with the steps summed (as
+:func:`~fedcare.client.accounting.merge_mechanisms` merges them: the same ε), then inserts
+itself; a completion or failure is one ``UPDATE ... RETURNING`` of a charge still
+``charged``. Reads (``BEGIN DEFERRED``) set no synchronous level: they commit nothing. A site
+reads its run's charges once per round (:meth:`PrivacyLedger.charges` with ``run_id``).
+
 Charges, datasets, members and the salt are append-only (SQL triggers reject deleting them
 or rewriting what they say); only a charge's status moves: ``charged`` -> ``completed`` or
 ``failed``. Neither changes ε.
@@ -120,7 +128,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, NoReturn, cast
 
 from fedcare.client.accounting import (
     AccountantName,
@@ -392,7 +400,8 @@ class DatasetSummary:
 
 @dataclass(frozen=True)
 class _Dataset:
-    """A ``datasets`` row and how many members its cohort registered (0: unknown)."""
+    """A ``datasets`` row and how many members its cohort registered (0: unknown; 1 where
+    only whether any is known was read, ``_DATASET_KNOWN_COLUMNS``)."""
 
     fingerprint: str
     delta: float
@@ -420,6 +429,12 @@ _AFFECTING = """
 _DATASET_COLUMNS = (
     "fingerprint, delta, accountant, budget_epsilon, created_at, "
     "(SELECT COUNT(*) FROM members AS m WHERE m.fingerprint = datasets.fingerprint)"
+)
+# The same row where only whether the membership is known matters (members 1 or 0): a
+# charge's checks, without counting every cohort's members.
+_DATASET_KNOWN_COLUMNS = (
+    "fingerprint, delta, accountant, budget_epsilon, created_at, "
+    "EXISTS (SELECT 1 FROM members AS m WHERE m.fingerprint = datasets.fingerprint)"
 )
 
 
@@ -705,14 +720,17 @@ class PrivacyLedger:
     ) -> Iterator[sqlite3.Connection]:
         """One explicit transaction; committed on normal exit, rolled back on any error.
 
-        ``sync="FULL"`` (the default) fsyncs the WAL before ``COMMIT`` returns: the
+        ``sync`` applies to writing transactions (``IMMEDIATE``); a ``DEFERRED`` one only
+        reads (a snapshot of several statements) and sets no level. ``sync="FULL"`` (the
+        default) fsyncs the WAL before ``COMMIT`` returns: the
         transaction survives a power cut. ``"NORMAL"`` writes it to the WAL without an
         fsync: every process sees it at once and it survives any crash of this process
         (SIGKILL included), but only the next ``FULL`` commit (or checkpoint) puts it on
         disk; :meth:`charge` uses it (see its docstring), nothing else does.
         """
         with self._connect(path) as conn:
-            conn.execute(f"PRAGMA synchronous = {sync}")
+            if kind != "DEFERRED":  # a read commits nothing: its level would be moot
+                conn.execute(f"PRAGMA synchronous = {sync}")
             conn.execute(f"BEGIN {kind}")
             try:
                 yield conn
@@ -1069,11 +1087,20 @@ class PrivacyLedger:
         "created_at, completed_at"
     )
 
-    def _charges(self, conn: sqlite3.Connection, fingerprint: str) -> list[ChargeReceipt]:
-        rows = conn.execute(
-            f"SELECT {self._CHARGE_COLUMNS} FROM charges WHERE fingerprint = ? ORDER BY id",
-            (fingerprint,),
-        ).fetchall()
+    def _charges(
+        self, conn: sqlite3.Connection, fingerprint: str, run_id: str | None = None
+    ) -> list[ChargeReceipt]:
+        if run_id is None:
+            rows = conn.execute(
+                f"SELECT {self._CHARGE_COLUMNS} FROM charges WHERE fingerprint = ? ORDER BY id",
+                (fingerprint,),
+            ).fetchall()
+        else:
+            rows = conn.execute(
+                f"SELECT {self._CHARGE_COLUMNS} FROM charges "
+                "WHERE fingerprint = ? AND run_id = ? ORDER BY id",
+                (fingerprint, run_id),
+            ).fetchall()
         return [self._receipt(r) for r in rows]
 
     @staticmethod
@@ -1083,13 +1110,15 @@ class PrivacyLedger:
         ).fetchone()
         return row is not None
 
-    def _composed(
+    def _affecting(
         self, conn: sqlite3.Connection, fingerprint: str
-    ) -> tuple[list[_Dataset], list[ChargeReceipt]]:
-        """The datasets ``fingerprint``'s history composes, and all their charges by id.
+    ) -> tuple[bool, str, tuple[str, ...]]:
+        """``(has_members, where, params)``: whether ``fingerprint`` registered members, and
+        the ``WHERE`` clause (with its parameters) that selects, in ``datasets`` or
+        ``charges``, every dataset its history composes.
 
         The datasets sharing a member with it are found once (the members join is most of
-        the cost), then their rows and charges are read by key."""
+        the cost); their rows and charges are then read by key."""
         if self._has_members(conn, fingerprint):
             keys = [
                 r[0]
@@ -1098,9 +1127,14 @@ class PrivacyLedger:
                 )
             ]
             where = "WHERE fingerprint IN (SELECT value FROM json_each(?))"
-            params: tuple[str, ...] = (json.dumps(keys),)
-        else:  # unknown membership: any patient may be in it
-            where, params = "", ()
+            return True, where, (json.dumps(keys),)
+        return False, "", ()  # unknown membership: any patient may be in it
+
+    def _composed(
+        self, conn: sqlite3.Connection, fingerprint: str
+    ) -> tuple[list[_Dataset], list[ChargeReceipt]]:
+        """The datasets ``fingerprint``'s history composes, and all their charges by id."""
+        _, where, params = self._affecting(conn, fingerprint)
         datasets = conn.execute(
             f"SELECT {_DATASET_COLUMNS} FROM datasets {where} ORDER BY created_at, fingerprint",
             params,
@@ -1109,6 +1143,22 @@ class PrivacyLedger:
             f"SELECT {self._CHARGE_COLUMNS} FROM charges {where} ORDER BY id", params
         ).fetchall()
         return [_Dataset(*d) for d in datasets], [self._receipt(r) for r in charges]
+
+    @staticmethod
+    def _composed_history(
+        conn: sqlite3.Connection, where: str, params: tuple[str, ...]
+    ) -> list[Mechanism]:
+        """The composed history selected by ``where`` (:meth:`_affecting`), merged in SQL:
+        one block per ``(σ, q)`` with its steps summed, as
+        :func:`~fedcare.client.accounting.merge_mechanisms` merges (exact float equality,
+        integer sums), so ε is the same. What a charge needs of every earlier charge,
+        without reading each row whole."""
+        rows = conn.execute(
+            "SELECT noise_multiplier, sample_rate, SUM(steps) FROM charges "
+            f"{where} GROUP BY noise_multiplier, sample_rate ORDER BY MIN(id)",
+            params,
+        ).fetchall()
+        return [Mechanism(sigma, q, steps) for sigma, q, steps in rows]
 
     def _charge_by_key(
         self,
@@ -1128,7 +1178,8 @@ class PrivacyLedger:
     @staticmethod
     def _dataset(conn: sqlite3.Connection, fingerprint: str) -> _Dataset | None:
         row = conn.execute(
-            f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE fingerprint = ?", (fingerprint,)
+            f"SELECT {_DATASET_KNOWN_COLUMNS} FROM datasets WHERE fingerprint = ?",
+            (fingerprint,),
         ).fetchone()
         return None if row is None else _Dataset(*row)
 
@@ -1202,15 +1253,18 @@ class PrivacyLedger:
         """
         return [c.mechanism for c in self.charges_affecting(fingerprint)]
 
-    def charges(self, fingerprint: str) -> list[ChargeReceipt]:
+    def charges(self, fingerprint: str, *, run_id: str | None = None) -> list[ChargeReceipt]:
         """The dataset's own charges with their run, round and kind, oldest first.
 
         Only charges made with this key; its ε also counts those of overlapping datasets
-        (:meth:`charges_affecting`).
+        (:meth:`charges_affecting`). With ``run_id``, only that run's (read by the key's
+        index: a site reads its run's charges once per round, whatever the ledger's age).
         """
         fingerprint = _check_fingerprint(fingerprint)
+        if run_id is not None:
+            run_id, _ = _check_key(run_id, 0)
         with self._transaction("DEFERRED") as conn:
-            return self._charges(conn, fingerprint)
+            return self._charges(conn, fingerprint, run_id)
 
     def charges_affecting(self, fingerprint: str) -> list[ChargeReceipt]:
         """Every charge the dataset's ε composes, oldest first.
@@ -1245,7 +1299,7 @@ class PrivacyLedger:
             dataset = self._dataset(conn, fingerprint)
             if dataset is not None:
                 self._check_same_accounting(dataset, delta, accountant)
-            mechanisms = [c.mechanism for c in self._composed(conn, fingerprint)[1]]
+            mechanisms = self._composed_history(conn, *self._affecting(conn, fingerprint)[1:])
         return epsilon(mechanisms, delta=delta, accountant=accountant)
 
     def has_charge(
@@ -1419,15 +1473,21 @@ class PrivacyLedger:
                 existing = self._charge_by_key(conn, fingerprint, run_id, round, kind)
                 if existing is not None:
                     return self._retry(existing, mechanism)
-            datasets, composed = self._composed(conn, fingerprint)
-            self._check_composable(
-                fingerprint, self._has_members(conn, fingerprint), datasets, delta, accountant
-            )
-            history = [c.mechanism for c in composed]
+            has_members, where, params = self._affecting(conn, fingerprint)
+            datasets = [
+                _Dataset(*d)
+                for d in conn.execute(
+                    f"SELECT {_DATASET_KNOWN_COLUMNS} FROM datasets {where} "
+                    "ORDER BY created_at, fingerprint",
+                    params,
+                )
+            ]
+            self._check_composable(fingerprint, has_members, datasets, delta, accountant)
+            history = self._composed_history(conn, where, params)
             before = epsilon(history, delta=delta, accountant=accountant)
             after = epsilon([*history, mechanism], delta=delta, accountant=accountant)
             if not after <= budget_epsilon:  # NaN is over budget too
-                others = len({c.fingerprint for c in composed} - {fingerprint})
+                others = len({d.fingerprint for d in datasets} - {fingerprint})
                 raise PrivacyBudgetExceeded(
                     f"refusing {kind} charge of run {run_id!r} round {round}: "
                     f"{mechanism.steps} steps (noise {mechanism.noise_multiplier:.4g}, sample "
@@ -1474,10 +1534,11 @@ class PrivacyLedger:
                     now,
                 ),
             )
-            conn.execute(
-                "UPDATE datasets SET budget_epsilon = ? WHERE fingerprint = ?",
-                (budget_epsilon, fingerprint),
-            )
+            if dataset is not None and dataset.budget_epsilon != budget_epsilon:
+                conn.execute(
+                    "UPDATE datasets SET budget_epsilon = ? WHERE fingerprint = ?",
+                    (budget_epsilon, fingerprint),
+                )
             charge_id = cast(int, cursor.lastrowid)  # set by every INSERT
         # The transaction has committed: every process sees the charge, and no crash of
         # this one can undo it; its completion or failure puts it on disk (fsync).
@@ -1539,42 +1600,47 @@ class PrivacyLedger:
                     f"metrics of charge #{charge_id} must be JSON numbers/strings, finite: {e}"
                 ) from e
         with self._transaction("IMMEDIATE") as conn:
-            row = conn.execute(
-                f"SELECT {self._CHARGE_COLUMNS} FROM charges WHERE id = ?", (charge_id,)
-            ).fetchone()
-            if row is None:
-                raise ConfigError(
-                    f"privacy ledger {self.path} has no charge #{charge_id}; use the "
-                    "charge_id of the receipt that charge() returned"
-                )
-            current = self._receipt(row)
-            if current.status == status:
-                # Settled already: by another process that took over the same key as a
-                # retry while this one still ran (charge() cannot tell a live process from
-                # a dead one), or by an earlier call. Its output may have left the site, so
-                # this caller's must not: one release per charge.
-                raise PolicyViolation(
-                    f"charge #{charge_id} ({current.kind} of run {current.run_id!r} round "
-                    f"{current.round}) is already {status!r}: another attempt at the same "
-                    "round settled it and its output may have left the site; this attempt's "
-                    "output is withheld. Fix: run one site worker per site"
-                )
-            # "failed" is final: whether a round failed can depend on the patients, so a
-            # failed key is never retried into a release (see _retry).
-            if current.status != "charged":
-                raise PolicyViolation(
-                    f"charge #{charge_id} is already {current.status!r}; it cannot become "
-                    f"{status!r} (another attempt at the round settled it)"
-                )
-            now = self._now()
-            conn.execute(
-                "UPDATE charges SET status = ?, completed_at = ?, metrics = ? WHERE id = ?",
-                (status, now, metrics_json, charge_id),
+            # One statement settles a charge that is still "charged" and reads it back.
+            rows = conn.execute(
+                "UPDATE charges SET status = ?, completed_at = ?, metrics = ? "
+                f"WHERE id = ? AND status = 'charged' RETURNING {self._CHARGE_COLUMNS}",
+                (status, self._now(), metrics_json, charge_id),
+            ).fetchall()
+            if not rows:
+                self._unsettleable(conn, charge_id, status)
+        return self._receipt(rows[0])
+
+    def _unsettleable(
+        self, conn: sqlite3.Connection, charge_id: int, status: ChargeStatus
+    ) -> NoReturn:
+        """Raise why charge ``charge_id`` could not move to ``status``: it does not exist, or
+        it was settled already (it is not ``"charged"``)."""
+        row = conn.execute(
+            f"SELECT {self._CHARGE_COLUMNS} FROM charges WHERE id = ?", (charge_id,)
+        ).fetchone()
+        if row is None:
+            raise ConfigError(
+                f"privacy ledger {self.path} has no charge #{charge_id}; use the "
+                "charge_id of the receipt that charge() returned"
             )
-            row = conn.execute(
-                f"SELECT {self._CHARGE_COLUMNS} FROM charges WHERE id = ?", (charge_id,)
-            ).fetchone()
-        return self._receipt(row)
+        current = self._receipt(row)
+        if current.status == status:
+            # Settled already: by another process that took over the same key as a
+            # retry while this one still ran (charge() cannot tell a live process from
+            # a dead one), or by an earlier call. Its output may have left the site, so
+            # this caller's must not: one release per charge.
+            raise PolicyViolation(
+                f"charge #{charge_id} ({current.kind} of run {current.run_id!r} round "
+                f"{current.round}) is already {status!r}: another attempt at the same "
+                "round settled it and its output may have left the site; this attempt's "
+                "output is withheld. Fix: run one site worker per site"
+            )
+        # "failed" is final: whether a round failed can depend on the patients, so a
+        # failed key is never retried into a release (see _retry).
+        raise PolicyViolation(
+            f"charge #{charge_id} is already {current.status!r}; it cannot become "
+            f"{status!r} (another attempt at the round settled it)"
+        )
 
     def mark_completed(
         self, charge_id: int, *, metrics: Mapping[str, Any] | None = None

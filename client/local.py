@@ -317,10 +317,13 @@ class SiteTrainer:
         *,
         noise_multiplier: float,
         generator: np.random.Generator | None,
+        histogram: bool = False,
     ) -> dict[str, float] | None:
         """A survival task's evaluation release (:func:`fedcare.models.survival.survival_release`;
         exact metrics take the censoring distribution from the train split); ``None`` for
-        any other task kind."""
+        any other task kind. ``histogram``: with each released split's (risk bin, interval,
+        event) histogram for the server's pooled C-index (:mod:`fedcare.models.survival_pooled`;
+        under DP the noisy counts of the same step, exact ones at fine bins in exact mode)."""
         kind = self.definition(task).kind
         if not isinstance(kind, SurvivalTask):
             return None
@@ -335,6 +338,8 @@ class SiteTrainer:
             generator=generator,
             min_count=self.policy.min_count,
             train=train,
+            histogram=histogram,
+            bins=keys.HIST_MAX_BINS if noise_multiplier == 0 else DEFAULT_BINS,
         )
 
     def with_recipe(self, request: RoundRequest) -> RoundRequest:
@@ -399,13 +404,16 @@ class SiteTrainer:
             )
 
     def _run_charges(self, run_id: str) -> list[ChargeReceipt]:
+        """This dataset's charges of run ``run_id``: a round reads them once and hands them
+        to :meth:`_stored`, :meth:`_run_base` and :meth:`_plan`."""
         assert self.ledger is not None
-        return [c for c in self.ledger.charges(self.dataset_key) if c.run_id == run_id]
+        return self.ledger.charges(self.dataset_key, run_id=run_id)
 
-    def _run_base(self, run_id: str) -> float:
-        """The dataset's ε before this run's first charge (its spent ε if none yet)."""
+    def _run_base(self, run_id: str, own: list[ChargeReceipt] | None = None) -> float:
+        """The dataset's ε before this run's first charge (its spent ε if none yet);
+        ``own``: the run's charges, if already read."""
         assert self.ledger is not None
-        own = self._run_charges(run_id)
+        own = self._run_charges(run_id) if own is None else own
         if own:
             return min(c.epsilon_before for c in own)
         return self.ledger.spent(
@@ -957,7 +965,8 @@ class SiteTrainer:
         self._check_plan(request, phase="train")
         model_name = self.model_name(request.task, cfg.model)
         if dp.enabled:
-            stored = self._stored(request, "train")
+            own = self._run_charges(request.run_id)  # read once for the round
+            stored = self._stored(request, "train", own)
             if stored is not None:
                 return _train_result(stored)
         data = self.task_data(request.task)
@@ -1012,9 +1021,9 @@ class SiteTrainer:
             )
 
         assert self.ledger is not None  # checked by _check_plan
-        base = self._run_base(request.run_id)
+        base = self._run_base(request.run_id, own)
         ceiling = self._ceiling(request, base)
-        plan = self._plan(request, n_train, base=base)
+        plan = self._plan(request, n_train, base=base, own=own)
         self.policy.check_noise(site_id=self.site_id, noise_multiplier=plan.noise_multiplier)
         # One mechanism for every DP-SGD copy the round runs (Ditto's personal model too):
         # the same noise and rate, so their steps add up.
@@ -1067,12 +1076,15 @@ class SiteTrainer:
         personal.keep()  # only now: a retried round must start from the state before it
         return result
 
-    def _plan(self, request: RoundRequest, n_train: int, *, base: float) -> DPPlan:
-        """The round's mechanism: one noise multiplier for the whole run."""
+    def _plan(
+        self, request: RoundRequest, n_train: int, *, base: float, own: list[ChargeReceipt]
+    ) -> DPPlan:
+        """The round's mechanism: one noise multiplier for the whole run (``own``: the
+        run's charges so far)."""
         cfg, dp = request.train, request.dp
         assert self.ledger is not None
         q, steps = sampling(n_train, batch_size=cfg.batch_size, epochs=cfg.epochs)
-        earlier = [c for c in self._run_charges(request.run_id) if c.kind == "train"]
+        earlier = [c for c in own if c.kind == "train"]
         if earlier:
             sigma = earlier[0].mechanism.noise_multiplier
         elif dp.noise_multiplier is not None:
@@ -1138,11 +1150,14 @@ class SiteTrainer:
         buffer = _torch_bytes(bound)
         write_private_atomic(path, buffer)
 
-    def _stored(self, request: RoundRequest, kind: ReleaseKind) -> dict[str, Any] | None:
+    def _stored(
+        self, request: RoundRequest, kind: ReleaseKind, own: list[ChargeReceipt]
+    ) -> dict[str, Any] | None:
         """The stored release of a round this site already released, re-sent only to the
-        request that earned it; ``None`` when the round was never released."""
+        request that earned it; ``None`` when the round was never released. ``own``: the
+        run's charges (:meth:`_run_charges`), read by the round."""
         assert self.ledger is not None
-        receipt = self.ledger.has_charge(self.dataset_key, request.run_id, request.round, kind=kind)
+        receipt = next((c for c in own if c.round == request.round and c.kind == kind), None)
         if receipt is None or receipt.status != "completed":
             return None
         what = "trained" if kind == "train" else "evaluated"
@@ -1201,7 +1216,7 @@ class SiteTrainer:
             # Fine bins, so the server's pooled AUROC is close to the exact one; the site's own
             # metrics are the exact ones (binary_metrics), as the baselines report them.
             survival = self._survival_release(
-                request.task, y, p, noise_multiplier=0.0, generator=None
+                request.task, y, p, noise_multiplier=0.0, generator=None, histogram=True
             )
             metrics = (
                 survival
@@ -1258,7 +1273,8 @@ class SiteTrainer:
                 metrics, mode, None, None, None, noise=self.noise_source, personalized=tuned
             )
         assert self.ledger is not None
-        replay = self._stored(request, "evaluate")
+        charged = self._run_charges(request.run_id)  # read once for the evaluation
+        replay = self._stored(request, "evaluate", charged)
         if replay is not None:
             return EvaluationResult(
                 metrics=dict(replay["metrics"]),
@@ -1269,13 +1285,13 @@ class SiteTrainer:
                 noise=self.noise_source,
                 replayed=True,
             )
-        done = [c for c in self._run_charges(request.run_id) if c.kind == "evaluate"]
+        done = [c for c in charged if c.kind == "evaluate"]
         if len(done) >= self.policy.max_evaluations:
             raise PolicyViolation(
                 f"site {self.site_id} has answered {len(done)} evaluations of run "
                 f"{request.run_id}, its limit per run; this one is refused"
             )
-        base = self._run_base(request.run_id)
+        base = self._run_base(request.run_id, charged)
         ceiling = self._ceiling(request, base)
         # Personalization: the personal model (fine-tuned first, under its own charge, where
         # the strategy does so) is a second Gaussian release under this one charge.
@@ -1296,6 +1312,7 @@ class SiteTrainer:
                 p,
                 noise_multiplier=mechanism.noise_multiplier,
                 generator=generator,
+                histogram=True,
             )
             metrics = (
                 survival

@@ -106,6 +106,10 @@ __all__ = [
     "curve_key",
     "parse_curve_key",
     "is_curve_metric",
+    "R_SURV_HIST",
+    "surv_hist_key",
+    "parse_surv_hist_key",
+    "is_surv_hist_metric",
     "MT_SECAGG",
     "REC_SECAGG",
     "SA_STAGE",
@@ -374,6 +378,7 @@ def is_release_metric(name: str) -> bool:
         or is_group_release_metric(name)
         or is_explain_metric(name)
         or is_curve_metric(name)
+        or is_surv_hist_metric(name)
     )
 
 
@@ -390,6 +395,7 @@ def is_allowed_metric(name: str) -> bool:
         or is_group_metric(name)
         or is_explain_metric(name)
         or is_curve_metric(name)
+        or is_surv_hist_metric(name)
     )
 
 
@@ -453,6 +459,43 @@ def parse_curve_key(name: str) -> tuple[str, int] | None:
 def is_curve_metric(name: str) -> bool:
     """Whether ``name`` is one of a survival curve release's numbers."""
     return parse_curve_key(name) is not None
+
+
+# A survival task's evaluation histogram (models/survival_pooled.py): per released split, the
+# (noisy) count of its patients in risk bin ``b`` (below HIST_MAX_BINS), time interval ``k``
+# (0..K, K at most MAX_CURVE_INTERVALS) and event ``e`` (0 censored, 1 event),
+# ``<split>.surv_hist.<b>.<k>.<e>``. Release sums: never a site's own metric; the server sums
+# the sites' histograms into the global (pooled) C-index and time-dependent AUC.
+R_SURV_HIST = "surv_hist"
+_SURV_HIST = re.compile(
+    rf"(?P<split>{_SPLIT})\.{R_SURV_HIST}\.(?P<b>0|[1-9][0-9]?)\.(?P<k>0|[1-9][0-9]?)\.(?P<e>[01])"
+)
+
+
+def surv_hist_key(split: str, b: int, k: int, e: int) -> str:
+    """``<split>.surv_hist.<b>.<k>.<e>``: one cell of a survival evaluation's histogram.
+
+    >>> surv_hist_key("test", 3, 0, 1), parse_surv_hist_key("test.surv_hist.3.0.1")
+    ('test.surv_hist.3.0.1', ('test', 3, 0, 1))
+    """
+    return f"{split}.{R_SURV_HIST}.{b}.{k}.{e}"
+
+
+def parse_surv_hist_key(name: str) -> tuple[str, int, int, int] | None:
+    """``(split, b, k, e)`` of a survival histogram cell's key, or None for any other name
+    (a bin at or above HIST_MAX_BINS or an interval above MAX_CURVE_INTERVALS included)."""
+    match = _SURV_HIST.fullmatch(name)
+    if match is None:
+        return None
+    b, k = int(match["b"]), int(match["k"])
+    if b >= HIST_MAX_BINS or k > MAX_CURVE_INTERVALS:
+        return None
+    return match["split"], b, k, int(match["e"])
+
+
+def is_surv_hist_metric(name: str) -> bool:
+    """Whether ``name`` is one cell of a survival evaluation's histogram."""
+    return parse_surv_hist_key(name) is not None
 
 
 # Secure aggregation (common/secagg.py; server/secagg.py drives it, client/secagg.py

@@ -43,10 +43,10 @@ from fedcare.models.survival_metrics import (
     concordance_index,
     cumulative_dynamic_auc,
     evaluation_times,
-    histogram_contributions,
     integrated_brier_score,
     metrics_from_histogram,
 )
+from fedcare.models.survival_pooled import add_noise, histogram_of
 from fedcare.models.tasks import TaskKind, register_task_kind
 
 __all__ = [
@@ -272,19 +272,26 @@ def survival_release(
     min_count: float,
     train: np.ndarray | None = None,
     bins: int = 10,
+    histogram: bool = False,
 ) -> dict[str, float]:
     """One evaluation of a survival model on a site's splits, as the metrics to send.
 
     ``noise_multiplier`` 0 (exact mode, a simulated site's own opt-in or a non-private run
     the site allows): the exact metrics of :meth:`SurvivalTask.metrics` (IPCW from ``train``).
     Above 0: the Gaussian mechanism on each split's ``(risk bin, interval, event)``
-    histogram (:func:`fedcare.models.survival_metrics.histogram_contributions`; one patient
-    is one cell of one split, so the L2 sensitivity is 1 and the noise's standard deviation
-    is ``noise_multiplier``), and only the metrics derived from the noisy counts leave
+    histogram (:func:`fedcare.models.survival_pooled.histogram_of`; one patient is one cell
+    of one split, so the L2 sensitivity is 1 and the noise's standard deviation is
+    ``noise_multiplier``; rounded to :data:`fedcare.models.evaluation.NOISE_GRID`), and only
+    what is derived from the noisy counts leaves
     (:func:`~fedcare.models.survival_metrics.metrics_from_histogram`: ``n``, ``c_index``,
-    ``td_auc``; no ``ibs``, which needs each patient's survival curve). The
-    caller charges ``Mechanism(noise_multiplier, 1.0, 1)`` before anything leaves. A split
-    whose (noisy) ``n`` is below ``min_count`` is withheld whole.
+    ``td_auc``; no ``ibs``, which needs each patient's survival curve). The caller charges
+    ``Mechanism(noise_multiplier, 1.0, 1)`` before anything leaves. A split whose (noisy)
+    ``n`` is below ``min_count`` is withheld whole.
+
+    ``histogram``: also send each released split's histogram of ``bins`` risk bins
+    (``<split>.surv_hist.<b>.<k>.<e>``, :mod:`fedcare.models.survival_pooled`), for the
+    server's pooled C-index: under DP the very noisy counts the metrics come from (the same
+    Gaussian step, no further charge), in exact mode the exact counts.
     """
     if noise_multiplier > 0 and generator is None:
         raise ConfigError("a DP survival evaluation needs a generator for its noise (OS entropy)")
@@ -292,22 +299,29 @@ def survival_release(
     for split in sorted(y_by_split):
         event, time = _split_targets(y_by_split[split], split)
         hazards = np.asarray(hazards_by_split[split], dtype=np.float64)
+        hist = None
+        if noise_multiplier > 0 or histogram:
+            hist = add_noise(
+                histogram_of(
+                    event.astype(np.int64),
+                    interval_index(time, task.cuts),
+                    event_probability(hazards) if event.size else np.zeros(0),
+                    intervals=task.intervals,
+                    bins=bins,
+                ),
+                noise_multiplier=noise_multiplier,
+                generator=generator,
+            )
         if noise_multiplier == 0:
             if event.size < max(min_count, 1.0):
                 continue
             derived = task.metrics(y_by_split[split], hazards, train=train)
         else:
-            assert generator is not None
-            cells = histogram_contributions(
-                event,
-                interval_index(time, task.cuts),
-                event_probability(hazards) if event.size else np.zeros(0),
-                intervals=task.intervals,
-                bins=bins,
-            ).sum(axis=0)
-            noisy = cells + generator.normal(0.0, noise_multiplier, cells.size)
+            assert hist is not None
             derived = metrics_from_histogram(
-                noisy, intervals=task.intervals, bins=bins, min_count=min_count
+                hist.counts.ravel(), intervals=task.intervals, bins=bins, min_count=min_count
             )
         out.update({f"{split}.{name}": value for name, value in derived.items()})
+        if histogram and derived and hist is not None:
+            out.update(hist.to_wire(split))
     return out

@@ -91,6 +91,11 @@ from fedcare.models.survival_groups import (
     check_survival_group_metrics,
     global_survival_group_metrics,
 )
+from fedcare.models.survival_pooled import (
+    SurvivalHistogram,
+    global_survival_metrics,
+    histograms_from_wire,
+)
 from fedcare.server.audit import ServerAudit, record_sha256
 from fedcare.server.recorder import DPReport, EndStatus, RunRecorder, TrainReport
 from fedcare.server.strategies import optimizer_state
@@ -235,6 +240,8 @@ class GuardedStrategy(Strategy):
         #: A survival task's label (its cuts), and the sites' curve releases until pooled.
         self.survival_label = survival_label
         self._curve_releases: dict[int, dict[str, CurveRelease]] = {}
+        #: Its sites' (risk bin, interval, event) histograms of a round, until pooled.
+        self._survival_histograms: dict[int, dict[str, dict[str, SurvivalHistogram]]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -569,6 +576,8 @@ class GuardedStrategy(Strategy):
                 groups = {}
             explained = self._explanation_from_wire(rnd, metrics)
             curve = self._curve_from_wire(rnd, metrics)
+            cuts = self.survival_label.cuts if self.survival_label is not None else None
+            histograms = histograms_from_wire(metrics, intervals=len(cuts) if cuts else None)
         except (KeyError, TypeError, ValueError, DataError) as e:
             releases.pop(site_id, None)
             detail = f"malformed reply ({type(e).__name__}: {str(e)[:200]})"
@@ -579,6 +588,8 @@ class GuardedStrategy(Strategy):
             self._explain_releases.setdefault(rnd, {})[site_id] = explained
         if curve is not None:
             self._curve_releases.setdefault(rnd, {})[site_id] = curve
+        if histograms:
+            self._survival_histograms.setdefault(rnd, {})[site_id] = histograms
         values = {  # the site's own metrics; its release's sums only feed the global ones
             k: float(v)
             for k, v in metrics.items()
@@ -616,6 +627,9 @@ class GuardedStrategy(Strategy):
         per-group metrics and the calibration curve of the pooled releases
         (:func:`fedcare.models.fairness.global_fairness_metrics`)."""
         global_metrics = global_evaluate_metrics(per_site, releases)
+        histograms = self._survival_histograms.pop(rnd, {})
+        if self.survival_label is not None:  # the pooled C-index (models/survival_pooled.py)
+            global_metrics = global_survival_metrics(global_metrics, per_site, histograms)
         declared, described = self._fairness()
         global_metrics = {k: v for k, v in global_metrics.items() if not keys.is_group_metric(k)}
         global_metrics.update(

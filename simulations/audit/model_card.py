@@ -27,6 +27,10 @@ attributions, survival curves) is one function and one entry. The sections now:
     and time-dependent AUC per group, :mod:`fedcare.models.survival_groups`).
 ``explanation``
     The final model's feature attributions (:mod:`fedcare.models.explain`).
+``concordance``
+    A survival task's global test C-index and time-dependent AUC, pooled from the sites'
+    (risk bin, interval, event) histograms over all their test patients and events, beside
+    the site-weighted mean of the sites' own values (:mod:`fedcare.models.survival_pooled`).
 ``survival``
     A survival task's test survival curves at the label's cuts: the observed Kaplan-Meier
     curve of the sites' pooled noisy life tables against the final model's mean predicted
@@ -50,6 +54,7 @@ from fedcare.common.run_files import MODEL_CARD_NAME, RECORD_NAME, SUMMARY_NAME
 from fedcare.common.run_record import RunRecord, load_run_record
 from fedcare.common.summary import GroupInfo, Metrics, RunSummary, SiteResult, load_summary
 from fedcare.models.fairness import CALIBRATION_BINS
+from fedcare.models.survival_pooled import site_mean_key
 from fedcare.simulations.audit.html_charts import PALETTE, Axis, Series, legend, line_chart
 from fedcare.simulations.audit.report_format import fmt_g, fmt_num
 from fedcare.simulations.audit.report_html import _CSP, _CSS, _e, _p, _table
@@ -436,6 +441,53 @@ def _explanation_html(card: CardInputs) -> str | None:
     return "".join(parts)
 
 
+def _concordance_html(card: CardInputs) -> str | None:
+    """A survival task's pooled test C-index and td-AUC beside the sites' weighted mean;
+    ``None`` unless the run pooled the sites' histograms (``test.events`` is then global)."""
+    final = card.summary.global_.final
+    if "test.events" not in final or "test.n" not in final:
+        return None
+    # (exact and DP sites' histograms differ in bins: they are never pooled together)
+    modes = {s.privacy.evaluation for s in card.summary.sites if s.metrics}
+    how = ""  # mode unknown (not reported): say nothing about it
+    if modes == {"exact"}:
+        how = " with exact counts (simulated sites that opted in)"
+    elif modes == {"dp"}:
+        how = (
+            ", each count with Gaussian noise, from the very release its own metrics come "
+            "from (no further privacy cost)"
+        )
+    rows = [
+        (
+            "global, pooled over the sites' patients",
+            fmt_num(final.get("test.c_index")),
+            fmt_num(final.get("test.td_auc")),
+            str(int(final["test.n"])),
+            str(int(final["test.events"])),
+        ),
+        (
+            "mean of the sites' own values (weighted by n)",
+            fmt_num(final.get(site_mean_key("test", "c_index"))),
+            fmt_num(final.get(site_mean_key("test", "td_auc"))),
+            "",
+            "",
+        ),
+    ]
+    return _p(
+        "How well the final model ranks the test patients of all sites together: each site "
+        "released its test patients as a histogram of (predicted-risk bin, interval between "
+        "the label's cuts, event or censored)"
+        + how
+        + "; the server summed them and computed Harrell's C-index and the time-dependent "
+        "AUC of the pooled histogram. Pairs of patients from different sites count, which a "
+        "mean of the sites' C-indices never sees. Two patients of the same interval are not "
+        "compared and risks in one bin count one half, so the pooled C-index is that of the "
+        "binned risks and times. No patient's time or prediction left a site."
+    ) + _table(
+        ["", "C-index", "td-AUC", "test patients", "events"], rows, cls="numeric concordance"
+    )
+
+
 def _survival_points(
     cuts: Sequence[float], values: Sequence[float]
 ) -> tuple[tuple[float, float], ...]:
@@ -542,6 +594,7 @@ SECTIONS: tuple[CardSection, ...] = (
     CardSection("calibration", "Calibration", _calibration_html),
     CardSection("groups", "Performance across patient groups", _groups_html),
     CardSection("explanation", "Feature attributions", _explanation_html),
+    CardSection("concordance", "Survival: global C-index", _concordance_html),
     CardSection("survival", "Survival curves", _survival_html),
     CardSection("privacy", "Privacy spent per site", _privacy_html),
 )

@@ -62,13 +62,14 @@ def _traced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def _transactions(statements: list[str]) -> list[tuple[str, str]]:
-    """``(synchronous level, first statement after BEGIN)`` of each transaction."""
+    """``(synchronous level, BEGIN statement)`` of each writing transaction (reads, ``BEGIN
+    DEFERRED``, commit nothing and set no level)."""
     out = []
     level = ""
     for i, text in enumerate(statements):
         if text.startswith("PRAGMA synchronous"):
             level = text.rsplit("=", 1)[1].strip()
-        elif text.startswith("BEGIN"):
+        elif text.startswith("BEGIN") and text != "BEGIN DEFERRED":
             out.append((level, text))
             assert level, f"transaction without a synchronous level: {statements[: i + 1]}"
     return out

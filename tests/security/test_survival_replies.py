@@ -128,7 +128,11 @@ def test_survival_replies_carry_no_patients_time_or_id(tmp_path: Path, simulated
         assert leading <= curves
     else:  # DP: withheld whole when the first interval's noisy at-risk count is below k
         assert not curves or leading <= curves
-    metrics = set(wire) - {keys.M_NUM_EXAMPLES} - curves
+    # Each released split's (risk bin, interval, event) histogram, for the pooled C-index:
+    # counts only (exact where the site opted in, noisy under DP), searched above like all.
+    hists = {k for k in wire if keys.is_surv_hist_metric(k)}
+    assert {k.split(".", 1)[0] for k in hists} == {s for s in keys.EVAL_SPLITS if f"{s}.n" in wire}
+    metrics = set(wire) - {keys.M_NUM_EXAMPLES} - curves - hists
     if simulated:  # exact: the site opted in
         assert {"test.c_index", "test.td_auc", "test.ibs"} <= metrics
     else:  # DP: the noisy histogram's metrics only (a split whose noisy n < k is withheld)

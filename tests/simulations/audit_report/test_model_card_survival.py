@@ -27,7 +27,13 @@ from fedcare.common import keys
 from fedcare.common.federation import FederationConfig
 from fedcare.common.spec import Feature, FeatureSchema, GroupAttribute, LabelSpec
 from fedcare.common.summary import RunSummary
-from fedcare.models.survival import SurvivalTask, event_probability, interval_index, survival_curves
+from fedcare.models.survival import (
+    SurvivalTask,
+    event_probability,
+    interval_index,
+    survival_curves,
+    survival_release,
+)
 from fedcare.models.survival_curves import release
 from fedcare.models.survival_groups import release_survival_groups
 from fedcare.server.guard import GuardedStrategy
@@ -60,7 +66,7 @@ def _identity() -> Iterator[None]:
         yield
 
 
-def _reply(site: str, values: Mapping[str, float]) -> Message:
+def _reply(site: str, values: Mapping[str, float], *, evaluation: str | None = None) -> Message:
     TaskIdentity.node_id = 1
     ins = Message(
         RecordDict({"config": ConfigRecord({})}), dst_node_id=NODES[site], message_type="evaluate"
@@ -69,7 +75,9 @@ def _reply(site: str, values: Mapping[str, float]) -> Message:
     content = RecordDict(
         {
             keys.REC_METRICS: MetricRecord({keys.M_NUM_EXAMPLES: 1, **values}),
-            keys.REC_SITE: ConfigRecord({keys.S_SITE_ID: site}),
+            keys.REC_SITE: ConfigRecord(
+                {keys.S_SITE_ID: site, **({keys.S_EVALUATION: evaluation} if evaluation else {})}
+            ),
         }
     )
     return Message(content, reply_to=ins)
@@ -270,3 +278,64 @@ def test_the_survival_card_renders_in_a_browser_and_fetches_nothing(
                            _f(_km(event, time)[0])]  # fmt: skip
     assert dom.split('id="survival"')[1].count("<svg") >= 1
     assert _page_requests(net_log) == []
+
+
+def _pooled_wire(event: np.ndarray, time: np.ndarray, hazards: np.ndarray) -> dict[str, float]:
+    """A site's exact evaluation reply through the site's own code path, histogram included."""
+    y = np.column_stack([time, event])
+    out = survival_release(
+        SurvivalTask(cuts=CUTS), {"test": y}, {"test": hazards}, noise_multiplier=0.0,
+        generator=None, min_count=MIN_COUNT, train=y, bins=keys.HIST_MAX_BINS, histogram=True,
+    )  # fmt: skip
+    return out
+
+
+def test_the_cards_global_c_index_is_pooled_over_all_the_sites_patients(tmp_path: Path) -> None:
+    """The global C-index is scikit-survival's over the union of the sites' test patients
+    (risks and times binned as the histograms bin them); n and events are numpy's; the
+    site-weighted mean beside it is numpy's mean of scikit-survival's per-site C-indices."""
+    sizes = {"site-a": 150, "site-b": 90, "site-c": 220}
+    sites = {name: _site(seed, n) for seed, (name, n) in enumerate(sizes.items())}
+    guard = _guard(tmp_path)
+    replies = [_reply(s, _pooled_wire(*d), evaluation="exact") for s, d in sites.items()]
+    guard.aggregate_evaluate(2, replies)
+    assert guard.record.events == []
+    assert not any(
+        keys.is_surv_hist_metric(k) for s in guard.record.sites.values() for k in s.metrics
+    )
+    summary = RunSummary.from_record(guard.record, fedcare_version="0", flwr_version="1.42.0")
+    page = build_model_card(CardInputs(summary=summary, record=guard.record))
+
+    event, time, hazards = (np.concatenate(p) for p in zip(*sites.values(), strict=True))
+    k = interval_index(time, CUTS)
+    b = np.clip(np.floor(event_probability(hazards) * keys.HIST_MAX_BINS), 0, 99)
+    pooled = concordance_index_censored(event == 1, k + 1.0 - 0.5 * (event == 0), b)[0]
+    own = [
+        (concordance_index_censored(e == 1, t, event_probability(h))[0], e.size)
+        for e, t, h in sites.values()
+    ]
+    site_mean = float(np.average([c for c, _ in own], weights=[n for _, n in own]))
+    final = summary.global_.final
+    assert final["test.c_index"] == pytest.approx(pooled, abs=1e-12)
+    assert final["test.site_mean.c_index"] == pytest.approx(site_mean, abs=1e-12)
+    rows = section_rows(page, "concordance")
+    assert rows[0] == ["", "C-index", "td-AUC", "test patients", "events"]
+    assert rows[1][1] == _f(pooled) and rows[1][3:] == [str(event.size), str(event.sum())]
+    assert rows[2][1] == _f(site_mean)
+    assert "exact counts" in section_text(page, "concordance")
+
+
+def test_a_malformed_histogram_is_a_failed_evaluation_with_its_reason(tmp_path: Path) -> None:
+    data = _site(0, 100)
+    wire = _pooled_wire(*data)
+    del wire[keys.surv_hist_key("test", 7, 1, 0)]
+    guard = _guard(tmp_path)
+    guard.aggregate_evaluate(
+        2, [_reply("site-a", wire), _reply("site-b", _pooled_wire(*_site(1, 80)))]
+    )
+    (failed,) = guard.record.events
+    assert failed.kind == "evaluate-failed" and failed.site_id == "site-a"
+    assert "survival histogram of 100 risk bins and 4 cuts has 1000 cells" in failed.detail
+    # The other site's evaluation stands, pooled on its own.
+    final = guard.record.rounds[-1].metrics
+    assert final["test.n"] == 80 and "test.events" in final
