@@ -8,11 +8,13 @@ trains
   real ServerApp logic (:func:`fedcare.server.app.run_federation`) driving the real ClientApp
   handlers in this process (:class:`benchmarks.utility.InProcessGrid`, as
   :mod:`benchmarks.utility` runs it), with the discrete-time hazard model
-  (:mod:`fedcare.models.survival`) over the default model of the task's modality;
+  (:mod:`fedcare.models.survival`) over the dataset's model (the ``model`` of its run
+  config: GSE7390's linear risk score ``genomics_linear``) or else the default model of the
+  task's modality;
 * ``pooled``: one non-private model of the same architecture on every site's training
   patients (:func:`fedcare.simulations.baselines.pooled`), trained for as many epochs;
-* ``reference``: where ``--model`` names another model than the task's default (e.g. this
-  benchmark's 77-parameter linear risk score :data:`LINEAR` on GSE7390), also the pooled
+* ``reference``: where the federation trains another model than the task's default (e.g.
+  the 77-parameter linear risk score ``genomics_linear`` on GSE7390), also the pooled
   non-private model of the default architecture, so a smaller federated model is held to the
   better of the two pooled references.
 
@@ -37,7 +39,22 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.survival                    # 3 datasets, 5 seeds, ε 8
     .venv/bin/python -m benchmarks.survival --datasets gbsg2 --seeds 1 --rounds 3
     .venv/bin/python -m benchmarks.survival --datasets gse7390 --seeds 20
-    .venv/bin/python -m benchmarks.survival --datasets gse7390 --seeds 20 --model genomics_linear
+    .venv/bin/python -m benchmarks.survival --datasets gse7390 --seeds 20 --recipe
+
+(the genomics MLP at full batch: ``--model genomics_mlp --set learning-rate=3.0 --set
+num-server-rounds=5``; the linear score at the run-config defaults: ``--model
+genomics_linear --recipe``).
+
+**Settings**: the task's default model and the run-config defaults (the recipe of
+``client/recipe.py``), except where a dataset names its own (:attr:`~fedcare.simulations.
+realdata.survival.SurvivalDataset.run_config`): GSE7390's two small hospitals train the
+linear risk score ``genomics_linear`` by full-batch DP gradient descent (``batch-size``
+above every site's train split, so each step is the whole split at Poisson rate 1; 10
+rounds at learning rate 1). The dataset's model is the pooled model's architecture too.
+``--model`` names another model, ``--set KEY=VALUE`` changes any other run-config key of
+the federation (``batch-size=full``: the largest site's train split), ``--recipe`` drops the
+dataset's settings and model; none of them ever changes how the pooled references train
+(the non-private recipe for ``--rounds`` epochs).
 
 The markdown table goes to stdout; every run's numbers to ``--out`` (default
 ``benchmarks/results/survival.json``).
@@ -65,16 +82,26 @@ from benchmarks.utility import InProcessGrid, PredictionLog, _server_identity, s
 from fedcare.client.local import SiteTrainer, settings_from_run
 from fedcare.client.policy import SitePolicy
 from fedcare.client.training import fit, make_optimizer, predict, resolve_device
+from fedcare.common.errors import ConfigError
 from fedcare.common.federation import FederationConfig
 from fedcare.common.files import write_private_atomic
-from fedcare.models import available_models, build_model, default_model_for
+from fedcare.models import build_model, default_model_for
 from fedcare.models.survival import event_probability
 from fedcare.models.survival_metrics import concordance_index
 from fedcare.server.app import run_federation
+from fedcare.simulations.realdata import MANIFEST_FILENAME, write_real_sites
 from fedcare.simulations.realdata import dataset as real_dataset
-from fedcare.simulations.realdata import write_real_sites
 
-__all__ = ["DATASETS", "run_seed", "summarize", "main"]
+__all__ = [
+    "DATASETS",
+    "dataset_model",
+    "dataset_run_config",
+    "parse_overrides",
+    "run_configs",
+    "run_seed",
+    "summarize",
+    "main",
+]
 
 DATASETS = ("gbsg2", "whas500", "gse7390")
 GOAL = 0.03
@@ -82,45 +109,107 @@ BOOTSTRAP = 1000
 """Resamples of the bootstrap interval of the C-index over every seed's test predictions."""
 
 
-LINEAR = "genomics_linear"
-"""A benchmark-only model (``--model genomics_linear``): the linear risk score ``w . x + b``
-over the genomics vector (77 parameters on GSE7390), to test whether a smaller model closes
-the DP gap on small sites. It did not (README, *Survival*), so fedcare does not ship it."""
-
-
-def _register_linear() -> None:
-    """Register :data:`LINEAR` in this process (never on import: only when asked for)."""
-    from torch import nn
-
-    from fedcare.models.registry import HParams, feature_dim, register_model
-
-    class LinearConfig(HParams):
-        """No hyper-parameters."""
-
-    @register_model(LINEAR, modalities=("genomics",), ghost_clipping=True, ghost_norm_only=True)
-    class GenomicsLinear(nn.Module):
-        """Linear risk score over the genomics vector: ``(B, g) -> (B,)``."""
-
-        Config = LinearConfig
-
-        def __init__(self, in_features: int) -> None:
-            super().__init__()
-            self.linear = nn.Linear(in_features, 1)
-
-        @classmethod
-        def from_config(cls, *, input_dims: Any, config: LinearConfig) -> GenomicsLinear:
-            return cls(feature_dim(input_dims, "genomics", model=LINEAR))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.linear(x).squeeze(-1)
-
-
 def _c_index(y: np.ndarray, hazards: np.ndarray) -> float:
     return concordance_index(y[:, 1], y[:, 0], event_probability(hazards))
 
 
+RESERVED = frozenset(
+    {
+        "task",
+        "model",
+        "data-root",
+        "seed",
+        "num-sites",
+        "min-sites",
+        "connect-timeout",
+        "dp",
+        "target-epsilon",
+        "run-id",
+        "run-dir",
+        "state-root",
+    }
+)
+"""Run-config keys the benchmark sets itself (``--model``, ``--epsilon``, ``--seeds``...):
+``--set`` refuses them. (``num-server-rounds`` may be set: the federation's rounds, while
+``--rounds`` stays the pooled models' epochs.)"""
+
+FULL_BATCH = "full"
+"""``--set batch-size=full``: each site's whole training split in every step (Poisson rate
+1), i.e. the largest site's train size as the run's batch size."""
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` run-config overrides (``--set``), VALUE read as an int, a float,
+    ``true``/``false`` or else text; which keys exist and what they may hold is
+    :class:`~fedcare.common.federation.FederationConfig`'s to check.
+
+    Examples
+    --------
+    >>> parse_overrides(["batch-size=full", "learning-rate=1.5", "local-epochs=2"])
+    {'batch-size': 'full', 'learning-rate': 1.5, 'local-epochs': 2}
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key or not text:
+            raise ConfigError(f"--set {pair!r}: give KEY=VALUE, e.g. --set learning-rate=1.0")
+        if key in RESERVED:
+            raise ConfigError(
+                f"--set {key}: the benchmark sets {key!r} itself; use its own option "
+                "(--model, --epsilon, --seeds)"
+            )
+        value: Any
+        if text in ("true", "false"):
+            value = text == "true"
+        else:
+            try:
+                value = int(text)
+            except ValueError:
+                try:
+                    value = float(text)
+                except ValueError:
+                    value = text
+        if key == "batch-size" and isinstance(value, str) and value != FULL_BATCH:
+            raise ConfigError(
+                f"--set batch-size={text}: give a whole number or {FULL_BATCH!r} (each "
+                "site's whole training split per step)"
+            )
+        out[key] = value
+    return out
+
+
+def dataset_run_config(name: str) -> dict[str, Any]:
+    """The run-config settings dataset ``name``'s federation trains with (its ``run_config``
+    but ``model``: GSE7390's full-batch DP gradient descent), applied under ``--set`` unless
+    ``--recipe``."""
+    settings = getattr(real_dataset(name), "run_config", {})
+    return {k: v for k, v in settings.items() if k != "model"}
+
+
+def dataset_model(name: str) -> str:
+    """The model dataset ``name``'s run config names (GSE7390: ``genomics_linear``), or
+    ``""`` for the task's default: the federation's and the pooled model's architecture
+    unless ``--model`` or ``--recipe``."""
+    return str(getattr(real_dataset(name), "run_config", {}).get("model", ""))
+
+
+def _train_sizes(root: Path) -> list[int]:
+    """Each written site's training-split size (``realdata.json``: what the writer split)."""
+    manifest = json.loads((root / MANIFEST_FILENAME).read_text(encoding="utf-8"))
+    return [int(s["split"]["train"]) for s in manifest["sites"]]
+
+
 def _run_config(
-    name: str, root: Path, n_sites: int, *, seed: int, epsilon: float, rounds: int, model: str = ""
+    name: str,
+    root: Path,
+    n_sites: int,
+    *,
+    seed: int,
+    epsilon: float,
+    rounds: int,
+    model: str = "",
+    overrides: dict[str, Any] | None = None,
 ):
     dataset = real_dataset(name)
     config: dict[str, Any] = {
@@ -137,6 +226,10 @@ def _run_config(
         config["dp"] = False
     else:
         config["target-epsilon"] = epsilon
+    for key, value in (overrides or {}).items():
+        if key == "batch-size" and value == FULL_BATCH:
+            value = max(_train_sizes(root))  # ceil(n / batch) = 1 at every site: q = 1
+        config[key] = value
     return config
 
 
@@ -184,28 +277,72 @@ def _test_rows(y: np.ndarray, hazards: np.ndarray) -> list[list[float]]:
     return [[float(t), float(e), float(r)] for (t, e), r in zip(y, risk, strict=True)]
 
 
+def run_configs(
+    name: str,
+    root: Path,
+    *,
+    seed: int,
+    epsilon: float,
+    rounds: int,
+    work: Path,
+    model: str = "",
+    overrides: dict[str, Any] | None = None,
+) -> tuple[FederationConfig, FederationConfig]:
+    """The federation's run config (with ``overrides``) and the pooled references' (without:
+    the non-private recipe for ``rounds`` epochs) for the sites written under ``root``."""
+    n_sites = len(_train_sizes(root))
+    common = {
+        "run-id": f"survival-{name}-s{seed}",
+        "run-dir": str(work / "run"),
+        "state-root": str(work / "state"),
+    }
+    fed, pooled = (
+        FederationConfig.from_run_config(
+            {
+                **_run_config(
+                    name,
+                    root,
+                    n_sites,
+                    seed=seed,
+                    epsilon=epsilon,
+                    rounds=rounds,
+                    model=model,
+                    overrides=extra,
+                ),
+                **common,
+            }
+        )
+        for extra in (overrides, None)
+    )
+    return fed, pooled
+
+
 def run_seed(
-    name: str, *, seed: int, epsilon: float, rounds: int, work: Path, model: str = ""
+    name: str,
+    *,
+    seed: int,
+    epsilon: float,
+    rounds: int,
+    work: Path,
+    model: str = "",
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One dataset and seed: the federated and pooled test C-index, and the run's ε;
-    ``model``: another registered model than the dataset's."""
+    ``model``: the registered model of the federation and of the pooled model (``""``: the
+    task's default; :func:`dataset_model` is the dataset's); ``overrides``: run-config keys
+    of the federation only (:func:`parse_overrides`). The pooled references are trained
+    from the run config without them (the non-private recipe, ``rounds`` epochs), so a
+    federated setting never changes what it is measured against."""
     folders = write_real_sites(real_dataset(name), work / "sites", seed=seed, force=True)
-    base = _run_config(
+    cfg, pooled_cfg = run_configs(
         name,
         folders[0].parent,
-        len(folders),
         seed=seed,
         epsilon=epsilon,
         rounds=rounds,
+        work=work,
         model=model,
-    )
-    cfg = FederationConfig.from_run_config(
-        {
-            **base,
-            "run-id": f"survival-{name}-s{seed}",
-            "run-dir": str(work / "run"),
-            "state-root": str(work / "state"),
-        }
+        overrides=overrides,
     )
     t0 = time.perf_counter()
     log = PredictionLog()
@@ -220,24 +357,29 @@ def run_seed(
     p = np.concatenate([predictions[k][1]["test"] for k in sorted(predictions)])
     federated = _c_index(y, p)
     t1 = time.perf_counter()
-    y_pool, p_pool = _pooled_predictions(sites, cfg)
+    y_pool, p_pool = _pooled_predictions(sites, pooled_cfg)
     pool_seconds = time.perf_counter() - t1
     default = default_model_for(real_dataset(name).modalities)
     reference: dict[str, Any] = {}
     if cfg.model and cfg.model != default:
-        y_ref, p_ref = _pooled_predictions(sites, cfg, architecture=default)
+        y_ref, p_ref = _pooled_predictions(sites, pooled_cfg, architecture=default)
         reference = {
             "model": default,
             "c_index": _c_index(y_ref, p_ref),
             "test": _test_rows(y_ref, p_ref),
         }
     run_eps = [s.get("privacy", {}).get("run_epsilon") for s in record.get("sites", {}).values()]
+    mechanisms = [  # each site's DP-SGD per round: noise multiplier, Poisson rate, steps
+        (s.get("privacy", {}).get("mechanisms") or [None])[0]
+        for s in record.get("sites", {}).values()
+    ]
     return {
         "dataset": name,
         "seed": seed,
         "epsilon": epsilon,
         "rounds": rounds,
         "model": cfg.model or default,
+        "overrides": dict(overrides or {}),
         "federated_c_index": federated,
         "pooled_c_index": _c_index(y_pool, p_pool),
         "reference_pooled": reference,
@@ -245,6 +387,7 @@ def run_seed(
         "test_events": int(y[:, 1].sum()),
         "test": {"federated": _test_rows(y, p), "pooled": _test_rows(y_pool, p_pool)},
         "site_run_epsilon": run_eps,
+        "site_mechanisms": mechanisms,
         "seconds": {"federated": fed_seconds, "pooled": pool_seconds},
         "server_global": {
             k: v
@@ -321,6 +464,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "dataset": name,
                 "seeds": [r["seed"] for r in rows],
                 "model": rows[0].get("model", ""),
+                "overrides": rows[0].get("overrides", {}),
                 "reference_model": (rows[0].get("reference_pooled") or {}).get("model", ""),
                 "test_patients": sum(r["test_patients"] for r in rows),
                 "test_events": sum(r["test_events"] for r in rows),
@@ -350,8 +494,9 @@ def _table(results: Sequence[dict[str, Any]]) -> str:
         if "reference" in cols:
             pooled += f"; {row['reference_model']}: {_cell(cols['reference'])}"
         lo, hi = row["gap_ci"]
+        settings = "".join(f", {k} {v}" for k, v in row["overrides"].items())
         lines.append(
-            f"| {row['dataset']} ({row['model']}) | {len(row['seeds'])} | "
+            f"| {row['dataset']} ({row['model']}{settings}) | {len(row['seeds'])} | "
             f"{row['test_patients']} ({row['test_events']}) | {pooled} | "
             f"{_cell(cols['federated'])} | {row['gap']:+.3f} [{lo:+.2f}, {hi:+.2f}] | "
             f"{'yes' if row['gap'] <= GOAL else 'no'} |"
@@ -374,18 +519,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--model",
         default="",
-        help=f"a registered model (or {LINEAR}, this benchmark's) instead of the default",
+        help="a registered model instead of the dataset's (GSE7390: genomics_linear) or else "
+        "the task's default",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run-config key of the federation only (repeatable), e.g. learning-rate=1.0, "
+        f"batch-size={FULL_BATCH} (each site's whole train split per step)",
+    )
+    parser.add_argument(
+        "--recipe",
+        action="store_true",
+        help="ignore each dataset's own run config (GSE7390's linear score at full batch): "
+        "the task's default model and the run-config defaults, as the earlier runs trained",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/survival.json"))
     args = parser.parse_args(argv)
+    overrides = parse_overrides(args.overrides)
     threads = torch.get_num_threads()  # restored: main() may run inside another process
     try:
         torch.set_num_threads(args.threads)
-        if args.model == LINEAR and LINEAR not in available_models():
-            _register_linear()
         results: list[dict[str, Any]] = []
         for name in args.datasets:
+            chosen = {} if args.recipe else dataset_run_config(name)
+            model = args.model or ("" if args.recipe else dataset_model(name))
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 with tempfile.TemporaryDirectory(prefix=f"survival-{name}-") as tmp:
                     r = run_seed(
@@ -394,7 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         epsilon=args.epsilon,
                         rounds=args.rounds,
                         work=Path(tmp),
-                        model=args.model,
+                        model=model,
+                        overrides={**chosen, **overrides},
                     )
                 results.append(r)
                 print(

@@ -1,9 +1,9 @@
 """Models and tasks: Opacus-valid ``nn.Module``s per modality, a registry, binary metrics.
 
 Importing the package registers every model (``ehr_mlp``, ``imaging_cnn``, ``timeline``,
-``genomics_mlp``, ``fusion``), then loads the plug-ins that add more models, task kinds or
-strategies (:func:`fedcare.common.plugins.load_plugins`). Build one with
-:func:`build_model`; see :mod:`fedcare.models.registry` for the input convention.
+``genomics_mlp``, ``genomics_linear``, ``fusion``), then loads the plug-ins that add more
+models, task kinds or strategies (:func:`fedcare.common.plugins.load_plugins`). Build one
+with :func:`build_model`; see :mod:`fedcare.models.registry` for the input convention.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 from fedcare.common.plugins import load_plugins
 from fedcare.models.ehr_mlp import EHRMLP, EHRMLPConfig
 from fedcare.models.fusion import FusionConfig, FusionModel
+from fedcare.models.genomics_linear import GenomicsLinear, GenomicsLinearConfig
 from fedcare.models.genomics_mlp import GenomicsMLP, GenomicsMLPConfig
 from fedcare.models.imaging_cnn import ImagingCNN, ImagingCNNConfig
 from fedcare.models.metrics import (
@@ -69,6 +70,8 @@ __all__ = [
     "ImagingCNNConfig",
     "GenomicsMLP",
     "GenomicsMLPConfig",
+    "GenomicsLinear",
+    "GenomicsLinearConfig",
     "FusionModel",
     "FusionConfig",
     "TimelineModel",

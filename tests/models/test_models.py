@@ -27,7 +27,12 @@ pytestmark = [
 ]
 
 DIMS = {"ehr": 6, "imaging": (1, 8, 8), "genomics": 30}
-SINGLE_INPUT = {"ehr_mlp": "ehr", "imaging_cnn": "imaging", "genomics_mlp": "genomics"}
+SINGLE_INPUT = {
+    "ehr_mlp": "ehr",
+    "imaging_cnn": "imaging",
+    "genomics_mlp": "genomics",
+    "genomics_linear": "genomics",
+}
 ALL_MASKS = [[a, b, c] for a in (0, 1) for b in (0, 1) for c in (0, 1)]
 
 
@@ -60,7 +65,7 @@ MODELS = tuple(n for n in available_models() if n != "timeline")
 
 
 def test_every_model_family_is_registered() -> None:
-    assert set(MODELS) >= {"ehr_mlp", "imaging_cnn", "genomics_mlp", "fusion"}
+    assert set(MODELS) >= {"ehr_mlp", "imaging_cnn", "genomics_mlp", "genomics_linear", "fusion"}
     assert set(SINGLE_INPUT) | {"fusion"} == set(MODELS), "add the new model to these tests"
     assert "timeline" in available_models()
 
@@ -228,6 +233,7 @@ PARAMETER_BUDGET = {
     "ehr_mlp": 10_000,
     "imaging_cnn": 10_000,
     "genomics_mlp": 400_000,
+    "genomics_linear": 5_001,  # one weight per gene and a bias
     "fusion": 400_000,
 }
 

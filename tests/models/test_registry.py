@@ -35,8 +35,15 @@ DIMS = {"ehr": 6, "imaging": (1, 8, 8), "genomics": 30}
 # ----------------------------------------------------------------------------- registry
 
 
-def test_available_models_lists_the_five_families() -> None:
-    assert available_models() == ("ehr_mlp", "fusion", "genomics_mlp", "imaging_cnn", "timeline")
+def test_available_models_lists_the_bundled_models() -> None:
+    assert available_models() == (
+        "ehr_mlp",
+        "fusion",
+        "genomics_linear",
+        "genomics_mlp",
+        "imaging_cnn",
+        "timeline",
+    )
 
 
 def test_unknown_model_name_lists_the_known_ones() -> None:

@@ -12,7 +12,10 @@ import pytest
 
 from fedcare.client.data.datasets import build_task_data
 from fedcare.client.data.loaders import load_site
+from fedcare.client.dpsgd import sampling
+from fedcare.common.errors import ConfigError
 from fedcare.models.survival_metrics import concordance_index
+from fedcare.simulations.realdata import MANIFEST_FILENAME, dataset, write_real_sites
 from fedcare.simulations.reports import plot_survival_curves
 from fedcare.simulations.synth import SynthConfig, synthesize
 from fedcare.simulations.synth.survival import EVENT_COLUMN, TIME_COLUMN
@@ -77,3 +80,51 @@ def test_a_short_dp_federation_trains_a_survival_model(
     assert all(0 < e <= 8.0 + 1e-6 for e in result["site_run_epsilon"])
     assert {"test.c_index", "test.td_auc", "test.ibs", "test.n"} <= set(result["server_global"])
     assert "| gbsg2 (ehr_mlp) | 1 |" in printed
+
+
+def test_the_benchmarks_overrides_are_typed_and_bad_ones_named() -> None:
+    from benchmarks.survival import parse_overrides
+
+    assert parse_overrides(["batch-size=full", "learning-rate=1.5", "num-server-rounds=5"]) == {
+        "batch-size": "full",
+        "learning-rate": 1.5,
+        "num-server-rounds": 5,
+    }
+    assert parse_overrides(["explain=true", "strategy=fedprox"]) == {
+        "explain": True,
+        "strategy": "fedprox",
+    }
+    with pytest.raises(ConfigError, match="'target-epsilon' itself.*--epsilon"):
+        parse_overrides(["target-epsilon=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_overrides(["learning-rate"])
+    with pytest.raises(ConfigError, match="batch-size=half: give a whole number or 'full'"):
+        parse_overrides(["batch-size=half"])
+
+
+def test_overrides_reach_the_federation_never_the_pooled_reference(tmp_path: Path) -> None:
+    """``--set`` and a dataset's run config change the federation only: the pooled model it
+    is measured against keeps the non-private recipe and ``--rounds`` epochs; ``full`` is
+    the largest site's train split, so every site steps at Poisson rate 1."""
+    from benchmarks.survival import dataset_run_config, run_configs
+
+    folders = write_real_sites(dataset("gse7390"), tmp_path / "sites", seed=7)
+    overrides = {**dataset_run_config("gse7390"), "batch-size": "full", "learning-rate": 2.0}
+    fed, pooled = run_configs(
+        "gse7390",
+        folders[0].parent,
+        seed=7,
+        epsilon=8.0,
+        rounds=10,
+        work=tmp_path,
+        overrides=overrides,
+    )
+    manifest = json.loads((folders[0].parent / MANIFEST_FILENAME).read_text())
+    sizes = [s["split"]["train"] for s in manifest["sites"]]
+    assert fed.batch_size == max(sizes) and fed.learning_rate == 2.0
+    assert fed.num_server_rounds == dataset_run_config("gse7390")["num-server-rounds"]
+    assert all(sampling(n, batch_size=fed.batch_size, epochs=1) == (1.0, 1) for n in sizes)
+    assert (pooled.batch_size, pooled.learning_rate, pooled.num_server_rounds) == (0, 0.0, 10)
+    assert fed.model_dump(exclude={"batch_size", "learning_rate", "num_server_rounds"}) == (
+        pooled.model_dump(exclude={"batch_size", "learning_rate", "num_server_rounds"})
+    )
