@@ -40,6 +40,12 @@ For each task (default: ``readmission``, EHR only, and ``multimodal_outcome``, E
    first ε (Opacus's accountants, and SciPy under them) and the first optimizer step
    (``torch._dynamo``) bring in.
 
+4. runs **Flower's floor** (:func:`measure_floor`, unless ``--no-flower-floor``): the same
+   federation (sites, rounds, model arrays, message shape, the runner's SuperLink and shared
+   Ray cluster, Flower's FedAvg loop) with the apps of :mod:`benchmarks.flower_floor`, which do
+   no fedcare work; its F and its rounds are what Flower and Ray cost alone, and the report
+   sets fedcare's run beside it, segment by segment.
+
 The ratio is ``run_experiment`` wall time / pure compute. The simulation runs its client
 apps in parallel (Ray gives each 1 of the machine's CPUs and ``OMP_NUM_THREADS=1``); the
 replay runs them one after another with ``--threads`` torch threads (default 1, as the
@@ -77,12 +83,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import fedcare.client.accounting as client_accounting
 import fedcare.client.ledger as client_ledger
 import fedcare.client.local as client_local
 import fedcare.simulations.runner as runner
+from benchmarks import flower_floor
 from benchmarks.scale import ProcessTreeSampler, TreeStats, machine_info
 from fedcare.client.data.datasets import build_task_data
 from fedcare.client.ledger import PrivacyLedger
@@ -90,10 +98,14 @@ from fedcare.client.local import RoundRequest, SiteTrainer, settings_from_run
 from fedcare.client.policy import simulated_site_policy
 from fedcare.client.warm import WarmSites
 from fedcare.common.federation import FederationConfig
+from fedcare.common.flower_app import write_app_dir
+from fedcare.common.packed_arrays import pack_record
 from fedcare.common.run_files import LEDGER_NAME
 from fedcare.common.summary import RECORD_NAME
 from fedcare.server.app import federation_spec, initial_state
 from fedcare.server.guard import weighted_global_metrics
+from fedcare.simulations.flower_driver import local_superlink
+from fedcare.simulations.ray_cluster import READY_NAME
 from fedcare.simulations.scenario import Scenario
 from fedcare.simulations.synth import SynthConfig, synthesize
 
@@ -104,6 +116,7 @@ __all__ = [
     "ComputeMeasurement",
     "TaskResult",
     "measure_simulation",
+    "measure_floor",
     "measure_compute",
     "measure_actor_start",
     "run_task",
@@ -293,6 +306,7 @@ def measure_simulation(
                     return wait(*args, **kw)
                 finally:
                     mark("wait_done")
+                    _mark_ray_ready(marks, handle, wall_t0)
 
             handle._flwr = timed_flwr  # type: ignore[method-assign]
             handle.submit = timed_submit  # type: ignore[method-assign]
@@ -304,10 +318,20 @@ def measure_simulation(
                 mark("teardown_start")
         mark("link_stopped")
 
+    original_finish = runner._finish
+
+    def timed_finish(*args: Any, **kw: Any) -> Any:
+        mark("finish_start")
+        try:
+            return original_finish(*args, **kw)
+        finally:
+            mark("finish_done")
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "progress.jsonl").unlink(missing_ok=True)
     sampler = ProcessTreeSampler(os.getpid(), interval_s=interval_s, pss=False)
     runner.local_superlink = timed_link  # type: ignore[assignment]
+    runner._finish = timed_finish  # type: ignore[assignment]
     try:
         sampler.start()
         with _ProgressWatcher(out / "progress.jsonl", t0) as watcher:
@@ -315,6 +339,7 @@ def measure_simulation(
             wall = time.monotonic() - t0
     finally:
         runner.local_superlink = original_link  # type: ignore[assignment]
+        runner._finish = original_finish  # type: ignore[assignment]
         tree = sampler.stop()
     sampler.leftover()
     final = dict(outcome.summary.global_.final)
@@ -329,6 +354,109 @@ def measure_simulation(
         tree=tree,
         final_metrics=final,
         rounds_completed=outcome.summary.rounds_completed,
+        loadavg_after=[round(x, 2) for x in os.getloadavg()],
+    )
+
+
+def _mark_ray_ready(marks: dict[str, float], handle: Any, wall_t0: float) -> None:
+    """``marks["ray_ready"]``: when the shared Ray cluster took drivers (its ready mark's
+    time, seconds from ``wall_t0``); nothing for a run without one."""
+    ready = Path(handle.work_dir) / READY_NAME
+    if handle.ray_address is not None and ready.is_file():
+        marks["ray_ready"] = ready.stat().st_mtime - wall_t0
+
+
+def model_arrays(cfg: FederationConfig) -> dict[str, np.ndarray]:
+    """The arrays fedcare's ServerApp sends for ``cfg`` (its initial model, packed as on the
+    wire), so the floor's messages carry as many bytes as the run's."""
+    _, state = initial_state(cfg, federation_spec(cfg))
+    return {name: array.numpy() for name, array in pack_record(state).items()}
+
+
+def measure_floor(
+    *,
+    sites: int,
+    rounds: int,
+    arrays: dict[str, np.ndarray],
+    work: Path,
+    cpus_per_site: int = 1,
+    interval_s: float = 0.5,
+    shared_ray: bool = True,
+    timeout_s: float = 600.0,
+) -> SimMeasurement:
+    """Flower and Ray alone: :mod:`benchmarks.flower_floor` on the runner's path.
+
+    The same steps as :func:`fedcare.simulations.runner.run_experiment` takes with Flower (a
+    :func:`~fedcare.simulations.flower_driver.local_superlink` with its shared Ray cluster,
+    a thin app, ``submit``, ``wait`` ended by the ServerApp's last write, ``end_run``,
+    teardown), the same sites, rounds, message shape and arrays, and no fedcare work in the
+    apps: no site check, no data, no training, no summary or plots. Its marks are those of
+    :func:`measure_simulation` (``ready_start`` is ``link_start``: nothing overlaps the start).
+    """
+    run_dir = work / "floor-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    arrays_path = run_dir / "arrays.npz"
+    np.savez(arrays_path, *arrays.values())
+    (run_dir / flower_floor.NAMES_FILE).write_text(json.dumps(list(arrays)), encoding="utf-8")
+    app_dir = write_app_dir(
+        work / "floor-app",
+        config_defaults=flower_floor.CONFIG_DEFAULTS,
+        name="flower-floor",
+        **flower_floor.COMPONENTS,
+    )
+    result = run_dir / flower_floor.RESULT_NAME
+    marks: dict[str, float] = {}
+    t0, wall_t0 = time.monotonic(), time.time()
+
+    def mark(name: str) -> None:
+        marks[name] = time.monotonic() - t0
+
+    sampler = ProcessTreeSampler(os.getpid(), interval_s=interval_s, pss=False)
+    sampler.start()
+    try:
+        with _ProgressWatcher(run_dir / flower_floor.PROGRESS_NAME, t0) as watcher:
+            mark("link_start")
+            with local_superlink(
+                work_dir=work / ".flower-floor", pythonpath=[REPO_ROOT], shared_ray=shared_ray
+            ) as link:
+                mark("ready_start")
+                link.ready()
+                mark("link_ready")
+                mark("submit_start")
+                run_id = link.submit(
+                    app_dir,
+                    run_config={
+                        "num-server-rounds": rounds,
+                        "num-sites": sites,
+                        "arrays-path": str(arrays_path),
+                        "run-dir": str(run_dir),
+                        "round-timeout": timeout_s,
+                    },
+                    num_supernodes=sites,
+                    cpus_per_client=cpus_per_site,
+                )
+                mark("submitted")
+                status = link.wait(run_id, timeout_s=timeout_s, done=result.is_file)
+                mark("wait_done")
+                _mark_ray_ready(marks, link, wall_t0)
+                if status.status != "finished:completed":  # as the runner ends a run
+                    link.end_run(run_id)
+                mark("teardown_start")
+            mark("link_stopped")
+            wall = time.monotonic() - t0
+    finally:
+        tree = sampler.stop()
+    sampler.leftover()
+    marks["record_written"] = result.stat().st_mtime - wall_t0
+    return SimMeasurement(
+        wall_s=wall,
+        marks=marks,
+        progress=watcher.lines,
+        flwr_calls=[],
+        tree=tree,
+        final_metrics={},
+        rounds_completed=json.loads(result.read_text(encoding="utf-8"))["rounds"],
         loadavg_after=[round(x, 2) for x in os.getloadavg()],
     )
 
@@ -755,6 +883,8 @@ class TaskResult:
     #: ``"shared"``: the run joined a Ray cluster started beside the SuperLink (fedcare's
     #: way); ``"per-run"``: its ``flwr-simulation`` started its own (Flower's).
     ray: str = "shared"
+    #: Flower and Ray alone (:func:`measure_floor`), the same Ray mode, sites and rounds.
+    floor: SimMeasurement | None = None
 
     @property
     def label(self) -> str:
@@ -771,8 +901,7 @@ class TaskResult:
 
     def round_walls(self) -> dict[int, float]:
         """Wall seconds of each completed round r >= 1 of the simulation."""
-        seen = {int(p["round"]): p["seen_s"] for p in self.sim.progress}
-        return {r: seen[r] - seen[r - 1] for r in range(1, self.rounds + 1) if r in seen}
+        return _round_walls(self.sim, self.rounds)
 
     def fixed_and_per_round(self) -> tuple[float, float]:
         """``(F, k)``: wall ~ F + k * compute of rounds >= 1 (see :func:`render_markdown`)."""
@@ -784,10 +913,25 @@ class TaskResult:
         fixed = self.sim.wall_s - sum(walls.values()) - self.compute.rounds[0]["evaluate_s"]
         return fixed, k
 
+    def floor_fixed_and_per_round(self) -> tuple[float, float]:
+        """Flower's floor: ``(F, seconds a round)`` of :func:`measure_floor`'s run, the F
+        defined as for fedcare's run (no compute to subtract) and the round its mean wall
+        over rounds 1..R."""
+        if self.floor is None:
+            raise ValueError("no Flower floor was measured (--no-flower-floor)")
+        walls = _round_walls(self.floor, self.rounds)
+        return self.floor.wall_s - sum(walls.values()), sum(walls.values()) / len(walls)
+
     def cold_loads(self) -> tuple[int, int]:
         """Fewest and most cold site loads of the simulation: each actor loads each site it
         serves once (which actor serves which message is Ray's choice)."""
         return self.sites, min(self.actors, self.sites) * self.sites
+
+
+def _round_walls(sim: SimMeasurement, rounds: int) -> dict[int, float]:
+    """Wall seconds of each completed round r >= 1 of a run (from its progress lines)."""
+    seen = {int(p["round"]): p["seen_s"] for p in sim.progress}
+    return {r: seen[r] - seen[r - 1] for r in range(1, rounds + 1) if r in seen}
 
 
 def _actor_count(scenario: Scenario) -> int:
@@ -805,8 +949,10 @@ def run_task(
     seed: int = 0,
     interval_s: float = 0.5,
     rays: Sequence[str] = ("shared",),
+    floor: bool = True,
 ) -> list[TaskResult]:
-    """Synthesize, simulate (once per Ray mode in ``rays``), replay; see the module docstring."""
+    """Synthesize, simulate (once per Ray mode in ``rays``), measure Flower's floor in the
+    same Ray modes (``floor``), replay; see the module docstring."""
     work.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     folders = synthesize(
@@ -841,6 +987,21 @@ def run_task(
     cfg = FederationConfig.from_run_config(
         json.loads((work / "run" / RECORD_NAME).read_text())["config"]
     )
+    floors: dict[str, SimMeasurement] = {}
+    if floor:
+        arrays = model_arrays(cfg)
+        for ray in rays:
+            loadavgs[ray]["before floor"] = [round(x, 2) for x in os.getloadavg()]
+            floors[ray] = measure_floor(
+                sites=sites,
+                rounds=rounds,
+                arrays=arrays,
+                work=work,
+                cpus_per_site=scenario.cpus_per_site,
+                interval_s=interval_s,
+                shared_ray=ray == "shared",
+            )
+            loadavgs[ray]["after floor"] = floors[ray].loadavg_after
     compute = measure_compute(folders, cfg, run_id=cfg.run_id, state_root=work / "replay-state")
     after_replay = [round(x, 2) for x in os.getloadavg()]
     return [
@@ -856,6 +1017,7 @@ def run_task(
             compute=compute,
             loadavg=loadavgs[ray] | {"after replay": after_replay},
             ray=ray,
+            floor=floors.get(ray),
         )
         for ray in rays
     ]
@@ -880,9 +1042,16 @@ def _breakdown(r: TaskResult) -> list[tuple[str, float, str]]:
     )
     rows.append(
         (
-            f"{start} start, beyond the sites' check",
+            "SuperLink start, beyond the sites' check",
             m["link_ready"] - m["ready_start"],
-            "until /health" + (" and the Ray cluster takes drivers" if r.ray == "shared" else ""),
+            "until /health"
+            + (
+                f" (the Ray cluster took drivers at {m['ray_ready']:.2f} s: "
+                f"{m['ray_ready'] - m['link_ready']:+.2f} s from here; the run's simulation "
+                "waits for it when it joins it)"
+                if "ray_ready" in m
+                else ""
+            ),
         )
     )
     rows.append(("`flwr run` submit", m["submitted"] - m["link_ready"], "builds FAB, CLI"))
@@ -893,7 +1062,7 @@ def _breakdown(r: TaskResult) -> list[tuple[str, float, str]]:
                 "submit -> strategy start",
                 strategy_start - m["submitted"],
                 "SuperExec, flwr-simulation, "
-                + ("joins Ray" if r.ray == "shared" else "Ray start")
+                + ("joins Ray (waiting for it if not yet up)" if r.ray == "shared" else "Ray start")
                 + ", ServerApp import, sites connected",
             )
         )
@@ -938,14 +1107,26 @@ def _breakdown(r: TaskResult) -> list[tuple[str, float, str]]:
         )
     rows.append(
         (
-            "teardown (end the run, stop SuperLink family)",
-            m["link_stopped"] - m["wait_done"],
-            "SIGKILL flwr-simulation + its actors (end_run), then SuperLink + SuperExec"
-            + (", then the Ray cluster" if r.ray == "shared" else ""),
+            "end the run",
+            m["teardown_start"] - m["wait_done"],
+            "SIGKILL flwr-simulation + its actors (end_run)",
         )
     )
-    rows.append(("summary, metrics.csv, plots", sim.wall_s - m["link_stopped"], "runner"))
+    rows.append(
+        (
+            "teardown beside summary, metrics.csv, plots",
+            sim.wall_s - m["teardown_start"],
+            f"stop SuperLink + SuperExec{', then the Ray cluster' if r.ray == 'shared' else ''} "
+            f"({m['link_stopped'] - m['teardown_start']:.2f} s, in a thread) while the runner "
+            f"writes the summary, metrics.csv and plots ({_finish_s(sim):.2f} s)",
+        )
+    )
     return rows
+
+
+def _finish_s(sim: SimMeasurement) -> float:
+    """Seconds of the runner's work after Flower: baselines, summary, metrics.csv, plots."""
+    return sim.marks.get("finish_done", sim.wall_s) - sim.marks.get("finish_start", sim.wall_s)
 
 
 def render_markdown(
@@ -1019,11 +1200,107 @@ def render_markdown(
         "SciPy and `torch._dynamo` before it started: each actor's one-off imports are "
         "timed apart, in the next table, not as compute.",
     ]
+    if any(r.floor is not None for r in results):
+        lines += ["", *_floor_section(results)]
     if actor is not None:
         lines += ["", *_actor_table(actor)]
     for r in results:
         lines += ["", *_task_section(r, machine, actor)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _segments(sim: SimMeasurement, rounds: int) -> list[tuple[str, float]]:
+    """A run's wall time in the segments fedcare's run and Flower's floor share."""
+    m = sim.marks
+    seen = {int(p["round"]): p for p in sim.progress}
+    if 0 not in seen or rounds not in seen:
+        return []
+    strategy_start = seen[0]["seen_s"] - seen[0]["elapsed_s"]
+    rows = [
+        ("runner, before Flower starts", m["link_start"]),
+        ("start, until the SuperLink answers", m["link_ready"] - m["link_start"]),
+        ("submit", m["submitted"] - m["link_ready"]),
+        ("submit -> strategy start", strategy_start - m["submitted"]),
+        ("round 0 (initial evaluation)", seen[0]["seen_s"] - strategy_start),
+    ]
+    rows += [
+        (f"round {k}", seen[k]["seen_s"] - seen[k - 1]["seen_s"]) for k in range(1, rounds + 1)
+    ]
+    rows += [
+        ("last round -> the runner's wait returns", m["wait_done"] - seen[rounds]["seen_s"]),
+        ("end the run", m["teardown_start"] - m["wait_done"]),
+        ("teardown (beside summary, metrics.csv, plots)", sim.wall_s - m["teardown_start"]),
+    ]
+    return rows
+
+
+def _floor_section(results: Sequence[TaskResult]) -> list[str]:
+    """Flower and Ray alone against fedcare's run: F, a round, and the segments."""
+    lines = [
+        "## Flower's floor: the same federation with apps that do no fedcare work",
+        "",
+        "`benchmarks/flower_floor.py` on the runner's path (a local SuperLink and the shared "
+        "Ray cluster of `simulations/ray_cluster.py`, a thin app, submit, the wait ended by "
+        "the ServerApp's last write, `end_run`, teardown): the same sites, rounds, message "
+        "shape (round 0 an evaluate exchange, each round one train exchange, the last also an "
+        "evaluate exchange) and model arrays, through Flower's FedAvg strategy loop; the "
+        "ClientApp replies with the arrays it received. Run in the same invocation, right "
+        "after fedcare's run. What fedcare's run costs beyond it is fedcare's: its imports, "
+        "data, DP-SGD, accounting, checks, records and plots.",
+        "",
+        "| task | fedcare F s | Flower floor F s | fedcare's part of F s | fedcare s / round "
+        "(rounds 1..R) | Flower floor s / round | compute s / round (replay) | fedcare's "
+        "part of a round, beyond compute s | k if fedcare added only its compute |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.floor is None:
+            continue
+        fixed, _ = r.fixed_and_per_round()
+        floor_fixed, floor_round = r.floor_fixed_and_per_round()
+        walls = r.round_walls()
+        fed_round = sum(walls.values()) / len(walls)
+        compute = sum(
+            r.compute.rounds[k]["train_s"] + r.compute.rounds[k]["evaluate_s"] for k in walls
+        ) / len(walls)
+        lines.append(
+            f"| {r.label} | {fixed:.1f} | {floor_fixed:.1f} | {fixed - floor_fixed:.1f} | "
+            f"{fed_round:.2f} | {floor_round:.2f} | {compute:.3f} | "
+            f"{fed_round - floor_round - compute:.2f} | {(floor_round + compute) / compute:.2f} |"
+        )
+    for r in results:
+        if r.floor is None:
+            continue
+        ours, floor = _segments(r.sim, r.rounds), dict(_segments(r.floor, r.rounds))
+        if not ours or not floor:
+            continue
+        lines += [
+            "",
+            f"{r.label}, segment by segment (wall s):",
+            "",
+            "| segment | fedcare | Flower + Ray alone | difference |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, seconds in ours:
+            lines.append(
+                f"| {name} | {seconds:.2f} | {floor[name]:.2f} | {seconds - floor[name]:+.2f} |"
+            )
+        lines.append(
+            f"| whole run | {r.sim.wall_s:.2f} | {r.floor.wall_s:.2f} | "
+            f"{r.sim.wall_s - r.floor.wall_s:+.2f} |"
+        )
+        cats = sorted(set(r.sim.tree.cpu_s) | set(r.floor.tree.cpu_s))
+        lines += [
+            "",
+            "CPU seconds by process (sampled): "
+            + ", ".join(
+                f"{c} {r.sim.tree.cpu_s.get(c, 0.0):.1f} / {r.floor.tree.cpu_s.get(c, 0.0):.1f}"
+                for c in cats
+            )
+            + f" (fedcare / floor); in all {sum(r.sim.tree.cpu_s.values()):.1f} / "
+            f"{sum(r.floor.tree.cpu_s.values()):.1f}.",
+        ]
+    return lines
 
 
 def _step_summary(actor: ActorStart, step: str) -> str:
@@ -1142,7 +1419,8 @@ def _findings(r: TaskResult, actor: ActorStart | None = None) -> list[str]:
     before = m["ready_start"]  # the runner's own work, the SuperLink (and Ray) starting
     wait_start = m["link_ready"] - m["ready_start"]
     teardown = m["link_stopped"] - m["wait_done"]
-    after = sim.wall_s - m["link_stopped"]
+    after = _finish_s(sim)
+    tail = sim.wall_s - m["wait_done"]
     walls = r.round_walls()
     excess = {k: w - c.rounds[k]["train_s"] - c.rounds[k]["evaluate_s"] for k, w in walls.items()}
     later = [k for k in walls if k >= 2]
@@ -1183,9 +1461,13 @@ def _findings(r: TaskResult, actor: ActorStart | None = None) -> list[str]:
         f"1. Start-up to the end of round 0, less its compute: {startup:.1f} s "
         f"({pct(startup)}): the runner's site check ({before:.1f} s, while the SuperLink"
         + (" and the Ray cluster start" if r.ray == "shared" else " starts")
-        + f"), what their start took beyond it ({wait_start:.1f} s), submit, SuperExec, "
-        "`flwr-simulation` "
-        + ("joining the Ray cluster" if r.ray == "shared" else "and its own Ray cluster")
+        + f"), what the SuperLink's start took beyond it ({wait_start:.1f} s), submit, "
+        "SuperExec, `flwr-simulation` "
+        + (
+            "joining the Ray cluster (which comes up meanwhile)"
+            if r.ray == "shared"
+            else "and its own Ray cluster"
+        )
         + f", ServerApp start: {strategy_start - m['link_start']:.1f} s until the strategy "
         f"starts (Flower 1.42 starts a simulation runtime per run), then the cold start of "
         f"the {r.actors} Ray client "
@@ -1207,10 +1489,11 @@ def _findings(r: TaskResult, actor: ActorStart | None = None) -> list[str]:
         "(aggregation, checkpoint, progress), not split here.",
         f"4. Finish: last round to the runner's wait returning {finish:.1f} s (the ServerApp "
         "writes `server_record.json`, then `summary.json`; the runner's next in-process "
-        f"Control API poll sees both), then teardown {teardown:.1f} s (`flwr-simulation` "
-        "and its actors killed at once, SuperLink and SuperExec stopped"
+        f"Control API poll sees both), then {tail:.1f} s to the end: the teardown, "
+        f"{teardown:.1f} s (`flwr-simulation` and its actors killed at once, SuperLink and "
+        "SuperExec stopped"
         + (", then the Ray cluster" if r.ray == "shared" else "")
-        + f"), plus the runner's own {after:.1f} s after Flower (summary, metrics.csv, "
+        + f"; in a thread), beside the runner's own {after:.1f} s (summary, metrics.csv, "
         "plots).",
         "",
         f"Inside the pure compute, privacy accounting is {c.accounting_s:.2f} of "
@@ -1259,11 +1542,30 @@ def _findings(r: TaskResult, actor: ActorStart | None = None) -> list[str]:
         f"{most} here; then a warm hit of {c.warm_hit_s * 1000:.1f} ms per message (a stat "
         "of every file of the site, so it grows with the files a site holds).",
         f"- fedcare, runner: {before:.1f} s checking the sites (Flower starting meanwhile) "
-        f"and {after:.1f} s after Flower.",
+        f"and {after:.1f} s after Flower (beside the teardown).",
         f"- With F and k as above, the ratio {GOAL_RATIO} needs k < {GOAL_RATIO} and a run of "
         f"at least F / ({GOAL_RATIO} - k) s of compute.",
     ]
     return lines
+
+
+def _floor_json(r: TaskResult) -> dict[str, Any] | None:
+    """Flower's floor for the JSON: its F, its mean round, and fedcare's share of each."""
+    if r.floor is None:
+        return None
+    fixed, _ = r.fixed_and_per_round()
+    floor_fixed, floor_round = r.floor_fixed_and_per_round()
+    walls = r.round_walls()
+    return {
+        "fixed_overhead_s": floor_fixed,
+        "per_round_s": floor_round,
+        "round_walls_s": _round_walls(r.floor, r.rounds),
+        "wall_s": r.floor.wall_s,
+        "fedcare_fixed_overhead_part_s": fixed - floor_fixed,
+        "fedcare_per_round_s": sum(walls.values()) / len(walls),
+        "segments": dict(_segments(r.floor, r.rounds)),
+        "cpu_s": dict(r.floor.tree.cpu_s),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1292,6 +1594,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="comma list of how each simulation gets Ray: shared (a cluster started beside "
         "the SuperLink, fedcare's default) and/or per-run (flwr-simulation starts its own, "
         "as Flower does); each is simulated against one replay",
+    )
+    parser.add_argument(
+        "--flower-floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the same federation with apps that do no fedcare work "
+        "(benchmarks/flower_floor.py), in each --ray mode: Flower's and Ray's own F and round",
     )
     args = parser.parse_args(argv)
     rays = [m.strip() for m in args.ray.split(",") if m.strip()]
@@ -1329,6 +1638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 work=work / task,
                 interval_s=args.interval,
                 rays=rays,
+                floor=args.flower_floor,
             ):
                 fixed, k = r.fixed_and_per_round()
                 print(
@@ -1365,6 +1675,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "warm_hit_s": c.warm_hit_s,
                 "cold_load_s": sum(c.cold_load_s.values()),
             }
+            | {"flower_floor": _floor_json(r)}
         )
     json_path = args.json if args.json is not None else args.out.with_suffix(".json")
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,10 @@ Every run's ``flwr-simulation`` joins one local Ray cluster that :func:`local_su
 starts beside the SuperLink (:mod:`fedcare.simulations.ray_cluster`), instead of starting and
 stopping a Ray cluster of its own: Ray starts once per SuperLink, and so once per sweep.
 :func:`local_superlink` returns as soon as both processes are started; the first request
-(:meth:`SuperLinkHandle.ready`) waits until they are up, so the caller's own work (checking
-the sites) overlaps their start.
+(:meth:`SuperLinkHandle.ready`) waits until the SuperLink is up, so the caller's own work
+(checking the sites) overlaps their start, and a run is submitted before the Ray cluster is
+up: its ``flwr-simulation`` waits for the cluster only when it joins it, seconds into its own
+start (:func:`fedcare.simulations.ray_cluster.wait_until_ready`).
 
 :meth:`SuperLinkHandle.submit` sends what ``flwr run`` sends (the FAB built by Flower's own
 builder, the run-config overrides, the simulation config) to the SuperLink's Control API from
@@ -184,8 +186,8 @@ class SuperLinkHandle:
     pid : int
         The SuperLink's process id (it leads its own session).
     wait_ready : callable, optional
-        Returns once the SuperLink (and the Ray cluster its runs join) is up, or raises;
-        :meth:`ready` calls it once, before the first request.
+        Returns once the SuperLink is up (and the Ray cluster its runs join has not
+        exited), or raises; :meth:`ready` calls it once, before the first request.
     ray_address : str, optional
         ``127.0.0.1:PORT`` of the Ray cluster every run joins (None: each run starts its
         own, as Flower does).
@@ -216,14 +218,15 @@ class SuperLinkHandle:
         self._open_runs: set[int] = set()  # submitted, not yet seen finished or ended
 
     def ready(self) -> None:
-        """Return once the SuperLink answers (and the Ray cluster takes drivers).
+        """Return once the SuperLink answers (the Ray cluster may still be starting: each
+        run's simulation waits for it when it joins it).
 
         Called by every request; only the first one waits.
 
         Raises
         ------
         FlowerRunError
-            The SuperLink or the Ray cluster exited, or was not up in time.
+            The SuperLink or the Ray cluster exited, or the SuperLink was not up in time.
         """
         if self._wait_ready is not None:
             self._wait_ready()
@@ -563,7 +566,8 @@ def local_superlink(
     """Start a simulation SuperLink on a free 127.0.0.1 port; stop it and its family on exit.
 
     Returns as soon as the processes are started; the handle's first request waits until
-    they are up (:meth:`SuperLinkHandle.ready`).
+    the SuperLink is up (:meth:`SuperLinkHandle.ready`), and each run's simulation until the
+    Ray cluster is (:func:`fedcare.simulations.ray_cluster.wait_until_ready`).
 
     The SuperLink runs ``--insecure`` (plain text, no TLS): it listens on the loopback
     interface only and serves a simulation on this machine. Real deployments use TLS
@@ -584,8 +588,10 @@ def local_superlink(
         fedcare's own packages are installed and need none.
     shared_ray : bool, default True
         Start one local Ray cluster beside the SuperLink (:mod:`fedcare.simulations.ray_cluster`)
-        and let every run's simulation join it (``RAY_ADDRESS``); stopped on exit with the
-        rest. False: each run starts and stops its own Ray cluster, as Flower does.
+        and let every run's simulation join it (``RAY_ADDRESS``, and ``RAY_RUNTIME_ENV_HOOK``
+        by which its ``ray.init()`` first waits for the cluster to be up, at most
+        ``max(startup_timeout, 120)`` s); stopped on exit with the rest. False: each run
+        starts and stops its own Ray cluster, as Flower does.
 
     Yields
     ------
@@ -596,7 +602,8 @@ def local_superlink(
     ------
     FlowerRunError
         From the first request: the SuperLink exited or was not healthy within
-        ``startup_timeout``, or the Ray cluster did not start.
+        ``startup_timeout``, or the Ray cluster exited. A Ray cluster that is not up in
+        time fails the run instead (its status names the cluster's log).
 
     Notes
     -----
@@ -632,7 +639,8 @@ def local_superlink(
         ray: RayCluster | None = None
         if shared_ray:
             ray = stack.enter_context(local_ray_cluster(work_dir=work_dir, env=env))
-            env["RAY_ADDRESS"] = ray.address
+            # Each run's simulation joins it, and waits for it there (ray_cluster).
+            env.update(ray.driver_env(timeout_s=max(startup_timeout, 120.0)))
         else:  # a new cluster per run; without it, Ray joins one `ray start` recorded
             env["RAY_ADDRESS"] = "local"  # in /tmp/ray/ray_current_cluster, anyone's
         log = stack.enter_context(open(work_dir / "superlink.log", "ab"))
@@ -650,10 +658,12 @@ def local_superlink(
         )
 
         def wait_ready() -> None:
+            # Only the SuperLink: a run's simulation waits for the Ray cluster itself, when
+            # it joins it, so the cluster comes up while the simulation starts.
             _wait_healthy(link, port, startup_timeout, work_dir / "superlink.log")
             if ray is not None:
                 try:
-                    ray.ready(timeout_s=max(startup_timeout, 120.0))
+                    ray.check()
                 except RayClusterError as e:
                     raise FlowerRunError(str(e)) from e
 

@@ -18,6 +18,13 @@ SuperLink can be started with it at once.
 Each run is still its own Ray job: Ray gives each job its own worker processes (a run's
 ClientApp actors import fedcare afresh, and nothing one run loaded is seen by the next), and
 kills a job's actors when its driver (the run's ``flwr-simulation``) exits or is killed.
+
+A run need not wait for the cluster before it is submitted: its ``flwr-simulation`` spends
+seconds starting (Flower, the ServerApp's and the ClientApp's imports) before it joins Ray, and
+waits for the cluster only then. Ray calls :func:`wait_until_ready` (named by
+``RAY_RUNTIME_ENV_HOOK`` in the environment :meth:`RayCluster.driver_env` gives) at the start of
+that ``ray.init()``, before it connects; the hook returns once the holder has written its ready
+mark, so the cluster's start overlaps the simulation's.
 """
 
 from __future__ import annotations
@@ -32,16 +39,23 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from fedcare.common.errors import FedcareError
 from fedcare.common.leash import leash_command
 from fedcare.common.processes import free_port, module_command, stop_family
 from fedcare.common.stopping import Stopped
 
-__all__ = ["RayCluster", "RayClusterError", "local_ray_cluster", "main"]
+__all__ = ["RayCluster", "RayClusterError", "local_ray_cluster", "main", "wait_until_ready"]
 
 #: Written by the holder once ``ray.init()`` has returned: the cluster takes drivers.
 READY_NAME = "ray-ready"
+#: Ray's variable naming a function it calls at the start of every ``ray.init()``.
+RUNTIME_ENV_HOOK_VAR = "RAY_RUNTIME_ENV_HOOK"
+#: The variables that tell :func:`wait_until_ready` what to wait for.
+READY_FILE_VAR = "FEDCARE_RAY_READY_FILE"
+HOLDER_PID_VAR = "FEDCARE_RAY_HOLDER_PID"
+READY_TIMEOUT_VAR = "FEDCARE_RAY_READY_TIMEOUT_S"
 #: The holder's log (Ray's own logs are in its session folder under /tmp/ray).
 LOG_NAME = "ray.log"
 #: Seconds each process of the cluster gets between SIGTERM and SIGKILL on stop. Nothing in
@@ -73,6 +87,27 @@ class RayCluster:
         self.log = work_dir / LOG_NAME
         self._ready_file = work_dir / READY_NAME
         self._ready = False
+
+    def driver_env(self, *, timeout_s: float = 120.0) -> dict[str, str]:
+        """What a driver's environment needs to join this cluster, waiting for it there.
+
+        ``RAY_ADDRESS``, and the hook (:func:`wait_until_ready`) by which the driver's
+        ``ray.init()`` waits up to ``timeout_s`` for the cluster to take drivers."""
+        return {
+            "RAY_ADDRESS": self.address,
+            RUNTIME_ENV_HOOK_VAR: f"{__name__}.wait_until_ready",
+            READY_FILE_VAR: str(self._ready_file),
+            HOLDER_PID_VAR: str(self.pid),
+            READY_TIMEOUT_VAR: f"{timeout_s:g}",
+        }
+
+    def check(self) -> None:
+        """Raise :class:`RayClusterError` if the holder has already exited (never waits)."""
+        if not self._ready and self._proc.poll() is not None:
+            raise RayClusterError(
+                f"the local Ray cluster exited with code {self._proc.returncode} while "
+                f"starting; see {self.log}"
+            )
 
     def ready(self, *, timeout_s: float = 120.0) -> None:
         """Return once the cluster takes drivers (at once after the first success).
@@ -129,7 +164,9 @@ def local_ray_cluster(*, work_dir: Path, env: Mapping[str, str]) -> Iterator[Ray
     ready = work_dir / READY_NAME
     ready.unlink(missing_ok=True)
     port = free_port()
-    holder_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    holder_env = {  # the holder starts a cluster: it neither joins one nor waits for one
+        k: v for k, v in env.items() if k not in ("RAY_ADDRESS", RUNTIME_ENV_HOOK_VAR)
+    }
     holder_env["RAY_GCS_SERVER_PORT"] = str(port)
     command = [*module_command("fedcare.simulations.ray_cluster"), "--ready-file", str(ready)]
     with open(work_dir / LOG_NAME, "ab") as log:
@@ -152,6 +189,48 @@ def local_ray_cluster(*, work_dir: Path, env: Mapping[str, str]) -> Iterator[Ray
             stop_family(proc, sessions, grace_s=0)
             raise
         ready.unlink(missing_ok=True)
+
+
+def wait_until_ready(runtime_env: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Ray's ``RAY_RUNTIME_ENV_HOOK`` in a run's driver: return once the cluster is up.
+
+    Ray calls it at the start of ``ray.init()``, before it connects to the cluster; it waits
+    for the ready mark named by ``FEDCARE_RAY_READY_FILE`` (written once the holder's own
+    ``ray.init()`` returned), and returns the runtime environment unchanged.
+
+    Raises
+    ------
+    RayClusterError
+        The holder (``FEDCARE_RAY_HOLDER_PID``) exited first, or the cluster was not up within
+        ``FEDCARE_RAY_READY_TIMEOUT_S`` seconds; the driver's ``ray.init()`` fails with it,
+        and so does the run, with this message in its status.
+    """
+    ready = Path(os.environ[READY_FILE_VAR])
+    holder = int(os.environ[HOLDER_PID_VAR])
+    timeout_s = float(os.environ.get(READY_TIMEOUT_VAR, "120"))
+    deadline = time.monotonic() + timeout_s
+    while not ready.is_file():
+        if not _alive(holder):
+            raise RayClusterError(
+                "the local Ray cluster exited before it took this run; see "
+                f"{ready.parent / LOG_NAME}"
+            )
+        if time.monotonic() > deadline:
+            raise RayClusterError(
+                f"the local Ray cluster was not up after {timeout_s:g} s; see "
+                f"{ready.parent / LOG_NAME}, or retry on a less loaded machine"
+            )
+        time.sleep(0.05)
+    return runtime_env
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -853,9 +853,13 @@ def plot_survival_curves(
 
 def write_survival_curves(run_dir: Path) -> list[Path]:
     """``plots/survival_curves.png`` for a simulated run of a survival task: each site's
-    Kaplan-Meier curve from its own files (``sites.json``); ``[]`` for any other run."""
+    Kaplan-Meier curve from its own files (``sites.json``); ``[]`` for any other run.
+
+    Whether the task's label is a survival label is read from the first site's
+    ``site.toml`` alone (milliseconds); only a survival run loads the sites' files."""
     from fedcare.client.data.loaders import load_site  # the sites' files: simulations only
     from fedcare.client.data.survival_labels import time_column
+    from fedcare.common.spec import SPEC_FILENAME, load_site_spec
     from fedcare.common.tomlcompat import tomllib
 
     run_dir = Path(run_dir)
@@ -863,10 +867,15 @@ def write_survival_curves(run_dir: Path) -> list[Path]:
     if not manifest.is_file() or not config.is_file():
         return []
     task = tomllib.loads(config.read_text(encoding="utf-8")).get("federation", {}).get("task")
+    folders = json.loads(manifest.read_text(encoding="utf-8"))
+    if folders:
+        spec = load_site_spec(Path(folders[0]) / SPEC_FILENAME)
+        if spec.label(spec.task(str(task)).label).kind != "survival":
+            return []
     curves: dict[str, tuple[Sequence[float], Sequence[float]]] = {}
     cuts: Sequence[float] = ()
     unit = None
-    for folder in json.loads(manifest.read_text(encoding="utf-8")):
+    for folder in folders:
         site = load_site(folder)
         label = site.spec.label(site.spec.task(str(task)).label)
         if label.kind != "survival":

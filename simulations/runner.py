@@ -27,9 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import secrets
 import shutil
+import sys
+import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,6 +67,7 @@ from fedcare.server.summary import build_summary
 from fedcare.simulations.baselines import local_only, pooled
 from fedcare.simulations.flower_driver import (
     FlowerRunError,
+    RunHandle,
     RunSource,
     local_superlink,
     write_app_dir,
@@ -79,6 +83,8 @@ from fedcare.simulations.reports import (
 from fedcare.simulations.scenario import Scenario
 from fedcare.simulations.synth import synthesize
 from fedcare.simulations.synth.tasks import TASKS as SYNTH_TASKS
+
+_log = logging.getLogger(__name__)
 
 STATE_DIR_NAME = STATE_DIR
 """The folder of a run directory that holds its simulated sites' durable state."""
@@ -388,11 +394,12 @@ def _run_locked(
         run_id = cfg.run_id or new_run_id(scenario.name)
     _check_task(scenario, out, cfg.task, reuse=resume)  # a wrong task never starts Flower
     own_link = superlink is None
-    with (
-        local_superlink(work_dir=out / ".flower")
-        if superlink is None
-        else contextlib.nullcontext(superlink.handle())
-    ) as link:
+    with contextlib.ExitStack() as flower:
+        link: RunHandle = (
+            flower.enter_context(local_superlink(work_dir=out / ".flower"))
+            if superlink is None
+            else superlink.handle()
+        )
         # Flower's processes (SuperLink, Ray cluster) start now and come up while the
         # sites are prepared and checked below; the submit waits for them.
         folders = prepare_sites(scenario, out, reuse=resume)
@@ -492,9 +499,59 @@ def _run_locked(
         if status.status != "finished:completed":
             link.end_run(flower_run)
         poll()
-    if own_link:
-        shutil.rmtree(out / ".flower" / "home", ignore_errors=True)
+        # The run is over and its output on disk: its own SuperLink and Ray cluster (none
+        # for a shared SuperLink) stop in the background while the summary, metrics.csv and
+        # plots are written, and are gone before this returns. Any failure above left the
+        # `with` with them, stopped in the foreground.
+        teardown = _Teardown(flower.pop_all(), home=out / ".flower" / "home" if own_link else None)
+    with teardown:
+        return _finish(scenario, out, cfg, run_dir=run_dir, sites=sites)
 
+
+class _Teardown:
+    """Close an exit stack (a SuperLink and what it started) in a thread, then remove
+    ``home``; on exit of the ``with`` block, wait for it and raise what it raised.
+
+    The block's own exception wins, with the teardown's noted on it (logged on Python
+    3.10); the teardown's is raised where the block raised nothing. The thread is not a
+    daemon, so an interrupted wait still lets it finish."""
+
+    def __init__(self, stack: contextlib.ExitStack, *, home: Path | None) -> None:
+        self._stack, self._home = stack, home
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="flower-teardown")
+
+    def _run(self) -> None:
+        try:
+            self._stack.close()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread on exit
+            self._error = e
+        if self._home is not None:
+            shutil.rmtree(self._home, ignore_errors=True)
+
+    def __enter__(self) -> _Teardown:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, *rest: object
+    ) -> None:
+        self._thread.join()
+        if self._error is None:
+            return
+        if error is None:
+            raise self._error
+        note = f"stopping the run's SuperLink and Ray also failed: {self._error!r}"
+        if sys.version_info >= (3, 11):
+            error.add_note(note)
+        else:  # pragma: no cover - Python 3.10 has no exception notes
+            _log.warning(note)
+
+
+def _finish(
+    scenario: Scenario, out: Path, cfg: FederationConfig, *, run_dir: Path, sites: list[SiteData]
+) -> RunOutcome:
+    """After the run: the baselines, ``summary.json``, ``metrics.csv`` and the plots."""
     record = load_run_record(run_dir / RECORD_NAME)
     baselines: dict[str, Any] = {"local_only": {}, "pooled": {}}
     if scenario.baselines:

@@ -19,11 +19,16 @@ import pytest
 
 from fedcare.common.processes import family_pids, flower_env, free_port, live_processes
 from fedcare.simulations.ray_cluster import (
+    HOLDER_PID_VAR,
     LOG_NAME,
+    READY_FILE_VAR,
     READY_NAME,
+    READY_TIMEOUT_VAR,
+    RUNTIME_ENV_HOOK_VAR,
     RayCluster,
     RayClusterError,
     local_ray_cluster,
+    wait_until_ready,
 )
 
 
@@ -62,6 +67,64 @@ def test_the_ready_mark_is_what_ready_waits_for(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_driver_is_told_where_the_cluster_is_and_to_wait_for_it(tmp_path: Path) -> None:
+    cluster, proc = _cluster(tmp_path, "import time; time.sleep(60)")
+    try:
+        env = cluster.driver_env(timeout_s=90)
+        cluster.check()  # the holder lives: no error, and no wait
+    finally:
+        proc.kill()
+        proc.wait()
+    assert env == {
+        "RAY_ADDRESS": "127.0.0.1:1",
+        RUNTIME_ENV_HOOK_VAR: "fedcare.simulations.ray_cluster.wait_until_ready",
+        READY_FILE_VAR: str(tmp_path / READY_NAME),
+        HOLDER_PID_VAR: str(proc.pid),
+        READY_TIMEOUT_VAR: "90",
+    }
+    with pytest.raises(RayClusterError, match=r"exited with code -9"):
+        cluster.check()
+
+
+def _driver(monkeypatch: pytest.MonkeyPatch, cluster: RayCluster, timeout_s: float) -> None:
+    """This process as a run's driver would be: with the cluster's ``driver_env``."""
+    for name, value in cluster.driver_env(timeout_s=timeout_s).items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_drivers_ray_init_goes_on_once_the_cluster_is_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster, proc = _cluster(tmp_path, "import time; time.sleep(60)")
+    try:
+        _driver(monkeypatch, cluster, timeout_s=60)
+        (tmp_path / READY_NAME).write_text("127.0.0.1:1", encoding="utf-8")
+        flower_runtime_env = {"env_vars": {"PYTHONPATH": "/x"}}  # what flwr-simulation passes
+        assert wait_until_ready(flower_runtime_env) is flower_runtime_env
+        assert wait_until_ready(None) is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_driver_waiting_for_a_cluster_that_died_or_is_late_fails_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster, proc = _cluster(tmp_path, "import time; time.sleep(60)")
+    try:
+        _driver(monkeypatch, cluster, timeout_s=0.2)
+        with pytest.raises(RayClusterError, match=r"not up after 0\.2 s") as late:
+            wait_until_ready({})
+    finally:
+        proc.kill()
+        proc.wait()
+    with pytest.raises(RayClusterError, match="exited before it took this run") as died:
+        wait_until_ready({})
+    for error in (late.value, died.value):
+        assert str(tmp_path / LOG_NAME) in str(error)
+        assert "\n" not in str(error)
 
 
 @pytest.mark.slow
