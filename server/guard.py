@@ -227,6 +227,10 @@ class GuardedStrategy(Strategy):
         #: Whether the round sent its model packed (fedcare's ServerApp always does).
         self._sent_packed = False
         self._expected: set[int] = set()
+        #: The site each node speaks for in this process, from its first reply that names
+        #: one (:meth:`_speaks_for`): a node never speaks for two sites, nor two live nodes
+        #: for one.
+        self._node_sites: dict[int, str] = {}
         self._skip_evaluation = False
         #: Per-group releases (models/fairness.py) of a round's evaluation, until pooled.
         self._group_releases: dict[int, dict[str, dict[tuple[str, str, int], SplitSums]]] = {}
@@ -254,7 +258,40 @@ class GuardedStrategy(Strategy):
         return self.round_offset + server_round
 
     def _site_of(self, node_id: int) -> str:
-        return self.recorder.site_of(node_id)
+        return self._node_sites.get(node_id) or self.recorder.site_of(node_id)
+
+    def _speaks_for(self, node: int, claimed: str | None, live: set[int]) -> tuple[str, str]:
+        """The site a reply from ``node`` speaks for, and why its claim is refused (``""``
+        when it is not).
+
+        A reply's site id is the site's word (its site record, or its error reason's
+        prefix); the centre binds it to the Flower node that sent it (a registered
+        SuperNode's key in a deployment) at the first reply that names one. After that the
+        node speaks only for that site: a reply claiming another is refused under the bound
+        site. A site already bound to another node that is live (asked this round or
+        replying in this batch, ``live``) cannot be claimed: two nodes never speak for one
+        site. A bound node that is gone (a SuperNode restarted under a new node id) gives
+        its site up to the next node that claims it.
+        """
+        bound = self._node_sites.get(node)
+        if bound is not None:
+            if claimed is not None and claimed != bound:
+                return bound, (
+                    f"its node speaks for site {bound} in this run, but the reply claims to "
+                    f"be site {claimed}"
+                )
+            return bound, ""
+        if claimed is None:
+            return self._site_of(node), ""
+        holder = next((n for n, site in self._node_sites.items() if site == claimed), None)
+        if holder is not None and (holder in live or holder in self._expected):
+            return f"node-{node}", (
+                f"the reply claims to be site {claimed}, which another node speaks for in this run"
+            )
+        if holder is not None:
+            del self._node_sites[holder]
+        self._node_sites[node] = claimed
+        return claimed, ""
 
     def _event(self, server_round: int, site_id: str, kind: EventKind, detail: str) -> None:
         self._event_at(self.absolute(server_round), site_id, kind, detail)
@@ -338,7 +375,11 @@ class GuardedStrategy(Strategy):
                     continue
             if refusal is not None:
                 text, epsilon, delta = keys.ledger_epsilon(refusal[1])
-                site_id, reason = _split_reason(text, self._site_of(node))
+                claimed, reason = _claim_in_reason(text, refusal[0])
+                site_id, conflict = self._speaks_for(node, claimed, answered)
+                if conflict:
+                    self._reject(server_round, site_id, node, None, conflict, None)
+                    continue
                 self.recorder.node_is(node, site_id)
                 status = _STATUS_OF_CODE.get(refusal[0], kinds.REFUSED)
                 # epsilon: the site's ledger, as it reports it (kept in a DP run)
@@ -348,7 +389,10 @@ class GuardedStrategy(Strategy):
                 self._event(server_round, site_id, status, reason)
                 continue
             info = reply.content.config_records.get(keys.REC_SITE)
-            site_id = _reported_site_id(info, self._site_of(node))
+            site_id, conflict = self._speaks_for(node, _reported_site_id(info), answered)
+            if conflict:
+                self._reject(server_round, site_id, node, None, conflict, info)
+                continue
             self.recorder.node_is(node, site_id)
             sha256: str | None = None
             try:
@@ -477,15 +521,21 @@ class GuardedStrategy(Strategy):
             return None
         per_site: dict[str, dict[str, float]] = {}
         releases: dict[str, dict[str, SplitSums]] = {}
+        replies = list(replies)
+        live = {r.metadata.src_node_id for r in replies}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 text, _, _ = keys.ledger_epsilon(reply.error.reason or "")
-                site_id, reason = _split_reason(text, self._site_of(node))
-                self._event_at(rnd, site_id, kinds.EVALUATE_FAILED, reason)
+                claimed, reason = _claim_in_reason(text, int(reply.error.code))
+                site_id, conflict = self._speaks_for(node, claimed, live)
+                self._event_at(rnd, site_id, kinds.EVALUATE_FAILED, conflict or reason)
                 continue
             info = reply.content.config_records.get(keys.REC_SITE)
-            site_id = _reported_site_id(info, self._site_of(node))
+            site_id, conflict = self._speaks_for(node, _reported_site_id(info), live)
+            if conflict:
+                self._event_at(rnd, site_id, kinds.EVALUATE_FAILED, conflict)
+                continue
             self._site_evaluated(
                 rnd, site_id, reply.content.get(keys.REC_METRICS), info, per_site, releases
             )
@@ -502,16 +552,19 @@ class GuardedStrategy(Strategy):
         """
         per_site: dict[str, dict[str, float]] = {}
         releases: dict[str, dict[str, SplitSums]] = {}
+        live = {r.metadata.src_node_id for r in replies}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 text, _, _ = keys.ledger_epsilon(reply.error.reason or "")
-                site_id, error = _split_reason(text, self._site_of(node))
+                claimed, error = _claim_in_reason(text, int(reply.error.code))
+                site_id, conflict = self._speaks_for(node, claimed, live)
                 self._event_at(
                     rnd,
                     site_id,
                     kinds.EVALUATE_FAILED,
-                    f"its train message of round {rnd + 1}, which carried this evaluation, "
+                    conflict
+                    or f"its train message of round {rnd + 1}, which carried this evaluation, "
                     f"was answered with an error: {error}",
                 )
                 continue
@@ -522,10 +575,14 @@ class GuardedStrategy(Strategy):
             info = taken.get(keys.REC_EVAL_SITE)
             refusal = taken.get(keys.REC_EVAL_REFUSAL)
             trained = reply.content.config_records.get(keys.REC_SITE)
-            site_id = _reported_site_id(
-                info if isinstance(info, ConfigRecord) else trained, self._site_of(node)
+            site_id, conflict = self._speaks_for(
+                node,
+                _reported_site_id(info if isinstance(info, ConfigRecord) else trained),
+                live,
             )
             try:
+                if conflict:
+                    raise ValueError(conflict)
                 if refusal is not None:
                     if metrics is not None or info is not None:
                         raise ValueError("it carries an evaluation and its refusal")
@@ -536,7 +593,12 @@ class GuardedStrategy(Strategy):
                     if not isinstance(reason, str):
                         raise TypeError("its evaluation refusal gives no reason")
                     text, _, _ = keys.ledger_epsilon(reason)
-                    site_id, why = _split_reason(text, site_id)
+                    claimed, why = _claim_in_reason(text, keys.ERR_POLICY)
+                    if claimed is not None and claimed != site_id:
+                        raise ValueError(
+                            f"its evaluation refusal claims to be site {claimed}, the reply "
+                            f"{site_id}"
+                        )
                     self._event_at(rnd, site_id, kinds.EVALUATE_FAILED, why)
                     continue
                 if metrics is None or info is None:
@@ -1001,28 +1063,50 @@ _MAX_REASON = 1000
 _SITE_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
-def _reported_site_id(info: ConfigRecord | None, fallback: str) -> str:
-    """The site id a reply reports, or ``fallback`` (``node-<id>``) when it is not a valid one.
+def _reported_site_id(info: ConfigRecord | None) -> str | None:
+    """The site id a reply's site record reports, or None when it reports no valid one.
 
-    A reply's site record is the site's word; a malformed id must not reach the audit log.
+    A reply's site record is the site's word (bound to its node by
+    :meth:`GuardedStrategy._speaks_for`); a malformed id must not reach the audit log.
     """
     if info is None or keys.S_SITE_ID not in info:
-        return fallback
+        return None
     value = info[keys.S_SITE_ID]
     if isinstance(value, str) and _SITE_ID.fullmatch(value):
         return value
-    return fallback
+    return None
 
 
-def _split_reason(reason: str, fallback: str) -> tuple[str, str]:
-    """Sites prefix an error reason with ``<site-id>: ``."""
+#: Error codes a site's own error reply carries (its reason starts with ``<site-id>: ``);
+#: Flower's own (below 4000: a node gone offline, a ClientApp that crashed) name no site.
+_SITE_CODES = frozenset(
+    {
+        keys.ERR_BUDGET,
+        keys.ERR_POLICY,
+        keys.ERR_DATA,
+        keys.ERR_CONFIG,
+        keys.ERR_FAILED,
+        keys.ERR_DIVERGED,
+    }
+)
+
+
+def _claim_in_reason(reason: str, code: int) -> tuple[str | None, str]:
+    """``(site id, reason)`` of an error reason: a site prefixes its own with ``<site-id>: ``.
+    Flower's reasons (``"Error: Node Unavailable ..."``) and any other code's name no site.
+
+    >>> _claim_in_reason("site-1: over budget", 4001)
+    ('site-1', 'over budget')
+    >>> _claim_in_reason("Error: Node Unavailable", 5)
+    (None, 'Error: Node Unavailable')
+    """
     head, sep, rest = reason.partition(": ")
-    if sep and _SITE_ID.fullmatch(head):
-        site_id, text = head, rest
+    if code in _SITE_CODES and sep and _SITE_ID.fullmatch(head):
+        claimed, text = head, rest
     else:
-        site_id, text = fallback, reason
+        claimed, text = None, reason
     # A site that gives no reason still ended its round: the record says so in words.
-    return site_id, (text.strip() or "(the site gave no reason)")[:_MAX_REASON]
+    return claimed, (text.strip() or "(the site gave no reason)")[:_MAX_REASON]
 
 
 def _drop_partial_metric(replies: list[Message], name: str) -> None:
