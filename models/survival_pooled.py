@@ -245,8 +245,16 @@ def histograms_from_wire(
     out: dict[str, SurvivalHistogram] = {}
     for split, got in cells.items():
         assert intervals is not None  # (any cell of a non-survival run raised above)
-        if f"{split}.n" not in metrics:
+        declared = metrics.get(f"{split}.n")
+        if declared is None:
             raise DataError(f"a survival histogram of split {split!r}, which the reply withheld")
+        if (
+            isinstance(declared, bool)
+            or not isinstance(declared, (int, float))
+            or not math.isfinite(float(declared))
+            or float(declared) < 1
+        ):
+            raise DataError(f"{split}.n = {declared!r} is not a count of at least one patient")
         bins = 1 + max(b for b, _, _ in got)
         size = bins * (intervals + 1) * 2
         if len(got) != size:
@@ -257,6 +265,14 @@ def histograms_from_wire(
         counts = np.zeros((bins, intervals + 1, 2))
         for (b, k, e), v in got.items():
             counts[b, k, e] = v
+        # A site's patients are its histogram's: its n is the rounded sum of the same cells
+        # (exact or noisy), so a histogram of other patients than it reports is refused, and
+        # no site weighs in the pooled C-index beyond the patients it declares.
+        if abs(float(counts.sum()) - float(declared)) > 0.5 + 1e-9 * abs(float(declared)):
+            raise DataError(
+                f"{split}: the survival histogram holds {float(counts.sum()):.6g} patients, the "
+                f"reply declares {split}.n = {float(declared):g}"
+            )
         out[split] = SurvivalHistogram(counts)
     return out
 

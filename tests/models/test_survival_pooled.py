@@ -200,6 +200,13 @@ def _wire() -> dict[str, float]:
         (lambda m: m.update({keys.surv_hist_key("test", 0, 0, 0): 1e13}), "not a finite"),
         (lambda m: m.update({keys.surv_hist_key("test", 0, 0, 0): True}), "not a number"),
         (lambda m: m.pop("test.n"), "which the reply withheld"),
+        # A site's histogram holds the patients it declares: more patients than its n (it
+        # would weigh in the pooled C-index beyond them), cells cancelling others', or no n.
+        (lambda m: m.update({"test.n": m["test.n"] / 10}), "the reply declares test.n"),
+        (lambda m: m.update({keys.surv_hist_key("test", 0, 0, 0): 3000.0}), "declares test.n"),
+        (lambda m: m.update({keys.surv_hist_key("test", 0, 0, 1): -1e11}), "declares test.n"),
+        (lambda m: m.update({"test.n": -5.0}), "not a count of at least one patient"),
+        (lambda m: m.update({"test.n": math.inf}), "not a count of at least one patient"),
     ],
 )
 def test_a_malformed_or_oversized_histogram_is_refused_with_its_reason(
