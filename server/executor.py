@@ -9,8 +9,10 @@ that caller:
 * :func:`run_executor` (``python -m fedcare.server.executor --runtime-api-address ...``, built by
   ``fedcare.server.deploy.executor_command``) polls
   ``AcquireTask`` for ``flwr-serverapp`` tasks on the SuperLink's loopback Runtime API every
-  0.5 s and starts one task process per task, handing it the task's token on its standard
-  input (never on a command line other local users can read);
+  0.5 s (every :data:`BUSY_POLL_INTERVAL_S` while a ServerApp of its own runs: each ask costs
+  the SuperLink's CPU, which a running federation's rounds need) and starts one task process
+  per task, handing it the task's token on its standard input (never on a command line other
+  local users can read);
 * :func:`run_task` (``python -m fedcare.server.executor --run-task ...``) does what Flower's own
   ``flwr-serverapp`` does (``flwr.superlink.runtime.run_serverapp``: an ``HttpGrid`` holding
   the token, task heartbeats, ``PullTaskInput``, the run config fused from the FAB's
@@ -38,7 +40,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -93,12 +96,24 @@ from fedcare.common.superexec import (
     task_acquirer,
 )
 
-__all__ = ["POLL_INTERVAL_S", "CollectingGrid", "run_executor", "run_task", "main"]
+__all__ = [
+    "BUSY_POLL_INTERVAL_S",
+    "POLL_INTERVAL_S",
+    "CollectingGrid",
+    "pull_reply_objects",
+    "run_executor",
+    "run_task",
+    "main",
+]
 
 log = logging.getLogger(__name__)
 
 #: How often an idle executor asks for a task.
 POLL_INTERVAL_S = 0.5
+#: How often it asks while a ServerApp task of its own runs: another run's task waits up to
+#: this long to start, and the running rounds keep the SuperLink's CPU (each ask costs about
+#: as much as any other request to it).
+BUSY_POLL_INTERVAL_S = 2.0
 #: Waits between tries for a reply object the SuperLink does not hold yet (a site's
 #: SuperNode announces its reply, then uploads its objects): first, longest. Flower's grid
 #: waits 1 s, 2 s, 4 s..., which holds a reply up to a second after it is complete; these
@@ -108,6 +123,9 @@ PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.25
 #: never uploads its objects gets Flower's error reply for it (a drop-out), instead of
 #: holding the round for Flower's whole 2 h limit.
 PULL_MAX_TRIES = 2400
+#: Longest the objects of one reply are waited for, all waits together (the tries above at
+#: the cap): a reply whose objects never all come is then Flower's error reply, a drop-out.
+REPLY_OBJECTS_MAX_S = PULL_MAX_TRIES * PULL_BACKOFF_CAP_S
 #: Replies a ServerApp task collects side by side (each a site's, over its own requests).
 REPLY_COLLECTORS = 8
 _TOKEN = re.compile(r"[0-9a-f]{16,256}")
@@ -129,8 +147,10 @@ def run_executor(
     root_certificates: Path | None,
     secret: bytes,
     poll_s: float = POLL_INTERVAL_S,
+    busy_poll_s: float = BUSY_POLL_INTERVAL_S,
 ) -> int:
-    """Take ServerApp tasks from the SuperLink and run each in its own task process.
+    """Take ServerApp tasks from the SuperLink and run each in its own task process; ask
+    every ``poll_s`` seconds, every ``busy_poll_s`` while a task process of its own runs.
 
     Returns when told to stop (SIGTERM, SIGINT, SIGHUP): each running task process gets
     SIGTERM (Flower's handler pushes its task as failed) and up to 10 s to exit. Returns 0
@@ -191,7 +211,7 @@ def run_executor(
                             tasks[task.task_id].pid,
                         )
                     continue  # another task may be waiting
-            stop.wait(poll_s)
+            stop.wait(max(poll_s, busy_poll_s) if _running(tasks) else poll_s)
     finally:
         for proc in tasks.values():
             if proc.poll() is None:
@@ -206,6 +226,11 @@ def run_executor(
         for s, handler in previous.items():
             signal.signal(s, handler)
     return 0
+
+
+def _running(tasks: dict[int, subprocess.Popen[bytes]]) -> bool:
+    """Whether a task process of this executor is still running."""
+    return any(proc.poll() is None for proc in tasks.values())
 
 
 def _launch(command: Sequence[str], token: str) -> subprocess.Popen[bytes]:
@@ -333,10 +358,11 @@ class CollectingGrid(HttpGrid):
     there), then pulls each reply's objects and confirms it, one reply after the other, so
     the last site's reply waits for every other's transfers. Each reply comes from its own
     site over its own requests; here they are collected by up to :data:`REPLY_COLLECTORS`
-    threads. What is done with each reply is Flower's, line for line (flwr 1.42
+    threads. What is done with each reply is Flower's (flwr 1.42
     ``HttpGrid.pull_messages``): its objects pulled (a reply whose objects never come is
     Flower's ``MESSAGE_UNAVAILABLE`` error message, a drop-out), the reply confirmed and
-    inflated; the order of the replies is the SuperLink's.
+    inflated; the order of the replies is the SuperLink's. Only the waits for objects still
+    being uploaded differ (:func:`pull_reply_objects`: one object waited for, not each).
     """
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -357,9 +383,9 @@ class CollectingGrid(HttpGrid):
     def _collect(self, run_id: int, msg_proto: MessageProto, msg_tree: ObjectTree) -> Message:
         msg_id = msg_proto.metadata.message_id
         try:
-            contents = _http_grid.pull_objects(
-                object_ids=[tree.object_id for tree in iterate_object_tree(msg_tree)],
-                pull_object_fn=make_pull_object_fn_protobuf(
+            contents = pull_reply_objects(
+                [tree.object_id for tree in iterate_object_tree(msg_tree)],
+                make_pull_object_fn_protobuf(
                     pull_object_protobuf=self._runtime_client.PullObject,
                     node=self.node,
                     run_id=run_id,
@@ -393,6 +419,51 @@ class CollectingGrid(HttpGrid):
         message = cast(Message, inflatable_utils.inflate_object_from_contents(msg_id, contents))
         message.metadata.__dict__["_message_id"] = msg_id
         return message
+
+
+def pull_reply_objects(
+    object_ids: Sequence[str], pull_object_fn: Callable[[str], bytes]
+) -> dict[str, bytes]:
+    """A reply's objects (``object_ids`` in Flower's post-order: the message itself last),
+    asking the SuperLink for each about once.
+
+    The SuperLink hands out a reply as soon as the site's SuperNode announced it, and the
+    SuperNode then uploads its objects, the message itself last (post-order, as Flower
+    iterates the tree). Flower's ``pull_objects`` retries every object that is not there
+    yet on its own, up to :data:`OBJECT_TRANSFERS` requests per wait. Here every object is
+    asked for once, side by side; if some were not there yet, only the last of those (the
+    message itself, where it is missing) is waited for (Flower's ``pull_objects``:
+    :data:`PULL_BACKOFF_S`, :data:`PULL_MAX_TRIES`), then the rest of them are pulled
+    (Flower's ``pull_objects`` again, whose retries cover any object uploaded after the
+    message), all waits within :data:`REPLY_OBJECTS_MAX_S`. Raises Flower's
+    ``ObjectPullError`` where Flower's own pull would (an object the SuperLink does not
+    know, or one that does not come in time).
+    """
+    deadline = time.monotonic() + REPLY_OBJECTS_MAX_S
+    ids = list(dict.fromkeys(object_ids))
+    contents: dict[str, bytes] = {}
+
+    def first_try(object_id: str) -> None:
+        # Not there yet (still being uploaded): left out of ``contents``, waited for below.
+        with contextlib.suppress(inflatable_utils.ObjectUnavailableError):
+            contents[object_id] = pull_object_fn(object_id)
+
+    with ThreadPoolExecutor(max(1, min(len(ids), OBJECT_TRANSFERS))) as pool:
+        for done in [pool.submit(first_try, object_id) for object_id in ids]:
+            done.result()
+    missing = [object_id for object_id in ids if object_id not in contents]
+    if not missing:
+        return contents
+    for wait_for in ([missing[-1]], missing[:-1]):  # the message itself is uploaded last
+        if wait_for:
+            contents.update(
+                _http_grid.pull_objects(
+                    object_ids=wait_for,
+                    pull_object_fn=pull_object_fn,
+                    max_time=max(0.0, deadline - time.monotonic()),
+                )
+            )
+    return contents
 
 
 def _prompt_object_pulls() -> None:

@@ -18,7 +18,11 @@ from flwr.common.serde import message_to_proto
 from flwr.proto.message_pb2 import PullObjectResponse
 from flwr.proto.runtime_pb2 import PullAppMessagesResponse
 from flwr.supercore.inflatable import inflatable_utils
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    get_object_tree,
+    iterate_object_tree,
+)
 from flwr.supercore.run import Run
 from flwr.superlink.grid import http_grid
 
@@ -135,3 +139,98 @@ def test_a_single_reply_is_collected_as_flower_would() -> None:
     (got,) = _grid(runtime).pull_messages([reply.metadata.reply_to_message_id])
     assert got.metadata.message_id == reply.metadata.message_id
     assert got.content["m"]["site"] == 11.0
+
+
+class Upload:
+    """A reply's objects as the SuperLink holds them while the site's SuperNode uploads
+    them: none is there until the message itself (the last in Flower's post-order) has been
+    asked for ``until`` times (0: all there from the start); counts every ``PullObject``."""
+
+    def __init__(self, reply: Message, *, until: int, children_first: bool = False) -> None:
+        self.ids = [t.object_id for t in iterate_object_tree(get_object_tree(reply))]
+        objects = get_all_nested_objects(reply)
+        self.content = {oid: objects[oid].deflate() for oid in self.ids}
+        self.root = self.ids[-1]
+        self.until = until
+        self.there = set(self.ids[:-1]) if children_first else set()
+        if until <= 0:
+            self.there = set(self.ids)
+        self.asked: list[str] = []
+        self.lock = threading.Lock()
+
+    def pull(self, object_id: str) -> bytes:
+        with self.lock:
+            self.asked.append(object_id)
+            if object_id not in self.content:
+                raise inflatable_utils.ObjectPullError(object_id, "the object could not be found.")
+            if object_id == self.root and self.asked.count(self.root) >= self.until:
+                self.there = set(self.ids)
+            if object_id not in self.there:
+                raise inflatable_utils.ObjectUnavailableError(object_id)
+            return self.content[object_id]
+
+
+def test_a_reply_still_uploading_is_waited_for_by_its_message_alone() -> None:
+    """Flower's pull retries each missing object on its own (a reply of 9 objects: up to 9
+    requests per wait, each a request the SuperLink serves); fedcare's asks for each once,
+    then waits on the message itself, which the SuperNode uploads last."""
+    reply = _reply(11)
+    upload = Upload(reply, until=3)
+    n = len(upload.ids)
+    contents = executor.pull_reply_objects(upload.ids, upload.pull)
+    assert contents == upload.content
+    # once each, two more asks for the message, then the others once more
+    assert len(upload.asked) == n + 2 + (n - 1)
+    assert upload.asked.count(upload.root) == 3
+    got = inflatable_utils.inflate_object_from_contents(upload.root, contents)
+    assert got.content["m"]["site"] == 11.0
+
+
+def test_a_complete_reply_costs_one_request_per_object() -> None:
+    reply = _reply(12)
+    upload = Upload(reply, until=0)
+    assert executor.pull_reply_objects(upload.ids, upload.pull) == upload.content
+    assert sorted(upload.asked) == sorted(upload.ids)
+
+
+def test_only_the_message_missing_is_one_more_wait() -> None:
+    reply = _reply(13)
+    upload = Upload(reply, until=2, children_first=True)
+    assert executor.pull_reply_objects(upload.ids, upload.pull) == upload.content
+    assert len(upload.asked) == len(upload.ids) + 1
+
+
+def test_an_object_the_superlink_does_not_know_fails_as_flower_s_pull_would() -> None:
+    reply = _reply(11)
+    upload = Upload(reply, until=0)
+    with pytest.raises(inflatable_utils.ObjectPullError):
+        executor.pull_reply_objects([*upload.ids[:-1], "f" * 64, upload.root], upload.pull)
+
+
+def test_a_reply_whose_message_never_comes_is_given_up() -> None:
+    reply = _reply(11)
+    upload = Upload(reply, until=10**9)
+    with pytest.raises(inflatable_utils.ObjectPullError):
+        executor.pull_reply_objects(upload.ids, upload.pull)
+
+
+def test_all_waits_for_one_reply_share_one_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The message came (on its second ask), one of its records never does: the wait for
+    the records gets what is left of REPLY_OBJECTS_MAX_S (here nothing: one more ask each),
+    not a limit of its own after the message's wait."""
+    monkeypatch.setattr(executor, "REPLY_OBJECTS_MAX_S", 0.0)
+    upload = Upload(_reply(11), until=2)
+    lost = upload.ids[0]
+
+    def pull(object_id: str) -> bytes:
+        content = upload.pull(object_id)
+        if object_id == lost:
+            raise inflatable_utils.ObjectUnavailableError(object_id)
+        return content
+
+    with pytest.raises(inflatable_utils.ObjectPullError):
+        executor.pull_reply_objects(upload.ids, pull)
+    # the first pass, then one ask in the records' wait (Flower's pull gave up at once);
+    # a wait with a limit of its own would have asked 3 more times (max_tries_per_object)
+    assert upload.asked.count(lost) == 2
+    assert upload.asked.count(upload.root) == 2

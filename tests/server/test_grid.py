@@ -55,3 +55,73 @@ def test_in_memory_grid_is_used_as_is() -> None:
     assert isinstance(prompt(_SlowGrid(1)), PromptGrid)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="poll_s"):
         PromptGrid(_SlowGrid(1), poll_s=0)  # type: ignore[arg-type]
+
+
+class _Nodes:
+    """A grid whose node list is ``nodes`` at each ask; counts the asks."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+        self.asks = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.asks += 1
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Any]) -> list[str]:
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_ask_right_after_another_reuses_its_node_list_once() -> None:
+    inner = _Nodes([1, 2, 3])
+    grid = PromptGrid(inner, clock=_Clock())  # type: ignore[arg-type]
+    assert list(grid.get_node_ids()) == [1, 2, 3]
+    inner.nodes = [1, 2, 3, 4]  # a site connects between the two asks of one configure_train
+    assert list(grid.get_node_ids()) == [1, 2, 3]
+    assert inner.asks == 1
+    assert list(grid.get_node_ids()) == [1, 2, 3, 4]  # the third asks the SuperLink again
+    assert inner.asks == 2
+
+
+def test_a_push_or_time_ends_the_reuse() -> None:
+    clock = _Clock()
+    inner = _Nodes([1, 2])
+    grid = PromptGrid(inner, clock=clock)  # type: ignore[arg-type]
+    grid.get_node_ids()
+    grid.push_messages([object()])  # type: ignore[list-item]
+    grid.get_node_ids()
+    assert inner.asks == 2
+    clock.now += grid_module.NODE_LIST_REUSE_S + 0.01
+    grid.get_node_ids()
+    assert inner.asks == 3
+
+
+def test_flower_s_wait_for_nodes_still_sees_a_node_connect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sample_nodes`` asks, and asks again after each 1 s wait until enough nodes are
+    connected: with the reuse it must still end once the third node is there."""
+    from flwr.serverapp.strategy import strategy_utils
+
+    inner = _Nodes([1, 2])
+    clock = _Clock()
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock.now += seconds
+        if len(waits) == 2:
+            inner.nodes = [1, 2, 3]
+
+    monkeypatch.setattr(strategy_utils, "sleep", sleep)
+    grid = PromptGrid(inner, clock=clock)  # type: ignore[arg-type]
+    grid.get_node_ids()  # FedAvg's first ask (the sample's size)
+    sampled, connected = strategy_utils.sample_nodes(grid, 3, 3)  # type: ignore[arg-type]
+    assert sorted(sampled) == [1, 2, 3] and sorted(connected) == [1, 2, 3]
+    assert len(waits) == 2  # seen at the first ask after it connected
