@@ -650,6 +650,8 @@ def _evaluation(
         keys.S_AUDIT_KEY: audit.key_fingerprint,
         keys.S_EVALUATION: result.mode,
     }
+    if result.mechanism is not None:  # its noise: the centre bounds what noisy counts may be
+        info[keys.S_NOISE_MULTIPLIER] = float(result.mechanism.noise_multiplier)
     epsilon, run_epsilon = result.epsilon, result.run_epsilon
     tuned = result.personalized  # a fine-tune's charge, the latest where evaluation is exact
     if (

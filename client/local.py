@@ -1215,8 +1215,16 @@ class SiteTrainer:
             y, p = self._predictions(request.task, state, request.train.model, device)
             # Fine bins, so the server's pooled AUROC is close to the exact one; the site's own
             # metrics are the exact ones (binary_metrics), as the baselines report them.
+            # A survival histogram of exact counts (single patients' cells at 100 risk bins)
+            # leaves only a simulated site that opted in, not a real site's non-private run.
+            sim = self.site.spec.simulation
             survival = self._survival_release(
-                request.task, y, p, noise_multiplier=0.0, generator=None, histogram=True
+                request.task,
+                y,
+                p,
+                noise_multiplier=0.0,
+                generator=None,
+                histogram=sim is not None and sim.exact_evaluation,
             )
             metrics = (
                 survival

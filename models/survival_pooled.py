@@ -207,14 +207,23 @@ def add_noise(
 
 
 def histograms_from_wire(
-    metrics: Mapping[str, object], *, intervals: int | None
+    metrics: Mapping[str, object], *, intervals: int | None, noise_multiplier: float = 0.0
 ) -> dict[str, SurvivalHistogram]:
     """A reply's survival histograms (split -> histogram), checked: every cell of a
     ``(B, K + 1, 2)`` histogram with ``K`` the run's cuts and ``B <= HIST_MAX_BINS``, finite
     values of bounded magnitude, and only for a split the reply reports (``<split>.n``).
 
     ``intervals``: the run's ``K``; ``None`` for a run that is not a survival task (any cell
-    is then malformed).
+    is then malformed). ``noise_multiplier``: the σ of the evaluation's release the reply
+    reports, 0 for an exact one.
+
+    A site weighs in the pooled histogram with the patients it declares, up to its noise:
+    the cells add up to ``<split>.n`` (within the 0.5 of its rounding); exact cells are
+    whole non-negative counts; noisy cells may be negative only as much as N(0, σ²) noise on
+    every cell can make them (their negative mass at most ``σ (m / sqrt(2π) + 8 sqrt(m))``
+    over ``m`` cells: the mean of the noise's negative part plus eight standard deviations,
+    exceeded by an honest site with probability below 1e-15), so a site cannot add positive
+    mass beyond its n by pairing it with negative cells.
 
     Raises
     ------
@@ -272,6 +281,20 @@ def histograms_from_wire(
             raise DataError(
                 f"{split}: the survival histogram holds {float(counts.sum()):.6g} patients, the "
                 f"reply declares {split}.n = {float(declared):g}"
+            )
+        negative = float(np.clip(-counts, 0.0, None).sum())
+        if noise_multiplier <= 0:
+            if negative > 0 or not np.array_equal(counts, np.round(counts)):
+                raise DataError(
+                    f"{split}: an exact survival histogram of counts that are not whole "
+                    "non-negative numbers"
+                )
+        elif negative > noise_multiplier * (
+            counts.size / math.sqrt(2 * math.pi) + 8 * math.sqrt(counts.size)
+        ):
+            raise DataError(
+                f"{split}: the survival histogram's negative cells ({negative:.6g} in all) are "
+                f"more than noise of σ = {noise_multiplier:g} makes"
             )
         out[split] = SurvivalHistogram(counts)
     return out

@@ -639,7 +639,15 @@ class GuardedStrategy(Strategy):
             explained = self._explanation_from_wire(rnd, metrics)
             curve = self._curve_from_wire(rnd, metrics)
             cuts = self.survival_label.cuts if self.survival_label is not None else None
-            histograms = histograms_from_wire(metrics, intervals=len(cuts) if cuts else None)
+            histograms = histograms_from_wire(
+                metrics,
+                intervals=len(cuts) if cuts else None,
+                noise_multiplier=(
+                    _release_noise(info)
+                    if any(keys.is_surv_hist_metric(k) for k in metrics)
+                    else 0.0
+                ),
+            )
         except (KeyError, TypeError, ValueError, DataError) as e:
             releases.pop(site_id, None)
             detail = f"malformed reply ({type(e).__name__}: {str(e)[:200]})"
@@ -1120,6 +1128,25 @@ def _drop_partial_metric(replies: list[Message], name: str) -> None:
     if carrying and len(carrying) < len(replies):
         for reply in carrying:
             del reply.content[keys.REC_METRICS][name]
+
+
+def _release_noise(info: ConfigRecord | None) -> float:
+    """The σ of an evaluation's noisy release as its reply states it; 0 for an exact one (or
+    a reply that states no mode: its histograms must then be exact counts).
+
+    Raises
+    ------
+    ValueError
+        A noisy evaluation that does not state a positive finite σ.
+    """
+    if info is None or info.get(keys.S_EVALUATION) != keys.EVAL_DP:
+        return 0.0
+    sigma = info.get(keys.S_NOISE_MULTIPLIER)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise ValueError("a noisy evaluation that does not state its noise multiplier")
+    if not (math.isfinite(float(sigma)) and float(sigma) > 0):
+        raise ValueError(f"a noisy evaluation with noise multiplier {sigma!r}")
+    return float(sigma)
 
 
 def _evaluation_report(

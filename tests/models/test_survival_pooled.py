@@ -67,10 +67,13 @@ def _replies(bins: int) -> dict[str, dict[str, float]]:
     }
 
 
-def _pooled(replies: dict[str, dict[str, float]]) -> dict[str, float]:
-    """What the server does: validate each reply's histograms, then pool (the weighted means
-    as the guard's weighted_global_metrics would give them)."""
-    hists = {s: histograms_from_wire(m, intervals=K) for s, m in replies.items()}
+def _pooled(replies: dict[str, dict[str, float]], sigma: float = 0.0) -> dict[str, float]:
+    """What the server does: validate each reply's histograms (exact, or noisy with noise
+    multiplier ``sigma``), then pool (the weighted means as the guard's
+    weighted_global_metrics would give them)."""
+    hists = {
+        s: histograms_from_wire(m, intervals=K, noise_multiplier=sigma) for s, m in replies.items()
+    }
     own = {
         s: {k: v for k, v in m.items() if not keys.is_release_metric(k)} for s, m in replies.items()
     }
@@ -156,7 +159,7 @@ def test_dp_histograms_are_the_noisy_counts_the_sites_metrics_come_from() -> Non
     y, h = SITES["c"]
     out = release(task, {"test": y}, {"test": h}, noise_multiplier=2.0,
                   generator=np.random.default_rng(5), min_count=10, histogram=True)  # fmt: skip
-    hist = histograms_from_wire(out, intervals=K)["test"]
+    hist = histograms_from_wire(out, intervals=K, noise_multiplier=2.0)["test"]
     again = add_noise(
         histogram_of(y[:, 1].astype(int), interval_index(y[:, 0], CUTS), event_probability(h),
                      intervals=K, bins=10),
@@ -206,6 +209,29 @@ def _wire() -> dict[str, float]:
         (lambda m: m.update({keys.surv_hist_key("test", 0, 0, 0): 3000.0}), "declares test.n"),
         (lambda m: m.update({keys.surv_hist_key("test", 0, 0, 1): -1e11}), "declares test.n"),
         (lambda m: m.update({"test.n": -5.0}), "not a count of at least one patient"),
+        # Positive mass paid for with negative cells (the sum still the declared n).
+        (
+            lambda m: m.update(
+                {
+                    keys.surv_hist_key("test", 0, 0, 0): 1e9,
+                    keys.surv_hist_key("test", 1, 0, 0): m[keys.surv_hist_key("test", 1, 0, 0)]
+                    + m[keys.surv_hist_key("test", 0, 0, 0)]
+                    - 1e9,
+                }
+            ),
+            "not whole non-negative numbers",
+        ),  # fmt: skip
+        (
+            lambda m: m.update(
+                {
+                    keys.surv_hist_key("test", 0, 0, 0): 0.5,
+                    keys.surv_hist_key("test", 1, 0, 0): m[keys.surv_hist_key("test", 1, 0, 0)]
+                    + m[keys.surv_hist_key("test", 0, 0, 0)]
+                    - 0.5,
+                }
+            ),
+            "not whole non-negative numbers",
+        ),  # fmt: skip
         (lambda m: m.update({"test.n": math.inf}), "not a count of at least one patient"),
     ],
 )
@@ -243,12 +269,32 @@ def test_dp_sites_pool_into_the_metrics_of_the_sum_of_their_noisy_counts() -> No
                       generator=np.random.default_rng(20 + i), min_count=10, histogram=True)
         for i, (name, (y, h)) in enumerate(SITES.items())
     }  # fmt: skip
-    out = _pooled(replies)
+    out = _pooled(replies, sigma=1.0)
     names = [k for k in replies["a"] if keys.is_surv_hist_metric(k)]
     summed = {k: sum(m[k] for m in replies.values()) for k in names}  # what the sites sent
     ref = SurvivalHistogram(np.zeros((10, K + 1, 2)))
-    total = sum((histograms_from_wire(m, intervals=K)["test"] for m in replies.values()), start=ref)
+    read = (histograms_from_wire(m, intervals=K, noise_multiplier=1.0) for m in replies.values())
+    total = sum((h["test"] for h in read), start=ref)
     assert total.to_wire("test") == pytest.approx(summed)
     assert out["test.c_index"] == pytest.approx(total.metrics()["c_index"])
     assert out["test.n"] == round(sum(summed.values()))
     assert site_mean_key("test", "c_index") in out
+
+
+def test_noisy_cells_may_be_negative_only_as_much_as_their_noise_makes() -> None:
+    """A DP site's cells are noisy counts: negative ones are noise, bounded by its σ. A site
+    that pairs a huge cell with a huge negative one (its sum still its n) to outweigh the
+    others in the pooled C-index is refused; the honest draws of the tests above pass."""
+    task = SurvivalTask(cuts=CUTS)
+    y, h = SITES["a"]
+    honest = release(task, {"test": y}, {"test": h}, noise_multiplier=1.0,
+                     generator=np.random.default_rng(3), min_count=10, histogram=True)  # fmt: skip
+    assert set(histograms_from_wire(honest, intervals=K, noise_multiplier=1.0)) == {"test"}
+    forged = dict(honest)
+    forged[keys.surv_hist_key("test", 9, 0, 1)] += 1e6  # one top-risk early event...
+    forged[keys.surv_hist_key("test", 0, 1, 0)] -= 1e6  # ...paid for by a negative cell
+    with pytest.raises(DataError, match="more than noise of"):
+        histograms_from_wire(forged, intervals=K, noise_multiplier=1.0)
+    # The same forgery under a larger stated noise is bounded by that noise.
+    with pytest.raises(DataError, match="more than noise of"):
+        histograms_from_wire(forged, intervals=K, noise_multiplier=100.0)

@@ -94,7 +94,11 @@ def test_the_histogram_costs_no_extra_step_is_noisy_and_the_run_stays_within_tar
     assert evaluated.epsilon == pytest.approx(reference.get_epsilon(policy.delta), rel=1e-3)
     assert evaluated.run_epsilon is not None and evaluated.run_epsilon <= TARGET + 0.02
 
-    hists = histograms_from_wire(evaluated.metrics, intervals=len(CUTS))
+    hists = histograms_from_wire(
+        evaluated.metrics,
+        intervals=len(CUTS),
+        noise_multiplier=evaluated.mechanism.noise_multiplier,
+    )
     released = {s for s in keys.EVAL_SPLITS if f"{s}.n" in evaluated.metrics}
     assert set(hists) == released  # a histogram for every released split, and only those
     if "test" not in hists:  # withheld whole (noisy n below min_count): nothing of it left
@@ -117,3 +121,26 @@ def test_the_histogram_costs_no_extra_step_is_noisy_and_the_run_stays_within_tar
     assert evaluated.metrics["test.n"] == round(hist.n)
     if "test.c_index" in evaluated.metrics:
         assert evaluated.metrics["test.c_index"] == pytest.approx(hist.metrics()["c_index"])
+
+
+def test_a_real_site_s_non_private_run_sends_no_exact_histogram(
+    site_folder: Path, tmp_path: Path
+) -> None:
+    """A real site that allows non-private runs releases its exact survival metrics in one
+    (its policy's choice), but never the exact (risk bin, interval, event) counts: at 100
+    risk bins many cells are single patients. Only a simulated site that opted into exact
+    evaluation sends them."""
+    real = load_site(site_folder)
+    real = dataclasses.replace(real, spec=real.spec.model_copy(update={"simulation": None}))
+    policy = SitePolicy(require_dp=False, epsilon_budget=10.0, max_run_epsilon=10.0)
+    request = RoundRequest(
+        run_id="run-np", round=1, rounds_planned=1, task=TASK,
+        train=TrainConfig(epochs=1, batch_size=32, lr=0.05, optimizer="sgd", device="cpu"),
+        dp=DPConfig(enabled=False), evaluation_rounds=(0, 1),
+        received_sha256="model-0", config_sha256="config-0",
+    )  # fmt: skip
+    for site, sends in ((real, False), (load_site(site_folder), True)):
+        trainer = SiteTrainer(site=site, policy=policy, ledger=PrivacyLedger(tmp_path / "n.sqlite"))
+        result = trainer.evaluate_round(request, trainer.build_model(TASK).state_dict())
+        assert result.mode == keys.EVAL_EXACT and "test.c_index" in result.metrics
+        assert any(keys.is_surv_hist_metric(k) for k in result.metrics) is sends
