@@ -76,9 +76,10 @@ anything computed under a charge must complete or fail it first. Every other wri
 retry), the datasets its cohort composes with (one members join) and their charges merged
 in SQL, one row per ``(σ, q)`` with the steps summed (as
 :func:`~fedcare.client.accounting.merge_mechanisms` merges them: the same ε), then inserts
-itself; a completion or failure is one ``UPDATE ... RETURNING`` of a charge still
-``charged``. Reads (``BEGIN DEFERRED``) set no synchronous level: they commit nothing. A site
-reads its run's charges once per round (:meth:`PrivacyLedger.charges` with ``run_id``).
+itself; a completion or failure is one ``UPDATE`` of a charge still ``charged`` and a read
+of it, in one transaction. Reads (``BEGIN DEFERRED``) set no synchronous level: they commit
+nothing. A site reads its run's charges once per round (:meth:`PrivacyLedger.charges` with
+``run_id``).
 
 Charges, datasets, members and the salt are append-only (SQL triggers reject deleting them
 or rewriting what they say); only a charge's status moves: ``charged`` -> ``completed`` or
@@ -1600,15 +1601,20 @@ class PrivacyLedger:
                     f"metrics of charge #{charge_id} must be JSON numbers/strings, finite: {e}"
                 ) from e
         with self._transaction("IMMEDIATE") as conn:
-            # One statement settles a charge that is still "charged" and reads it back.
-            rows = conn.execute(
+            # Settle a charge that is still "charged", then read it back in the same
+            # transaction (no UPDATE ... RETURNING: that needs SQLite 3.35, and RHEL 9's
+            # Python links 3.34).
+            updated = conn.execute(
                 "UPDATE charges SET status = ?, completed_at = ?, metrics = ? "
-                f"WHERE id = ? AND status = 'charged' RETURNING {self._CHARGE_COLUMNS}",
+                "WHERE id = ? AND status = 'charged'",
                 (status, self._now(), metrics_json, charge_id),
-            ).fetchall()
-            if not rows:
+            ).rowcount
+            if updated != 1:
                 self._unsettleable(conn, charge_id, status)
-        return self._receipt(rows[0])
+            row = conn.execute(
+                f"SELECT {self._CHARGE_COLUMNS} FROM charges WHERE id = ?", (charge_id,)
+            ).fetchone()
+        return self._receipt(row)
 
     def _unsettleable(
         self, conn: sqlite3.Connection, charge_id: int, status: ChargeStatus
