@@ -12,7 +12,9 @@ each parameter it trains; the linear score has 77 where the MLP has about 6,000 
 GSE7390. There, with about 70 training patients per site at ε 8 and full-batch steps, its
 federated C-index came within +0.045 [+0.01, +0.08] of the pooled non-private MLP against
 the MLP's own +0.075 [+0.02, +0.13] (20 seeds, ``benchmarks/results/survival.md``), and it
-is GSE7390's default (:class:`fedcare.simulations.realdata.survival.GSE7390`). Without DP
+is the model of GSE7390's benchmark settings (``run_config`` of
+:class:`fedcare.simulations.realdata.survival.GSE7390`, which ``benchmarks/survival.py``
+applies; a run names its model in its own run config). Without DP
 the MLP's capacity wins: pooled and non-private on GSE7390 its C-index was 0.667 against the
 linear score's 0.614; the linear score is for sites too small for DP-SGD to train the MLP.
 

@@ -96,6 +96,8 @@ class RayCluster:
         return {
             "RAY_ADDRESS": self.address,
             RUNTIME_ENV_HOOK_VAR: f"{__name__}.wait_until_ready",
+            # Under `uv run` Ray would use its own uv hook instead of this one.
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
             READY_FILE_VAR: str(self._ready_file),
             HOLDER_PID_VAR: str(self.pid),
             READY_TIMEOUT_VAR: f"{timeout_s:g}",

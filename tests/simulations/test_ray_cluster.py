@@ -83,6 +83,7 @@ def test_a_driver_is_told_where_the_cluster_is_and_to_wait_for_it(tmp_path: Path
         READY_FILE_VAR: str(tmp_path / READY_NAME),
         HOLDER_PID_VAR: str(proc.pid),
         READY_TIMEOUT_VAR: "90",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",  # else `uv run` would swap in Ray's uv hook
     }
     with pytest.raises(RayClusterError, match=r"exited with code -9"):
         cluster.check()
