@@ -907,7 +907,9 @@ def global_evaluate_metrics(
 
 #: The records a train reply carries for the evaluation folded into its message.
 _FOLDED = (keys.REC_EVAL_METRICS, keys.REC_EVAL_SITE, keys.REC_EVAL_REFUSAL)
-#: The error codes a site's refusal may carry (``keys.ERR_*``).
+#: The error codes a site's refusal may carry (``keys.ERR_*``): only these carry a site id
+#: (its reason starts with ``<site-id>: ``); Flower's own (a node gone offline, a ClientApp
+#: that crashed) name no site (:func:`_claim_in_reason`).
 _SITE_CODES = frozenset(
     {
         keys.ERR_BUDGET,
@@ -1083,20 +1085,6 @@ def _reported_site_id(info: ConfigRecord | None) -> str | None:
     if isinstance(value, str) and _SITE_ID.fullmatch(value):
         return value
     return None
-
-
-#: Error codes a site's own error reply carries (its reason starts with ``<site-id>: ``);
-#: Flower's own (below 4000: a node gone offline, a ClientApp that crashed) name no site.
-_SITE_CODES = frozenset(
-    {
-        keys.ERR_BUDGET,
-        keys.ERR_POLICY,
-        keys.ERR_DATA,
-        keys.ERR_CONFIG,
-        keys.ERR_FAILED,
-        keys.ERR_DIVERGED,
-    }
-)
 
 
 def _claim_in_reason(reason: str, code: int) -> tuple[str | None, str]:
