@@ -83,6 +83,7 @@ __all__ = [
     "contributions",
     "exact_sums",
     "add_noise",
+    "gaussian_on_grid",
     "noise_std",
     "metrics_from_release",
     "threshold_from_release",
@@ -329,10 +330,17 @@ def _gaussian(generator: Generator, std: float, size: int) -> np.ndarray:
     )
 
 
+def gaussian_on_grid(values: np.ndarray, *, std: float, generator: Generator) -> np.ndarray:
+    """``values`` plus independent ``N(0, std^2)`` noise on every coordinate, rounded to
+    :data:`NOISE_GRID` (the Gaussian mechanism of every noisy release a site makes)."""
+    noisy = values + _gaussian(generator, std, values.size)
+    return np.round(noisy / NOISE_GRID) * NOISE_GRID
+
+
 def add_noise(sums: SplitSums, *, std: float, generator: Generator) -> SplitSums:
     """``sums`` plus independent ``N(0, std^2)`` noise on every coordinate, on the grid."""
-    noisy = sums.vector() + _gaussian(generator, std, sums.vector().size)
-    return SplitSums.from_vector(np.round(noisy / NOISE_GRID) * NOISE_GRID, bins=sums.bins)
+    noisy = gaussian_on_grid(sums.vector(), std=std, generator=generator)
+    return SplitSums.from_vector(noisy, bins=sums.bins)
 
 
 def threshold_from_release(sums: SplitSums | None) -> float:

@@ -53,7 +53,7 @@ from fedcare.common.encoding import (
 )
 from fedcare.common.errors import ConfigError, DataError
 from fedcare.common.spec import MODALITIES, FeatureSchema, TaskSpec
-from fedcare.models.evaluation import NOISE_GRID, Generator, _gaussian, check_release_noise
+from fedcare.models.evaluation import Generator, check_release_noise, gaussian_on_grid
 
 __all__ = [
     "SENSITIVITY",
@@ -288,8 +288,7 @@ def release(
     exact = contributions(rows, clip=clip).sum(axis=0)
     if noise_multiplier > 0:
         assert generator is not None
-        noisy = exact + _gaussian(generator, noise_multiplier * SENSITIVITY, exact.size)
-        exact = np.round(noisy / NOISE_GRID) * NOISE_GRID
+        exact = gaussian_on_grid(exact, std=noise_multiplier * SENSITIVITY, generator=generator)
     return AttributionRelease(
         features=tuple(features),
         modalities=tuple(modalities),

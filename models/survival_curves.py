@@ -54,10 +54,9 @@ from fedcare.common import keys
 from fedcare.common.errors import ConfigError, DataError
 from fedcare.models.evaluation import (
     MAX_RELEASE_VALUE,
-    NOISE_GRID,
     Generator,
-    _gaussian,
     check_release_noise,
+    gaussian_on_grid,
 )
 
 __all__ = [
@@ -174,8 +173,7 @@ def release(
         sums = np.zeros((intervals + 1) * 2 + intervals)
     if noise_multiplier > 0:
         assert generator is not None
-        noisy = sums + _gaussian(generator, noise_multiplier * SENSITIVITY, sums.size)
-        sums = np.round(noisy / NOISE_GRID) * NOISE_GRID
+        sums = gaussian_on_grid(sums, std=noise_multiplier * SENSITIVITY, generator=generator)
     table = sums[: (intervals + 1) * 2].reshape(intervals + 1, 2)
     predicted = sums[(intervals + 1) * 2 :] * math.sqrt(intervals)
     at_risk = np.cumsum(table.sum(axis=1)[::-1])[::-1]  # r_k: time in interval >= k

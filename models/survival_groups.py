@@ -41,7 +41,7 @@ import numpy as np
 
 from fedcare.common import keys
 from fedcare.common.errors import ConfigError, DataError
-from fedcare.models.evaluation import NOISE_GRID, Generator, _gaussian
+from fedcare.models.evaluation import Generator, gaussian_on_grid
 from fedcare.models.fairness import suppressed_groups
 from fedcare.models.survival import SurvivalTask, event_probability, interval_index
 from fedcare.models.survival_metrics import histogram_contributions, metrics_from_histogram
@@ -155,8 +155,7 @@ def release_survival_groups(
                 ).sum(axis=0)
                 if cells.size == 0:
                     cells = np.zeros(bins * (task.intervals + 1) * 2)
-                noisy = cells + _gaussian(generator, noise_multiplier, cells.size)
-                noisy = np.round(noisy / NOISE_GRID) * NOISE_GRID
+                noisy = gaussian_on_grid(cells, std=noise_multiplier, generator=generator)
                 counted = metrics_from_histogram(
                     noisy, intervals=task.intervals, bins=bins, min_count=1.0
                 )

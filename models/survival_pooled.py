@@ -57,10 +57,9 @@ from fedcare.common import keys
 from fedcare.common.errors import ConfigError, DataError
 from fedcare.models.evaluation import (
     MAX_RELEASE_VALUE,
-    NOISE_GRID,
     Generator,
-    _gaussian,
     check_release_noise,
+    gaussian_on_grid,
 )
 from fedcare.models.survival_metrics import metrics_from_histogram
 
@@ -201,9 +200,8 @@ def add_noise(
     if sigma == 0:
         return hist
     assert generator is not None  # (checked: a generator whenever σ > 0)
-    flat = hist.counts.ravel()
-    noisy = flat + _gaussian(generator, sigma, flat.size)
-    return SurvivalHistogram((np.round(noisy / NOISE_GRID) * NOISE_GRID).reshape(hist.counts.shape))
+    noisy = gaussian_on_grid(hist.counts.ravel(), std=sigma, generator=generator)
+    return SurvivalHistogram(noisy.reshape(hist.counts.shape))
 
 
 def histograms_from_wire(
