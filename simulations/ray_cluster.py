@@ -19,12 +19,12 @@ Each run is still its own Ray job: Ray gives each job its own worker processes (
 ClientApp actors import fedcare afresh, and nothing one run loaded is seen by the next), and
 kills a job's actors when its driver (the run's ``flwr-simulation``) exits or is killed.
 
-A run need not wait for the cluster before it is submitted: its ``flwr-simulation`` spends
-seconds starting (Flower, the ServerApp's and the ClientApp's imports) before it joins Ray, and
-waits for the cluster only then. Ray calls :func:`wait_until_ready` (named by
-``RAY_RUNTIME_ENV_HOOK`` in the environment :meth:`RayCluster.driver_env` gives) at the start of
-that ``ray.init()``, before it connects; the hook returns once the holder has written its ready
-mark, so the cluster's start overlaps the simulation's.
+A run's ``flwr-simulation`` also checks the cluster when it joins it: Ray calls
+:func:`wait_until_ready` (named by ``RAY_RUNTIME_ENV_HOOK`` in the environment
+:meth:`RayCluster.driver_env` gives) at the start of that ``ray.init()``, before it connects,
+and the hook returns once the holder has written its ready mark. The runner still waits for
+the cluster before it submits a run (:mod:`fedcare.simulations.flower_driver`): submitting
+earlier, with only this hook waiting, once showed a second raylet under load.
 """
 
 from __future__ import annotations
@@ -102,14 +102,6 @@ class RayCluster:
             HOLDER_PID_VAR: str(self.pid),
             READY_TIMEOUT_VAR: f"{timeout_s:g}",
         }
-
-    def check(self) -> None:
-        """Raise :class:`RayClusterError` if the holder has already exited (never waits)."""
-        if not self._ready and self._proc.poll() is not None:
-            raise RayClusterError(
-                f"the local Ray cluster exited with code {self._proc.returncode} while "
-                f"starting; see {self.log}"
-            )
 
     def ready(self, *, timeout_s: float = 120.0) -> None:
         """Return once the cluster takes drivers (at once after the first success).

@@ -73,7 +73,6 @@ def test_a_driver_is_told_where_the_cluster_is_and_to_wait_for_it(tmp_path: Path
     cluster, proc = _cluster(tmp_path, "import time; time.sleep(60)")
     try:
         env = cluster.driver_env(timeout_s=90)
-        cluster.check()  # the holder lives: no error, and no wait
     finally:
         proc.kill()
         proc.wait()
@@ -86,7 +85,7 @@ def test_a_driver_is_told_where_the_cluster_is_and_to_wait_for_it(tmp_path: Path
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",  # else `uv run` would swap in Ray's uv hook
     }
     with pytest.raises(RayClusterError, match=r"exited with code -9"):
-        cluster.check()
+        cluster.ready(timeout_s=60)  # the holder died before its ready mark: at once
 
 
 def _driver(monkeypatch: pytest.MonkeyPatch, cluster: RayCluster, timeout_s: float) -> None:
