@@ -10,8 +10,9 @@ times one local epoch (the same number of optimizer steps either way) of
 * **DP-SGD** through :func:`fedcare.client.dpsgd.make_private` (Poisson sampling at
   ``q = 1 / ceil(n / batch_size)``, so an epoch is the same number of steps), then the same
   :func:`fedcare.client.training.fit` -- once in the grad-sample mode fedcare picks
-  (:func:`fedcare.client.dpsgd.resolve_grad_sample_mode`: ``"bookkeeping"``, one backward
-  pass, where every layer is ``nn.Linear``, else ``"hooks"``) and once per extra mode asked
+  (:func:`fedcare.client.dpsgd.resolve_grad_sample_mode` given the built model:
+  ``"bookkeeping"``, one backward pass, where every trainable layer is ``nn.Linear``,
+  ``nn.Conv2d`` or ``nn.GroupNorm``, else ``"hooks"``) and once per extra mode asked
   for (``"ghost"`` and ``"hooks"`` by default, so each mode's cost shows).
 
 Protocol: one warm-up epoch per configuration (excluded), then ``repeats`` rounds in which
@@ -274,9 +275,11 @@ class Run:
     params: int
 
 
-def resolve_mode(mode: str, model: str) -> str:
-    """``auto`` -> what fedcare picks (:func:`fedcare.client.dpsgd.resolve_grad_sample_mode`)."""
-    return resolve_grad_sample_mode(mode, model)
+def resolve_mode(mode: str, case: Case) -> str:
+    """``auto`` -> what fedcare picks for the built model
+    (:func:`fedcare.client.dpsgd.resolve_grad_sample_mode` with ``model=``)."""
+    model = build_model(case.model, input_dims=case.input_dims)
+    return resolve_grad_sample_mode(mode, case.model, model=model)
 
 
 def build_run(
@@ -533,8 +536,8 @@ def time_case(
     epoch of the same round.
     """
     dataset = synthetic_dataset(case, cfg.samples, seed=cfg.seed)
-    auto = resolve_mode("auto", case.model)
-    modes = list(dict.fromkeys(resolve_mode(m, case.model) for m in cfg.modes))
+    auto = resolve_mode("auto", case)
+    modes = list(dict.fromkeys(resolve_mode(m, case) for m in cfg.modes))
     names = [NON_PRIVATE, *modes]
     runs = {
         name: build_run(

@@ -4,8 +4,9 @@ This module holds the DP-SGD mechanism itself: :class:`DPConfig` (how a site app
 :class:`DPPlan` (the noise multiplier, Poisson rate, steps and clipping norm one round
 applies), :func:`sampling` (the rate and step count Opacus will run),
 :func:`site_generators` (the site's own randomness), :func:`resolve_grad_sample_mode`
-(one-backward bookkeeping, :mod:`fedcare.client.bookkeeping`, or per-sample-gradient hooks,
-from the model registry's ``ghost_norm_only`` flag, :mod:`fedcare.models.registry`),
+(one-backward bookkeeping, :mod:`fedcare.client.bookkeeping`, or per-sample-gradient hooks:
+from the built model's layers, or by name from the model registry's ``ghost_norm_only``
+flag, :mod:`fedcare.models.registry`),
 :func:`make_private` (Opacus's ``make_private`` with Poisson sampling, Gaussian noise and
 per-sample clipping) and :func:`finite_per_sample_grads` (the one step of the training loop
 that is about DP).
@@ -153,20 +154,27 @@ def site_generators(
     return sampling_gen, noise_gen
 
 
-def resolve_grad_sample_mode(requested: str, model_name: str) -> str:
-    """``auto``: one-backward bookkeeping where every layer is ``nn.Linear``, else hooks.
+def resolve_grad_sample_mode(
+    requested: str, model_name: str, *, model: nn.Module | None = None
+) -> str:
+    """``auto``: one-backward bookkeeping where the model's layers allow it, else hooks.
 
-    ``"bookkeeping"`` (:mod:`fedcare.client.bookkeeping`) takes Opacus's ghost norms and
-    forms the clipped sum in the same backward pass; it needs every trainable layer to be
-    ``nn.Linear`` (the registry's ``ghost_norm_only`` models: ``tests/client/
-    test_bookkeeping.py`` checks that each of them is). Measured on this CPU
-    (benchmarks/dp_overhead.py, README "DP-SGD overhead per model") it beats ghost clipping
-    (two backward passes) on every such model; for models with convolutions Opacus 1.6
-    still materialises their per-sample gradients in ghost mode and adds a second backward
-    pass, so hooks are faster there.
+    ``"bookkeeping"`` (:mod:`fedcare.client.bookkeeping`) forms each patient's gradient norm
+    and the clipped sum in one backward pass, without Opacus's hooks; it handles models
+    whose every trainable layer is an ``nn.Linear``, ``nn.Conv2d`` or ``nn.GroupNorm``
+    (:func:`fedcare.client.bookkeeping.check_supported`). Given the built ``model``, that
+    check decides; without it, the registry's ``ghost_norm_only`` flag does (an all-Linear
+    model: ``tests/client/test_bookkeeping.py`` checks that each such model passes).
+    Measured on this CPU (benchmarks/dp_overhead.py, README "dp_overhead") bookkeeping
+    beats ghost clipping (two backward passes) and per-sample hooks on every bundled
+    model; hooks remain the fallback for layers bookkeeping does not handle.
     """
     if requested != "auto":
         return requested
+    if model is not None:
+        from fedcare.client.bookkeeping import BOOKKEEPING, is_supported
+
+        return BOOKKEEPING if is_supported(model) else "hooks"
     return "bookkeeping" if model_info(model_name).ghost_norm_only else "hooks"
 
 

@@ -723,7 +723,7 @@ class SiteTrainer:
             dataset=data.train,
             cfg=cfg,
             plan=plan,
-            mode=resolve_grad_sample_mode(request.dp.grad_sample_mode, model_name),
+            mode=resolve_grad_sample_mode(request.dp.grad_sample_mode, model_name, model=model),
             generators=(sampling_gen, noise_gen),
             device=device,
             hooks=hooks,
@@ -1032,7 +1032,7 @@ class SiteTrainer:
         receipt = self._charge(request, mechanism, kind="train", ceiling=ceiling)
         # From here on the charge exists: any failure marks it failed (it still counts).
         with self._settled(receipt, f"round {request.round}"):
-            mode = resolve_grad_sample_mode(dp.grad_sample_mode, model_name)
+            mode = resolve_grad_sample_mode(dp.grad_sample_mode, model_name, model=model)
             state, stats = _dp_fit(
                 model,
                 optimizer=optimizer,

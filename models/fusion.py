@@ -20,6 +20,8 @@ encoder, the static MLP plus the timeline model's attention encoder
 
 Ghost clipping works (``nn.Linear`` via ghost norms; the CNN's ``Conv2d``/``GroupNorm``
 via per-sample gradients), so ``ghost_norm_only=False`` because of the imaging encoder.
+A site trains it with one-backward bookkeeping (:mod:`fedcare.client.bookkeeping`), which
+handles its ``Linear``, ``Conv2d`` and ``GroupNorm`` layers (``auto`` mode).
 """
 
 from __future__ import annotations

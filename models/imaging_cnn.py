@@ -9,7 +9,9 @@ Ghost clipping: Opacus 1.6 has ghost-norm samplers for ``nn.Linear`` and
 samplers, so under ``grad_sample_mode="ghost"`` Opacus computes their per-sample gradients
 ("fast gradient clipping") and the ghost trick for the final linear layer. That works and
 is cheap here (the convolutions hold a few thousand weights); it is why the registry says
-``ghost_clipping=True, ghost_norm_only=False``.
+``ghost_clipping=True, ghost_norm_only=False``. A site does not use ghost mode for it:
+fedcare's one-backward bookkeeping (:mod:`fedcare.client.bookkeeping`) forms each patient's
+``Conv2d`` and ``GroupNorm`` gradients itself, in one backward pass (``auto`` mode).
 """
 
 from __future__ import annotations

@@ -89,9 +89,12 @@ class ModelInfo:
         1.6: ``nn.Linear`` and ``nn.Embedding``), so no per-sample gradient is ever
         materialised. ``False`` when some layers (``nn.Conv2d``, ``nn.GroupNorm``) fall
         back to per-sample gradients inside ghost mode ("fast gradient clipping"); ghost
-        mode still works then, it is just less of a saving. fedcare's ``auto`` mode trains
-        a ``True`` model with one-backward bookkeeping (:mod:`fedcare.client.bookkeeping`),
-        which handles ``nn.Linear`` only: declare ``True`` only for a model whose every
+        mode still works then, it is just less of a saving. Where a site trains a built
+        model, fedcare's ``auto`` mode asks the model itself: one-backward bookkeeping
+        (:mod:`fedcare.client.bookkeeping`) wherever every trainable layer is an
+        ``nn.Linear``, ``nn.Conv2d`` or ``nn.GroupNorm`` it handles exactly
+        (``check_supported``), per-sample hooks elsewhere. By name alone (no model), a
+        ``True`` model gets bookkeeping: declare ``True`` only for a model whose every
         trainable layer is ``nn.Linear`` (``tests/client/test_bookkeeping.py`` checks each).
     config_cls:
         The pydantic hyper-parameter model; its defaults are the model's default size.

@@ -25,7 +25,8 @@ says where the sequence starts. :class:`TimelineEncoder` reads the sequence:
 Every parameter sits in an ``nn.Linear`` applied to ``(B, L, k)`` inputs, and nothing
 mixes patients of a batch, so Opacus computes exact per-sample gradients with hooks and
 exact per-sample gradient norms with ghost clipping (``tests/models/test_timeline.py``
-checks both against per-patient autograd).
+checks both against per-patient autograd); a site trains it with fedcare's one-backward
+bookkeeping (:mod:`fedcare.client.bookkeeping`, ``auto`` mode).
 """
 
 from __future__ import annotations

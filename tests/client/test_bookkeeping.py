@@ -2,10 +2,12 @@
 
 The clipped, summed gradient before noise is checked against an independent reference: plain
 torch autograd, one patient at a time, each gradient clipped to ``C`` (``min(1, C/||g||)``),
-summed. Models are random all-Linear MLPs, the registered Linear-only models and a sequence
-model; batches mix patients whose gradient norm is far below and far above ``C``, are empty
-(Poisson) or hold a patient whose gradient is not finite. The noise and the accounting are
-checked against Opacus's ghost-clipping set-up with the same plan.
+summed; the per-patient norms of the CNN against Opacus's own per-sample gradients (hooks
+mode). Models are random all-Linear MLPs, the registered models, a sequence model, and
+convolution + GroupNorm networks over stride, padding, dilation, groups, no bias, frozen
+parameters and odd image sizes; batches mix patients whose gradient norm is far below and far
+above ``C``, are empty (Poisson) or hold a patient whose gradient is not finite. The noise and
+the accounting are checked against Opacus's ghost-clipping set-up with the same plan.
 """
 
 from __future__ import annotations
@@ -46,15 +48,21 @@ TIMELINE_DIMS = {"ehr": STATIC + LENGTH * len(TIMELINE_CHANNELS), TIMELINE_KEY: 
 
 
 def _reference_clipped_sum(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, max_norm: float
+    model: nn.Module,
+    x: torch.Tensor | tuple[torch.Tensor, ...],
+    y: torch.Tensor,
+    *,
+    max_norm: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum_i min(1, C/||g_i||) g_i, norms)`` by torch autograd, one patient at a time;
-    patients whose gradient is not finite are left out."""
+    patients whose gradient is not finite are left out. ``x`` may be a tuple of inputs."""
+    inputs = x if isinstance(x, tuple) else (x,)
     params = [p for p in model.parameters() if p.requires_grad]
     total = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
     norms = []
-    for i in range(len(x)):
-        loss = F.binary_cross_entropy_with_logits(model(x[i : i + 1]), y[i : i + 1])
+    for i in range(len(y)):
+        patient = tuple(t[i : i + 1] for t in inputs)
+        loss = F.binary_cross_entropy_with_logits(model(*patient), y[i : i + 1])
         grads = torch.autograd.grad(loss, params)
         flat = torch.cat([g.reshape(-1) for g in grads]).double()
         norm = float(flat.norm())
@@ -65,18 +73,32 @@ def _reference_clipped_sum(
 
 
 def _bookkeeping_clipped_sum(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, max_norm: float
+    model: nn.Module,
+    x: torch.Tensor | tuple[torch.Tensor, ...],
+    y: torch.Tensor,
+    *,
+    max_norm: float,
 ) -> torch.Tensor:
+    inputs = x if isinstance(x, tuple) else (x,)
     clipper = BookkeepingClipper(model, max_grad_norm=max_norm)
     try:
-        per_sample = F.binary_cross_entropy_with_logits(model(x), y, reduction="none")
+        per_sample = F.binary_cross_entropy_with_logits(model(*inputs), y, reduction="none")
         flat = clipper.clipped_sum(per_sample)
         # The parameters' .grad are the slices of the flat sum, in parameter order.
-        grads = [p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]
-        assert torch.equal(torch.cat(grads), flat)
+        assert torch.equal(_grads(model), flat)
         return flat.double()
     finally:
         clipper.remove()
+
+
+def _grads(model: nn.Module) -> torch.Tensor:
+    """The trainable parameters' ``.grad``, flattened in parameter order (each must be set)."""
+    grads = []
+    for p in model.parameters():
+        if p.requires_grad:
+            assert p.grad is not None
+            grads.append(p.grad.reshape(-1))
+    return torch.cat(grads)
 
 
 def _spread(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -116,18 +138,24 @@ class _SequenceModel(nn.Module):
         return self.head(h.mean(dim=1)).squeeze(-1)
 
 
-def _assert_matches(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    expected, norms = _reference_clipped_sum(model, x, y, max_norm=C)
-    got = _bookkeeping_clipped_sum(model, x, y, max_norm=C)
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=_atol(len(x)))
+def _assert_matches(
+    model: nn.Module,
+    x: torch.Tensor | tuple[torch.Tensor, ...],
+    y: torch.Tensor,
+    *,
+    max_norm: float = C,
+) -> torch.Tensor:
+    expected, norms = _reference_clipped_sum(model, x, y, max_norm=max_norm)
+    got = _bookkeeping_clipped_sum(model, x, y, max_norm=max_norm)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=_atol(len(y), max_norm))
     return norms
 
 
-def _atol(n: int) -> float:
+def _atol(n: int, max_norm: float = C) -> float:
     """Opacus's clip factor is ``C / (||g|| + 1e-6)``, the reference's the exact
     ``min(1, C/||g||)``: a clipped patient's contribution differs by at most ``1e-6 * C``
     in norm, so the sums by at most ``n * 1e-6 * C``. Everything else is float64."""
-    return n * 1e-6 * C
+    return n * 1e-6 * max_norm
 
 
 # ------------------------------------------------------------------------------ the sum
@@ -260,7 +288,9 @@ def test_clipped_sum_equals_per_patient_autograd_on_four_dimensional_inputs() ->
 # ------------------------------------------------------------------------------ where it applies
 
 
-def test_auto_picks_bookkeeping_exactly_for_the_all_linear_models() -> None:
+def test_auto_picks_bookkeeping_for_every_bundled_model() -> None:
+    """Given the built model, ``auto`` is bookkeeping wherever :func:`check_supported` accepts
+    it, which is every bundled model; by name alone, the registry's all-Linear flag."""
     dims = {"ehr": 9, "genomics": 7, "imaging": (1, 8, 8)}
     for name in available_models():
         info = model_info(name)
@@ -269,14 +299,15 @@ def test_auto_picks_bookkeeping_exactly_for_the_all_linear_models() -> None:
             name,
             input_dims=TIMELINE_DIMS if single_timeline else {m: dims[m] for m in info.modalities},
         )
-        mode = resolve_grad_sample_mode("auto", name)
-        if info.ghost_norm_only:
-            check_supported(model)  # the registry's flag is true of the module
-            assert mode == "bookkeeping", name
-        else:
-            with pytest.raises(ConfigError, match="nn.Linear"):
-                check_supported(model)
-            assert mode == "hooks", name
+        check_supported(model)
+        assert resolve_grad_sample_mode("auto", name, model=model) == "bookkeeping", name
+        by_name = resolve_grad_sample_mode("auto", name)
+        assert by_name == ("bookkeeping" if info.ghost_norm_only else "hooks"), name
+    fusion = build_model("fusion", input_dims={**TIMELINE_DIMS, "imaging": (1, 8, 8)})
+    assert resolve_grad_sample_mode("auto", "fusion", model=fusion) == "bookkeeping"
+    embedded = nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 1))
+    assert resolve_grad_sample_mode("auto", "fusion", model=embedded) == "hooks"
+    assert resolve_grad_sample_mode("ghost", "fusion", model=fusion) == "ghost"
 
 
 def test_a_layer_called_twice_is_refused() -> None:
@@ -311,10 +342,10 @@ def test_a_weight_two_layers_share_is_refused_before_anything_runs() -> None:
     check_supported(model)  # untied: fine
 
 
-def test_make_private_refuses_bookkeeping_for_a_cnn() -> None:
-    model = build_model("imaging_cnn", input_dims={"imaging": (1, 8, 8)})
-    data = TensorDataset(torch.zeros(8, 1, 8, 8), torch.ones(8))
-    with pytest.raises(ConfigError, match="nn.Linear"):
+def test_make_private_refuses_bookkeeping_for_a_model_with_an_unhandled_layer() -> None:
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(1), nn.Linear(12, 1), nn.Flatten(0))
+    data = TensorDataset(torch.zeros(8, 1, 8), torch.ones(8))
+    with pytest.raises(ConfigError, match="Conv1d"):
         _private(model, data, "bookkeeping", sigma=1.0)
 
 
@@ -350,9 +381,9 @@ def test_noise_has_opacus_std_on_an_empty_batch(sigma: float) -> None:
     private.optimizer.zero_grad(set_to_none=True)
     logits = private.model(torch.zeros(0, 300))
     private.criterion(logits, torch.zeros(0)).backward()
-    assert torch.count_nonzero(torch.cat([p.grad.reshape(-1) for p in model.parameters()])) == 0
+    assert torch.count_nonzero(_grads(model)) == 0
     assert private.optimizer.pre_step()
-    noise = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+    noise = _grads(model).double()
     expected_std = sigma * C / 16  # Opacus: std sigma * C, divided by the expected batch size
     assert noise.numel() > 100_000
     assert abs(float(noise.std()) / expected_std - 1) < 0.02
@@ -410,3 +441,263 @@ def test_one_step_before_noise_equals_opacus_ghost_clipping() -> None:
         private.criterion(private.model(x), y).backward()
         sums[mode] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(sums["bookkeeping"], sums["ghost"], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ convolutions
+
+
+class _ConvNet(nn.Module):
+    """One ``nn.Conv2d`` with the given options, GroupNorm, ReLU, a second convolution,
+    pooling and a linear head. (A convolution with one input channel per group takes another
+    way to its per-patient gradients than one with more: the depthwise options and the
+    registered CNN's first layer test the first, every other convolution the second.)"""
+
+    def __init__(self, conv: nn.Conv2d, *, groups: int, image: tuple[int, int]) -> None:
+        super().__init__()
+        self.conv = conv
+        self.norm = nn.GroupNorm(groups, conv.out_channels)
+        self.second = nn.Conv2d(conv.out_channels, 4, kernel_size=(2, 3), padding=(1, 0))
+        with torch.no_grad():
+            width = self._trunk(torch.zeros(1, conv.in_channels, *image)).shape[1]
+        self.head = nn.Linear(width, 1)
+
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.conv(x)))
+        return F.max_pool2d(self.second(h), 2, ceil_mode=True).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self._trunk(x)).squeeze(-1)
+
+
+CONV_OPTIONS = {
+    "3x3 pad 1": dict(kernel_size=3, padding=1),
+    "stride 2, no pad": dict(kernel_size=3, stride=2),
+    "odd kernel, stride, pad": dict(kernel_size=(3, 2), stride=(2, 1), padding=(2, 1)),
+    "dilation 2": dict(kernel_size=3, dilation=2, padding=2),
+    "groups 2, no bias": dict(kernel_size=3, padding=1, groups=2, bias=False),
+    "1x1, groups 4 (depthwise)": dict(kernel_size=1, groups=4),
+    "depthwise 3x3, stride, dilation, pad": dict(
+        kernel_size=3, stride=2, dilation=2, padding=(1, 2), groups=4
+    ),
+}
+
+
+@pytest.mark.parametrize("options", list(CONV_OPTIONS), ids=list(CONV_OPTIONS))
+def test_clipped_sum_equals_per_patient_autograd_on_convolutions(options: str) -> None:
+    gen = torch.Generator().manual_seed(len(options))
+    conv = nn.Conv2d(4, 8, **CONV_OPTIONS[options])  # type: ignore[arg-type]
+    model = _ConvNet(conv, groups=2, image=(9, 7))
+    init_parameters(model, generator=gen)
+    model.double()
+    x = _spread(torch.randn(11, 4, 9, 7, generator=gen, dtype=torch.float64), gen)
+    y = torch.randint(0, 2, (11,), generator=gen).double()
+    # GroupNorm takes out the input's scale: clip at the median norm, so that some
+    # patients are clipped and some are not.
+    _, norms = _reference_clipped_sum(model, x, y, max_norm=C)
+    median = float(norms.median())
+    _assert_matches(model, x, y, max_norm=median)
+    assert (norms > 1.01 * median).any() and (norms < 0.99 * median).any()
+
+
+def test_frozen_conv_and_group_norm_parameters_are_left_out() -> None:
+    gen = torch.Generator().manual_seed(12)
+    model = _ConvNet(nn.Conv2d(2, 4, 3, padding=1), groups=2, image=(6, 6))
+    init_parameters(model, generator=gen)
+    model.double()
+    model.conv.weight.requires_grad_(False)
+    model.norm.bias.requires_grad_(False)
+    model.second.requires_grad_(False)
+    x = _spread(torch.randn(9, 2, 6, 6, generator=gen, dtype=torch.float64), gen)
+    y = torch.randint(0, 2, (9,), generator=gen).double()
+    norms = _assert_matches(model, x, y)
+    assert (norms > C).any() and (norms < C).any()
+    assert model.conv.weight.grad is None and model.second.weight.grad is None
+
+
+def _opacus_per_sample_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each patient's gradient norm from Opacus's own per-sample gradients (hooks mode)."""
+    from opacus import GradSampleModule
+
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    try:
+        loss = F.binary_cross_entropy_with_logits(wrapped(x), y, reduction="sum")
+        loss.backward()
+        per_sample = torch.cat(
+            [
+                getattr(p, "grad_sample").reshape(len(x), -1)  # noqa: B009 (set by Opacus)
+                for p in model.parameters()
+                if p.requires_grad
+            ],
+            dim=1,
+        )
+        return per_sample.norm(dim=1)
+    finally:
+        wrapped._close()
+
+
+@pytest.mark.parametrize(
+    ("name", "image"), [("imaging_cnn", (1, 11, 9)), ("imaging_cnn", (1, 32, 32))]
+)
+def test_per_patient_norms_equal_opacus_per_sample_gradients(
+    name: str, image: tuple[int, int, int]
+) -> None:
+    gen = torch.Generator().manual_seed(13)
+    model = build_model(name, input_dims={"imaging": image}).double()
+    x = _spread(torch.randn(7, *image, generator=gen, dtype=torch.float64), gen)
+    y = torch.randint(0, 2, (7,), generator=gen).double()
+    clipper = BookkeepingClipper(model, max_grad_norm=C)
+    clipper.clipped_sum(F.binary_cross_entropy_with_logits(model(x), y, reduction="none"))
+    ours = clipper.last_norms
+    clipper.remove()
+    assert ours is not None
+    expected = _opacus_per_sample_norms(model, x, y)
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-12)
+    assert float(expected.max() / expected.min()) > 1.2  # the patients differ
+
+
+def _fusion_batch(n: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    ehr = _spread(torch.randn(n, 6, generator=gen, dtype=torch.float64), gen)
+    img = _spread(torch.randn(n, 1, 10, 10, generator=gen, dtype=torch.float64), gen)
+    gen_x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(n, 3, generator=gen) < 0.7).double()
+    mask[0] = 1.0
+    return ehr, img, gen_x, mask
+
+
+def test_clipped_sum_equals_per_patient_autograd_on_the_registered_cnn_and_fusion() -> None:
+    gen = torch.Generator().manual_seed(14)
+    cnn = build_model("imaging_cnn", input_dims={"imaging": (1, 10, 10)}).double()
+    x = _spread(torch.randn(10, 1, 10, 10, generator=gen, dtype=torch.float64), gen)
+    y = torch.randint(0, 2, (10,), generator=gen).double()
+    fusion = build_model(
+        "fusion", input_dims={"ehr": 6, "imaging": (1, 10, 10), "genomics": 5}
+    ).double()
+    for model, inputs in ((cnn, x), (fusion, _fusion_batch(10, gen))):
+        # Clip at the median norm: some patients are clipped and some are not.
+        _, norms = _reference_clipped_sum(model, inputs, y, max_norm=C)
+        median = float(norms.median())
+        _assert_matches(model, inputs, y, max_norm=median)
+        assert (norms > 1.01 * median).any() and (norms < 0.99 * median).any()
+
+
+def test_an_empty_batch_gives_a_zero_sum_on_the_cnn_and_fusion() -> None:
+    """Poisson sampling draws empty batches: the sum is zero (the step is noise alone)."""
+    dims = {"ehr": 4, "imaging": (1, 8, 8), "genomics": 3}
+    cnn = build_model("imaging_cnn", input_dims={"imaging": (1, 8, 8)})
+    fusion = build_model("fusion", input_dims=dims)
+    empty = (torch.zeros(0, 4), torch.zeros(0, 1, 8, 8), torch.zeros(0, 3), torch.zeros(0, 3))
+    for model, inputs in ((cnn, (empty[1],)), (fusion, empty)):
+        flat = _bookkeeping_clipped_sum(model, inputs, torch.zeros(0), max_norm=C)
+        assert flat.shape == (sum(p.numel() for p in model.parameters()),)
+        assert torch.count_nonzero(flat) == 0
+
+
+def test_a_patient_whose_conv_gradient_overflows_is_dropped_alone() -> None:
+    gen = torch.Generator().manual_seed(15)
+    model = _ConvNet(nn.Conv2d(2, 4, 3, padding=1, groups=2), groups=2, image=(6, 5))
+    init_parameters(model, generator=gen)
+    model.double()
+    x = _spread(torch.randn(8, 2, 6, 5, generator=gen, dtype=torch.float64), gen)
+    x[3, 1, 2, 2] = 1e300  # finite input, overflowing gradient norm
+    y = torch.randint(0, 2, (8,), generator=gen).double()
+    expected, norms = _reference_clipped_sum(model, x, y, max_norm=C)
+    assert not math.isfinite(float(norms[3])) and torch.isfinite(norms[[0, 1, 2, 4]]).all()
+    got = _bookkeeping_clipped_sum(model, x, y, max_norm=C)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=_atol(len(x)))
+
+
+class _InPlace(nn.Module):
+    def __init__(self, changed: str) -> None:
+        super().__init__()
+        self.changed = changed
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        pooled = h.mean(dim=(2, 3))
+        out = self.head(pooled)
+        # Changes a captured output, or a captured input, after its layer ran.
+        (h if self.changed == "output" else pooled).mul_(2)
+        return out.squeeze(-1)
+
+
+@pytest.mark.parametrize("changed", ["output", "input"])
+def test_a_layer_input_or_output_changed_in_place_is_refused(changed: str) -> None:
+    model = _InPlace(changed)
+    clipper = BookkeepingClipper(model, max_grad_norm=C)
+    loss = F.binary_cross_entropy_with_logits(
+        model(torch.randn(3, 1, 5, 5)), torch.ones(3), reduction="none"
+    )
+    with pytest.raises(ConfigError, match="modified in place"):
+        clipper.clipped_sum(loss)
+
+
+def test_a_conv_called_twice_is_refused() -> None:
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(), conv, nn.Flatten(1), nn.Linear(32, 1), nn.Flatten(0))
+    clipper = BookkeepingClipper(model, max_grad_norm=C)
+    loss = F.binary_cross_entropy_with_logits(
+        model(torch.randn(3, 2, 4, 4)), torch.ones(3), reduction="none"
+    )
+    with pytest.raises(ConfigError, match="once per"):
+        clipper.clipped_sum(loss)
+
+
+@pytest.mark.parametrize(
+    ("layer", "match"),
+    [
+        (nn.Conv1d(1, 2, 3), "Conv1d"),
+        (nn.Conv3d(1, 2, 3), "Conv3d"),
+        (nn.ConvTranspose2d(1, 2, 3), "ConvTranspose2d"),
+        (nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), "padding_mode"),
+        (nn.Conv2d(1, 2, 3, padding="same"), "padding 'same'"),
+        (nn.LayerNorm(4), "LayerNorm"),
+        (nn.Embedding(4, 2), "Embedding"),
+        (nn.BatchNorm2d(2), "batch statistics"),
+        (nn.BatchNorm1d(2).requires_grad_(False), "batch statistics"),
+        (nn.ReLU(inplace=True), "inplace"),
+    ],
+)
+def test_check_supported_refuses_what_it_does_not_handle_exactly(
+    layer: nn.Module, match: str
+) -> None:
+    model = nn.Sequential(layer, nn.Flatten(1), nn.Linear(3, 1))
+    with pytest.raises(ConfigError, match=match):
+        check_supported(model)
+
+
+def test_the_cnn_trains_by_bookkeeping_through_make_private_with_empty_poisson_batches() -> None:
+    """The fit loop steps every Poisson batch, empty ones included; the accountant counts
+    the same mechanism as Opacus's hooks set-up."""
+    data = TensorDataset(
+        torch.randn(3, 1, 6, 6, generator=torch.Generator().manual_seed(1)), torch.ones(3)
+    )
+    seen: dict[str, object] = {}
+    for mode in ("bookkeeping", "hooks"):
+        model = build_model("imaging_cnn", input_dims={"imaging": (1, 6, 6)})
+        private = _private(model, data, mode, sigma=1.3, batch=2)
+        assert private.grad_sample_mode == mode
+        sizes: list[int] = []
+
+        def recorded(loader=private.loader, sizes=sizes):  # type: ignore[no-untyped-def]
+            for batch in loader:
+                sizes.append(len(batch[1]))
+                yield batch
+
+        for _ in range(12):
+            stats = fit(
+                private.model,
+                recorded(),
+                optimizer=private.optimizer,
+                criterion=private.criterion,
+                epochs=1,
+                device=torch.device("cpu"),
+            )
+            assert stats.steps == 2
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        if mode == "bookkeeping":
+            assert 0 in sizes and max(sizes) > 0  # empty Poisson batches were stepped too
+        seen[mode] = private.accountant.history
+    assert seen["bookkeeping"] == seen["hooks"] == [(1.3, 0.5, 24)]

@@ -196,7 +196,9 @@ def train_site_model(
                 dataset=dataset,
                 batch_size=batch_size_for_rate(n, plan.sample_rate),
                 plan=plan,
-                grad_sample_mode=resolve_grad_sample_mode("auto", mechanism.model_name),
+                grad_sample_mode=resolve_grad_sample_mode(
+                    "auto", mechanism.model_name, model=model
+                ),
                 sampling_generator=sampler,
                 noise_generator=torch.Generator(device=device).manual_seed(
                     derived_seed(seed, "noise", rnd)
