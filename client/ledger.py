@@ -73,8 +73,7 @@ anything computed under a charge must complete or fail it first. Every other wri
 (cohorts, migrations, creation) is fsynced when it commits.
 
 **What a round reads and writes.** A charge reads the dataset's row, the key's own charge (a
-retry), the datasets its cohort composes with (one members join, remembered per key while
-no member or dataset is added) and their charges merged
+retry), the datasets its cohort composes with (one members join) and their charges merged
 in SQL, one row per ``(σ, q)`` with the steps summed (as
 :func:`~fedcare.client.accounting.merge_mechanisms` merges them: the same ε), then inserts
 itself; a completion or failure is one ``UPDATE`` of a charge still ``charged`` and a read
@@ -645,8 +644,6 @@ class PrivacyLedger:
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._clock = clock
         self._connections = _Connections(self.path, self._busy_timeout_ms)
-        # key -> (the members and datasets counts it was read at, _affecting's answer)
-        self._overlaps: dict[str, tuple[tuple[int, int], tuple[bool, str, tuple[str, ...]]]] = {}
         weakref.finalize(self, self._connections.close)
         if self.path.is_dir():
             raise ConfigError(
@@ -753,7 +750,6 @@ class PrivacyLedger:
         ledger file replaced while the ledger was open is refused until it is closed.
         """
         self._connections.close(forget_file=True)
-        self._overlaps = {}  # the file opened next may be another (a restored backup)
 
     def __enter__(self) -> PrivacyLedger:
         return self
@@ -1122,22 +1118,8 @@ class PrivacyLedger:
         the ``WHERE`` clause (with its parameters) that selects, in ``datasets`` or
         ``charges``, every dataset its history composes.
 
-        The datasets sharing a member with it are found once per call (the members join is
-        most of the cost); their rows and charges are then read by key. The answer is kept
-        for the key with the number of rows of ``members`` and ``datasets`` it was read at,
-        and reused while both counts are unchanged (read in the caller's transaction, from
-        every process's commits). Both tables are append-only (triggers reject deleting or
-        rewriting a row), so equal counts mean the very same rows, and the join's answer is
-        the same: a new member (of any cohort, this one included) or a new dataset makes
-        the next call run the join again. :meth:`close` forgets every answer (the file
-        opened next may be a restored backup)."""
-        stamp = conn.execute(
-            "SELECT (SELECT COUNT(*) FROM members), (SELECT COUNT(*) FROM datasets)"
-        ).fetchone()
-        stamp = (int(stamp[0]), int(stamp[1]))
-        kept = self._overlaps.get(fingerprint)
-        if kept is not None and kept[0] == stamp:
-            return kept[1]
+        The datasets sharing a member with it are found once (the members join is most of
+        the cost); their rows and charges are then read by key."""
         if self._has_members(conn, fingerprint):
             keys = [
                 r[0]
@@ -1146,11 +1128,8 @@ class PrivacyLedger:
                 )
             ]
             where = "WHERE fingerprint IN (SELECT value FROM json_each(?))"
-            answer: tuple[bool, str, tuple[str, ...]] = (True, where, (json.dumps(keys),))
-        else:
-            answer = (False, "", ())  # unknown membership: any patient may be in it
-        self._overlaps[fingerprint] = (stamp, answer)
-        return answer
+            return True, where, (json.dumps(keys),)
+        return False, "", ()  # unknown membership: any patient may be in it
 
     def _composed(
         self, conn: sqlite3.Connection, fingerprint: str

@@ -890,3 +890,17 @@ def test_a_plan_is_calibrated_once_per_process_and_a_refusal_every_time(
         with pytest.raises(PrivacyBudgetExceeded):
             calibrate(target_epsilon=spent / 2, history=[M(0.5, 1.0, 40)])
         assert len(calls) == before + 1
+
+
+@pytest.mark.parametrize("exponent", [1, 2, 3, 7, 8, 9, 100, 101, 255, 256, 257, 1000])
+def test_a_blocks_power_by_squaring_is_numpys_power(exponent: int) -> None:
+    # Unit-modulus and smaller complex values, as a PMF's spectrum holds; numpy's ``**``
+    # (element by element) is the reference, to a few units in the last place per product.
+    from fedcare.client.accounting import _power
+
+    rng = np.random.default_rng(exponent)
+    z = rng.uniform(0.5, 1.0, 64) * np.exp(1j * rng.uniform(-np.pi, np.pi, 64))
+    z[:4] = [1.0, -1.0, 1j, 0.0]
+    np.testing.assert_allclose(_power(z, exponent), z**exponent, rtol=1e-12, atol=1e-300)
+    with pytest.raises(ConfigError, match="steps"):
+        _power(z, 0)

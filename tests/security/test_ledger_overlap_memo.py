@@ -1,16 +1,16 @@
-"""The ledger remembers which datasets a cohort composes with; that memory must never let a
-charge past the budget.
+"""A site's ledger composes every dataset that shares a patient with its cohort, including
+those another process charged after the site's own charges.
 
-A :class:`~fedcare.client.ledger.PrivacyLedger` keeps, per cohort key, the answer of the
-members join that finds every dataset sharing a patient with it (and every dataset of
-unknown membership), and reuses it while the ``members`` and ``datasets`` tables hold as
-many rows as when it was read. A stale answer would leave out an overlapping dataset's
-charges: an under-count. So each attack here makes the answer stale *after* the site's own
-ledger has remembered it, from another ledger instance on the same file (another worker or
-process of the site, or a run of a centre that registered an overlapping cohort), and the
-site's next charge must compose the new dataset's charges and be refused when they put it
-over the budget. Every ε is checked against Google's ``dp_accounting`` on the composed
-history, never against the ledger's own numbers.
+The members join (:meth:`~fedcare.client.ledger.PrivacyLedger._affecting`) finds every
+dataset sharing a patient with a cohort (and every dataset of unknown membership); it runs
+in every call. Answering from an earlier call (a memo keyed on the tables' row counts was
+tried, and taken back) would leave out a dataset registered since: an under-count. So each
+attack here adds one *after* the site's own ledger instance has charged, from another ledger
+instance on the same file (another worker or process of the site, or a run of a centre that
+registered an overlapping cohort), and the site's next charge must compose the new
+dataset's charges and be refused when they put it over the budget. Every ε is checked
+against Google's ``dp_accounting`` on the composed history, never against the ledger's own
+numbers.
 
 * (a) A cohort that shares one patient with the remembered one, registered and charged
   later, is composed by the next charge.
