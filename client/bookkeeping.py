@@ -23,11 +23,10 @@ output (summed over sequence positions where the layer sees ``(B, L, k)`` inputs
 3. each patient's squared gradient norm per layer, summed over layers, by the layer's rule
    (:data:`LAYER_RULES`):
 
-   - ``nn.Linear``: Opacus's ghost-norm formula (its own sampler,
-     ``GradSampleModuleFastGradientClipping.NORM_SAMPLERS``, for sequence inputs; the same
-     formula as two dot products for ``(B, k)`` inputs), no per-sample gradient formed;
-     except on sequences where each patient's weight gradient ``g_i^T a_i`` is the
-     cheaper of the two (:meth:`LinearRule.squared_norms`);
+   - ``nn.Linear``: on ``(B, k)`` inputs the ghost-norm formula ``||g_i||^2 ||a_i||^2``
+     as two dot products, no per-sample gradient formed; on sequences each patient's
+     weight gradient ``g_i^T a_i`` (:meth:`LinearRule.squared_norms`: Opacus's Gram-matrix
+     ghost norm can be cancelled in floating point by crafted weights);
    - ``nn.Conv2d`` (any stride, integer padding, dilation, groups; zero padding mode): each
      patient's kernel gradient ``g_i unfold(a_i)^T`` (:func:`_kernel_grads`: a batched
      product over a strided view of the input windows, or torch's weight gradient of the
@@ -66,7 +65,6 @@ import math
 from typing import Any, ClassVar, cast
 
 import torch
-from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
@@ -149,13 +147,10 @@ def _add_per_sample(
 
 
 class LinearRule(LayerRule):
-    """``nn.Linear`` on ``(B, k)`` or ``(B, ..., k)`` inputs: ghost norms, or for sequence
-    inputs each patient's gradient where that is cheaper."""
+    """``nn.Linear`` on ``(B, k)`` inputs (ghost norms) or ``(B, ..., k)`` inputs (each
+    patient's gradient)."""
 
     layer_type = nn.Linear
-
-    def __init__(self) -> None:
-        self._norm_sampler = GradSampleModuleFastGradientClipping.NORM_SAMPLERS[nn.Linear]
 
     def squared_norms(
         self, layer: nn.Linear, a: torch.Tensor, g: torch.Tensor
@@ -165,11 +160,13 @@ class LinearRule(LayerRule):
         products (Opacus's sampler spends about five times as long on its einsums and square
         roots, measured at batch 256).
 
-        For sequence inputs ``(B, L, k)`` (positions summed), Opacus's norm sampler
-        (``<g_i g_i^T, a_i a_i^T>``, two ``L x L`` Gram matrices per patient), squared; or,
-        where that costs more than forming each patient's weight gradient ``g_i^T a_i``
-        (``out * in <= L * (out + in)``, the case of the timeline model's narrow layers on
-        long sequences), that gradient, as the convolutions do.
+        For sequence inputs ``(B, L, k)`` (positions summed), each patient's weight gradient
+        ``g_i^T a_i``, as the convolutions do: the norm is then that of the very vector the
+        clipped sum adds. Opacus's ghost-norm formula (``<g_i g_i^T, a_i a_i^T>``, two
+        ``L x L`` Gram matrices) is a sum of large terms of both signs: weights crafted so
+        that they cancel in floating point give a norm of ~0 for a patient whose gradient
+        is huge, who would then pass unclipped (``tests/security/test_bookkeeping_conv.py``
+        ``test_a_sequence_linear_gram_cancellation_cannot_pass_a_patient_unclipped``).
         """
         if g.dim() == 2:
             gg = torch.linalg.vecdot(g, g)
@@ -178,21 +175,12 @@ class LinearRule(LayerRule):
             out = gg * torch.linalg.vecdot(a, a)
             return (out + gg if _trains(layer.bias) else out), ("ghost", a, g)
         sa, sg = (a.flatten(1, -2), g.flatten(1, -2)) if g.dim() > 3 else (a, g)
-        positions = sg.shape[1]
-        if layer.out_features * layer.in_features <= positions * (
-            layer.out_features + layer.in_features
-        ):
-            weight = (
-                torch.bmm(sg.transpose(1, 2), sa).flatten(1) if layer.weight.requires_grad else None
-            )
-            bias = sg.sum(dim=1) if _trains(layer.bias) else None
-            squared = sum(torch.linalg.vecdot(t, t) for t in (weight, bias) if t is not None)
-            return squared, ("per_sample", weight, bias)  # type: ignore[return-value]
-        total: torch.Tensor | None = None
-        for norm in self._norm_sampler(layer, [sa], sg).values():
-            total = norm.square() if total is None else total + norm.square()
-        assert total is not None  # the layer has a trainable parameter (it has a hook)
-        return total, ("ghost", a, g)
+        weight = (
+            torch.bmm(sg.transpose(1, 2), sa).flatten(1) if layer.weight.requires_grad else None
+        )
+        bias = sg.sum(dim=1) if _trains(layer.bias) else None
+        squared = sum(torch.linalg.vecdot(t, t) for t in (weight, bias) if t is not None)
+        return squared, ("per_sample", weight, bias)  # type: ignore[return-value]
 
     def add_clipped_sum(
         self,
@@ -372,6 +360,13 @@ def check_supported(module: nn.Module) -> None:
                 f"grad_sample_mode 'bookkeeping' needs every trainable layer to be one of "
                 f"{_NAMES}, but {label} is {type(sub).__name__}; use 'auto', 'ghost' or "
                 "'hooks' for this model"
+            )
+        names = {n for n, _ in sub.named_parameters(recurse=False)}
+        if not names <= {"weight", "bias"}:
+            raise ConfigError(
+                f"grad_sample_mode 'bookkeeping' needs {label} to hold its own weight and "
+                f"bias, but it has {sorted(names)} (a reparametrised layer, e.g. weight_norm); "
+                "use 'hooks' for this model"
             )
         reason = rule.refusal(sub)
         if reason is not None:

@@ -13,6 +13,7 @@ the accounting are checked against Opacus's ghost-clipping set-up with the same 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -701,3 +702,19 @@ def test_the_cnn_trains_by_bookkeeping_through_make_private_with_empty_poisson_b
             assert 0 in sizes and max(sizes) > 0  # empty Poisson batches were stepped too
         seen[mode] = private.accountant.history
     assert seen["bookkeeping"] == seen["hooks"] == [(1.3, 0.5, 24)]
+
+
+def test_a_reparametrised_linear_is_refused_not_trained_wrongly() -> None:
+    # torch's old weight_norm keeps weight_g and weight_v and recomputes ``weight`` each
+    # forward: a clipped sum written into ``weight.grad`` would be thrown away, and only
+    # the bias would train. The new parametrization changes the layer's type. Both: hooks.
+    from torch.nn.utils import parametrizations
+
+    from fedcare.client.bookkeeping import is_supported
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        old = nn.utils.weight_norm(nn.Linear(4, 3))
+    assert not is_supported(nn.Sequential(old))
+    assert not is_supported(nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 3))))
+    assert is_supported(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1)))

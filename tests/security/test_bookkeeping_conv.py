@@ -138,3 +138,28 @@ def test_weights_crafted_to_overflow_do_not_make_a_cnn_round_fail(name: str) -> 
     )
     assert stats.steps == steps
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_sequence_linear_gram_cancellation_cannot_pass_a_patient_unclipped() -> None:
+    # A centre's weights and a patient's events such that the patient's two positions
+    # nearly cancel: ``a_1 = v + d``, ``a_2 = -v + d`` with |v| ~ 1e9 and |d| ~ 1e4. Opacus's
+    # Gram-matrix ghost norm for a sequence Linear, ``<g g^T, a a^T>``, then sums terms of
+    # ~1e18 of both signs and, in float32, came out ~0 on about half the draws: clip
+    # factor 1, and the patient's whole gradient (norm ~1e4) entered the sum. The norm
+    # must be that of the vector actually added: reference, the float64 outer product.
+    torch.manual_seed(1)
+    k, out, c = 64, 64, 1.0
+    lin = nn.Linear(k, out, bias=False)
+    u = torch.randn(out) * 1e-2  # the loss's gradient at the output, at both positions
+    for _ in range(20):
+        v, d = torch.randn(k) * 1e9, torch.randn(k) * 1e4
+        a = torch.stack([v + d, -v + d]).unsqueeze(0)
+        clip = BookkeepingClipper(lin, max_grad_norm=c)
+        try:
+            flat = clip.clipped_sum((lin(a) * u).sum(dim=(1, 2)))
+            true = torch.outer(u.double(), a[0].double().sum(0)).norm().item()
+            assert clip.last_norms is not None
+            assert clip.last_norms.item() == pytest.approx(true, rel=1e-3)
+            assert flat.double().norm().item() <= c * (1 + 1e-5)
+        finally:
+            clip.remove()
