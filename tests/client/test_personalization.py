@@ -1,9 +1,11 @@
 """Personal models at a site (client/personal/): what each strategy trains, keeps and charges.
 
-One tiny hospital without ``[simulation]`` opt-ins (so evaluations are DP releases), trained
-one epoch a round. The strategy tests fix the noise and account with RDP (milliseconds per
-ε); the calibration tests use the default PRV accountant and check that a run with personal
-models still lands on its target ε, against Google's ``dp_accounting`` PLD accountant
+One tiny hospital without exact evaluation (so evaluations are DP releases), its DP noise
+seeded (``[simulation] noise_seed``, so that every assertion on a trained model holds for the
+draw it gets), trained one epoch a round. The strategy tests fix the noise multiplier and
+account with RDP (milliseconds per ε); the calibration tests use the default PRV accountant
+and check that a run with personal models still lands on its target ε, against Google's
+``dp_accounting`` PLD accountant
 (tolerance as in ``test_accounting.py``: ``pld - 1e-3 <= prv <= pld + 2 * eps_error + 1e-3``).
 
 ``fedcare.client.local.fit`` is wrapped by a spy that records the weights each training starts from.
@@ -59,6 +61,8 @@ FAST_POLICY = SitePolicy(
     max_run_epsilon=200,
 )
 FAST_DP = DPConfig(target_epsilon=None, noise_multiplier=1.0, accountant="rdp")
+#: The site's DP noise seed (its ``[simulation] noise_seed``): see the ``site`` fixture.
+NOISE_SEED = 1234
 #: calibrate_noise stops within this relative slack below the target (its default rtol).
 CALIBRATION_RTOL = 0.005
 
@@ -67,7 +71,11 @@ State = dict[str, torch.Tensor]
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> SiteData:
-    """One small hospital as a real site holds it (no ``[simulation]`` table)."""
+    """One small hospital as a real site holds it (no exact evaluation: its evaluations are
+    DP releases), except that its DP noise and Poisson sampling are drawn from generators
+    seeded by ``[simulation] noise_seed`` rather than the OS's entropy: the assertions on
+    trained models (a personal model differs from the global one by more than 1e-4, ...)
+    then hold for the one draw the tests get, not merely with high probability."""
     from fedcare.simulations.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("personal-site")
@@ -75,7 +83,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> SiteData:
         patients_per_site=160, size_skew=0.0, n_genes=12, image_size=16, simulated=False
     )
     synthesize(root, n_sites=1, seed=11, config=config)
-    return load_site(root / "site-0")
+    real = load_site(root / "site-0")
+    seeded = real.spec.model_copy(update={"simulation": SimulationSpec(noise_seed=NOISE_SEED)})
+    return dataclasses.replace(real, spec=seeded)
 
 
 @pytest.fixture()
@@ -316,7 +326,8 @@ def test_an_exact_evaluation_site_still_charges_its_fine_tune_once(
 ) -> None:
     """A simulated site that opted into exact metrics: no evaluation charge, but the fine-tune
     is DP training, charged once; a second final evaluation reuses the personal model."""
-    spec = site.spec.model_copy(update={"simulation": SimulationSpec(exact_evaluation=True)})
+    simulation = SimulationSpec(noise_seed=NOISE_SEED, exact_evaluation=True)
+    spec = site.spec.model_copy(update={"simulation": simulation})
     exact = dataclasses.replace(site, spec=spec)
     ledger = PrivacyLedger(tmp_path / "ledger.sqlite")
     trainer = SiteTrainer(site=exact, policy=FAST_POLICY, ledger=ledger)

@@ -322,9 +322,15 @@ class Deployment:
 
     def online_nodes(self) -> int:
         """How many SuperNodes the SuperLink lists as online (``flwr supernode ls``)."""
+        return len(self.online_node_ids())
+
+    def online_node_ids(self) -> frozenset[str]:
+        """The ids of the SuperNodes the SuperLink lists as online (``flwr supernode ls``)."""
         out = self.flwr("supernode", "ls", CONNECTION, "--format", "json")
         nodes = json.loads(out.stdout[out.stdout.index("{") :])["nodes"]
-        return sum(1 for n in nodes if str(n.get("status", "")).startswith("online"))
+        return frozenset(
+            str(n["node-id"]) for n in nodes if str(n.get("status", "")).startswith("online")
+        )
 
     def wait_online(
         self, n: int, timeout: float = 120, *, starting: Sequence[Process] = ()

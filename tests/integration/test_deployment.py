@@ -14,9 +14,12 @@ import json
 import os
 import signal
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,7 @@ from tests.integration._deployment import (
     DEPLOYMENT_TIMEOUT_S,
     NODE_STARTED,
     Deployment,
+    Process,
 )
 
 pytestmark = [
@@ -82,7 +86,118 @@ def _restart_worker(dep: Deployment, site: int) -> None:
     )
 
 
-def test_run_survives_a_dropped_site_and_a_server_restart(deployment: Deployment) -> None:
+@dataclass
+class Outsiders:
+    """Two SuperNodes the centre must never let in: one whose key the centre never
+    registered, and one started ``--insecure`` (plain text), each a hospital of its own.
+    test_unregistered_node_is_refused and test_plain_text_cannot_connect check what came of
+    them.
+
+    Trying them costs the seconds of two cores that starting a hospital takes, then only a
+    few log lines are awaited, by a thread (:meth:`_watch`), which notes what the centre
+    lists and stops them: test_run_survives_a_dropped_site_and_a_server_restart starts them
+    (:meth:`start`) as its round 2 begins to wait, idle, for Flower to find a dark
+    hospital's heartbeat overdue (30-60 s; they take about half that). A test that finds
+    them not started (run alone) starts them; one that finds the try inconclusive (the
+    centre was down when they came to their end: the run's test stops it after round 2)
+    tries again with two new hospitals.
+    """
+
+    dep: Deployment
+    #: How long the unregistered one may take to exit or be let in, and the plain-text one
+    #: to log its failed connection (seconds, from their start).
+    unregistered_timeout_s: float = 300
+    insecure_timeout_s: float = 90
+    #: The hospital number of the unregistered one (the plain-text one is the next).
+    first_hospital: int = 3
+    unregistered: Process | None = None
+    insecure: Process | None = None
+    #: The SuperNodes the SuperLink listed online just before the outsiders started, and
+    #: once both had come to their end (before either was stopped).
+    online_before: frozenset[str] = frozenset()
+    online_after: frozenset[str] = frozenset()
+    #: Whether the centre answered its health check once both had come to their end: a
+    #: failed connection to a centre that is down would prove nothing.
+    centre_up: bool = False
+    #: The unregistered one was still running (let in, or still trying) at its end.
+    unregistered_running: bool = False
+    insecure_text: str = ""
+    _watcher: threading.Thread | None = None
+    _error: BaseException | None = None
+
+    def start(self) -> None:
+        """Start both and their watcher, once per try (the centre running)."""
+        if self._watcher is not None:
+            return
+        self.online_before = self.dep.online_node_ids()
+        n = self.first_hospital
+        self.dep.add_site(n, register=False, data_of=0)
+        self.unregistered = self.dep.start_site(n)
+        # A hospital of its own (hospital 0's state folder is locked by its running SuperNode).
+        self.dep.add_site(n + 1, register=False, data_of=1)
+        self.insecure = self.dep.start_site(n + 1, "--insecure")
+        self._watcher = threading.Thread(
+            target=self._watch, args=(self.unregistered, self.insecure, time.monotonic())
+        )
+        self._watcher.start()
+
+    def _watch(self, unregistered: Process, insecure: Process, started_at: float) -> None:
+        """Until the unregistered one has exited or been let in (Flower logs the node's ID
+        once the SuperLink admits it) and the plain-text one has logged a failed connection
+        (or their time is up); then note what the centre lists, and stop both."""
+        try:
+
+            def waiting() -> bool:
+                elapsed = time.monotonic() - started_at
+                return (
+                    unregistered.proc.poll() is None
+                    and NODE_STARTED not in unregistered.new_text()
+                    and elapsed < self.unregistered_timeout_s
+                ) or (
+                    "Connection attempt failed" not in insecure.new_text()
+                    and elapsed < self.insecure_timeout_s
+                )
+
+            while waiting():
+                time.sleep(0.3)
+            self.unregistered_running = unregistered.proc.poll() is None
+            self.insecure_text = insecure.new_text()
+            self.centre_up = self.dep.healthy()
+            self.online_after = self.dep.online_node_ids() if self.centre_up else frozenset()
+        except BaseException as e:  # handed to the test that settles the try
+            self._error = e
+        finally:
+            insecure.stop()
+            if unregistered.proc.poll() is None:
+                unregistered.stop()
+
+    def settle(self) -> Outsiders:
+        """The try's outcome: started here if not yet, awaited; tried again with two new
+        hospitals where the centre was down at its end."""
+        self.start()
+        assert self._watcher is not None
+        self._watcher.join()
+        if self._error is not None:
+            raise self._error
+        if not self.centre_up and self.first_hospital == 3:
+            self.first_hospital, self._watcher = 5, None
+            return self.settle()
+        return self
+
+
+@pytest.fixture(scope="module")
+def outsiders(shared_deployment: Deployment) -> Iterator[Outsiders]:
+    tried = Outsiders(shared_deployment)
+    yield tried
+    if tried._watcher is not None:  # a try no test settled: its watcher stops them
+        tried._watcher.join()
+        if tried._error is not None:
+            raise tried._error
+
+
+def test_run_survives_a_dropped_site_and_a_server_restart(
+    deployment: Deployment, outsiders: Outsiders
+) -> None:
     """Three rounds over TLS with registered nodes, and three failures on the way.
 
     Before the run, hospital 0's site worker is SIGKILLed: ``site start`` starts it again
@@ -94,6 +209,11 @@ def test_run_survives_a_dropped_site_and_a_server_restart(deployment: Deployment
     they reconnect on their own, and the run, submitted again with the same run id,
     resumes with round 3. Every site is charged exactly once per round it trained (or
     started: a site charges before it computes).
+
+    Round 2 waits, idle, until Flower finds the dark hospital's heartbeat overdue (30-60 s:
+    a flwr 1.42 SuperNode reports every 30 s, a fixed interval no option or setting of
+    Flower's changes): the module's two outsiders are started then and try the centre
+    meanwhile (:class:`Outsiders`).
     """
     dep = deployment
     _restart_worker(dep, 0)
@@ -102,8 +222,12 @@ def test_run_survives_a_dropped_site_and_a_server_restart(deployment: Deployment
     first = dep.submit(run, **config)
     dep.wait_for_round(run, 1)
     dep.processes["site-2"].crash()  # the whole hospital goes dark at once
+    outsiders.start()  # their start fills round 2's wait for the heartbeat (see above)
     dep.wait_for_round(run, 2)
     dep.processes["superlink"].stop()  # SIGTERM: the server and its ServerApp go down
+    lines = (dep.run_dir(run) / "progress.jsonl").read_text().splitlines()
+    done = [json.loads(x)["round"] for x in lines]
+    assert done == [0, 1, 2], "round 3 ended before the SuperLink stopped: nothing to resume"
     assert not dep.healthy(), "the SuperLink still answers after it was stopped"
     dep.start_server()
     deadline = time.monotonic() + 120
@@ -161,29 +285,23 @@ def test_an_unsigned_run_charges_no_hospital(deployment: Deployment) -> None:
         assert _charges(dep, i, run) == []
 
 
-def test_unregistered_node_is_refused(deployment: Deployment) -> None:
-    dep = deployment
-    online = dep.online_nodes()
-    dep.add_site(3, register=False, data_of=0)
-    p = dep.start_site(3)
-    # Until it gives up or is let in (Flower logs the node's ID once the SuperLink admits it).
-    deadline = time.monotonic() + 300
-    while p.proc.poll() is None and NODE_STARTED not in p.new_text():
-        if time.monotonic() > deadline:
-            p.stop()
-            pytest.fail(f"the SuperNode neither exited nor was admitted:\n{p.text()[-2000:]}")
-        time.sleep(0.3)
-    if p.proc.poll() is None:
-        p.stop()
-        pytest.fail(f"an unregistered SuperNode was admitted:\n{p.text()[-2000:]}")
+def test_unregistered_node_is_refused(deployment: Deployment, outsiders: Outsiders) -> None:
+    tried = outsiders.settle()
+    p = tried.unregistered
+    assert p is not None
+    if tried.unregistered_running:
+        if NODE_STARTED in p.text():
+            pytest.fail(f"an unregistered SuperNode was admitted:\n{p.text()[-2000:]}")
+        pytest.fail(f"the SuperNode neither exited nor was admitted:\n{p.text()[-2000:]}")
+    assert tried.centre_up, "the centre was down while the unregistered SuperNode tried it"
     assert p.proc.returncode != 0
+    assert NODE_STARTED not in p.text()
     assert "Failed to activate SuperNode" in p.text()
-    assert dep.online_nodes() == online
+    assert tried.online_after <= tried.online_before, "a node came online that was not before"
 
 
-def test_plain_text_cannot_connect(deployment: Deployment) -> None:
+def test_plain_text_cannot_connect(deployment: Deployment, outsiders: Outsiders) -> None:
     dep = deployment
-    online = dep.online_nodes()
     # A plain-HTTP request to the SuperLink's port gets no answer.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
@@ -196,20 +314,8 @@ def test_plain_text_cannot_connect(deployment: Deployment) -> None:
         ).open(f"https://127.0.0.1:{dep.port}/health", timeout=5)
     assert "CERTIFICATE_VERIFY_FAILED" in str(e.value)
     # A SuperNode started --insecure never gets in (it warns loudly, then fails to connect).
-    # A hospital of its own (hospital 0's state folder is locked by its running SuperNode).
-    dep.add_site(4, register=False, data_of=1)
-    log = dep.root / "logs" / "site-4.log"
-    before = log.stat().st_size if log.exists() else 0
-    p = dep.start_site(4, "--insecure")
-
-    def new_text() -> str:
-        return log.read_bytes()[before:].decode(errors="replace")
-
-    deadline = time.monotonic() + 90
-    while "Connection attempt failed" not in new_text() and time.monotonic() < deadline:
-        time.sleep(0.3)
-    text = new_text()
-    p.stop()
-    assert "PLAIN TEXT" in text
-    assert "Connection attempt failed" in text
-    assert dep.online_nodes() == online
+    tried = outsiders.settle()
+    assert tried.centre_up, "the centre was down while the plain-text SuperNode tried it"
+    assert "PLAIN TEXT" in tried.insecure_text
+    assert "Connection attempt failed" in tried.insecure_text
+    assert tried.online_after <= tried.online_before, "a node came online that was not before"
