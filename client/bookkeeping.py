@@ -472,6 +472,14 @@ class BookkeepingClipper:
                     f"forward pass, but {layer} ran twice (shared weights); use 'hooks'"
                 )
             seen.add(id(layer))
+            if output.shape[0] != loss_per_sample.shape[0]:
+                raise ConfigError(
+                    f"grad_sample_mode 'bookkeeping' needs each layer's first dimension to "
+                    f"be the batch's patients, but {layer} saw {output.shape[0]} rows for "
+                    f"{loss_per_sample.shape[0]} patients (a patient's slices or positions "
+                    "folded into the batch would be clipped one by one); keep the patients "
+                    "in the first dimension"
+                )
             if (activation._version, output._version) != versions:
                 raise ConfigError(
                     f"grad_sample_mode 'bookkeeping' needs each layer's input and output "

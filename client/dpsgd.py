@@ -162,20 +162,25 @@ def resolve_grad_sample_mode(
     ``"bookkeeping"`` (:mod:`fedcare.client.bookkeeping`) forms each patient's gradient norm
     and the clipped sum in one backward pass, without Opacus's hooks; it handles models
     whose every trainable layer is an ``nn.Linear``, ``nn.Conv2d`` or ``nn.GroupNorm``
-    (:func:`fedcare.client.bookkeeping.check_supported`). Given the built ``model``, that
-    check decides; without it, the registry's ``ghost_norm_only`` flag does (an all-Linear
-    model: ``tests/client/test_bookkeeping.py`` checks that each such model passes).
+    (:func:`fedcare.client.bookkeeping.check_supported`). Given the built ``model``, a model
+    the registry declares fit for it (``ghost_norm_only`` or ``bookkeeping``, a promise that
+    every layer runs once per forward pass on the patients' rows, which only the first step
+    could check, after the round's charge) gets it where that check accepts the model;
+    without the model, the registry's ``ghost_norm_only`` flag decides (an all-Linear model:
+    ``tests/client/test_bookkeeping.py`` checks that each such model passes).
     Measured on this CPU (benchmarks/dp_overhead.py, README "dp_overhead") bookkeeping
     beats ghost clipping (two backward passes) and per-sample hooks on every bundled
     model; hooks remain the fallback for layers bookkeeping does not handle.
     """
     if requested != "auto":
         return requested
+    info = model_info(model_name)
     if model is not None:
         from fedcare.client.bookkeeping import BOOKKEEPING, is_supported
 
-        return BOOKKEEPING if is_supported(model) else "hooks"
-    return "bookkeeping" if model_info(model_name).ghost_norm_only else "hooks"
+        declared = info.ghost_norm_only or info.bookkeeping
+        return BOOKKEEPING if declared and is_supported(model) else "hooks"
+    return "bookkeeping" if info.ghost_norm_only else "hooks"
 
 
 @dataclass

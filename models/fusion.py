@@ -89,6 +89,7 @@ class FusionConfig(HParams):
     multimodal=True,
     ghost_clipping=True,
     ghost_norm_only=False,
+    bookkeeping=True,
     timeline=True,
 )
 class FusionModel(nn.Module):

@@ -83,7 +83,13 @@ def imaging_trunk(in_channels: int, channels: tuple[int, ...], groups: int) -> n
     return nn.Sequential(*layers)
 
 
-@register_model("imaging_cnn", modalities=("imaging",), ghost_clipping=True, ghost_norm_only=False)
+@register_model(
+    "imaging_cnn",
+    modalities=("imaging",),
+    ghost_clipping=True,
+    ghost_norm_only=False,
+    bookkeeping=True,
+)
 class ImagingCNN(nn.Module):
     """Small GroupNorm CNN for grey-level images: ``(B, 1, H, W) -> (B,)`` logits.
 

@@ -96,6 +96,14 @@ class ModelInfo:
         (``check_supported``), per-sample hooks elsewhere. By name alone (no model), a
         ``True`` model gets bookkeeping: declare ``True`` only for a model whose every
         trainable layer is ``nn.Linear`` (``tests/client/test_bookkeeping.py`` checks each).
+    bookkeeping:
+        ``True`` when the model may also train by one-backward bookkeeping though not every
+        layer is ``nn.Linear`` (its ``nn.Conv2d`` and ``nn.GroupNorm`` layers are handled
+        too): every layer is called once per forward pass, on inputs whose first
+        dimension is the patients. ``auto`` picks bookkeeping for a built model only when
+        this or ``ghost_norm_only`` is declared and ``check_supported`` accepts it, since a
+        layer called twice is found only at the first step, after the round's charge; an
+        undeclared model keeps per-sample hooks.
     config_cls:
         The pydantic hyper-parameter model; its defaults are the model's default size.
     description:
@@ -113,6 +121,7 @@ class ModelInfo:
     config_cls: type[HParams]
     description: str
     timeline: bool = False
+    bookkeeping: bool = False
 
     def default_hparams(self) -> dict[str, Any]:
         """The default hyper-parameters, as a plain dict."""
@@ -147,6 +156,7 @@ class ModelRegistry:
         ghost_norm_only: bool,
         multimodal: bool = False,
         timeline: bool = False,
+        bookkeeping: bool = False,
     ) -> Callable[[M], M]:
         """Class decorator adding a model under ``name``; see :func:`register_model`."""
         if name in self._entries:
@@ -181,6 +191,7 @@ class ModelRegistry:
                 config_cls=config_cls,
                 description=doc[0] if doc else "",
                 timeline=timeline,
+                bookkeeping=bookkeeping,
             )
             self._entries[name] = _Entry(info=info, cls=cls)
             return cls
@@ -270,6 +281,7 @@ def register_model(
     ghost_norm_only: bool,
     multimodal: bool = False,
     timeline: bool = False,
+    bookkeeping: bool = False,
 ) -> Callable[[M], M]:
     """Register an ``nn.Module`` class under ``name`` in the default registry.
 
@@ -285,6 +297,9 @@ def register_model(
         ``True`` for a ``forward(x_ehr, x_img, x_gen, mask)`` model.
     timeline:
         ``True`` for a model that reads a task's patient timeline (see :class:`ModelInfo`).
+    bookkeeping:
+        ``True`` for a model with convolutions or GroupNorm that one-backward bookkeeping
+        may train (see :class:`ModelInfo`).
 
     Returns
     -------
@@ -298,6 +313,7 @@ def register_model(
         ghost_norm_only=ghost_norm_only,
         multimodal=multimodal,
         timeline=timeline,
+        bookkeeping=bookkeeping,
     )
 
 

@@ -311,6 +311,63 @@ def test_auto_picks_bookkeeping_for_every_bundled_model() -> None:
     assert resolve_grad_sample_mode("ghost", "fusion", model=fusion) == "ghost"
 
 
+def test_auto_keeps_hooks_for_a_plugin_model_that_did_not_declare_bookkeeping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A plugin CNN registered without ``bookkeeping=True`` may call a layer twice (found
+    # only at the first step, after the round's charge): hooks, as before convolutions
+    # were handled. Declared, the same layers get bookkeeping.
+    from fedcare.models.registry import HParams, ModelRegistry
+
+    class Net(nn.Module):
+        class Config(HParams):
+            pass
+
+        @classmethod
+        def from_config(cls, config: HParams, input_dims: dict[str, object]) -> Net:
+            return cls()
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 2, 3), nn.Linear(2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x).mean(dim=(2, 3)))
+
+    import fedcare.models.registry as registry
+
+    for declared in (False, True):
+        table = ModelRegistry()
+        table.register(
+            "plugin_cnn", modalities=("imaging",), ghost_clipping=True,
+            ghost_norm_only=False, bookkeeping=declared,
+        )(Net)  # fmt: skip
+        monkeypatch.setattr(registry, "_DEFAULT_REGISTRY", table)  # a registry of its own
+        mode = resolve_grad_sample_mode("auto", "plugin_cnn", model=Net())
+        assert mode == ("bookkeeping" if declared else "hooks")
+
+
+def test_a_patient_folded_into_several_rows_is_refused_not_clipped_per_row() -> None:
+    # A model that reshapes each patient's 8 slices into 8 rows before a layer would have
+    # each slice clipped on its own: one patient could add up to 8 C.
+    class Folded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.reshape(-1, 4)).reshape(x.shape[0], -1).sum(dim=1)
+
+    model = Folded()
+    clip = BookkeepingClipper(model, max_grad_norm=1.0)
+    try:
+        out = model(torch.randn(2, 8, 4))
+        with pytest.raises(ConfigError, match="first dimension"):
+            clip.clipped_sum(out.square())
+    finally:
+        clip.remove()
+
+
 def test_a_layer_called_twice_is_refused() -> None:
     layer = nn.Linear(3, 3)
 
