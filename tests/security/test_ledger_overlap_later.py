@@ -12,11 +12,11 @@ dataset's charges and be refused when they put it over the budget. Every ε is c
 against Google's ``dp_accounting`` on the composed history, never against the ledger's own
 numbers.
 
-* (a) A cohort that shares one patient with the remembered one, registered and charged
+* (a) A cohort that shares one patient with the site's, registered and charged
   later, is composed by the next charge.
 * (b) A dataset of unknown membership (a key not made by ``cohort_key``: it may hold any
   patient) charged later is composed by the next charge.
-* (c) Many charges of the remembered cohort, with overlapping cohorts appearing between
+* (c) Many charges of the site's cohort, with overlapping cohorts appearing between
   them, never record an ε below the independent one of the composed history.
 """
 
@@ -88,7 +88,7 @@ def _budget_between(without: list[Mechanism], with_other: list[Mechanism]) -> fl
 # ------------------------------------------------ (a) an overlapping cohort, registered later
 
 
-def test_an_overlapping_cohort_registered_after_the_memo_is_composed(path: Path) -> None:
+def test_an_overlapping_cohort_registered_after_the_sites_charges_is_composed(path: Path) -> None:
     site = PrivacyLedger(path)
     other_worker = PrivacyLedger(path)  # another process of the site, the same file
     key = site.cohort_key(PATIENTS)
@@ -96,7 +96,7 @@ def test_an_overlapping_cohort_registered_after_the_memo_is_composed(path: Path)
     budget = _budget_between(
         [round_mechanism] * 2, [round_mechanism, other_mechanism, round_mechanism]
     )
-    first = _charge(site, key, round_mechanism, budget=budget, run="run")  # remembers key
+    first = _charge(site, key, round_mechanism, budget=budget, run="run")
     _within_reference(first.epsilon_after, [round_mechanism])
     assert site.spent(key, delta=DELTA) == first.epsilon_after  # and reads it again
 
@@ -122,7 +122,7 @@ def test_an_overlapping_cohort_registered_after_the_memo_is_composed(path: Path)
 # ---------------------------------------------- (b) a dataset of unknown membership, later
 
 
-def test_a_dataset_of_unknown_membership_charged_after_the_memo_is_composed(path: Path) -> None:
+def test_a_dataset_of_unknown_membership_charged_later_is_composed(path: Path) -> None:
     site = PrivacyLedger(path)
     other_worker = PrivacyLedger(path)
     key = site.cohort_key(PATIENTS)
