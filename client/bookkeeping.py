@@ -338,6 +338,12 @@ def check_supported(module: nn.Module) -> None:
     ConfigError
         Naming the first layer that is not, and what to use instead.
     """
+    dtypes = {p.dtype for p in module.parameters() if p.requires_grad}
+    if len(dtypes) > 1:
+        raise ConfigError(
+            f"grad_sample_mode 'bookkeeping' sums every gradient into one buffer, but the "
+            f"trainable parameters mix {sorted(str(d) for d in dtypes)}; use one dtype or 'hooks'"
+        )
     owner: dict[int, str] = {}
     for name, sub in module.named_modules():
         label = name or "the model"
@@ -445,6 +451,11 @@ class BookkeepingClipper:
         self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
     ) -> None:
         if layer.training and torch.is_grad_enabled() and output.requires_grad:
+            if not inputs:
+                raise ConfigError(
+                    f"grad_sample_mode 'bookkeeping' needs {layer} called with its input as "
+                    "a positional argument (not input=...); use 'hooks' for this model"
+                )
             versions = (inputs[0]._version, output._version)
             self._captured.append((layer, self._rules[layer], inputs[0].detach(), output, versions))
 

@@ -775,3 +775,27 @@ def test_a_reparametrised_linear_is_refused_not_trained_wrongly() -> None:
     assert not is_supported(nn.Sequential(old))
     assert not is_supported(nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 3))))
     assert is_supported(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1)))
+
+
+def test_mixed_dtypes_and_keyword_inputs_are_refused_with_a_config_error() -> None:
+    # One flat buffer cannot hold float32 and float64 gradients; a layer called as
+    # ``fc(input=x)`` hands its forward hook no positional input.
+    from fedcare.client.bookkeeping import is_supported
+
+    assert not is_supported(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1).double()))
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(input=x).squeeze(1)
+
+    model = Keyword()
+    clip = BookkeepingClipper(model, max_grad_norm=1.0)
+    try:
+        with pytest.raises(ConfigError, match="positional"):
+            model(torch.randn(4, 3))
+    finally:
+        clip.remove()
