@@ -147,12 +147,12 @@ def test_a_sequence_linear_gram_cancellation_cannot_pass_a_patient_unclipped() -
     # ~1e18 of both signs and, in float32, came out ~0 on about half the draws: clip
     # factor 1, and the patient's whole gradient (norm ~1e4) entered the sum. The norm
     # must be that of the vector actually added: reference, the float64 outer product.
-    torch.manual_seed(1)
+    gen = torch.Generator().manual_seed(1)  # any draw must pass: the seed only replays
     k, out, c = 64, 64, 1.0
     lin = nn.Linear(k, out, bias=False)
-    u = torch.randn(out) * 1e-2  # the loss's gradient at the output, at both positions
+    u = torch.randn(out, generator=gen) * 1e-2  # the loss's gradient at both positions
     for _ in range(20):
-        v, d = torch.randn(k) * 1e9, torch.randn(k) * 1e4
+        v, d = torch.randn(k, generator=gen) * 1e9, torch.randn(k, generator=gen) * 1e4
         a = torch.stack([v + d, -v + d]).unsqueeze(0)
         clip = BookkeepingClipper(lin, max_grad_norm=c)
         try:
