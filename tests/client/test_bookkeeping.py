@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -410,6 +412,14 @@ def test_make_private_refuses_bookkeeping_for_a_model_with_an_unhandled_layer() 
 # ------------------------------------------------------------------------------ noise, accounting
 
 
+def _recording(loader: Any, sizes: list[int]) -> Iterator[Any]:
+    """``loader``'s batches, each one's size appended to ``sizes`` (empty Poisson batches
+    included)."""
+    for batch in loader:
+        sizes.append(len(batch[1]))
+        yield batch
+
+
 def _private(
     model: nn.Module, data: TensorDataset, mode: str, *, sigma: float, batch: int = 4
 ) -> PrivateTraining:
@@ -461,16 +471,11 @@ def test_same_mechanism_and_epsilon_as_ghost_clipping_with_empty_poisson_batches
         private = _private(model, data, mode, sigma=1.3, batch=2)
         sizes: list[int] = []
 
-        def recorded(loader=private.loader, sizes=sizes):  # type: ignore[no-untyped-def]
-            for batch in loader:
-                sizes.append(len(batch[1]))
-                yield batch
-
         for _ in range(20):
             before = [p.detach().clone() for p in model.parameters()]
             stats = fit(
                 private.model,
-                recorded(),
+                _recording(private.loader, sizes),
                 optimizer=private.optimizer,
                 criterion=private.criterion,
                 epochs=1,
@@ -739,15 +744,10 @@ def test_the_cnn_trains_by_bookkeeping_through_make_private_with_empty_poisson_b
         assert private.grad_sample_mode == mode
         sizes: list[int] = []
 
-        def recorded(loader=private.loader, sizes=sizes):  # type: ignore[no-untyped-def]
-            for batch in loader:
-                sizes.append(len(batch[1]))
-                yield batch
-
         for _ in range(12):
             stats = fit(
                 private.model,
-                recorded(),
+                _recording(private.loader, sizes),
                 optimizer=private.optimizer,
                 criterion=private.criterion,
                 epochs=1,
